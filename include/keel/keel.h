@@ -1,0 +1,317 @@
+/*
+ * keel.h: the one public header of libkeel, an embeddable model-inference runtime.
+ *
+ * DESIGN
+ * A keel_runtime serves the models found in one model repository directory.
+ * Each loaded model version is served by a *generation*: the backend model (shared weights)
+ * plus a bounded pool of execution contexts. Reloading a model builds a complete new
+ * generation, runs a warm-up inference, publishes it, and releases the old one; requests
+ * already running on the old generation finish there, and the old generation is freed when
+ * its last request completes. A failed load leaves the previous generation serving.
+ *
+ * Requests are owned by the caller. keel_infer_submit() hands a request to the runtime until
+ * its completion callback runs; keel_infer() is submit + wait. Contract (as in libuv): if
+ * keel_infer_submit() returns KEEL_OK the callback runs exactly once, on a keel thread or on
+ * the thread that cancels the request or destroys the runtime, with no keel lock held; any
+ * other return means it never runs.
+ *
+ * Thread-safety: every function may be called from any thread, except that one request must
+ * not be used from two threads at once (keel_request_cancel() is the exception: it may race
+ * with completion).
+ *
+ * Conventions: functions return keel_err (KEEL_OK = 0). Out-parameters are set to NULL/0 on
+ * entry and filled only on KEEL_OK. destroy/release functions accept NULL. The library never
+ * prints; install a log handler to see its messages. It never aborts on bad input; a broken
+ * internal invariant (double release, refcount underflow) is an always-on assertion.
+ */
+#ifndef KEEL_KEEL_H
+#define KEEL_KEEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KEEL_VERSION_MAJOR 0
+#define KEEL_VERSION_MINOR 1
+#define KEEL_VERSION_PATCH 0
+#define KEEL_VERSION_STRING "0.1.0"
+
+/* ---------------------------------------------------------------- errors */
+
+typedef enum keel_err {
+    KEEL_OK = 0,
+    KEEL_EINVAL,       /* bad argument or bad input (names, shapes, datatypes, sizes) */
+    KEEL_ENOMEM,       /* an allocation failed */
+    KEEL_ENOTFOUND,    /* unknown model, version or output */
+    KEEL_EUNAVAILABLE, /* model not ready, or its queue is full: try again later */
+    KEEL_ETIMEDOUT,    /* the request's deadline passed before it ran */
+    KEEL_ECANCELED,    /* the request was cancelled */
+    KEEL_ESHUTDOWN,    /* the runtime is shutting down */
+    KEEL_ECONFIG,      /* a config.json is invalid */
+    KEEL_ELOAD,        /* a model file could not be loaded */
+    KEEL_EBACKEND,     /* the backend failed while running a request */
+    KEEL_EIO,          /* an operating-system call failed */
+    KEEL_EBUSY,        /* the object is in use (e.g. a request submitted twice) */
+    KEEL_EINTERNAL,    /* a bug in keel */
+    KEEL_ERR_COUNT_    /* number of codes; not an error */
+} keel_err;
+
+/* Returns a static, human-readable description of err (never NULL). */
+const char *keel_strerror(keel_err err);
+/* Returns the code's name, e.g. "KEEL_ETIMEDOUT" (never NULL). */
+const char *keel_err_name(keel_err err);
+
+/* ---------------------------------------------------------------- datatypes */
+
+/* The KServe V2 tensor datatypes. */
+typedef enum keel_datatype {
+    KEEL_TYPE_INVALID = 0,
+    KEEL_TYPE_BOOL,
+    KEEL_TYPE_UINT8,
+    KEEL_TYPE_UINT16,
+    KEEL_TYPE_UINT32,
+    KEEL_TYPE_UINT64,
+    KEEL_TYPE_INT8,
+    KEEL_TYPE_INT16,
+    KEEL_TYPE_INT32,
+    KEEL_TYPE_INT64,
+    KEEL_TYPE_FP16,
+    KEEL_TYPE_FP32,
+    KEEL_TYPE_FP64,
+    KEEL_TYPE_BYTES, /* each element: 4-byte little-endian length, then that many bytes */
+    KEEL_TYPE_COUNT_
+} keel_datatype;
+
+/* "FP32", "BYTES", ... (KServe names); "INVALID" for anything else. */
+const char *keel_datatype_name(keel_datatype dt);
+/* Accepts KServe names ("FP32") and Triton config names ("TYPE_FP32", "TYPE_STRING").
+ * Returns KEEL_TYPE_INVALID for anything else. */
+keel_datatype keel_datatype_from_name(const char *name);
+/* Size of one element in bytes; 0 for BYTES and INVALID. */
+size_t keel_datatype_size(keel_datatype dt);
+
+/* ---------------------------------------------------------------- logging */
+
+typedef enum keel_log_level {
+    KEEL_LOG_ERROR = 0,
+    KEEL_LOG_WARN,
+    KEEL_LOG_INFO,
+    KEEL_LOG_DEBUG,
+} keel_log_level;
+
+/* Called from any keel thread, never with a keel lock held. msg is valid for the call only. */
+typedef void (*keel_log_fn)(void *user, keel_log_level level, const char *msg);
+
+/* ---------------------------------------------------------------- runtime */
+
+typedef struct keel_runtime keel_runtime;
+
+typedef enum keel_model_control {
+    KEEL_CONTROL_NONE = 0, /* load every model in the repository at create; no load/unload */
+    KEEL_CONTROL_EXPLICIT, /* load nothing at create; models are loaded through the API */
+} keel_model_control;
+
+typedef struct keel_runtime_opts {
+    const char *model_repository; /* directory; required. Copied. */
+    keel_model_control control;   /* default KEEL_CONTROL_NONE */
+    int worker_threads;           /* inference threads; 0 = number of online CPUs (max 64) */
+    keel_log_fn log_fn;           /* may be NULL: messages are dropped */
+    void *log_user;
+    keel_log_level log_level; /* default KEEL_LOG_INFO */
+} keel_runtime_opts;
+
+void keel_runtime_opts_init(keel_runtime_opts *opts);
+
+/*
+ * Creates a runtime. With KEEL_CONTROL_NONE every model in the repository is loaded; a model
+ * that fails to load is recorded (see keel_model_list) and does not fail the create.
+ * On KEEL_OK the caller owns *out and must keel_runtime_destroy() it.
+ */
+keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_runtime **out);
+
+/*
+ * Staged shutdown: new submits fail with KEEL_ESHUTDOWN, queued requests complete with
+ * KEEL_ESHUTDOWN (their callbacks run on this thread), running requests finish, then every
+ * generation, context and thread is released. The caller must not destroy requests that are
+ * still in flight before their callbacks have run. Accepts NULL.
+ */
+void keel_runtime_destroy(keel_runtime *rt);
+
+/*
+ * Waits until every retired generation whose last reference has dropped has been freed by
+ * the reaper thread. Useful before reading counters or measuring memory. Thread-safe.
+ */
+void keel_runtime_quiesce(keel_runtime *rt);
+
+/* ---------------------------------------------------------------- model control */
+
+/*
+ * Loads (or reloads) the model <repository>/<name>: reads config.json, picks versions by the
+ * version policy, builds a new generation for each (load, contexts, warm-up inference) and
+ * publishes them all at once; versions that leave the policy are unloaded. If anything fails
+ * nothing is published, the previous generations keep serving, and the error is recorded in
+ * the model's status. errbuf (may be NULL) receives a message naming the file and reason.
+ * Blocking; loads of one model are serialised, loads of different models may run in parallel.
+ */
+keel_err keel_model_load(keel_runtime *rt, const char *name, char *errbuf, size_t errlen);
+
+/* Unloads every version of name. Queued requests complete with KEEL_EUNAVAILABLE; running
+ * requests finish on their generation. KEEL_ENOTFOUND if the model is not loaded. */
+keel_err keel_model_unload(keel_runtime *rt, const char *name);
+
+typedef enum keel_model_state {
+    KEEL_MODEL_UNAVAILABLE = 0, /* known (in the repository or loaded before) but not loaded */
+    KEEL_MODEL_LOADING,
+    KEEL_MODEL_READY,
+    KEEL_MODEL_UNLOADING,
+    KEEL_MODEL_FAILED, /* the last load failed and no version is serving */
+} keel_model_state;
+
+const char *keel_model_state_name(keel_model_state st); /* "READY", ... */
+
+/* One row per (model, loaded version); a model with no version loaded has one row with
+ * version -1. Strings are owned by the list. */
+typedef struct keel_model_status {
+    const char *name;
+    int64_t version;        /* -1 if none loaded */
+    keel_model_state state; /* of this version (for version -1: of the model) */
+    uint64_t generation_id; /* monotonic, never reused; 0 if none */
+    keel_err last_error;    /* result of the most recent load attempt of the model */
+    const char *last_error_msg; /* "" if the last load succeeded */
+    uint64_t load_attempts;     /* loads attempted since the runtime started */
+} keel_model_status;
+
+/* Lists every model of the repository and every model keel has loaded. On KEEL_OK the caller
+ * owns *out (free with keel_model_status_free). */
+keel_err keel_model_list(keel_runtime *rt, keel_model_status **out, size_t *count);
+void keel_model_status_free(keel_model_status *list, size_t count);
+
+/* The config.json of the model's newest loaded generation, as normalised JSON (defaults
+ * filled in). On KEEL_OK the caller owns *out (free()). KEEL_EUNAVAILABLE if not loaded. */
+keel_err keel_model_config_json(keel_runtime *rt, const char *name, char **out);
+
+/* True if the model (version -1 = any) has a ready generation. */
+bool keel_model_is_ready(keel_runtime *rt, const char *name, int64_t version);
+
+/* ---------------------------------------------------------------- statistics and counters */
+
+/* Per-model statistics, kept across reloads (they name the model, never a generation). */
+typedef struct keel_model_stats {
+    uint64_t success;                     /* requests that completed KEEL_OK */
+    uint64_t failure[KEEL_ERR_COUNT_];    /* admitted requests that completed with that error */
+    uint64_t rejected;                    /* submits refused because the queue was full */
+    uint64_t inference_count;             /* rows (batch elements) computed successfully */
+    uint64_t execution_count;             /* backend run calls */
+    uint64_t queue_ns;                    /* total time admitted requests waited in queue */
+    uint64_t compute_ns;                  /* total time in the backend's run */
+    uint64_t last_inference_unix_ms;      /* wall clock of the last completion; 0 if none */
+} keel_model_stats;
+
+keel_err keel_model_stats_get(keel_runtime *rt, const char *name, keel_model_stats *out);
+
+/* Live objects. All return to their idle values when nothing is in flight. */
+typedef struct keel_counters {
+    int64_t requests;        /* keel_request objects alive (created, not destroyed) */
+    int64_t leases;          /* requests admitted and not yet completed (queue slots in use) */
+    int64_t queued;          /* admitted requests waiting for a context */
+    int64_t generations;     /* generations alive (serving, retiring, or awaiting the reaper) */
+    int64_t contexts;        /* execution contexts alive */
+    int64_t contexts_in_use; /* contexts currently running a request */
+} keel_counters;
+
+/* Totals over the runtime. */
+void keel_counters_get(keel_runtime *rt, keel_counters *out);
+/* One model's counters (requests counts the requests created for it). */
+keel_err keel_model_counters_get(keel_runtime *rt, const char *name, keel_counters *out);
+
+/* ---------------------------------------------------------------- requests */
+
+typedef struct keel_request keel_request;
+
+/* Creates a request for model name, version (-1 = the newest loaded version). The model need
+ * not be loaded yet; that is checked at submit. On KEEL_OK the caller owns *out. */
+keel_err keel_request_create(keel_runtime *rt, const char *model, int64_t version,
+                             keel_request **out);
+
+/* Destroys a request that is not in flight (never submitted, or its callback has run;
+ * it may be called from inside the callback). Destroying an in-flight request is a bug and
+ * an assertion. Accepts NULL. */
+void keel_request_destroy(keel_request *req);
+
+/* Sets the request id (copied; echoed by servers). */
+keel_err keel_request_set_id(keel_request *req, const char *id);
+const char *keel_request_id(const keel_request *req); /* "" if unset */
+
+/* Adds a named input tensor. The data is copied. shape has ndim entries, each >= 0; bytes
+ * must equal the element count times the datatype size (for BYTES: the serialised size).
+ * Full validation against the model happens when the request runs. */
+keel_err keel_request_add_input(keel_request *req, const char *name, keel_datatype dt,
+                                const int64_t *shape, size_t ndim, const void *data,
+                                size_t bytes);
+
+/* Asks for one output by name. With no requested outputs, all of the model's are returned. */
+keel_err keel_request_add_output(keel_request *req, const char *name);
+
+/* A string request parameter (both copied; a later set of the same key replaces it). */
+keel_err keel_request_set_parameter(keel_request *req, const char *key, const char *value);
+const char *keel_request_parameter(const keel_request *req, const char *key); /* or NULL */
+
+/* Timeout from submit, in microseconds; 0 = the model's default_timeout_microseconds (0 there
+ * = none). A request still queued when its deadline passes completes with KEEL_ETIMEDOUT and
+ * never reaches the backend. */
+void keel_request_set_timeout_us(keel_request *req, uint64_t timeout_us);
+
+/* Completion callback: status is KEEL_OK or the reason the request failed. Runs exactly once
+ * per successful submit, with no keel lock held. It may destroy or resubmit req. */
+typedef void (*keel_infer_cb)(keel_request *req, keel_err status, void *user);
+
+/*
+ * Submits req. KEEL_OK: cb(req, status, user) will run exactly once; the request belongs to
+ * the runtime until then. Any other return: cb never runs and req is unchanged apart from
+ * its error message. Returns KEEL_EUNAVAILABLE at once if the model is not ready or its queue
+ * is full (never blocks), KEEL_ENOTFOUND for an unknown model or version, KEEL_EBUSY if req is
+ * already in flight, KEEL_ESHUTDOWN during runtime destroy. A request may be submitted again
+ * after its callback has run; its previous outputs are discarded.
+ */
+keel_err keel_infer_submit(keel_request *req, keel_infer_cb cb, void *user);
+
+/* Synchronous inference: submit + wait for completion. Returns the request's status. */
+keel_err keel_infer(keel_request *req);
+
+/* Cancels an in-flight request. A queued request completes with KEEL_ECANCELED (its callback
+ * may run on this thread before this returns); a running one completes with KEEL_ECANCELED
+ * when the backend returns, its outputs discarded. KEEL_OK if the cancel was recorded,
+ * KEEL_EINVAL if the request is not in flight. */
+keel_err keel_request_cancel(keel_request *req);
+
+/* Result accessors: valid after completion until the request is destroyed or resubmitted. */
+keel_err keel_request_status(const keel_request *req);
+/* A message naming what was wrong when status != KEEL_OK ("" otherwise). */
+const char *keel_request_error(const keel_request *req);
+/* The generation and version the request ran on (0 / -1 if it never reached one). */
+uint64_t keel_request_generation_id(const keel_request *req);
+int64_t keel_request_model_version(const keel_request *req);
+
+typedef struct keel_tensor_view {
+    const char *name;
+    keel_datatype datatype;
+    const int64_t *shape;
+    size_t ndim;
+    const void *data;
+    size_t bytes;
+} keel_tensor_view;
+
+size_t keel_request_output_count(const keel_request *req);
+/* Borrowed view of output i; KEEL_ENOTFOUND if out of range. */
+keel_err keel_request_output(const keel_request *req, size_t i, keel_tensor_view *out);
+keel_err keel_request_output_by_name(const keel_request *req, const char *name,
+                                     keel_tensor_view *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KEEL_KEEL_H */

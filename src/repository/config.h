@@ -1,0 +1,88 @@
+/*
+ * config.h: a model's config.json, parsed and validated.
+ *
+ * DESIGN
+ * config.json is the JSON form of Triton's model configuration (see docs/ARCHITECTURE.md for
+ * the accepted fields). keel__config_parse() turns the file's bytes into an immutable
+ * keel__model_config that a generation owns; nothing here holds locks or threads, and every
+ * function may be called from any thread on distinct objects. A parse error names the file,
+ * the field (as a JSON path, e.g. "input[1].dims[0]") and what was expected.
+ */
+#ifndef KEEL_REPOSITORY_CONFIG_H
+#define KEEL_REPOSITORY_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "keel/keel.h"
+
+#define KEEL__MAX_DIMS 8
+#define KEEL__DEFAULT_MAX_QUEUE_SIZE 1024
+#define KEEL__DEFAULT_INSTANCE_COUNT 1
+#define KEEL__MAX_INSTANCE_COUNT 64
+
+typedef struct keel__tensor_config {
+    char *name;
+    keel_datatype datatype;
+    int64_t dims[KEEL__MAX_DIMS]; /* -1 = variable; batch dimension NOT included */
+    size_t ndims;
+} keel__tensor_config;
+
+typedef enum keel__version_policy_kind {
+    KEEL__POLICY_LATEST = 0,
+    KEEL__POLICY_ALL,
+    KEEL__POLICY_SPECIFIC,
+} keel__version_policy_kind;
+
+typedef struct keel__model_config {
+    char *name;    /* must equal the model's directory name */
+    char *backend; /* "xgboost", ... */
+    int64_t max_batch_size; /* 0 = no batch dimension */
+    keel__tensor_config *inputs;
+    size_t ninputs;
+    keel__tensor_config *outputs;
+    size_t noutputs;
+    int instance_count; /* sum of instance_group[].count, default 1 */
+    keel__version_policy_kind policy;
+    uint32_t latest_n;        /* for LATEST, default 1 */
+    int64_t *versions;        /* for SPECIFIC, sorted ascending, no duplicates */
+    size_t nversions;
+    uint32_t max_queue_size;  /* dynamic_batching.default_queue_policy; 0 in JSON = default */
+    uint64_t default_timeout_us; /* 0 = none */
+    char *default_model_filename; /* NULL = backend's default */
+    /* "parameters": {"key": {"string_value": "v"}} flattened to key/value pairs. */
+    char **param_keys;
+    char **param_values;
+    size_t nparams;
+    char *json; /* the normalised config as JSON text (defaults filled in) */
+} keel__model_config;
+
+/*
+ * Parses config.json's bytes. path is used in messages only; dir_name is the model's
+ * directory name (config "name" must match it; if "name" is missing it is filled in).
+ * On KEEL_OK *out is owned by the caller (keel__config_destroy). On error *out is NULL, the
+ * return is KEEL_ECONFIG (or KEEL_ENOMEM) and errbuf holds e.g.
+ * "models/heart/config.json: input[0].data_type: expected a string like \"TYPE_FP32\"".
+ */
+keel_err keel__config_parse(const char *path, const char *dir_name, const char *text,
+                            size_t len, keel__model_config **out, char *errbuf, size_t errlen);
+
+/* Reads the file at path and parses it (errors name the file; a missing file is ECONFIG). */
+keel_err keel__config_load(const char *path, const char *dir_name, keel__model_config **out,
+                           char *errbuf, size_t errlen);
+
+void keel__config_destroy(keel__model_config *cfg);
+
+/* Looks up a parameter value; NULL if absent. */
+const char *keel__config_param(const keel__model_config *cfg, const char *key);
+
+/*
+ * Scans <model_dir> for numeric version folders and applies the policy. On KEEL_OK *out is a
+ * malloc'd ascending array of the versions to serve (possibly empty) and *count its size.
+ * A SPECIFIC version without its folder is KEEL_ECONFIG naming the folder.
+ */
+keel_err keel__config_select_versions(const keel__model_config *cfg, const char *model_dir,
+                                      int64_t **out, size_t *count, char *errbuf,
+                                      size_t errlen);
+
+#endif
