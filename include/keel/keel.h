@@ -111,8 +111,9 @@ typedef void (*keel_log_fn)(void *user, keel_log_level level, const char *msg);
 typedef struct keel_runtime keel_runtime;
 
 typedef enum keel_model_control {
-    KEEL_CONTROL_NONE = 0, /* load every model in the repository at create; no load/unload */
+    KEEL_CONTROL_NONE = 0, /* load every model in the repository at create */
     KEEL_CONTROL_EXPLICIT, /* load nothing at create; models are loaded through the API */
+    /* libkeel itself always allows keel_model_load/unload; a server enforces the mode. */
 } keel_model_control;
 
 typedef struct keel_runtime_opts {
@@ -177,10 +178,10 @@ const char *keel_model_state_name(keel_model_state st); /* "READY", ... */
  * version -1. Strings are owned by the list. */
 typedef struct keel_model_status {
     const char *name;
-    int64_t version;        /* -1 if none loaded */
-    keel_model_state state; /* of this version (for version -1: of the model) */
-    uint64_t generation_id; /* monotonic, never reused; 0 if none */
-    keel_err last_error;    /* result of the most recent load attempt of the model */
+    int64_t version;            /* -1 if none loaded */
+    keel_model_state state;     /* of this version (for version -1: of the model) */
+    uint64_t generation_id;     /* monotonic, never reused; 0 if none */
+    keel_err last_error;        /* result of the most recent load attempt of the model */
     const char *last_error_msg; /* "" if the last load succeeded */
     uint64_t load_attempts;     /* loads attempted since the runtime started */
 } keel_model_status;
@@ -201,14 +202,14 @@ bool keel_model_is_ready(keel_runtime *rt, const char *name, int64_t version);
 
 /* Per-model statistics, kept across reloads (they name the model, never a generation). */
 typedef struct keel_model_stats {
-    uint64_t success;                     /* requests that completed KEEL_OK */
-    uint64_t failure[KEEL_ERR_COUNT_];    /* admitted requests that completed with that error */
-    uint64_t rejected;                    /* submits refused because the queue was full */
-    uint64_t inference_count;             /* rows (batch elements) computed successfully */
-    uint64_t execution_count;             /* backend run calls */
-    uint64_t queue_ns;                    /* total time admitted requests waited in queue */
-    uint64_t compute_ns;                  /* total time in the backend's run */
-    uint64_t last_inference_unix_ms;      /* wall clock of the last completion; 0 if none */
+    uint64_t success;                  /* requests that completed KEEL_OK */
+    uint64_t failure[KEEL_ERR_COUNT_]; /* admitted requests that completed with that error */
+    uint64_t rejected;                 /* submits refused because the queue was full */
+    uint64_t inference_count;          /* rows (batch elements) computed successfully */
+    uint64_t execution_count;          /* backend run calls */
+    uint64_t queue_ns;                 /* total time admitted requests waited in queue */
+    uint64_t compute_ns;               /* total time in the backend's run */
+    uint64_t last_inference_unix_ms;   /* wall clock of the last completion; 0 if none */
 } keel_model_stats;
 
 keel_err keel_model_stats_get(keel_runtime *rt, const char *name, keel_model_stats *out);
@@ -250,8 +251,7 @@ const char *keel_request_id(const keel_request *req); /* "" if unset */
  * must equal the element count times the datatype size (for BYTES: the serialised size).
  * Full validation against the model happens when the request runs. */
 keel_err keel_request_add_input(keel_request *req, const char *name, keel_datatype dt,
-                                const int64_t *shape, size_t ndim, const void *data,
-                                size_t bytes);
+                                const int64_t *shape, size_t ndim, const void *data, size_t bytes);
 
 /* Asks for one output by name. With no requested outputs, all of the model's are returned. */
 keel_err keel_request_add_output(keel_request *req, const char *name);

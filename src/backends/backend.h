@@ -46,10 +46,10 @@ typedef struct keel__backend {
     const char *name;         /* matches config.json "backend" */
     bool concurrent_contexts; /* one model may be run by several contexts at once */
     uint32_t input_types;     /* bitmask of (1u << keel_datatype) accepted as inputs */
-    keel_err (*model_load)(const keel__model_config *cfg, const char *version_dir,
-                           void **model, char *errbuf, size_t errlen);
-    keel_err (*context_create)(void *model, const keel__model_config *cfg, void **ctx,
-                               char *errbuf, size_t errlen);
+    keel_err (*model_load)(const keel__model_config *cfg, const char *version_dir, void **model,
+                           char *errbuf, size_t errlen);
+    keel_err (*context_create)(void *model, const keel__model_config *cfg, void **ctx, char *errbuf,
+                               size_t errlen);
     keel_err (*run)(void *ctx, keel__run_io *io);
     void (*context_destroy)(void *ctx);
     void (*model_free)(void *model);

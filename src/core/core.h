@@ -21,10 +21,10 @@
 #include "keel/keel.h"
 
 /* Always-on assertion for broken invariants (double release, refcount underflow). */
-#define KEEL__ASSERT(cond)                                                                    \
-    do {                                                                                      \
-        if (!(cond))                                                                          \
-            keel__panic(__FILE__, __LINE__, #cond);                                           \
+#define KEEL__ASSERT(cond)                                                                         \
+    do {                                                                                           \
+        if (!(cond))                                                                               \
+            keel__panic(__FILE__, __LINE__, #cond);                                                \
     } while (0)
 
 _Noreturn void keel__panic(const char *file, int line, const char *what);
@@ -73,8 +73,8 @@ void keel__errf(char *errbuf, size_t errlen, const char *fmt, ...)
 
 /* ---- clock */
 
-uint64_t keel__now_ns(void);      /* CLOCK_MONOTONIC */
-uint64_t keel__unix_ms(void);     /* CLOCK_REALTIME */
+uint64_t keel__now_ns(void);  /* CLOCK_MONOTONIC */
+uint64_t keel__unix_ms(void); /* CLOCK_REALTIME */
 
 /* ---- logging */
 
@@ -88,10 +88,10 @@ void keel__log(const keel__logger *lg, keel_log_level level, const char *fmt, ..
     __attribute__((format(printf, 3, 4)));
 
 /* Checks the level before formatting anything. */
-#define KEEL__LOG(lg, lvl, ...)                                                               \
-    do {                                                                                      \
-        if ((lg)->fn != NULL && (lvl) <= (lg)->level)                                         \
-            keel__log((lg), (lvl), __VA_ARGS__);                                              \
+#define KEEL__LOG(lg, lvl, ...)                                                                    \
+    do {                                                                                           \
+        if ((lg)->fn != NULL && (lvl) <= (lg)->level)                                              \
+            keel__log((lg), (lvl), __VA_ARGS__);                                                   \
     } while (0)
 
 /* ---- checked arithmetic */

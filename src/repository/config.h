@@ -35,8 +35,8 @@ typedef enum keel__version_policy_kind {
 } keel__version_policy_kind;
 
 typedef struct keel__model_config {
-    char *name;    /* must equal the model's directory name */
-    char *backend; /* "xgboost", ... */
+    char *name;             /* must equal the model's directory name */
+    char *backend;          /* "xgboost", ... */
     int64_t max_batch_size; /* 0 = no batch dimension */
     keel__tensor_config *inputs;
     size_t ninputs;
@@ -44,11 +44,11 @@ typedef struct keel__model_config {
     size_t noutputs;
     int instance_count; /* sum of instance_group[].count, default 1 */
     keel__version_policy_kind policy;
-    uint32_t latest_n;        /* for LATEST, default 1 */
-    int64_t *versions;        /* for SPECIFIC, sorted ascending, no duplicates */
+    uint32_t latest_n; /* for LATEST, default 1 */
+    int64_t *versions; /* for SPECIFIC, sorted ascending, no duplicates */
     size_t nversions;
-    uint32_t max_queue_size;  /* dynamic_batching.default_queue_policy; 0 in JSON = default */
-    uint64_t default_timeout_us; /* 0 = none */
+    uint32_t max_queue_size;      /* dynamic_batching.default_queue_policy; 0 in JSON = default */
+    uint64_t default_timeout_us;  /* 0 = none */
     char *default_model_filename; /* NULL = backend's default */
     /* "parameters": {"key": {"string_value": "v"}} flattened to key/value pairs. */
     char **param_keys;
@@ -64,8 +64,8 @@ typedef struct keel__model_config {
  * return is KEEL_ECONFIG (or KEEL_ENOMEM) and errbuf holds e.g.
  * "models/heart/config.json: input[0].data_type: expected a string like \"TYPE_FP32\"".
  */
-keel_err keel__config_parse(const char *path, const char *dir_name, const char *text,
-                            size_t len, keel__model_config **out, char *errbuf, size_t errlen);
+keel_err keel__config_parse(const char *path, const char *dir_name, const char *text, size_t len,
+                            keel__model_config **out, char *errbuf, size_t errlen);
 
 /* Reads the file at path and parses it (errors name the file; a missing file is ECONFIG). */
 keel_err keel__config_load(const char *path, const char *dir_name, keel__model_config **out,
@@ -82,7 +82,6 @@ const char *keel__config_param(const keel__model_config *cfg, const char *key);
  * A SPECIFIC version without its folder is KEEL_ECONFIG naming the folder.
  */
 keel_err keel__config_select_versions(const keel__model_config *cfg, const char *model_dir,
-                                      int64_t **out, size_t *count, char *errbuf,
-                                      size_t errlen);
+                                      int64_t **out, size_t *count, char *errbuf, size_t errlen);
 
 #endif

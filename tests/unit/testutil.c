@@ -179,8 +179,8 @@ void tu_assert_counters(keel_runtime *rt, const keel_counters *want)
                  "generations %lld/%lld contexts %lld/%lld in_use %lld/%lld (got/want)",
                  (long long)got.requests, (long long)want->requests, (long long)got.leases,
                  (long long)want->leases, (long long)got.queued, (long long)want->queued,
-                 (long long)got.generations, (long long)want->generations,
-                 (long long)got.contexts, (long long)want->contexts,
-                 (long long)got.contexts_in_use, (long long)want->contexts_in_use);
+                 (long long)got.generations, (long long)want->generations, (long long)got.contexts,
+                 (long long)want->contexts, (long long)got.contexts_in_use,
+                 (long long)want->contexts_in_use);
     }
 }

@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# test.sh: the whole test command (what CI runs through .ci/run).
+#
+# Stages, in this order:
+#   format  clang-format --dry-run --Werror over every .c/.h under src/ include/ tests/
+#   plain   gcc Debug build with -Werror (build/plain), every ctest test
+#   asan    clang AddressSanitizer + UndefinedBehaviorSanitizer (build/asan), every test;
+#           LeakSanitizer runs with ASan on Linux, so any leak fails the test
+#   tsan    clang ThreadSanitizer (build/tsan), the tests labelled "concurrency"
+# KEEL_TEST_STAGES picks stages, e.g. KEEL_TEST_STAGES="format plain". A failing stage does not
+# stop the later ones; the script prints one summary line per stage and exits 1 if any failed.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$(pwd)
+
+all_stages=(format plain asan tsan)
+read -r -a stages <<<"${KEEL_TEST_STAGES:-${all_stages[*]}}"
+if ((${#stages[@]} == 0)); then
+    stages=("${all_stages[@]}")
+fi
+for s in "${stages[@]}"; do
+    case "$s" in
+    format | plain | asan | tsan) ;;
+    *)
+        echo "test.sh: unknown stage '$s' in KEEL_TEST_STAGES (known: ${all_stages[*]})" >&2
+        exit 2
+        ;;
+    esac
+done
+
+banner() {
+    echo
+    echo "=================================================================="
+    echo "== $*"
+    echo "=================================================================="
+}
+
+# Runs ctest with its output visible and a copy kept in <build>/ctest.log for the summary.
+# --no-tests=error: an empty test list (a broken glob, a wrong label) is a failure.
+run_ctest() {
+    local build=$1
+    shift
+    "${ctest_prefix[@]}" ctest --test-dir "$build" --output-on-failure --no-tests=error \
+        -j2 "$@" 2>&1 | tee "$build/ctest.log"
+}
+
+configure_and_build() {
+    local build=$1
+    shift
+    cmake -S . -B "$build" -G Ninja "$@"
+    ninja -C "$build"
+}
+
+stage_format() {
+    local files=()
+    mapfile -t files < <(find src include tests -type f \( -name '*.c' -o -name '*.h' \) \
+        -not -path '*/build/*' -not -path '*/build-*/*' | sort)
+    if ((${#files[@]} == 0)); then
+        echo "no C sources found under src/ include/ tests/" >&2
+        return 1
+    fi
+    clang-format --version
+    echo "checking ${#files[@]} files"
+    if ! clang-format --dry-run --Werror "${files[@]}"; then
+        echo
+        echo "misformatted; fix with: clang-format -i <file>" >&2
+        return 1
+    fi
+    echo "format: all ${#files[@]} files clean"
+}
+
+stage_plain() {
+    configure_and_build build/plain -DCMAKE_BUILD_TYPE=Debug -DKEEL_WERROR=ON
+    run_ctest build/plain
+}
+
+stage_asan() {
+    configure_and_build build/asan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_COMPILER=clang \
+        -DKEEL_SANITIZE=address,undefined
+    run_ctest build/asan
+}
+
+stage_tsan() {
+    configure_and_build build/tsan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_COMPILER=clang \
+        -DKEEL_SANITIZE=thread
+    run_ctest build/tsan -L concurrency
+}
+
+# The sanitizer runtimes of LLVM 14 cannot map their shadow memory when the kernel randomises
+# mmap with more than 28 bits (vm.mmap_rnd_bits = 32 on recent kernels); on such machines the
+# tests run with address randomisation off, if the container allows it.
+ctest_prefix=()
+sanitizer_prefix=()
+rnd_bits=$(cat /proc/sys/vm/mmap_rnd_bits 2>/dev/null || echo 0)
+if ((rnd_bits > 28)) && setarch "$(uname -m)" -R true 2>/dev/null; then
+    sanitizer_prefix=(setarch "$(uname -m)" -R)
+fi
+
+banner "install dependencies"
+bash scripts/install-deps.sh
+
+declare -A result=()
+declare -A detail=()
+failed=0
+for s in "${stages[@]}"; do
+    banner "stage: $s"
+    start=$SECONDS
+    log="$root/build/$s/ctest.log"
+    rm -f "$log"
+    case "$s" in
+    asan | tsan)
+        ctest_prefix=("${sanitizer_prefix[@]}")
+        if ((${#ctest_prefix[@]} > 0)); then
+            echo "note: vm.mmap_rnd_bits=$rnd_bits; running tests under ${ctest_prefix[*]}"
+        fi
+        ;;
+    *) ctest_prefix=() ;;
+    esac
+    # errexit is ignored inside a function called from an if/||, so run the stage in a
+    # subshell that turns it back on, and read its status afterwards.
+    set +e
+    (
+        set -euo pipefail
+        "stage_$s"
+    )
+    rc=$?
+    set -e
+    secs=$((SECONDS - start))
+    tests=""
+    if [[ "$s" != format && -f "$log" ]]; then
+        tests=$(grep -E 'tests? passed, [0-9]+ tests? failed out of' "$log" | tail -n 1 || true)
+    fi
+    if ((rc == 0)); then
+        result[$s]=PASS
+    else
+        result[$s]="FAIL (exit $rc)"
+        failed=1
+    fi
+    detail[$s]="${secs}s${tests:+, $tests}"
+done
+
+banner "summary"
+for s in "${stages[@]}"; do
+    printf 'test.sh: %-6s %s [%s]\n' "$s" "${result[$s]}" "${detail[$s]}"
+done
+if ((failed)); then
+    echo "test.sh: FAILED"
+    exit 1
+fi
+echo "test.sh: all stages passed"

@@ -1,0 +1,599 @@
+/*
+ * xgboost.c: the "xgboost" backend, over the XGBoost 1.7 C API (Debian libxgboost-dev).
+ *
+ * DESIGN
+ * The model is one BoosterHandle, loaded from the version directory and shared read-only by
+ * every context of the generation. A context owns one proxy DMatrix and the buffer in which
+ * the array-interface JSON of each request is formatted; it borrows the model and never
+ * frees it.
+ *
+ * Why these calls (facts measured on 1.7.4):
+ *  - The model file is read by us and handed to XGBoosterLoadModelFromBuffer, which tells
+ *    JSON from UBJSON by content. XGBoosterLoadModel would dispatch on the file's extension
+ *    (and parse the name as a dmlc URI), so a default_model_filename such as "model.bin"
+ *    holding JSON would be misread. Files that do not start with '{' (after whitespace) are
+ *    refused before XGBoost sees them: that is the deprecated binary format (which XGBoost
+ *    parses without validating much, and which the xgboost CLI writes for any name not ending
+ *    in .json, including "model.ubj") or garbage.
+ *  - nthread=1: OpenMP inside one call is 4x slower at batch 1 on two cores; keel gets its
+ *    parallelism from several contexts running at once.
+ *  - Inplace prediction (XGBoosterPredictFromDense) on a booster is thread-safe once the
+ *    learner's lazy Configure() has run, so model_load runs one warm prediction before the
+ *    model is shared, and concurrent_contexts is true. The result buffer is thread-local to
+ *    the calling thread and overwritten by its next call, so run copies it out through
+ *    io->emit before returning.
+ *  - Passing a NULL proxy makes XGBoost build a fresh proxy per call, which re-reads the
+ *    cgroup CPU quota files each time (2.5x slower); hence one proxy per context.
+ *  - The prediction config needs "cache_id":0 (undocumented in 1.7.4). XGBoost's JSON reader
+ *    accepts NaN, so "missing":NaN makes NaN inputs mean "feature absent", as in libsvm data.
+ *  - XGBoost's "global" configuration (its verbosity) is thread-local in 1.7.4, so a
+ *    pthread_once would silence only one thread. Every thread that enters this backend sets
+ *    verbosity 0 once (a thread-local flag), which keeps XGBoost's warnings off stderr: the
+ *    library never prints. XGBoost errors are returned, never logged, by its C API.
+ *
+ * Threads: model_load, context_create, context_destroy and model_free run on keel's loader
+ * or reaper threads as backend.h describes; run is called on worker threads, one call at a
+ * time per context, and several contexts of one model may run at once. No locks here.
+ */
+#include "backends/backend.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdalign.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <xgboost/c_api.h>
+
+#include "core/core.h"
+
+/* Large enough for the array interface with 20-digit integers; checked at every format. */
+#define ARRAY_IFACE_LEN 160
+
+typedef struct xgb_model {
+    BoosterHandle booster;
+    int64_t nfeatures; /* per row: product of the config input's dims */
+    int64_t nout;      /* values per row: product of the config output's dims */
+    size_t file_bytes; /* memory estimate */
+} xgb_model;
+
+typedef struct xgb_context {
+    xgb_model *model; /* borrowed */
+    DMatrixHandle proxy;
+    bool batched; /* cfg->max_batch_size > 0 */
+    const char *output_name; /* borrowed from the generation's config */
+    int64_t out_dims[KEEL__MAX_DIMS];
+    size_t out_ndims;
+    float *scratch; /* only used if an input is not 4-byte aligned */
+    size_t scratch_len;
+    char array_iface[ARRAY_IFACE_LEN];
+} xgb_context;
+
+/* "cache_id":0 is required by XGBoosterPredictFromDense in 1.7.4 although undocumented. */
+static const char predict_config[] =
+    "{\"type\":0,\"training\":false,\"iteration_begin\":0,\"iteration_end\":0,"
+    "\"strict_shape\":false,\"missing\":NaN,\"cache_id\":0}";
+
+/* XGBoost's verbosity lives in thread-local storage: silence each thread once. */
+static void quiet_this_thread(void)
+{
+    static _Thread_local bool quiet;
+
+    if (!quiet) {
+        /* Failure only means warnings may reach stderr; nothing to report. */
+        (void)XGBSetGlobalConfig("{\"verbosity\":0}");
+        quiet = true;
+    }
+}
+
+/* XGBoost's last error on this thread, without its "[hh:mm:ss] " prefix and the stack trace
+ * some errors carry on the following lines. Returns the length to print with "%.*s". */
+static int xgb_error(const char **msg)
+{
+    const char *m = XGBGetLastError();
+    const char *end;
+
+    if (m == NULL || *m == '\0')
+        m = "unknown XGBoost error";
+    if (m[0] == '[' && (end = strstr(m, "] ")) != NULL && end - m <= 16)
+        m = end + 2;
+    if ((end = strstr(m, "\nStack trace:")) == NULL)
+        end = m + strlen(m);
+    while (end > m && (end[-1] == '\n' || end[-1] == ' '))
+        end--;
+    *msg = m;
+    return end - m > 4096 ? 4096 : (int)(end - m);
+}
+
+/* Product of dims; -1 if any dim is variable or the product overflows. */
+static int64_t dims_product(const int64_t *dims, size_t ndims)
+{
+    int64_t n = 1;
+
+    for (size_t i = 0; i < ndims; i++) {
+        if (dims[i] < 0 || __builtin_mul_overflow(n, dims[i], &n))
+            return -1;
+    }
+    return n;
+}
+
+/* Formats "[a,b]" for messages. */
+static void dims_format(const int64_t *dims, size_t ndims, char *buf, size_t len)
+{
+    size_t off = 0;
+    int n = snprintf(buf, len, "[");
+
+    if (n < 0 || (size_t)n >= len)
+        return;
+    off = (size_t)n;
+    for (size_t i = 0; i < ndims && off < len; i++) {
+        n = snprintf(buf + off, len - off, "%s%" PRId64, i > 0 ? "," : "", dims[i]);
+        if (n < 0)
+            return;
+        off += (size_t)n;
+    }
+    if (off < len)
+        snprintf(buf + off, len - off, "]");
+}
+
+/* The one input and one output the backend supports; ECONFIG otherwise. */
+static keel_err check_config(const keel__model_config *cfg, char *errbuf, size_t errlen)
+{
+    char dims[96];
+
+    if (cfg->ninputs != 1 || cfg->noutputs != 1) {
+        keel__errf(errbuf, errlen,
+                   "model '%s': the xgboost backend needs exactly one input and one output "
+                   "(config has %zu inputs, %zu outputs)",
+                   cfg->name, cfg->ninputs, cfg->noutputs);
+        return KEEL_ECONFIG;
+    }
+    for (int i = 0; i < 2; i++) {
+        const keel__tensor_config *t = i == 0 ? &cfg->inputs[0] : &cfg->outputs[0];
+        const char *what = i == 0 ? "input" : "output";
+
+        if (t->datatype != KEEL_TYPE_FP32) {
+            keel__errf(errbuf, errlen, "model '%s': %s '%s' must be TYPE_FP32 (is %s)",
+                       cfg->name, what, t->name, keel_datatype_name(t->datatype));
+            return KEEL_ECONFIG;
+        }
+        if (dims_product(t->dims, t->ndims) <= 0) {
+            dims_format(t->dims, t->ndims, dims, sizeof(dims));
+            keel__errf(errbuf, errlen,
+                       "model '%s': %s '%s' dims %s must be fixed and non-empty for xgboost",
+                       cfg->name, what, t->name, dims);
+            return KEEL_ECONFIG;
+        }
+    }
+    return KEEL_OK;
+}
+
+/*
+ * Picks the model file: default_model_filename, else model.json, else model.ubj.
+ * On KEEL_OK *out is a malloc'd path.
+ */
+static keel_err find_model_file(const keel__model_config *cfg, const char *version_dir,
+                                char **out, char *errbuf, size_t errlen)
+{
+    static const char *const defaults[] = {"model.json", "model.ubj"};
+    const char *const *names = defaults;
+    size_t nnames = 2;
+    struct stat st;
+
+    *out = NULL;
+    if (cfg->default_model_filename != NULL && cfg->default_model_filename[0] != '\0') {
+        names = (const char *const *)&cfg->default_model_filename;
+        nnames = 1;
+    }
+    for (size_t i = 0; i < nnames; i++) {
+        char *path = NULL;
+        size_t len = strlen(version_dir) + 1 + strlen(names[i]) + 1;
+
+        if ((path = keel__malloc(len)) == NULL)
+            return KEEL_ENOMEM;
+        snprintf(path, len, "%s/%s", version_dir, names[i]);
+        /* Any stat error other than "absent" is left for the open to report. */
+        if (stat(path, &st) == 0 || (errno != ENOENT && errno != ENOTDIR)) {
+            *out = path;
+            return KEEL_OK;
+        }
+        free(path);
+    }
+    if (nnames == 1)
+        keel__errf(errbuf, errlen, "%s/%s: model file not found", version_dir, names[0]);
+    else
+        keel__errf(errbuf, errlen, "%s: no model file (looked for model.json, model.ubj)",
+                   version_dir);
+    return KEEL_ELOAD;
+}
+
+/* Reads the whole file. On KEEL_OK *out is malloc'd (NUL-terminated) and *len its size. */
+static keel_err read_file(const char *path, char **out, size_t *len, char *errbuf,
+                          size_t errlen)
+{
+    FILE *f = NULL;
+    char *buf = NULL;
+    struct stat st;
+    keel_err err;
+
+    *out = NULL;
+    *len = 0;
+    if ((f = fopen(path, "rb")) == NULL) {
+        keel__errf(errbuf, errlen, "%s: cannot open model file: %s", path, strerror(errno));
+        err = KEEL_ELOAD;
+        goto fail;
+    }
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+        keel__errf(errbuf, errlen, "%s: not a regular file", path);
+        err = KEEL_ELOAD;
+        goto fail;
+    }
+    if (st.st_size == 0) {
+        keel__errf(errbuf, errlen, "%s: model file is empty", path);
+        err = KEEL_ELOAD;
+        goto fail;
+    }
+    if ((uint64_t)st.st_size >= SIZE_MAX) {
+        keel__errf(errbuf, errlen, "%s: model file too large", path);
+        err = KEEL_ELOAD;
+        goto fail;
+    }
+    if ((buf = keel__malloc((size_t)st.st_size + 1)) == NULL) {
+        err = KEEL_ENOMEM;
+        goto fail;
+    }
+    if (fread(buf, 1, (size_t)st.st_size, f) != (size_t)st.st_size) {
+        keel__errf(errbuf, errlen, "%s: short read of model file", path);
+        err = KEEL_ELOAD;
+        goto fail;
+    }
+    buf[st.st_size] = '\0';
+    fclose(f);
+    *out = buf;
+    *len = (size_t)st.st_size;
+    return KEEL_OK;
+
+fail:
+    free(buf);
+    if (f != NULL)
+        fclose(f);
+    return err;
+}
+
+/*
+ * Runs one inplace prediction of rows x cols float values. On success *result points into
+ * XGBoost's thread-local buffer (valid until this thread's next prediction) and *count is
+ * the number of values. Returns 0 or -1 as the C API does.
+ */
+static int predict_dense(BoosterHandle booster, DMatrixHandle proxy, char *iface,
+                         size_t iface_len, const float *values, int64_t rows, int64_t cols,
+                         const float **result, uint64_t *count)
+{
+    bst_ulong const *shape = NULL;
+    bst_ulong ndim = 0;
+    uint64_t n = 1;
+    int len;
+
+    len = snprintf(iface, iface_len,
+                   "{\"data\":[%" PRIuPTR ",true],\"shape\":[%" PRId64 ",%" PRId64
+                   "],\"typestr\":\"<f4\",\"version\":3}",
+                   (uintptr_t)values, rows, cols);
+    if (len < 0 || (size_t)len >= iface_len)
+        return -2; /* cannot happen with ARRAY_IFACE_LEN; reported by the caller */
+    if (XGBoosterPredictFromDense(booster, iface, predict_config, proxy, &shape, &ndim,
+                                  result) != 0)
+        return -1;
+    for (bst_ulong i = 0; i < ndim; i++)
+        n *= (uint64_t)shape[i];
+    *count = n;
+    return 0;
+}
+
+/*
+ * Loads the booster from the version directory, checks it against the config and warms it.
+ * On KEEL_OK *model is owned by the caller (model_free).
+ */
+static keel_err xgb_model_load(const keel__model_config *cfg, const char *version_dir,
+                               void **model, char *errbuf, size_t errlen)
+{
+    xgb_model *m = NULL;
+    BoosterHandle booster = NULL;
+    DMatrixHandle proxy = NULL;
+    char *path = NULL;
+    char *bytes = NULL;
+    float *zeros = NULL;
+    size_t nbytes = 0;
+    size_t skip = 0;
+    bst_ulong nfeat = 0;
+    const float *result = NULL;
+    uint64_t count = 0;
+    char iface[ARRAY_IFACE_LEN];
+    char dims[96];
+    const char *xmsg;
+    int64_t want_feat, want_out;
+    int len;
+    keel_err err;
+
+    *model = NULL;
+    quiet_this_thread();
+    if ((err = check_config(cfg, errbuf, errlen)) != KEEL_OK)
+        goto fail;
+    want_feat = dims_product(cfg->inputs[0].dims, cfg->inputs[0].ndims);
+    want_out = dims_product(cfg->outputs[0].dims, cfg->outputs[0].ndims);
+
+    if ((err = find_model_file(cfg, version_dir, &path, errbuf, errlen)) != KEEL_OK)
+        goto fail;
+    if ((err = read_file(path, &bytes, &nbytes, errbuf, errlen)) != KEEL_OK)
+        goto fail;
+    /* JSON and UBJSON models are objects; anything else is the deprecated binary format or
+     * garbage, which XGBoost may half-accept. */
+    while (skip < nbytes && strchr(" \t\r\n", bytes[skip]) != NULL && bytes[skip] != '\0')
+        skip++;
+    if (skip == nbytes || bytes[skip] != '{') {
+        keel__errf(errbuf, errlen,
+                   "%s: not an XGBoost JSON or UBJSON model (it does not start with '{'; "
+                   "the deprecated binary format is not supported, re-save the model as "
+                   ".json or .ubj)",
+                   path);
+        err = KEEL_ELOAD;
+        goto fail;
+    }
+
+    if (XGBoosterCreate(NULL, 0, &booster) != 0 ||
+        XGBoosterSetParam(booster, "nthread", "1") != 0) {
+        len = xgb_error(&xmsg);
+        keel__errf(errbuf, errlen, "%s: cannot create an XGBoost booster: %.*s", path, len,
+                   xmsg);
+        err = KEEL_ELOAD;
+        goto fail;
+    }
+    if (XGBoosterLoadModelFromBuffer(booster, bytes + skip, (bst_ulong)(nbytes - skip)) != 0) {
+        len = xgb_error(&xmsg);
+        keel__errf(errbuf, errlen, "%s: XGBoost cannot load the model: %.*s", path, len, xmsg);
+        err = KEEL_ELOAD;
+        goto fail;
+    }
+    free(bytes);
+    bytes = NULL;
+
+    if (XGBoosterGetNumFeature(booster, &nfeat) != 0) {
+        len = xgb_error(&xmsg);
+        keel__errf(errbuf, errlen, "%s: cannot read the model's feature count: %.*s", path,
+                   len, xmsg);
+        err = KEEL_ELOAD;
+        goto fail;
+    }
+    if ((uint64_t)nfeat != (uint64_t)want_feat) {
+        dims_format(cfg->inputs[0].dims, cfg->inputs[0].ndims, dims, sizeof(dims));
+        keel__errf(errbuf, errlen,
+                   "%s: model expects %" PRIu64 " features, config input '%s' dims %s gives "
+                   "%" PRId64,
+                   path, (uint64_t)nfeat, cfg->inputs[0].name, dims, want_feat);
+        err = KEEL_ELOAD;
+        goto fail;
+    }
+
+    /* One row of zeros: learns the values per row and runs XGBoost's lazy configuration
+     * here, before worker threads share the booster. */
+    if (XGProxyDMatrixCreate(&proxy) != 0) {
+        len = xgb_error(&xmsg);
+        keel__errf(errbuf, errlen, "%s: cannot create a proxy DMatrix: %.*s", path, len, xmsg);
+        err = KEEL_ELOAD;
+        goto fail;
+    }
+    if ((zeros = keel__calloc((size_t)want_feat, sizeof(float))) == NULL) {
+        err = KEEL_ENOMEM;
+        goto fail;
+    }
+    switch (predict_dense(booster, proxy, iface, sizeof(iface), zeros, 1, want_feat, &result,
+                          &count)) {
+    case 0:
+        break;
+    case -1:
+        len = xgb_error(&xmsg);
+        keel__errf(errbuf, errlen, "%s: warm-up prediction failed: %.*s", path, len, xmsg);
+        err = KEEL_ELOAD;
+        goto fail;
+    default:
+        keel__errf(errbuf, errlen, "%s: internal error formatting the array interface", path);
+        err = KEEL_EINTERNAL;
+        goto fail;
+    }
+    if (count != (uint64_t)want_out) {
+        dims_format(cfg->outputs[0].dims, cfg->outputs[0].ndims, dims, sizeof(dims));
+        keel__errf(errbuf, errlen,
+                   "%s: model gives %" PRIu64 " values per row, config output '%s' dims %s "
+                   "gives %" PRId64,
+                   path, count, cfg->outputs[0].name, dims, want_out);
+        err = KEEL_ELOAD;
+        goto fail;
+    }
+    free(zeros);
+    zeros = NULL;
+    XGDMatrixFree(proxy);
+    proxy = NULL;
+
+    if ((m = keel__calloc(1, sizeof(*m))) == NULL) {
+        err = KEEL_ENOMEM;
+        goto fail;
+    }
+    m->booster = booster;
+    booster = NULL; /* m owns it now */
+    m->nfeatures = want_feat;
+    m->nout = want_out;
+    m->file_bytes = nbytes;
+    free(path);
+    *model = m;
+    return KEEL_OK;
+
+fail:
+    free(zeros);
+    if (proxy != NULL)
+        XGDMatrixFree(proxy);
+    if (booster != NULL)
+        XGBoosterFree(booster);
+    free(bytes);
+    free(path);
+    return err;
+}
+
+static void xgb_model_free(void *model)
+{
+    xgb_model *m = model;
+
+    if (m == NULL)
+        return;
+    quiet_this_thread();
+    XGBoosterFree(m->booster);
+    free(m);
+}
+
+static size_t xgb_memory_estimate(void *model)
+{
+    const xgb_model *m = model;
+
+    return m != NULL ? m->file_bytes : 0;
+}
+
+/* On KEEL_OK *ctx borrows model and cfg's output name; it owns its proxy DMatrix. */
+static keel_err xgb_context_create(void *model, const keel__model_config *cfg, void **ctx,
+                                   char *errbuf, size_t errlen)
+{
+    xgb_context *c = NULL;
+    const char *xmsg;
+    int len;
+    keel_err err;
+
+    *ctx = NULL;
+    quiet_this_thread();
+    if ((c = keel__calloc(1, sizeof(*c))) == NULL) {
+        err = KEEL_ENOMEM;
+        goto fail;
+    }
+    c->model = model;
+    c->batched = cfg->max_batch_size > 0;
+    c->output_name = cfg->outputs[0].name;
+    c->out_ndims = cfg->outputs[0].ndims;
+    memcpy(c->out_dims, cfg->outputs[0].dims, sizeof(c->out_dims));
+    if (XGProxyDMatrixCreate(&c->proxy) != 0) {
+        len = xgb_error(&xmsg);
+        keel__errf(errbuf, errlen, "model '%s': cannot create a proxy DMatrix: %.*s", cfg->name,
+                   len, xmsg);
+        c->proxy = NULL;
+        err = KEEL_EBACKEND;
+        goto fail;
+    }
+    *ctx = c;
+    return KEEL_OK;
+
+fail:
+    free(c);
+    return err;
+}
+
+static void xgb_context_destroy(void *ctx)
+{
+    xgb_context *c = ctx;
+
+    if (c == NULL)
+        return;
+    if (c->proxy != NULL)
+        XGDMatrixFree(c->proxy);
+    free(c->scratch);
+    free(c);
+}
+
+static keel_err xgb_run(void *ctx, keel__run_io *io)
+{
+    xgb_context *c = ctx;
+    const xgb_model *m = c->model;
+    const keel_tensor_view *in;
+    const float *values;
+    const float *result = NULL;
+    uint64_t count = 0;
+    int64_t rows = c->batched ? io->batch : 1;
+    int64_t shape[KEEL__MAX_DIMS + 1];
+    size_t ndim = 0;
+    size_t want_bytes;
+    uint64_t want_count;
+    const char *xmsg;
+    int len;
+
+    quiet_this_thread();
+    if (io->ninputs != 1 || io->inputs[0].datatype != KEEL_TYPE_FP32 || rows < 0) {
+        keel__errf(io->errbuf, io->errlen, "xgboost: expected one FP32 input");
+        return KEEL_EBACKEND;
+    }
+    in = &io->inputs[0];
+    if (__builtin_mul_overflow((uint64_t)rows, (uint64_t)m->nfeatures, &want_count) ||
+        __builtin_mul_overflow((size_t)want_count, sizeof(float), &want_bytes) ||
+        in->bytes != want_bytes) {
+        keel__errf(io->errbuf, io->errlen,
+                   "xgboost: input '%s' has %zu bytes, expected %" PRId64 " rows of %" PRId64
+                   " FP32 features",
+                   in->name, in->bytes, rows, m->nfeatures);
+        return KEEL_EBACKEND;
+    }
+
+    if (c->batched)
+        shape[ndim++] = rows;
+    for (size_t i = 0; i < c->out_ndims; i++)
+        shape[ndim++] = c->out_dims[i];
+
+    if (rows == 0) { /* nothing to compute (XGBoost's shape for 0 rows is degenerate) */
+        static const float none;
+        return io->emit(io, c->output_name, KEEL_TYPE_FP32, shape, ndim, &none, 0);
+    }
+
+    values = in->data;
+    if (((uintptr_t)values % alignof(float)) != 0) {
+        /* XGBoost reads the array through a float pointer; keel's copies are aligned, so
+         * this path exists only to keep a misaligned caller from undefined behaviour. */
+        if (c->scratch_len < want_count) {
+            float *p = keel__realloc(c->scratch, want_bytes);
+            if (p == NULL)
+                return KEEL_ENOMEM;
+            c->scratch = p;
+            c->scratch_len = want_count;
+        }
+        memcpy(c->scratch, values, want_bytes);
+        values = c->scratch;
+    }
+
+    switch (predict_dense(m->booster, c->proxy, c->array_iface, sizeof(c->array_iface), values,
+                          rows, m->nfeatures, &result, &count)) {
+    case 0:
+        break;
+    case -1:
+        len = xgb_error(&xmsg);
+        keel__errf(io->errbuf, io->errlen, "xgboost: prediction failed: %.*s", len, xmsg);
+        return KEEL_EBACKEND;
+    default:
+        keel__errf(io->errbuf, io->errlen, "xgboost: cannot format the array interface");
+        return KEEL_EINTERNAL;
+    }
+    if (count != (uint64_t)rows * (uint64_t)m->nout) {
+        keel__errf(io->errbuf, io->errlen,
+                   "xgboost: model returned %" PRIu64 " values for %" PRId64
+                   " rows, expected %" PRId64 " per row",
+                   count, rows, m->nout);
+        return KEEL_EBACKEND;
+    }
+    /* result is XGBoost's thread-local buffer: emit copies it before anything reuses it. */
+    return io->emit(io, c->output_name, KEEL_TYPE_FP32, shape, ndim, result,
+                    (size_t)count * sizeof(float));
+}
+
+const keel__backend keel__xgboost_backend = {
+    .name = "xgboost",
+    .concurrent_contexts = true,
+    .input_types = KEEL__TYPE_BIT(KEEL_TYPE_FP32),
+    .model_load = xgb_model_load,
+    .context_create = xgb_context_create,
+    .run = xgb_run,
+    .context_destroy = xgb_context_destroy,
+    .model_free = xgb_model_free,
+    .memory_estimate = xgb_memory_estimate,
+};

@@ -1,0 +1,1118 @@
+/*
+ * config.c: see config.h.
+ *
+ * DESIGN
+ * jansson parses the bytes into a tree (duplicate keys rejected, depth bounded by jansson's
+ * JSON_PARSER_MAX_DEPTH, "\u0000" rejected so every string is a C string); this file then
+ * walks the tree once, copying what keel uses into a keel__model_config allocated with
+ * keel__malloc and friends, so every allocation keel owns can fail under fault injection and
+ * is released on the single error path (keel__config_destroy() of the half-built config).
+ * jansson's own allocations use its default allocator; when one fails jansson returns NULL,
+ * which is reported as KEEL_ENOMEM like any other allocation failure.
+ *
+ * The rules follow Triton's protobuf JSON form: unknown keys are ignored (Triton configs carry
+ * many optional fields), an explicit null means "absent" (as protobuf's JSON parser reads it),
+ * and an integer field may be given as a JSON integer or as a string of digits (protobuf
+ * writes 64-bit integers as strings). A known key with the wrong type is an error. Every
+ * message names the file, the field as a JSON path and what was expected; text copied from
+ * the file into a message is clipped and has its control characters replaced.
+ *
+ * The normalised JSON (cfg->json) is rebuilt from the parsed fields rather than copied from
+ * the input, so it holds exactly the fields keel serves, with every default filled in.
+ *
+ * Nothing here holds locks or keeps state between calls; any thread may call any function on
+ * distinct objects.
+ */
+#include "repository/config.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/core.h"
+
+#define CONFIG_MAX_BYTES (1024 * 1024)
+#define MAX_QUEUE_SIZE_LIMIT 1000000
+#define CLIP_LEN 64 /* bytes of user text quoted in a message */
+
+typedef struct parser {
+    const char *file; /* for messages */
+    char *errbuf;
+    size_t errlen;
+} parser;
+
+/* ---- messages */
+
+/*
+ * Copies s into dst (dstlen >= 4) for quoting in a message: at most CLIP_LEN bytes, control
+ * characters replaced by '?', non-ASCII bytes kept only if ascii_only is false, "..." appended
+ * when clipped. A clip never splits a UTF-8 sequence.
+ */
+static void clip(char *dst, size_t dstlen, const char *s, bool ascii_only)
+{
+    size_t max = dstlen - 4;
+    size_t n = 0;
+
+    if (max > CLIP_LEN)
+        max = CLIP_LEN;
+    for (; s[n] != '\0' && n < max; n++) {
+        unsigned char c = (unsigned char)s[n];
+        dst[n] = (c < 0x20 || c == 0x7f || (ascii_only && c >= 0x80)) ? '?' : (char)c;
+    }
+    if (s[n] != '\0') {
+        /* Back up to the start of a UTF-8 sequence so the message stays valid UTF-8. */
+        while (n > 0 && ((unsigned char)s[n] & 0xc0) == 0x80)
+            n--;
+        memcpy(dst + n, "...", 3);
+        n += 3;
+    }
+    dst[n] = '\0';
+}
+
+/* Writes "<file>: <at>: <message>" (or "<file>: <message>" if at is NULL). Returns ECONFIG. */
+static keel_err failf(const parser *p, const char *at, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static keel_err failf(const parser *p, const char *at, const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+
+    if (p->errbuf == NULL || p->errlen == 0)
+        return KEEL_ECONFIG;
+    if (at != NULL)
+        n = snprintf(p->errbuf, p->errlen, "%s: %s: ", p->file, at);
+    else
+        n = snprintf(p->errbuf, p->errlen, "%s: ", p->file);
+    if (n < 0 || (size_t)n >= p->errlen)
+        return KEEL_ECONFIG;
+    va_start(ap, fmt);
+    vsnprintf(p->errbuf + n, p->errlen - (size_t)n, fmt, ap);
+    va_end(ap);
+    return KEEL_ECONFIG;
+}
+
+/* Describes a JSON value for "got ..." in a message: its value if short, else its type. */
+static const char *describe(const json_t *v, char *buf, size_t len)
+{
+    char s[CLIP_LEN + 4];
+
+    if (v == NULL)
+        return "nothing";
+    switch (json_typeof(v)) {
+    case JSON_OBJECT:
+        return json_object_size(v) == 0 ? "an empty object" : "an object";
+    case JSON_ARRAY:
+        return json_array_size(v) == 0 ? "an empty array" : "an array";
+    case JSON_STRING:
+        clip(s, sizeof(s), json_string_value(v), false);
+        snprintf(buf, len, "\"%s\"", s);
+        return buf;
+    case JSON_INTEGER:
+        snprintf(buf, len, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
+        return buf;
+    case JSON_REAL:
+        /* "2.0", not "2": the point of the message may be that 2.0 is not an integer. */
+        snprintf(buf, len, "%g", json_real_value(v));
+        if (strpbrk(buf, ".en") == NULL && strlen(buf) + 2 < len)
+            strcat(buf, ".0");
+        return buf;
+    case JSON_TRUE:
+        return "true";
+    case JSON_FALSE:
+        return "false";
+    case JSON_NULL:
+        return "null";
+    }
+    return "an unknown value";
+}
+
+/* "<at>: expected <what>, got <v>". */
+static keel_err expected(const parser *p, const char *at, const json_t *v, const char *what)
+{
+    char buf[CLIP_LEN + 16];
+
+    if (v == NULL)
+        return failf(p, at, "required, expected %s", what);
+    return failf(p, at, "expected %s, got %s", what, describe(v, buf, sizeof(buf)));
+}
+
+/* ---- typed access */
+
+/* obj[key], with an explicit null read as absent (protobuf's JSON rule). */
+static json_t *member(const json_t *obj, const char *key)
+{
+    json_t *v = json_object_get(obj, key);
+
+    return json_is_null(v) ? NULL : v;
+}
+
+/* Reads a JSON integer, or a string of decimal digits with an optional '-'. */
+static bool as_int(const json_t *v, int64_t *out)
+{
+    const char *s, *d;
+    char *end;
+    long long x;
+
+    if (json_is_integer(v)) {
+        *out = json_integer_value(v);
+        return true;
+    }
+    if (!json_is_string(v))
+        return false;
+    s = json_string_value(v);
+    d = s[0] == '-' ? s + 1 : s;
+    if (*d == '\0' || strspn(d, "0123456789") != strlen(d))
+        return false;
+    errno = 0;
+    x = strtoll(s, &end, 10);
+    if (errno != 0 || *end != '\0')
+        return false;
+    *out = x;
+    return true;
+}
+
+/* Reads an integer in [min, max]; v must not be NULL. */
+static keel_err get_int(const parser *p, const json_t *v, const char *at, int64_t min, int64_t max,
+                        int64_t *out)
+{
+    char what[96];
+    int64_t x;
+
+    if (as_int(v, &x) && x >= min && x <= max) {
+        *out = x;
+        return KEEL_OK;
+    }
+    if (max == INT64_MAX)
+        snprintf(what, sizeof(what), "an integer >= %" PRId64, min);
+    else
+        snprintf(what, sizeof(what), "an integer from %" PRId64 " to %" PRId64, min, max);
+    return expected(p, at, v, what);
+}
+
+/* Reads an optional integer field: *out keeps its default if the field is absent. */
+static keel_err opt_int(const parser *p, const json_t *obj, const char *key, const char *at,
+                        int64_t min, int64_t max, int64_t *out)
+{
+    const json_t *v = member(obj, key);
+
+    return v == NULL ? KEEL_OK : get_int(p, v, at, min, max, out);
+}
+
+/* Reads a string (v may be NULL, which is "required"). */
+static keel_err get_string(const parser *p, const json_t *v, const char *at, bool nonempty,
+                           const char **out)
+{
+    if (!json_is_string(v) || (nonempty && json_string_length(v) == 0))
+        return expected(p, at, v, nonempty ? "a non-empty string" : "a string");
+    *out = json_string_value(v);
+    return KEEL_OK;
+}
+
+/* Checks the type of an optional field (v may be NULL, which passes). */
+static keel_err want_object(const parser *p, const json_t *v, const char *at)
+{
+    return v == NULL || json_is_object(v) ? KEEL_OK : expected(p, at, v, "an object");
+}
+
+/* ---- fields */
+
+static keel_err parse_identity(const parser *p, const json_t *root, const char *dir_name,
+                               keel__model_config *cfg)
+{
+    const json_t *v;
+    const char *name = dir_name, *backend;
+    char want[CLIP_LEN + 4], got[CLIP_LEN + 4];
+    int64_t mbs = 0;
+    keel_err err;
+
+    if ((v = member(root, "name")) != NULL) {
+        if ((err = get_string(p, v, "name", true, &name)) != KEEL_OK)
+            return err;
+        if (dir_name != NULL && strcmp(name, dir_name) != 0) {
+            clip(want, sizeof(want), dir_name, false);
+            clip(got, sizeof(got), name, false);
+            return failf(p, "name", "expected \"%s\" (the model's directory name), got \"%s\"",
+                         want, got);
+        }
+    } else if (dir_name == NULL) {
+        return expected(p, "name", NULL, "a non-empty string");
+    } else if (dir_name[0] == '\0') {
+        return failf(p, "name", "required: the model's directory name is empty");
+    }
+
+    if ((v = member(root, "backend")) == NULL)
+        return failf(p, "backend", "required, e.g. \"xgboost\"");
+    if (!json_is_string(v) || json_string_length(v) == 0)
+        return expected(p, "backend", v, "a backend name, e.g. \"xgboost\"");
+    backend = json_string_value(v);
+
+    if ((err = opt_int(p, root, "max_batch_size", "max_batch_size", 0, INT32_MAX, &mbs)) != KEEL_OK)
+        return err;
+    cfg->max_batch_size = mbs;
+
+    if ((cfg->name = keel__strdup(name)) == NULL || (cfg->backend = keel__strdup(backend)) == NULL)
+        return KEEL_ENOMEM;
+    return KEEL_OK;
+}
+
+static keel_err parse_dims(const parser *p, const json_t *t, const char *at,
+                           keel__tensor_config *tc)
+{
+    const json_t *dims = member(t, "dims");
+    char path[96];
+    size_t i;
+    int64_t d;
+
+    snprintf(path, sizeof(path), "%s.dims", at);
+    if (!json_is_array(dims) || json_array_size(dims) == 0 ||
+        json_array_size(dims) > KEEL__MAX_DIMS) {
+        char what[64];
+        snprintf(what, sizeof(what), "an array of 1 to %d dimensions", KEEL__MAX_DIMS);
+        return expected(p, path, dims, what);
+    }
+    for (i = 0; i < json_array_size(dims); i++) {
+        const json_t *v = json_array_get(dims, i);
+        if (!as_int(v, &d) || (d != -1 && d < 1)) {
+            snprintf(path, sizeof(path), "%s.dims[%zu]", at, i);
+            return expected(p, path, v, "-1 or a positive integer");
+        }
+        tc->dims[i] = d;
+    }
+    tc->ndims = i;
+    return KEEL_OK;
+}
+
+static keel_err parse_tensor(const parser *p, const json_t *t, const char *at, json_t *seen,
+                             keel__tensor_config *tc)
+{
+    const char *name = NULL, *dtname;
+    char path[96], shown[CLIP_LEN + 4];
+    const json_t *prev;
+    keel_err err;
+
+    if (!json_is_object(t))
+        return expected(p, at, t,
+                        "an object like {\"name\": \"x\", \"data_type\": "
+                        "\"TYPE_FP32\", \"dims\": [4]}");
+
+    snprintf(path, sizeof(path), "%s.name", at);
+    if ((err = get_string(p, member(t, "name"), path, true, &name)) != KEEL_OK)
+        return err;
+    if ((prev = json_object_get(seen, name)) != NULL) {
+        clip(shown, sizeof(shown), name, false);
+        return failf(p, path, "duplicate name \"%s\" (already used by %s)", shown,
+                     json_string_value(prev));
+    }
+    if (json_object_set_new(seen, name, json_string(at)) != 0)
+        return KEEL_ENOMEM;
+
+    snprintf(path, sizeof(path), "%s.data_type", at);
+    {
+        const json_t *v = member(t, "data_type");
+        dtname = json_string_value(v);
+        if (dtname == NULL || strncmp(dtname, "TYPE_", 5) != 0 ||
+            (tc->datatype = keel_datatype_from_name(dtname)) == KEEL_TYPE_INVALID)
+            return expected(p, path, v, "a string like \"TYPE_FP32\"");
+    }
+
+    if ((err = parse_dims(p, t, at, tc)) != KEEL_OK)
+        return err;
+    if ((tc->name = keel__strdup(name)) == NULL)
+        return KEEL_ENOMEM;
+    return KEEL_OK;
+}
+
+/* Parses root[key] ("input" or "output"), a required non-empty array of tensors. */
+static keel_err parse_tensors(const parser *p, const json_t *root, const char *key,
+                              keel__tensor_config **out, size_t *nout)
+{
+    const json_t *arr = member(root, key);
+    json_t *seen = NULL; /* name -> path of the tensor that has it */
+    char at[48];
+    keel_err err = KEEL_OK;
+    size_t n, i;
+
+    if (!json_is_array(arr) || json_array_size(arr) == 0)
+        return expected(p, key, arr, "a non-empty array of tensors");
+    n = json_array_size(arr);
+    if ((seen = json_object()) == NULL)
+        return KEEL_ENOMEM;
+    if ((*out = keel__calloc(n, sizeof(**out))) == NULL) {
+        err = KEEL_ENOMEM;
+        goto done;
+    }
+    *nout = n; /* every name starts NULL, so destroy may walk all n */
+    for (i = 0; i < n; i++) {
+        snprintf(at, sizeof(at), "%s[%zu]", key, i);
+        if ((err = parse_tensor(p, json_array_get(arr, i), at, seen, &(*out)[i])) != KEEL_OK)
+            goto done;
+    }
+
+done:
+    json_decref(seen);
+    return err;
+}
+
+static keel_err parse_instance_group(const parser *p, const json_t *root, keel__model_config *cfg)
+{
+    const json_t *arr = member(root, "instance_group");
+    char at[48], path[64];
+    int64_t total = 0;
+    size_t i;
+    keel_err err;
+
+    cfg->instance_count = KEEL__DEFAULT_INSTANCE_COUNT;
+    if (arr == NULL)
+        return KEEL_OK;
+    if (!json_is_array(arr))
+        return expected(p, "instance_group", arr, "an array like [{\"count\": 2}]");
+    if (json_array_size(arr) == 0)
+        return KEEL_OK;
+    for (i = 0; i < json_array_size(arr); i++) {
+        const json_t *g = json_array_get(arr, i);
+        const json_t *kind;
+        int64_t count = 1;
+
+        snprintf(at, sizeof(at), "instance_group[%zu]", i);
+        if (!json_is_object(g))
+            return expected(p, at, g, "an object like {\"count\": 2, \"kind\": \"KIND_CPU\"}");
+        snprintf(path, sizeof(path), "%s.count", at);
+        if ((err = opt_int(p, g, "count", path, 1, KEEL__MAX_INSTANCE_COUNT, &count)) != KEEL_OK)
+            return err;
+        if ((kind = member(g, "kind")) != NULL) {
+            const char *k = json_string_value(kind);
+            if (k == NULL || (strcmp(k, "KIND_CPU") != 0 && strcmp(k, "KIND_AUTO") != 0)) {
+                snprintf(path, sizeof(path), "%s.kind", at);
+                return expected(p, path, kind,
+                                "\"KIND_CPU\" or \"KIND_AUTO\" (keel serves on CPU)");
+            }
+        }
+        total += count; /* <= 64 per group: no overflow for any array that fits in memory */
+    }
+    if (total > KEEL__MAX_INSTANCE_COUNT)
+        return failf(p, "instance_group", "expected at most %d instances in total, got %" PRId64,
+                     KEEL__MAX_INSTANCE_COUNT, total);
+    cfg->instance_count = (int)total;
+    return KEEL_OK;
+}
+
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+
+    return (x > y) - (x < y);
+}
+
+/* Sorts v[0..n) ascending and removes duplicates; returns the new count. */
+static size_t sort_unique(int64_t *v, size_t n)
+{
+    size_t i, m = 0;
+
+    if (n < 2) /* v may be NULL when n is 0, which qsort does not allow */
+        return n;
+    qsort(v, n, sizeof(*v), cmp_i64);
+    for (i = 0; i < n; i++) {
+        if (m == 0 || v[m - 1] != v[i])
+            v[m++] = v[i];
+    }
+    return m;
+}
+
+static keel_err parse_specific(const parser *p, const json_t *spec, keel__model_config *cfg)
+{
+    const json_t *arr = member(spec, "versions");
+    char at[64];
+    size_t i, n;
+    keel_err err;
+
+    if (!json_is_array(arr) || json_array_size(arr) == 0)
+        return expected(p, "version_policy.specific.versions", arr,
+                        "a non-empty array of version numbers");
+    n = json_array_size(arr);
+    if ((cfg->versions = keel__calloc(n, sizeof(*cfg->versions))) == NULL)
+        return KEEL_ENOMEM;
+    for (i = 0; i < n; i++) {
+        snprintf(at, sizeof(at), "version_policy.specific.versions[%zu]", i);
+        if ((err = get_int(p, json_array_get(arr, i), at, 1, INT64_MAX, &cfg->versions[i])) !=
+            KEEL_OK)
+            return err;
+    }
+    cfg->nversions = sort_unique(cfg->versions, n);
+    return KEEL_OK;
+}
+
+static keel_err parse_version_policy(const parser *p, const json_t *root, keel__model_config *cfg)
+{
+    const json_t *vp = member(root, "version_policy");
+    const char *key, *chosen = NULL;
+    const json_t *val, *body = NULL;
+    int64_t n = 1;
+    keel_err err;
+
+    cfg->policy = KEEL__POLICY_LATEST;
+    cfg->latest_n = 1;
+    if (vp == NULL)
+        return KEEL_OK;
+    if (!json_is_object(vp))
+        return expected(p, "version_policy", vp,
+                        "an object like {\"latest\": {\"num_versions\": 1}}");
+    /* A oneof: an unknown key is most likely a misspelt policy, so it is not ignored. */
+    json_object_foreach ((json_t *)vp, key, val) {
+        if (json_is_null(val))
+            continue;
+        if ((strcmp(key, "latest") != 0 && strcmp(key, "all") != 0 &&
+             strcmp(key, "specific") != 0) ||
+            chosen != NULL) {
+            chosen = NULL;
+            break;
+        }
+        chosen = key;
+        body = val;
+    }
+    if (chosen == NULL)
+        return failf(p, "version_policy",
+                     "expected exactly one of \"latest\", \"all\" or \"specific\"");
+
+    if (strcmp(chosen, "latest") == 0) {
+        if (!json_is_object(body))
+            return expected(p, "version_policy.latest", body,
+                            "an object like {\"num_versions\": 1}");
+        if ((err = opt_int(p, body, "num_versions", "version_policy.latest.num_versions", 1,
+                           UINT32_MAX, &n)) != KEEL_OK)
+            return err;
+        cfg->latest_n = (uint32_t)n;
+        return KEEL_OK;
+    }
+    if (strcmp(chosen, "all") == 0) {
+        if (!json_is_object(body))
+            return expected(p, "version_policy.all", body, "an object ({})");
+        cfg->policy = KEEL__POLICY_ALL;
+        return KEEL_OK;
+    }
+    if (!json_is_object(body))
+        return expected(p, "version_policy.specific", body,
+                        "an object like {\"versions\": [1, 3]}");
+    cfg->policy = KEEL__POLICY_SPECIFIC;
+    return parse_specific(p, body, cfg);
+}
+
+static keel_err parse_dynamic_batching(const parser *p, const json_t *root, keel__model_config *cfg)
+{
+    const json_t *db = member(root, "dynamic_batching"), *qp;
+    int64_t qsize = 0, timeout = 0;
+    keel_err err;
+
+    cfg->max_queue_size = KEEL__DEFAULT_MAX_QUEUE_SIZE;
+    cfg->default_timeout_us = 0;
+    if ((err = want_object(p, db, "dynamic_batching")) != KEEL_OK || db == NULL)
+        return err;
+    qp = member(db, "default_queue_policy");
+    if ((err = want_object(p, qp, "dynamic_batching.default_queue_policy")) != KEEL_OK ||
+        qp == NULL)
+        return err;
+    if ((err = opt_int(p, qp, "max_queue_size",
+                       "dynamic_batching.default_queue_policy.max_queue_size", 0,
+                       MAX_QUEUE_SIZE_LIMIT, &qsize)) != KEEL_OK)
+        return err;
+    if ((err = opt_int(p, qp, "default_timeout_microseconds",
+                       "dynamic_batching.default_queue_policy.default_timeout_microseconds", 0,
+                       INT64_MAX, &timeout)) != KEEL_OK)
+        return err;
+    if (qsize != 0)
+        cfg->max_queue_size = (uint32_t)qsize;
+    cfg->default_timeout_us = (uint64_t)timeout;
+    return KEEL_OK;
+}
+
+static keel_err parse_parameters(const parser *p, const json_t *root, keel__model_config *cfg)
+{
+    const json_t *params = member(root, "parameters"), *val;
+    const char *key, *sv = NULL;
+    char shown[CLIP_LEN + 4], at[CLIP_LEN + 48];
+    size_t n, i = 0;
+    keel_err err;
+
+    if ((err = want_object(p, params, "parameters")) != KEEL_OK || params == NULL)
+        return err;
+    n = json_object_size(params);
+    if ((cfg->param_keys = keel__calloc(n, sizeof(char *))) == NULL ||
+        (cfg->param_values = keel__calloc(n, sizeof(char *))) == NULL)
+        return KEEL_ENOMEM;
+    cfg->nparams = n; /* every slot starts NULL, so destroy may walk all n */
+    json_object_foreach ((json_t *)params, key, val) {
+        clip(shown, sizeof(shown), key, false);
+        snprintf(at, sizeof(at), "parameters.%s", shown);
+        if (!json_is_object(val))
+            return expected(p, at, val, "an object like {\"string_value\": \"...\"}");
+        snprintf(at, sizeof(at), "parameters.%s.string_value", shown);
+        if ((err = get_string(p, member(val, "string_value"), at, false, &sv)) != KEEL_OK)
+            return err;
+        if ((cfg->param_keys[i] = keel__strdup(key)) == NULL ||
+            (cfg->param_values[i] = keel__strdup(sv)) == NULL)
+            return KEEL_ENOMEM;
+        i++;
+    }
+    return KEEL_OK;
+}
+
+static keel_err parse_misc(const parser *p, const json_t *root, keel__model_config *cfg)
+{
+    const json_t *v;
+    const char *fn;
+    keel_err err;
+
+    if ((v = member(root, "default_model_filename")) != NULL) {
+        fn = json_string_value(v);
+        if (fn == NULL || fn[0] == '\0' || strchr(fn, '/') != NULL || strcmp(fn, ".") == 0 ||
+            strcmp(fn, "..") == 0)
+            return expected(p, "default_model_filename", v,
+                            "a file name inside the version folder (no '/')");
+        if ((cfg->default_model_filename = keel__strdup(fn)) == NULL)
+            return KEEL_ENOMEM;
+    }
+    /* keel-only settings: none are defined yet, so only the shape is checked. */
+    if ((err = want_object(p, member(root, "keel"), "keel")) != KEEL_OK)
+        return err;
+    return KEEL_OK;
+}
+
+/* ---- normalised JSON */
+
+/* Sets obj[key] = v, consuming v (jansson accepts a NULL v and fails). */
+static bool put(json_t *obj, const char *key, json_t *v)
+{
+    return json_object_set_new(obj, key, v) == 0;
+}
+
+static json_t *tensors_json(const keel__tensor_config *ts, size_t n)
+{
+    json_t *arr = json_array(), *t = NULL, *dims = NULL;
+    char dt[32];
+    size_t i, d;
+
+    if (arr == NULL)
+        return NULL;
+    for (i = 0; i < n; i++) {
+        if (ts[i].datatype == KEEL_TYPE_BYTES)
+            snprintf(dt, sizeof(dt), "TYPE_STRING");
+        else
+            snprintf(dt, sizeof(dt), "TYPE_%s", keel_datatype_name(ts[i].datatype));
+        if ((t = json_object()) == NULL || (dims = json_array()) == NULL)
+            goto fail;
+        for (d = 0; d < ts[i].ndims; d++) {
+            if (json_array_append_new(dims, json_integer(ts[i].dims[d])) != 0)
+                goto fail;
+        }
+        if (!put(t, "name", json_string(ts[i].name)) || !put(t, "data_type", json_string(dt)))
+            goto fail;
+        if (!put(t, "dims", dims)) {
+            dims = NULL; /* consumed even on failure */
+            goto fail;
+        }
+        dims = NULL;
+        if (json_array_append_new(arr, t) != 0) {
+            t = NULL;
+            goto fail;
+        }
+        t = NULL;
+    }
+    return arr;
+
+fail:
+    json_decref(dims);
+    json_decref(t);
+    json_decref(arr);
+    return NULL;
+}
+
+static json_t *version_policy_json(const keel__model_config *cfg)
+{
+    json_t *vp = NULL, *body = NULL, *arr;
+    const char *kind = "latest";
+    size_t i;
+
+    if ((vp = json_object()) == NULL || (body = json_object()) == NULL)
+        goto fail;
+    switch (cfg->policy) {
+    case KEEL__POLICY_LATEST:
+        if (!put(body, "num_versions", json_integer(cfg->latest_n)))
+            goto fail;
+        break;
+    case KEEL__POLICY_ALL:
+        kind = "all";
+        break;
+    case KEEL__POLICY_SPECIFIC:
+        kind = "specific";
+        arr = json_array(); /* owned by body once put succeeds */
+        if (!put(body, "versions", arr))
+            goto fail;
+        for (i = 0; i < cfg->nversions; i++) {
+            if (json_array_append_new(arr, json_integer(cfg->versions[i])) != 0)
+                goto fail;
+        }
+        break;
+    }
+    if (!put(vp, kind, body)) {
+        body = NULL; /* consumed even on failure */
+        goto fail;
+    }
+    return vp;
+
+fail:
+    json_decref(body);
+    json_decref(vp);
+    return NULL;
+}
+
+static json_t *dynamic_batching_json(const keel__model_config *cfg)
+{
+    json_t *db = json_object(), *qp = json_object();
+
+    if (db == NULL || qp == NULL)
+        goto fail;
+    if (!put(qp, "max_queue_size", json_integer(cfg->max_queue_size)) ||
+        !put(qp, "default_timeout_microseconds", json_integer((json_int_t)cfg->default_timeout_us)))
+        goto fail;
+    if (!put(db, "default_queue_policy", qp)) {
+        qp = NULL;
+        goto fail;
+    }
+    return db;
+
+fail:
+    json_decref(qp);
+    json_decref(db);
+    return NULL;
+}
+
+static json_t *parameters_json(const keel__model_config *cfg)
+{
+    json_t *params = json_object(), *sv;
+    size_t i;
+
+    if (params == NULL)
+        return NULL;
+    for (i = 0; i < cfg->nparams; i++) {
+        if ((sv = json_object()) == NULL)
+            goto fail;
+        if (!put(sv, "string_value", json_string(cfg->param_values[i]))) {
+            json_decref(sv);
+            goto fail;
+        }
+        if (!put(params, cfg->param_keys[i], sv))
+            goto fail;
+    }
+    return params;
+
+fail:
+    json_decref(params);
+    return NULL;
+}
+
+/* Checks UTF-8 well-formedness (jansson refuses to build strings that are not). */
+static bool utf8_valid(const char *s)
+{
+    const unsigned char *u = (const unsigned char *)s;
+
+    while (*u != '\0') {
+        size_t n, i;
+        uint32_t cp;
+        if (u[0] < 0x80) {
+            u++;
+            continue;
+        }
+        if ((u[0] & 0xe0) == 0xc0) {
+            n = 1;
+            cp = u[0] & 0x1f;
+        } else if ((u[0] & 0xf0) == 0xe0) {
+            n = 2;
+            cp = u[0] & 0x0f;
+        } else if ((u[0] & 0xf8) == 0xf0) {
+            n = 3;
+            cp = u[0] & 0x07;
+        } else {
+            return false;
+        }
+        for (i = 1; i <= n; i++) {
+            if ((u[i] & 0xc0) != 0x80)
+                return false;
+            cp = (cp << 6) | (u[i] & 0x3f);
+        }
+        if ((n == 1 && cp < 0x80) || (n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000) ||
+            cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+            return false;
+        u += n + 1;
+    }
+    return true;
+}
+
+/* Builds cfg->json from the parsed fields. */
+static keel_err build_json(const parser *p, keel__model_config *cfg)
+{
+    json_t *root = NULL;
+    char *text = NULL;
+    keel_err err = KEEL_ENOMEM;
+
+    /* Only the name can come from outside the parsed JSON (the directory name). */
+    if (!utf8_valid(cfg->name))
+        return failf(p, "name", "required: the model's directory name is not valid UTF-8");
+    if ((root = json_object()) == NULL)
+        goto done;
+    if (!put(root, "name", json_string(cfg->name)) ||
+        !put(root, "backend", json_string(cfg->backend)) ||
+        !put(root, "max_batch_size", json_integer(cfg->max_batch_size)) ||
+        !put(root, "version_policy", version_policy_json(cfg)) ||
+        !put(root, "input", tensors_json(cfg->inputs, cfg->ninputs)) ||
+        !put(root, "output", tensors_json(cfg->outputs, cfg->noutputs)))
+        goto done;
+    {
+        json_t *group = json_pack("[{s:i,s:s}]", "count", cfg->instance_count, "kind", "KIND_CPU");
+        if (!put(root, "instance_group", group))
+            goto done;
+    }
+    if (!put(root, "dynamic_batching", dynamic_batching_json(cfg)) ||
+        !put(root, "parameters", parameters_json(cfg)))
+        goto done;
+    if (cfg->default_model_filename != NULL &&
+        !put(root, "default_model_filename", json_string(cfg->default_model_filename)))
+        goto done;
+    if ((text = json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER)) == NULL)
+        goto done;
+    /* Copy so that cfg owns only keel allocations (and the copy can fail under injection). */
+    if ((cfg->json = keel__strdup(text)) == NULL)
+        goto done;
+    err = KEEL_OK;
+
+done:
+    free(text);
+    json_decref(root);
+    return err;
+}
+
+/* ---- public */
+
+keel_err keel__config_parse(const char *path, const char *dir_name, const char *text, size_t len,
+                            keel__model_config **out, char *errbuf, size_t errlen)
+{
+    parser p = {path != NULL ? path : "config.json", errbuf, errlen};
+    keel__model_config *cfg = NULL;
+    json_t *root = NULL;
+    json_error_t jerr;
+    keel_err err;
+
+    *out = NULL;
+    if (errbuf != NULL && errlen > 0)
+        errbuf[0] = '\0';
+    if (text == NULL) {
+        text = "";
+        len = 0;
+    }
+    if ((root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr)) == NULL) {
+        char shown[CLIP_LEN + 4];
+        if (json_error_code(&jerr) == json_error_out_of_memory) {
+            err = KEEL_ENOMEM;
+            goto fail;
+        }
+        /* jansson quotes the offending input, which may be any bytes. */
+        clip(shown, sizeof(shown), jerr.text, true);
+        err =
+            failf(&p, NULL, "invalid JSON at line %d column %d: %s", jerr.line, jerr.column, shown);
+        goto fail;
+    }
+    if (!json_is_object(root)) {
+        err = failf(&p, NULL, "expected a JSON object at the top level, got an array");
+        goto fail;
+    }
+    if ((cfg = keel__calloc(1, sizeof(*cfg))) == NULL) {
+        err = KEEL_ENOMEM;
+        goto fail;
+    }
+    if ((err = parse_identity(&p, root, dir_name, cfg)) != KEEL_OK ||
+        (err = parse_tensors(&p, root, "input", &cfg->inputs, &cfg->ninputs)) != KEEL_OK ||
+        (err = parse_tensors(&p, root, "output", &cfg->outputs, &cfg->noutputs)) != KEEL_OK ||
+        (err = parse_instance_group(&p, root, cfg)) != KEEL_OK ||
+        (err = parse_version_policy(&p, root, cfg)) != KEEL_OK ||
+        (err = parse_dynamic_batching(&p, root, cfg)) != KEEL_OK ||
+        (err = parse_parameters(&p, root, cfg)) != KEEL_OK ||
+        (err = parse_misc(&p, root, cfg)) != KEEL_OK || (err = build_json(&p, cfg)) != KEEL_OK)
+        goto fail;
+    json_decref(root);
+    *out = cfg;
+    return KEEL_OK;
+
+fail:
+    if (err == KEEL_ENOMEM)
+        keel__errf(errbuf, errlen, "%s: out of memory", p.file);
+    keel__config_destroy(cfg);
+    json_decref(root);
+    return err;
+}
+
+keel_err keel__config_load(const char *path, const char *dir_name, keel__model_config **out,
+                           char *errbuf, size_t errlen)
+{
+    parser p = {path, errbuf, errlen};
+    struct stat st;
+    char *buf = NULL, *grown;
+    size_t cap, len = 0;
+    ssize_t n;
+    int fd = -1;
+    keel_err err;
+
+    *out = NULL;
+    if ((fd = open(path, O_RDONLY | O_CLOEXEC)) == -1) {
+        err = failf(&p, NULL, "cannot open: %s", strerror(errno));
+        goto done;
+    }
+    if (fstat(fd, &st) != 0) {
+        err = failf(&p, NULL, "cannot stat: %s", strerror(errno));
+        goto done;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        err = failf(&p, NULL, "not a regular file");
+        goto done;
+    }
+    if (st.st_size > CONFIG_MAX_BYTES) {
+        err = failf(&p, NULL, "file is %lld bytes; a config.json may be at most %d bytes",
+                    (long long)st.st_size, CONFIG_MAX_BYTES);
+        goto done;
+    }
+    /* The size is a hint only: the file may change while we read, so read to EOF. */
+    cap = (size_t)st.st_size + 1;
+    if ((buf = keel__malloc(cap)) == NULL) {
+        err = KEEL_ENOMEM;
+        keel__errf(errbuf, errlen, "%s: out of memory", path);
+        goto done;
+    }
+    for (;;) {
+        if (len == cap) {
+            if (cap > CONFIG_MAX_BYTES) {
+                err = failf(&p, NULL, "file is larger than %d bytes, the limit for a config.json",
+                            CONFIG_MAX_BYTES);
+                goto done;
+            }
+            cap = cap * 2 > CONFIG_MAX_BYTES + 1 ? CONFIG_MAX_BYTES + 1 : cap * 2;
+            if ((grown = keel__realloc(buf, cap)) == NULL) {
+                err = KEEL_ENOMEM;
+                keel__errf(errbuf, errlen, "%s: out of memory", path);
+                goto done;
+            }
+            buf = grown;
+        }
+        n = read(fd, buf + len, cap - len);
+        if (n == 0)
+            break;
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            (void)failf(&p, NULL, "cannot read: %s", strerror(errno));
+            err = KEEL_EIO; /* the file exists but the OS failed us: not a config error */
+            goto done;
+        }
+        len += (size_t)n;
+    }
+    if (len > CONFIG_MAX_BYTES) {
+        err = failf(&p, NULL, "file is larger than %d bytes, the limit for a config.json",
+                    CONFIG_MAX_BYTES);
+        goto done;
+    }
+    err = keel__config_parse(path, dir_name, buf, len, out, errbuf, errlen);
+
+done:
+    if (fd != -1)
+        close(fd);
+    free(buf);
+    return err;
+}
+
+static void tensors_free(keel__tensor_config *ts, size_t n)
+{
+    size_t i;
+
+    if (ts == NULL)
+        return;
+    for (i = 0; i < n; i++)
+        free(ts[i].name);
+    free(ts);
+}
+
+void keel__config_destroy(keel__model_config *cfg)
+{
+    size_t i;
+
+    if (cfg == NULL)
+        return;
+    free(cfg->name);
+    free(cfg->backend);
+    tensors_free(cfg->inputs, cfg->ninputs);
+    tensors_free(cfg->outputs, cfg->noutputs);
+    free(cfg->versions);
+    free(cfg->default_model_filename);
+    for (i = 0; i < cfg->nparams; i++) {
+        if (cfg->param_keys != NULL)
+            free(cfg->param_keys[i]);
+        if (cfg->param_values != NULL)
+            free(cfg->param_values[i]);
+    }
+    free(cfg->param_keys);
+    free(cfg->param_values);
+    free(cfg->json);
+    free(cfg);
+}
+
+const char *keel__config_param(const keel__model_config *cfg, const char *key)
+{
+    size_t i;
+
+    for (i = 0; i < cfg->nparams; i++) {
+        if (strcmp(cfg->param_keys[i], key) == 0)
+            return cfg->param_values[i];
+    }
+    return NULL;
+}
+
+/* ---- versions */
+
+/* Parses a canonical version folder name: digits only, no leading zero, >= 1, fits int64. */
+static bool version_name(const char *s, int64_t *out)
+{
+    int64_t v = 0;
+
+    if (s[0] < '1' || s[0] > '9')
+        return false;
+    for (; *s != '\0'; s++) {
+        if (*s < '0' || *s > '9')
+            return false;
+        if (v > (INT64_MAX - (*s - '0')) / 10)
+            return false;
+        v = v * 10 + (*s - '0');
+    }
+    *out = v;
+    return true;
+}
+
+/* Lists the numeric version folders of model_dir into a sorted malloc'd array. */
+static keel_err scan_versions(const char *model_dir, int64_t **out, size_t *count, char *errbuf,
+                              size_t errlen)
+{
+    DIR *d = NULL;
+    struct dirent *e;
+    int64_t *vs = NULL, *grown, v;
+    size_t n = 0, cap = 0;
+    keel_err err;
+
+    *out = NULL;
+    *count = 0;
+    if ((d = opendir(model_dir)) == NULL) {
+        int saved = errno;
+        err = keel__err_from_errno(saved);
+        keel__errf(errbuf, errlen, "%s: cannot open the model directory: %s", model_dir,
+                   strerror(saved));
+        goto fail;
+    }
+    for (;;) {
+        struct stat st;
+        errno = 0;
+        if ((e = readdir(d)) == NULL) {
+            if (errno != 0) {
+                int saved = errno;
+                err = keel__err_from_errno(saved);
+                keel__errf(errbuf, errlen, "%s: cannot read the model directory: %s", model_dir,
+                           strerror(saved));
+                goto fail;
+            }
+            break;
+        }
+        /* "007" is skipped: the loader finds version v in the folder named "%lld" of v. */
+        if (!version_name(e->d_name, &v))
+            continue;
+        if (e->d_type != DT_DIR) {
+            /* DT_UNKNOWN on some file systems, DT_LNK for a symlink to a folder. */
+            if (e->d_type != DT_UNKNOWN && e->d_type != DT_LNK)
+                continue;
+            if (fstatat(dirfd(d), e->d_name, &st, 0) != 0 || !S_ISDIR(st.st_mode))
+                continue;
+        }
+        if (n == cap) {
+            cap = cap == 0 ? 8 : cap * 2;
+            if ((grown = keel__realloc(vs, cap * sizeof(*vs))) == NULL) {
+                err = KEEL_ENOMEM;
+                keel__errf(errbuf, errlen, "%s: out of memory", model_dir);
+                goto fail;
+            }
+            vs = grown;
+        }
+        vs[n++] = v;
+    }
+    closedir(d);
+    *out = vs;
+    *count = sort_unique(vs, n);
+    return KEEL_OK;
+
+fail:
+    if (d != NULL)
+        closedir(d);
+    free(vs);
+    return err;
+}
+
+keel_err keel__config_select_versions(const keel__model_config *cfg, const char *model_dir,
+                                      int64_t **out, size_t *count, char *errbuf, size_t errlen)
+{
+    int64_t *found = NULL, *sel = NULL;
+    size_t nfound = 0, nsel = 0, first = 0, i;
+    keel_err err;
+
+    *out = NULL;
+    *count = 0;
+    if ((err = scan_versions(model_dir, &found, &nfound, errbuf, errlen)) != KEEL_OK)
+        return err;
+
+    switch (cfg->policy) {
+    case KEEL__POLICY_LATEST:
+        nsel = nfound < cfg->latest_n ? nfound : cfg->latest_n;
+        first = nfound - nsel;
+        break;
+    case KEEL__POLICY_ALL:
+        nsel = nfound;
+        break;
+    case KEEL__POLICY_SPECIFIC:
+        for (i = 0; i < cfg->nversions; i++) {
+            if (bsearch(&cfg->versions[i], found, nfound, sizeof(*found), cmp_i64) == NULL) {
+                keel__errf(errbuf, errlen,
+                           "%s/%" PRId64 ": version folder listed in version_policy.specific "
+                           "does not exist",
+                           model_dir, cfg->versions[i]);
+                err = KEEL_ECONFIG;
+                goto done;
+            }
+        }
+        /* Every listed version exists, so the selection is cfg->versions itself. */
+        nsel = cfg->nversions;
+        break;
+    }
+    if (nsel > 0) {
+        if ((sel = keel__calloc(nsel, sizeof(*sel))) == NULL) {
+            err = KEEL_ENOMEM;
+            keel__errf(errbuf, errlen, "%s: out of memory", model_dir);
+            goto done;
+        }
+        memcpy(sel, cfg->policy == KEEL__POLICY_SPECIFIC ? cfg->versions : found + first,
+               nsel * sizeof(*sel));
+    }
+    *out = sel;
+    *count = nsel;
+
+done:
+    free(found);
+    return err;
+}

@@ -1,0 +1,518 @@
+/*
+ * request.c: the request object: inputs, requested outputs, parameters, results.
+ *
+ * DESIGN
+ * A request is owned by its caller. Its builder functions (add_input, ...) and result
+ * accessors touch only the request and need no lock; the caller must not use one request
+ * from two threads, nor modify it while it is in flight (state != IDLE, checked under rt->mu
+ * by submit). Inputs are validated twice: structurally when added (shape, element count,
+ * byte size, BYTES framing, duplicate names), and against the generation's config when the
+ * request is dispatched (keel__request_bind_inputs), because only then is it known which
+ * generation, and so which config, the request runs on.
+ */
+#include <string.h>
+
+#include "runtime/internal.h"
+
+keel_err keel_request_create(keel_runtime *rt, const char *model, int64_t version,
+                             keel_request **out)
+{
+    keel_request *req = NULL;
+
+    if (out != NULL)
+        *out = NULL;
+    if (rt == NULL || model == NULL || out == NULL || version < -1)
+        return KEEL_EINVAL;
+    if ((req = keel__calloc(1, sizeof(*req))) == NULL)
+        goto nomem;
+    req->rt = rt;
+    req->version = version;
+    req->ctx_index = -1;
+    req->ran_version = -1;
+    if ((req->model = keel__strdup(model)) == NULL)
+        goto nomem;
+    pthread_mutex_init(&req->wait_mu, NULL);
+    pthread_cond_init(&req->wait_cv, NULL);
+    keel__counter_add(rt, NULL, KEEL__CNT(requests), 1);
+    *out = req;
+    return KEEL_OK;
+
+nomem:
+    if (req != NULL)
+        free(req->model);
+    free(req);
+    return KEEL_ENOMEM;
+}
+
+static void tensor_fini(keel__tensor *t)
+{
+    free(t->name);
+    free(t->shape);
+    free(t->data);
+}
+
+void keel__request_clear_outputs(keel_request *req)
+{
+    for (size_t i = 0; i < req->noutputs; i++)
+        tensor_fini(&req->outputs[i]);
+    req->noutputs = 0;
+}
+
+void keel_request_destroy(keel_request *req)
+{
+    if (req == NULL)
+        return;
+    /* The state is written under rt->mu by other threads; read it the same way. */
+    pthread_mutex_lock(&req->rt->mu);
+    keel__req_state st = req->state;
+    pthread_mutex_unlock(&req->rt->mu);
+    KEEL__ASSERT(st == KEEL__REQ_IDLE); /* destroying an in-flight request */
+    for (size_t i = 0; i < req->ninputs; i++)
+        tensor_fini(&req->inputs[i]);
+    free(req->inputs);
+    keel__request_clear_outputs(req);
+    free(req->outputs);
+    for (size_t i = 0; i < req->nrequested; i++)
+        free(req->requested[i]);
+    free(req->requested);
+    for (size_t i = 0; i < req->nparams; i++) {
+        free(req->params[i].key);
+        free(req->params[i].value);
+    }
+    free(req->params);
+    free(req->views);
+    free(req->model);
+    free(req->id);
+    pthread_mutex_destroy(&req->wait_mu);
+    pthread_cond_destroy(&req->wait_cv);
+    keel__counter_add(req->rt, NULL, KEEL__CNT(requests), -1);
+    free(req);
+}
+
+void keel__request_set_error(keel_request *req, const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(req->errmsg, sizeof(req->errmsg), fmt, ap);
+    va_end(ap);
+}
+
+/* Grows *arr (of elem-sized items) so it holds at least need; KEEL_ENOMEM on failure. */
+static keel_err grow(void **arr, size_t *cap, size_t need, size_t elem)
+{
+    size_t ncap;
+    size_t bytes;
+    void *p;
+
+    if (need <= *cap)
+        return KEEL_OK;
+    ncap = *cap == 0 ? 4 : *cap * 2;
+    if (ncap < need)
+        ncap = need;
+    if (keel__mul_overflow_size(ncap, elem, &bytes))
+        return KEEL_ENOMEM;
+    if ((p = keel__realloc(*arr, bytes)) == NULL)
+        return KEEL_ENOMEM;
+    *arr = p;
+    *cap = ncap;
+    return KEEL_OK;
+}
+
+keel_err keel_request_set_id(keel_request *req, const char *id)
+{
+    char *copy;
+
+    if (req == NULL || id == NULL)
+        return KEEL_EINVAL;
+    if ((copy = keel__strdup(id)) == NULL)
+        return KEEL_ENOMEM;
+    free(req->id);
+    req->id = copy;
+    return KEEL_OK;
+}
+
+const char *keel_request_id(const keel_request *req)
+{
+    return req != NULL && req->id != NULL ? req->id : "";
+}
+
+/* Counts the elements of a shape; false on a negative dim or overflow. */
+static bool element_count(const int64_t *shape, size_t ndim, size_t *out)
+{
+    size_t n = 1;
+
+    for (size_t i = 0; i < ndim; i++) {
+        if (shape[i] < 0 || (uint64_t)shape[i] > SIZE_MAX)
+            return false;
+        if (keel__mul_overflow_size(n, (size_t)shape[i], &n))
+            return false;
+    }
+    *out = n;
+    return true;
+}
+
+/* Checks BYTES framing: exactly n elements of <u32 little-endian length><bytes>. */
+static bool bytes_framing_ok(const unsigned char *p, size_t len, size_t n)
+{
+    size_t off = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        uint32_t l;
+        if (len - off < 4)
+            return false;
+        l = (uint32_t)p[off] | (uint32_t)p[off + 1] << 8 | (uint32_t)p[off + 2] << 16 |
+            (uint32_t)p[off + 3] << 24;
+        off += 4;
+        if (len - off < l)
+            return false;
+        off += l;
+    }
+    return off == len;
+}
+
+static void format_shape(char *buf, size_t len, const int64_t *shape, size_t ndim)
+{
+    size_t off = 0;
+
+    off += (size_t)snprintf(buf + off, len - off, "[");
+    for (size_t i = 0; i < ndim && off < len; i++)
+        off += (size_t)snprintf(buf + off, len - off, "%s%lld", i ? "," : "", (long long)shape[i]);
+    if (off < len)
+        snprintf(buf + off, len - off, "]");
+}
+
+keel_err keel_request_add_input(keel_request *req, const char *name, keel_datatype dt,
+                                const int64_t *shape, size_t ndim, const void *data, size_t bytes)
+{
+    keel__tensor t = {0};
+    size_t n = 0;
+    size_t want;
+    keel_err err;
+
+    if (req == NULL)
+        return KEEL_EINVAL;
+    if (name == NULL || name[0] == '\0') {
+        keel__request_set_error(req, "input name must be a non-empty string");
+        return KEEL_EINVAL;
+    }
+    if (dt <= KEEL_TYPE_INVALID || dt >= KEEL_TYPE_COUNT_) {
+        keel__request_set_error(req, "input '%s': invalid datatype %d", name, (int)dt);
+        return KEEL_EINVAL;
+    }
+    if (ndim > KEEL__MAX_DIMS + 1 || (ndim > 0 && shape == NULL)) {
+        keel__request_set_error(req, "input '%s': %zu dimensions, at most %d allowed", name, ndim,
+                                KEEL__MAX_DIMS + 1);
+        return KEEL_EINVAL;
+    }
+    if (!element_count(shape, ndim, &n)) {
+        keel__request_set_error(req,
+                                "input '%s': shape has a negative dimension or its "
+                                "element count overflows",
+                                name);
+        return KEEL_EINVAL;
+    }
+    if (bytes > 0 && data == NULL)
+        return KEEL_EINVAL;
+    if (dt == KEEL_TYPE_BYTES) {
+        if (!bytes_framing_ok(data, bytes, n)) {
+            keel__request_set_error(req,
+                                    "input '%s': BYTES data does not hold exactly %zu "
+                                    "length-prefixed elements",
+                                    name, n);
+            return KEEL_EINVAL;
+        }
+    } else if (keel__mul_overflow_size(n, keel_datatype_size(dt), &want) || want != bytes) {
+        keel__request_set_error(req,
+                                "input '%s': %zu bytes given, shape and datatype %s "
+                                "need %zu elements of %zu bytes",
+                                name, bytes, keel_datatype_name(dt), n, keel_datatype_size(dt));
+        return KEEL_EINVAL;
+    }
+    for (size_t i = 0; i < req->ninputs; i++) {
+        if (strcmp(req->inputs[i].name, name) == 0) {
+            keel__request_set_error(req, "input '%s' given more than once", name);
+            return KEEL_EINVAL;
+        }
+    }
+    if ((err = grow((void **)&req->inputs, &req->cap_inputs, req->ninputs + 1,
+                    sizeof(*req->inputs))) != KEEL_OK)
+        return err;
+    t.datatype = dt;
+    t.ndim = ndim;
+    t.bytes = bytes;
+    if ((t.name = keel__strdup(name)) == NULL ||
+        (t.shape = keel__malloc(sizeof(int64_t) * (ndim ? ndim : 1))) == NULL ||
+        (t.data = keel__malloc(bytes)) == NULL) {
+        tensor_fini(&t);
+        return KEEL_ENOMEM;
+    }
+    if (ndim > 0)
+        memcpy(t.shape, shape, sizeof(int64_t) * ndim);
+    if (bytes > 0)
+        memcpy(t.data, data, bytes);
+    req->inputs[req->ninputs++] = t;
+    return KEEL_OK;
+}
+
+keel_err keel_request_add_output(keel_request *req, const char *name)
+{
+    char *copy;
+    keel_err err;
+
+    if (req == NULL || name == NULL || name[0] == '\0')
+        return KEEL_EINVAL;
+    for (size_t i = 0; i < req->nrequested; i++) {
+        if (strcmp(req->requested[i], name) == 0)
+            return KEEL_OK;
+    }
+    if ((err = grow((void **)&req->requested, &req->cap_requested, req->nrequested + 1,
+                    sizeof(char *))) != KEEL_OK)
+        return err;
+    if ((copy = keel__strdup(name)) == NULL)
+        return KEEL_ENOMEM;
+    req->requested[req->nrequested++] = copy;
+    return KEEL_OK;
+}
+
+keel_err keel_request_set_parameter(keel_request *req, const char *key, const char *value)
+{
+    char *k = NULL, *v = NULL;
+    keel_err err;
+
+    if (req == NULL || key == NULL || value == NULL || key[0] == '\0')
+        return KEEL_EINVAL;
+    if ((v = keel__strdup(value)) == NULL)
+        return KEEL_ENOMEM;
+    for (size_t i = 0; i < req->nparams; i++) {
+        if (strcmp(req->params[i].key, key) == 0) {
+            free(req->params[i].value);
+            req->params[i].value = v;
+            return KEEL_OK;
+        }
+    }
+    if ((err = grow((void **)&req->params, &req->cap_params, req->nparams + 1,
+                    sizeof(*req->params))) != KEEL_OK ||
+        (k = keel__strdup(key)) == NULL) {
+        free(v);
+        return err != KEEL_OK ? err : KEEL_ENOMEM;
+    }
+    req->params[req->nparams].key = k;
+    req->params[req->nparams].value = v;
+    req->nparams++;
+    return KEEL_OK;
+}
+
+const char *keel_request_parameter(const keel_request *req, const char *key)
+{
+    if (req == NULL || key == NULL)
+        return NULL;
+    for (size_t i = 0; i < req->nparams; i++) {
+        if (strcmp(req->params[i].key, key) == 0)
+            return req->params[i].value;
+    }
+    return NULL;
+}
+
+void keel_request_set_timeout_us(keel_request *req, uint64_t timeout_us)
+{
+    if (req != NULL)
+        req->timeout_us = timeout_us;
+}
+
+keel_err keel_request_status(const keel_request *req)
+{
+    return req != NULL ? req->status : KEEL_EINVAL;
+}
+
+const char *keel_request_error(const keel_request *req)
+{
+    return req != NULL ? req->errmsg : "";
+}
+
+uint64_t keel_request_generation_id(const keel_request *req)
+{
+    return req != NULL ? req->generation_id : 0;
+}
+
+int64_t keel_request_model_version(const keel_request *req)
+{
+    return req != NULL ? req->ran_version : -1;
+}
+
+size_t keel_request_output_count(const keel_request *req)
+{
+    return req != NULL ? req->noutputs : 0;
+}
+
+static void view_of(const keel__tensor *t, keel_tensor_view *out)
+{
+    out->name = t->name;
+    out->datatype = t->datatype;
+    out->shape = t->shape;
+    out->ndim = t->ndim;
+    out->data = t->data;
+    out->bytes = t->bytes;
+}
+
+keel_err keel_request_output(const keel_request *req, size_t i, keel_tensor_view *out)
+{
+    if (out != NULL)
+        memset(out, 0, sizeof(*out));
+    if (req == NULL || out == NULL)
+        return KEEL_EINVAL;
+    if (i >= req->noutputs)
+        return KEEL_ENOTFOUND;
+    view_of(&req->outputs[i], out);
+    return KEEL_OK;
+}
+
+keel_err keel_request_output_by_name(const keel_request *req, const char *name,
+                                     keel_tensor_view *out)
+{
+    if (out != NULL)
+        memset(out, 0, sizeof(*out));
+    if (req == NULL || name == NULL || out == NULL)
+        return KEEL_EINVAL;
+    for (size_t i = 0; i < req->noutputs; i++) {
+        if (strcmp(req->outputs[i].name, name) == 0) {
+            view_of(&req->outputs[i], out);
+            return KEEL_OK;
+        }
+    }
+    return KEEL_ENOTFOUND;
+}
+
+/* ---- dispatch-time validation and output delivery (worker thread, no lock) */
+
+keel_err keel__request_bind_inputs(keel_request *req, const keel__model_config *cfg,
+                                   uint32_t accepted_types, int64_t *batch)
+{
+    char got[128], want[128];
+    int64_t b = -1;
+    keel_err err;
+
+    *batch = 1;
+    for (size_t i = 0; i < req->ninputs; i++) {
+        bool known = false;
+        for (size_t j = 0; j < cfg->ninputs && !known; j++)
+            known = strcmp(cfg->inputs[j].name, req->inputs[i].name) == 0;
+        if (!known) {
+            keel__request_set_error(req, "unexpected input '%s' for model '%s'",
+                                    req->inputs[i].name, cfg->name);
+            return KEEL_EINVAL;
+        }
+    }
+    if ((err = grow((void **)&req->views, &req->cap_views, cfg->ninputs, sizeof(*req->views))) !=
+        KEEL_OK) {
+        keel__request_set_error(req, "out of memory binding inputs");
+        return err;
+    }
+    for (size_t j = 0; j < cfg->ninputs; j++) {
+        const keel__tensor_config *tc = &cfg->inputs[j];
+        const keel__tensor *t = NULL;
+        size_t off = cfg->max_batch_size > 0 ? 1 : 0;
+        bool ok;
+
+        for (size_t i = 0; i < req->ninputs && t == NULL; i++) {
+            if (strcmp(req->inputs[i].name, tc->name) == 0)
+                t = &req->inputs[i];
+        }
+        if (t == NULL) {
+            keel__request_set_error(req, "missing input '%s' for model '%s'", tc->name, cfg->name);
+            return KEEL_EINVAL;
+        }
+        if (t->datatype != tc->datatype) {
+            keel__request_set_error(req, "input '%s': datatype %s does not match the model's %s",
+                                    t->name, keel_datatype_name(t->datatype),
+                                    keel_datatype_name(tc->datatype));
+            return KEEL_EINVAL;
+        }
+        if ((accepted_types & KEEL__TYPE_BIT(t->datatype)) == 0) {
+            keel__request_set_error(req, "input '%s': the %s backend does not accept %s", t->name,
+                                    cfg->backend, keel_datatype_name(t->datatype));
+            return KEEL_EINVAL;
+        }
+        ok = t->ndim == tc->ndims + off;
+        for (size_t d = 0; ok && d < tc->ndims; d++)
+            ok = tc->dims[d] == -1 || tc->dims[d] == t->shape[d + off];
+        if (ok && off == 1) {
+            if (t->shape[0] < 1 || t->shape[0] > cfg->max_batch_size) {
+                keel__request_set_error(req, "input '%s': batch size %lld outside 1..%lld", t->name,
+                                        (long long)t->shape[0], (long long)cfg->max_batch_size);
+                return KEEL_EINVAL;
+            }
+            if (b != -1 && b != t->shape[0]) {
+                keel__request_set_error(req,
+                                        "input '%s': batch size %lld differs from the "
+                                        "other inputs' %lld",
+                                        t->name, (long long)t->shape[0], (long long)b);
+                return KEEL_EINVAL;
+            }
+            b = t->shape[0];
+        }
+        if (!ok) {
+            int64_t full[KEEL__MAX_DIMS + 1];
+            full[0] = -1;
+            memcpy(full + off, tc->dims, sizeof(int64_t) * tc->ndims);
+            format_shape(got, sizeof(got), t->shape, t->ndim);
+            format_shape(want, sizeof(want), full, tc->ndims + off);
+            keel__request_set_error(req, "input '%s': shape %s does not match the model's %s",
+                                    t->name, got, want);
+            return KEEL_EINVAL;
+        }
+        view_of(t, &req->views[j]);
+    }
+    for (size_t i = 0; i < req->nrequested; i++) {
+        bool known = false;
+        for (size_t j = 0; j < cfg->noutputs && !known; j++)
+            known = strcmp(cfg->outputs[j].name, req->requested[i]) == 0;
+        if (!known) {
+            keel__request_set_error(req, "unknown output '%s' requested from model '%s'",
+                                    req->requested[i], cfg->name);
+            return KEEL_EINVAL;
+        }
+    }
+    if (b != -1)
+        *batch = b;
+    return KEEL_OK;
+}
+
+keel_err keel__request_emit(keel__run_io *io, const char *name, keel_datatype dt,
+                            const int64_t *shape, size_t ndim, const void *data, size_t bytes)
+{
+    keel_request *req = io->sink;
+    keel__tensor t = {0};
+    bool wanted = req->nrequested == 0;
+    keel_err err;
+
+    for (size_t i = 0; i < req->nrequested && !wanted; i++)
+        wanted = strcmp(req->requested[i], name) == 0;
+    if (!wanted)
+        return KEEL_OK;
+    if (keel__fault_hit(KEEL__FAULT_COMPLETION)) {
+        keel__errf(io->errbuf, io->errlen, "output '%s': injected completion fault", name);
+        return KEEL_ENOMEM;
+    }
+    if ((err = grow((void **)&req->outputs, &req->cap_outputs, req->noutputs + 1,
+                    sizeof(*req->outputs))) != KEEL_OK)
+        goto nomem;
+    t.datatype = dt;
+    t.ndim = ndim;
+    t.bytes = bytes;
+    if ((t.name = keel__strdup(name)) == NULL ||
+        (t.shape = keel__malloc(sizeof(int64_t) * (ndim ? ndim : 1))) == NULL ||
+        (t.data = keel__malloc(bytes)) == NULL)
+        goto nomem;
+    if (ndim > 0)
+        memcpy(t.shape, shape, sizeof(int64_t) * ndim);
+    if (bytes > 0)
+        memcpy(t.data, data, bytes);
+    req->outputs[req->noutputs++] = t;
+    return KEEL_OK;
+
+nomem:
+    tensor_fini(&t);
+    keel__errf(io->errbuf, io->errlen, "output '%s': out of memory copying %zu bytes", name, bytes);
+    return KEEL_ENOMEM;
+}

@@ -1,0 +1,459 @@
+/*
+ * sched.c: admission, queueing, dispatch, the worker threads, cancel, and the one completion
+ * function that ends every request.
+ *
+ * DESIGN
+ * Admission: a request takes one of its vslot's max_inflight slots at submit (under rt->mu)
+ * or is refused at once with KEEL_EUNAVAILABLE; it never blocks and the queue never grows
+ * past the bound. The slot is held until complete() and released there, exactly once.
+ *
+ * Dispatch: rt keeps a FIFO "ready list" of vslots that can dispatch now (a queued request
+ * and an idle context in the current generation). A worker pops a vslot, pops its oldest
+ * request, and either answers it KEEL_ETIMEDOUT (deadline passed: it never reaches the
+ * backend) or takes a lease: a reference on the vslot's current generation and one of its
+ * idle contexts. The vslot goes back on the ready list's tail if it can still dispatch,
+ * which round-robins workers across models.
+ *
+ * Completion (complete()): under rt->mu the context goes back to the generation it came from
+ * (a retired generation keeps it until it is freed, and never hands it out again) and the
+ * slot is dropped; after unlocking, the generation reference is released, statistics are
+ * updated and the callback runs. All locks: see internal.h.
+ */
+#include <string.h>
+
+#include "runtime/internal.h"
+
+static bool vslot_can_dispatch(const keel__vslot *v)
+{
+    const keel__generation *g = v->current;
+
+    return v->qhead != NULL && g != NULL && g->nfree > 0 && g->in_use < g->max_in_use;
+}
+
+void keel__vslot_kick_locked(keel_runtime *rt, keel__vslot *v)
+{
+    if (v->in_ready || v->removed || !vslot_can_dispatch(v))
+        return;
+    v->in_ready = true;
+    v->ready_next = NULL;
+    if (rt->ready_tail != NULL)
+        rt->ready_tail->ready_next = v;
+    else
+        rt->ready_head = v;
+    rt->ready_tail = v;
+    pthread_cond_signal(&rt->work_cv);
+}
+
+static keel__vslot *ready_pop_locked(keel_runtime *rt)
+{
+    keel__vslot *v = rt->ready_head;
+
+    if (v == NULL)
+        return NULL;
+    rt->ready_head = v->ready_next;
+    if (rt->ready_head == NULL)
+        rt->ready_tail = NULL;
+    v->ready_next = NULL;
+    v->in_ready = false;
+    return v;
+}
+
+static void ready_remove_locked(keel_runtime *rt, keel__vslot *v)
+{
+    keel__vslot **pp = &rt->ready_head;
+    keel__vslot *prev = NULL;
+
+    if (!v->in_ready)
+        return;
+    while (*pp != NULL && *pp != v) {
+        prev = *pp;
+        pp = &(*pp)->ready_next;
+    }
+    KEEL__ASSERT(*pp == v);
+    *pp = v->ready_next;
+    if (rt->ready_tail == v)
+        rt->ready_tail = prev;
+    v->ready_next = NULL;
+    v->in_ready = false;
+}
+
+/* Unlinks a queued request from v's FIFO and drops the queued counters. */
+static void queue_unlink_locked(keel_runtime *rt, keel__vslot *v, keel_request *req)
+{
+    if (req->qprev != NULL)
+        req->qprev->qnext = req->qnext;
+    else
+        v->qhead = req->qnext;
+    if (req->qnext != NULL)
+        req->qnext->qprev = req->qprev;
+    else
+        v->qtail = req->qprev;
+    req->qnext = req->qprev = NULL;
+    keel__counter_add(rt, v->entry, KEEL__CNT(queued), -1);
+}
+
+void keel__vslot_drain_locked(keel_runtime *rt, keel__vslot *v, keel_request **list)
+{
+    keel_request *tail = *list;
+
+    while (tail != NULL && tail->qnext != NULL)
+        tail = tail->qnext;
+    while (v->qhead != NULL) {
+        keel_request *req = v->qhead;
+        queue_unlink_locked(rt, v, req);
+        req->state = KEEL__REQ_COMPLETING;
+        if (tail != NULL)
+            tail->qnext = req;
+        else
+            *list = req;
+        tail = req;
+    }
+    ready_remove_locked(rt, v);
+}
+
+/* Picks the vslot for a request under rt->mu, or explains why there is none. */
+static keel_err pick_vslot_locked(keel_request *req, keel__model_entry *e, keel__vslot **out)
+{
+    keel__vslot *best = NULL;
+
+    *out = NULL;
+    for (keel__vslot *v = e->versions; v != NULL; v = v->next) {
+        if (v->current == NULL)
+            continue;
+        if (req->version == -1 || v->version == req->version)
+            best = v; /* ascending list: the last match is the newest */
+    }
+    if (best != NULL) {
+        *out = best;
+        return KEEL_OK;
+    }
+    if (req->version != -1 && e->versions != NULL) {
+        keel__request_set_error(req, "model '%s' has no version %lld", e->name,
+                                (long long)req->version);
+        return KEEL_ENOTFOUND;
+    }
+    keel__request_set_error(req, "model '%s' is not ready (%s)", e->name,
+                            keel_model_state_name(e->state));
+    return KEEL_EUNAVAILABLE;
+}
+
+keel_err keel_infer_submit(keel_request *req, keel_infer_cb cb, void *user)
+{
+    keel_runtime *rt;
+    keel__model_entry *e;
+    keel__vslot *v = NULL;
+    keel_err err;
+
+    if (req == NULL || cb == NULL)
+        return KEEL_EINVAL;
+    rt = req->rt;
+    pthread_mutex_lock(&rt->mu);
+    if (req->state != KEEL__REQ_IDLE) {
+        pthread_mutex_unlock(&rt->mu);
+        return KEEL_EBUSY; /* do not touch errmsg: the request belongs to the runtime */
+    }
+    /* The request is ours now (IDLE, under the lock): results of a previous run go. */
+    req->errmsg[0] = '\0';
+    if (rt->shutting_down) {
+        keel__request_set_error(req, "the runtime is shutting down");
+        err = KEEL_ESHUTDOWN;
+        goto fail;
+    }
+    if ((e = keel__entry_find_locked(rt, req->model)) == NULL) {
+        keel__request_set_error(req, "unknown model '%s'", req->model);
+        err = KEEL_ENOTFOUND;
+        goto fail;
+    }
+    if ((err = pick_vslot_locked(req, e, &v)) != KEEL_OK)
+        goto fail;
+    if (v->inflight >= v->max_inflight) {
+        atomic_fetch_add_explicit(&e->stats.rejected, 1, memory_order_relaxed);
+        keel__request_set_error(req, "model '%s' version %lld: queue full (%u requests)", e->name,
+                                (long long)v->version, v->max_inflight);
+        err = KEEL_EUNAVAILABLE;
+        goto fail;
+    }
+
+    /* Take the slot and queue the request. */
+    v->inflight++;
+    keel__counter_add(rt, e, KEEL__CNT(leases), 1);
+    req->state = KEEL__REQ_QUEUED;
+    req->cancel_requested = false;
+    req->cb = cb;
+    req->user = user;
+    req->entry = e;
+    req->vslot = v;
+    req->gen = NULL;
+    req->ctx_index = -1;
+    req->status = KEEL_OK;
+    req->generation_id = 0;
+    req->ran_version = -1;
+    req->submit_ns = keel__now_ns();
+    req->dispatch_ns = 0;
+    {
+        uint64_t t = req->timeout_us != 0 ? req->timeout_us : v->default_timeout_us;
+        req->deadline_ns = t != 0 ? req->submit_ns + t * 1000ULL : 0;
+    }
+    req->qnext = NULL;
+    req->qprev = v->qtail;
+    if (v->qtail != NULL)
+        v->qtail->qnext = req;
+    else
+        v->qhead = req;
+    v->qtail = req;
+    keel__counter_add(rt, e, KEEL__CNT(queued), 1);
+
+    if (keel__fault_hit(KEEL__FAULT_SUBMIT)) {
+        /* A failure after the slot was taken: undo everything; the callback never runs. */
+        queue_unlink_locked(rt, v, req);
+        v->inflight--;
+        keel__counter_add(rt, e, KEEL__CNT(leases), -1);
+        req->state = KEEL__REQ_IDLE;
+        req->cb = NULL;
+        req->user = NULL;
+        req->entry = NULL;
+        req->vslot = NULL;
+        keel__request_set_error(req, "injected submit fault");
+        err = KEEL_EUNAVAILABLE;
+        goto fail;
+    }
+    keel__vslot_kick_locked(rt, v);
+    pthread_mutex_unlock(&rt->mu);
+    return KEEL_OK;
+
+fail:
+    pthread_mutex_unlock(&rt->mu);
+    return err;
+}
+
+/* Ends a request: see the file's DESIGN. Called with no lock held, exactly once per
+ * successful submit. status_in is what happened; msg (may be NULL) overrides the message. */
+static void complete(keel_request *req, keel_err status, const char *msg)
+{
+    keel_runtime *rt = req->rt;
+    keel__model_entry *e = req->entry;
+    keel__vslot *v = req->vslot;
+    keel__generation *g = req->gen;
+    keel__vslot *free_vslot = NULL;
+    keel_infer_cb cb;
+    void *user;
+    uint64_t now = keel__now_ns();
+
+    if (msg != NULL)
+        keel__request_set_error(req, "%s", msg);
+
+    pthread_mutex_lock(&rt->mu);
+    if (req->cancel_requested && status == KEEL_OK) {
+        status = KEEL_ECANCELED;
+        keel__request_set_error(req, "request cancelled while running");
+    }
+    if (g != NULL) {
+        KEEL__ASSERT(req->ctx_index >= 0 && req->ctx_index < g->nctx);
+        g->free_stack[g->nfree++] = req->ctx_index; /* back to its own generation */
+        g->in_use--;
+        keel__counter_add(rt, e, KEEL__CNT(contexts_in_use), -1);
+        if (!g->retired)
+            keel__vslot_kick_locked(rt, v);
+    }
+    KEEL__ASSERT(v->inflight > 0);
+    v->inflight--;
+    if (v->removed && v->inflight == 0)
+        free_vslot = v;
+    keel__counter_add(rt, e, KEEL__CNT(leases), -1);
+    cb = req->cb;
+    user = req->user;
+    req->cb = NULL;
+    req->user = NULL;
+    req->gen = NULL;
+    req->ctx_index = -1;
+    req->vslot = NULL;
+    req->entry = NULL;
+    req->status = status;
+    req->state = KEEL__REQ_IDLE;
+    pthread_mutex_unlock(&rt->mu);
+
+    /* Released after unlocking: the generation may be freed (by the reaper). */
+    keel__generation_release(g);
+    if (free_vslot != NULL)
+        free(free_vslot);
+    if (status != KEEL_OK)
+        keel__request_clear_outputs(req);
+
+    if (status == KEEL_OK)
+        atomic_fetch_add_explicit(&e->stats.success, 1, memory_order_relaxed);
+    else
+        atomic_fetch_add_explicit(&e->stats.failure[status], 1, memory_order_relaxed);
+    if (req->dispatch_ns != 0)
+        atomic_fetch_add_explicit(&e->stats.queue_ns, req->dispatch_ns - req->submit_ns,
+                                  memory_order_relaxed);
+    else
+        atomic_fetch_add_explicit(&e->stats.queue_ns, now - req->submit_ns, memory_order_relaxed);
+    atomic_store_explicit(&e->stats.last_inference_unix_ms, keel__unix_ms(), memory_order_relaxed);
+
+    KEEL__ASSERT(cb != NULL);
+    cb(req, status, user); /* req may be destroyed or resubmitted from here on */
+}
+
+void keel__complete_list(keel_request *list, keel_err status, const char *why)
+{
+    while (list != NULL) {
+        keel_request *next = list->qnext;
+        list->qnext = NULL;
+        complete(list, status, why);
+        list = next;
+    }
+}
+
+/* Runs a leased request on its context (worker thread, no lock held). */
+static keel_err run_leased(keel_request *req, int64_t *batch_out)
+{
+    keel__generation *g = req->gen;
+    char errbuf[KEEL__ERRLEN];
+    keel__run_io io;
+    uint64_t t0;
+    keel_err err;
+
+    errbuf[0] = '\0';
+    *batch_out = 0;
+    keel__request_clear_outputs(req);
+    if ((err = keel__request_bind_inputs(req, g->cfg, g->backend->input_types, batch_out)) !=
+        KEEL_OK)
+        return err;
+    io.inputs = req->views;
+    io.ninputs = g->cfg->ninputs;
+    io.batch = *batch_out;
+    io.emit = keel__request_emit;
+    io.sink = req;
+    io.errbuf = errbuf;
+    io.errlen = sizeof(errbuf);
+    if (keel__fault_hit(KEEL__FAULT_BACKEND_RUN)) {
+        keel__request_set_error(req, "model '%s': injected backend run fault", g->cfg->name);
+        return KEEL_EBACKEND;
+    }
+    t0 = keel__now_ns();
+    err = g->backend->run(g->ctxs[req->ctx_index], &io);
+    atomic_fetch_add_explicit(&g->entry->stats.compute_ns, keel__now_ns() - t0,
+                              memory_order_relaxed);
+    atomic_fetch_add_explicit(&g->entry->stats.execution_count, 1, memory_order_relaxed);
+    if (err != KEEL_OK) {
+        keel__request_set_error(req, "model '%s' version %lld: %s", g->cfg->name,
+                                (long long)g->version,
+                                errbuf[0] != '\0' ? errbuf : keel_strerror(err));
+        return err;
+    }
+    return KEEL_OK;
+}
+
+void *keel__worker_main(void *arg)
+{
+    keel_runtime *rt = arg;
+
+    pthread_mutex_lock(&rt->mu);
+    for (;;) {
+        keel__vslot *v;
+        keel_request *req;
+        keel__generation *g;
+        bool expired;
+        int64_t batch = 0;
+        keel_err err;
+
+        while (!rt->stopping && rt->ready_head == NULL)
+            pthread_cond_wait(&rt->work_cv, &rt->mu);
+        if ((v = ready_pop_locked(rt)) == NULL)
+            break; /* stopping and nothing left to dispatch */
+        if (!vslot_can_dispatch(v))
+            continue; /* its last queued request was cancelled meanwhile */
+        req = v->qhead;
+        queue_unlink_locked(rt, v, req);
+        req->dispatch_ns = keel__now_ns();
+        expired = req->deadline_ns != 0 && req->dispatch_ns >= req->deadline_ns;
+        if (expired) {
+            req->state = KEEL__REQ_COMPLETING;
+        } else {
+            g = v->current;
+            keel__generation_acquire(g);
+            req->gen = g;
+            req->ctx_index = g->free_stack[--g->nfree];
+            g->in_use++;
+            keel__counter_add(rt, v->entry, KEEL__CNT(contexts_in_use), 1);
+            req->generation_id = g->id;
+            req->ran_version = g->version;
+            req->state = KEEL__REQ_RUNNING;
+        }
+        keel__vslot_kick_locked(rt, v);
+        if (rt->ready_head != NULL)
+            pthread_cond_signal(&rt->work_cv);
+        pthread_mutex_unlock(&rt->mu);
+
+        if (expired) {
+            keel__request_set_error(
+                req, "deadline exceeded after %llu us in queue",
+                (unsigned long long)((req->dispatch_ns - req->submit_ns) / 1000));
+            complete(req, KEEL_ETIMEDOUT, NULL);
+        } else {
+            err = run_leased(req, &batch);
+            if (err == KEEL_OK)
+                atomic_fetch_add_explicit(&req->gen->entry->stats.inference_count, (uint64_t)batch,
+                                          memory_order_relaxed);
+            complete(req, err, NULL);
+        }
+        pthread_mutex_lock(&rt->mu);
+    }
+    pthread_mutex_unlock(&rt->mu);
+    return NULL;
+}
+
+keel_err keel_request_cancel(keel_request *req)
+{
+    keel_runtime *rt;
+    keel__vslot *v;
+
+    if (req == NULL)
+        return KEEL_EINVAL;
+    rt = req->rt;
+    pthread_mutex_lock(&rt->mu);
+    switch (req->state) {
+    case KEEL__REQ_QUEUED:
+        v = req->vslot;
+        queue_unlink_locked(rt, v, req);
+        req->state = KEEL__REQ_COMPLETING;
+        pthread_mutex_unlock(&rt->mu);
+        complete(req, KEEL_ECANCELED, "request cancelled while queued");
+        return KEEL_OK; /* req may already be destroyed by its callback */
+    case KEEL__REQ_RUNNING:
+        req->cancel_requested = true;
+        pthread_mutex_unlock(&rt->mu);
+        return KEEL_OK;
+    default:
+        pthread_mutex_unlock(&rt->mu);
+        return KEEL_EINVAL;
+    }
+}
+
+static void sync_done(keel_request *req, keel_err status, void *user)
+{
+    (void)status;
+    (void)user;
+    pthread_mutex_lock(&req->wait_mu);
+    req->wait_done = true;
+    pthread_cond_signal(&req->wait_cv);
+    pthread_mutex_unlock(&req->wait_mu);
+}
+
+keel_err keel_infer(keel_request *req)
+{
+    keel_err err;
+
+    if (req == NULL)
+        return KEEL_EINVAL;
+    pthread_mutex_lock(&req->wait_mu);
+    req->wait_done = false;
+    pthread_mutex_unlock(&req->wait_mu);
+    if ((err = keel_infer_submit(req, sync_done, NULL)) != KEEL_OK)
+        return err;
+    pthread_mutex_lock(&req->wait_mu);
+    while (!req->wait_done)
+        pthread_cond_wait(&req->wait_cv, &req->wait_mu);
+    pthread_mutex_unlock(&req->wait_mu);
+    return keel_request_status(req);
+}

@@ -1,0 +1,236 @@
+/* mock_backend.c: see mock_backend.h. */
+#include "mock_backend.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "testutil.h"
+
+#define MAX_IDS 100000
+
+mock_stats mock;
+
+static pthread_mutex_t gate_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t gate_cv = PTHREAD_COND_INITIALIZER;
+static bool gate_closed;
+static int gate_blocked;
+static _Atomic long next_model_id, next_ctx_id, last_run_ctx;
+static _Atomic long model_frees_by_id[MAX_IDS];
+static _Atomic bool ctx_dead[MAX_IDS];
+
+typedef struct mock_model {
+    long id;
+    double k;
+} mock_model;
+
+typedef struct mock_ctx {
+    long id;
+    mock_model *model;
+    float *out;
+    size_t cap;
+} mock_ctx;
+
+void mock_reset(void)
+{
+    atomic_store(&mock.loads, 0);
+    atomic_store(&mock.model_frees, 0);
+    atomic_store(&mock.ctx_creates, 0);
+    atomic_store(&mock.ctx_destroys, 0);
+    atomic_store(&mock.runs, 0);
+    atomic_store(&mock.double_frees, 0);
+    atomic_store(&mock.destroyed_ctx_used, 0);
+}
+
+void mock_gate_close(void)
+{
+    pthread_mutex_lock(&gate_mu);
+    gate_closed = true;
+    pthread_mutex_unlock(&gate_mu);
+}
+
+void mock_gate_open(void)
+{
+    pthread_mutex_lock(&gate_mu);
+    gate_closed = false;
+    pthread_cond_broadcast(&gate_cv);
+    pthread_mutex_unlock(&gate_mu);
+}
+
+void mock_wait_blocked(int n)
+{
+    for (int i = 0; i < 10000; i++) {
+        pthread_mutex_lock(&gate_mu);
+        int b = gate_blocked;
+        pthread_mutex_unlock(&gate_mu);
+        if (b >= n)
+            return;
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    fail_msg("timed out waiting for %d runs at the gate", n);
+}
+
+long mock_last_model_id(void)
+{
+    return atomic_load(&next_model_id);
+}
+
+long mock_ctx_id_of_last_run(void)
+{
+    return atomic_load(&last_run_ctx);
+}
+
+long mock_model_free_count(long model_id)
+{
+    return model_id > 0 && model_id < MAX_IDS ? atomic_load(&model_frees_by_id[model_id]) : -1;
+}
+
+bool mock_ctx_destroyed(long ctx_id)
+{
+    return ctx_id > 0 && ctx_id < MAX_IDS && atomic_load(&ctx_dead[ctx_id]);
+}
+
+static keel_err mock_load(const keel__model_config *cfg, const char *dir, void **out, char *errbuf,
+                          size_t errlen)
+{
+    char path[4096];
+    FILE *f;
+    mock_model *m;
+    double k;
+
+    (void)cfg;
+    snprintf(path, sizeof(path), "%s/model.txt", dir);
+    if ((f = fopen(path, "r")) == NULL) {
+        snprintf(errbuf, errlen, "%s: cannot open", path);
+        return KEEL_ELOAD;
+    }
+    if (fscanf(f, "%lf", &k) != 1) {
+        fclose(f);
+        snprintf(errbuf, errlen, "%s: not a number", path);
+        return KEEL_ELOAD;
+    }
+    fclose(f);
+    if ((m = calloc(1, sizeof(*m))) == NULL)
+        return KEEL_ENOMEM;
+    m->id = atomic_fetch_add(&next_model_id, 1) + 1;
+    m->k = k;
+    atomic_fetch_add(&mock.loads, 1);
+    *out = m;
+    return KEEL_OK;
+}
+
+static keel_err mock_ctx_create(void *model, const keel__model_config *cfg, void **out,
+                                char *errbuf, size_t errlen)
+{
+    mock_ctx *c = calloc(1, sizeof(*c));
+
+    (void)cfg;
+    (void)errbuf;
+    (void)errlen;
+    if (c == NULL)
+        return KEEL_ENOMEM;
+    c->id = atomic_fetch_add(&next_ctx_id, 1) + 1;
+    c->model = model;
+    atomic_fetch_add(&mock.ctx_creates, 1);
+    *out = c;
+    return KEEL_OK;
+}
+
+static keel_err mock_run(void *ctxp, keel__run_io *io)
+{
+    mock_ctx *c = ctxp;
+    const keel_tensor_view *x = &io->inputs[0];
+    size_t n = x->bytes / sizeof(float);
+
+    if (n == 0 || ((const float *)x->data)[0] != 0.0f)
+        atomic_fetch_add(&mock.runs, 1); /* warm-ups are not counted */
+    if (mock_ctx_destroyed(c->id))
+        atomic_fetch_add(&mock.destroyed_ctx_used, 1);
+    atomic_store(&last_run_ctx, c->id);
+    /* keel's warm-up inference sends zeros; it passes the gate so reloads can proceed. */
+    bool warmup = n > 0 && ((const float *)x->data)[0] == 0.0f;
+    pthread_mutex_lock(&gate_mu);
+    gate_blocked++;
+    while (gate_closed && !warmup)
+        pthread_cond_wait(&gate_cv, &gate_mu);
+    gate_blocked--;
+    pthread_mutex_unlock(&gate_mu);
+    if (n > c->cap) {
+        float *p = realloc(c->out, n * sizeof(float));
+        if (p == NULL)
+            return KEEL_ENOMEM;
+        c->out = p;
+        c->cap = n;
+    }
+    for (size_t i = 0; i < n; i++)
+        c->out[i] = ((const float *)x->data)[i] * (float)c->model->k;
+    return io->emit(io, "y", KEEL_TYPE_FP32, x->shape, x->ndim, c->out, n * sizeof(float));
+}
+
+static void mock_ctx_destroy(void *ctxp)
+{
+    mock_ctx *c = ctxp;
+
+    atomic_store(&ctx_dead[c->id], true);
+    atomic_fetch_add(&mock.ctx_destroys, 1);
+    free(c->out);
+    free(c);
+}
+
+static void mock_free(void *model)
+{
+    mock_model *m = model;
+
+    if (atomic_fetch_add(&model_frees_by_id[m->id], 1) != 0)
+        atomic_fetch_add(&mock.double_frees, 1);
+    atomic_fetch_add(&mock.model_frees, 1);
+    free(m);
+}
+
+static size_t mock_mem(void *model)
+{
+    (void)model;
+    return sizeof(mock_model);
+}
+
+const keel__backend mock_backend = {
+    .name = "mock",
+    .concurrent_contexts = true,
+    .input_types = KEEL__TYPE_BIT(KEEL_TYPE_FP32),
+    .model_load = mock_load,
+    .context_create = mock_ctx_create,
+    .run = mock_run,
+    .context_destroy = mock_ctx_destroy,
+    .model_free = mock_free,
+    .memory_estimate = mock_mem,
+};
+
+void mock_write_model(const char *repo, const char *name, int instances, int max_queue,
+                      long default_timeout_us)
+{
+    char *path = tu_strf("%s/%s/config.json", repo, name);
+    char *text = tu_strf("{\"name\":\"%s\",\"backend\":\"mock\",\"max_batch_size\":8,"
+                         "\"input\":[{\"name\":\"x\",\"data_type\":\"TYPE_FP32\",\"dims\":[-1]}],"
+                         "\"output\":[{\"name\":\"y\",\"data_type\":\"TYPE_FP32\",\"dims\":[-1]}],"
+                         "\"instance_group\":[{\"count\":%d,\"kind\":\"KIND_CPU\"}],"
+                         "\"dynamic_batching\":{\"default_queue_policy\":{\"max_queue_size\":%d,"
+                         "\"default_timeout_microseconds\":%ld}}}",
+                         name, instances, max_queue, default_timeout_us);
+
+    tu_write_file(path, text, (size_t)-1);
+    free(path);
+    free(text);
+}
+
+void mock_write_version(const char *repo, const char *name, long version, double k)
+{
+    char *path = tu_strf("%s/%s/%ld/model.txt", repo, name, version);
+    char *text = tu_strf("%.17g\n", k);
+
+    tu_write_file(path, text, (size_t)-1);
+    free(path);
+    free(text);
+}

@@ -1,0 +1,45 @@
+/*
+ * mock_backend.h: a backend for tests. Model file <version>/model.txt holds a number k;
+ * output "y" = input "x" * k (FP32, same shape). Runs can be held at a gate so tests can
+ * keep a context busy (keel's warm-up runs, whose input is zero, pass it), and every call is
+ * counted so tests can check exactly-once frees.
+ */
+#ifndef KEEL_MOCK_BACKEND_H
+#define KEEL_MOCK_BACKEND_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#include "backends/backend.h"
+
+extern const keel__backend mock_backend;
+
+typedef struct mock_stats {
+    _Atomic long loads, model_frees, ctx_creates, ctx_destroys, runs, double_frees;
+    _Atomic long destroyed_ctx_used; /* a run on a context that was destroyed: must stay 0 */
+} mock_stats;
+
+extern mock_stats mock;
+
+void mock_reset(void);
+/* While closed, runs wait at the gate. */
+void mock_gate_close(void);
+void mock_gate_open(void);
+/* Waits until n runs are waiting at the gate (fails the test after 10 s). */
+void mock_wait_blocked(int n);
+/* Context ids are unique per process; each run records the id of its context. */
+long mock_ctx_id_of_last_run(void);
+/* Id of the most recently loaded model. */
+long mock_last_model_id(void);
+/* Frees of a given model id (by load order, from 1): must be exactly 1 once it is gone. */
+long mock_model_free_count(long model_id);
+/* Whether the context id has been destroyed. */
+bool mock_ctx_destroyed(long ctx_id);
+
+/* Writes <repo>/<name>/config.json for the mock backend (x, y FP32 dims [-1], batch 8). */
+void mock_write_model(const char *repo, const char *name, int instances, int max_queue,
+                      long default_timeout_us);
+/* Writes <repo>/<name>/<version>/model.txt with factor k. */
+void mock_write_version(const char *repo, const char *name, long version, double k);
+
+#endif

@@ -1,0 +1,633 @@
+/*
+ * test_runtime.c: the runtime's lifetime and accounting invariants, driven through the
+ * public API with the mock backend (tests/unit/mock_backend.h) and the XGBoost example model.
+ * Each test asserts something a user would notice if it broke: a lost request slot, a
+ * callback that never fires or fires twice, a stale or freed model answering, counters that
+ * do not return to idle.
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/core.h"
+#include "mock_backend.h"
+#include "runtime/internal.h"
+#include "testutil.h"
+
+typedef struct fixture {
+    char *repo;
+    keel_runtime *rt;
+} fixture;
+
+static const keel_counters idle_one_gen = {0, 0, 0, 1, 1, 0};
+
+static keel_runtime *start_runtime(const char *repo, int workers)
+{
+    keel_runtime_opts o;
+    keel_runtime *rt = NULL;
+
+    keel_runtime_opts_init(&o);
+    o.model_repository = repo;
+    o.control = KEEL_CONTROL_EXPLICIT;
+    o.worker_threads = workers;
+    assert_int_equal(keel_runtime_create(&o, &rt), KEEL_OK);
+    assert_int_equal(keel__runtime_add_backend(rt, &mock_backend), KEEL_OK);
+    return rt;
+}
+
+static int setup(void **state)
+{
+    fixture *f = calloc(1, sizeof(*f));
+
+    mock_reset();
+    mock_gate_open();
+    f->repo = tu_mkdtemp("rt");
+    mock_write_model(f->repo, "m", 1, 4, 0);
+    mock_write_version(f->repo, "m", 1, 2.0);
+    f->rt = start_runtime(f->repo, 2);
+    assert_int_equal(keel_model_load(f->rt, "m", NULL, 0), KEEL_OK);
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fixture *f = *state;
+
+    mock_gate_open();
+    keel_runtime_destroy(f->rt);
+    /* Every model and context the runtime made was freed exactly once. */
+    assert_int_equal(atomic_load(&mock.loads), atomic_load(&mock.model_frees));
+    assert_int_equal(atomic_load(&mock.ctx_creates), atomic_load(&mock.ctx_destroys));
+    assert_int_equal(atomic_load(&mock.double_frees), 0);
+    assert_int_equal(atomic_load(&mock.destroyed_ctx_used), 0);
+    tu_rm_rf(f->repo);
+    free(f->repo);
+    free(f);
+    return 0;
+}
+
+static keel_request *make_req(keel_runtime *rt, const char *model, float x)
+{
+    keel_request *req = NULL;
+    int64_t shape[2] = {1, 1};
+
+    assert_int_equal(keel_request_create(rt, model, -1, &req), KEEL_OK);
+    assert_int_equal(keel_request_add_input(req, "x", KEEL_TYPE_FP32, shape, 2, &x, sizeof(x)),
+                     KEEL_OK);
+    return req;
+}
+
+static float output0(const keel_request *req)
+{
+    keel_tensor_view v;
+
+    assert_int_equal(keel_request_output_by_name(req, "y", &v), KEEL_OK);
+    assert_int_equal(v.datatype, KEEL_TYPE_FP32);
+    assert_int_equal(v.bytes, sizeof(float));
+    return *(const float *)v.data;
+}
+
+static uint64_t current_gen(keel_runtime *rt, const char *model)
+{
+    keel_model_status *st = NULL;
+    size_t n = 0;
+    uint64_t id = 0;
+
+    assert_int_equal(keel_model_list(rt, &st, &n), KEEL_OK);
+    for (size_t i = 0; i < n; i++) {
+        if (strcmp(st[i].name, model) == 0 && st[i].generation_id > id)
+            id = st[i].generation_id;
+    }
+    keel_model_status_free(st, n);
+    return id;
+}
+
+/* ---- async bookkeeping shared by several tests */
+
+typedef struct tally {
+    _Atomic long calls;
+    _Atomic long by_status[KEEL_ERR_COUNT_];
+    _Atomic long destroyed;
+} tally;
+
+static void tally_cb(keel_request *req, keel_err status, void *user)
+{
+    tally *t = user;
+
+    atomic_fetch_add(&t->calls, 1);
+    atomic_fetch_add(&t->by_status[status], 1);
+    keel_request_destroy(req);
+    atomic_fetch_add(&t->destroyed, 1);
+}
+
+static void wait_calls(tally *t, long n)
+{
+    for (int i = 0; i < 20000 && atomic_load(&t->calls) < n; i++) {
+        struct timespec ts = {0, 500000};
+        nanosleep(&ts, NULL);
+    }
+    assert_int_equal(atomic_load(&t->calls), n);
+}
+
+/* ---- tests */
+
+static void test_sync_and_async(void **state)
+{
+    fixture *f = *state;
+    keel_request *req = make_req(f->rt, "m", 3.0f);
+    tally t = {0};
+
+    assert_int_equal(keel_infer(req), KEEL_OK);
+    assert_true(output0(req) == 6.0f);
+    assert_int_equal(keel_request_model_version(req), 1);
+    assert_true(keel_request_generation_id(req) == current_gen(f->rt, "m"));
+    /* A request can be submitted again; the previous outputs are replaced. */
+    assert_int_equal(keel_infer(req), KEEL_OK);
+    assert_int_equal(keel_request_output_count(req), 1);
+    keel_request_destroy(req);
+
+    for (int i = 0; i < 3; i++) {
+        req = make_req(f->rt, "m", 1.0f);
+        assert_int_equal(keel_infer_submit(req, tally_cb, &t), KEEL_OK);
+    }
+    wait_calls(&t, 3);
+    assert_int_equal(atomic_load(&t.by_status[KEEL_OK]), 3);
+    tu_assert_counters(f->rt, &idle_one_gen);
+
+    keel_model_stats st;
+    assert_int_equal(keel_model_stats_get(f->rt, "m", &st), KEEL_OK);
+    assert_int_equal(st.success, 5);
+    assert_int_equal(st.execution_count, 5 + 0); /* warm-up runs are not counted */
+}
+
+static void test_bad_inputs_then_good(void **state)
+{
+    fixture *f = *state;
+    keel_request *req = NULL;
+    int64_t shape[2] = {1, 2};
+    float two[2] = {1, 2};
+    double d = 1;
+
+    /* Structural errors are refused when added. */
+    assert_int_equal(keel_request_create(f->rt, "m", -1, &req), KEEL_OK);
+    assert_int_equal(keel_request_add_input(req, "x", KEEL_TYPE_FP32, shape, 2, two, 4),
+                     KEEL_EINVAL);
+    assert_non_null(strstr(keel_request_error(req), "'x'"));
+    int64_t neg[2] = {1, -3};
+    assert_int_equal(keel_request_add_input(req, "x", KEEL_TYPE_FP32, neg, 2, two, 8), KEEL_EINVAL);
+    int64_t huge[3] = {INT64_MAX, INT64_MAX, 2};
+    assert_int_equal(keel_request_add_input(req, "x", KEEL_TYPE_FP32, huge, 3, two, 8),
+                     KEEL_EINVAL);
+    unsigned char badbytes[5] = {9, 0, 0, 0, 'a'};
+    int64_t one = 1;
+    assert_int_equal(keel_request_add_input(req, "s", KEEL_TYPE_BYTES, &one, 1, badbytes, 5),
+                     KEEL_EINVAL);
+    assert_int_equal(keel_request_add_input(req, "x", KEEL_TYPE_FP32, shape, 2, two, 8), KEEL_OK);
+    assert_int_equal(keel_request_add_input(req, "x", KEEL_TYPE_FP32, shape, 2, two, 8),
+                     KEEL_EINVAL);
+    assert_non_null(strstr(keel_request_error(req), "more than once"));
+    keel_request_destroy(req);
+
+    /* Model-level errors are answered through completion with a message. */
+    struct {
+        const char *name;
+        keel_datatype dt;
+        int64_t shape[3];
+        size_t ndim;
+        const void *data;
+        size_t bytes;
+        const char *expect;
+    } cases[] = {
+        {"x", KEEL_TYPE_FP64, {1, 1}, 2, &d, 8, "datatype FP64"},
+        {"x", KEEL_TYPE_FP32, {2}, 1, two, 8, "shape [2]"},
+        {"x", KEEL_TYPE_FP32, {9, 1}, 2, NULL, 0, "batch size 9"},
+        {"z", KEEL_TYPE_FP32, {1, 2}, 2, two, 8, "unexpected input 'z'"},
+    };
+    float nine[9] = {0};
+    cases[2].data = nine;
+    cases[2].bytes = sizeof(nine);
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        assert_int_equal(keel_request_create(f->rt, "m", -1, &req), KEEL_OK);
+        assert_int_equal(keel_request_add_input(req, cases[i].name, cases[i].dt, cases[i].shape,
+                                                cases[i].ndim, cases[i].data, cases[i].bytes),
+                         KEEL_OK);
+        assert_int_equal(keel_infer(req), KEEL_EINVAL);
+        if (strstr(keel_request_error(req), cases[i].expect) == NULL)
+            fail_msg("case %zu: message '%s' lacks '%s'", i, keel_request_error(req),
+                     cases[i].expect);
+        keel_request_destroy(req);
+    }
+    req = make_req(f->rt, "m", 1.0f);
+    assert_int_equal(keel_request_add_output(req, "nope"), KEEL_OK);
+    assert_int_equal(keel_infer(req), KEEL_EINVAL);
+    assert_non_null(strstr(keel_request_error(req), "unknown output 'nope'"));
+    keel_request_destroy(req);
+    assert_int_equal(keel_request_create(f->rt, "m", -1, &req), KEEL_OK);
+    assert_int_equal(keel_infer(req), KEEL_EINVAL);
+    assert_non_null(strstr(keel_request_error(req), "missing input 'x'"));
+    keel_request_destroy(req);
+
+    /* Unknown model / version. */
+    req = make_req(f->rt, "nosuch", 1.0f);
+    assert_int_equal(keel_infer(req), KEEL_ENOTFOUND);
+    keel_request_destroy(req);
+    assert_int_equal(keel_request_create(f->rt, "m", 7, &req), KEEL_OK);
+    assert_int_equal(keel_infer(req), KEEL_ENOTFOUND);
+    assert_non_null(strstr(keel_request_error(req), "no version 7"));
+    keel_request_destroy(req);
+
+    /* And the next good request succeeds. */
+    req = make_req(f->rt, "m", 4.0f);
+    assert_int_equal(keel_infer(req), KEEL_OK);
+    assert_true(output0(req) == 8.0f);
+    keel_request_destroy(req);
+    tu_assert_counters(f->rt, &idle_one_gen);
+}
+
+/* A request holding a context on generation N while two swaps happen finishes normally; its
+ * context is destroyed, never reused; the next request runs on N+2; N's model is freed once. */
+static void test_return_after_swap(void **state)
+{
+    fixture *f = *state;
+    keel_request *held = make_req(f->rt, "m", 1.0f);
+    keel_request *next;
+    tally t = {0};
+    uint64_t n = current_gen(f->rt, "m");
+    long held_ctx, model_n = mock_last_model_id(); /* the model of generation N */
+
+    mock_gate_close();
+    assert_int_equal(keel_infer_submit(held, tally_cb, &t), KEEL_OK);
+    mock_wait_blocked(1);
+    held_ctx = mock_ctx_id_of_last_run();
+
+    mock_write_version(f->repo, "m", 1, 3.0);
+    assert_int_equal(keel_model_load(f->rt, "m", NULL, 0), KEEL_OK);
+    mock_write_version(f->repo, "m", 1, 5.0);
+    assert_int_equal(keel_model_load(f->rt, "m", NULL, 0), KEEL_OK);
+    assert_true(current_gen(f->rt, "m") == n + 2);
+
+    /* N is retired but alive: the held request keeps it. */
+    keel_counters c;
+    keel_runtime_quiesce(f->rt);
+    keel_counters_get(f->rt, &c);
+    assert_int_equal(c.generations, 2);
+    assert_int_equal(mock_model_free_count(model_n), 0);
+    assert_false(mock_ctx_destroyed(held_ctx));
+
+    mock_gate_open();
+    wait_calls(&t, 1);
+    assert_int_equal(atomic_load(&t.by_status[KEEL_OK]), 1);
+    keel_runtime_quiesce(f->rt);
+    assert_true(mock_ctx_destroyed(held_ctx));
+    assert_int_equal(mock_model_free_count(model_n), 1);
+
+    next = make_req(f->rt, "m", 1.0f);
+    assert_int_equal(keel_infer(next), KEEL_OK);
+    assert_true(keel_request_generation_id(next) == n + 2);
+    assert_true(output0(next) == 5.0f);
+    assert_true(mock_ctx_id_of_last_run() != held_ctx);
+    keel_request_destroy(next);
+    tu_assert_counters(f->rt, &idle_one_gen);
+    assert_int_equal(mock_model_free_count(model_n), 1);
+}
+
+/* Full queue answers EUNAVAILABLE at once; expired requests never reach the backend. */
+static void test_overload_and_deadline(void **state)
+{
+    fixture *f = *state;
+    keel_request *reqs[5];
+    tally t = {0};
+    long runs0;
+
+    /* max_queue_size is 4: the 5th concurrent request is refused without blocking. */
+    mock_gate_close();
+    for (int i = 0; i < 4; i++) {
+        reqs[i] = make_req(f->rt, "m", 1.0f);
+        assert_int_equal(keel_infer_submit(reqs[i], tally_cb, &t), KEEL_OK);
+    }
+    mock_wait_blocked(1);
+    reqs[4] = make_req(f->rt, "m", 1.0f);
+    assert_int_equal(keel_infer_submit(reqs[4], tally_cb, &t), KEEL_EUNAVAILABLE);
+    assert_non_null(strstr(keel_request_error(reqs[4]), "queue full"));
+    assert_int_equal(keel_infer(reqs[4]), KEEL_EUNAVAILABLE); /* sync is refused too */
+    mock_gate_open();
+    wait_calls(&t, 4);
+    assert_int_equal(keel_infer(reqs[4]), KEEL_OK); /* slots came back */
+    keel_request_destroy(reqs[4]);
+
+    /* Deadline: hold the only context, queue a request with a 1 ms timeout, wait past it. */
+    memset(&t, 0, sizeof(t));
+    mock_gate_close();
+    reqs[0] = make_req(f->rt, "m", 1.0f);
+    assert_int_equal(keel_infer_submit(reqs[0], tally_cb, &t), KEEL_OK);
+    mock_wait_blocked(1);
+    runs0 = atomic_load(&mock.runs);
+    reqs[1] = make_req(f->rt, "m", 1.0f);
+    keel_request_set_timeout_us(reqs[1], 1000);
+    assert_int_equal(keel_infer_submit(reqs[1], tally_cb, &t), KEEL_OK);
+    usleep(20000);
+    mock_gate_open();
+    wait_calls(&t, 2);
+    assert_int_equal(atomic_load(&t.by_status[KEEL_OK]), 1);
+    assert_int_equal(atomic_load(&t.by_status[KEEL_ETIMEDOUT]), 1);
+    assert_int_equal(atomic_load(&mock.runs), runs0); /* the expired one never ran */
+    keel_model_stats st;
+    assert_int_equal(keel_model_stats_get(f->rt, "m", &st), KEEL_OK);
+    assert_int_equal(st.failure[KEEL_ETIMEDOUT], 1);
+    assert_int_equal(st.rejected, 2);
+    tu_assert_counters(f->rt, &idle_one_gen);
+}
+
+static void test_cancel(void **state)
+{
+    fixture *f = *state;
+    keel_request *running = make_req(f->rt, "m", 1.0f);
+    keel_request *queued = make_req(f->rt, "m", 1.0f);
+    keel_request *idle = make_req(f->rt, "m", 1.0f);
+    tally t = {0};
+
+    assert_int_equal(keel_request_cancel(idle), KEEL_EINVAL);
+    keel_request_destroy(idle);
+    mock_gate_close();
+    assert_int_equal(keel_infer_submit(running, tally_cb, &t), KEEL_OK);
+    mock_wait_blocked(1);
+    assert_int_equal(keel_infer_submit(queued, tally_cb, &t), KEEL_OK);
+    assert_int_equal(keel_infer_submit(queued, tally_cb, &t), KEEL_EBUSY);
+    assert_int_equal(keel_request_cancel(queued), KEEL_OK); /* callback ran already */
+    assert_int_equal(atomic_load(&t.by_status[KEEL_ECANCELED]), 1);
+    assert_int_equal(keel_request_cancel(running), KEEL_OK);
+    mock_gate_open();
+    wait_calls(&t, 2);
+    assert_int_equal(atomic_load(&t.by_status[KEEL_ECANCELED]), 2);
+    tu_assert_counters(f->rt, &idle_one_gen);
+}
+
+static void *open_gate_later(void *arg)
+{
+    (void)arg;
+    usleep(50000);
+    mock_gate_open();
+    return NULL;
+}
+
+/* Unloading answers queued requests; destroying the runtime answers queued ones SHUTDOWN and
+ * lets running ones finish. */
+static void test_unload_and_shutdown_with_queue(void **state)
+{
+    fixture *f = *state;
+    tally t = {0};
+    keel_request *r[3];
+
+    mock_gate_close();
+    for (int i = 0; i < 3; i++) {
+        r[i] = make_req(f->rt, "m", 1.0f);
+        assert_int_equal(keel_infer_submit(r[i], tally_cb, &t), KEEL_OK);
+    }
+    mock_wait_blocked(1);
+    assert_int_equal(keel_model_unload(f->rt, "m"), KEEL_OK);
+    assert_int_equal(atomic_load(&t.by_status[KEEL_EUNAVAILABLE]), 2);
+    assert_false(keel_model_is_ready(f->rt, "m", -1));
+    keel_request *late = make_req(f->rt, "m", 1.0f);
+    assert_int_equal(keel_infer(late), KEEL_EUNAVAILABLE);
+    mock_gate_open();
+    wait_calls(&t, 3);
+    assert_int_equal(atomic_load(&t.by_status[KEEL_OK]), 1);
+    keel_counters zero = {1, 0, 0, 0, 0, 0}; /* 'late' still exists */
+    tu_assert_counters(f->rt, &zero);
+    keel_request_destroy(late);
+
+    /* Reload, queue work behind a held run, destroy the runtime. */
+    memset(&t, 0, sizeof(t));
+    assert_int_equal(keel_model_load(f->rt, "m", NULL, 0), KEEL_OK);
+    mock_gate_close();
+    for (int i = 0; i < 3; i++) {
+        r[i] = make_req(f->rt, "m", 1.0f);
+        assert_int_equal(keel_infer_submit(r[i], tally_cb, &t), KEEL_OK);
+    }
+    mock_wait_blocked(1);
+    /* Open the gate from another thread while destroy waits for the running request. */
+    pthread_t opener;
+    assert_int_equal(pthread_create(&opener, NULL, open_gate_later, NULL), 0);
+    keel_runtime_destroy(f->rt);
+    pthread_join(opener, NULL);
+    f->rt = start_runtime(f->repo, 2); /* for teardown */
+    assert_int_equal(atomic_load(&t.calls), 3);
+    assert_int_equal(atomic_load(&t.by_status[KEEL_OK]) + atomic_load(&t.by_status[KEEL_ESHUTDOWN]),
+                     3);
+}
+
+/* A failed reload keeps the old generation serving and records the error. */
+static void test_failed_reload_keeps_old(void **state)
+{
+    fixture *f = *state;
+    keel_request *req;
+    keel_model_status *st = NULL;
+    size_t n = 0;
+    char err[512];
+    uint64_t gen = current_gen(f->rt, "m");
+
+    char *path = tu_strf("%s/m/1/model.txt", f->repo);
+    tu_write_file(path, "garbage", (size_t)-1);
+    free(path);
+    assert_int_equal(keel_model_load(f->rt, "m", err, sizeof(err)), KEEL_ELOAD);
+    assert_non_null(strstr(err, "model.txt"));
+    req = make_req(f->rt, "m", 1.0f);
+    assert_int_equal(keel_infer(req), KEEL_OK);
+    assert_true(output0(req) == 2.0f);
+    assert_true(keel_request_generation_id(req) == gen);
+    keel_request_destroy(req);
+    assert_int_equal(keel_model_list(f->rt, &st, &n), KEEL_OK);
+    assert_int_equal(n, 1);
+    assert_int_equal(st[0].state, KEEL_MODEL_READY);
+    assert_int_equal(st[0].last_error, KEEL_ELOAD);
+    assert_non_null(strstr(st[0].last_error_msg, "not a number"));
+    keel_model_status_free(st, n);
+    tu_assert_counters(f->rt, &idle_one_gen);
+}
+
+/* ---- error-path accounting: each fault point armed in turn */
+
+typedef struct fault_run {
+    keel_runtime *rt;
+    const char *repo;
+    tally t;
+    long submitted_ok;
+} fault_run;
+
+static void run_faulted_traffic(fault_run *fr, bool sync, int nreq)
+{
+    for (int i = 0; i < nreq; i++) {
+        keel_request *req = NULL;
+        float x = 1.0f;
+        int64_t shape[2] = {1, 1};
+        if (i % 100 == 50) /* reloads exercise the load-time fault points */
+            (void)keel_model_load(fr->rt, "m", NULL, 0);
+        if (keel_request_create(fr->rt, "m", -1, &req) != KEEL_OK)
+            continue; /* injected allocation failure */
+        if (keel_request_add_input(req, "x", KEEL_TYPE_FP32, shape, 2, &x, sizeof(x)) != KEEL_OK) {
+            keel_request_destroy(req);
+            continue;
+        }
+        if (sync) {
+            keel_err err = keel_infer(req);
+            if (err == KEEL_OK)
+                assert_true(output0(req) == 2.0f);
+            keel_request_destroy(req);
+        } else {
+            /* Stay under the queue bound so submits reach the submit fault point. */
+            for (int w = 0; w < 100000 && fr->submitted_ok - atomic_load(&fr->t.calls) >= 4; w++)
+                usleep(20);
+            if (keel_infer_submit(req, tally_cb, &fr->t) == KEEL_OK)
+                fr->submitted_ok++;
+            else
+                keel_request_destroy(req);
+        }
+    }
+}
+
+static void test_fault_points(void **state)
+{
+#ifdef KEEL_FAULT_INJECTION
+    fixture *f = *state;
+
+    for (int p = 0; p < KEEL__FAULT_COUNT_; p++) {
+        for (int sync = 0; sync < 2; sync++) {
+            fault_run fr = {.rt = f->rt, .repo = f->repo};
+            keel__fault_arm_prob((keel__fault_point)p, 0.2, 1234 + (uint64_t)p);
+            run_faulted_traffic(&fr, sync != 0, 1000);
+            if (!sync)
+                wait_calls(&fr.t, fr.submitted_ok);
+            keel__fault_disarm_all();
+            if (keel__fault_fired((keel__fault_point)p) == 0)
+                fail_msg("fault point %s never fired", keel__fault_name((keel__fault_point)p));
+            /* Every accepted async request completed exactly once, and was freed. */
+            assert_int_equal(atomic_load(&fr.t.calls), fr.submitted_ok);
+            assert_int_equal(atomic_load(&fr.t.destroyed), fr.submitted_ok);
+            /* The model is still loaded (a failed reload keeps the old generation). */
+            assert_true(keel_model_is_ready(f->rt, "m", -1));
+            tu_assert_counters(f->rt, &idle_one_gen);
+
+            /* No slot lost: max_queue_size (4) concurrent requests are accepted, a 5th not. */
+            tally t = {0};
+            mock_gate_close();
+            for (int i = 0; i < 4; i++) {
+                keel_request *req = make_req(f->rt, "m", 1.0f);
+                assert_int_equal(keel_infer_submit(req, tally_cb, &t), KEEL_OK);
+            }
+            keel_request *extra = make_req(f->rt, "m", 1.0f);
+            assert_int_equal(keel_infer_submit(extra, tally_cb, &t), KEEL_EUNAVAILABLE);
+            keel_request_destroy(extra);
+            mock_gate_open();
+            wait_calls(&t, 4);
+            assert_int_equal(atomic_load(&t.by_status[KEEL_OK]), 4);
+            tu_assert_counters(f->rt, &idle_one_gen);
+        }
+    }
+#else
+    (void)state;
+    skip();
+#endif
+}
+
+/* ---- 1,000 load/unload cycles of several models */
+
+static void test_load_unload_cycles(void **state)
+{
+    fixture *f = *state;
+    const char *names[3] = {"a", "b", "c"};
+    keel_counters base;
+    int fds0;
+
+    for (int i = 0; i < 3; i++) {
+        mock_write_model(f->repo, names[i], 2, 8, 0);
+        mock_write_version(f->repo, names[i], 1, 1.0 + i);
+        mock_write_version(f->repo, names[i], 2, 10.0 + i);
+    }
+    keel_runtime_quiesce(f->rt);
+    keel_counters_get(f->rt, &base);
+    fds0 = tu_count_fds();
+    for (int cycle = 0; cycle < 1000; cycle++) {
+        const char *name = names[cycle % 3];
+        assert_int_equal(keel_model_load(f->rt, name, NULL, 0), KEEL_OK);
+        if (cycle % 10 == 0) {
+            keel_request *req = make_req(f->rt, name, 1.0f);
+            assert_int_equal(keel_infer(req), KEEL_OK);
+            assert_true(output0(req) == (float)(10.0 + cycle % 3)); /* latest version (2) */
+            keel_request_destroy(req);
+        }
+        assert_int_equal(keel_model_unload(f->rt, name), KEEL_OK);
+    }
+    tu_assert_counters(f->rt, &base);
+    assert_int_equal(tu_count_fds(), fds0);
+    for (int i = 0; i < 3; i++) {
+        keel_counters c;
+        assert_int_equal(keel_model_counters_get(f->rt, names[i], &c), KEEL_OK);
+        assert_int_equal(c.generations, 0);
+        assert_int_equal(c.contexts, 0);
+        assert_int_equal(c.leases, 0);
+    }
+}
+
+/* Versions: latest-N serves several; a request picks one; unknown one is NOTFOUND. */
+static void test_versions(void **state)
+{
+    fixture *f = *state;
+    keel_request *req = NULL;
+    float x = 1.0f;
+    int64_t shape[2] = {1, 1};
+    char *cfg = tu_strf("%s/v/config.json", f->repo);
+
+    tu_write_file(cfg,
+                  "{\"backend\":\"mock\",\"max_batch_size\":8,"
+                  "\"input\":[{\"name\":\"x\",\"data_type\":\"TYPE_FP32\",\"dims\":[-1]}],"
+                  "\"output\":[{\"name\":\"y\",\"data_type\":\"TYPE_FP32\",\"dims\":[-1]}],"
+                  "\"version_policy\":{\"latest\":{\"num_versions\":2}}}",
+                  (size_t)-1);
+    free(cfg);
+    mock_write_version(f->repo, "v", 1, 1.0);
+    mock_write_version(f->repo, "v", 2, 2.0);
+    mock_write_version(f->repo, "v", 3, 3.0);
+    assert_int_equal(keel_model_load(f->rt, "v", NULL, 0), KEEL_OK);
+    for (int64_t v = 1; v <= 3; v++) {
+        assert_int_equal(keel_request_create(f->rt, "v", v, &req), KEEL_OK);
+        assert_int_equal(keel_request_add_input(req, "x", KEEL_TYPE_FP32, shape, 2, &x, 4),
+                         KEEL_OK);
+        assert_int_equal(keel_infer(req), v == 1 ? KEEL_ENOTFOUND : KEEL_OK);
+        if (v > 1) {
+            assert_true(output0(req) == (float)v);
+            assert_int_equal(keel_request_model_version(req), v);
+        }
+        keel_request_destroy(req);
+    }
+    req = make_req(f->rt, "v", 1.0f);
+    assert_int_equal(keel_infer(req), KEEL_OK);
+    assert_int_equal(keel_request_model_version(req), 3);
+    keel_request_destroy(req);
+    char *json = NULL;
+    assert_int_equal(keel_model_config_json(f->rt, "v", &json), KEEL_OK);
+    assert_non_null(strstr(json, "\"mock\""));
+    free(json);
+    assert_int_equal(keel_model_unload(f->rt, "v"), KEEL_OK);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_sync_and_async, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bad_inputs_then_good, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_return_after_swap, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_overload_and_deadline, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_cancel, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unload_and_shutdown_with_queue, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_failed_reload_keeps_old, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_fault_points, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_load_unload_cycles, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_versions, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
