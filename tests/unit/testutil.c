@@ -184,3 +184,75 @@ void tu_assert_counters(keel_runtime *rt, const keel_counters *want)
                  (long long)want->contexts_in_use);
     }
 }
+
+#define HEART_SCALE "/usr/share/doc/liblinear-tools/examples/heart_scale"
+
+int tu_heart_rows(float **x, float **y)
+{
+    FILE *f = fopen(HEART_SCALE, "r");
+    char line[4096];
+    int n = 0, cap = 0;
+    float *xs = NULL, *ys = NULL;
+
+    if (f == NULL)
+        fail_msg("%s: %s (install liblinear-tools)", HEART_SCALE, strerror(errno));
+    while (fgets(line, sizeof(line), f) != NULL) {
+        char *p = line, *end;
+        if (n == cap) {
+            cap = cap ? cap * 2 : 256;
+            xs = realloc(xs, sizeof(float) * TU_HEART_FEATURES * (size_t)cap);
+            ys = realloc(ys, sizeof(float) * (size_t)cap);
+            assert_non_null(xs);
+            assert_non_null(ys);
+        }
+        double label = strtod(p, &end);
+        if (end == p)
+            continue;
+        ys[n] = label > 0 ? 1.0f : 0.0f;
+        for (int j = 0; j < TU_HEART_FEATURES; j++)
+            xs[n * TU_HEART_FEATURES + j] = __builtin_nanf("");
+        p = end;
+        for (;;) {
+            long idx = strtol(p, &end, 10);
+            if (end == p || *end != ':')
+                break;
+            p = end + 1;
+            double v = strtod(p, &end);
+            assert_true(idx >= 1 && idx <= TU_HEART_FEATURES);
+            xs[n * TU_HEART_FEATURES + idx - 1] = (float)v;
+            p = end;
+        }
+        n++;
+    }
+    fclose(f);
+    *x = xs;
+    *y = ys;
+    return n;
+}
+
+int tu_train_heart(const char *dir, const char *model_name, const char *extra)
+{
+    char *data = tu_strf("%s/heart01.txt", dir);
+    char *conf = tu_strf("%s/train-%s.conf", dir, model_name);
+    char *text;
+    int rc;
+
+    if (KEEL_XGBOOST_CLI[0] == '\0' || access(KEEL_XGBOOST_CLI, X_OK) != 0) {
+        free(data);
+        free(conf);
+        skip();
+    }
+    if (access(data, R_OK) != 0) {
+        rc = tu_run("sed -e 's/^+1/1/' -e 's/^-1/0/' '%s' > '%s'", HEART_SCALE, data);
+        assert_int_equal(rc, 0);
+    }
+    text = tu_strf("booster = gbtree\nobjective = binary:logistic\nnthread = 1\n"
+                   "data = \"%s?format=libsvm&indexing_mode=1\"\nmodel_out = \"%s/%s\"\n%s\n",
+                   data, dir, model_name, extra != NULL ? extra : "");
+    tu_write_file(conf, text, (size_t)-1);
+    rc = tu_run("cd '%s' && '%s' '%s' >/dev/null 2>&1", dir, KEEL_XGBOOST_CLI, conf);
+    free(text);
+    free(conf);
+    free(data);
+    return rc;
+}

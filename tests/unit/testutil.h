@@ -32,4 +32,13 @@ int tu_count_fds(void);
 /* Waits (up to 10 s) until the runtime's counters equal want, after keel_runtime_quiesce. */
 void tu_assert_counters(keel_runtime *rt, const keel_counters *want);
 
+/* heart_scale (Debian liblinear-tools) as dense rows: 13 features, absent ones NaN; labels
+ * mapped to 1/0. Returns the row count; *x (n*13) and *y (n) are malloc'd. */
+#define TU_HEART_FEATURES 13
+int tu_heart_rows(float **x, float **y);
+/* Trains an XGBoost model on heart_scale with the xgboost command-line tool into
+ * <dir>/<model_name> (".json" or ".ubj"); extra is appended to the tool's config (lines
+ * "key = value"). Returns 0 on success. Skips the test if the tool is missing. */
+int tu_train_heart(const char *dir, const char *model_name, const char *extra);
+
 #endif
