@@ -560,6 +560,82 @@ static void test_memory_estimate(void **state)
     free(dir);
 }
 
+/* The committed example (scripts/train-examples.sh) on its own sample rows, against the CLI. */
+static void test_example_model(void **state)
+{
+    enum { NSAMPLE = 5 };
+    test_cfg t;
+    void *model = NULL, *ctx = NULL;
+    char errbuf[512] = "";
+    char *sample = tu_strf("%s/examples/heart_sample.txt", KEEL_SOURCE_DIR);
+    char *vdir = tu_strf("%s/examples/models/heart/1", KEEL_SOURCE_DIR);
+    char *libsvm, *text, *p, *end, *from, *to;
+    float x[NSAMPLE][NFEAT], labels[NSAMPLE], *want;
+    int64_t shape[2] = {NSAMPLE, NFEAT};
+    capture cap = {0};
+    keel_tensor_view in = {"features", KEEL_TYPE_FP32, shape, 2, x, sizeof(x)};
+    keel__run_io io = {&in, 1, NSAMPLE, capture_emit, &cap, errbuf, sizeof(errbuf)};
+    FILE *f;
+
+    (void)state;
+    REQUIRE_CLI();
+    /* label, then 13 values with nan for absent ones */
+    text = tu_read_file(sample, NULL);
+    p = text;
+    for (int i = 0; i < NSAMPLE; i++) {
+        labels[i] = strtof(p, &end);
+        assert_true(end != p);
+        for (int j = 0; j < NFEAT; j++) {
+            p = end;
+            x[i][j] = strtof(p, &end);
+            assert_true(end != p);
+        }
+        p = end;
+    }
+    free(text);
+    libsvm = tu_strf("%s/sample.txt", g.dir);
+    f = fopen(libsvm, "w");
+    assert_non_null(f);
+    for (int i = 0; i < NSAMPLE; i++) {
+        fprintf(f, "%g", (double)labels[i]);
+        for (int j = 0; j < NFEAT; j++) {
+            if (!isnan(x[i][j]))
+                fprintf(f, " %d:%.9g", j + 1, (double)x[i][j]);
+        }
+        fputc('\n', f);
+    }
+    assert_int_equal(fclose(f), 0);
+    /* cli_predict wants <name>.json and <name>.conf in the temp dir. */
+    from = tu_strf("%s/model.json", vdir);
+    to = tu_strf("%s/example.json", g.dir);
+    tu_copy_file(from, to);
+    free(from);
+    free(to);
+    from = tu_strf("%s/bin.conf", g.dir);
+    to = tu_strf("%s/example.conf", g.dir);
+    tu_copy_file(from, to);
+    free(from);
+    free(to);
+    want = cli_predict("example", "sample", NSAMPLE);
+
+    cfg_init(&t, 256, NFEAT, 1, NULL);
+    if (be->model_load(&t.cfg, vdir, &model, errbuf, sizeof(errbuf)) != KEEL_OK)
+        fail_msg("%s", errbuf);
+    assert_int_equal(be->context_create(model, &t.cfg, &ctx, errbuf, sizeof(errbuf)), KEEL_OK);
+    assert_int_equal(be->run(ctx, &io), KEEL_OK);
+    assert_int_equal(cap.bytes, sizeof(float) * NSAMPLE);
+    assert_close(cap.data, want, NSAMPLE, "examples/models/heart");
+    for (int i = 0; i < NSAMPLE; i++)
+        assert_true(cap.data[i] >= 0.0f && cap.data[i] <= 1.0f);
+    be->context_destroy(ctx);
+    be->model_free(model);
+    free(cap.data);
+    free(want);
+    free(libsvm);
+    free(vdir);
+    free(sample);
+}
+
 /* ---------------------------------------------------------------- load failures */
 
 /* Loads dir and requires want_err with a message containing both substrings. */
@@ -957,6 +1033,7 @@ int main(void)
         cmocka_unit_test(test_regression),
         cmocka_unit_test(test_explicit_zeros),
         cmocka_unit_test(test_memory_estimate),
+        cmocka_unit_test(test_example_model),
         cmocka_unit_test(test_truncated_json),
         cmocka_unit_test(test_empty_file),
         cmocka_unit_test(test_random_bytes),
