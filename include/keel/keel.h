@@ -226,7 +226,7 @@ typedef struct keel_counters {
 
 /* Totals over the runtime. */
 void keel_counters_get(keel_runtime *rt, keel_counters *out);
-/* One model's counters (requests counts the requests created for it). */
+/* One model's counters; for a model, requests counts its requests in flight. */
 keel_err keel_model_counters_get(keel_runtime *rt, const char *name, keel_counters *out);
 
 /* ---------------------------------------------------------------- requests */
