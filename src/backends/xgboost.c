@@ -9,12 +9,14 @@
  *
  * Why these calls (facts measured on 1.7.4):
  *  - The model file is read by us and handed to XGBoosterLoadModelFromBuffer, which tells
- *    JSON from UBJSON by content. XGBoosterLoadModel would dispatch on the file's extension
- *    (and parse the name as a dmlc URI), so a default_model_filename such as "model.bin"
- *    holding JSON would be misread. Files that do not start with '{' (after whitespace) are
- *    refused before XGBoost sees them: that is the deprecated binary format (which XGBoost
- *    parses without validating much, and which the xgboost CLI writes for any name not ending
- *    in .json, including "model.ubj") or garbage.
+ *    JSON from UBJSON by content. XGBoosterLoadModel would pick the parser from the file's
+ *    extension (a UBJSON file named .json fails) and treats the name as a dmlc URI, so any
+ *    default_model_filename is accepted here and the content decides. A file that does not
+ *    start with '{' (after whitespace) is refused before XGBoost sees it: it is garbage or the
+ *    deprecated binary format, which the 1.7.4 xgboost CLI writes for every model_out not
+ *    ending in .json, "model.ubj" included (XGBoosterSaveModel does write real UBJSON).
+ *  - XGBoost's parsers are not hardened: truncated UBJSON can make them read past the end of
+ *    the buffer or attempt huge allocations. Model files are trusted input, as in Triton.
  *  - nthread=1: OpenMP inside one call is 4x slower at batch 1 on two cores; keel gets its
  *    parallelism from several contexts running at once.
  *  - Inplace prediction (XGBoosterPredictFromDense) on a booster is thread-safe once the
@@ -37,6 +39,7 @@
  */
 #include "backends/backend.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdalign.h>
@@ -62,7 +65,7 @@ typedef struct xgb_model {
 typedef struct xgb_context {
     xgb_model *model; /* borrowed */
     DMatrixHandle proxy;
-    bool batched; /* cfg->max_batch_size > 0 */
+    bool batched;            /* cfg->max_batch_size > 0 */
     const char *output_name; /* borrowed from the generation's config */
     int64_t out_dims[KEEL__MAX_DIMS];
     size_t out_ndims;
@@ -155,8 +158,8 @@ static keel_err check_config(const keel__model_config *cfg, char *errbuf, size_t
         const char *what = i == 0 ? "input" : "output";
 
         if (t->datatype != KEEL_TYPE_FP32) {
-            keel__errf(errbuf, errlen, "model '%s': %s '%s' must be TYPE_FP32 (is %s)",
-                       cfg->name, what, t->name, keel_datatype_name(t->datatype));
+            keel__errf(errbuf, errlen, "model '%s': %s '%s' must be TYPE_FP32 (is %s)", cfg->name,
+                       what, t->name, keel_datatype_name(t->datatype));
             return KEEL_ECONFIG;
         }
         if (dims_product(t->dims, t->ndims) <= 0) {
@@ -174,8 +177,8 @@ static keel_err check_config(const keel__model_config *cfg, char *errbuf, size_t
  * Picks the model file: default_model_filename, else model.json, else model.ubj.
  * On KEEL_OK *out is a malloc'd path.
  */
-static keel_err find_model_file(const keel__model_config *cfg, const char *version_dir,
-                                char **out, char *errbuf, size_t errlen)
+static keel_err find_model_file(const keel__model_config *cfg, const char *version_dir, char **out,
+                                char *errbuf, size_t errlen)
 {
     static const char *const defaults[] = {"model.json", "model.ubj"};
     const char *const *names = defaults;
@@ -210,8 +213,7 @@ static keel_err find_model_file(const keel__model_config *cfg, const char *versi
 }
 
 /* Reads the whole file. On KEEL_OK *out is malloc'd (NUL-terminated) and *len its size. */
-static keel_err read_file(const char *path, char **out, size_t *len, char *errbuf,
-                          size_t errlen)
+static keel_err read_file(const char *path, char **out, size_t *len, char *errbuf, size_t errlen)
 {
     FILE *f = NULL;
     char *buf = NULL;
@@ -220,7 +222,7 @@ static keel_err read_file(const char *path, char **out, size_t *len, char *errbu
 
     *out = NULL;
     *len = 0;
-    if ((f = fopen(path, "rb")) == NULL) {
+    if ((f = fopen(path, "rbe")) == NULL) { /* e: O_CLOEXEC */
         keel__errf(errbuf, errlen, "%s: cannot open model file: %s", path, strerror(errno));
         err = KEEL_ELOAD;
         goto fail;
@@ -262,14 +264,218 @@ fail:
     return err;
 }
 
+/* ---- structural checks of the model bytes, before XGBoost parses them */
+
+/*
+ * XGBoost 1.7's readers are recursive and its UBJSON reader does no bounds checking: a
+ * truncated .ubj file makes it read past the buffer (SIGSEGV) or allocate gigabytes, and deep
+ * nesting overflows the stack in either format (all measured). These checks walk the bytes
+ * first so such files fail with a message instead of taking the process down. The UBJSON
+ * grammar below is exactly what XGBoost 1.7.4's UBJReader accepts (src/common/json.cc): any
+ * other construct would be refused by XGBoost too.
+ */
+#define MAX_NESTING 64 /* an XGBoost model nests about 7 deep */
+
+typedef struct ubj_cursor {
+    const unsigned char *p;
+    size_t n;
+    size_t pos;
+} ubj_cursor;
+
+static bool ubj_skip(ubj_cursor *u, uint64_t count)
+{
+    if (count > u->n - u->pos)
+        return false;
+    u->pos += (size_t)count;
+    return true;
+}
+
+/* A big-endian int64 after the marker 'L' (the only length type XGBoost 1.7 reads). */
+static bool ubj_length(ubj_cursor *u, uint64_t *out)
+{
+    uint64_t v = 0;
+
+    if (u->n - u->pos < 9 || u->p[u->pos] != 'L')
+        return false;
+    for (int i = 1; i <= 8; i++)
+        v = v << 8 | u->p[u->pos + (size_t)i];
+    u->pos += 9;
+    if (v > INT64_MAX)
+        return false; /* negative */
+    *out = v;
+    return true;
+}
+
+static bool ubj_string(ubj_cursor *u)
+{
+    uint64_t len;
+
+    return ubj_length(u, &len) && ubj_skip(u, len);
+}
+
+static bool ubj_value(ubj_cursor *u, int depth)
+{
+    uint64_t count;
+
+    if (depth > MAX_NESTING || u->pos >= u->n)
+        return false;
+    switch (u->p[u->pos++]) {
+    case 'Z':
+    case 'T':
+    case 'F':
+        return true;
+    case 'i':
+    case 'U':
+    case 'C':
+        return ubj_skip(u, 1);
+    case 'I':
+        return ubj_skip(u, 2);
+    case 'l':
+    case 'd':
+        return ubj_skip(u, 4);
+    case 'L':
+        return ubj_skip(u, 8);
+    case 'S':
+        return ubj_string(u);
+    case '{': /* keys and values up to '}' */
+        for (;;) {
+            if (u->pos >= u->n)
+                return false;
+            if (u->p[u->pos] == '}') {
+                u->pos++;
+                return true;
+            }
+            if (!ubj_string(u) || !ubj_value(u, depth + 1))
+                return false;
+        }
+    case '[':
+        if (u->pos >= u->n)
+            return false;
+        if (u->p[u->pos] == '$') { /* typed: $ <type> # L <count>, then raw elements */
+            unsigned size;
+
+            if (u->n - u->pos < 3 || u->p[u->pos + 2] != '#')
+                return false;
+            switch (u->p[u->pos + 1]) {
+            case 'U':
+                size = 1;
+                break;
+            case 'd':
+            case 'l':
+                size = 4;
+                break;
+            case 'L':
+                size = 8;
+                break;
+            default:
+                return false;
+            }
+            u->pos += 3;
+            return ubj_length(u, &count) && count <= (u->n - u->pos) / size &&
+                   ubj_skip(u, count * size);
+        }
+        if (u->p[u->pos] == '#') { /* counted: # L <count>, then values */
+            u->pos++;
+            if (!ubj_length(u, &count) || count > u->n - u->pos)
+                return false;
+            for (uint64_t i = 0; i < count; i++) {
+                if (!ubj_value(u, depth + 1))
+                    return false;
+            }
+            return true;
+        }
+        for (;;) {
+            if (u->pos >= u->n)
+                return false;
+            if (u->p[u->pos] == ']') {
+                u->pos++;
+                return true;
+            }
+            if (!ubj_value(u, depth + 1))
+                return false;
+        }
+    default:
+        return false;
+    }
+}
+
+/* Nesting depth of JSON text, outside strings. */
+static bool json_nesting_ok(const char *p, size_t n)
+{
+    int depth = 0;
+    bool in_string = false;
+
+    for (size_t i = 0; i < n; i++) {
+        if (in_string) {
+            if (p[i] == '\\')
+                i++;
+            else if (p[i] == '"')
+                in_string = false;
+        } else if (p[i] == '"') {
+            in_string = true;
+        } else if (p[i] == '{' || p[i] == '[') {
+            if (++depth > MAX_NESTING)
+                return false;
+        } else if (p[i] == '}' || p[i] == ']') {
+            depth--;
+        }
+    }
+    return true;
+}
+
+/*
+ * Tells JSON from UBJSON as XGBoost does (after '{' and any spaces: '"' is JSON text, a letter
+ * is UBJSON) and checks the structure. *skip is set to the leading whitespace to drop.
+ */
+static keel_err check_model_bytes(const char *path, const char *bytes, size_t n, size_t *skip,
+                                  char *errbuf, size_t errlen)
+{
+    size_t i = 0, j;
+
+    while (i < n && (bytes[i] == ' ' || bytes[i] == '\t' || bytes[i] == '\r' || bytes[i] == '\n'))
+        i++;
+    *skip = i;
+    if (i == n || bytes[i] != '{') {
+        keel__errf(errbuf, errlen,
+                   "%s: not an XGBoost JSON or UBJSON model (it does not start with '{'; "
+                   "the deprecated binary format is not supported, re-save the model as "
+                   ".json or .ubj)",
+                   path);
+        return KEEL_ELOAD;
+    }
+    for (j = i + 1; j < n && isspace((unsigned char)bytes[j]); j++)
+        ;
+    if (j < n && bytes[j] == '"') {
+        if (!json_nesting_ok(bytes + i, n - i)) {
+            keel__errf(errbuf, errlen, "%s: JSON model nests deeper than %d levels", path,
+                       MAX_NESTING);
+            return KEEL_ELOAD;
+        }
+        return KEEL_OK;
+    }
+    if (j < n && isalpha((unsigned char)bytes[j])) {
+        ubj_cursor u = {(const unsigned char *)bytes + i, n - i, 0};
+
+        if (!ubj_value(&u, 0)) {
+            keel__errf(errbuf, errlen,
+                       "%s: UBJSON model is truncated or malformed (at byte %zu of %zu)", path,
+                       i + u.pos, n);
+            return KEEL_ELOAD;
+        }
+        return KEEL_OK;
+    }
+    keel__errf(errbuf, errlen, "%s: not an XGBoost JSON or UBJSON model", path);
+    return KEEL_ELOAD;
+}
+
 /*
  * Runs one inplace prediction of rows x cols float values. On success *result points into
  * XGBoost's thread-local buffer (valid until this thread's next prediction) and *count is
  * the number of values. Returns 0 or -1 as the C API does.
  */
-static int predict_dense(BoosterHandle booster, DMatrixHandle proxy, char *iface,
-                         size_t iface_len, const float *values, int64_t rows, int64_t cols,
-                         const float **result, uint64_t *count)
+static int predict_dense(BoosterHandle booster, DMatrixHandle proxy, char *iface, size_t iface_len,
+                         const float *values, int64_t rows, int64_t cols, const float **result,
+                         uint64_t *count)
 {
     bst_ulong const *shape = NULL;
     bst_ulong ndim = 0;
@@ -282,8 +488,8 @@ static int predict_dense(BoosterHandle booster, DMatrixHandle proxy, char *iface
                    (uintptr_t)values, rows, cols);
     if (len < 0 || (size_t)len >= iface_len)
         return -2; /* cannot happen with ARRAY_IFACE_LEN; reported by the caller */
-    if (XGBoosterPredictFromDense(booster, iface, predict_config, proxy, &shape, &ndim,
-                                  result) != 0)
+    if (XGBoosterPredictFromDense(booster, iface, predict_config, proxy, &shape, &ndim, result) !=
+        0)
         return -1;
     for (bst_ulong i = 0; i < ndim; i++)
         n *= (uint64_t)shape[i];
@@ -295,8 +501,8 @@ static int predict_dense(BoosterHandle booster, DMatrixHandle proxy, char *iface
  * Loads the booster from the version directory, checks it against the config and warms it.
  * On KEEL_OK *model is owned by the caller (model_free).
  */
-static keel_err xgb_model_load(const keel__model_config *cfg, const char *version_dir,
-                               void **model, char *errbuf, size_t errlen)
+static keel_err xgb_model_load(const keel__model_config *cfg, const char *version_dir, void **model,
+                               char *errbuf, size_t errlen)
 {
     xgb_model *m = NULL;
     BoosterHandle booster = NULL;
@@ -327,25 +533,13 @@ static keel_err xgb_model_load(const keel__model_config *cfg, const char *versio
         goto fail;
     if ((err = read_file(path, &bytes, &nbytes, errbuf, errlen)) != KEEL_OK)
         goto fail;
-    /* JSON and UBJSON models are objects; anything else is the deprecated binary format or
-     * garbage, which XGBoost may half-accept. */
-    while (skip < nbytes && strchr(" \t\r\n", bytes[skip]) != NULL && bytes[skip] != '\0')
-        skip++;
-    if (skip == nbytes || bytes[skip] != '{') {
-        keel__errf(errbuf, errlen,
-                   "%s: not an XGBoost JSON or UBJSON model (it does not start with '{'; "
-                   "the deprecated binary format is not supported, re-save the model as "
-                   ".json or .ubj)",
-                   path);
-        err = KEEL_ELOAD;
+    if ((err = check_model_bytes(path, bytes, nbytes, &skip, errbuf, errlen)) != KEEL_OK)
         goto fail;
-    }
 
     if (XGBoosterCreate(NULL, 0, &booster) != 0 ||
         XGBoosterSetParam(booster, "nthread", "1") != 0) {
         len = xgb_error(&xmsg);
-        keel__errf(errbuf, errlen, "%s: cannot create an XGBoost booster: %.*s", path, len,
-                   xmsg);
+        keel__errf(errbuf, errlen, "%s: cannot create an XGBoost booster: %.*s", path, len, xmsg);
         err = KEEL_ELOAD;
         goto fail;
     }
@@ -360,8 +554,8 @@ static keel_err xgb_model_load(const keel__model_config *cfg, const char *versio
 
     if (XGBoosterGetNumFeature(booster, &nfeat) != 0) {
         len = xgb_error(&xmsg);
-        keel__errf(errbuf, errlen, "%s: cannot read the model's feature count: %.*s", path,
-                   len, xmsg);
+        keel__errf(errbuf, errlen, "%s: cannot read the model's feature count: %.*s", path, len,
+                   xmsg);
         err = KEEL_ELOAD;
         goto fail;
     }
@@ -387,8 +581,8 @@ static keel_err xgb_model_load(const keel__model_config *cfg, const char *versio
         err = KEEL_ENOMEM;
         goto fail;
     }
-    switch (predict_dense(booster, proxy, iface, sizeof(iface), zeros, 1, want_feat, &result,
-                          &count)) {
+    switch (
+        predict_dense(booster, proxy, iface, sizeof(iface), zeros, 1, want_feat, &result, &count)) {
     case 0:
         break;
     case -1:

@@ -167,9 +167,9 @@ static void test_hotswap_under_load(void **state)
         c->gen_file_loaded[gen_of(c->rt)] = which + 1;
         for (int r = 0; r < NROWS; r++) {
             uint64_t g;
-            assert_int_equal(infer_row(c->rt, c->x + r * TU_HEART_FEATURES, &c->ref[which][r],
-                                       &g, NULL),
-                             KEEL_OK);
+            assert_int_equal(
+                infer_row(c->rt, c->x + r * TU_HEART_FEATURES, &c->ref[which][r], &g, NULL),
+                KEEL_OK);
         }
     }
     for (int r = 0; r < NROWS; r++)
@@ -197,8 +197,8 @@ static void test_hotswap_under_load(void **state)
     for (int g = 1; g < MAX_GENS; g++) {
         int seen = atomic_load(&c->gen_file_seen[g]);
         if (seen != 0 && seen != c->gen_file_loaded[g])
-            fail_msg("generation %d answered like file %d but was loaded from file %d", g,
-                     seen, c->gen_file_loaded[g]);
+            fail_msg("generation %d answered like file %d but was loaded from file %d", g, seen,
+                     c->gen_file_loaded[g]);
     }
     const keel_counters idle = {0, 0, 0, 1, 2, 0};
     tu_assert_counters(c->rt, &idle);
@@ -245,7 +245,7 @@ static void test_failed_load_keeps_old(void **state)
         const char *what;
         const char *expect; /* in the error message */
     } cases[] = {
-        {"truncated", "model.json"}, {"empty", "model.json"},  {"wrong-format", "model.json"},
+        {"truncated", "model.json"}, {"empty", "model.json"},      {"wrong-format", "model.json"},
         {"missing", "heart/1"},      {"unreadable", "model.json"},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -390,12 +390,60 @@ static void test_conformance_through_runtime(void **state)
     free(work);
 }
 
+/* Load/unload cycles of a real XGBoost model: counters and open fds return to baseline. */
+static void test_xgboost_load_unload_cycles(void **state)
+{
+    char *work = tu_mkdtemp("cycles");
+    char *repo = tu_strf("%s/repo", work);
+    char *cfg = tu_strf("%s/heart/config.json", repo);
+    char *trained = tu_strf("%s/m.json", work);
+    char *dst = tu_strf("%s/heart/1/model.json", repo);
+    keel_runtime *rt;
+    keel_counters base;
+    float *x = NULL, *y = NULL;
+    char err[512];
+    int fds0;
+
+    (void)state;
+    assert_int_equal(tu_train_heart(work, "m.json", "max_depth = 3\nnum_round = 10\n"), 0);
+    tu_heart_rows(&x, &y);
+    tu_write_file(cfg, config_json, (size_t)-1);
+    tu_copy_file(trained, dst);
+    rt = open_rt(repo);
+    /* The first load allocates XGBoost's process-wide state; measure after it. */
+    assert_int_equal(keel_model_load(rt, "heart", err, sizeof(err)), KEEL_OK);
+    assert_int_equal(keel_model_unload(rt, "heart"), KEEL_OK);
+    keel_runtime_quiesce(rt);
+    keel_counters_get(rt, &base);
+    fds0 = tu_count_fds();
+    for (int i = 0; i < 300; i++) {
+        float out;
+        uint64_t g;
+        assert_int_equal(keel_model_load(rt, "heart", err, sizeof(err)), KEEL_OK);
+        assert_int_equal(infer_row(rt, x, &out, &g, NULL), KEEL_OK);
+        assert_int_equal(keel_model_unload(rt, "heart"), KEEL_OK);
+    }
+    tu_assert_counters(rt, &base);
+    assert_int_equal(base.generations, 0);
+    assert_int_equal(tu_count_fds(), fds0);
+    keel_runtime_destroy(rt);
+    free(x);
+    free(y);
+    free(cfg);
+    free(trained);
+    free(dst);
+    free(repo);
+    tu_rm_rf(work);
+    free(work);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_conformance_through_runtime),
         cmocka_unit_test(test_failed_load_keeps_old),
         cmocka_unit_test(test_hotswap_under_load),
+        cmocka_unit_test(test_xgboost_load_unload_cycles),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
