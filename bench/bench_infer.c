@@ -577,8 +577,8 @@ static const row_spec row_specs[] = {
 };
 
 /* Measures one table row: rounds of raw then keel. Returns 0, or -1 if anything failed. */
-static int measure_row(const options *o, BoosterHandle booster, keel_side *sides,
-                       const float *x, int batch, const row_spec *spec)
+static int measure_row(const options *o, BoosterHandle booster, keel_side *sides, const float *x,
+                       int batch, const row_spec *spec)
 {
     keel_side *k = &sides[spec->instances - 1];
     keel_request *reqs[MAX_DEPTH] = {0};
@@ -603,7 +603,7 @@ static int measure_row(const options *o, BoosterHandle booster, keel_side *sides
     for (int r = 0; r < o->rounds; r++) {
         sample raw_s = round_raw(booster, x, batch, spec->raw_threads, o->seconds);
         sample keel_s = spec->m == MODE_SYNC ? round_sync(reqs[0], batch, o->seconds)
-                                          : round_async(reqs, nreqs, o->seconds);
+                                             : round_async(reqs, nreqs, o->seconds);
 
         if (!raw_s.ok || !keel_s.ok)
             goto done;
@@ -822,13 +822,12 @@ done:
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: bench_infer --model-repository DIR [--rounds N] [--seconds S] [--depth N]\n"
-            "                   [--batches 1,64]\n"
-            "       bench_infer --model-repository DIR --callgrind raw|sync|async\n"
-            "                   [--batch N] [--iterations N] [--instances 1|2] [--depth N]\n"
-            "DIR is the repository written by bench/train-reference.sh (models ref_i1, "
-            "ref_i2).\n");
+    fprintf(f, "usage: bench_infer --model-repository DIR [--rounds N] [--seconds S] [--depth N]\n"
+               "                   [--batches 1,64]\n"
+               "       bench_infer --model-repository DIR --callgrind raw|sync|async\n"
+               "                   [--batch N] [--iterations N] [--instances 1|2] [--depth N]\n"
+               "DIR is the repository written by bench/train-reference.sh (models ref_i1, "
+               "ref_i2).\n");
 }
 
 static int parse_batches(const char *s, options *o)
