@@ -22,5 +22,6 @@ echo "== $keel models --model-repository $repo"
 "$keel" models --model-repository "$repo"
 
 echo
-echo "== $keel infer --model-repository $repo --model heart $sample"
-"$keel" infer --model-repository "$repo" --model heart "$sample"
+echo "== $keel infer --model-repository $repo --model heart --label-first $sample"
+echo "   (first column: the true label, 1 = heart disease; second: the model's probability)"
+"$keel" infer --model-repository "$repo" --model heart --label-first "$sample"

@@ -9,7 +9,7 @@
 #   examples/models/heart/1/model.json   the model (XGBoost JSON)
 #   examples/models/heart/config.json    the keel (Triton-style) model configuration
 #   examples/models/heart/README.md      what the inputs and the output mean
-#   examples/heart_sample.txt            5 rows for demos: label, then 13 dense features
+#   examples/heart_sample.txt            5 rows for demos (keel infer --label-first)
 # Usage: scripts/train-examples.sh   (XGBOOST and HEART_SCALE may override the defaults)
 set -eu
 
@@ -122,13 +122,18 @@ The model's estimate, between 0 and 1, that the patient has heart disease (label
 0 = none) followed by the 13 features in the order above, `nan` where the row has no value.
 EOF
 
-# Five rows for demos: label (1/0), then 13 dense values with nan for absent features.
-head -n 5 "$WORK/heart.txt" | awk '{
-    for (i = 1; i <= 13; i++) v[i] = "nan"
-    for (i = 2; i <= NF; i++) { split($i, kv, ":"); v[kv[1]] = kv[2] }
-    line = $1
-    for (i = 1; i <= 13; i++) line = line " " v[i]
-    print line
-}' >"$ROOT/examples/heart_sample.txt"
+# Five rows for demos: label (1/0), then 13 dense values with nan for absent features. keel's
+# command line skips '#' lines.
+{
+    echo "# heart_scale rows 1-5: label (1 = heart disease), then the 13 scaled features of"
+    echo "# examples/models/heart/README.md; nan = missing. Use: keel infer --label-first"
+    head -n 5 "$WORK/heart.txt" | awk '{
+        for (i = 1; i <= 13; i++) v[i] = "nan"
+        for (i = 2; i <= NF; i++) { split($i, kv, ":"); v[kv[1]] = kv[2] }
+        line = $1
+        for (i = 1; i <= 13; i++) line = line " " v[i]
+        print line
+    }'
+} >"$ROOT/examples/heart_sample.txt"
 
 echo "train-examples: wrote $MODEL_DIR and examples/heart_sample.txt"

@@ -15,10 +15,16 @@
  *    start with '{' (after whitespace) is refused before XGBoost sees it: it is garbage or the
  *    deprecated binary format, which the 1.7.4 xgboost CLI writes for every model_out not
  *    ending in .json, "model.ubj" included (XGBoosterSaveModel does write real UBJSON).
- *  - XGBoost's parsers are not hardened: truncated UBJSON can make them read past the end of
- *    the buffer or attempt huge allocations. Model files are trusted input, as in Triton.
+ *  - XGBoost's readers are not hardened: its UBJSON reader has no bounds checks (a truncated
+ *    .ubj read past the buffer and crashed, or allocated gigabytes) and both readers recurse
+ *    (deep nesting overflowed the stack). check_model_bytes walks the structure first so
+ *    those files fail with a message. It cannot catch a well-formed model with corrupted
+ *    values (a flipped bit in a child or feature index can still crash or hang XGBoost at
+ *    the warm-up prediction): model files remain trusted input, as in Triton.
  *  - nthread=1: OpenMP inside one call is 4x slower at batch 1 on two cores; keel gets its
- *    parallelism from several contexts running at once.
+ *    parallelism from several contexts running at once. XGBoost applies nthread only at its
+ *    lazy Configure(), so loading a model still runs OpenMP on all cores (libgomp starts a
+ *    thread pool owned by the loading thread); prediction is single-threaded.
  *  - Inplace prediction (XGBoosterPredictFromDense) on a booster is thread-safe once the
  *    learner's lazy Configure() has run, so model_load runs one warm prediction before the
  *    model is shared, and concurrent_contexts is true. The result buffer is thread-local to

@@ -585,10 +585,12 @@ static void test_example_model(void **state)
     REQUIRE_CLI();
     sample = tu_strf("%s/examples/heart_sample.txt", KEEL_SOURCE_DIR);
     vdir = tu_strf("%s/examples/models/heart/1", KEEL_SOURCE_DIR);
-    /* label, then 13 values with nan for absent ones */
+    /* '#' comment lines, then rows: label, then 13 values with nan for absent ones */
     text = tu_read_file(sample, NULL);
     p = text;
     for (int i = 0; i < NSAMPLE; i++) {
+        while (*p == '#' || *p == '\n')
+            p += strcspn(p, "\n") + (p[strcspn(p, "\n")] == '\n');
         labels[i] = strtof(p, &end);
         assert_true(end != p);
         for (int j = 0; j < NFEAT; j++) {
