@@ -279,7 +279,9 @@ typedef void (*keel_infer_cb)(keel_request *req, keel_err status, void *user);
  */
 keel_err keel_infer_submit(keel_request *req, keel_infer_cb cb, void *user);
 
-/* Synchronous inference: submit + wait for completion. Returns the request's status. */
+/* Synchronous inference: submit + wait for completion. Returns the request's status. When the
+ * model's queue is empty and a context is idle, the request runs on the calling thread (same
+ * admission, lease and completion code, without the hand-off to a worker). */
 keel_err keel_infer(keel_request *req);
 
 /* Cancels an in-flight request. A queued request completes with KEEL_ECANCELED (its callback

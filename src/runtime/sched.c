@@ -23,11 +23,16 @@
 
 #include "runtime/internal.h"
 
-static bool vslot_can_dispatch(const keel__vslot *v)
+static bool vslot_has_idle_context(const keel__vslot *v)
 {
     const keel__generation *g = v->current;
 
-    return v->qhead != NULL && g != NULL && g->nfree > 0 && g->in_use < g->max_in_use;
+    return g != NULL && g->nfree > 0 && g->in_use < g->max_in_use;
+}
+
+static bool vslot_can_dispatch(const keel__vslot *v)
+{
+    return v->qhead != NULL && vslot_has_idle_context(v);
 }
 
 void keel__vslot_kick_locked(keel_runtime *rt, keel__vslot *v)
@@ -137,13 +142,25 @@ static keel_err pick_vslot_locked(keel_request *req, keel__model_entry *e, keel_
     return KEEL_EUNAVAILABLE;
 }
 
-keel_err keel_infer_submit(keel_request *req, keel_infer_cb cb, void *user)
+static void lease_locked(keel_runtime *rt, keel__vslot *v, keel_request *req);
+static void run_and_complete(keel_request *req);
+
+/*
+ * Admits req (see the file's DESIGN). With may_run_here (keel_infer only), a request that
+ * would be first in an empty queue while its generation has an idle context is leased at once
+ * and *run_here is set: the caller runs it on its own thread through run_and_complete(), the
+ * same code a worker uses, which saves the two thread hand-offs a synchronous call otherwise
+ * costs (docs/PERFORMANCE.md). Otherwise it is queued for a worker.
+ */
+static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, bool may_run_here,
+                       bool *run_here)
 {
     keel_runtime *rt;
     keel__model_entry *e;
     keel__vslot *v = NULL;
     keel_err err;
 
+    *run_here = false;
     if (req == NULL || cb == NULL)
         return KEEL_EINVAL;
     rt = req->rt;
@@ -174,7 +191,7 @@ keel_err keel_infer_submit(keel_request *req, keel_infer_cb cb, void *user)
         goto fail;
     }
 
-    /* Take the slot and queue the request. */
+    /* Take the slot. */
     v->inflight++;
     keel__counter_add(rt, e, KEEL__CNT(leases), 1);
     req->state = KEEL__REQ_QUEUED;
@@ -194,18 +211,8 @@ keel_err keel_infer_submit(keel_request *req, keel_infer_cb cb, void *user)
         uint64_t t = req->timeout_us != 0 ? req->timeout_us : v->default_timeout_us;
         req->deadline_ns = t != 0 ? req->submit_ns + t * 1000ULL : 0;
     }
-    req->qnext = NULL;
-    req->qprev = v->qtail;
-    if (v->qtail != NULL)
-        v->qtail->qnext = req;
-    else
-        v->qhead = req;
-    v->qtail = req;
-    keel__counter_add(rt, e, KEEL__CNT(queued), 1);
-
     if (keel__fault_hit(KEEL__FAULT_SUBMIT)) {
         /* A failure after the slot was taken: undo everything; the callback never runs. */
-        queue_unlink_locked(rt, v, req);
         v->inflight--;
         keel__counter_add(rt, e, KEEL__CNT(leases), -1);
         req->state = KEEL__REQ_IDLE;
@@ -217,6 +224,21 @@ keel_err keel_infer_submit(keel_request *req, keel_infer_cb cb, void *user)
         err = KEEL_EUNAVAILABLE;
         goto fail;
     }
+    if (may_run_here && v->qhead == NULL && vslot_has_idle_context(v)) {
+        req->dispatch_ns = req->submit_ns;
+        lease_locked(rt, v, req);
+        *run_here = true;
+        pthread_mutex_unlock(&rt->mu);
+        return KEEL_OK;
+    }
+    req->qnext = NULL;
+    req->qprev = v->qtail;
+    if (v->qtail != NULL)
+        v->qtail->qnext = req;
+    else
+        v->qhead = req;
+    v->qtail = req;
+    keel__counter_add(rt, e, KEEL__CNT(queued), 1);
     keel__vslot_kick_locked(rt, v);
     pthread_mutex_unlock(&rt->mu);
     return KEEL_OK;
@@ -224,6 +246,13 @@ keel_err keel_infer_submit(keel_request *req, keel_infer_cb cb, void *user)
 fail:
     pthread_mutex_unlock(&rt->mu);
     return err;
+}
+
+keel_err keel_infer_submit(keel_request *req, keel_infer_cb cb, void *user)
+{
+    bool run_here;
+
+    return submit(req, cb, user, false, &run_here);
 }
 
 /* Ends a request: see the file's DESIGN. Called with no lock held, exactly once per
@@ -344,6 +373,34 @@ static keel_err run_leased(keel_request *req, int64_t *batch_out)
     return KEEL_OK;
 }
 
+/* Under rt->mu: gives req a lease on v's current generation: a reference and an idle
+ * context (the caller checked there is one). */
+static void lease_locked(keel_runtime *rt, keel__vslot *v, keel_request *req)
+{
+    keel__generation *g = v->current;
+
+    keel__generation_acquire(g);
+    req->gen = g;
+    req->ctx_index = g->free_stack[--g->nfree];
+    g->in_use++;
+    keel__counter_add(rt, v->entry, KEEL__CNT(contexts_in_use), 1);
+    req->generation_id = g->id;
+    req->ran_version = g->version;
+    req->state = KEEL__REQ_RUNNING;
+}
+
+/* Runs a leased request and completes it (worker thread, or keel_infer's caller). */
+static void run_and_complete(keel_request *req)
+{
+    int64_t batch = 0;
+    keel_err err = run_leased(req, &batch);
+
+    if (err == KEEL_OK)
+        atomic_fetch_add_explicit(&req->gen->entry->stats.inference_count, (uint64_t)batch,
+                                  memory_order_relaxed);
+    complete(req, err, NULL);
+}
+
 void *keel__worker_main(void *arg)
 {
     keel_runtime *rt = arg;
@@ -352,10 +409,7 @@ void *keel__worker_main(void *arg)
     for (;;) {
         keel__vslot *v;
         keel_request *req;
-        keel__generation *g;
         bool expired;
-        int64_t batch = 0;
-        keel_err err;
 
         while (!rt->stopping && rt->ready_head == NULL)
             pthread_cond_wait(&rt->work_cv, &rt->mu);
@@ -370,15 +424,7 @@ void *keel__worker_main(void *arg)
         if (expired) {
             req->state = KEEL__REQ_COMPLETING;
         } else {
-            g = v->current;
-            keel__generation_acquire(g);
-            req->gen = g;
-            req->ctx_index = g->free_stack[--g->nfree];
-            g->in_use++;
-            keel__counter_add(rt, v->entry, KEEL__CNT(contexts_in_use), 1);
-            req->generation_id = g->id;
-            req->ran_version = g->version;
-            req->state = KEEL__REQ_RUNNING;
+            lease_locked(rt, v, req);
         }
         keel__vslot_kick_locked(rt, v);
         if (rt->ready_head != NULL)
@@ -391,11 +437,7 @@ void *keel__worker_main(void *arg)
                 (unsigned long long)((req->dispatch_ns - req->submit_ns) / 1000));
             complete(req, KEEL_ETIMEDOUT, NULL);
         } else {
-            err = run_leased(req, &batch);
-            if (err == KEEL_OK)
-                atomic_fetch_add_explicit(&req->gen->entry->stats.inference_count, (uint64_t)batch,
-                                          memory_order_relaxed);
-            complete(req, err, NULL);
+            run_and_complete(req);
         }
         pthread_mutex_lock(&rt->mu);
     }
@@ -442,6 +484,7 @@ static void sync_done(keel_request *req, keel_err status, void *user)
 
 keel_err keel_infer(keel_request *req)
 {
+    bool run_here;
     keel_err err;
 
     if (req == NULL)
@@ -449,8 +492,10 @@ keel_err keel_infer(keel_request *req)
     pthread_mutex_lock(&req->wait_mu);
     req->wait_done = false;
     pthread_mutex_unlock(&req->wait_mu);
-    if ((err = keel_infer_submit(req, sync_done, NULL)) != KEEL_OK)
+    if ((err = submit(req, sync_done, NULL, true, &run_here)) != KEEL_OK)
         return err;
+    if (run_here)
+        run_and_complete(req); /* sync_done runs here, before the wait below */
     pthread_mutex_lock(&req->wait_mu);
     while (!req->wait_done)
         pthread_cond_wait(&req->wait_cv, &req->wait_mu);
