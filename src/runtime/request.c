@@ -51,6 +51,28 @@ static void tensor_fini(keel__tensor *t)
     free(t->data);
 }
 
+/* Fills t with copies of name, shape and data; on failure frees what it made. */
+static keel_err tensor_copy(keel__tensor *t, const char *name, keel_datatype dt,
+                            const int64_t *shape, size_t ndim, const void *data, size_t bytes)
+{
+    memset(t, 0, sizeof(*t));
+    t->datatype = dt;
+    t->ndim = ndim;
+    t->bytes = bytes;
+    if ((t->name = keel__strdup(name)) == NULL ||
+        (t->shape = keel__malloc(sizeof(int64_t) * (ndim ? ndim : 1))) == NULL ||
+        (t->data = keel__malloc(bytes)) == NULL) {
+        tensor_fini(t);
+        memset(t, 0, sizeof(*t));
+        return KEEL_ENOMEM;
+    }
+    if (ndim > 0)
+        memcpy(t->shape, shape, sizeof(int64_t) * ndim);
+    if (bytes > 0)
+        memcpy(t->data, data, bytes);
+    return KEEL_OK;
+}
+
 void keel__request_clear_outputs(keel_request *req)
 {
     for (size_t i = 0; i < req->noutputs; i++)
@@ -238,19 +260,8 @@ keel_err keel_request_add_input(keel_request *req, const char *name, keel_dataty
     if ((err = grow((void **)&req->inputs, &req->cap_inputs, req->ninputs + 1,
                     sizeof(*req->inputs))) != KEEL_OK)
         return err;
-    t.datatype = dt;
-    t.ndim = ndim;
-    t.bytes = bytes;
-    if ((t.name = keel__strdup(name)) == NULL ||
-        (t.shape = keel__malloc(sizeof(int64_t) * (ndim ? ndim : 1))) == NULL ||
-        (t.data = keel__malloc(bytes)) == NULL) {
-        tensor_fini(&t);
-        return KEEL_ENOMEM;
-    }
-    if (ndim > 0)
-        memcpy(t.shape, shape, sizeof(int64_t) * ndim);
-    if (bytes > 0)
-        memcpy(t.data, data, bytes);
+    if ((err = tensor_copy(&t, name, dt, shape, ndim, data, bytes)) != KEEL_OK)
+        return err;
     req->inputs[req->ninputs++] = t;
     return KEEL_OK;
 }
@@ -497,17 +508,8 @@ keel_err keel__request_emit(keel__run_io *io, const char *name, keel_datatype dt
     if ((err = grow((void **)&req->outputs, &req->cap_outputs, req->noutputs + 1,
                     sizeof(*req->outputs))) != KEEL_OK)
         goto nomem;
-    t.datatype = dt;
-    t.ndim = ndim;
-    t.bytes = bytes;
-    if ((t.name = keel__strdup(name)) == NULL ||
-        (t.shape = keel__malloc(sizeof(int64_t) * (ndim ? ndim : 1))) == NULL ||
-        (t.data = keel__malloc(bytes)) == NULL)
+    if (tensor_copy(&t, name, dt, shape, ndim, data, bytes) != KEEL_OK)
         goto nomem;
-    if (ndim > 0)
-        memcpy(t.shape, shape, sizeof(int64_t) * ndim);
-    if (bytes > 0)
-        memcpy(t.data, data, bytes);
     req->outputs[req->noutputs++] = t;
     return KEEL_OK;
 

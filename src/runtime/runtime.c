@@ -73,6 +73,18 @@ keel__model_entry *keel__entry_find_locked(keel_runtime *rt, const char *name)
     return NULL;
 }
 
+/* Looks an entry up by name. Entries live until the runtime is destroyed, so the pointer
+ * stays valid after the lock is dropped. */
+static keel__model_entry *entry_lookup(keel_runtime *rt, const char *name)
+{
+    keel__model_entry *e;
+
+    pthread_mutex_lock(&rt->mu);
+    e = keel__entry_find_locked(rt, name);
+    pthread_mutex_unlock(&rt->mu);
+    return e;
+}
+
 /* A model name is one path component: no '/', not "." or "..", printable, not too long. */
 static bool model_name_ok(const char *name)
 {
@@ -107,9 +119,7 @@ static keel_err entry_get(keel_runtime *rt, const char *name, keel__model_entry 
     struct stat st;
 
     *out = NULL;
-    pthread_mutex_lock(&rt->mu);
-    e = keel__entry_find_locked(rt, name);
-    pthread_mutex_unlock(&rt->mu);
+    e = entry_lookup(rt, name);
     if (e != NULL) {
         *out = e;
         return KEEL_OK;
@@ -366,9 +376,7 @@ keel_err keel_model_unload(keel_runtime *rt, const char *name)
 
     if (rt == NULL || name == NULL)
         return KEEL_EINVAL;
-    pthread_mutex_lock(&rt->mu);
-    e = keel__entry_find_locked(rt, name);
-    pthread_mutex_unlock(&rt->mu);
+    e = entry_lookup(rt, name);
     if (e == NULL)
         return KEEL_ENOTFOUND;
 
@@ -729,9 +737,7 @@ keel_err keel_model_stats_get(keel_runtime *rt, const char *name, keel_model_sta
         memset(out, 0, sizeof(*out));
     if (rt == NULL || name == NULL || out == NULL)
         return KEEL_EINVAL;
-    pthread_mutex_lock(&rt->mu);
-    e = keel__entry_find_locked(rt, name);
-    pthread_mutex_unlock(&rt->mu);
+    e = entry_lookup(rt, name);
     if (e == NULL)
         return KEEL_ENOTFOUND;
     /* Entries live until the runtime is destroyed, and the fields are atomics. */
@@ -775,9 +781,7 @@ keel_err keel_model_counters_get(keel_runtime *rt, const char *name, keel_counte
         memset(out, 0, sizeof(*out));
     if (rt == NULL || name == NULL || out == NULL)
         return KEEL_EINVAL;
-    pthread_mutex_lock(&rt->mu);
-    e = keel__entry_find_locked(rt, name);
-    pthread_mutex_unlock(&rt->mu);
+    e = entry_lookup(rt, name);
     if (e == NULL)
         return KEEL_ENOTFOUND;
     counters_read(&e->counters, out);
