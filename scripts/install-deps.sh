@@ -18,6 +18,12 @@ packages=(
     libxgboost-dev
     xgboost         # the xgboost command line: the tests train small models with it
     liblinear-tools # ships examples/heart_scale, the tests' training data
+    libmicrohttpd-dev  # HTTP for keel serve
+    libyajl-dev        # streaming JSON for infer bodies (numbers as raw text)
+    python3-jsonschema # integration tests validate responses against the V2 OpenAPI schemas
+    python3-yaml
+    prometheus         # promtool check metrics
+    curl
 )
 
 missing=()

@@ -1,0 +1,80 @@
+/*
+ * v2codec.h: KServe V2 / Open Inference Protocol infer request decoding and response encoding,
+ * including Triton's binary tensor extension. Used by the HTTP server; depends only on the
+ * public API (keel/keel.h) and on the JSON libraries it chooses.
+ *
+ * DESIGN
+ * Decoding fills a caller-created keel_request from an HTTP body. The body is untrusted: every
+ * shape is checked (non-negative, element count overflow-checked, equal to the data given)
+ * before any tensor-sized allocation, and every error names the field, e.g.
+ * "inputs[1].shape[0]: expected a non-negative integer, got -3". Nothing here holds locks or
+ * threads; all functions are reentrant and may run on any thread on distinct objects.
+ *
+ * Binary extension (Triton): when the header Inference-Header-Content-Length: N is present,
+ * the first N bytes of the body are the JSON header and the rest is the binary section; an
+ * input with "parameters": {"binary_data_size": S} takes the next S bytes of that section
+ * (in input order) as its raw little-endian data (BYTES: 4-byte length-prefixed elements).
+ * On output, "binary_data_output": true in the request parameters, or "parameters":
+ * {"binary_data": true} on a requested output, returns that output in the binary section with
+ * "parameters": {"binary_data_size": S} in its JSON entry.
+ */
+#ifndef KEEL_SERVER_V2CODEC_H
+#define KEEL_SERVER_V2CODEC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "keel/keel.h"
+
+/* What the client asked for about outputs, kept from decoding for encoding. */
+typedef struct keel_v2_output_req {
+    char *name;
+    bool binary; /* parameters.binary_data */
+} keel_v2_output_req;
+
+typedef struct keel_v2_request_info {
+    char *id;                     /* "id", or NULL */
+    keel_v2_output_req *outputs;  /* requested outputs in request order (may be 0) */
+    size_t noutputs;
+    bool binary_data_output;      /* request parameters.binary_data_output */
+    uint64_t timeout_us;          /* request parameters.timeout (Triton, microseconds), or 0 */
+} keel_v2_request_info;
+
+void keel_v2_request_info_fini(keel_v2_request_info *info);
+
+/*
+ * Decodes an infer request body into req (adds inputs, requested outputs, id, parameters and
+ * timeout). header_len is the Inference-Header-Content-Length value, or (size_t)-1 when the
+ * header is absent (then the whole body is JSON). On success returns 200 and fills *info (the
+ * caller finis it). On failure returns the HTTP status to answer (400 bad request, 413 too
+ * large, 500 out of memory) with a message in err, and *info is left empty.
+ */
+int keel_v2_decode_infer(keel_request *req, const char *body, size_t body_len, size_t header_len,
+                         keel_v2_request_info *info, char *err, size_t errlen);
+
+/* An encoded response: body = json (json_len bytes) followed by the binary section. */
+typedef struct keel_v2_response {
+    char *body;        /* malloc'd; the caller frees it */
+    size_t body_len;
+    size_t json_len;   /* value for the Inference-Header-Content-Length response header */
+    bool has_binary;   /* send Inference-Header-Content-Length only if true */
+} keel_v2_response;
+
+/*
+ * Encodes a completed, successful request as the V2 infer response: model_name, model_version
+ * (as a string; the version the request ran on), id (echoed if the request had one), and the
+ * outputs (only the requested ones, in request order, if any were requested) with name,
+ * datatype, shape and data (JSON numbers flat in row-major order, BOOL as true/false, BYTES as
+ * strings when valid UTF-8, else in the binary section) or binary_data_size. FP32 values are
+ * printed so that they parse back to the same float (shortest round-trip form).
+ * Returns 0 or an HTTP status (500) with a message.
+ */
+int keel_v2_encode_infer(const keel_request *req, const char *model_name,
+                         const keel_v2_request_info *info, keel_v2_response *out, char *err,
+                         size_t errlen);
+
+/* {"error": "<msg>"} with msg JSON-escaped; malloc'd, NUL-terminated. NULL on ENOMEM. */
+char *keel_v2_error_json(const char *msg);
+
+#endif
