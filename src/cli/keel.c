@@ -11,6 +11,8 @@
  *   keel models --model-repository DIR         load every model, print their status table
  *   keel infer  --model-repository DIR --model NAME [FILE|-]
  *                                              score rows of numbers, one request per row
+ *   keel serve  --model-repository DIR [...]   the HTTP server (src/server/server.h); only
+ *                                              when built with the server (KEEL_HAVE_SERVER)
  * Exit codes: 0 success, 1 runtime error (bad repository, model not ready, bad row, failed
  * inference, write error), 2 usage error. Every error is one line on stderr, "keel: ...".
  */
@@ -26,6 +28,9 @@
 #include <time.h>
 
 #include "keel/keel.h"
+#ifdef KEEL_HAVE_SERVER
+#include "server.h"
+#endif
 
 enum { EXIT_OK = 0, EXIT_RUNTIME = 1, EXIT_USAGE = 2 };
 
@@ -90,6 +95,9 @@ static void print_help(FILE *f)
           "      one line per row: the label (with --label-first), then every output value,\n"
           "      separated by tabs; a summary goes to standard error. Stops at the first\n"
           "      row that fails.\n"
+          "\n"
+          "  serve --model-repository DIR [options]\n"
+          "      Serves the models over HTTP (KServe V2 REST). See 'keel serve --help'.\n"
           "\n"
           "options:\n"
           "  --model-repository DIR  the model repository directory (required)\n"
@@ -760,6 +768,13 @@ int main(int argc, char **argv)
     if (strcmp(argv[1], "--version") == 0) {
         printf("keel %s\n", KEEL_VERSION_STRING);
         return EXIT_OK;
+    }
+    if (strcmp(argv[1], "serve") == 0) {
+#ifdef KEEL_HAVE_SERVER
+        return keel_server_main(argc - 2, argv + 2);
+#else
+        return usage_error("this keel was built without the HTTP server");
+#endif
     }
     if (strcmp(argv[1], "models") == 0)
         cmd = CMD_MODELS;

@@ -30,35 +30,46 @@
 /* What the client asked for about outputs, kept from decoding for encoding. */
 typedef struct keel_v2_output_req {
     char *name;
-    bool binary; /* parameters.binary_data */
+    bool binary;       /* parameters.binary_data */
+    bool binary_given; /* parameters.binary_data was present: it overrides binary_data_output */
 } keel_v2_output_req;
 
 typedef struct keel_v2_request_info {
-    char *id;                     /* "id", or NULL */
-    keel_v2_output_req *outputs;  /* requested outputs in request order (may be 0) */
+    char *id;                    /* "id", or NULL */
+    keel_v2_output_req *outputs; /* requested outputs in request order (may be 0) */
     size_t noutputs;
-    bool binary_data_output;      /* request parameters.binary_data_output */
-    uint64_t timeout_us;          /* request parameters.timeout (Triton, microseconds), or 0 */
+    bool binary_data_output; /* request parameters.binary_data_output */
+    uint64_t timeout_us;     /* request parameters.timeout (Triton, microseconds), or 0 */
 } keel_v2_request_info;
 
+/* Frees what decoding put in info and zeroes it. Accepts NULL and an all-zero info. */
 void keel_v2_request_info_fini(keel_v2_request_info *info);
 
 /*
  * Decodes an infer request body into req (adds inputs, requested outputs, id, parameters and
  * timeout). header_len is the Inference-Header-Content-Length value, or (size_t)-1 when the
  * header is absent (then the whole body is JSON). On success returns 200 and fills *info (the
- * caller finis it). On failure returns the HTTP status to answer (400 bad request, 413 too
- * large, 500 out of memory) with a message in err, and *info is left empty.
+ * caller finis it). On failure returns the HTTP status to answer (400 bad request, 500 out of
+ * memory; the body size limit, 413, is the server's to enforce) with a NUL-terminated message
+ * in err (a JSON path such as "inputs[0].shape[1]: ..." when a field is at fault), and *info
+ * is left empty. The whole body is validated before req is touched, so after a 400 caused by
+ * the body req is unchanged; after a 500, or a 400 from keel's own limits (more dimensions
+ * than keel_request_add_input accepts), req may hold some of the inputs: destroy it.
+ * body need not be NUL-terminated. Request parameters other than timeout and
+ * binary_data_output are set with keel_request_set_parameter (numbers as their JSON text,
+ * booleans as "true"/"false"). JSON FP32/FP64 numbers convert exactly like strtof/strtod;
+ * FP16 like numpy (to double, then round to nearest even); a finite number that overflows
+ * its type, an INT/UINT value out of range or with a fraction or exponent, is a 400.
  */
 int keel_v2_decode_infer(keel_request *req, const char *body, size_t body_len, size_t header_len,
                          keel_v2_request_info *info, char *err, size_t errlen);
 
 /* An encoded response: body = json (json_len bytes) followed by the binary section. */
 typedef struct keel_v2_response {
-    char *body;        /* malloc'd; the caller frees it */
+    char *body; /* malloc'd; the caller frees it; body[body_len] is a NUL (not sent) */
     size_t body_len;
-    size_t json_len;   /* value for the Inference-Header-Content-Length response header */
-    bool has_binary;   /* send Inference-Header-Content-Length only if true */
+    size_t json_len; /* value for the Inference-Header-Content-Length response header */
+    bool has_binary; /* send Inference-Header-Content-Length only if true */
 } keel_v2_response;
 
 /*
@@ -66,15 +77,22 @@ typedef struct keel_v2_response {
  * (as a string; the version the request ran on), id (echoed if the request had one), and the
  * outputs (only the requested ones, in request order, if any were requested) with name,
  * datatype, shape and data (JSON numbers flat in row-major order, BOOL as true/false, BYTES as
- * strings when valid UTF-8, else in the binary section) or binary_data_size. FP32 values are
- * printed so that they parse back to the same float (shortest round-trip form).
- * Returns 0 or an HTTP status (500) with a message.
+ * strings when valid UTF-8, else in the binary section) or binary_data_size. An output goes to
+ * the binary section if its request entry says "binary_data": true, or, without that entry
+ * or key, if the request said "binary_data_output": true. FP32 and FP16 values are printed in
+ * the form "%.Pg" with the smallest P (FP32: from 6 to 9, FP16: 3 to 5, FP64: 15 to 17) that
+ * parses back to the same value (shortest round-trip form in all but rare cases). NaN and
+ * infinities, which JSON cannot express, are written as null (request binary output to get
+ * them bit-exact). info may be NULL (all outputs, JSON, no id). Returns 0 or an HTTP status
+ * (500: out of memory, a requested output missing, a tensor inconsistent with its shape)
+ * with a message; out is zeroed first and filled only on 0.
  */
 int keel_v2_encode_infer(const keel_request *req, const char *model_name,
                          const keel_v2_request_info *info, keel_v2_response *out, char *err,
                          size_t errlen);
 
-/* {"error": "<msg>"} with msg JSON-escaped; malloc'd, NUL-terminated. NULL on ENOMEM. */
+/* {"error": "<msg>"} with msg JSON-escaped (bytes that are not UTF-8 become U+FFFD);
+ * malloc'd, NUL-terminated. NULL on ENOMEM. */
 char *keel_v2_error_json(const char *msg);
 
 #endif

@@ -452,6 +452,7 @@ static void test_failed_reload_keeps_old(void **state)
 
 /* ---- error-path accounting: each fault point armed in turn */
 
+#ifdef KEEL_FAULT_INJECTION
 typedef struct fault_run {
     keel_runtime *rt;
     const char *repo;
@@ -489,6 +490,8 @@ static void run_faulted_traffic(fault_run *fr, bool sync, int nreq)
         }
     }
 }
+
+#endif
 
 static void test_fault_points(void **state)
 {

@@ -1,0 +1,378 @@
+/*
+ * fastfloat.h: JSON number text <-> FP32/FP64/FP16 for the V2 codec, bit-identical to the C
+ * library (strtof/strtod for parsing; the "%.Pg until it round-trips" loop for printing).
+ *
+ * DESIGN
+ * Why hand-written: the project rule is not to hand-write what a well-kept library does unless
+ * a benchmark shows we must. bench/bench_decode.c measured, on the 2-core development VM, per
+ * FP32 number of a request body of typical values (0.708333, -0.320755, 1, -1, 1.5e-3):
+ * jansson's DOM (json_loadb + json_number_value) 209 ns, yajl's streaming tokenizer alone (a
+ * number callback that does nothing) 22 ns, strtof alone 43 ns; this scanner and conversion,
+ * with the JSON parsing around them, 9 ns (docs/PERFORMANCE.md, "JSON tensor decoding").
+ * Debian ships no C library for this (no fast_float, Ryu or double-conversion for C), so the
+ * fast paths are kept small and exact, and everything else falls back to strtof/strtod on a
+ * NUL-terminated copy.
+ *
+ * Parsing. keel__ff_scan() checks the RFC 8259 number grammar and collects up to 19
+ * significant digits in a uint64 m and a decimal exponent e (value = m * 10^e). Then:
+ *   FP32: with m < 2^53 and -22 <= e < 0, d = m * (10^-e rounded to double) is within
+ *         about 2 units in the last place of m * 10^e, and rounding d to float gives the
+ *         correctly rounded float (what glibc's strtof returns) unless d lies within 8 units
+ *         of a midpoint between two floats: those few take the exact paths below. (A
+ *         multiplication, because a division by 10^k costs more on this CPU.) Exact paths:
+ *         if m < 2^24 and |e| <= 10, (float)m and 10^|e| are exact floats, so one IEEE
+ *         multiplication or division rounds once, correctly. Else if m < 2^53 and |e| <= 22
+ *         the same holds in double (Clinger's fast path); the double is then rounded to
+ *         float, which equals the direct rounding unless the double landed exactly on a
+ *         midpoint (checked on the bits; such inputs, and subnormal or overflowing results,
+ *         go to strtof).
+ *   FP64: m < 2^53 and |e| <= 22, else strtod.
+ *   FP16: the number is parsed to double as above, then rounded to half with round to nearest
+ *         even (what numpy's float16(float(text)) does; like numpy this rounds twice, which
+ *         differs from a direct decimal-to-half rounding only for decimal inputs within 2^-53
+ *         relative of a half midpoint).
+ * All of this needs FLT_EVAL_METHOD == 0 (SSE arithmetic, no x87 excess precision), the
+ * default rounding mode, and the "C" LC_NUMERIC locale for the strtof fallback (keel never
+ * calls setlocale; a host program that does must keep LC_NUMERIC as "C").
+ *
+ * The text is read 8 digits at a time (SWAR, keel__ff_scan_fast) when 32 bytes follow it.
+ *
+ * Printing. keel__ff_format_f32() returns exactly what the loop "for P in 6..9: snprintf
+ * %.Pg; stop when strtof gives the float back" returns (the shortest round-trip form, except
+ * for subnormals, which get at least 6 digits, and the rare floats whose shortest form is not
+ * the correctly rounded one), about 6 times faster: the P digits are computed in double arithmetic
+ * (error below 3e-7 of a unit in the last digit), a result too close to a rounding tie is handed to
+ * snprintf, and the round trip is checked with the parser above. FP16 uses P = 3..5 and FP64 P
+ * = 15..17 (FP64 with snprintf and strtod; it is rarely an output type of keel's backends).
+ *
+ * Everything here is pure and reentrant.
+ */
+#ifndef KEEL_SERVER_FASTFLOAT_H
+#define KEEL_SERVER_FASTFLOAT_H
+
+#include <float.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+_Static_assert(FLT_EVAL_METHOD == 0, "the exact fast paths need float/double evaluation "
+                                     "without excess precision (SSE2 on x86)");
+
+/* Outcome of converting a number. */
+enum {
+    KEEL__FF_OK = 0,
+    KEEL__FF_RANGE, /* finite text whose value overflows the type (would be +-inf) */
+    KEEL__FF_NOMEM, /* the fallback's copy of a very long number could not be allocated */
+};
+
+/* A scanned JSON number: value = (neg ? -1 : 1) * m * 10^e unless many is set. */
+typedef struct keel__ff_num {
+    uint64_t m;
+    int64_t e;
+    bool neg;
+    bool integer; /* no fraction and no exponent part */
+    bool many;    /* more than 19 significant digits: m and e are not usable */
+} keel__ff_num;
+
+/* The exact powers of ten used by the fast paths. */
+extern const float keel__ff_p10f[11];
+extern const double keel__ff_p10d[23];
+extern const double keel__ff_p10inv[23]; /* 10^-k rounded to nearest double */
+
+/*
+ * Scans one JSON number starting at p (no leading whitespace). Returns the first byte after
+ * it, or NULL if the text at p does not start with a valid JSON number. Never reads at or
+ * beyond end. The caller checks what follows (e.g. "01" scans as "0" followed by "1").
+ */
+static inline const char *keel__ff_scan(const char *p, const char *end, keel__ff_num *n)
+{
+    uint64_t m = 0;
+    int64_t e = 0;
+    int nd = 0; /* significant digits taken into m */
+    bool many = false;
+
+    n->m = 0;
+    n->e = 0;
+    n->many = false;
+    n->neg = false;
+    n->integer = true;
+    if (p < end && *p == '-') {
+        n->neg = true;
+        p++;
+    }
+    if (p >= end)
+        return NULL;
+    if (*p == '0') {
+        p++;
+    } else if ((unsigned)(*p - '1') < 9u) {
+        do {
+            if (nd < 19) {
+                m = m * 10 + (uint64_t)(*p - '0');
+                nd++;
+            } else {
+                many = true;
+            }
+            p++;
+        } while (p < end && (unsigned)(*p - '0') < 10u);
+    } else {
+        return NULL;
+    }
+    if (p < end && *p == '.') {
+        p++;
+        n->integer = false;
+        if (p >= end || (unsigned)(*p - '0') >= 10u)
+            return NULL;
+        do {
+            unsigned dg = (unsigned)(*p - '0');
+            if (m == 0 && dg == 0) {
+                e--; /* a leading zero of the fraction is not significant */
+            } else if (nd < 19) {
+                m = m * 10 + dg;
+                nd++;
+                e--;
+            } else {
+                many = true;
+            }
+            p++;
+        } while (p < end && (unsigned)(*p - '0') < 10u);
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        bool eneg = false;
+        int64_t x = 0;
+
+        p++;
+        n->integer = false;
+        if (p < end && (*p == '+' || *p == '-')) {
+            eneg = *p == '-';
+            p++;
+        }
+        if (p >= end || (unsigned)(*p - '0') >= 10u)
+            return NULL;
+        do {
+            if (x < 100000000) /* saturate: the value is 0 or infinite long before this */
+                x = x * 10 + (*p - '0');
+            p++;
+        } while (p < end && (unsigned)(*p - '0') < 10u);
+        e += eneg ? -x : x;
+    }
+    n->m = m;
+    n->e = e;
+    n->many = many;
+    return p;
+}
+
+extern const uint64_t keel__ff_p10u[20];
+
+/* Number of leading decimal digits among the 8 bytes of t = (8 bytes of text) ^ "00000000"
+ * (first byte lowest): byte b of t is a digit iff b < 10, i.e. neither b nor b + 0x76 has the
+ * high bit set. A carry out of b + 0x76 only happens for b >= 0x8A, a non-digit, and only
+ * disturbs the bytes after it. */
+static inline int keel__ff_digits8(uint64_t t)
+{
+    uint64_t nd = ((t + UINT64_C(0x7676767676767676)) | t) & UINT64_C(0x8080808080808080);
+    return nd == 0 ? 8 : __builtin_ctzll(nd) >> 3;
+}
+
+/* The value of the first k (1..8) digits of t (as above), without a branch per digit: the
+ * digits are shifted to the top of the word (the bytes below become 0, i.e. leading zero
+ * digits), then the 8-digit SWAR conversion (pairs, quads, all) is applied. */
+static inline uint64_t keel__ff_value8(uint64_t t, int k)
+{
+    t <<= 8 * (8 - k);
+    t = (t * 10) + (t >> 8);
+    t = (((t & UINT64_C(0x000000FF000000FF)) * (100 + (UINT64_C(1000000) << 32))) +
+         (((t >> 16) & UINT64_C(0x000000FF000000FF)) * (1 + (UINT64_C(10000) << 32)))) >>
+        32;
+    return t;
+}
+
+/* 8 bytes of text at p, each minus '0' as an XOR (digits become 0..9). */
+static inline uint64_t keel__ff_load8(const char *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8); /* little-endian: the first byte is the lowest */
+    return v ^ UINT64_C(0x3030303030303030);
+}
+
+/* keel__ff_scan, out of line, for the fast scanner's unusual cases (so that the fast path
+ * stays small where it is inlined). */
+const char *keel__ff_scan_slow(const char *p, const char *end, keel__ff_num *n);
+
+/*
+ * Like keel__ff_scan, faster for the common shapes of numbers in tensor data: at most 7
+ * integer digits, at most 15 fraction digits (19 in all) and an exponent of at most 3 digits
+ * are read 8 digits at a time, with no branch per digit. Anything else, and anything within
+ * 32 bytes of end, is handed to keel__ff_scan, so both give the same results and errors.
+ */
+static inline const char *keel__ff_scan_fast(const char *p, const char *end, keel__ff_num *n)
+{
+    const char *s = p;
+    uint64_t v, m;
+    int ni, nf = 0;
+    bool neg;
+
+    if (end - p < 32)
+        return keel__ff_scan_slow(p, end, n);
+    neg = *s == '-';
+    s += neg;
+    m = (unsigned char)s[0] - (unsigned)'0';
+    if (m <= 9 && (unsigned char)s[1] - (unsigned)'0' > 9) {
+        ni = 1; /* one integer digit ("0" for most features): no SWAR needed */
+    } else {
+        v = keel__ff_load8(s);
+        ni = keel__ff_digits8(v);
+        if (ni == 0 || ni == 8 || *s == '0')
+            return keel__ff_scan_slow(p, end, n);
+        m = keel__ff_value8(v, ni);
+    }
+    s += ni;
+    n->integer = true;
+    if (*s == '.') {
+        s++;
+        v = keel__ff_load8(s);
+        nf = keel__ff_digits8(v);
+        if (nf == 0)
+            return keel__ff_scan_slow(p, end, n);
+        if (nf < 8) {
+            m = m * keel__ff_p10u[nf] + keel__ff_value8(v, nf);
+        } else {
+            uint64_t v2 = keel__ff_load8(s + 8);
+            int nf2 = keel__ff_digits8(v2);
+            if (nf2 == 8 || ni + 8 + nf2 > 19)
+                return keel__ff_scan_slow(p, end, n);
+            m = m * 100000000 + keel__ff_value8(v, 8);
+            if (nf2 > 0)
+                m = m * keel__ff_p10u[nf2] + keel__ff_value8(v2, nf2);
+            nf += nf2;
+        }
+        s += nf;
+        n->integer = false;
+    }
+    n->e = -nf;
+    if ((*s | 0x20) == 'e') {
+        int x = 0;
+        int k = 0;
+        bool eneg;
+
+        s++;
+        eneg = *s == '-';
+        s += *s == '-' || *s == '+';
+        while (k < 4 && (unsigned)(*s - '0') < 10u) {
+            x = x * 10 + (*s - '0');
+            s++;
+            k++;
+        }
+        if (k == 0 || k == 4)
+            return keel__ff_scan_slow(p, end, n);
+        n->e += eneg ? -x : x;
+        n->integer = false;
+    }
+    n->m = m;
+    n->neg = neg;
+    n->many = false;
+    return s;
+}
+
+/* Slow paths: strtof/strtod on a NUL-terminated copy of text[0..len). KEEL__FF_RANGE when the
+ * result is infinite. */
+int keel__ff_slow_f32(const char *text, size_t len, float *out);
+int keel__ff_slow_f64(const char *text, size_t len, double *out);
+
+/* m * 10^e as float when the fast paths apply (see DESIGN); false when they do not. */
+static inline bool keel__ff_fast_f32(uint64_t m, int64_t e, float *out)
+{
+    double d;
+    uint64_t bits;
+
+    if (e < 0 && e >= -22 && m < (UINT64_C(1) << 53)) {
+        /* m * (10^-k rounded to double): within 2^-52 relative of m / 10^k, so about 2 units
+         * in the last place of d. Rounding d to float is then correct unless d lies within a
+         * few units of a midpoint between two floats; only those take a division. */
+        d = (double)m * keel__ff_p10inv[-e];
+        memcpy(&bits, &d, sizeof(bits));
+        /* No range check: 0 or 1e-22 <= d < 2^53, always a normal float (or zero). */
+        if ((bits & UINT64_C(0x1FFFFFFF)) - UINT64_C(0x10000000) + 8 > 16) {
+            *out = (float)d;
+            return true;
+        }
+        if (m < (UINT64_C(1) << 24) && e >= -10) {
+            *out = (float)m / keel__ff_p10f[-e]; /* exact operands, one rounding */
+            return true;
+        }
+    } else if (e >= 0 && e <= 10 && m < (UINT64_C(1) << 24)) {
+        *out = (float)m * keel__ff_p10f[e]; /* exact operands, one rounding */
+        return true;
+    }
+    if (m < (UINT64_C(1) << 53) && e >= -22 && e <= 22) {
+        /* Clinger: exact operands, so d is m * 10^e correctly rounded to double. */
+        d = e < 0 ? (double)m / keel__ff_p10d[-e] : (double)m * keel__ff_p10d[e];
+        memcpy(&bits, &d, sizeof(bits));
+        /* Normal float range, and not exactly halfway between two floats. */
+        if (d >= FLT_MIN && d <= FLT_MAX && (bits & UINT64_C(0x1FFFFFFF)) != UINT64_C(0x10000000)) {
+            *out = (float)d;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Converts a scanned number (text is its text, used by the fallback) to float. */
+static inline int keel__ff_to_f32(const keel__ff_num *n, const char *text, size_t len, float *out)
+{
+    float f;
+
+    if (!n->many) {
+        if (n->m == 0) {
+            *out = n->neg ? -0.0f : 0.0f;
+            return KEEL__FF_OK;
+        }
+        if (keel__ff_fast_f32(n->m, n->e, &f)) {
+            *out = n->neg ? -f : f;
+            return KEEL__FF_OK;
+        }
+    }
+    return keel__ff_slow_f32(text, len, out);
+}
+
+/* Converts a scanned number (text is its text, used by the fallback) to double. */
+static inline int keel__ff_to_f64(const keel__ff_num *n, const char *text, size_t len, double *out)
+{
+    if (!n->many) {
+        if (n->m == 0) {
+            *out = n->neg ? -0.0 : 0.0;
+            return KEEL__FF_OK;
+        }
+        if (n->m < (UINT64_C(1) << 53) && n->e >= -22 && n->e <= 22) {
+            double d = (double)n->m;
+            d = n->e < 0 ? d / keel__ff_p10d[-n->e] : d * keel__ff_p10d[n->e];
+            *out = n->neg ? -d : d;
+            return KEEL__FF_OK;
+        }
+    }
+    return keel__ff_slow_f64(text, len, out);
+}
+
+/* Rounds a double to IEEE binary16 bits, round to nearest even; overflow gives +-inf and NaN
+ * a quiet NaN. */
+uint16_t keel__ff_f64_to_f16(double d);
+/* The exact value of binary16 bits. */
+double keel__ff_f16_to_f64(uint16_t h);
+
+/* Longest text the format functions write, without the terminating NUL. */
+#define KEEL__FF_FMT_MAX 32
+
+/*
+ * Writes the shortest-round-trip text of a finite value (see DESIGN) to buf, which must hold
+ * KEEL__FF_FMT_MAX + 1 bytes, NUL-terminated; returns its length. The text is valid JSON
+ * ("1e-05", "-0", "0.1"). Non-finite values are the caller's business (keel writes null).
+ */
+size_t keel__ff_format_f32(float x, char *buf);
+size_t keel__ff_format_f64(double x, char *buf);
+size_t keel__ff_format_f16(uint16_t h, char *buf);
+
+/* Decimal text of an integer; buf holds at least 21 bytes; no NUL; returns the length. */
+size_t keel__ff_format_u64(uint64_t v, char *buf);
+size_t keel__ff_format_i64(int64_t v, char *buf);
+
+#endif

@@ -1,0 +1,351 @@
+/*
+ * metrics.c: GET /metrics, in the Prometheus text exposition format (version 0.0.4).
+ *
+ * DESIGN
+ * Rendered on demand on the MHD thread that serves the scrape, from libkeel's statistics
+ * and counters (atomics read without locks) and from /proc/self. Nothing is cached and
+ * nothing is held between scrapes. Every family has # HELP and # TYPE lines and is written
+ * in one block; label values are escaped as the format requires; the output passes
+ * `promtool check metrics` (which is why durations are in seconds: promtool rejects
+ * abbreviated units such as _us in names). Per-model families list every model keel has
+ * loaded at some point (statistics survive reloads and unloads).
+ */
+#include <dirent.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include "server_internal.h"
+
+/* ---------------------------------------------------------------- a growable buffer */
+
+typedef struct sbuf {
+    char *p;
+    size_t len, cap;
+    bool oom;
+} sbuf;
+
+static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void sb_printf(sbuf *b, const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+
+    if (b->oom)
+        return;
+    for (;;) {
+        size_t room = b->cap - b->len;
+        va_start(ap, fmt);
+        n = vsnprintf(b->p != NULL ? b->p + b->len : NULL, room, fmt, ap);
+        va_end(ap);
+        if (n < 0) {
+            b->oom = true;
+            return;
+        }
+        if ((size_t)n < room) {
+            b->len += (size_t)n;
+            return;
+        }
+        {
+            size_t ncap = b->cap == 0 ? 8192 : b->cap * 2;
+            char *np;
+            while (ncap - b->len <= (size_t)n)
+                ncap *= 2;
+            if ((np = realloc(b->p, ncap)) == NULL) {
+                b->oom = true;
+                return;
+            }
+            b->p = np;
+            b->cap = ncap;
+        }
+    }
+}
+
+/* Appends s escaped as a label value: backslash, double quote and newline. */
+static void sb_label(sbuf *b, const char *s)
+{
+    for (; *s != '\0' && !b->oom; s++) {
+        if (*s == '\\')
+            sb_printf(b, "\\\\");
+        else if (*s == '"')
+            sb_printf(b, "\\\"");
+        else if (*s == '\n')
+            sb_printf(b, "\\n");
+        else
+            sb_printf(b, "%c", *s);
+    }
+}
+
+static void family(sbuf *b, const char *name, const char *type, const char *help)
+{
+    sb_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+/* ---------------------------------------------------------------- /proc */
+
+static bool proc_rss_bytes(uint64_t *out)
+{
+    FILE *f = fopen("/proc/self/statm", "re");
+    unsigned long long size, resident;
+    long page = sysconf(_SC_PAGESIZE);
+    bool ok;
+
+    if (f == NULL)
+        return false;
+    ok = fscanf(f, "%llu %llu", &size, &resident) == 2 && page > 0;
+    fclose(f);
+    if (ok)
+        *out = (uint64_t)resident * (uint64_t)page;
+    return ok;
+}
+
+static bool proc_open_fds(uint64_t *out)
+{
+    DIR *d = opendir("/proc/self/fd");
+    struct dirent *de;
+    uint64_t n = 0;
+
+    if (d == NULL)
+        return false;
+    while ((de = readdir(d)) != NULL) {
+        if (de->d_name[0] != '.')
+            n++;
+    }
+    closedir(d);
+    *out = n > 0 ? n - 1 : 0; /* not counting the directory stream's own fd */
+    return true;
+}
+
+static bool proc_threads(uint64_t *out)
+{
+    FILE *f = fopen("/proc/self/status", "re");
+    char line[256];
+    bool ok = false;
+
+    if (f == NULL)
+        return false;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        unsigned long long n;
+        if (sscanf(line, "Threads: %llu", &n) == 1) {
+            *out = n;
+            ok = true;
+            break;
+        }
+    }
+    fclose(f);
+    return ok;
+}
+
+/* ---------------------------------------------------------------- per-model families */
+
+typedef struct model_row {
+    const char *name;
+    keel_model_stats st;
+    keel_counters cnt;
+} model_row;
+
+/* A short, stable label for each keel error; "rejected" is the queue-full refusal. */
+static const char *reason_label(keel_err e)
+{
+    switch (e) {
+    case KEEL_EINVAL:
+        return "invalid_argument";
+    case KEEL_ENOMEM:
+        return "out_of_memory";
+    case KEEL_ENOTFOUND:
+        return "not_found";
+    case KEEL_EUNAVAILABLE:
+        return "unavailable";
+    case KEEL_ETIMEDOUT:
+        return "timeout";
+    case KEEL_ECANCELED:
+        return "cancelled";
+    case KEEL_ESHUTDOWN:
+        return "shutdown";
+    case KEEL_ECONFIG:
+        return "config";
+    case KEEL_ELOAD:
+        return "load";
+    case KEEL_EBACKEND:
+        return "backend";
+    case KEEL_EIO:
+        return "io";
+    case KEEL_EBUSY:
+        return "busy";
+    case KEEL_EINTERNAL:
+        return "internal";
+    default:
+        return "other";
+    }
+}
+
+static void model_counter(sbuf *b, const char *name, const char *type, const char *help,
+                          const model_row *rows, size_t n, size_t field_off, bool seconds)
+{
+    family(b, name, type, help);
+    for (size_t i = 0; i < n; i++) {
+        uint64_t v;
+        memcpy(&v, (const char *)&rows[i].st + field_off, sizeof(v));
+        sb_printf(b, "%s{model=\"", name);
+        sb_label(b, rows[i].name);
+        if (seconds)
+            sb_printf(b, "\"} %.9f\n", (double)v / 1e9);
+        else
+            sb_printf(b, "\"} %" PRIu64 "\n", v);
+    }
+}
+
+char *keel__srv_metrics_render(keel_srv *s, size_t *len)
+{
+    sbuf b = {NULL, 0, 0, false};
+    keel_model_status *list = NULL;
+    size_t n = 0, nrows = 0;
+    model_row *rows = NULL;
+    keel_counters c;
+    uint64_t v;
+    struct rusage ru;
+    struct rlimit rl;
+
+    *len = 0;
+    if (keel_model_list(s->rt, &list, &n) != KEEL_OK)
+        return NULL;
+    if (n > 0 && (rows = calloc(n, sizeof(*rows))) == NULL) {
+        keel_model_status_free(list, n);
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (i > 0 && strcmp(list[i].name, list[i - 1].name) == 0)
+            continue; /* sorted by name: one row per model */
+        if (keel_model_stats_get(s->rt, list[i].name, &rows[nrows].st) != KEEL_OK)
+            continue; /* never loaded */
+        if (keel_model_counters_get(s->rt, list[i].name, &rows[nrows].cnt) != KEEL_OK)
+            memset(&rows[nrows].cnt, 0, sizeof(rows[nrows].cnt));
+        rows[nrows].name = list[i].name;
+        nrows++;
+    }
+
+    model_counter(&b, "keel_inference_request_success_total", "counter",
+                  "Inference requests that completed successfully.", rows, nrows,
+                  offsetof(keel_model_stats, success), false);
+
+    family(&b, "keel_inference_request_failure_total", "counter",
+           "Inference requests that failed, by reason (rejected: refused because the "
+           "model's queue was full).");
+    for (size_t i = 0; i < nrows; i++) {
+        for (int k = 1; k <= KEEL_ERR_COUNT_; k++) {
+            uint64_t cnt = k == KEEL_ERR_COUNT_ ? rows[i].st.rejected : rows[i].st.failure[k];
+            sb_printf(&b, "keel_inference_request_failure_total{model=\"");
+            sb_label(&b, rows[i].name);
+            sb_printf(&b, "\",reason=\"%s\"} %" PRIu64 "\n",
+                      k == KEEL_ERR_COUNT_ ? "rejected" : reason_label((keel_err)k), cnt);
+        }
+    }
+
+    model_counter(&b, "keel_inference_count_total", "counter",
+                  "Inferences computed successfully (batch rows; a request of batch 8 counts 8).",
+                  rows, nrows, offsetof(keel_model_stats, inference_count), false);
+    model_counter(&b, "keel_inference_exec_count_total", "counter",
+                  "Backend executions (model runs).", rows, nrows,
+                  offsetof(keel_model_stats, execution_count), false);
+    model_counter(&b, "keel_inference_queue_duration_seconds_total", "counter",
+                  "Total time admitted requests waited in the queue, in seconds.", rows, nrows,
+                  offsetof(keel_model_stats, queue_ns), true);
+    model_counter(&b, "keel_inference_compute_duration_seconds_total", "counter",
+                  "Total time spent in the backend's run, in seconds.", rows, nrows,
+                  offsetof(keel_model_stats, compute_ns), true);
+
+    family(&b, "keel_inference_pending_requests", "gauge",
+           "Requests admitted and not yet completed (queued or running).");
+    for (size_t i = 0; i < nrows; i++) {
+        sb_printf(&b, "keel_inference_pending_requests{model=\"");
+        sb_label(&b, rows[i].name);
+        sb_printf(&b, "\"} %" PRId64 "\n", rows[i].cnt.leases);
+    }
+
+    family(&b, "keel_model_ready", "gauge",
+           "1 if the model version is loaded and ready, else 0 (version \"\" if none is).");
+    for (size_t i = 0; i < n; i++) {
+        sb_printf(&b, "keel_model_ready{model=\"");
+        sb_label(&b, list[i].name);
+        if (list[i].version >= 0)
+            sb_printf(&b, "\",version=\"%" PRId64 "\"} %d\n", list[i].version,
+                      list[i].state == KEEL_MODEL_READY);
+        else
+            sb_printf(&b, "\",version=\"\"} 0\n");
+    }
+
+    keel_counters_get(s->rt, &c);
+    family(&b, "keel_live_requests", "gauge", "keel_request objects alive.");
+    sb_printf(&b, "keel_live_requests %" PRId64 "\n", c.requests);
+    family(&b, "keel_live_leases", "gauge",
+           "Requests admitted and not yet completed (queue slots in use).");
+    sb_printf(&b, "keel_live_leases %" PRId64 "\n", c.leases);
+    family(&b, "keel_live_queued", "gauge", "Admitted requests waiting for a context.");
+    sb_printf(&b, "keel_live_queued %" PRId64 "\n", c.queued);
+    family(&b, "keel_live_generations", "gauge",
+           "Model generations alive (serving, retiring or awaiting the reaper).");
+    sb_printf(&b, "keel_live_generations %" PRId64 "\n", c.generations);
+    family(&b, "keel_live_contexts", "gauge", "Execution contexts alive.");
+    sb_printf(&b, "keel_live_contexts %" PRId64 "\n", c.contexts);
+    family(&b, "keel_live_contexts_in_use", "gauge", "Execution contexts running a request.");
+    sb_printf(&b, "keel_live_contexts_in_use %" PRId64 "\n", c.contexts_in_use);
+
+    pthread_mutex_lock(&s->mu);
+    v = (uint64_t)s->pending;
+    pthread_mutex_unlock(&s->mu);
+    family(&b, "keel_http_inflight_requests", "gauge",
+           "HTTP requests waiting for an inference or a model load/unload.");
+    sb_printf(&b, "keel_http_inflight_requests %" PRIu64 "\n", v);
+    family(&b, "keel_http_responses_total", "counter", "HTTP responses sent, by status class.");
+    for (int k = 1; k <= 5; k++)
+        sb_printf(&b, "keel_http_responses_total{code=\"%dxx\"} %" PRIu64 "\n", k,
+                  atomic_load(&s->http_responses[k]));
+    family(&b, "keel_http_cancelled_requests_total", "counter",
+           "Inference requests cancelled by the server, by cause (client_gone: the client "
+           "disconnected while waiting; shutdown: still in flight at the exit timeout).");
+    sb_printf(&b, "keel_http_cancelled_requests_total{cause=\"client_gone\"} %" PRIu64 "\n",
+              atomic_load(&s->canceled_hangup));
+    sb_printf(&b, "keel_http_cancelled_requests_total{cause=\"shutdown\"} %" PRIu64 "\n",
+              atomic_load(&s->canceled_shutdown));
+
+    if (proc_rss_bytes(&v)) {
+        family(&b, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
+        sb_printf(&b, "process_resident_memory_bytes %" PRIu64 "\n", v);
+    }
+    if (proc_open_fds(&v)) {
+        family(&b, "process_open_fds", "gauge", "Number of open file descriptors.");
+        sb_printf(&b, "process_open_fds %" PRIu64 "\n", v);
+    }
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+        family(&b, "process_max_fds", "gauge", "Maximum number of open file descriptors.");
+        sb_printf(&b, "process_max_fds %" PRIu64 "\n", (uint64_t)rl.rlim_cur);
+    }
+    if (proc_threads(&v)) {
+        family(&b, "process_threads", "gauge", "Number of operating-system threads.");
+        sb_printf(&b, "process_threads %" PRIu64 "\n", v);
+    }
+    if (getrusage(RUSAGE_SELF, &ru) == 0) {
+        family(&b, "process_cpu_seconds_total", "counter",
+               "Total user and system CPU time spent in seconds.");
+        sb_printf(&b, "process_cpu_seconds_total %.6f\n",
+                  (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+                      (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6);
+    }
+    family(&b, "process_start_time_seconds", "gauge",
+           "Start time of the process since the Unix epoch in seconds.");
+    sb_printf(&b, "process_start_time_seconds %.3f\n", (double)s->start_unix_ms / 1e3);
+
+    free(rows);
+    keel_model_status_free(list, n);
+    if (b.oom) {
+        free(b.p);
+        return NULL;
+    }
+    *len = b.len;
+    return b.p;
+}

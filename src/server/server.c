@@ -1,0 +1,1560 @@
+/*
+ * server.c: `keel serve`: lifecycle, signals, the HTTP access handler, infer, and the
+ * hang-up watcher.
+ *
+ * DESIGN
+ * HTTP runs on libmicrohttpd (MHD) with an internal thread pool (--http-threads) and
+ * MHD_ALLOW_SUSPEND_RESUME, so no HTTP thread ever waits for an inference or a model load:
+ * the handler submits the work, suspends the connection, and the completion resumes it.
+ * The pool uses poll(2), not epoll: in our tests of MHD 0.9.75's epoll mode a worker that had
+ * answered a request early (413 before the body) stopped picking up its new connections until
+ * its next timeout, which stalled every other client it was given.
+ *
+ * Per-connection state machine (srv_conn, one per HTTP request; a keep-alive connection
+ * gets a fresh one for each request):
+ *
+ *   first handler call (headers in): route, method check, Content-Length over the limit ->
+ *   413 at once. State READING.
+ *     READING --body chunks--> READING (buffered up to the route's limit, the rest
+ *                                       discarded and the request answered 413)
+ *     READING --final call, synchronous endpoint or error--> ANSWERED
+ *     READING --final call, infer/load/unload: pending++, submit ok--> SUBMITTED
+ *     SUBMITTED --completion already recorded--> RESUMED (never suspended; answered now)
+ *     SUBMITTED --MHD_suspend_connection--> SUSPENDING --> PARKED (listed in s->parked)
+ *        (a completion that lands while SUSPENDING is noticed right after the suspend,
+ *         and the handler resumes the connection itself)
+ *     PARKED --completion, not pinned--> RESUMED: unlisted, MHD_resume_connection,
+ *        then pending-- (in that order: pending == 0 means nothing is suspended)
+ *     PARKED --watcher pins it, keel_request_cancel, completion, unpin--> RESUMED (the
+ *        watcher resumes it: the pin keeps the request alive while it is being cancelled)
+ *     RESUMED --MHD calls the handler again--> ANSWERED (response built from the outcome)
+ *     any state but SUBMITTED/SUSPENDING/PARKED --MHD request-completed callback--> freed;
+ *        the keel_request is destroyed there, so exactly once and only after its
+ *        callback ran (MHD cannot complete a connection that is not resumed).
+ *
+ * Lock order: s->mu and s->ctl_mu never nest, and neither is held while calling libkeel
+ * or MHD (keel_request_cancel may run the completion, which takes s->mu, on the caller's
+ * thread; MHD takes its own locks in suspend/resume). The completion callback runs on a
+ * keel worker thread, on the watcher (cancel), or on the control thread (jobs).
+ *
+ * Hang-up watcher: MHD does not poll suspended sockets, so a thread polls the sockets of
+ * PARKED infer connections every 10 ms (POLLRDHUP/POLLHUP/POLLERR) and cancels the
+ * request of a client that has gone: a queued request then completes KEEL_ECANCELED at
+ * once and never reaches the backend; a running one is discarded when the backend returns.
+ * fds are only read under s->mu while their connection is PARKED, so MHD cannot have closed
+ * (and the kernel reused) them. At shutdown the same thread cancels every parked infer.
+ *
+ * Shutdown (main thread, woken by signalfd): readiness turns 503; the server keeps
+ * serving for --shutdown-grace-secs; then new infer/load/unload get 503 "shutting down"
+ * (draining) and every response says Connection: close; the control thread stops;
+ * in-flight requests finish, up to --exit-timeout-secs, after which the rest are cancelled
+ * (counted and logged); once pending == 0 the daemon is quiesced (the listening socket shut
+ * down, so connects are refused) and requests already being received get their answer;
+ * then the watcher stops, MHD_stop_daemon closes every connection, and keel_runtime_destroy
+ * runs last. A second signal skips the waits (requests still in flight are cancelled,
+ * never abandoned).
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "server_internal.h"
+
+#define WATCH_INTERVAL_MS 10
+#define SMALL_BODY_LIMIT (1u << 20) /* JSON bodies of index/load/unload */
+#define ERRMSG_LEN 1024
+#define QUIET_MS 200       /* at shutdown: no request in progress this long = only idle left */
+#define CLOSE_WAIT_MS 5000 /* at shutdown: longest wait for requests being received */
+
+/*
+ * libmicrohttpd 0.9.75 to 0.9.77 reject whitespace in a header name (RFC 7230 3.2.4, a
+ * request-smuggling vector) only at strictness -1, although their documentation puts it at
+ * 1; level 1 instead requires Host and refuses blanks in the URL, which keel's router
+ * rejects anyway (404). Later versions reorganised the levels.
+ */
+#if MHD_VERSION < 0x00097800
+#define STRICTNESS (-1)
+#else
+#define STRICTNESS 1
+#endif
+
+static const char ALLOW_GET[] = "GET, HEAD";
+static const char ALLOW_POST[] = "POST";
+static const char JSON_TYPE[] = "application/json";
+
+/* ---------------------------------------------------------------- small helpers */
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t unix_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static int cond_init(pthread_cond_t *cv)
+{
+    pthread_condattr_t attr;
+    int rc;
+
+    if ((rc = pthread_condattr_init(&attr)) != 0)
+        return rc;
+    if ((rc = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)) == 0)
+        rc = pthread_cond_init(cv, &attr);
+    pthread_condattr_destroy(&attr);
+    return rc;
+}
+
+/* An absolute deadline ms from now for pthread_cond_timedwait on our condition variables,
+ * which all use CLOCK_MONOTONIC (see cond_init). */
+static struct timespec deadline_in_ms(uint64_t ms)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += (time_t)(ms / 1000);
+    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    return ts;
+}
+
+unsigned keel__srv_http_status(keel_err err)
+{
+    switch (err) {
+    case KEEL_OK:
+        return MHD_HTTP_OK;
+    case KEEL_EINVAL:
+    case KEEL_ECONFIG:
+    case KEEL_ELOAD:
+        return MHD_HTTP_BAD_REQUEST;
+    case KEEL_ENOTFOUND:
+        return MHD_HTTP_NOT_FOUND;
+    case KEEL_EUNAVAILABLE:
+    case KEEL_ETIMEDOUT:
+    case KEEL_ECANCELED:
+    case KEEL_ESHUTDOWN:
+        return MHD_HTTP_SERVICE_UNAVAILABLE;
+    default:
+        return MHD_HTTP_INTERNAL_SERVER_ERROR;
+    }
+}
+
+void keel__srv_reply_error(srv_reply *r, unsigned status, const char *fmt, ...)
+{
+    char msg[ERRMSG_LEN];
+    va_list ap;
+
+    va_start(ap, fmt);
+    if (vsnprintf(msg, sizeof(msg), fmt, ap) < 0)
+        snprintf(msg, sizeof(msg), "error");
+    va_end(ap);
+    free(r->body);
+    r->status = status;
+    r->body = keel_v2_error_json(msg);
+    r->len = r->body != NULL ? strlen(r->body) : 0;
+    r->ctype = JSON_TYPE;
+}
+
+void keel__srv_reply_json(srv_reply *r, unsigned status, void *root)
+{
+    char *text;
+
+    if (root == NULL) {
+        keel__srv_reply_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+        return;
+    }
+    text = json_dumps((json_t *)root, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    json_decref((json_t *)root);
+    if (text == NULL) {
+        keel__srv_reply_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+        return;
+    }
+    free(r->body);
+    r->status = status;
+    r->body = text;
+    r->len = strlen(text);
+    r->ctype = JSON_TYPE;
+}
+
+void keel__srv_reply_empty(srv_reply *r, unsigned status)
+{
+    free(r->body);
+    r->status = status;
+    r->body = NULL;
+    r->len = 0;
+    r->ctype = NULL;
+}
+
+/* Queues r (its body is consumed) and marks c ANSWERED. Returns what the handler returns. */
+static enum MHD_Result send_reply(srv_conn *c, srv_reply *r, const char *extra_name,
+                                  const char *extra_value, bool close_after)
+{
+    static const char nomem[] = "{\"error\":\"out of memory\"}";
+    struct MHD_Response *resp;
+    enum MHD_Result ret;
+    unsigned status = r->status;
+
+    if (r->body == NULL && status >= 400) {
+        /* keel__srv_reply_error could not allocate: say so with a static body. */
+        resp = MHD_create_response_from_buffer(sizeof(nomem) - 1, (void *)nomem,
+                                               MHD_RESPMEM_PERSISTENT);
+        r->ctype = JSON_TYPE;
+    } else {
+        resp = MHD_create_response_from_buffer(r->len, r->body, MHD_RESPMEM_MUST_FREE);
+    }
+    if (resp == NULL) {
+        free(r->body);
+        r->body = NULL;
+        return MHD_NO; /* MHD closes the connection */
+    }
+    r->body = NULL; /* the response owns it now */
+    if ((r->ctype != NULL &&
+         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, r->ctype) != MHD_YES) ||
+        (r->allow != NULL &&
+         MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, r->allow) != MHD_YES) ||
+        (extra_name != NULL && MHD_add_response_header(resp, extra_name, extra_value) != MHD_YES) ||
+        ((close_after || atomic_load(&c->s->conn_close)) &&
+         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close") != MHD_YES)) {
+        MHD_destroy_response(resp);
+        return MHD_NO;
+    }
+    ret = MHD_queue_response(c->mhd, status, resp);
+    MHD_destroy_response(resp);
+    c->state = CONN_ANSWERED;
+    if (c->counted) {
+        atomic_fetch_sub(&c->s->http_open, 1);
+        c->counted = false;
+    }
+    c->http_status = status;
+    if (status / 100 < 6)
+        atomic_fetch_add_explicit(&c->s->http_responses[status / 100], 1, memory_order_relaxed);
+    return ret;
+}
+
+static enum MHD_Result send_error(srv_conn *c, unsigned status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static enum MHD_Result send_error(srv_conn *c, unsigned status, const char *fmt, ...)
+{
+    char msg[ERRMSG_LEN];
+    srv_reply r = {0};
+    va_list ap;
+
+    va_start(ap, fmt);
+    if (vsnprintf(msg, sizeof(msg), fmt, ap) < 0)
+        snprintf(msg, sizeof(msg), "error");
+    va_end(ap);
+    keel__srv_reply_error(&r, status, "%s", msg);
+    return send_reply(c, &r, NULL, NULL, false);
+}
+
+/* ---------------------------------------------------------------- "not served" answers */
+
+void keel__srv_reply_not_served(keel_srv *s, const char *model, int64_t version, srv_reply *r)
+{
+    keel_model_status *list = NULL;
+    size_t n = 0;
+    bool known = false, any_ready = false;
+    const keel_model_status *row = NULL;
+
+    if (keel_model_list(s->rt, &list, &n) != KEEL_OK) {
+        keel__srv_reply_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (strcmp(list[i].name, model) != 0)
+            continue;
+        known = true;
+        row = &list[i];
+        any_ready |= list[i].state == KEEL_MODEL_READY;
+    }
+    if (!known) {
+        keel__srv_reply_error(r, MHD_HTTP_NOT_FOUND, "unknown model '%s'", model);
+    } else if (version >= 0 && any_ready) {
+        keel__srv_reply_error(r, MHD_HTTP_NOT_FOUND, "model '%s' has no version %" PRId64, model,
+                              version);
+    } else if (row->state == KEEL_MODEL_LOADING) {
+        keel__srv_reply_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "model '%s' is loading", model);
+    } else if (row->state == KEEL_MODEL_FAILED) {
+        keel__srv_reply_error(
+            r, MHD_HTTP_SERVICE_UNAVAILABLE, "model '%s' failed to load: %s", model,
+            row->last_error_msg[0] != '\0' ? row->last_error_msg : keel_strerror(row->last_error));
+    } else if (any_ready) {
+        /* It became ready between the caller's check and this one. */
+        keel__srv_reply_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "model '%s' is not ready", model);
+    } else {
+        keel__srv_reply_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "model '%s' is not loaded", model);
+    }
+    keel_model_status_free(list, n);
+}
+
+/* ---------------------------------------------------------------- routing */
+
+/* Parses a version path segment: decimal digits only, no overflow. */
+static bool parse_version(const char *s, int64_t *out)
+{
+    int64_t v = 0;
+
+    if (*s == '\0')
+        return false;
+    for (; *s != '\0'; s++) {
+        if (*s < '0' || *s > '9' || v > (INT64_MAX - (*s - '0')) / 10)
+            return false;
+        v = v * 10 + (*s - '0');
+    }
+    *out = v;
+    return true;
+}
+
+/*
+ * Routes url into c (route, model, version). Returns 0, or an HTTP status (404 unknown path,
+ * 400 bad version, 500 no memory) with the reason in msg.
+ */
+static unsigned route_url(srv_conn *c, const char *url, char *msg, size_t msglen)
+{
+    char *copy = NULL, *seg[8], *p;
+    size_t nseg = 0;
+    size_t i = 0;
+    unsigned rc = MHD_HTTP_NOT_FOUND;
+    const char *tail;
+
+    c->version = -1;
+    snprintf(msg, msglen, "unknown endpoint '%.200s'", url);
+    if (url[0] != '/')
+        return MHD_HTTP_NOT_FOUND;
+    if (strcmp(url, "/metrics") == 0) {
+        c->route = ROUTE_METRICS;
+        return 0;
+    }
+    if (strcmp(url, "/v2") == 0 || strcmp(url, "/v2/") == 0) {
+        c->route = ROUTE_SERVER_META;
+        return 0;
+    }
+    if ((copy = strdup(url + 1)) == NULL) {
+        snprintf(msg, msglen, "out of memory");
+        return MHD_HTTP_INTERNAL_SERVER_ERROR;
+    }
+    /* strtok_r would merge empty segments ("//"); split by hand and reject them. */
+    p = copy;
+    for (;;) {
+        char *slash = strchr(p, '/');
+        if (nseg == sizeof(seg) / sizeof(seg[0]))
+            goto done;
+        seg[nseg++] = p;
+        if (slash == NULL)
+            break;
+        *slash = '\0';
+        p = slash + 1;
+    }
+    for (i = 0; i < nseg; i++) {
+        if (seg[i][0] == '\0')
+            goto done;
+    }
+    if (strcmp(seg[0], "v2") != 0 || nseg < 2)
+        goto done;
+
+    if (strcmp(seg[1], "health") == 0 && nseg == 3) {
+        if (strcmp(seg[2], "live") == 0)
+            c->route = ROUTE_LIVE;
+        else if (strcmp(seg[2], "ready") == 0)
+            c->route = ROUTE_READY;
+        rc = c->route != ROUTE_UNKNOWN ? 0 : MHD_HTTP_NOT_FOUND;
+        goto done;
+    }
+    if (strcmp(seg[1], "repository") == 0) {
+        if (nseg == 3 && strcmp(seg[2], "index") == 0) {
+            c->route = ROUTE_REPO_INDEX;
+            rc = 0;
+        } else if (nseg == 5 && strcmp(seg[2], "models") == 0 &&
+                   (strcmp(seg[4], "load") == 0 || strcmp(seg[4], "unload") == 0)) {
+            c->route = strcmp(seg[4], "load") == 0 ? ROUTE_REPO_LOAD : ROUTE_REPO_UNLOAD;
+            if ((c->model = strdup(seg[3])) == NULL) {
+                snprintf(msg, msglen, "out of memory");
+                rc = MHD_HTTP_INTERNAL_SERVER_ERROR;
+            } else {
+                rc = 0;
+            }
+        }
+        goto done;
+    }
+    if (strcmp(seg[1], "models") != 0 || nseg < 3)
+        goto done;
+    if (nseg == 3 && strcmp(seg[2], "stats") == 0) {
+        /* As in Triton, this shadows the metadata of a model named "stats". */
+        c->route = ROUTE_ALL_STATS;
+        rc = 0;
+        goto done;
+    }
+    /* /v2/models/{m}[/versions/{v}][/ready|config|stats|infer] */
+    i = 3;
+    if (nseg >= 5 && strcmp(seg[3], "versions") == 0) {
+        if (!parse_version(seg[4], &c->version)) {
+            snprintf(msg, msglen, "invalid model version '%.64s': expected a non-negative integer",
+                     seg[4]);
+            rc = MHD_HTTP_BAD_REQUEST;
+            goto done;
+        }
+        i = 5;
+    }
+    if (nseg > i + 1)
+        goto done;
+    tail = nseg == i + 1 ? seg[i] : "";
+    if (tail[0] == '\0')
+        c->route = ROUTE_MODEL_META;
+    else if (strcmp(tail, "ready") == 0)
+        c->route = ROUTE_MODEL_READY;
+    else if (strcmp(tail, "config") == 0)
+        c->route = ROUTE_MODEL_CONFIG;
+    else if (strcmp(tail, "stats") == 0)
+        c->route = ROUTE_MODEL_STATS;
+    else if (strcmp(tail, "infer") == 0)
+        c->route = ROUTE_INFER;
+    else
+        goto done;
+    if ((c->model = strdup(seg[2])) == NULL) {
+        c->route = ROUTE_UNKNOWN;
+        snprintf(msg, msglen, "out of memory");
+        rc = MHD_HTTP_INTERNAL_SERVER_ERROR;
+        goto done;
+    }
+    rc = 0;
+
+done:
+    free(copy);
+    if (rc != 0)
+        c->route = ROUTE_UNKNOWN;
+    return rc;
+}
+
+static bool route_is_post(srv_route r)
+{
+    return r == ROUTE_INFER || r == ROUTE_REPO_INDEX || r == ROUTE_REPO_LOAD ||
+           r == ROUTE_REPO_UNLOAD;
+}
+
+/* ---------------------------------------------------------------- connection life */
+
+static void conn_free(srv_conn *c)
+{
+    if (c == NULL)
+        return;
+    /* MHD completes only connections it is running, and a submitted one is suspended
+     * until its completion ran; anything else would destroy an in-flight request. */
+    if (c->state == CONN_SUBMITTED || c->state == CONN_SUSPENDING || c->state == CONN_PARKED) {
+        keel__srv_log(KEEL_LOG_ERROR, "BUG: connection completed while its request is in flight",
+                      NULL);
+        abort();
+    }
+    if (c->counted)
+        atomic_fetch_sub(&c->s->http_open, 1);
+    keel_request_destroy(c->req);
+    if (c->have_info)
+        keel_v2_request_info_fini(&c->info);
+    free(c->body);
+    free(c->model);
+    free(c->ctl_msg);
+    free(c);
+}
+
+static const char *route_name(srv_route r)
+{
+    switch (r) {
+    case ROUTE_SERVER_META:
+        return "server_metadata";
+    case ROUTE_LIVE:
+        return "live";
+    case ROUTE_READY:
+        return "ready";
+    case ROUTE_MODEL_META:
+        return "model_metadata";
+    case ROUTE_MODEL_READY:
+        return "model_ready";
+    case ROUTE_MODEL_CONFIG:
+        return "model_config";
+    case ROUTE_MODEL_STATS:
+        return "model_stats";
+    case ROUTE_ALL_STATS:
+        return "stats";
+    case ROUTE_INFER:
+        return "infer";
+    case ROUTE_REPO_INDEX:
+        return "repository_index";
+    case ROUTE_REPO_LOAD:
+        return "load";
+    case ROUTE_REPO_UNLOAD:
+        return "unload";
+    case ROUTE_METRICS:
+        return "metrics";
+    case ROUTE_UNKNOWN:
+        break;
+    }
+    return "unknown";
+}
+
+/* MHD's request-completed callback: the one place an srv_conn is freed. */
+static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+    srv_conn *c = *con_cls;
+
+    (void)cls;
+    (void)mc;
+    if (c == NULL)
+        return;
+    *con_cls = NULL;
+    if (keel__srv_log_on(KEEL_LOG_DEBUG)) {
+        char st[16], us[32];
+        keel__srv_log(KEEL_LOG_DEBUG, "request done", "route", route_name(c->route), "model",
+                      c->model != NULL ? c->model : "", "status",
+                      keel__srv_fmt(st, sizeof(st), "%u", c->http_status), "duration_us",
+                      keel__srv_fmt(us, sizeof(us), "%" PRIu64, (now_ns() - c->start_ns) / 1000u),
+                      "outcome", toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "ok" : "aborted",
+                      NULL);
+    }
+    conn_free(c);
+}
+
+/* Decrements s->pending; called after the connection's resume (if any) was requested. */
+static void pending_done(keel_srv *s)
+{
+    pthread_mutex_lock(&s->mu);
+    if (--s->pending == 0)
+        pthread_cond_broadcast(&s->idle_cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+static void parked_unlink_locked(keel_srv *s, srv_conn *c)
+{
+    if (c->prev != NULL)
+        c->prev->next = c->next;
+    else
+        s->parked = c->next;
+    if (c->next != NULL)
+        c->next->prev = c->prev;
+    c->prev = c->next = NULL;
+    s->nparked--;
+}
+
+void keel__srv_conn_complete(srv_conn *c, keel_err status)
+{
+    keel_srv *s = c->s;
+    struct MHD_Connection *mc = c->mhd;
+    bool resume = false;
+
+    pthread_mutex_lock(&s->mu);
+    c->status = status;
+    c->done = true;
+    if (c->state == CONN_PARKED && !c->pinned) {
+        parked_unlink_locked(s, c);
+        c->state = CONN_RESUMED;
+        resume = true;
+    }
+    pthread_mutex_unlock(&s->mu);
+    /* From here on c may be freed by an MHD thread as soon as it is resumed. */
+    if (resume) {
+        MHD_resume_connection(mc);
+        pending_done(s);
+    }
+}
+
+static void on_infer_done(keel_request *req, keel_err status, void *user)
+{
+    (void)req;
+    keel__srv_conn_complete(user, status);
+}
+
+/* Forward: the answer of a resumed connection. */
+static enum MHD_Result answer_resumed(srv_conn *c);
+
+/*
+ * Called by the handler right after a successful submit (state SUBMITTED, counted in
+ * pending): suspends the connection unless the completion has already been recorded.
+ */
+static enum MHD_Result park(srv_conn *c)
+{
+    keel_srv *s = c->s;
+    const union MHD_ConnectionInfo *ci;
+    bool resume = false;
+    int fd = -1;
+
+    ci = MHD_get_connection_info(c->mhd, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (ci != NULL)
+        fd = ci->connect_fd;
+
+    pthread_mutex_lock(&s->mu);
+    if (c->done) {
+        c->state = CONN_RESUMED;
+        pthread_mutex_unlock(&s->mu);
+        pending_done(s);
+        return answer_resumed(c);
+    }
+    c->state = CONN_SUSPENDING;
+    pthread_mutex_unlock(&s->mu);
+
+    MHD_suspend_connection(c->mhd);
+
+    pthread_mutex_lock(&s->mu);
+    if (c->done) {
+        c->state = CONN_RESUMED;
+        resume = true;
+    } else {
+        c->state = CONN_PARKED;
+        c->fd = fd;
+        c->prev = NULL;
+        c->next = s->parked;
+        if (s->parked != NULL)
+            s->parked->prev = c;
+        s->parked = c;
+        s->nparked++;
+        pthread_cond_signal(&s->watch_cv);
+    }
+    pthread_mutex_unlock(&s->mu);
+    if (resume) {
+        MHD_resume_connection(c->mhd);
+        pending_done(s);
+    }
+    return MHD_YES;
+}
+
+/* ---------------------------------------------------------------- infer */
+
+/* Parses the Inference-Header-Content-Length header: (size_t)-1 if absent, else its value;
+ * false if it is not a decimal integer. */
+static bool header_length(struct MHD_Connection *mc, size_t *out)
+{
+    const char *v =
+        MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Inference-Header-Content-Length");
+    uint64_t n = 0;
+
+    *out = (size_t)-1;
+    if (v == NULL)
+        return true;
+    while (*v == ' ' || *v == '\t')
+        v++;
+    if (*v == '\0')
+        return false;
+    for (; *v >= '0' && *v <= '9'; v++) {
+        if (n > (UINT64_MAX - 9) / 10)
+            return false;
+        n = n * 10 + (uint64_t)(*v - '0');
+    }
+    while (*v == ' ' || *v == '\t')
+        v++;
+    if (*v != '\0' || n >= SIZE_MAX)
+        return false;
+    *out = (size_t)n;
+    return true;
+}
+
+static enum MHD_Result infer_start(srv_conn *c)
+{
+    keel_srv *s = c->s;
+    char err[ERRMSG_LEN];
+    size_t hlen;
+    int st;
+    keel_err kerr;
+    bool draining;
+
+    pthread_mutex_lock(&s->mu);
+    draining = s->draining;
+    pthread_mutex_unlock(&s->mu);
+    if (draining)
+        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
+    if (!header_length(c->mhd, &hlen))
+        return send_error(c, MHD_HTTP_BAD_REQUEST,
+                          "Inference-Header-Content-Length: expected a non-negative integer");
+    if (hlen != (size_t)-1 && hlen > c->body_len)
+        return send_error(c, MHD_HTTP_BAD_REQUEST,
+                          "Inference-Header-Content-Length %zu is larger than the body (%zu "
+                          "bytes)",
+                          hlen, c->body_len);
+    if ((kerr = keel_request_create(s->rt, c->model, c->version, &c->req)) != KEEL_OK)
+        return send_error(c, keel__srv_http_status(kerr), "creating the request: %s",
+                          keel_strerror(kerr));
+    err[0] = '\0';
+    st = keel_v2_decode_infer(c->req, c->body != NULL ? c->body : "", c->body_len, hlen, &c->info,
+                              err, sizeof(err));
+    if (st != MHD_HTTP_OK)
+        return send_error(c, st >= 400 && st < 600 ? (unsigned)st : MHD_HTTP_BAD_REQUEST, "%s",
+                          err[0] != '\0' ? err : "invalid infer request");
+    c->have_info = true;
+    /* The request holds copies of the tensors; the body is not needed any more. */
+    free(c->body);
+    c->body = NULL;
+    c->body_cap = 0;
+
+    pthread_mutex_lock(&s->mu);
+    if (s->draining) {
+        pthread_mutex_unlock(&s->mu);
+        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
+    }
+    s->pending++;
+    c->state = CONN_SUBMITTED;
+    pthread_mutex_unlock(&s->mu);
+
+    kerr = keel_infer_submit(c->req, on_infer_done, c);
+    if (kerr != KEEL_OK) {
+        /* The callback will never run: undo the hand-off and answer now. */
+        pthread_mutex_lock(&s->mu);
+        c->state = CONN_READING;
+        pthread_mutex_unlock(&s->mu);
+        pending_done(s);
+        if (kerr == KEEL_ENOTFOUND) {
+            srv_reply r = {0};
+            keel__srv_reply_not_served(s, c->model, c->version, &r);
+            return send_reply(c, &r, NULL, NULL, false);
+        }
+        return send_error(c, keel__srv_http_status(kerr), "%s",
+                          keel_request_error(c->req)[0] != '\0' ? keel_request_error(c->req)
+                                                                : keel_strerror(kerr));
+    }
+    return park(c);
+}
+
+static enum MHD_Result infer_answer(srv_conn *c)
+{
+    keel_v2_response resp = {0};
+    srv_reply r = {0};
+    char err[ERRMSG_LEN];
+    char hl[32];
+    int st;
+
+    if (c->status != KEEL_OK) {
+        const char *msg = keel_request_error(c->req);
+        if (c->status == KEEL_ENOTFOUND) {
+            keel__srv_reply_not_served(c->s, c->model, c->version, &r);
+            return send_reply(c, &r, NULL, NULL, false);
+        }
+        if (c->status == KEEL_ECANCELED && c->cancel_shutdown)
+            return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE,
+                              "the server is shutting down: the request was cancelled at the "
+                              "exit timeout");
+        return send_error(c, keel__srv_http_status(c->status), "%s",
+                          msg[0] != '\0' ? msg : keel_strerror(c->status));
+    }
+    err[0] = '\0';
+    st = keel_v2_encode_infer(c->req, c->model, &c->info, &resp, err, sizeof(err));
+    if (st != 0) {
+        free(resp.body);
+        return send_error(c, st >= 400 && st < 600 ? (unsigned)st : 500, "%s",
+                          err[0] != '\0' ? err : "encoding the response failed");
+    }
+    r.status = MHD_HTTP_OK;
+    r.body = resp.body;
+    r.len = resp.body_len;
+    if (resp.has_binary) {
+        r.ctype = "application/octet-stream";
+        snprintf(hl, sizeof(hl), "%zu", resp.json_len);
+        return send_reply(c, &r, "Inference-Header-Content-Length", hl, false);
+    }
+    r.ctype = JSON_TYPE;
+    return send_reply(c, &r, NULL, NULL, false);
+}
+
+/* ---------------------------------------------------------------- model control API */
+
+/* Checks the optional JSON body of load/unload: an object whose "parameters", if any, holds
+ * nothing keel does not support. Returns 0 or 400 with msg. */
+static unsigned check_control_body(const srv_conn *c, char *msg, size_t msglen)
+{
+    json_t *root, *params;
+    json_error_t jerr;
+    const char *key;
+    json_t *val;
+    unsigned rc = 0;
+
+    if (c->body_len == 0)
+        return 0;
+    root = json_loadb(c->body, c->body_len, JSON_REJECT_DUPLICATES, &jerr);
+    if (root == NULL) {
+        snprintf(msg, msglen, "invalid JSON body: %s", jerr.text);
+        return MHD_HTTP_BAD_REQUEST;
+    }
+    if (!json_is_object(root)) {
+        snprintf(msg, msglen, "invalid body: expected a JSON object");
+        rc = MHD_HTTP_BAD_REQUEST;
+        goto done;
+    }
+    params = json_object_get(root, "parameters");
+    if (params == NULL || json_is_null(params))
+        goto done;
+    if (!json_is_object(params)) {
+        snprintf(msg, msglen, "parameters: expected an object");
+        rc = MHD_HTTP_BAD_REQUEST;
+        goto done;
+    }
+    json_object_foreach (params, key, val) {
+        if (c->route == ROUTE_REPO_UNLOAD && strcmp(key, "unload_dependents") == 0)
+            continue; /* keel models have no dependents */
+        snprintf(msg, msglen, "parameters.%.64s: not supported by keel", key);
+        rc = MHD_HTTP_BAD_REQUEST;
+        goto done;
+    }
+done:
+    json_decref(root);
+    return rc;
+}
+
+static enum MHD_Result control_start(srv_conn *c)
+{
+    keel_srv *s = c->s;
+    char msg[ERRMSG_LEN];
+    unsigned rc;
+
+    if (s->opts->control != KEEL_SERVER_CONTROL_EXPLICIT)
+        return send_error(c, MHD_HTTP_BAD_REQUEST,
+                          "explicit model load / unload is not allowed: the model control "
+                          "mode is %s",
+                          s->opts->control == KEEL_SERVER_CONTROL_POLL ? "poll" : "none");
+    if ((rc = check_control_body(c, msg, sizeof(msg))) != 0)
+        return send_error(c, rc, "%s", msg);
+
+    pthread_mutex_lock(&s->mu);
+    if (s->draining) {
+        pthread_mutex_unlock(&s->mu);
+        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
+    }
+    s->pending++;
+    c->state = CONN_SUBMITTED;
+    pthread_mutex_unlock(&s->mu);
+
+    if (!keel__srv_control_enqueue(s, c)) {
+        pthread_mutex_lock(&s->mu);
+        c->state = CONN_READING;
+        pthread_mutex_unlock(&s->mu);
+        pending_done(s);
+        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
+    }
+    return park(c);
+}
+
+static enum MHD_Result answer_resumed(srv_conn *c)
+{
+    srv_reply r = {0};
+
+    if (c->route == ROUTE_INFER)
+        return infer_answer(c);
+    /* A control job: its outcome is ctl_status and ctl_msg. */
+    if (c->ctl_status == MHD_HTTP_OK) {
+        keel__srv_reply_empty(&r, MHD_HTTP_OK);
+        return send_reply(c, &r, NULL, NULL, false);
+    }
+    return send_error(c, c->ctl_status != 0 ? c->ctl_status : 500, "%s",
+                      c->ctl_msg != NULL ? c->ctl_msg : "model control failed");
+}
+
+/* ---------------------------------------------------------------- the access handler */
+
+/* Appends a body chunk, keeping at most c->body_limit bytes. */
+static void take_body(srv_conn *c, const char *data, size_t n)
+{
+    if (c->too_large || n > c->body_limit - c->body_len) {
+        if (c->body_limit > 0 && !c->too_large) {
+            c->too_large = true;
+            free(c->body); /* nothing of it will be used */
+            c->body = NULL;
+            c->body_cap = 0;
+        }
+        c->discarded += n;
+        return;
+    }
+    if (c->body_len + n > c->body_cap) {
+        size_t ncap = c->body_cap == 0 ? 16384 : c->body_cap;
+        char *nb;
+        while (ncap < c->body_len + n)
+            ncap = ncap > c->body_limit / 2 ? c->body_limit : ncap * 2;
+        if ((nb = realloc(c->body, ncap + 1)) == NULL) {
+            /* Treated as too large: the answer is 413 either way, and no memory is held. */
+            c->too_large = true;
+            free(c->body);
+            c->body = NULL;
+            c->body_cap = 0;
+            c->discarded += n;
+            return;
+        }
+        c->body = nb;
+        c->body_cap = ncap;
+    }
+    memcpy(c->body + c->body_len, data, n);
+    c->body_len += n;
+    c->body[c->body_len] = '\0';
+}
+
+typedef struct framing {
+    unsigned content_length; /* Content-Length headers seen */
+    unsigned transfer_encoding;
+} framing;
+
+static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const char *key,
+                                     const char *value)
+{
+    framing *f = cls;
+
+    (void)kind;
+    (void)value;
+    if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0)
+        f->content_length++;
+    else if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0)
+        f->transfer_encoding++;
+    return MHD_YES;
+}
+
+static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const char *url,
+                                  const char *method, void **con_cls)
+{
+    srv_conn *c;
+    char msg[256];
+    unsigned rc;
+    const char *cl;
+    framing fr = {0, 0};
+    bool is_get =
+        strcmp(method, MHD_HTTP_METHOD_GET) == 0 || strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
+    bool is_post = strcmp(method, MHD_HTTP_METHOD_POST) == 0;
+
+    if ((c = calloc(1, sizeof(*c))) == NULL)
+        return MHD_NO; /* MHD closes the connection */
+    c->s = s;
+    c->mhd = mc;
+    c->fd = -1;
+    c->version = -1;
+    c->start_ns = now_ns();
+    c->state = CONN_READING;
+    c->counted = true;
+    atomic_fetch_add(&s->http_open, 1);
+    *con_cls = c; /* from here on MHD's completed callback frees c */
+
+    rc = route_url(c, url, msg, sizeof(msg));
+    if (rc == 0) {
+        bool post = route_is_post(c->route);
+        c->method_ok = post ? is_post : is_get;
+        c->allow = post ? ALLOW_POST : ALLOW_GET;
+        if (c->method_ok && post)
+            c->body_limit = c->route == ROUTE_INFER ? s->opts->max_request_bytes
+                            : s->opts->max_request_bytes < SMALL_BODY_LIMIT
+                                ? s->opts->max_request_bytes
+                                : SMALL_BODY_LIMIT;
+    }
+
+    /* RFC 9112 6.3: several Content-Length headers, or one with Transfer-Encoding, make the
+     * body's framing ambiguous (the way requests are smuggled past proxies). libmicrohttpd
+     * would pick one; refuse the request instead and close the connection. */
+    MHD_get_connection_values(mc, MHD_HEADER_KIND, count_framing, &fr);
+    if (fr.content_length > 1 || (fr.content_length > 0 && fr.transfer_encoding > 0)) {
+        srv_reply r = {0};
+        keel__srv_reply_error(&r, MHD_HTTP_BAD_REQUEST,
+                              fr.content_length > 1
+                                  ? "ambiguous framing: several Content-Length headers"
+                                  : "ambiguous framing: Content-Length with Transfer-Encoding");
+        return send_reply(c, &r, NULL, NULL, true);
+    }
+    cl = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    if (cl != NULL) {
+        uint64_t limit = c->body_limit > 0 ? c->body_limit : s->opts->max_request_bytes;
+        char *end;
+        unsigned long long n;
+        errno = 0;
+        n = strtoull(cl, &end, 10);
+        if (errno == 0 && end != cl && n > limit)
+            /* Refuse before buffering anything; MHD then discards the body and closes. */
+            return send_error(c, MHD_HTTP_CONTENT_TOO_LARGE,
+                              "request body of %llu bytes exceeds the limit of %" PRIu64 " bytes",
+                              n, limit);
+    }
+    if (rc != 0) {
+        /* Answered in the final call, after the body (if any) was discarded. */
+        c->route = ROUTE_UNKNOWN;
+        c->method_ok = true;
+        c->route_status = rc;
+        snprintf(c->route_msg, sizeof(c->route_msg), "%s", msg);
+    }
+    return MHD_YES;
+}
+
+static enum MHD_Result final_call(srv_conn *c)
+{
+    srv_reply r = {0};
+
+    if (c->too_large) {
+        /* A body without Content-Length that grew past the limit. */
+        keel__srv_reply_error(&r, MHD_HTTP_CONTENT_TOO_LARGE,
+                              "request body exceeds the limit of %zu bytes", c->body_limit);
+        return send_reply(c, &r, NULL, NULL, true);
+    }
+    if (c->route == ROUTE_UNKNOWN)
+        return send_error(c, c->route_status, "%s", c->route_msg);
+    if (!c->method_ok) {
+        keel__srv_reply_error(&r, MHD_HTTP_METHOD_NOT_ALLOWED, "method not allowed; use %s",
+                              c->allow);
+        r.allow = c->allow;
+        return send_reply(c, &r, NULL, NULL, false);
+    }
+    switch (c->route) {
+    case ROUTE_INFER:
+        return infer_start(c);
+    case ROUTE_REPO_LOAD:
+    case ROUTE_REPO_UNLOAD:
+        return control_start(c);
+    default:
+        keel__srv_route_sync(c->s, c, &r);
+        return send_reply(c, &r, NULL, NULL, false);
+    }
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const char *url,
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_data_size, void **con_cls)
+{
+    keel_srv *s = cls;
+    srv_conn *c = *con_cls;
+
+    (void)version;
+    if (c == NULL)
+        return first_call(s, mc, url, method, con_cls);
+    switch (c->state) {
+    case CONN_READING:
+        if (*upload_data_size != 0) {
+            take_body(c, upload_data, *upload_data_size);
+            *upload_data_size = 0;
+            /* A client that keeps sending long after the limit is cut off. */
+            if (c->discarded > s->opts->max_request_bytes)
+                return MHD_NO;
+            return MHD_YES;
+        }
+        return final_call(c);
+    case CONN_RESUMED:
+        return answer_resumed(c);
+    default:
+        /* MHD does not call a suspended connection's handler, nor one with a response. */
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+}
+
+/* ---------------------------------------------------------------- the hang-up watcher */
+
+/* Cancels the requests of batch (pinned under s->mu by the caller), then unpins them and
+ * resumes those whose completion ran meanwhile. */
+static void cancel_batch(keel_srv *s, srv_conn **batch, size_t n, bool shutdown)
+{
+    size_t nresume = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        /* KEEL_EINVAL means it already completed; the unpin below resumes it. */
+        if (keel_request_cancel(batch[i]->req) == KEEL_OK)
+            atomic_fetch_add_explicit(shutdown ? &s->canceled_shutdown : &s->canceled_hangup, 1,
+                                      memory_order_relaxed);
+    }
+    pthread_mutex_lock(&s->mu);
+    for (size_t i = 0; i < n; i++) {
+        srv_conn *c = batch[i];
+        c->pinned = false;
+        if (c->done && c->state == CONN_PARKED) {
+            parked_unlink_locked(s, c);
+            c->state = CONN_RESUMED;
+            batch[nresume++] = c; /* keep the ones to resume at the front */
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    for (size_t i = 0; i < nresume; i++) {
+        MHD_resume_connection(batch[i]->mhd);
+        pending_done(s);
+    }
+}
+
+static void *watcher_loop(void *arg)
+{
+    keel_srv *s = arg;
+    struct pollfd *pfd = s->watch_pfd;
+    srv_conn **conns = s->watch_conns;
+    const size_t cap = s->watch_cap;
+
+    pthread_mutex_lock(&s->mu);
+    while (!s->watch_stop) {
+        size_t n = 0, nbatch = 0;
+        bool all = s->cancel_all;
+
+        if (s->nparked == 0) {
+            pthread_cond_wait(&s->watch_cv, &s->mu);
+            continue;
+        }
+        for (srv_conn *c = s->parked; c != NULL && n < cap; c = c->next) {
+            if (c->route != ROUTE_INFER || c->done || c->pinned || c->cancelled)
+                continue; /* a cancelled running request stays parked until it returns */
+            conns[n] = c;
+            pfd[n].fd = c->fd;
+            pfd[n].events = POLLRDHUP;
+            pfd[n].revents = 0;
+            n++;
+        }
+        if (n > 0 && !all && poll(pfd, (nfds_t)n, 0) <= 0)
+            n = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (all || (pfd[i].revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) != 0) {
+                conns[i]->pinned = true;
+                conns[i]->cancelled = true;
+                conns[i]->cancel_shutdown = all;
+                conns[nbatch++] = conns[i];
+            }
+        }
+        if (nbatch > 0) {
+            pthread_mutex_unlock(&s->mu);
+            if (!all && keel__srv_log_on(KEEL_LOG_DEBUG)) {
+                char nb[24];
+                keel__srv_log(KEEL_LOG_DEBUG, "client gone, cancelling request", "count",
+                              keel__srv_fmt(nb, sizeof(nb), "%zu", nbatch), NULL);
+            }
+            cancel_batch(s, conns, nbatch, all);
+            pthread_mutex_lock(&s->mu);
+            continue;
+        }
+        {
+            struct timespec dl = deadline_in_ms(WATCH_INTERVAL_MS);
+            pthread_cond_timedwait(&s->watch_cv, &s->mu, &dl);
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+static keel_err watcher_start(keel_srv *s)
+{
+    /* MHD enforces the connection limit per pool thread, rounding up: leave room. */
+    size_t cap = (size_t)s->opts->max_connections + s->opts->http_threads + 64;
+
+    s->watch_cap = cap;
+    s->watch_pfd = calloc(cap, sizeof(*s->watch_pfd));
+    s->watch_conns = calloc(cap, sizeof(*s->watch_conns));
+    if (s->watch_pfd == NULL || s->watch_conns == NULL)
+        return KEEL_ENOMEM; /* freed by watcher_stop */
+    if (pthread_create(&s->watcher, NULL, watcher_loop, s) != 0)
+        return KEEL_ENOMEM;
+    s->watcher_started = true;
+    return KEEL_OK;
+}
+
+static void watcher_stop(keel_srv *s)
+{
+    if (s->watcher_started) {
+        pthread_mutex_lock(&s->mu);
+        s->watch_stop = true;
+        pthread_cond_broadcast(&s->watch_cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->watcher, NULL);
+        s->watcher_started = false;
+    }
+    free(s->watch_pfd);
+    free(s->watch_conns);
+    s->watch_pfd = NULL;
+    s->watch_conns = NULL;
+}
+
+/* ---------------------------------------------------------------- start and shutdown */
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
+/* MHD's error log. Before the daemon listens its messages (why it cannot bind, ...) are
+ * warnings; afterwards they are mostly clients misbehaving, logged at debug. */
+static void mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    keel_srv *s = cls;
+    char msg[512];
+    size_t n;
+
+    if (vsnprintf(msg, sizeof(msg), fmt, ap) < 0)
+        return;
+    n = strlen(msg);
+    while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == '\r'))
+        msg[--n] = '\0';
+    keel__srv_log(atomic_load(&s->listening) ? KEEL_LOG_DEBUG : KEEL_LOG_WARN, msg, "component",
+                  "http", NULL);
+}
+#pragma GCC diagnostic pop
+
+typedef union srv_addr {
+    struct sockaddr sa;
+    struct sockaddr_in v4;
+    struct sockaddr_in6 v6;
+} srv_addr;
+
+/* Parses an IPv4 or IPv6 literal ("localhost" = 127.0.0.1). */
+static bool addr_parse(const char *text, int port, srv_addr *a, bool *v6)
+{
+    memset(a, 0, sizeof(*a));
+    *v6 = false;
+    if (strcmp(text, "localhost") == 0)
+        text = "127.0.0.1";
+    if (inet_pton(AF_INET, text, &a->v4.sin_addr) == 1) {
+        a->v4.sin_family = AF_INET;
+        a->v4.sin_port = htons((uint16_t)port);
+        return true;
+    }
+    if (inet_pton(AF_INET6, text, &a->v6.sin6_addr) == 1) {
+        a->v6.sin6_family = AF_INET6;
+        a->v6.sin6_port = htons((uint16_t)port);
+        *v6 = true;
+        return true;
+    }
+    return false;
+}
+
+static struct MHD_Daemon *mhd_start(keel_srv *s, const srv_addr *addr, bool v6)
+{
+    const keel_server_opts *o = s->opts;
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL | MHD_ALLOW_SUSPEND_RESUME |
+                     MHD_USE_ERROR_LOG | (v6 ? MHD_USE_IPv6 : 0);
+    struct MHD_OptionItem items[] = {
+        {MHD_OPTION_CONNECTION_TIMEOUT, (intptr_t)o->http_timeout_secs, NULL},
+        {MHD_OPTION_CONNECTION_LIMIT, (intptr_t)o->max_connections, NULL},
+        /* Headers and MHD's read buffer live in this per-connection pool; bodies are
+         * copied out of it chunk by chunk, so it bounds header size, not body size. */
+        {MHD_OPTION_CONNECTION_MEMORY_LIMIT, (intptr_t)(64 * 1024), NULL},
+        {MHD_OPTION_SIGPIPE_HANDLED_BY_APP, 1, NULL},
+        {MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024, NULL},
+        {MHD_OPTION_STRICT_FOR_CLIENT, STRICTNESS, NULL},
+        /* Last: with one thread there is no pool, and END ends the array here. */
+        {o->http_threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END,
+         (intptr_t)o->http_threads, NULL},
+        {MHD_OPTION_END, 0, NULL},
+    };
+
+    /* The logger comes first so that MHD reports option errors through it. */
+    return MHD_start_daemon(flags, (uint16_t)o->http_port, NULL, NULL, on_request, s,
+                            MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_SOCK_ADDR, &addr->sa,
+                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_ARRAY, items,
+                            MHD_OPTION_END);
+}
+
+/* Waits up to timeout_ms (-1 = forever) for SIGTERM/SIGINT. Returns the signal, or 0. */
+static int wait_signal(int sfd, int timeout_ms)
+{
+    struct pollfd p = {.fd = sfd, .events = POLLIN, .revents = 0};
+    struct signalfd_siginfo si;
+    int r = poll(&p, 1, timeout_ms);
+
+    if (r <= 0)
+        return 0; /* timeout, or EINTR (a stop/continue): the caller re-checks its clock */
+    if (read(sfd, &si, sizeof(si)) != (ssize_t)sizeof(si))
+        return 0;
+    return (int)si.ssi_signo;
+}
+
+static const char *signal_name(int sig)
+{
+    return sig == SIGTERM ? "SIGTERM" : sig == SIGINT ? "SIGINT" : "signal";
+}
+
+static void log_models(keel_srv *s)
+{
+    keel_model_status *list = NULL;
+    size_t n = 0;
+
+    if (keel_model_list(s->rt, &list, &n) != KEEL_OK)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        char v[24];
+        if (list[i].state == KEEL_MODEL_FAILED)
+            keel__srv_log(KEEL_LOG_ERROR, "model failed to load", "model", list[i].name, "error",
+                          list[i].last_error_msg[0] != '\0' ? list[i].last_error_msg
+                                                            : keel_strerror(list[i].last_error),
+                          NULL);
+        else
+            keel__srv_log(KEEL_LOG_INFO, "model", "model", list[i].name, "version",
+                          list[i].version >= 0
+                              ? keel__srv_fmt(v, sizeof(v), "%" PRId64, list[i].version)
+                              : "-",
+                          "state", keel_model_state_name(list[i].state), NULL);
+    }
+    keel_model_status_free(list, n);
+}
+
+/*
+ * Stops accepting connections and lets the requests already being received get their answer
+ * (503 "shutting down" for new work). The listening socket is shut down, so further connects
+ * are refused at once, but it is closed only after MHD_stop_daemon (MHD's rule for a
+ * quiesced socket). Returns when no connection is left, or no request has been in progress
+ * for QUIET_MS (what is left are idle keep-alive connections), or after CLOSE_WAIT_MS.
+ */
+static void stop_accepting(keel_srv *s, bool hurry)
+{
+    uint64_t t0 = now_ns(), quiet_since = t0;
+
+    atomic_store(&s->conn_close, true);
+    s->listen_fd = MHD_quiesce_daemon(s->mhd);
+    if (s->listen_fd != MHD_INVALID_SOCKET)
+        shutdown(s->listen_fd, SHUT_RDWR);
+    while (!hurry && now_ns() - t0 < (uint64_t)CLOSE_WAIT_MS * 1000000u) {
+        const union MHD_DaemonInfo *di =
+            MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_CURRENT_CONNECTIONS);
+        uint64_t now = now_ns();
+        if (di == NULL || di->num_connections == 0)
+            break;
+        if (atomic_load(&s->http_open) > 0)
+            quiet_since = now;
+        else if (now - quiet_since >= (uint64_t)QUIET_MS * 1000000u)
+            break;
+        usleep(10000);
+    }
+}
+
+/*
+ * The staged shutdown after the first signal (see the DESIGN at the top). Returns when
+ * nothing is in flight and no new connection is accepted; MHD and the runtime are still up.
+ */
+static void drain(keel_srv *s, int sfd)
+{
+    const keel_server_opts *o = s->opts;
+    bool hurry = false;
+    uint64_t t0 = now_ns(), deadline;
+    int64_t left;
+    char b1[24], b2[24];
+
+    atomic_store(&s->not_ready, true);
+    /* Grace: still serving, but not ready, so load balancers move traffic away. */
+    deadline = t0 + (uint64_t)o->shutdown_grace_secs * 1000000000u;
+    while (!hurry && now_ns() < deadline) {
+        uint64_t ms = (deadline - now_ns()) / 1000000u + 1;
+        int sig = wait_signal(sfd, ms > 1000 ? 1000 : (int)ms);
+        if (sig != 0) {
+            keel__srv_log(KEEL_LOG_WARN, "second signal: skipping the grace and drain waits",
+                          "signal", signal_name(sig), NULL);
+            hurry = true;
+        }
+    }
+
+    pthread_mutex_lock(&s->mu);
+    s->draining = true;
+    left = s->pending;
+    pthread_mutex_unlock(&s->mu);
+    keel__srv_log(KEEL_LOG_INFO, "draining", "in_flight",
+                  keel__srv_fmt(b1, sizeof(b1), "%" PRId64, left), NULL);
+    keel__srv_control_stop(s);
+
+    /* Let in-flight requests finish, up to the exit timeout. */
+    deadline = now_ns() + (uint64_t)o->exit_timeout_secs * 1000000000u;
+    pthread_mutex_lock(&s->mu);
+    while (s->pending > 0 && !hurry && now_ns() < deadline) {
+        struct timespec dl = deadline_in_ms(100);
+        pthread_cond_timedwait(&s->idle_cv, &s->mu, &dl);
+        if (s->pending > 0) {
+            pthread_mutex_unlock(&s->mu);
+            if (wait_signal(sfd, 0) != 0) {
+                keel__srv_log(KEEL_LOG_WARN, "second signal: cancelling requests in flight", NULL);
+                hurry = true;
+            }
+            pthread_mutex_lock(&s->mu);
+        }
+    }
+    left = s->pending;
+    if (left > 0) {
+        /* Cancel the rest. Queued requests complete at once; running ones when their
+         * backend call returns. The watcher keeps cancelling late parkers. */
+        s->cancel_all = true;
+        pthread_cond_broadcast(&s->watch_cv);
+        pthread_mutex_unlock(&s->mu);
+        keel__srv_log(KEEL_LOG_WARN, "exit timeout: cancelling requests in flight", "in_flight",
+                      keel__srv_fmt(b1, sizeof(b1), "%" PRId64, left), NULL);
+        pthread_mutex_lock(&s->mu);
+        while (s->pending > 0) {
+            struct timespec dl = deadline_in_ms(5000);
+            if (pthread_cond_timedwait(&s->idle_cv, &s->mu, &dl) == ETIMEDOUT && s->pending > 0)
+                keel__srv_log(KEEL_LOG_WARN, "waiting for running requests to return", "in_flight",
+                              keel__srv_fmt(b1, sizeof(b1), "%" PRId64, s->pending), NULL);
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    stop_accepting(s, hurry);
+    keel__srv_log(KEEL_LOG_INFO, "drained", "cancelled",
+                  keel__srv_fmt(b1, sizeof(b1), "%" PRIu64, atomic_load(&s->canceled_shutdown)),
+                  "duration_ms",
+                  keel__srv_fmt(b2, sizeof(b2), "%" PRIu64, (now_ns() - t0) / 1000000u), NULL);
+}
+
+int keel_server_run(const keel_server_opts *o)
+{
+    keel_srv *s = NULL;
+    keel_runtime_opts ro;
+    srv_addr addr;
+    bool v6 = false;
+    sigset_t set;
+    int sfd = -1;
+    int rc = KEEL_SERVER_EXIT_RUNTIME;
+    int sig;
+    bool locks = false;
+    keel_err err;
+    const union MHD_DaemonInfo *di;
+    char addrtext[INET6_ADDRSTRLEN];
+    char pbuf[16];
+
+    keel__srv_log_init(o->log_level);
+    if (!addr_parse(o->http_address, o->http_port, &addr, &v6)) {
+        fprintf(stderr, "keel serve: --http-address: '%s' is not an IPv4 or IPv6 address\n",
+                o->http_address);
+        return KEEL_SERVER_EXIT_USAGE;
+    }
+    /* Every thread inherits this mask: the signals are only ever read from the signalfd. */
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    if (pthread_sigmask(SIG_BLOCK, &set, NULL) != 0 ||
+        (sfd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
+        keel__srv_log(KEEL_LOG_ERROR, "cannot set up signal handling", "error", strerror(errno),
+                      NULL);
+        goto done;
+    }
+    signal(SIGPIPE, SIG_IGN);
+
+    if ((s = calloc(1, sizeof(*s))) == NULL)
+        goto nomem;
+    s->opts = o;
+    s->start_unix_ms = unix_ms();
+    s->listen_fd = MHD_INVALID_SOCKET;
+    if (pthread_mutex_init(&s->mu, NULL) != 0)
+        goto nomem;
+    if (cond_init(&s->idle_cv) != 0) {
+        pthread_mutex_destroy(&s->mu);
+        goto nomem;
+    }
+    if (cond_init(&s->watch_cv) != 0) {
+        pthread_cond_destroy(&s->idle_cv);
+        pthread_mutex_destroy(&s->mu);
+        goto nomem;
+    }
+    if (pthread_mutex_init(&s->ctl_mu, NULL) != 0) {
+        pthread_cond_destroy(&s->watch_cv);
+        pthread_cond_destroy(&s->idle_cv);
+        pthread_mutex_destroy(&s->mu);
+        goto nomem;
+    }
+    if (cond_init(&s->ctl_cv) != 0) {
+        pthread_mutex_destroy(&s->ctl_mu);
+        pthread_cond_destroy(&s->watch_cv);
+        pthread_cond_destroy(&s->idle_cv);
+        pthread_mutex_destroy(&s->mu);
+        goto nomem;
+    }
+    locks = true;
+
+    keel__srv_log(KEEL_LOG_INFO, "starting", "version", KEEL_VERSION_STRING, "repository",
+                  o->model_repository, "control",
+                  o->control == KEEL_SERVER_CONTROL_POLL       ? "poll"
+                  : o->control == KEEL_SERVER_CONTROL_EXPLICIT ? "explicit"
+                                                               : "none",
+                  NULL);
+    if (o->control == KEEL_SERVER_CONTROL_POLL)
+        keel__srv_control_snapshot(s); /* before the load, so no change is missed */
+
+    keel_runtime_opts_init(&ro);
+    ro.model_repository = o->model_repository;
+    ro.control =
+        o->control == KEEL_SERVER_CONTROL_EXPLICIT ? KEEL_CONTROL_EXPLICIT : KEEL_CONTROL_NONE;
+    ro.worker_threads = o->worker_threads;
+    ro.log_fn = keel__srv_log_keel;
+    ro.log_user = NULL;
+    ro.log_level = o->log_level;
+    if ((err = keel_runtime_create(&ro, &s->rt)) != KEEL_OK) {
+        keel__srv_log(KEEL_LOG_ERROR, "cannot serve the model repository", "repository",
+                      o->model_repository, "error",
+                      err == KEEL_ENOTFOUND ? "no such directory" : keel_strerror(err), NULL);
+        goto done;
+    }
+    for (size_t i = 0; i < o->nload_models; i++) {
+        char msg[ERRMSG_LEN];
+        if ((err = keel_model_load(s->rt, o->load_models[i], msg, sizeof(msg))) != KEEL_OK) {
+            keel__srv_log(KEEL_LOG_ERROR, "--load-model failed", "model", o->load_models[i],
+                          "error", msg[0] != '\0' ? msg : keel_strerror(err), NULL);
+            goto done;
+        }
+    }
+    log_models(s);
+
+    if (o->control != KEEL_SERVER_CONTROL_NONE && keel__srv_control_start(s) != KEEL_OK) {
+        keel__srv_log(KEEL_LOG_ERROR, "cannot start the model control thread", NULL);
+        goto done;
+    }
+    if (watcher_start(s) != KEEL_OK) {
+        keel__srv_log(KEEL_LOG_ERROR, "cannot start the hang-up watcher", NULL);
+        goto done;
+    }
+    if ((s->mhd = mhd_start(s, &addr, v6)) == NULL) {
+        keel__srv_log(KEEL_LOG_ERROR, "cannot listen", "address", o->http_address, "port",
+                      keel__srv_fmt(pbuf, sizeof(pbuf), "%d", o->http_port), NULL);
+        goto done;
+    }
+    atomic_store(&s->listening, true);
+    di = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_BIND_PORT);
+    if (di == NULL || di->port == 0) {
+        keel__srv_log(KEEL_LOG_ERROR, "cannot read the port the server listens on", NULL);
+        goto done;
+    }
+    if (inet_ntop(v6 ? AF_INET6 : AF_INET,
+                  v6 ? (void *)&addr.v6.sin6_addr : (void *)&addr.v4.sin_addr, addrtext,
+                  sizeof(addrtext)) == NULL)
+        snprintf(addrtext, sizeof(addrtext), "%s", o->http_address);
+    /* The contract with scripts and tests: exactly this line on stdout, once. */
+    printf("level=info msg=listening address=%s port=%u\n", addrtext, (unsigned)di->port);
+    fflush(stdout);
+    keel__srv_log(KEEL_LOG_INFO, "listening", "address", addrtext, "port",
+                  keel__srv_fmt(pbuf, sizeof(pbuf), "%u", (unsigned)di->port), NULL);
+
+    while ((sig = wait_signal(sfd, -1)) == 0)
+        ;
+    keel__srv_log(KEEL_LOG_INFO, "shutting down", "signal", signal_name(sig), NULL);
+    drain(s, sfd);
+    rc = KEEL_SERVER_EXIT_OK;
+    goto done;
+
+nomem:
+    keel__srv_log(KEEL_LOG_ERROR, "out of memory", NULL);
+done:
+    if (s != NULL) {
+        if (locks) {
+            /* Also the error paths: no connection can be in flight unless MHD started,
+             * and then drain() has run or nothing was ever submitted. */
+            keel__srv_control_stop(s);
+            watcher_stop(s);
+        }
+        if (s->mhd != NULL)
+            MHD_stop_daemon(s->mhd);
+        if (s->listen_fd != MHD_INVALID_SOCKET)
+            close(s->listen_fd); /* quiesced: ours, and only now unused by MHD */
+        keel_runtime_destroy(s->rt);
+        if (locks) {
+            keel__srv_control_fini(s);
+            pthread_cond_destroy(&s->ctl_cv);
+            pthread_mutex_destroy(&s->ctl_mu);
+            pthread_cond_destroy(&s->watch_cv);
+            pthread_cond_destroy(&s->idle_cv);
+            pthread_mutex_destroy(&s->mu);
+        }
+        free(s);
+    }
+    if (sfd >= 0)
+        close(sfd);
+    if (rc == KEEL_SERVER_EXIT_OK)
+        keel__srv_log(KEEL_LOG_INFO, "stopped", NULL);
+    return rc;
+}

@@ -1,0 +1,69 @@
+/*
+ * server.h: `keel serve`, the KServe V2 / Open Inference Protocol HTTP server.
+ *
+ * DESIGN
+ * The server is a program built on the public API (keel/keel.h) and nothing else of libkeel.
+ * This header is what the command line (src/cli/keel.c) needs: parse the `serve` options and
+ * run the server until SIGTERM or SIGINT. Both functions are meant for the main thread of a
+ * process that runs one server: keel_server_run() blocks SIGTERM, SIGINT and ignores SIGPIPE
+ * for the whole process before it starts any thread, and logs to stderr.
+ *
+ * Exit codes: 0 clean shutdown, 1 runtime failure (repository missing, cannot listen, ...),
+ * 2 usage error.
+ */
+#ifndef KEEL_SERVER_SERVER_H
+#define KEEL_SERVER_SERVER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "keel/keel.h"
+
+enum { KEEL_SERVER_EXIT_OK = 0, KEEL_SERVER_EXIT_RUNTIME = 1, KEEL_SERVER_EXIT_USAGE = 2 };
+
+typedef enum keel_server_control {
+    KEEL_SERVER_CONTROL_NONE = 0, /* load every model at start; load/unload API refused */
+    KEEL_SERVER_CONTROL_POLL,     /* as NONE, then re-scan the repository periodically */
+    KEEL_SERVER_CONTROL_EXPLICIT, /* load only --load-model models; the API loads/unloads */
+} keel_server_control;
+
+#define KEEL_SERVER_MAX_LOAD_MODELS 64
+
+typedef struct keel_server_opts {
+    const char *model_repository;  /* required; borrowed */
+    const char *http_address;      /* default "127.0.0.1"; IPv4 or IPv6 literal */
+    int http_port;                 /* default 8000; 0 = any free port */
+    keel_server_control control;   /* default NONE */
+    unsigned repository_poll_secs; /* POLL: seconds between scans; default 15 */
+    unsigned http_threads;         /* libmicrohttpd thread pool; default 2 */
+    int worker_threads;            /* keel inference threads; 0 = CPUs */
+    uint64_t max_request_bytes;    /* default 64 MiB */
+    unsigned http_timeout_secs;    /* idle connection timeout; default 30 */
+    unsigned max_connections;      /* default 1024 */
+    unsigned exit_timeout_secs;    /* drain bound at shutdown; default 30 */
+    unsigned shutdown_grace_secs;  /* not-ready-but-serving time at shutdown; default 1 */
+    keel_log_level log_level;      /* default KEEL_LOG_INFO */
+    const char *load_models[KEEL_SERVER_MAX_LOAD_MODELS]; /* EXPLICIT: loaded at start */
+    size_t nload_models;
+} keel_server_opts;
+
+void keel_server_opts_init(keel_server_opts *opts);
+
+/*
+ * Parses the options of `keel serve` (argv[0] is the first option, not the program name).
+ * Returns KEEL_SERVER_EXIT_OK, KEEL_SERVER_EXIT_USAGE after printing why to stderr, or -1 if
+ * --help was asked for (the caller prints keel_server_print_help()). Values are borrowed from
+ * argv.
+ */
+int keel_server_parse_args(int argc, char **argv, keel_server_opts *opts);
+void keel_server_print_help(FILE *f);
+
+/* Runs the server until SIGTERM/SIGINT and a clean shutdown. Returns an exit code. */
+int keel_server_run(const keel_server_opts *opts);
+
+/* parse + run: the body of `keel serve`. */
+int keel_server_main(int argc, char **argv);
+
+#endif

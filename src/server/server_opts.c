@@ -1,0 +1,320 @@
+/*
+ * server_opts.c: the options of `keel serve`, its --help, and keel_server_main().
+ *
+ * DESIGN
+ * Runs on the main thread before anything else starts; holds no state. Options take their
+ * value as the next argument or after '='; every number is checked for range, and every
+ * mistake is one "keel serve: ..." line on stderr and exit status 2.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "server.h"
+
+void keel_server_opts_init(keel_server_opts *opts)
+{
+    memset(opts, 0, sizeof(*opts));
+    opts->http_address = "127.0.0.1";
+    opts->http_port = 8000;
+    opts->control = KEEL_SERVER_CONTROL_NONE;
+    opts->repository_poll_secs = 15;
+    opts->http_threads = 2;
+    opts->worker_threads = 0;
+    opts->max_request_bytes = 64u << 20;
+    opts->http_timeout_secs = 30;
+    opts->max_connections = 1024;
+    opts->exit_timeout_secs = 30;
+    opts->shutdown_grace_secs = 1;
+    opts->log_level = KEEL_LOG_INFO;
+}
+
+void keel_server_print_help(FILE *f)
+{
+    fputs("usage: keel serve --model-repository DIR [options]\n"
+          "\n"
+          "Serves the models of DIR over HTTP with the KServe V2 (Open Inference Protocol)\n"
+          "REST API and Triton's binary-tensor, model-repository, statistics and\n"
+          "model-configuration extensions, plus Prometheus metrics at /metrics.\n"
+          "When the socket listens, one line goes to standard output:\n"
+          "  level=info msg=listening address=ADDR port=PORT\n"
+          "Everything else is logged to standard error as logfmt lines.\n"
+          "\n"
+          "options:\n"
+          "  --model-repository DIR      the model repository (required)\n"
+          "  --http-address ADDR         IPv4 or IPv6 address to listen on (default 127.0.0.1)\n"
+          "  --http-port N               port (default 8000; 0 = any free port)\n"
+          "  --model-control-mode MODE   none (default): load every model at start, refuse\n"
+          "                              load/unload requests; poll: as none, then re-scan\n"
+          "                              the repository every --repository-poll-secs and\n"
+          "                              reload changed models, unload removed ones;\n"
+          "                              explicit: load nothing (but --load-model) at start,\n"
+          "                              load/unload through the repository API\n"
+          "  --repository-poll-secs N    seconds between scans in poll mode (default 15)\n"
+          "  --load-model NAME           explicit mode: load NAME at start (repeatable)\n"
+          "  --http-threads N            HTTP threads (default 2)\n"
+          "  --worker-threads N          inference threads (default 0 = number of CPUs)\n"
+          "  --max-request-bytes N       largest request body, suffix k/m/g allowed\n"
+          "                              (default 64m); larger bodies get 413\n"
+          "  --http-timeout-secs N       close connections idle this long (default 30;\n"
+          "                              0 = never)\n"
+          "  --max-connections N         concurrent connections (default 1024)\n"
+          "  --shutdown-grace-secs N     on SIGTERM/SIGINT: not ready but still serving for\n"
+          "                              N seconds (default 1)\n"
+          "  --exit-timeout-secs N       then wait up to N seconds for requests in flight\n"
+          "                              before cancelling them (default 30)\n"
+          "  --log-level LEVEL           error, warn, info (default) or debug\n"
+          "  --log-format logfmt         the log format (logfmt is the only one)\n"
+          "  -h, --help                  print this help\n"
+          "\n"
+          "exit status: 0 clean shutdown, 1 runtime failure, 2 usage error\n",
+          f);
+}
+
+static int usage(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static int usage(const char *fmt, ...)
+{
+    va_list ap;
+
+    fputs("keel serve: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputs("\nTry 'keel serve --help'.\n", stderr);
+    return KEEL_SERVER_EXIT_USAGE;
+}
+
+/* Parses a decimal integer in [min, max]. */
+static bool parse_u64(const char *s, uint64_t min, uint64_t max, uint64_t *out)
+{
+    char *end;
+    unsigned long long v;
+
+    if (s[0] < '0' || s[0] > '9')
+        return false;
+    errno = 0;
+    v = strtoull(s, &end, 10);
+    if (errno != 0 || *end != '\0' || v < min || v > max)
+        return false;
+    *out = v;
+    return true;
+}
+
+/* A byte count with an optional binary suffix k, m or g. */
+static bool parse_bytes(const char *s, uint64_t *out)
+{
+    char *end;
+    unsigned long long v;
+    unsigned shift = 0;
+
+    if (s[0] < '0' || s[0] > '9')
+        return false;
+    errno = 0;
+    v = strtoull(s, &end, 10);
+    if (errno != 0)
+        return false;
+    if (*end == 'k' || *end == 'K')
+        shift = 10;
+    else if (*end == 'm' || *end == 'M')
+        shift = 20;
+    else if (*end == 'g' || *end == 'G')
+        shift = 30;
+    if (shift != 0)
+        end++;
+    if (*end != '\0' || v > (UINT64_C(1) << 40) >> shift)
+        return false;
+    *out = (uint64_t)v << shift;
+    return *out >= 1024 && *out <= (UINT64_C(1) << 40);
+}
+
+typedef enum opt_id {
+    O_HELP,
+    O_REPO,
+    O_ADDR,
+    O_PORT,
+    O_MODE,
+    O_POLL,
+    O_LOAD,
+    O_HTTP_THREADS,
+    O_WORKERS,
+    O_MAX_BYTES,
+    O_HTTP_TIMEOUT,
+    O_MAX_CONN,
+    O_EXIT_TIMEOUT,
+    O_GRACE,
+    O_LOG_LEVEL,
+    O_LOG_FORMAT,
+} opt_id;
+
+static const struct {
+    const char *name;
+    opt_id id;
+    bool has_arg;
+} options[] = {
+    {"--help", O_HELP, false},
+    {"-h", O_HELP, false},
+    {"--model-repository", O_REPO, true},
+    {"--http-address", O_ADDR, true},
+    {"--http-port", O_PORT, true},
+    {"--model-control-mode", O_MODE, true},
+    {"--repository-poll-secs", O_POLL, true},
+    {"--load-model", O_LOAD, true},
+    {"--http-threads", O_HTTP_THREADS, true},
+    {"--worker-threads", O_WORKERS, true},
+    {"--max-request-bytes", O_MAX_BYTES, true},
+    {"--http-timeout-secs", O_HTTP_TIMEOUT, true},
+    {"--max-connections", O_MAX_CONN, true},
+    {"--exit-timeout-secs", O_EXIT_TIMEOUT, true},
+    {"--shutdown-grace-secs", O_GRACE, true},
+    {"--log-level", O_LOG_LEVEL, true},
+    {"--log-format", O_LOG_FORMAT, true},
+};
+
+int keel_server_parse_args(int argc, char **argv, keel_server_opts *o)
+{
+    keel_server_opts_init(o);
+    for (int i = 0; i < argc; i++) {
+        const char *arg = argv[i];
+        const char *eq = strchr(arg, '=');
+        size_t namelen = eq != NULL ? (size_t)(eq - arg) : strlen(arg);
+        const char *val = NULL;
+        size_t k;
+        uint64_t n;
+
+        if (arg[0] != '-')
+            return usage("unexpected argument '%s'", arg);
+        for (k = 0; k < sizeof(options) / sizeof(options[0]); k++) {
+            if (strlen(options[k].name) == namelen && strncmp(arg, options[k].name, namelen) == 0)
+                break;
+        }
+        if (k == sizeof(options) / sizeof(options[0]))
+            return usage("unknown option '%.*s'", (int)namelen, arg);
+        if (options[k].has_arg) {
+            if (eq != NULL)
+                val = eq + 1;
+            else if (i + 1 < argc)
+                val = argv[++i];
+            else
+                return usage("option '%s' needs a value", arg);
+        } else if (eq != NULL) {
+            return usage("option '%.*s' takes no value", (int)namelen, arg);
+        }
+
+        switch (options[k].id) {
+        case O_HELP:
+            return -1;
+        case O_REPO:
+            o->model_repository = val;
+            break;
+        case O_ADDR:
+            o->http_address = val;
+            break;
+        case O_PORT:
+            if (!parse_u64(val, 0, 65535, &n))
+                return usage("--http-port: '%s' is not a port (0-65535)", val);
+            o->http_port = (int)n;
+            break;
+        case O_MODE:
+            if (strcmp(val, "none") == 0)
+                o->control = KEEL_SERVER_CONTROL_NONE;
+            else if (strcmp(val, "poll") == 0)
+                o->control = KEEL_SERVER_CONTROL_POLL;
+            else if (strcmp(val, "explicit") == 0)
+                o->control = KEEL_SERVER_CONTROL_EXPLICIT;
+            else
+                return usage("--model-control-mode: '%s' is not none, poll or explicit", val);
+            break;
+        case O_POLL:
+            if (!parse_u64(val, 1, 86400, &n))
+                return usage("--repository-poll-secs: '%s' is not a number of seconds "
+                             "(1-86400)",
+                             val);
+            o->repository_poll_secs = (unsigned)n;
+            break;
+        case O_LOAD:
+            if (val[0] == '\0')
+                return usage("--load-model needs a model name");
+            if (o->nload_models == KEEL_SERVER_MAX_LOAD_MODELS)
+                return usage("--load-model: at most %d models", KEEL_SERVER_MAX_LOAD_MODELS);
+            o->load_models[o->nload_models++] = val;
+            break;
+        case O_HTTP_THREADS:
+            if (!parse_u64(val, 1, 256, &n))
+                return usage("--http-threads: '%s' is not a thread count (1-256)", val);
+            o->http_threads = (unsigned)n;
+            break;
+        case O_WORKERS:
+            if (!parse_u64(val, 0, 64, &n))
+                return usage("--worker-threads: '%s' is not a thread count (0-64)", val);
+            o->worker_threads = (int)n;
+            break;
+        case O_MAX_BYTES:
+            if (!parse_bytes(val, &n))
+                return usage("--max-request-bytes: '%s' is not a size from 1k to 1024g", val);
+            o->max_request_bytes = n;
+            break;
+        case O_HTTP_TIMEOUT:
+            if (!parse_u64(val, 0, 86400, &n))
+                return usage("--http-timeout-secs: '%s' is not a number of seconds (0-86400)", val);
+            o->http_timeout_secs = (unsigned)n;
+            break;
+        case O_MAX_CONN:
+            if (!parse_u64(val, 1, 65536, &n))
+                return usage("--max-connections: '%s' is not a count (1-65536)", val);
+            o->max_connections = (unsigned)n;
+            break;
+        case O_EXIT_TIMEOUT:
+            if (!parse_u64(val, 0, 86400, &n))
+                return usage("--exit-timeout-secs: '%s' is not a number of seconds (0-86400)", val);
+            o->exit_timeout_secs = (unsigned)n;
+            break;
+        case O_GRACE:
+            if (!parse_u64(val, 0, 3600, &n))
+                return usage("--shutdown-grace-secs: '%s' is not a number of seconds (0-3600)",
+                             val);
+            o->shutdown_grace_secs = (unsigned)n;
+            break;
+        case O_LOG_LEVEL:
+            if (strcmp(val, "error") == 0)
+                o->log_level = KEEL_LOG_ERROR;
+            else if (strcmp(val, "warn") == 0 || strcmp(val, "warning") == 0)
+                o->log_level = KEEL_LOG_WARN;
+            else if (strcmp(val, "info") == 0)
+                o->log_level = KEEL_LOG_INFO;
+            else if (strcmp(val, "debug") == 0)
+                o->log_level = KEEL_LOG_DEBUG;
+            else
+                return usage("--log-level: '%s' is not error, warn, info or debug", val);
+            break;
+        case O_LOG_FORMAT:
+            if (strcmp(val, "logfmt") != 0)
+                return usage("--log-format: '%s' is not supported (only logfmt)", val);
+            break;
+        }
+    }
+    if (o->model_repository == NULL || o->model_repository[0] == '\0')
+        return usage("--model-repository DIR is required");
+    if (o->http_address[0] == '\0')
+        return usage("--http-address needs an address");
+    if (o->nload_models > 0 && o->control != KEEL_SERVER_CONTROL_EXPLICIT)
+        return usage("--load-model needs --model-control-mode explicit");
+    return KEEL_SERVER_EXIT_OK;
+}
+
+int keel_server_main(int argc, char **argv)
+{
+    keel_server_opts o;
+    int rc = keel_server_parse_args(argc, argv, &o);
+
+    if (rc == -1) {
+        keel_server_print_help(stdout);
+        return fflush(stdout) == 0 ? KEEL_SERVER_EXIT_OK : KEEL_SERVER_EXIT_RUNTIME;
+    }
+    if (rc != KEEL_SERVER_EXIT_OK)
+        return rc;
+    return keel_server_run(&o);
+}
