@@ -25,3 +25,33 @@ echo
 echo "== $keel infer --model-repository $repo --model heart --label-first $sample"
 echo "   (first column: the true label, 1 = heart disease; second: the model's probability)"
 "$keel" infer --model-repository "$repo" --model heart --label-first "$sample"
+
+# The same model over HTTP: start `keel serve` on a free port, send one KServe V2 infer request
+# (the first sample row without missing values), print the answer, and stop the server with SIGTERM (it drains and
+# exits 0). Set KEEL_EXAMPLE_SERVE=1 to keep the server running on port 8000 instead.
+echo
+if [[ "${KEEL_EXAMPLE_SERVE:-0}" == 1 ]]; then
+    echo "== $keel serve --model-repository $repo   (Ctrl-C stops it; see docs/OPERATIONS.md)"
+    exec "$keel" serve --model-repository "$repo"
+fi
+echo "== $keel serve --model-repository $repo --http-port 0   (one request, then SIGTERM)"
+listen=$(mktemp)
+"$keel" serve --model-repository "$repo" --http-port 0 --log-level warn >"$listen" &
+server=$!
+trap 'kill "$server" 2>/dev/null || true; rm -f "$listen"' EXIT
+for _ in $(seq 100); do
+    grep -q 'port=' "$listen" && break
+    sleep 0.1
+done
+port=$(sed -n 's/.*port=\([0-9][0-9]*\).*/\1/p' "$listen")
+[[ -n "$port" ]] || { echo "run-example: keel serve did not start" >&2; exit 1; }
+row=$(grep -v '^#' "$sample" | grep -v nan | head -1 | cut -d' ' -f2-) # JSON has no NaN: a row without missing values
+body="{\"id\":\"example-1\",\"inputs\":[{\"name\":\"features\",\"shape\":[1,13],\"datatype\":\"FP32\",\"data\":[$(echo "$row" | tr ' ' ',')]}]}"
+echo "POST http://127.0.0.1:$port/v2/models/heart/infer"
+echo "$body"
+curl -sS -X POST -H 'Content-Type: application/json' -d "$body" \
+    "http://127.0.0.1:$port/v2/models/heart/infer"
+echo
+kill -TERM "$server"
+wait "$server"
+echo "keel serve drained and exited $?; run it yourself with: $keel serve --model-repository $repo"
