@@ -10,7 +10,8 @@
 # median ratio is reported with its spread. Bodies are V2 JSON built from the training rows.
 # A benchmark: it measures and never fails on a number.
 #
-# Usage: bench/http.sh   Environment: ROUNDS (3), SECONDS_PER_RUN (5), CONNS (8)
+# Usage: bench/http.sh   Environment: ROUNDS (3), SECONDS_PER_RUN (5), CONNS (8),
+#   INFER_ON_HTTP_THREAD (off; "on" passes --infer-on-http-thread on to keel serve)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -51,7 +52,8 @@ done
 
 port_file=$(mktemp)
 taskset -c 0 "$build/keel" serve --model-repository "$repo" --http-port 0 --http-threads 1 \
-    --worker-threads 1 --log-level warn >"$port_file" &
+    --worker-threads 1 --infer-on-http-thread "${INFER_ON_HTTP_THREAD:-off}" --log-level warn \
+    >"$port_file" &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$port_file"' EXIT
 for _ in $(seq 100); do grep -q port= "$port_file" && break; sleep 0.1; done
@@ -86,7 +88,7 @@ EOF
 }
 
 echo "keel serve over HTTP (V2 JSON) vs raw XGBoost, reference model ref_i1, $conns connections"
-echo "server: CPU 0, 1 HTTP thread, 1 worker; wrk: CPU 1; raw: 1 thread on CPU 0"
+echo "server: CPU 0, 1 HTTP thread, 1 worker, --infer-on-http-thread ${INFER_ON_HTTP_THREAD:-off}; wrk: CPU 1; raw: 1 thread on CPU 0"
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 printf '| batch | round | raw calls/s | served req/s | served/raw | p50 ms | p99 ms | errors |\n'

@@ -279,6 +279,18 @@ typedef void (*keel_infer_cb)(keel_request *req, keel_err status, void *user);
  */
 keel_err keel_infer_submit(keel_request *req, keel_infer_cb cb, void *user);
 
+/* Flags for keel_infer_submit_ex. */
+enum {
+    /* When the model version's queue is empty and its current generation has an idle
+     * context, run the request on the calling thread: cb runs before the call returns. It
+     * never waits for a context: otherwise the request is queued as usual. */
+    KEEL_SUBMIT_RUN_HERE = 1u << 0,
+};
+
+/* keel_infer_submit with flags (0 = the same as keel_infer_submit). Same contract: KEEL_OK
+ * means cb runs exactly once (with KEEL_SUBMIT_RUN_HERE possibly before this returns). */
+keel_err keel_infer_submit_ex(keel_request *req, unsigned flags, keel_infer_cb cb, void *user);
+
 /* Synchronous inference: submit + wait for completion. Returns the request's status. When the
  * model's queue is empty and a context is idle, the request runs on the calling thread (same
  * admission, lease and completion code, without the hand-off to a worker). */

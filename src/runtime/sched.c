@@ -146,9 +146,9 @@ static void lease_locked(keel_runtime *rt, keel__vslot *v, keel_request *req);
 static void run_and_complete(keel_request *req);
 
 /*
- * Admits req (see the file's DESIGN). With may_run_here (keel_infer only), a request that
- * would be first in an empty queue while its generation has an idle context is leased at once
- * and *run_here is set: the caller runs it on its own thread through run_and_complete(), the
+ * Admits req (see the file's DESIGN). With may_run_here (keel_infer, KEEL_SUBMIT_RUN_HERE), a
+ * request that would be first in an empty queue while its generation has an idle context is
+ * leased at once and *run_here is set: the caller runs it on its own thread through run_and_complete(), the
  * same code a worker uses, which saves the two thread hand-offs a synchronous call otherwise
  * costs (docs/PERFORMANCE.md). Otherwise it is queued for a worker.
  */
@@ -250,9 +250,20 @@ fail:
 
 keel_err keel_infer_submit(keel_request *req, keel_infer_cb cb, void *user)
 {
-    bool run_here;
+    return keel_infer_submit_ex(req, 0, cb, user);
+}
 
-    return submit(req, cb, user, false, &run_here);
+keel_err keel_infer_submit_ex(keel_request *req, unsigned flags, keel_infer_cb cb, void *user)
+{
+    bool run_here;
+    keel_err err;
+
+    if ((flags & ~(unsigned)KEEL_SUBMIT_RUN_HERE) != 0)
+        return KEEL_EINVAL;
+    err = submit(req, cb, user, (flags & KEEL_SUBMIT_RUN_HERE) != 0, &run_here);
+    if (err == KEEL_OK && run_here)
+        run_and_complete(req); /* cb runs here; req may be gone afterwards */
+    return err;
 }
 
 /* Ends a request: see the file's DESIGN. Called with no lock held, exactly once per

@@ -716,7 +716,12 @@ static enum MHD_Result infer_start(srv_conn *c)
     c->state = CONN_SUBMITTED;
     pthread_mutex_unlock(&s->mu);
 
-    kerr = keel_infer_submit(c->req, on_infer_done, c);
+    /* With --infer-on-http-thread on (off by default), an idle context runs the request
+     * right here: the completion is recorded before park() and the answer goes out without a
+     * suspend or a thread hand-off. The HTTP thread never waits for a context, but it does
+     * compute, and other connections it serves wait meanwhile: hence opt-in. */
+    kerr = keel_infer_submit_ex(c->req, s->opts->infer_on_http_thread ? KEEL_SUBMIT_RUN_HERE : 0,
+                                on_infer_done, c);
     if (kerr != KEEL_OK) {
         /* The callback will never run: undo the hand-off and answer now. */
         pthread_mutex_lock(&s->mu);

@@ -42,6 +42,8 @@ typedef struct keel_server_opts {
     uint64_t max_request_bytes;    /* default 64 MiB */
     unsigned http_timeout_secs;    /* idle connection timeout; default 30 */
     unsigned max_connections;      /* default 1024 */
+    bool infer_on_http_thread;     /* default false: run an infer on the HTTP thread when a
+                                      context is idle (other connections of it wait) */
     unsigned exit_timeout_secs;    /* drain bound at shutdown; default 30 */
     unsigned shutdown_grace_secs;  /* not-ready-but-serving time at shutdown; default 1 */
     keel_log_level log_level;      /* default KEEL_LOG_INFO */

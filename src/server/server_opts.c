@@ -27,6 +27,7 @@ void keel_server_opts_init(keel_server_opts *opts)
     opts->max_request_bytes = 64u << 20;
     opts->http_timeout_secs = 30;
     opts->max_connections = 1024;
+    opts->infer_on_http_thread = false;
     opts->exit_timeout_secs = 30;
     opts->shutdown_grace_secs = 1;
     opts->log_level = KEEL_LOG_INFO;
@@ -62,6 +63,12 @@ void keel_server_print_help(FILE *f)
           "  --http-timeout-secs N       close connections idle this long (default 30;\n"
           "                              0 = never)\n"
           "  --max-connections N         concurrent connections (default 1024)\n"
+          "  --infer-on-http-thread on|off\n"
+          "                              off (default): every inference runs on an inference\n"
+          "                              thread, so HTTP threads never compute; on: when the\n"
+          "                              model's queue is empty and a context is idle the HTTP\n"
+          "                              thread runs it itself (faster for small models, but\n"
+          "                              other connections of that thread wait meanwhile)\n"
           "  --shutdown-grace-secs N     on SIGTERM/SIGINT: not ready but still serving for\n"
           "                              N seconds (default 1)\n"
           "  --exit-timeout-secs N       then wait up to N seconds for requests in flight\n"
@@ -144,6 +151,7 @@ typedef enum opt_id {
     O_MAX_BYTES,
     O_HTTP_TIMEOUT,
     O_MAX_CONN,
+    O_INLINE,
     O_EXIT_TIMEOUT,
     O_GRACE,
     O_LOG_LEVEL,
@@ -168,6 +176,7 @@ static const struct {
     {"--max-request-bytes", O_MAX_BYTES, true},
     {"--http-timeout-secs", O_HTTP_TIMEOUT, true},
     {"--max-connections", O_MAX_CONN, true},
+    {"--infer-on-http-thread", O_INLINE, true},
     {"--exit-timeout-secs", O_EXIT_TIMEOUT, true},
     {"--shutdown-grace-secs", O_GRACE, true},
     {"--log-level", O_LOG_LEVEL, true},
@@ -266,6 +275,14 @@ int keel_server_parse_args(int argc, char **argv, keel_server_opts *o)
             if (!parse_u64(val, 1, 65536, &n))
                 return usage("--max-connections: '%s' is not a count (1-65536)", val);
             o->max_connections = (unsigned)n;
+            break;
+        case O_INLINE:
+            if (strcmp(val, "on") == 0)
+                o->infer_on_http_thread = true;
+            else if (strcmp(val, "off") == 0)
+                o->infer_on_http_thread = false;
+            else
+                return usage("--infer-on-http-thread: '%s' is not on or off", val);
             break;
         case O_EXIT_TIMEOUT:
             if (!parse_u64(val, 0, 86400, &n))

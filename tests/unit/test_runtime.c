@@ -165,6 +165,35 @@ static void test_sync_and_async(void **state)
     assert_int_equal(st.execution_count, 5 + 0); /* warm-up runs are not counted */
 }
 
+/* KEEL_SUBMIT_RUN_HERE: an idle context runs the request on the caller before submit
+ * returns; a busy one queues it (never waits); unknown flags are refused. */
+static void test_submit_run_here(void **state)
+{
+    fixture *f = *state;
+    tally t = {0};
+    keel_request *a = make_req(f->rt, "m", 1.0f);
+    keel_request *b = make_req(f->rt, "m", 1.0f);
+    keel_request *c = make_req(f->rt, "m", 1.0f);
+
+    assert_int_equal(keel_infer_submit_ex(c, 1u << 7, tally_cb, &t), KEEL_EINVAL);
+    keel_request_destroy(c);
+    assert_int_equal(keel_infer_submit_ex(a, KEEL_SUBMIT_RUN_HERE, tally_cb, &t), KEEL_OK);
+    assert_int_equal(atomic_load(&t.calls), 1); /* ran here, callback already delivered */
+    assert_int_equal(atomic_load(&t.by_status[KEEL_OK]), 1);
+
+    /* Hold the only context with an async request, then RUN_HERE must queue, not block. */
+    keel_request *held = make_req(f->rt, "m", 1.0f);
+    mock_gate_close();
+    assert_int_equal(keel_infer_submit(held, tally_cb, &t), KEEL_OK);
+    mock_wait_blocked(1);
+    assert_int_equal(keel_infer_submit_ex(b, KEEL_SUBMIT_RUN_HERE, tally_cb, &t), KEEL_OK);
+    assert_int_equal(atomic_load(&t.calls), 1);
+    mock_gate_open();
+    wait_calls(&t, 3);
+    assert_int_equal(atomic_load(&t.by_status[KEEL_OK]), 3);
+    tu_assert_counters(f->rt, &idle_one_gen);
+}
+
 static void test_bad_inputs_then_good(void **state)
 {
     fixture *f = *state;
@@ -623,6 +652,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_sync_and_async, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_inputs_then_good, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_submit_run_here, setup, teardown),
         cmocka_unit_test_setup_teardown(test_return_after_swap, setup, teardown),
         cmocka_unit_test_setup_teardown(test_overload_and_deadline, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cancel, setup, teardown),
