@@ -148,9 +148,9 @@ static void run_and_complete(keel_request *req);
 /*
  * Admits req (see the file's DESIGN). With may_run_here (keel_infer, KEEL_SUBMIT_RUN_HERE), a
  * request that would be first in an empty queue while its generation has an idle context is
- * leased at once and *run_here is set: the caller runs it on its own thread through run_and_complete(), the
- * same code a worker uses, which saves the two thread hand-offs a synchronous call otherwise
- * costs (docs/PERFORMANCE.md). Otherwise it is queued for a worker.
+ * leased at once and *run_here is set: the caller runs it on its own thread through
+ * run_and_complete(), the same code a worker uses, which saves the two thread hand-offs a
+ * synchronous call otherwise costs (docs/PERFORMANCE.md). Otherwise it is queued for a worker.
  */
 static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, bool may_run_here,
                        bool *run_here)
