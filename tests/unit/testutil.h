@@ -29,7 +29,7 @@ int tu_run(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 char *tu_strf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Number of open file descriptors of this process. */
 int tu_count_fds(void);
-/* Waits (up to 10 s) until the runtime's counters equal want, after keel_runtime_quiesce. */
+/* Asserts the runtime's counters equal want, after keel_runtime_quiesce (deterministic). */
 void tu_assert_counters(keel_runtime *rt, const keel_counters *want);
 
 /* heart_scale (Debian liblinear-tools) as dense rows: 13 features, absent ones NaN; labels
