@@ -119,10 +119,12 @@ static void tally_cb(keel_request *req, keel_err status, void *user)
 {
     tally *t = user;
 
-    atomic_fetch_add(&t->calls, 1);
-    atomic_fetch_add(&t->by_status[status], 1);
+    /* Destroy first and count the call last: a test that saw the count may then read the
+     * live-request counter without racing this destroy. */
     keel_request_destroy(req);
     atomic_fetch_add(&t->destroyed, 1);
+    atomic_fetch_add(&t->by_status[status], 1);
+    atomic_fetch_add(&t->calls, 1);
 }
 
 static void wait_calls(tally *t, long n)
