@@ -209,7 +209,9 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, bool may
     req->dispatch_ns = 0;
     {
         uint64_t t = req->timeout_us != 0 ? req->timeout_us : v->default_timeout_us;
-        req->deadline_ns = t != 0 ? req->submit_ns + t * 1000ULL : 0;
+        /* A timeout too large to add to the clock is no deadline, not an overflowed one. */
+        bool fits = t <= (UINT64_MAX - req->submit_ns) / 1000ULL;
+        req->deadline_ns = t != 0 && fits ? req->submit_ns + t * 1000ULL : 0;
     }
     if (keel__fault_hit(KEEL__FAULT_SUBMIT)) {
         /* A failure after the slot was taken: undo everything; the callback never runs. */

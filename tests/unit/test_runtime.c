@@ -367,6 +367,20 @@ static void test_overload_and_deadline(void **state)
     assert_int_equal(atomic_load(&t.by_status[KEEL_OK]), 1);
     assert_int_equal(atomic_load(&t.by_status[KEEL_ETIMEDOUT]), 1);
     assert_int_equal(atomic_load(&mock.runs), runs0); /* the expired one never ran */
+
+    /* A huge timeout means no deadline: queued behind a held run, it must not wrap around
+     * into an already expired deadline. */
+    memset(&t, 0, sizeof(t));
+    mock_gate_close();
+    reqs[0] = make_req(f->rt, "m", 1.0f);
+    assert_int_equal(keel_infer_submit(reqs[0], tally_cb, &t), KEEL_OK);
+    mock_wait_blocked(1);
+    reqs[1] = make_req(f->rt, "m", 1.0f);
+    keel_request_set_timeout_us(reqs[1], UINT64_MAX);
+    assert_int_equal(keel_infer_submit(reqs[1], tally_cb, &t), KEEL_OK);
+    mock_gate_open();
+    wait_calls(&t, 2);
+    assert_int_equal(atomic_load(&t.by_status[KEEL_OK]), 2);
     keel_model_stats st;
     assert_int_equal(keel_model_stats_get(f->rt, "m", &st), KEEL_OK);
     assert_int_equal(st.failure[KEEL_ETIMEDOUT], 1);
