@@ -44,7 +44,6 @@
 #define KEEL_XGBOOST_CLI "/usr/bin/xgboost"
 #endif
 
-#define HEART_SCALE "/usr/share/doc/liblinear-tools/examples/heart_scale"
 #define NROWS 270
 #define NFEAT 13
 #define TOLERANCE 1e-6
@@ -181,31 +180,20 @@ static keel_err run_rows(void *ctx, float (*x)[NFEAT], bool batched, int64_t bat
 
 static void load_heart_scale(void)
 {
-    FILE *f = fopen(HEART_SCALE, "r");
-    char line[2048];
-    int row = 0;
+    float *x = NULL, *y = NULL;
+    int n = tu_heart_rows(&x, &y); /* the one heart_scale parser, shared with other tests */
 
-    if (f == NULL)
-        fail_msg("%s: %s (Debian package liblinear-tools)", HEART_SCALE, strerror(errno));
-    while (fgets(line, sizeof(line), f) != NULL && row < NROWS) {
-        char *p = line, *end;
-        long idx;
-
-        for (int j = 0; j < NFEAT; j++)
-            g.x[row][j] = NAN;
-        g.label[row] = strtol(p, &end, 10) > 0 ? 1 : 0;
-        p = end;
-        while ((idx = strtol(p, &end, 10)) > 0 && *end == ':') {
-            assert_true(idx <= NFEAT);
-            g.x[row][idx - 1] = strtof(end + 1, &p);
-        }
-        row++;
-    }
-    fclose(f);
-    assert_int_equal(row, NROWS);
-    for (int i = 0; i < NROWS; i++)
-        for (int j = 0; j < NFEAT; j++)
+    assert_int_equal(n, NROWS);
+    assert_int_equal(TU_HEART_FEATURES, NFEAT);
+    for (int i = 0; i < NROWS; i++) {
+        g.label[i] = y[i] > 0.5f ? 1 : 0;
+        for (int j = 0; j < NFEAT; j++) {
+            g.x[i][j] = x[i * NFEAT + j];
             g.nmissing += isnan(g.x[i][j]) ? 1 : 0;
+        }
+    }
+    free(x);
+    free(y);
 }
 
 /* Writes a libsvm file (1-based features, absent = missing) with the given targets. Values

@@ -217,9 +217,10 @@ int tu_heart_rows(float **x, float **y)
             if (end == p || *end != ':')
                 break;
             p = end + 1;
-            double v = strtod(p, &end);
+            /* strtof, not (float)strtod: one rounding, as a float parser reads the text */
+            float v = strtof(p, &end);
             assert_true(idx >= 1 && idx <= TU_HEART_FEATURES);
-            xs[n * TU_HEART_FEATURES + idx - 1] = (float)v;
+            xs[n * TU_HEART_FEATURES + idx - 1] = v;
             p = end;
         }
         n++;
