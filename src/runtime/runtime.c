@@ -442,6 +442,18 @@ static void load_all(keel_runtime *rt)
     closedir(d);
 }
 
+/* The last step of both create's failure path and destroy: no thread runs any more. */
+static void runtime_free(keel_runtime *rt)
+{
+    pthread_mutex_destroy(&rt->mu);
+    pthread_cond_destroy(&rt->work_cv);
+    pthread_mutex_destroy(&rt->reap_mu);
+    pthread_cond_destroy(&rt->reap_cv);
+    pthread_cond_destroy(&rt->reap_idle_cv);
+    free(rt->repo);
+    free(rt);
+}
+
 keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_runtime **out)
 {
     keel_runtime *rt = NULL;
@@ -496,13 +508,7 @@ fail:
     rt->nworkers = started;
     if (!reaper) {
         /* keel_runtime_destroy expects a reaper; start none and clean up by hand. */
-        pthread_mutex_destroy(&rt->mu);
-        pthread_cond_destroy(&rt->work_cv);
-        pthread_mutex_destroy(&rt->reap_mu);
-        pthread_cond_destroy(&rt->reap_cv);
-        pthread_cond_destroy(&rt->reap_idle_cv);
-        free(rt->repo);
-        free(rt);
+        runtime_free(rt);
         return KEEL_ENOMEM;
     }
     keel_runtime_destroy(rt);
@@ -564,13 +570,7 @@ void keel_runtime_destroy(keel_runtime *rt)
         rt->models = e->next;
         entry_free(e);
     }
-    pthread_mutex_destroy(&rt->mu);
-    pthread_cond_destroy(&rt->work_cv);
-    pthread_mutex_destroy(&rt->reap_mu);
-    pthread_cond_destroy(&rt->reap_cv);
-    pthread_cond_destroy(&rt->reap_idle_cv);
-    free(rt->repo);
-    free(rt);
+    runtime_free(rt);
 }
 
 /* ---- status, statistics, counters */
