@@ -57,6 +57,7 @@ typedef enum keel_err {
     KEEL_EIO,          /* an operating-system call failed */
     KEEL_EBUSY,        /* the object is in use (e.g. a request submitted twice) */
     KEEL_EINTERNAL,    /* a bug in keel */
+    KEEL_ERESOURCE,    /* a resource limit (the model memory limit) does not allow it */
     KEEL_ERR_COUNT_    /* number of codes; not an error */
 } keel_err;
 
@@ -113,6 +114,8 @@ typedef struct keel_runtime keel_runtime;
 typedef enum keel_model_control {
     KEEL_CONTROL_NONE = 0, /* load every model in the repository at create */
     KEEL_CONTROL_EXPLICIT, /* load nothing at create; models are loaded through the API */
+    KEEL_CONTROL_POLL,     /* as NONE, then watch the repository: load new and changed models
+                              once their files have settled, unload removed ones */
     /* libkeel itself always allows keel_model_load/unload; a server enforces the mode. */
 } keel_model_control;
 
@@ -123,6 +126,22 @@ typedef struct keel_runtime_opts {
     keel_log_fn log_fn;           /* may be NULL: messages are dropped */
     void *log_user;
     keel_log_level log_level; /* default KEEL_LOG_INFO */
+    /* POLL: a full re-scan of the repository at least this often (inotify wakes the watcher
+     * sooner where it works); default 5000. */
+    uint32_t poll_interval_ms;
+    /* POLL: a new or changed model is loaded once none of its files has changed for this
+     * long (a half-copied file is never loaded); default 1000. */
+    uint32_t settle_ms;
+    /* NONE/POLL: a failed load is retried after retry_initial_ms, doubling up to
+     * retry_max_ms, until it succeeds or its files change; defaults 1000 and 60000.
+     * EXPLICIT mode never retries by itself (the caller got the error). */
+    uint32_t retry_initial_ms;
+    uint32_t retry_max_ms;
+    /* Bytes all loaded models may hold together (their charged memory, see
+     * keel_model_status); 0 = no limit. A load that would exceed it first unloads the least
+     * recently used models not marked "pinned" ("evicts" them; an evicted model is loaded
+     * again by its next request), and fails with KEEL_ERESOURCE if that is not enough. */
+    uint64_t model_memory_limit;
 } keel_runtime_opts;
 
 void keel_runtime_opts_init(keel_runtime_opts *opts);
@@ -184,6 +203,18 @@ typedef struct keel_model_status {
     keel_err last_error;        /* result of the most recent load attempt of the model */
     const char *last_error_msg; /* "" if the last load succeeded */
     uint64_t load_attempts;     /* loads attempted since the runtime started */
+    uint64_t load_failures;     /* consecutive failed loads (0 after a success) */
+    uint64_t last_attempt_unix_ms; /* wall clock of the most recent load attempt; 0 if none */
+    uint64_t next_retry_unix_ms;   /* when keel retries a failed load itself; 0 if it won't */
+    bool pinned;                   /* config.json "pinned": never evicted */
+    bool evicted; /* unloaded to stay within model_memory_limit; its next request reloads it */
+    /* Memory of this row's generation (rows with version -1: all 0). Measured around its
+     * build (load, contexts, warm-up), which keel serialises process-wide so that the change
+     * belongs to it: */
+    int64_t mem_rss_bytes; /* change of the process's resident set size (VmRSS) */
+    int64_t mem_pss_bytes; /* change of its proportional set size (smaps_rollup); -1 = n/a */
+    uint64_t mem_estimate_bytes; /* the backend's own estimate; 0 if it has none */
+    uint64_t mem_charged_bytes;  /* what model_memory_limit counts: max(RSS change, estimate) */
 } keel_model_status;
 
 /* Lists every model of the repository and every model keel has loaded. On KEEL_OK the caller
@@ -213,6 +244,19 @@ typedef struct keel_model_stats {
 } keel_model_stats;
 
 keel_err keel_model_stats_get(keel_runtime *rt, const char *name, keel_model_stats *out);
+
+/* Process-wide memory management. */
+typedef struct keel_memory_stats {
+    uint64_t limit_bytes;       /* model_memory_limit (0 = none) */
+    uint64_t charged_bytes;     /* sum of mem_charged_bytes over serving generations */
+    uint64_t evictions;         /* models unloaded to make room */
+    uint64_t reloads;           /* evicted models loaded again because a request came */
+    uint64_t trims;             /* malloc_trim calls after generations were freed */
+    uint64_t trimmed_bytes;     /* resident memory those trims gave back to the OS */
+    uint64_t rss_bytes;         /* the process's resident set size now */
+} keel_memory_stats;
+
+void keel_memory_stats_get(keel_runtime *rt, keel_memory_stats *out);
 
 /* Live objects. All return to their idle values when nothing is in flight. */
 typedef struct keel_counters {

@@ -579,9 +579,35 @@ static keel_err parse_misc(const parser *p, const json_t *root, keel__model_conf
         if ((cfg->default_model_filename = keel__strdup(fn)) == NULL)
             return KEEL_ENOMEM;
     }
-    /* keel-only settings: none are defined yet, so only the shape is checked. */
-    if ((err = want_object(p, member(root, "keel"), "keel")) != KEEL_OK)
+    /* keel-only settings live under "keel"; keel owns that object, so an unknown key in it is
+     * most likely a typo and is an error, not ignored. */
+    if ((v = member(root, "keel")) == NULL)
+        return KEEL_OK;
+    if ((err = want_object(p, v, "keel")) != KEEL_OK)
         return err;
+    {
+        const char *key;
+        json_t *kv;
+        json_object_foreach((json_t *)v, key, kv) {
+            if (strcmp(key, "pinned") == 0) {
+                if (!json_is_boolean(kv))
+                    return expected(p, "keel.pinned", kv, "true or false");
+                cfg->pinned = json_is_true(kv);
+            } else if (strcmp(key, "swap_policy") == 0) {
+                const char *sp = json_string_value(kv);
+                if (sp != NULL && strcmp(sp, "availability_preserving") == 0)
+                    cfg->swap_policy = KEEL__SWAP_AVAILABILITY;
+                else if (sp != NULL && strcmp(sp, "resource_preserving") == 0)
+                    cfg->swap_policy = KEEL__SWAP_RESOURCE;
+                else
+                    return expected(p, "keel.swap_policy", kv,
+                                    "\"availability_preserving\" or \"resource_preserving\"");
+            } else {
+                return failf(p, "keel", "unknown setting \"%s\" (known: pinned, swap_policy)",
+                             key);
+            }
+        }
+    }
     return KEEL_OK;
 }
 
@@ -785,6 +811,13 @@ static keel_err build_json(const parser *p, keel__model_config *cfg)
     if (cfg->default_model_filename != NULL &&
         !put(root, "default_model_filename", json_string(cfg->default_model_filename)))
         goto done;
+    {
+        json_t *k = json_pack("{s:b,s:s}", "pinned", cfg->pinned, "swap_policy",
+                              cfg->swap_policy == KEEL__SWAP_RESOURCE ? "resource_preserving"
+                                                                      : "availability_preserving");
+        if (!put(root, "keel", k))
+            goto done;
+    }
     if ((text = json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER)) == NULL)
         goto done;
     /* Copy so that cfg owns only keel allocations (and the copy can fail under injection). */

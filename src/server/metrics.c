@@ -179,6 +179,8 @@ static const char *reason_label(keel_err e)
         return "busy";
     case KEEL_EINTERNAL:
         return "internal";
+    case KEEL_ERESOURCE:
+        return "resource";
     default:
         return "other";
     }

@@ -157,6 +157,7 @@ unsigned keel__srv_http_status(keel_err err)
     case KEEL_ETIMEDOUT:
     case KEEL_ECANCELED:
     case KEEL_ESHUTDOWN:
+    case KEEL_ERESOURCE:
         return MHD_HTTP_SERVICE_UNAVAILABLE;
     default:
         return MHD_HTTP_INTERNAL_SERVER_ERROR;
