@@ -197,13 +197,13 @@ const char *keel_model_state_name(keel_model_state st); /* "READY", ... */
  * version -1. Strings are owned by the list. */
 typedef struct keel_model_status {
     const char *name;
-    int64_t version;            /* -1 if none loaded */
-    keel_model_state state;     /* of this version (for version -1: of the model) */
-    uint64_t generation_id;     /* monotonic, never reused; 0 if none */
-    keel_err last_error;        /* result of the most recent load attempt of the model */
-    const char *last_error_msg; /* "" if the last load succeeded */
-    uint64_t load_attempts;     /* loads attempted since the runtime started */
-    uint64_t load_failures;     /* consecutive failed loads (0 after a success) */
+    int64_t version;               /* -1 if none loaded */
+    keel_model_state state;        /* of this version (for version -1: of the model) */
+    uint64_t generation_id;        /* monotonic, never reused; 0 if none */
+    keel_err last_error;           /* result of the most recent load attempt of the model */
+    const char *last_error_msg;    /* "" if the last load succeeded */
+    uint64_t load_attempts;        /* loads attempted since the runtime started */
+    uint64_t load_failures;        /* consecutive failed loads (0 after a success) */
     uint64_t last_attempt_unix_ms; /* wall clock of the most recent load attempt; 0 if none */
     uint64_t next_retry_unix_ms;   /* when keel retries a failed load itself; 0 if it won't */
     bool pinned;                   /* config.json "pinned": never evicted */
@@ -211,8 +211,8 @@ typedef struct keel_model_status {
     /* Memory of this row's generation (rows with version -1: all 0). Measured around its
      * build (load, contexts, warm-up), which keel serialises process-wide so that the change
      * belongs to it: */
-    int64_t mem_rss_bytes; /* change of the process's resident set size (VmRSS) */
-    int64_t mem_pss_bytes; /* change of its proportional set size (smaps_rollup); -1 = n/a */
+    int64_t mem_rss_bytes;       /* change of the process's resident set size (VmRSS) */
+    int64_t mem_pss_bytes;       /* change of its proportional set size (smaps_rollup); -1 = n/a */
     uint64_t mem_estimate_bytes; /* the backend's own estimate; 0 if it has none */
     uint64_t mem_charged_bytes;  /* what model_memory_limit counts: max(RSS change, estimate) */
 } keel_model_status;
@@ -247,13 +247,13 @@ keel_err keel_model_stats_get(keel_runtime *rt, const char *name, keel_model_sta
 
 /* Process-wide memory management. */
 typedef struct keel_memory_stats {
-    uint64_t limit_bytes;       /* model_memory_limit (0 = none) */
-    uint64_t charged_bytes;     /* sum of mem_charged_bytes over serving generations */
-    uint64_t evictions;         /* models unloaded to make room */
-    uint64_t reloads;           /* evicted models loaded again because a request came */
-    uint64_t trims;             /* malloc_trim calls after generations were freed */
-    uint64_t trimmed_bytes;     /* resident memory those trims gave back to the OS */
-    uint64_t rss_bytes;         /* the process's resident set size now */
+    uint64_t limit_bytes;   /* model_memory_limit (0 = none) */
+    uint64_t charged_bytes; /* sum of mem_charged_bytes over serving generations */
+    uint64_t evictions;     /* models unloaded to make room */
+    uint64_t reloads;       /* evicted models loaded again because a request came */
+    uint64_t trims;         /* malloc_trim calls after generations were freed */
+    uint64_t trimmed_bytes; /* resident memory those trims gave back to the OS */
+    uint64_t rss_bytes;     /* the process's resident set size now */
 } keel_memory_stats;
 
 void keel_memory_stats_get(keel_runtime *rt, keel_memory_stats *out);

@@ -588,7 +588,7 @@ static keel_err parse_misc(const parser *p, const json_t *root, keel__model_conf
     {
         const char *key;
         json_t *kv;
-        json_object_foreach((json_t *)v, key, kv) {
+        json_object_foreach ((json_t *)v, key, kv) {
             if (strcmp(key, "pinned") == 0) {
                 if (!json_is_boolean(kv))
                     return expected(p, "keel.pinned", kv, "true or false");
@@ -603,8 +603,7 @@ static keel_err parse_misc(const parser *p, const json_t *root, keel__model_conf
                     return expected(p, "keel.swap_policy", kv,
                                     "\"availability_preserving\" or \"resource_preserving\"");
             } else {
-                return failf(p, "keel", "unknown setting \"%s\" (known: pinned, swap_policy)",
-                             key);
+                return failf(p, "keel", "unknown setting \"%s\" (known: pinned, swap_policy)", key);
             }
         }
     }

@@ -64,7 +64,7 @@ typedef struct keel__model_config {
     size_t nparams;
     bool pinned;                   /* "keel": {"pinned": true}: never evicted */
     keel__swap_policy swap_policy; /* "keel": {"swap_policy": ...} */
-    char *json; /* the normalised config as JSON text (defaults filled in) */
+    char *json;                    /* the normalised config as JSON text (defaults filled in) */
 } keel__model_config;
 
 /*

@@ -120,9 +120,9 @@ struct keel__generation {
     int max_in_use;  /* nctx, or 1 if the backend cannot run one model concurrently */
     bool retired;    /* rt->mu */
     size_t memory_estimate;
-    int64_t mem_rss;         /* VmRSS change across the build */
-    int64_t mem_pss;         /* smaps_rollup Pss change; -1 if unavailable */
-    uint64_t mem_charged;    /* max(mem_rss, memory_estimate), what the budget counts */
+    int64_t mem_rss;             /* VmRSS change across the build */
+    int64_t mem_pss;             /* smaps_rollup Pss change; -1 if unavailable */
+    uint64_t mem_charged;        /* max(mem_rss, memory_estimate), what the budget counts */
     keel__generation *reap_next; /* rt->reap_mu */
 };
 
@@ -197,12 +197,12 @@ struct keel_runtime {
     pthread_mutex_t build_mu;
     uint32_t poll_interval_ms, settle_ms, retry_initial_ms, retry_max_ms;
     uint64_t mem_limit;
-    uint32_t nparked;   /* mu: parked vslots (workers then also watch deadlines) */
-    bool life_stop;     /* mu */
+    uint32_t nparked; /* mu: parked vslots (workers then also watch deadlines) */
+    bool life_stop;   /* mu */
     bool life_started;
     pthread_t life;
-    int life_efd;               /* eventfd waking the lifecycle thread; -1 if none */
-    struct keel__watch *watch;  /* lifecycle thread only (and create before it starts) */
+    int life_efd;              /* eventfd waking the lifecycle thread; -1 if none */
+    struct keel__watch *watch; /* lifecycle thread only (and create before it starts) */
     size_t nwatch;
     _Atomic uint64_t evictions, reloads, trims, trimmed_bytes;
 };

@@ -58,7 +58,7 @@
 #include "runtime/internal.h"
 
 #define WATCH_MASK                                                                                 \
-    (IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_CLOSE_WRITE | IN_MODIFY |          \
+    (IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_CLOSE_WRITE | IN_MODIFY |            \
      IN_ATTRIB | IN_DELETE_SELF | IN_MOVE_SELF)
 #define SCAN_DEBOUNCE_NS 100000000ull /* at most one inotify-triggered scan per 100 ms */
 
@@ -344,7 +344,7 @@ static void scan(keel_runtime *rt, int ifd)
             continue;
         if ((w = watch_find(rt, de->d_name)) == NULL) {
             if ((w = watch_add(rt, de->d_name)) == NULL)
-                continue; /* out of memory: seen at a later scan */
+                continue;   /* out of memory: seen at a later scan */
             w->done = ~sig; /* new: load it once settled */
             w->sig = sig;
             w->since_ns = now;
@@ -387,8 +387,7 @@ static uint64_t min_nz(uint64_t a, uint64_t b)
 }
 
 /* Under rt->mu: models to load now, and the earliest later retry (*wake). */
-static size_t collect_locked(keel_runtime *rt, uint64_t now, todo *out, size_t cap,
-                             uint64_t *wake)
+static size_t collect_locked(keel_runtime *rt, uint64_t now, todo *out, size_t cap, uint64_t *wake)
 {
     size_t n = 0;
 
@@ -426,8 +425,7 @@ static void run_loads(keel_runtime *rt, todo *list, size_t n)
             KEEL__LOG(&rt->log, KEEL_LOG_INFO, "model %s: loading it again for a request",
                       list[i].name);
         else
-            KEEL__LOG(&rt->log, KEEL_LOG_INFO, "model %s: retrying the failed load",
-                      list[i].name);
+            KEEL__LOG(&rt->log, KEEL_LOG_INFO, "model %s: retrying the failed load", list[i].name);
         (void)keel__model_load(rt, list[i].name, list[i].reload, NULL, 0); /* result: status */
         free(list[i].name);
     }
@@ -441,12 +439,14 @@ static size_t settle_loads(keel_runtime *rt, uint64_t now, uint64_t *wake)
     for (size_t i = 0; i < rt->nwatch; i++) {
         keel__watch *w = &rt->watch[i];
         keel__model_entry *e;
+        uint64_t settled_at;
         char *name;
 
         if (w->sig == w->done)
             continue;
-        if (now - w->since_ns < (uint64_t)rt->settle_ms * 1000000u) {
-            *wake = min_nz(*wake, w->since_ns + (uint64_t)rt->settle_ms * 1000000u);
+        settled_at = w->since_ns + (uint64_t)rt->settle_ms * 1000000u;
+        if (now < settled_at) { /* (since_ns may be later than now: the scan ran after it) */
+            *wake = min_nz(*wake, settled_at);
             continue;
         }
         w->done = w->sig;

@@ -817,7 +817,7 @@ keel_err keel_model_list(keel_runtime *rt, keel_model_status **out, size_t *coun
         for (keel__vslot *v = e->versions; v != NULL && ok; v = v->next) {
             const keel__generation *g = v->current;
             row.version = v->version;
-            row.state = g != NULL ? KEEL_MODEL_READY
+            row.state = g != NULL     ? KEEL_MODEL_READY
                         : e->swapping ? KEEL_MODEL_LOADING
                                       : KEEL_MODEL_UNAVAILABLE;
             row.generation_id = g != NULL ? g->id : 0;

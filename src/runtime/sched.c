@@ -142,11 +142,12 @@ static keel_err pick_vslot_locked(keel_request *req, keel__model_entry *e, keel_
         }
     }
     if (best != NULL && e->evicted && e->next_retry_ns > keel__now_ns()) {
-        keel__request_set_error(req,
-                                "model '%s' was evicted by the model memory limit and reloading "
-                                "it failed (%s); next attempt in %llu ms",
-                                e->name, e->last_error_msg,
-                                (unsigned long long)((e->next_retry_ns - keel__now_ns()) / 1000000));
+        keel__request_set_error(
+            req,
+            "model '%s' was evicted by the model memory limit and reloading "
+            "it failed (%s); next attempt in %llu ms",
+            e->name, e->last_error_msg,
+            (unsigned long long)((e->next_retry_ns - keel__now_ns()) / 1000000));
         return KEEL_EUNAVAILABLE;
     }
     if (best != NULL) {

@@ -457,8 +457,7 @@ static const struct {
     {WITH("\"keel\": \"fast\""), "keel: expected an object", "got \"fast\""},
     {WITH("\"keel\": {\"pinnned\": true}"), "keel: unknown setting \"pinnned\"", NULL},
     {WITH("\"keel\": {\"pinned\": 1}"), "keel.pinned: expected true or false", "got 1"},
-    {WITH("\"keel\": {\"swap_policy\": \"fast\"}"), "keel.swap_policy: expected",
-     "got \"fast\""},
+    {WITH("\"keel\": {\"swap_policy\": \"fast\"}"), "keel.swap_policy: expected", "got \"fast\""},
 };
 
 static void test_bad_configs(void **state)
