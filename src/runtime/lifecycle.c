@@ -421,6 +421,14 @@ static size_t collect_locked(keel_runtime *rt, uint64_t now, todo *out, size_t c
 static void run_loads(keel_runtime *rt, todo *list, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
+        bool stop;
+        pthread_mutex_lock(&rt->mu);
+        stop = rt->life_stop;
+        pthread_mutex_unlock(&rt->mu);
+        if (stop) { /* destroy waits for us: skip the rest */
+            free(list[i].name);
+            continue;
+        }
         if (list[i].reload)
             KEEL__LOG(&rt->log, KEEL_LOG_INFO, "model %s: loading it again for a request",
                       list[i].name);
@@ -570,10 +578,8 @@ void keel__life_stop(keel_runtime *rt)
         pthread_join(rt->life, NULL); /* waits for a load in progress */
         rt->life_started = false;
     }
-    if (rt->life_efd >= 0)
-        close(rt->life_efd);
-    rt->life_efd = -1;
-    keel__watch_free(rt);
+    /* The eventfd stays open until runtime_free: a request for an evicted model may still
+     * write to it until the runtime stops admitting requests. */
 }
 
 void keel_memory_stats_get(keel_runtime *rt, keel_memory_stats *out)

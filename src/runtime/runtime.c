@@ -582,6 +582,8 @@ static void load_all(keel_runtime *rt)
 static void runtime_free(keel_runtime *rt)
 {
     keel__watch_free(rt);
+    if (rt->life_efd >= 0)
+        close(rt->life_efd);
     pthread_mutex_destroy(&rt->build_mu);
     pthread_mutex_destroy(&rt->mu);
     pthread_cond_destroy(&rt->work_cv);
