@@ -175,7 +175,13 @@ void keel_runtime_quiesce(keel_runtime *rt);
  * publishes them all at once; versions that leave the policy are unloaded. If anything fails
  * nothing is published, the previous generations keep serving, and the error is recorded in
  * the model's status. errbuf (may be NULL) receives a message naming the file and reason.
- * Blocking; loads of one model are serialised, loads of different models may run in parallel.
+ * Blocking. Loads of one model are serialised; the builds of all models run one at a time
+ * (so that each generation's memory can be measured, see keel_model_status), the rest of
+ * loads of different models in parallel. With model_memory_limit, least recently used models
+ * may be evicted first, or the load fails with KEEL_ERESOURCE. config.json's "keel" object
+ * may set "swap_policy" ("availability_preserving", the default: the old generation serves
+ * until the new one is published; "resource_preserving": the old one is retired and freed
+ * first and requests wait for the new one) and "pinned" (never evicted).
  */
 keel_err keel_model_load(keel_runtime *rt, const char *name, char *errbuf, size_t errlen);
 
@@ -317,7 +323,9 @@ typedef void (*keel_infer_cb)(keel_request *req, keel_err status, void *user);
  * Submits req. KEEL_OK: cb(req, status, user) will run exactly once; the request belongs to
  * the runtime until then. Any other return: cb never runs and req is unchanged apart from
  * its error message. Returns KEEL_EUNAVAILABLE at once if the model is not ready or its queue
- * is full (never blocks), KEEL_ENOTFOUND for an unknown model or version, KEEL_EBUSY if req is
+ * is full (never blocks; a model evicted by the memory limit is the exception: the request
+ * is queued, the model is loaded again, and the request completes KEEL_ETIMEDOUT if its
+ * deadline passes first), KEEL_ENOTFOUND for an unknown model or version, KEEL_EBUSY if req is
  * already in flight, KEEL_ESHUTDOWN during runtime destroy. A request may be submitted again
  * after its callback has run; its previous outputs are discarded.
  */

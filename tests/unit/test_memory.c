@@ -10,7 +10,7 @@
  *   open fds, threads and live counters equal the baseline.
  * Under AddressSanitizer the allocator keeps freed memory in quarantine and adds shadow
  * memory, so RSS figures mean something else: there the test still runs every step (and
- * LeakSanitizer checks for leaks) but does not assert the RSS bounds.
+ * LeakSanitizer checks for leaks, over 2,000 cycles) but does not assert the RSS bounds.
  */
 #include <dirent.h>
 #include <jansson.h>
@@ -221,7 +221,9 @@ static void test_load_unload_cycles_20_models(void **state)
     int64_t rss0, rss1;
     int fds0, threads0;
     char err[512];
-    const int ncycles = 10000, nmodels = 20;
+    /* 10,000 cycles as the acceptance asks; under sanitizers (where RSS is not asserted and
+     * each cycle is several times slower) 2,000, still 100 per model, for the leak check. */
+    const int ncycles = TU_SANITIZED ? 2000 : 10000, nmodels = 20;
 
     (void)state;
     assert_int_equal(tu_train_heart(work, "m.json", "max_depth = 3\nnum_round = 10\n"), 0);
