@@ -91,19 +91,11 @@ static keel__model_entry *entry_lookup(keel_runtime *rt, const char *name)
     return e;
 }
 
-/* A model name is one path component: no '/', not "." or "..", printable, not too long. */
+/* A model name is one path component, printable, not too long, and not hidden: names
+ * starting with '.' are never models (they are where deploys stage copies; scan.h). */
 static bool model_name_ok(const char *name)
 {
-    size_t n = strlen(name);
-
-    if (n == 0 || n > 255 || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
-        return false;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)name[i];
-        if (c == '/' || c < 0x20 || c == 0x7f)
-            return false;
-    }
-    return true;
+    return keel__repo_name_ok(name);
 }
 
 static void entry_free(keel__model_entry *e)
@@ -251,6 +243,7 @@ keel_err keel__model_load(keel_runtime *rt, const char *name, bool evicted_reloa
     char msg[KEEL__ERRLEN];
     char *path = NULL, *dir = NULL, *json = NULL;
     uint64_t predicted, charged = 0;
+    bool swapping = false; /* this load parked the model's vslots (resource-preserving) */
     keel_err err;
 
     msg[0] = '\0';
@@ -333,16 +326,18 @@ keel_err keel__model_load(keel_runtime *rt, const char *name, bool evicted_reloa
         for (keel__vslot *v = e->versions; v != NULL; v = v->next) {
             if (v->current != NULL) {
                 keel__vslot_park_locked(rt, v, &retire);
-                e->swapping = true;
+                swapping = true;
             }
         }
-        if (e->swapping)
+        if (swapping) {
+            e->swapping = true;
             e->state = KEEL_MODEL_LOADING;
+        }
     }
     pthread_mutex_unlock(&rt->mu);
     if (retire.n > 0) {
         keel__retire_release(rt, &retire);
-        if (e->swapping)
+        if (swapping)
             wait_generations_freed(rt, e);
         else
             keel_runtime_quiesce(rt); /* evicted memory is back before the build is measured */
@@ -567,7 +562,7 @@ static void load_all(keel_runtime *rt)
     while ((de = readdir(d)) != NULL) {
         char *cfg = NULL;
         struct stat st;
-        if (de->d_name[0] == '.' || !model_name_ok(de->d_name))
+        if (!model_name_ok(de->d_name))
             continue;
         if (asprintf(&cfg, "%s/%s/config.json", rt->repo, de->d_name) < 0)
             continue;
@@ -837,7 +832,7 @@ keel_err keel_model_list(keel_runtime *rt, keel_model_status **out, size_t *coun
             bool known = false;
             struct stat st;
             char *path = NULL;
-            if (de->d_name[0] == '.' || !model_name_ok(de->d_name))
+            if (!model_name_ok(de->d_name))
                 continue;
             for (size_t i = 0; i < n && !known; i++)
                 known = strcmp(list[i].name, de->d_name) == 0;

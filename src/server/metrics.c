@@ -202,6 +202,13 @@ static void model_counter(sbuf *b, const char *name, const char *type, const cha
     }
 }
 
+/* A family with one unlabelled sample. */
+static void scalar(sbuf *b, const char *name, const char *type, const char *help, uint64_t v)
+{
+    family(b, name, type, help);
+    sb_printf(b, "%s %" PRIu64 "\n", name, v);
+}
+
 /* One sample per model (the first row of each model in the name-sorted list). */
 #define FOR_EACH_MODEL(i, list, n)                                                                 \
     for (size_t i = 0; i < (n); i++)                                                               \
@@ -296,23 +303,18 @@ static void memory_metrics(sbuf *b, keel_srv *s, const keel_model_status *list, 
         }
     }
     keel_memory_stats_get(s->rt, &ms);
-    family(b, "keel_model_memory_limit_bytes", "gauge", "--model-memory-limit (0 = no limit).");
-    sb_printf(b, "keel_model_memory_limit_bytes %" PRIu64 "\n", ms.limit_bytes);
-    family(b, "keel_model_memory_charged_bytes", "gauge",
-           "Memory charged to the serving generations of all models.");
-    sb_printf(b, "keel_model_memory_charged_bytes %" PRIu64 "\n", ms.charged_bytes);
-    family(b, "keel_model_evictions_total", "counter",
-           "Models unloaded to stay within --model-memory-limit.");
-    sb_printf(b, "keel_model_evictions_total %" PRIu64 "\n", ms.evictions);
-    family(b, "keel_model_reloads_total", "counter",
-           "Evicted models loaded again because a request came for them.");
-    sb_printf(b, "keel_model_reloads_total %" PRIu64 "\n", ms.reloads);
-    family(b, "keel_memory_trims_total", "counter",
-           "malloc_trim calls after generations were freed.");
-    sb_printf(b, "keel_memory_trims_total %" PRIu64 "\n", ms.trims);
-    family(b, "keel_memory_trimmed_bytes_total", "counter",
-           "Resident memory those trims gave back to the operating system.");
-    sb_printf(b, "keel_memory_trimmed_bytes_total %" PRIu64 "\n", ms.trimmed_bytes);
+    scalar(b, "keel_model_memory_limit_bytes", "gauge", "--model-memory-limit (0 = no limit).",
+           ms.limit_bytes);
+    scalar(b, "keel_model_memory_charged_bytes", "gauge",
+           "Memory charged to the serving generations of all models.", ms.charged_bytes);
+    scalar(b, "keel_model_evictions_total", "counter",
+           "Models unloaded to stay within --model-memory-limit.", ms.evictions);
+    scalar(b, "keel_model_reloads_total", "counter",
+           "Evicted models loaded again because a request came for them.", ms.reloads);
+    scalar(b, "keel_memory_trims_total", "counter",
+           "malloc_trim calls after generations were freed.", ms.trims);
+    scalar(b, "keel_memory_trimmed_bytes_total", "counter",
+           "Resident memory those trims gave back to the operating system.", ms.trimmed_bytes);
 }
 
 char *keel__srv_metrics_render(keel_srv *s, size_t *len)
