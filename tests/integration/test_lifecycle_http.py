@@ -124,8 +124,10 @@ def test_poll_failed_version_then_fixed():
               "after the fix: %r" % row)
         gen2 = str(row["keel"]["generation"])
         mem = memory_series(kit.scrape(port), "heart")
-        check(set(mem) == {("2", gen2, k) for k in ("rss", "pss", "estimate", "charged")},
-              "memory series after the swap: %r" % sorted(mem))
+        # pss is absent where smaps_rollup is not read (sanitizer builds); the rest always.
+        want = {("2", gen2, k) for k in ("rss", "estimate", "charged")}
+        check(want <= set(mem) <= want | {("2", gen2, "pss")},
+              "memory series after the swap (version 1's must be gone): %r" % sorted(mem))
         check(mem[("2", gen2, "estimate")] == os.path.getsize(S["B"]),
               "estimate is not the model file's size: %r" % mem)
         kit.wait_idle(port)
