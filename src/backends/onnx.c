@@ -432,7 +432,7 @@ static keel_err resolve(onnx_model *m, const keel__model_config *cfg, bool input
                     break;
                 off += (size_t)w;
             }
-            keel__errf(errbuf, errlen, "%s: config %s '%s' is not a %s of the model (its %ss: %s)",
+            keel__errf(errbuf, errlen, "%s: config %s '%s' is not an %s of the model (its %ss: %s)",
                        m->path, what, tcs[i].name, what, what, names);
             return KEEL_ECONFIG;
         }

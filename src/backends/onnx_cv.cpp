@@ -21,6 +21,7 @@
  */
 #include "backends/onnx_cv.h"
 
+#include <atomic>
 #include <climits>
 #include <cstdio>
 #include <cstring>
@@ -45,6 +46,7 @@ namespace
 
 std::mutex load_mu;
 std::once_flag settings_once;
+std::atomic<long> live_nets{0};
 
 void apply_settings()
 {
@@ -52,25 +54,50 @@ void apply_settings()
     cv::setNumThreads(1);
 }
 
+/*
+ * OpenCV's messages look like "OpenCV(4.6.0) /path/file.cpp:123: error: (-2:Unspecified
+ * error) in function 'f'\n> Node [Gemm]: parse error: OpenCV(4.6.0) ...: error: (-5:Bad
+ * argument) Blob 1 not found ...". Keeps the reasons, drops the source locations and codes,
+ * and puts it on one line (the model check's reply is one line).
+ */
+void clean_message(const char *m, std::string &out)
+{
+    out.clear();
+    while (*m != '\0' && out.size() < 600) {
+        if (std::strncmp(m, "OpenCV(", 7) == 0) {
+            const char *e = std::strstr(m, " error: (");
+            const char *close = e != nullptr ? std::strstr(e, ") ") : nullptr;
+            if (close != nullptr) {
+                m = close + 2;
+                continue;
+            }
+        }
+        if (*m == '\n' || *m == '\r' || *m == '\t') {
+            if (!out.empty() && out.back() != ' ')
+                out.push_back(' ');
+            m++;
+            while (*m == '>' || *m == ' ')
+                m++;
+            continue;
+        }
+        out.push_back(static_cast<unsigned char>(*m) < 0x20 ? '?' : *m);
+        m++;
+    }
+    while (!out.empty() && out.back() == ' ')
+        out.pop_back();
+}
+
 void put_error(char *errbuf, size_t errlen, const char *what, const char *prefix, const char *msg)
 {
     if (errbuf == nullptr || errlen == 0)
         return;
-    /* OpenCV's messages start with "OpenCV(4.6.0) /path/file.cpp:123: error: (-2:...) ";
-     * the reason after the last ") " is what a user needs. */
-    const char *m = msg != nullptr ? msg : "unknown error";
-    const char *e = std::strstr(m, " error: (");
-    if (e != nullptr) {
-        const char *close = std::strstr(e, ") ");
-        if (close != nullptr)
-            m = close + 2;
+    try {
+        std::string clean;
+        clean_message(msg != nullptr ? msg : "unknown error", clean);
+        std::snprintf(errbuf, errlen, "%s: %s: %s", what, prefix, clean.c_str());
+    } catch (...) {
+        std::snprintf(errbuf, errlen, "%s: %s", what, prefix);
     }
-    size_t n = std::strlen(m);
-    while (n > 0 && (m[n - 1] == '\n' || m[n - 1] == ' '))
-        n--;
-    if (n > 400)
-        n = 400;
-    std::snprintf(errbuf, errlen, "%s: %s: %.*s", what, prefix, (int)n, m);
 }
 
 } // namespace
@@ -97,6 +124,7 @@ extern "C" keel_err keel__cvnet_load(const void *bytes, size_t len, const char *
             delete n;
             throw;
         }
+        live_nets.fetch_add(1, std::memory_order_relaxed);
         *out = n;
         return KEEL_OK;
     } catch (const std::bad_alloc &) {
@@ -181,8 +209,16 @@ extern "C" keel_err keel__cvnet_output(keel__cvnet *n, size_t i, int64_t *shape,
     }
 }
 
+extern "C" long keel__cvnet_live(void)
+{
+    return live_nets.load(std::memory_order_relaxed);
+}
+
 extern "C" void keel__cvnet_free(keel__cvnet *n)
 {
+    if (n == nullptr)
+        return;
+    live_nets.fetch_sub(1, std::memory_order_relaxed);
     try {
         delete n;
     } catch (...) {

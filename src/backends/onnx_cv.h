@@ -49,7 +49,10 @@ keel_err keel__cvnet_output(keel__cvnet *net, size_t i, int64_t *shape, size_t m
                             size_t *ndim, const float **data, size_t *count, char *errbuf,
                             size_t errlen);
 
-void keel__cvnet_free(keel__cvnet *net);
+void keel__cvnet_free(keel__cvnet *net); /* accepts NULL */
+
+/* Nets alive in this process (for tests: every context's Net is freed with its generation). */
+long keel__cvnet_live(void);
 
 #ifdef __cplusplus
 }
