@@ -308,9 +308,16 @@ def test_malformed_model_keeps_old_version():
         good = f.read()
     crash = os.path.join(TESTDATA, "node", "test_dropout_default_mask", "model.onnx")
     rnd = random.Random(5)
-    bad = [
-        ("crashing model", open(crash, "rb").read(),
-         {"input": [tensor_config("x", [3, 4, 5])], "output": [tensor_config("y", [3, 4, 5])]}),
+    bad = []
+    with open(kit.KEEL, "rb") as f:
+        sanitized = b"AddressSanitizer" in f.read()
+    if not sanitized:
+        # OpenCV's importer dies with SIGSEGV on it; under ASan the allocator's heap layout
+        # hides OpenCV's (uninstrumented) bad access and the file loads, so plain builds only.
+        bad.append(("crashing model", open(crash, "rb").read(),
+                    {"input": [tensor_config("x", [3, 4, 5])],
+                     "output": [tensor_config("y", [3, 4, 5])]}))
+    bad += [
         ("truncated", good[:len(good) // 2], None),
         ("truncated by one byte", good[:-1], None),
         ("random bytes", bytes(rnd.getrandbits(8) for _ in range(5000)), None),

@@ -34,6 +34,14 @@
 #include "backends/onnx_cv.h"
 #include "core/core.h"
 
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define SANITIZED 1
+#endif
+#endif
+
 #define ALLOWLIST KEEL_SOURCE_DIR "/tests/data/onnx_allowlist.txt"
 #define MAX_SETS 4
 
@@ -640,10 +648,14 @@ static void test_malformed_files(void **state)
 
     {
         bad_file bad[] = {
-            /* OpenCV 4.6's importer dies with SIGSEGV on this one (in the child). Under ASan
-             * the child's sanitizer catches the signal and exits 1 instead. */
+#ifndef SANITIZED
+            /* OpenCV 4.6's importer dies with SIGSEGV on this one (in the child). Only in
+             * plain builds: under ASan the allocator's different heap layout lets OpenCV's
+             * (uninstrumented) bad access go unnoticed and the file loads; the signal path
+             * is covered in every build by test_check_hang_and_missing_helper. */
             {"crashing model", crashing, clen, crash_io, "OpenCV crashed on this model file",
-             "without a verdict"},
+             "OpenCV crashed on this model file"},
+#endif
             {"truncated to half", good, mlen / 2, "", "not a valid ONNX model", "OpenCV"},
             {"truncated by one byte", good, mlen - 1, "", "not a valid ONNX model", "OpenCV"},
             {"first 100 bytes", good, 100, "", "not a valid ONNX model", "OpenCV"},
@@ -693,7 +705,8 @@ static void test_malformed_files(void **state)
 }
 
 /* A check that hangs is killed at its deadline (in both of its states: still writing, and
- * done writing but not exiting); a missing helper is an error. The old version serves on. */
+ * done writing but not exiting); one that crashes or exits without a verdict, and a missing
+ * helper, are errors. The old version serves on. */
 static void test_check_hang_and_missing_helper(void **state)
 {
     static const struct {
@@ -703,6 +716,7 @@ static void test_check_hang_and_missing_helper(void **state)
         {"#!/bin/sh\nexec sleep 30\n", "did not finish within 300 ms"},
         {"#!/bin/sh\necho ok\nexec >&-\nexec sleep 30\n", "did not finish within 300 ms"},
         {"#!/bin/sh\necho ok\nexit 3\n", "exited with status 3 without a verdict"},
+        {"#!/bin/sh\nkill -SEGV $$\n", "crashed on this model file (signal 11"},
         {NULL, "not executable"},
     };
     char *repo = tu_mkdtemp("onnx-hang");
