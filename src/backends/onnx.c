@@ -17,8 +17,10 @@
  *     reader, and check them against config.json, or keep them to fill config.json in when
  *     it leaves "input"/"output" out (complete_config, called by the generation builder);
  *  3. check the bytes in a child process (keel-model-check, started by core/child.c): OpenCV's
- *     importer crashes with SIGSEGV on some malformed files (seven of the ONNX test data's),
- *     so the file is parsed, and run once on zero inputs, in a process that may die. A crash,
+ *     importer crashes with SIGSEGV on some malformed files (node/test_dropout_default_mask
+ *     of the ONNX test data, every time in a plain build; whether such a bad access faults
+ *     depends on the heap layout), so the file is parsed, and run once on zero inputs, in a
+ *     process that may die. A crash,
  *     an error or a hang (killed at the deadline) fails the load; the server and the
  *     generation currently serving are untouched;
  *  4. contexts: each parses the same bytes into its own Net (loads serialised in onnx_cv.cpp).
