@@ -778,6 +778,92 @@ static void test_check_hang_and_missing_helper(void **state)
     free(repo);
 }
 
+/* The library never prints: OpenCV's logging is off, and an OpenCV exception in a run (an
+ * input shape the network cannot take) becomes an error, with nothing on stderr; the
+ * context then answers the next, well-formed request correctly. */
+static void test_never_prints(void **state)
+{
+    char *dir = tu_mkdtemp("onnx-quiet");
+    char *log = tu_strf("%s/stderr.txt", dir);
+    char *model_dir = tu_strf("%s/cnn", TU_ONNX_DATA);
+    keel__tensor_config in = {(char *)"image", KEEL_TYPE_FP32, {3, 32, 32}, 3};
+    keel__tensor_config out = {(char *)"probabilities", KEEL_TYPE_FP32, {10}, 1};
+    keel__model_config cfg;
+    void *model = NULL, *ctx = NULL;
+    static float x[3 * 16 * 16];
+    int64_t shape[4] = {1, 3, 16, 16};
+    keel_tensor_view v = {"image", KEEL_TYPE_FP32, shape, 4, x, sizeof(x)};
+    out_capture cap;
+    keel__run_io io;
+    char err[512];
+    size_t len = 0;
+    int saved, fd;
+    char *text;
+
+    (void)state;
+    memset(&cfg, 0, sizeof(cfg));
+    memset(&cap, 0, sizeof(cap));
+    cfg.name = (char *)"cnn";
+    cfg.backend = (char *)"onnx";
+    cfg.max_batch_size = 8;
+    cfg.inputs = &in;
+    cfg.ninputs = 1;
+    cfg.outputs = &out;
+    cfg.noutputs = 1;
+    cfg.instance_count = 1;
+    fflush(stderr);
+    saved = dup(2);
+    fd = open(log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    assert_true(saved >= 0 && fd >= 0);
+    dup2(fd, 2);
+    close(fd);
+    assert_int_equal(be->model_load(&cfg, model_dir, &model, err, sizeof(err)), KEEL_OK);
+    assert_int_equal(be->context_create(model, &cfg, &ctx, err, sizeof(err)), KEEL_OK);
+    io.inputs = &v;
+    io.ninputs = 1;
+    io.batch = 1;
+    io.emit = capture_emit;
+    io.sink = &cap;
+    io.errbuf = err;
+    io.errlen = sizeof(err);
+    assert_int_equal(be->run(ctx, &io), KEEL_EBACKEND);
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    printf("a 16x16 image for a 32x32 network: %s\n", err);
+    assert_non_null(strstr(err, "OpenCV forward failed"));
+    assert_int_equal(cap.n, 0);
+    {
+        /* The context's Net still answers right after the failed run. */
+        keel__onnx_tensor tin, tout;
+        int64_t s1[4] = {1, 3, 32, 32};
+        keel_tensor_view good = {"image", KEEL_TYPE_FP32, s1, 4, NULL, 3 * 32 * 32 * 4};
+
+        tu_onnx_read_tensor(TU_ONNX_DATA "/cnn/test_data_set_0/input_0.pb", &tin);
+        tu_onnx_read_tensor(TU_ONNX_DATA "/cnn/test_data_set_0/output_0.pb", &tout);
+        good.data = tin.data;
+        io.inputs = &good;
+        assert_int_equal(be->run(ctx, &io), KEEL_OK);
+        assert_int_equal(cap.n, 1);
+        assert_int_equal(cap.count[0], 10);
+        for (size_t k = 0; k < 10; k++)
+            assert_true(tu_onnx_close(cap.data[0][k], tout.data[k]));
+        capture_free(&cap);
+        free(tin.data);
+        free(tout.data);
+    }
+    be->context_destroy(ctx);
+    be->model_free(model);
+    text = tu_read_file(log, &len);
+    if (len != 0)
+        fail_msg("the backend printed to stderr: %s", text);
+    free(text);
+    free(model_dir);
+    free(log);
+    tu_rm_rf(dir);
+    free(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -786,6 +872,7 @@ int main(void)
         cmocka_unit_test(test_config_mismatch),
         cmocka_unit_test(test_malformed_files),
         cmocka_unit_test(test_check_hang_and_missing_helper),
+        cmocka_unit_test(test_never_prints),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
