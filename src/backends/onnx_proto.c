@@ -151,7 +151,7 @@ static int name_cmp(const void *a, const void *b)
 {
     const name_ref *x = a, *y = b;
     size_t n = x->len < y->len ? x->len : y->len;
-    int c = memcmp(x->p, y->p, n);
+    int c = n > 0 ? memcmp(x->p, y->p, n) : 0; /* an unnamed initializer has p == NULL */
 
     if (c != 0)
         return c;
