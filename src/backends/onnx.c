@@ -16,11 +16,11 @@
  *  2. read the graph's inputs (minus initializers) and outputs with onnx_proto.c, a bounded
  *     reader, and check them against config.json, or keep them to fill config.json in when
  *     it leaves "input"/"output" out (complete_config, called by the generation builder);
- *  3. check the bytes in a child process (keel-model-check, started by core/child.c): OpenCV's
- *     importer crashes with SIGSEGV on some malformed files (node/test_dropout_default_mask
- *     of the ONNX test data, every time in a plain build; whether such a bad access faults
- *     depends on the heap layout), so the file is parsed, and run once on zero inputs, in a
- *     process that may die. A crash,
+ *  3. check the bytes in a child process (keel-model-check, started by core/child.c): OpenCV
+ *     crashes with SIGSEGV on some malformed files, in its importer or in forward (the ONNX
+ *     test data's node/test_dropout_default_mask reads past its blobs; whether that faults
+ *     depends on the heap, hence checker_env), so the file is parsed, and run on zero inputs
+ *     exactly as the warm-up will run it, in a process that may die. A crash,
  *     an error or a hang (killed at the deadline) fails the load; the server and the
  *     generation currently serving are untouched;
  *  4. contexts: each parses the same bytes into its own Net (loads serialised in onnx_cv.cpp).
@@ -52,6 +52,8 @@
 #include "backends/onnx_proto.h"
 #include "core/child.h"
 #include "core/core.h"
+
+extern char **environ;
 
 #define DEFAULT_FILENAME "model.onnx"
 #define MAX_FILE_BYTES ((size_t)1 << 31) /* protobuf's own limit is 2 GiB */
@@ -191,18 +193,84 @@ static void reply_message(const char *reply, char *out, size_t len)
     out[i] = '\0';
 }
 
-/*
- * Runs keel-model-check on the bytes (handed over in a memfd: the child checks exactly what
- * this process will load). KEEL_OK only if the helper exited 0 after replying "ok".
- */
-static keel_err check_in_child(const char *path, const void *bytes, size_t len, char *errbuf,
-                               size_t errlen)
+/* The model's bytes in a memfd, read from the start (-1 and a message on failure). */
+static int bytes_memfd(const onnx_model *m, keel_err *err, char *errbuf, size_t errlen)
 {
+    size_t off = 0;
+    int fd;
+
+    if ((fd = memfd_create("keel-model-check", MFD_CLOEXEC)) == -1) {
+        keel__errf(errbuf, errlen, "%s: memfd_create: %s", m->path, strerror(errno));
+        *err = KEEL_EIO;
+        return -1;
+    }
+    while (off < m->len) {
+        ssize_t n = write(fd, (const char *)m->bytes + off, m->len - off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            keel__errf(errbuf, errlen, "%s: writing the model to a memfd: %s", m->path,
+                       strerror(errno));
+            *err = errno == ENOMEM || errno == ENOSPC ? KEEL_ENOMEM : KEEL_EIO;
+            close(fd);
+            return -1;
+        }
+        off += (size_t)n;
+    }
+    if (lseek(fd, 0, SEEK_SET) != 0) {
+        keel__errf(errbuf, errlen, "%s: lseek on the memfd: %s", m->path, strerror(errno));
+        *err = KEEL_EIO;
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/*
+ * The checker's environment: this process's, with GLIBC_TUNABLES replaced by a malloc perturb
+ * byte. glibc then fills every block it hands out with 0xaa and every block freed with 0x55,
+ * so a pointer OpenCV reads from uninitialised, stale or out-of-bounds heap memory is
+ * 0xaaaa... or 0x5555..., never a valid address, and the bad access faults in the checker
+ * instead of passing by luck (measured: the test data's Dropout-with-mask model, which reads
+ * past its output blobs, faulted in 2 of 4 perturb values and passed without one). Sanitizer
+ * builds replace malloc, so there the tunable does nothing. Returns a malloc'd array of
+ * borrowed strings (free the array only), or NULL.
+ */
+static char **checker_env(void)
+{
+    static char perturb[] = "GLIBC_TUNABLES=glibc.malloc.perturb=85";
+    size_t n = 0, k = 0;
+    char **env;
+
+    while (environ[n] != NULL)
+        n++;
+    if ((env = keel__calloc(n + 2, sizeof(*env))) == NULL)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        if (strncmp(environ[i], "GLIBC_TUNABLES=", 15) != 0)
+            env[k++] = environ[i];
+    }
+    env[k++] = perturb;
+    env[k] = NULL;
+    return env;
+}
+
+/*
+ * Runs keel-model-check on the model's bytes (handed over in a memfd: the child checks exactly
+ * what this process will load), asking it to run the forward the warm-up runs: the resolved
+ * inputs (batch 1, variable dimensions 1) and the configured outputs. Some of OpenCV's crashes
+ * are in forward, not in the importer. KEEL_OK only if the helper exited 0 after replying "ok".
+ */
+static keel_err check_in_child(const onnx_model *m, char *errbuf, size_t errlen)
+{
+    typedef char dims_text[KEEL__MAX_DIMS * 24 + 8];
+    const char *path = m->path;
     char helper[PATH_MAX], reply[CHECK_REPLY_LEN], msg[420], sub[256];
-    char *argv[] = {helper, (char *)"onnx", (char *)path, NULL};
+    size_t a = 0;
+    char **argv = NULL, **env = NULL;
+    dims_text *dims = NULL;
     uint64_t timeout = check_timeout_ms();
     keel__child_result res;
-    size_t off = 0;
     int fd = -1;
     keel_err err;
 
@@ -218,61 +286,74 @@ static keel_err check_in_child(const char *path, const void *bytes, size_t len, 
                    path, helper, strerror(errno));
         return KEEL_ELOAD;
     }
-    if ((fd = memfd_create("keel-model-check", MFD_CLOEXEC)) == -1) {
-        keel__errf(errbuf, errlen, "%s: memfd_create: %s", path, strerror(errno));
-        return KEEL_EIO;
+    if ((argv = keel__calloc(4 + 3 * m->ninputs + 2 * m->noutputs, sizeof(*argv))) == NULL ||
+        (dims = keel__calloc(m->ninputs + 1, sizeof(*dims))) == NULL ||
+        (env = checker_env()) == NULL) {
+        keel__errf(errbuf, errlen, "%s: out of memory starting the model check", path);
+        err = KEEL_ENOMEM;
+        goto done;
     }
-    while (off < len) {
-        ssize_t n = write(fd, (const char *)bytes + off, len - off);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            keel__errf(errbuf, errlen, "%s: writing the model to a memfd: %s", path,
-                       strerror(errno));
-            close(fd);
-            return errno == ENOMEM || errno == ENOSPC ? KEEL_ENOMEM : KEEL_EIO;
-        }
-        off += (size_t)n;
+    argv[a++] = helper;
+    argv[a++] = (char *)"onnx";
+    argv[a++] = (char *)path;
+    for (size_t i = 0; i < m->ninputs; i++) {
+        int o = 0;
+        if (m->batched)
+            o += snprintf(dims[i], sizeof(dims[i]), "1");
+        for (size_t d = 0; d < m->inputs[i].ndims; d++)
+            o += snprintf(dims[i] + o, sizeof(dims[i]) - (size_t)o, "%s%" PRId64, o > 0 ? "," : "",
+                          m->inputs[i].dims[d] > 0 ? m->inputs[i].dims[d] : 1);
+        argv[a++] = (char *)"--input";
+        argv[a++] = (char *)m->inputs[i].name;
+        argv[a++] = dims[i];
     }
-    if (lseek(fd, 0, SEEK_SET) != 0) {
-        keel__errf(errbuf, errlen, "%s: lseek on the memfd: %s", path, strerror(errno));
-        close(fd);
-        return KEEL_EIO;
+    for (size_t i = 0; i < m->noutputs; i++) {
+        argv[a++] = (char *)"--output";
+        argv[a++] = (char *)m->outputs[i].name;
     }
-    err = keel__child_run(argv, fd, timeout, reply, sizeof(reply), &res, sub, sizeof(sub));
-    close(fd);
-    if (err != KEEL_OK) {
+    argv[a] = NULL;
+    if ((fd = bytes_memfd(m, &err, errbuf, errlen)) == -1)
+        goto done;
+    if ((err = keel__child_run(argv, env, fd, timeout, reply, sizeof(reply), &res, sub,
+                               sizeof(sub))) != KEEL_OK) {
         keel__errf(errbuf, errlen, "%s: model check: %s", path, sub);
-        return err;
+        goto done;
     }
     reply_message(reply, msg, sizeof(msg));
+    err = KEEL_ELOAD;
     switch (res.end) {
     case KEEL__CHILD_TIMEDOUT:
         keel__errf(errbuf, errlen,
                    "%s: the model check did not finish within %" PRIu64 " ms and was killed "
                    "(KEEL_MODEL_CHECK_TIMEOUT_MS)",
                    path, timeout);
-        return KEEL_ELOAD;
+        break;
     case KEEL__CHILD_SIGNALED:
         keel__errf(errbuf, errlen,
                    "%s: OpenCV crashed on this model file (signal %d, %s) in the "
                    "model check; the file is malformed or unsupported",
                    path, res.status, strsignal(res.status));
-        return KEEL_ELOAD;
+        break;
     case KEEL__CHILD_EXITED:
         if (res.status == 0 && strncmp(reply, "ok\n", 3) == 0)
-            return KEEL_OK;
-        if (strncmp(reply, "error: ", 7) == 0) {
+            err = KEEL_OK;
+        else if (strncmp(reply, "error: ", 7) == 0)
             keel__errf(errbuf, errlen, "%s", msg); /* the helper names the file itself */
-            return KEEL_ELOAD;
-        }
-        keel__errf(errbuf, errlen,
-                   "%s: the model check exited with status %d without a verdict (a crash "
-                   "caught by a sanitizer, or a broken helper)",
-                   path, res.status);
-        return KEEL_ELOAD;
+        else
+            keel__errf(errbuf, errlen,
+                       "%s: the model check exited with status %d without a verdict (a crash "
+                       "caught by a sanitizer, or a broken helper)",
+                       path, res.status);
+        break;
     }
-    return KEEL_EINTERNAL;
+
+done:
+    if (fd != -1)
+        close(fd);
+    free(env);
+    free(dims);
+    free(argv);
+    return err;
 }
 
 /* ---- the interface: config.json against the graph */
@@ -491,7 +572,7 @@ static keel_err onnx_model_load(const keel__model_config *cfg, const char *versi
         (err = keel__onnx_graph_read(m->bytes, m->len, m->path, g, errbuf, errlen)) != KEEL_OK ||
         (err = resolve(m, cfg, true, g->inputs, g->ninputs, errbuf, errlen)) != KEEL_OK ||
         (err = resolve(m, cfg, false, g->outputs, g->noutputs, errbuf, errlen)) != KEEL_OK ||
-        (err = check_in_child(m->path, m->bytes, m->len, errbuf, errlen)) != KEEL_OK)
+        (err = check_in_child(m, errbuf, errlen)) != KEEL_OK)
         goto fail;
     /* Each context's Net holds its own copy of the weights, and the model keeps the bytes. */
     m->memory_estimate = m->len * (1 + (size_t)(cfg->instance_count > 0 ? cfg->instance_count : 1));

@@ -42,8 +42,9 @@ static int wait_blocking(pid_t pid, int *wstatus)
     return r == pid ? 0 : -1;
 }
 
-keel_err keel__child_run(char *const argv[], int stdin_fd, uint64_t timeout_ms, char *reply,
-                         size_t reply_cap, keel__child_result *res, char *errbuf, size_t errlen)
+keel_err keel__child_run(char *const argv[], char *const envp[], int stdin_fd, uint64_t timeout_ms,
+                         char *reply, size_t reply_cap, keel__child_result *res, char *errbuf,
+                         size_t errlen)
 {
     posix_spawn_file_actions_t fa;
     posix_spawnattr_t attr;
@@ -94,7 +95,7 @@ keel_err keel__child_run(char *const argv[], int stdin_fd, uint64_t timeout_ms, 
         errno = rc;
         goto spawn_error;
     }
-    if ((rc = posix_spawn(&pid, argv[0], &fa, &attr, argv, environ)) != 0) {
+    if ((rc = posix_spawn(&pid, argv[0], &fa, &attr, argv, envp != NULL ? envp : environ)) != 0) {
         pid = -1;
         errno = rc;
         goto spawn_error;

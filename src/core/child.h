@@ -54,13 +54,15 @@ typedef struct keel__child_result {
 } keel__child_result;
 
 /*
- * Runs argv[0] (an absolute path) with argv, stdin_fd as its standard input (borrowed; may be
- * -1 for /dev/null) and its standard output captured into reply (up to reply_cap - 1 bytes,
- * NUL-terminated). Waits at most timeout_ms in total; a child still running then is killed.
- * Returns KEEL_OK when the child was started and reaped (how it ended is in *res), or an error
- * with a message in errbuf if it could not be started (the reply is then empty).
+ * Runs argv[0] (an absolute path) with argv and envp (NULL: this process's environment),
+ * stdin_fd as its standard input (borrowed; may be -1 for /dev/null) and its standard output
+ * captured into reply (up to reply_cap - 1 bytes, NUL-terminated). Waits at most timeout_ms in
+ * total; a child still running then is killed. Returns KEEL_OK when the child was started and
+ * reaped (how it ended is in *res), or an error with a message in errbuf if it could not be started
+ * (the reply is then empty).
  */
-keel_err keel__child_run(char *const argv[], int stdin_fd, uint64_t timeout_ms, char *reply,
-                         size_t reply_cap, keel__child_result *res, char *errbuf, size_t errlen);
+keel_err keel__child_run(char *const argv[], char *const envp[], int stdin_fd, uint64_t timeout_ms,
+                         char *reply, size_t reply_cap, keel__child_result *res, char *errbuf,
+                         size_t errlen);
 
 #endif
