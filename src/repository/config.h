@@ -83,6 +83,10 @@ keel_err keel__config_load(const char *path, const char *dir_name, keel__model_c
 
 void keel__config_destroy(keel__model_config *cfg);
 
+/* Rebuilds cfg->json after a backend filled in inputs or outputs config.json left out
+ * (backends that read them from the model file: "onnx"). KEEL_OK or KEEL_ENOMEM. */
+keel_err keel__config_rebuild_json(keel__model_config *cfg);
+
 /* Looks up a parameter value; NULL if absent. */
 const char *keel__config_param(const keel__model_config *cfg, const char *key);
 

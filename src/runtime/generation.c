@@ -184,6 +184,21 @@ static keel_err build(keel_runtime *rt, keel__model_entry *e, int64_t version,
         keel__errf(errbuf, errlen, "%s", sub[0] != '\0' ? sub : keel_strerror(err));
         goto fail;
     }
+    if (g->cfg->ninputs == 0 || g->cfg->noutputs == 0) {
+        /* config.c lets a backend that reads its interface from the model file leave them
+         * out; the backend fills them in and the served JSON is rebuilt. */
+        if (g->backend->complete_config == NULL) {
+            keel__errf(errbuf, errlen, "%s: %s: required by backend \"%s\"", cfg_path,
+                       g->cfg->ninputs == 0 ? "input" : "output", g->cfg->backend);
+            err = KEEL_ECONFIG;
+            goto fail;
+        }
+        if ((err = g->backend->complete_config(g->model, g->cfg, sub, sizeof(sub))) != KEEL_OK ||
+            (err = keel__config_rebuild_json(g->cfg)) != KEEL_OK) {
+            keel__errf(errbuf, errlen, "%s", sub[0] != '\0' ? sub : keel_strerror(err));
+            goto fail;
+        }
+    }
     g->nctx = g->cfg->instance_count;
     if ((g->ctxs = keel__calloc((size_t)g->nctx, sizeof(void *))) == NULL ||
         (g->free_stack = keel__calloc((size_t)g->nctx, sizeof(int))) == NULL) {

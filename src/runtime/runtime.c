@@ -355,6 +355,18 @@ keel_err keel__model_load(keel_runtime *rt, const char *name, bool evicted_reloa
             goto failed;
         }
     }
+    /* Serve the newest generation's config: its backend may have filled in the inputs and
+     * outputs that config.json leaves out (onnx). */
+    if (strcmp(json, gens[nversions - 1]->cfg->json) != 0) {
+        char *filled = keel__strdup(gens[nversions - 1]->cfg->json);
+        if (filled == NULL) {
+            snprintf(msg, sizeof(msg), "out of memory");
+            err = KEEL_ENOMEM;
+            goto failed;
+        }
+        free(json);
+        json = filled;
+    }
 
     /* Publish: one pointer store per version, all under one lock hold. */
     pthread_mutex_lock(&rt->mu);
@@ -635,6 +647,7 @@ keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_runtime **out)
     pthread_cond_init(&rt->reap_cv, NULL);
     pthread_cond_init(&rt->reap_idle_cv, NULL);
     keel__runtime_add_backend(rt, &keel__xgboost_backend);
+    keel__runtime_add_backend(rt, &keel__onnx_backend);
 
     rt->nworkers = opts->worker_threads;
     if (rt->nworkers <= 0) {
