@@ -29,6 +29,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <spng.h>
+
+#include "repository/config.h"
 #include "testutil.h"
 #include "workers/image.h"
 #include "workers/prep.h"
@@ -785,6 +788,199 @@ static void test_resize_normalise_layout(void **state)
         assert_true(up[i] == 77.0f);
 }
 
+/* ---- config.json "preprocess" and the runtime's image models */
+
+#define IMG_CONFIG_FMT                                                                             \
+    "{\"name\":\"img\",\"backend\":\"xgboost\",\"max_batch_size\":8,"                              \
+    "\"input\":[{\"name\":\"features\",\"data_type\":\"TYPE_FP32\",\"dims\":[13]}],"               \
+    "\"output\":[{\"name\":\"probability\",\"data_type\":\"TYPE_FP32\",\"dims\":[1]}],"            \
+    "\"preprocess\":{%s}}"
+
+static keel_err parse_pp(const char *pp, char *msg, size_t len)
+{
+    char *text = tu_strf(IMG_CONFIG_FMT, pp);
+    keel__model_config *cfg = NULL;
+    keel_err err = keel__config_parse("img/config.json", "img", text, strlen(text), &cfg, msg, len);
+
+    keel__config_destroy(cfg);
+    free(text);
+    return err;
+}
+
+static void test_preprocess_config(void **state)
+{
+    char msg[512];
+    const char *ok = "\"input\":\"image\",\"output_input\":\"features\",\"color\":\"GRAY\","
+                     "\"width\":13,\"height\":1";
+    char *text = tu_strf(IMG_CONFIG_FMT, ok);
+    keel__model_config *cfg = NULL;
+    static const struct {
+        const char *pp, *words;
+    } bad[] = {
+        {"\"output_input\":\"features\",\"color\":\"GRAY\",\"width\":13,\"height\":1",
+         "preprocess.input: required"},
+        {"\"input\":\"image\",\"output_input\":\"nosuch\",\"width\":13,\"height\":1",
+         "the model has no input named \"nosuch\""},
+        {"\"input\":\"features\",\"output_input\":\"features\",\"width\":13,\"height\":1",
+         "is one of the model's inputs"},
+        {"\"input\":\"image\",\"output_input\":\"features\",\"width\":13,\"height\":1",
+         "3 channels x 13 x 1 = 39 values per image, but input \"features\" holds 13"},
+        {"\"input\":\"image\",\"output_input\":\"features\",\"color\":\"GRAY\",\"width\":13,"
+         "\"height\":1,\"std\":[0]",
+         "preprocess.std: must be finite and non-zero"},
+        {"\"input\":\"image\",\"output_input\":\"features\",\"color\":\"GRAY\",\"width\":13,"
+         "\"height\":1,\"layout\":\"CHW\"",
+         "preprocess.layout: expected \"NCHW\" or \"NHWC\""},
+        {"\"input\":\"image\",\"output_input\":\"features\",\"color\":\"GRAY\",\"width\":13,"
+         "\"height\":1,\"mean\":[1,2,3]",
+         "preprocess.mean: expected an array of 1 numbers"},
+    };
+
+    (void)state;
+    assert_int_equal(
+        keel__config_parse("img/config.json", "img", text, strlen(text), &cfg, msg, sizeof(msg)),
+        KEEL_OK);
+    assert_non_null(cfg->preprocess);
+    assert_string_equal(cfg->preprocess->input, "image");
+    assert_int_equal(cfg->preprocess->color, 1);
+    assert_true(cfg->preprocess->scale == 1.0f / 255.0f);
+    assert_non_null(strstr(cfg->json, "\"preprocess\":{\"input\":\"image\""));
+    keel__config_destroy(cfg);
+    free(text);
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        msg[0] = '\0';
+        assert_int_equal(parse_pp(bad[i].pp, msg, sizeof(msg)), KEEL_ECONFIG);
+        if (strstr(msg, bad[i].words) == NULL)
+            fail_msg("case %zu: '%s' lacks '%s'", i, msg, bad[i].words);
+        assert_non_null(strstr(msg, "img/config.json"));
+    }
+}
+
+/* A 26 x 2 gray PNG (libspng's encoder) as a BYTES element: 4-byte length, then the file. */
+static unsigned char *png_element(const uint8_t *px, uint32_t w, uint32_t h, size_t *len)
+{
+    spng_ctx *ctx = spng_ctx_new(SPNG_CTX_ENCODER);
+    struct spng_ihdr ihdr = {.width = w, .height = h, .bit_depth = 8, .color_type = 0};
+    unsigned char *png, *el;
+    size_t n = 0;
+    int err = 0;
+
+    assert_non_null(ctx);
+    assert_int_equal(spng_set_option(ctx, SPNG_ENCODE_TO_BUFFER, 1), 0);
+    assert_int_equal(spng_set_ihdr(ctx, &ihdr), 0);
+    assert_int_equal(spng_encode_image(ctx, px, (size_t)w * h, SPNG_FMT_PNG, SPNG_ENCODE_FINALIZE),
+                     0);
+    png = spng_get_png_buffer(ctx, &n, &err);
+    assert_non_null(png);
+    el = malloc(n + 4);
+    memcpy(el, &(uint32_t){(uint32_t)n}, 4);
+    memcpy(el + 4, png, n);
+    free(png);
+    spng_ctx_free(ctx);
+    *len = n + 4;
+    return el;
+}
+
+static float infer_one(keel_runtime *rt, const char *input, keel_datatype dt, const int64_t *shape,
+                       size_t ndim, const void *data, size_t bytes, keel_err want)
+{
+    keel_request *req = NULL;
+    keel_tensor_view v;
+    float p = -1;
+
+    assert_int_equal(keel_request_create(rt, "img", -1, &req), KEEL_OK);
+    assert_int_equal(keel_request_add_input(req, input, dt, shape, ndim, data, bytes), KEEL_OK);
+    assert_int_equal(keel_infer(req), want);
+    if (want == KEEL_OK) {
+        assert_int_equal(keel_request_output_by_name(req, "probability", &v), KEEL_OK);
+        memcpy(&p, v.data, sizeof(p));
+        /* Resubmitted: its BYTES input was restored, so the same answer comes back. */
+        assert_int_equal(keel_infer(req), KEEL_OK);
+        assert_int_equal(keel_request_output_by_name(req, "probability", &v), KEEL_OK);
+        assert_memory_equal(&p, v.data, sizeof(p));
+    } else {
+        snprintf(errbuf, sizeof(errbuf), "%s", keel_request_error(req));
+    }
+    keel_request_destroy(req);
+    return p;
+}
+
+static void test_runtime_image_model(void **state)
+{
+    char *dir = tu_mkdtemp("workers-rt");
+    char *repo = tu_strf("%s/models", dir), *cfgp = tu_strf("%s/img/config.json", repo);
+    char *model = tu_strf("%s/m.json", dir), *dst = tu_strf("%s/img/1/model.json", repo);
+    char *cfgtext =
+        tu_strf(IMG_CONFIG_FMT, "\"input\":\"image\",\"output_input\":\"features\",\"color\":"
+                                "\"GRAY\",\"width\":13,\"height\":1,\"mean\":[0.5],\"std\":[0.5]");
+    int fds0 = tu_count_fds();
+    keel_runtime_opts o;
+    keel_runtime *rt = NULL;
+    keel_preprocess_stats ps;
+    uint8_t px[26 * 2];
+    float ref[13], p_img, p_ref;
+    unsigned char *el;
+    size_t len;
+    int64_t one = 1, shape2[2] = {1, 13};
+    char msg[512];
+
+    (void)state;
+    assert_int_equal(tu_train_heart(dir, "m.json", "num_round = 5"), 0);
+    tu_write_file(cfgp, cfgtext, (size_t)-1);
+    tu_copy_file(model, dst);
+    for (int i = 0; i < 52; i++)
+        px[i] = (uint8_t)(i * 97 % 256);
+    for (int x = 0; x < 13; x++) {
+        double v = (px[2 * x] + px[2 * x + 1] + px[26 + 2 * x] + px[26 + 2 * x + 1]) / 4.0;
+        ref[x] = ((float)v * (1.0f / 255.0f) - 0.5f) / 0.5f; /* halving = 2x2 block means */
+    }
+    el = png_element(px, 26, 2, &len);
+
+    /* Without workers, an image model does not load. */
+    keel_runtime_opts_init(&o);
+    o.model_repository = repo;
+    o.control = KEEL_CONTROL_EXPLICIT;
+    o.worker_threads = 1;
+    assert_int_equal(keel_runtime_create(&o, &rt), KEEL_OK);
+    assert_int_equal(keel_model_load(rt, "img", msg, sizeof(msg)), KEEL_ECONFIG);
+    assert_non_null(strstr(msg, "no preprocessing workers"));
+    keel_runtime_destroy(rt);
+
+    o.control = KEEL_CONTROL_NONE;
+    o.preprocess_workers = 1;
+    assert_int_equal(keel_runtime_create(&o, &rt), KEEL_OK);
+    assert_true(keel_model_is_ready(rt, "img", -1));
+    p_img = infer_one(rt, "image", KEEL_TYPE_BYTES, &one, 1, el, len, KEEL_OK);
+    p_ref = infer_one(rt, "features", KEEL_TYPE_FP32, shape2, 2, ref, sizeof(ref), KEEL_OK);
+    assert_memory_equal(&p_img, &p_ref, sizeof(float));
+    el[4] ^= 0xff; /* no PNG signature any more */
+    infer_one(rt, "image", KEEL_TYPE_BYTES, &one, 1, el, len, KEEL_EINVAL);
+    assert_non_null(strstr(errbuf, "input 'image': image 0: not a JPEG or PNG"));
+    keel_preprocess_stats_get(rt, &ps);
+    assert_true(ps.enabled && ps.healthy);
+    assert_int_equal(ps.workers_alive, 1);
+    assert_int_equal(ps.tasks_ok, 2);
+    assert_int_equal(ps.tasks_invalid, 1);
+    assert_int_equal(ps.memfds_open, 0);
+
+    /* Without its fork server the image model is not ready. */
+    assert_int_equal(kill((pid_t)ps.forkserver_pid, SIGKILL), 0);
+    for (int i = 0; i < 100 && keel_model_is_ready(rt, "img", -1); i++)
+        usleep(10000);
+    assert_false(keel_model_is_ready(rt, "img", -1));
+    keel_runtime_destroy(rt);
+    assert_int_equal(count_zombie_children(), 0);
+    assert_int_equal(tu_count_fds(), fds0);
+    free(el);
+    tu_rm_rf(dir);
+    free(dir);
+    free(repo);
+    free(cfgp);
+    free(model);
+    free(dst);
+    free(cfgtext);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -799,6 +995,8 @@ int main(void)
         cmocka_unit_test(test_png_matches_pil),
         cmocka_unit_test(test_malformed_images),
         cmocka_unit_test(test_resize_normalise_layout),
+        cmocka_unit_test(test_preprocess_config),
+        cmocka_unit_test(test_runtime_image_model),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
