@@ -208,8 +208,16 @@ static keel_err spawn_into(keel__prep_pool *p, int i)
     pthread_mutex_unlock(&p->fs_mu);
     ok = e == 0 && r.err == 0 && nfds == 2 && r.pid > 0;
     if (ok && !await_hello(fds[0])) {
-        /* Never came up: kill it; the fork server reaps it. */
+        /* Never came up: kill it, and collect its status so the fork server forgets it. */
+        keel__fs_req rq = {.magic = KEEL__PREP_MAGIC, .op = KEEL__FS_REAP, .pid = r.pid};
+        keel__fs_reply rr;
+        int rfds[2], rn = 0;
         syscall(SYS_pidfd_send_signal, fds[1], SIGKILL, NULL, 0);
+        (void)wait_readable(fds[1], KILL_WAIT_MS);
+        usleep(2000); /* its SIGCHLD reaches the fork server */
+        pthread_mutex_lock(&p->fs_mu);
+        (void)fs_call_locked(p, &rq, &rr, rfds, &rn);
+        pthread_mutex_unlock(&p->fs_mu);
         e = ETIMEDOUT;
         ok = false;
     }
@@ -731,16 +739,19 @@ bool keel__prep_healthy(keel__prep_pool *p)
 
     if (p == NULL)
         return true;
-    pthread_mutex_lock(&p->fs_mu);
-    if (!atomic_load(&p->fs_dead) && p->fs_pidfd >= 0) {
-        struct pollfd pf = {.fd = p->fs_pidfd, .events = POLLIN};
-        if (poll(&pf, 1, 0) > 0) {
-            KEEL__LOG(&p->o.log, KEEL_LOG_ERROR, "preprocessing fork server pid %d died",
-                      (int)p->fs_pid);
-            fs_mark_dead_locked(p);
+    /* trylock: a health probe never waits for a spawn in progress (whoever talks to the
+     * fork server then notices its death anyway). */
+    if (pthread_mutex_trylock(&p->fs_mu) == 0) {
+        if (!atomic_load(&p->fs_dead) && p->fs_pidfd >= 0) {
+            struct pollfd pf = {.fd = p->fs_pidfd, .events = POLLIN};
+            if (poll(&pf, 1, 0) > 0) {
+                KEEL__LOG(&p->o.log, KEEL_LOG_ERROR, "preprocessing fork server pid %d died",
+                          (int)p->fs_pid);
+                fs_mark_dead_locked(p);
+            }
         }
+        pthread_mutex_unlock(&p->fs_mu);
     }
-    pthread_mutex_unlock(&p->fs_mu);
     pthread_mutex_lock(&p->mu);
     failing = p->last_spawn_failed;
     pthread_mutex_unlock(&p->mu);
