@@ -539,8 +539,8 @@ static outcome exchange(keel__prep_pool *p, worker *w, uint32_t type, const void
             return O_DEAD;
     }
     n = keel__prep_recv(w->sock, &r, sizeof(r), &rfd, 1, &nfds);
-    if (n == 0)
-        return O_DEAD;
+    if (n == 0 || (n < 0 && n != -EMSGSIZE))
+        return O_DEAD; /* end of stream, or ECONNRESET: it died before reading the task */
     if (nfds == 1)
         atomic_fetch_add(&p->memfds, 1);
     if (n != (ssize_t)sizeof(r) || r.magic != KEEL__PREP_MAGIC || r.id != m.id ||

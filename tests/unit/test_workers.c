@@ -4,8 +4,9 @@
  *
  * - A worker's /proc/PID/fd holds exactly stdin/stdout (/dev/null), stderr and one socket;
  *   neither it nor the fork server (one thread) holds a descriptor the parent opened first.
- * - kill -9 of a worker mid-task: that task fails with a message naming signal 9 within its
- *   deadline, a new worker runs within 2 s, no zombie, fds and memfds back to the baseline.
+ * - kill -9 of a worker mid-task (also before it read its task): that task fails with a
+ *   message naming signal 9 within its deadline, a new worker runs within 2 s, no zombie, fds
+ *   and memfds back to the baseline.
  * - SIGSTOP of a worker: the deadline fires on time, the worker is replaced.
  * - Crash, exit, an unsealed result memfd, an over-limit task: each a clear error; restarts
  *   counted by cause. A worker that dies while idle is replaced without failing a task. A
@@ -387,6 +388,31 @@ static void test_kill9_mid_task(void **state)
     assert_int_equal(s.memfds_open, 0);
     assert_true(s.healthy);
     assert_int_equal(echo(p, KEEL__PREP_TASK_ECHO, 0, 1000), KEEL_OK); /* the new one works */
+    keel__prep_pool_destroy(p);
+}
+
+/* Killed with the task still unread in its socket: the pool sees ECONNRESET, not a reply. */
+static void test_kill9_before_reading(void **state)
+{
+    keel__prep_pool *p = pool_open(1, 10000, 0);
+    keel__prep_stats s;
+    bg_task t;
+    pid_t victim = only_worker(p);
+
+    (void)state;
+    assert_int_equal(kill(victim, SIGSTOP), 0);
+    bg_start(&t, p, KEEL__PREP_TASK_ECHO, 0, 3000);
+    wait_busy(p);
+    usleep(20000);
+    assert_int_equal(kill(victim, SIGKILL), 0);
+    pthread_join(t.th, NULL);
+    assert_int_equal(t.err, KEEL_EBACKEND);
+    assert_non_null(strstr(t.msg, "signal 9"));
+    keel__prep_stats_get(p, &s);
+    assert_int_equal(s.restarts_signal, 1);
+    assert_int_equal(s.restarts_protocol, 0);
+    assert_true(wait_new_worker(p, victim, 2000) > 0);
+    assert_int_equal(count_zombie_children(), 0);
     keel__prep_pool_destroy(p);
 }
 
@@ -1000,6 +1026,7 @@ int main(void)
         cmocka_unit_test(test_worker_fds),
         cmocka_unit_test(test_echo_and_teardown),
         cmocka_unit_test(test_kill9_mid_task),
+        cmocka_unit_test(test_kill9_before_reading),
         cmocka_unit_test(test_sigstop_deadline),
         cmocka_unit_test(test_crash_exit_unsealed),
         cmocka_unit_test(test_idle_death_and_limits),
