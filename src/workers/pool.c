@@ -20,21 +20,25 @@
  * max_total_bytes (a task waits for room within its deadline).
  *
  * Worker slot state machine (under mu):
- *   EMPTY --caller claims--> SPAWNING --fork server replied--> IDLE
- *     ^                        \--spawn failed (backoff)--> EMPTY
- *     |                     IDLE --task taken--> BUSY --result/worker error--> IDLE
+ *   EMPTY --supervisor (or a waiting task) claims--> SPAWNING --hello received--> IDLE
+ *     ^                        \--spawn failed (100 ms backoff)--> EMPTY
+ *     |                     IDLE --task taken--> BUSY --result / worker refused--> IDLE
  *     \------- retired: killed (SIGKILL via pidfd), exit seen on pidfd, status REAPed ------/
  *   A BUSY worker whose socket hangs up, whose pidfd fires, that breaks the protocol or that
- *   overruns the task deadline is retired by the caller that made it busy, which then
- *   spawns its replacement itself (the slot goes BUSY -> SPAWNING -> IDLE/EMPTY).
+ *   overruns the task deadline is retired by the caller that made it busy (so its error can
+ *   name the cause); the slot goes EMPTY and the pool's supervisor thread spawns the
+ *   replacement, so the failed task does not also wait for a fork. An IDLE worker found dead
+ *   when a task takes it is retired the same way and the task moves on to another slot.
  * Task state machine (the caller's stack): waiting for a slot and room -> running (sent,
  *   polling socket + pidfd until the deadline) -> done (result copied) | failed (invalid
  *   input, timeout, crash, protocol) ; every path returns the bytes and the slot.
  *
+ * Threads: callers of keel__prep_run (any thread) and one supervisor thread, started after
+ * the fork server was forked and joined first at destroy.
  * Locks: mu protects the slot table, bytes in flight and stopping; cv (CLOCK_MONOTONIC)
- * signals a slot or bytes becoming free. fs_mu serialises conversations with the fork server
- * (one request, one reply). The two are never held together, and no I/O with a worker runs
- * under either. Counters are atomics.
+ * signals a slot or bytes becoming free, or a slot becoming EMPTY. fs_mu serialises
+ * conversations with the fork server (one request, one reply). The two are never held
+ * together, and no I/O with a worker runs under either. Counters are atomics.
  *
  * Health: the pool is unhealthy when the fork server is gone (it is never restarted: forking
  * a new one from a process that now holds models and threads is what this design avoids) or
@@ -83,6 +87,8 @@ struct keel__prep_pool {
     uint64_t next_spawn_ns;           /* mu: after a failed spawn, not before this */
     bool last_spawn_failed;           /* mu */
     bool stopping;                    /* mu */
+    pthread_t supervisor;             /* spawns replacements for EMPTY slots */
+    bool supervisor_started;
 
     pthread_mutex_t fs_mu;
     int fs_sock;  /* fs_mu */
@@ -244,6 +250,38 @@ static keel_err spawn_into(keel__prep_pool *p, int i)
     return ok ? KEEL_OK : KEEL_EUNAVAILABLE;
 }
 
+/* The supervisor thread: fills EMPTY slots (a retired worker's, or one whose spawn failed,
+ * after the backoff), so a replacement runs soon after a failure even with no traffic, and
+ * the task that saw the failure returns without waiting for the fork. */
+static void *supervisor_main(void *arg)
+{
+    keel__prep_pool *p = arg;
+
+    pthread_mutex_lock(&p->mu);
+    while (!p->stopping) {
+        uint64_t now = keel__now_ns();
+        int empty = -1;
+        for (int i = 0; i < p->o.workers && empty < 0; i++) {
+            if (p->w[i].st == W_EMPTY)
+                empty = i;
+        }
+        if (empty >= 0 && !atomic_load(&p->fs_dead) && now >= p->next_spawn_ns) {
+            p->w[empty].st = W_SPAWNING;
+            pthread_mutex_unlock(&p->mu);
+            (void)spawn_into(p, empty);
+            pthread_mutex_lock(&p->mu);
+        } else if (empty >= 0 && !atomic_load(&p->fs_dead)) {
+            struct timespec ts = {.tv_sec = (time_t)(p->next_spawn_ns / 1000000000u),
+                                  .tv_nsec = (long)(p->next_spawn_ns % 1000000000u)};
+            pthread_cond_timedwait(&p->cv, &p->mu, &ts);
+        } else {
+            pthread_cond_wait(&p->cv, &p->mu);
+        }
+    }
+    pthread_mutex_unlock(&p->mu);
+    return NULL;
+}
+
 /* Kills the worker of a slot the caller owns, waits for it to be gone, has the fork server
  * reap it and counts the restart; why overrides the cause seen in its status (timeout,
  * protocol). Returns a short description for error messages. */
@@ -371,6 +409,12 @@ keel_err keel__prep_pool_create(const keel__prep_opts *o, keel__prep_pool **out,
             goto fail;
         }
     }
+    /* The only thread the pool starts; the fork server was forked before it. */
+    if (pthread_create(&p->supervisor, NULL, supervisor_main, p) != 0) {
+        keel__errf(errbuf, errlen, "cannot start the preprocessing supervisor thread");
+        goto fail;
+    }
+    p->supervisor_started = true;
     *out = p;
     return KEEL_OK;
 
@@ -389,9 +433,12 @@ void keel__prep_pool_destroy(keel__prep_pool *p)
         return;
     pthread_mutex_lock(&p->mu);
     p->stopping = true;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    if (p->supervisor_started)
+        pthread_join(p->supervisor, NULL); /* finishes a spawn in progress first */
     for (int i = 0; i < KEEL__PREP_MAX_WORKERS; i++)
         KEEL__ASSERT(p->w[i].st != W_BUSY && p->w[i].st != W_SPAWNING);
-    pthread_mutex_unlock(&p->mu);
     /* Workers first: SIGKILL through the pidfd (race-free), then their sockets. */
     for (int i = 0; i < KEEL__PREP_MAX_WORKERS; i++) {
         worker *w = &p->w[i];
@@ -633,7 +680,7 @@ static void release(keel__prep_pool *p, int slot, uint64_t need, bool retired)
 {
     pthread_mutex_lock(&p->mu);
     p->bytes_in_flight -= need;
-    p->w[slot].st = retired ? W_SPAWNING : W_IDLE;
+    p->w[slot].st = retired ? W_EMPTY : W_IDLE; /* EMPTY: the supervisor replaces it */
     if (retired)
         p->w[slot].pid = -1;
     pthread_cond_broadcast(&p->cv);
@@ -685,7 +732,6 @@ keel_err keel__prep_run(keel__prep_pool *p, uint32_t type, const void *params, s
         if (poll(&pf, 1, 0) > 0) {
             retire(p, slot, -1, desc, sizeof(desc));
             release(p, slot, need, true);
-            (void)spawn_into(p, slot);
             continue;
         }
         oc = exchange(p, w, type, params, plen, in, inlen, out, out_len, deadline, &werr, errbuf,
@@ -726,7 +772,6 @@ keel_err keel__prep_run(keel__prep_pool *p, uint32_t type, const void *params, s
             break;
         }
         release(p, slot, need, true);
-        (void)spawn_into(p, slot);
         return err;
     }
 }
