@@ -422,7 +422,17 @@ keel_err keel__model_load(keel_runtime *rt, const char *name, bool evicted_reloa
             keep = versions[i] == v->version;
         if (!keep) {
             keel__generation *old = NULL;
-            keel__vslot *f = vslot_remove_locked(rt, v, &old, &drained);
+            keel__vslot *f, *newest = NULL;
+            /* Requests for "the newest version" waiting here go to the newest one now. */
+            for (keel__vslot *w = e->versions; w != NULL; w = w->next) {
+                for (size_t i = 0; i < nversions; i++) {
+                    if (w->version == versions[i] && w->current != NULL)
+                        newest = w; /* ascending list: the last is the newest */
+                }
+            }
+            if (newest != NULL)
+                keel__vslot_move_latest_locked(rt, v, newest);
+            f = vslot_remove_locked(rt, v, &old, &drained);
             gone[ngone++] = old;
             if (f != NULL)
                 tofree[ntofree++] = f;

@@ -117,6 +117,33 @@ void keel__vslot_drain_locked(keel_runtime *rt, keel__vslot *v, keel_request **l
     ready_remove_locked(rt, v);
 }
 
+void keel__vslot_move_latest_locked(keel_runtime *rt, keel__vslot *from, keel__vslot *to)
+{
+    keel_request *req = from->qhead;
+
+    KEEL__ASSERT(from != to && from->entry == to->entry);
+    while (req != NULL) {
+        keel_request *next = req->qnext;
+        if (req->version == -1) {
+            queue_unlink_locked(rt, from, req);
+            from->inflight--;
+            to->inflight++; /* already admitted: may exceed the bound once */
+            req->vslot = to;
+            req->qprev = to->qtail;
+            if (to->qtail != NULL)
+                to->qtail->qnext = req;
+            else
+                to->qhead = req;
+            to->qtail = req;
+            keel__counter_add(rt, to->entry, KEEL__CNT(queued), 1);
+        }
+        req = next;
+    }
+    if (from->qhead == NULL)
+        ready_remove_locked(rt, from);
+    keel__vslot_kick_locked(rt, to);
+}
+
 /* Picks the vslot for a request under rt->mu, or explains why there is none. A model that
  * is evicted or in a resource-preserving swap has parked vslots (internal.h): the request
  * waits in one for the load (an evicted model's load is asked for here). */

@@ -663,6 +663,70 @@ static void test_versions(void **state)
     assert_int_equal(keel_model_unload(f->rt, "v"), KEEL_OK);
 }
 
+typedef struct outcome {
+    _Atomic int done;
+    keel_err status;
+    int64_t version;
+    float y;
+} outcome;
+
+static void outcome_cb(keel_request *req, keel_err status, void *user)
+{
+    outcome *o = user;
+    keel_tensor_view v;
+
+    o->status = status;
+    o->version = keel_request_model_version(req);
+    if (status == KEEL_OK && keel_request_output_by_name(req, "y", &v) == KEEL_OK)
+        o->y = *(const float *)v.data;
+    keel_request_destroy(req);
+    atomic_store(&o->done, 1);
+}
+
+/* A new version that replaces the only one (version policy latest 1): requests queued for
+ * "the newest version" are answered by the new one, not failed; a request queued for the old
+ * version by number gets KEEL_EUNAVAILABLE; the running one finishes on the old version. */
+static void test_version_change_keeps_queued_latest(void **state)
+{
+    fixture *f = *state;
+    outcome o[4];
+    keel_request *req;
+    float x = 1.0f;
+    int64_t shape[2] = {1, 1};
+
+    memset(o, 0, sizeof(o));
+    mock_gate_close();
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(keel_request_create(f->rt, "m", i == 3 ? 1 : -1, &req), KEEL_OK);
+        assert_int_equal(keel_request_add_input(req, "x", KEEL_TYPE_FP32, shape, 2, &x, 4),
+                         KEEL_OK);
+        assert_int_equal(keel_infer_submit(req, outcome_cb, &o[i]), KEEL_OK);
+        if (i == 0)
+            mock_wait_blocked(1); /* the first runs (and waits at the gate); the rest queue */
+    }
+    mock_write_version(f->repo, "m", 2, 5.0);
+    assert_int_equal(keel_model_load(f->rt, "m", NULL, 0), KEEL_OK); /* version 1 leaves */
+    assert_false(keel_model_is_ready(f->rt, "m", 1));
+    mock_gate_open();
+    for (int i = 0; i < 4; i++) {
+        for (int k = 0; k < 20000 && !atomic_load(&o[i].done); k++) {
+            struct timespec ts = {0, 500000};
+            nanosleep(&ts, NULL);
+        }
+        assert_true(atomic_load(&o[i].done));
+    }
+    assert_int_equal(o[0].status, KEEL_OK);
+    assert_int_equal(o[0].version, 1);
+    assert_true(o[0].y == 2.0f);
+    for (int i = 1; i < 3; i++) {
+        assert_int_equal(o[i].status, KEEL_OK);
+        assert_int_equal(o[i].version, 2);
+        assert_true(o[i].y == 5.0f);
+    }
+    assert_int_equal(o[3].status, KEEL_EUNAVAILABLE);
+    tu_assert_counters(f->rt, &idle_one_gen);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -677,6 +741,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_fault_points, setup, teardown),
         cmocka_unit_test_setup_teardown(test_load_unload_cycles, setup, teardown),
         cmocka_unit_test_setup_teardown(test_versions, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_version_change_keeps_queued_latest, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
