@@ -327,6 +327,7 @@ keel_err keel_model_load(keel_runtime *rt, const char *name, char *errbuf, size_
 
     KEEL__LOG(&rt->log, KEEL_LOG_INFO, "model %s: loaded %zu version(s), newest %lld", name,
               nversions, (long long)versions[nversions - 1]);
+    keel__fault_leak_on_publish(); /* test-only (keel soak's leak test); no-op unless armed */
     keel__complete_list(drained, KEEL_EUNAVAILABLE, "the model version was unloaded");
     for (size_t i = 0; i < nversions; i++)
         keel__generation_release(olds[i]);
