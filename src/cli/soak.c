@@ -838,29 +838,43 @@ static bool parse_bytes(const char *s, double *out)
     return true;
 }
 
-/* Waits (up to 15 s) until the gauges that follow requests in flight read 0 and the fds are
- * back at the baseline, then takes the final idle sample. */
+/*
+ * Waits until the gauges that follow requests in flight read 0 and the fd count is back at
+ * ref_fds or has not changed for a second (closed connections take the server a moment to
+ * notice; a leaked fd never goes), at most 15 s. The last sample is left in *out.
+ */
+static void wait_quiet(soak *s, perf_client *c, double ref_fds, sample *out)
+{
+    double deadline = perf_now() + 15, stable_since = perf_now(), last_fds = NAN;
+
+    for (;;) {
+        bool quiet = true;
+        double now;
+        take_sample(s, c, out);
+        now = perf_now();
+        for (int k = 0; k < S_COUNT_; k++) {
+            if (series[k].inflight && !isnan(out->v[k]) && out->v[k] != 0)
+                quiet = false;
+        }
+        if (out->v[S_FDS] != last_fds) {
+            last_fds = out->v[S_FDS];
+            stable_since = now;
+        }
+        if (!isnan(ref_fds) && out->v[S_FDS] > ref_fds && now - stable_since < 1.0)
+            quiet = false;
+        if (quiet || now > deadline)
+            return;
+        sleep_s(0.05);
+    }
+}
+
+/* The final idle sample, after the load and the swaps stopped. */
 static void settle(soak *s, perf_client *c, const sample *base)
 {
-    double deadline = perf_now() + 15;
     sample x;
 
     atomic_store(&s->phase, PH_IDLE);
-    for (;;) {
-        bool quiet = true;
-        take_sample(s, c, &x);
-        for (int k = 0; k < S_COUNT_; k++) {
-            if (k == S_RSS || isnan(x.v[k]))
-                continue;
-            if (series[k].inflight && x.v[k] != 0)
-                quiet = false;
-            if (base != NULL && !isnan(base->v[k]) && x.v[k] > base->v[k])
-                quiet = false;
-        }
-        if (quiet || perf_now() > deadline)
-            break;
-        sleep_s(0.1);
-    }
+    wait_quiet(s, c, base->v[S_FDS], &x);
     push_sample(s, &x);
 }
 
@@ -1053,7 +1067,6 @@ int keel_soak_main(int argc, char **argv)
         perf_result prime;
         perf_load_opts plo = s->lo;
         sample pre;
-        double deadline;
         take_sample(s, &ctl, &pre);
         plo.warmup_s = 0;
         plo.duration_s = 0.5;
@@ -1069,20 +1082,8 @@ int keel_soak_main(int argc, char **argv)
         perf_result_fini(&prime);
         if (!repo_call(s, &ctl, s->model, "load"))
             s->swap_failed++;
-        deadline = perf_now() + 10;
-        for (;;) {
-            bool quiet = true;
-            take_sample(s, &ctl, &base);
-            for (int k = 0; k < S_COUNT_; k++) {
-                if (series[k].inflight && !isnan(base.v[k]) && base.v[k] != 0)
-                    quiet = false;
-            }
-            if (!isnan(pre.v[S_FDS]) && base.v[S_FDS] > pre.v[S_FDS])
-                quiet = false;
-            if (quiet || perf_now() > deadline)
-                break;
-            sleep_s(0.05);
-        }
+        wait_quiet(s, &ctl, pre.v[S_FDS], &base);
+        base.phase = PH_BASELINE;
     }
     push_sample(s, &base);
     if (pthread_create(&sampler, NULL, sampler_main, s) != 0) {
