@@ -10,7 +10,12 @@ builds: every published model load leaks 64 KiB and a memfd) must end with exit 
 and a verdict that names fds, memfds and rss_bytes as growing, and nothing else: threads,
 children and the live-object gauges stay flat. The leaked blocks stay reachable from a
 static list, so LeakSanitizer (ASan stage) has nothing to report; what is tested is the
-soak verdict."""
+soak verdict.
+
+Under a sanitizer the RSS series measures the sanitizer's allocator (ASan's quarantine of
+freed blocks alone grows RSS by tens of MiB, and with the quarantine off its caches and stack
+depot still grow), so there the RSS tolerance is raised to 256 MiB and the RSS verdict is
+left to the plain build; every count series is judged the same in every build."""
 
 import csv
 import os
@@ -29,7 +34,15 @@ SERIES = ["rss_bytes", "threads", "fds", "memfds", "children", "live_requests", 
           "http_inflight"]
 
 
+def sanitized():
+    """True if the keel binary is built with AddressSanitizer or ThreadSanitizer."""
+    with open(kit.KEEL, "rb") as f:
+        data = f.read()
+    return b"__asan_init" in data or b"__tsan_init" in data
+
+
 def setup():
+    S["sanitized"] = sanitized()
     repo = kit.copy_repo()
     # A second model to unload and load back with every swap.
     shutil.copytree(os.path.join(repo, "heart"), os.path.join(repo, "heart2"))
@@ -48,6 +61,8 @@ def soak(tag, env_extra=None):
            "--load-unload", "heart2", "--swaps", str(SWAPS), "--swap-interval", "0.03",
            "--sample-interval", "0.1", "--concurrency", "4", "--csv", csv_path,
            "--svg", svg_path, "--no-progress"]
+    if S["sanitized"]:
+        cmd += ["--rss-tolerance", "256m"]
     kit.vlog("running:", " ".join(cmd))
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                        timeout=540)
@@ -127,9 +142,9 @@ def test_soak_names_leaking_series():
     r = soak("leak", {"KEEL_FAULT": "leak_per_swap"})
     check(r["rc"] == 3, "keel soak exited %d, expected 3\n%s" % (r["rc"], r["out"]))
     check(r["verdict"] == "grows", "verdict %s:\n%s" % (r["verdict"], r["out"]))
-    check(r["grows"] == {"fds", "memfds", "rss_bytes"},
-          "growing series %s, expected fds, memfds, rss_bytes:\n%s" % (sorted(r["grows"]),
-                                                                        r["out"]))
+    want = {"fds", "memfds"} if S["sanitized"] else {"fds", "memfds", "rss_bytes"}
+    check(r["grows"] == want, "growing series %s, expected %s:\n%s"
+          % (sorted(r["grows"]), sorted(want), r["out"]))
     check(r["not_idle"] <= {"fds", "memfds"} and {"fds", "memfds"} <= r["not_idle"],
           "not idle: %s" % sorted(r["not_idle"]))
     check(r["failed_requests"] == 0 and r["failed_swaps"] == 0, r["out"])
