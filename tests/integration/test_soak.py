@@ -1,7 +1,8 @@
 """test_soak.py: `keel soak` on the example model, healthy and with a deliberate leak.
 
 Healthy: a short soak (SWAPS reloads of "heart" under 4 concurrent clients, plus unload/load
-of a second model) ends with 0 failed requests and swaps, a flat verdict for every series,
+of a second model; the first half of the swap phase is warm-up, as RSS climbs for the first
+couple of seconds) ends with 0 failed requests and swaps, a flat verdict for every series,
 the server's clean exit, a CSV with every series as a column and a sample per interval, and
 a well-formed SVG with one labelled polyline per series.
 
@@ -28,7 +29,7 @@ import kit
 from kit import check
 
 S = {}
-SWAPS = 120
+SWAPS = 150
 SERIES = ["rss_bytes", "threads", "fds", "memfds", "children", "live_requests", "live_leases",
           "live_queued", "live_generations", "live_contexts", "live_contexts_in_use",
           "http_inflight"]
@@ -59,7 +60,8 @@ def soak(tag, env_extra=None):
     env.update(env_extra or {})
     cmd = [kit.KEEL, "soak", "--model-repository", S["repo"], "-m", "heart",
            "--load-unload", "heart2", "--swaps", str(SWAPS), "--swap-interval", "0.03",
-           "--sample-interval", "0.1", "--concurrency", "4", "--csv", csv_path,
+           "--sample-interval", "0.1", "--warmup-fraction", "0.5", "--concurrency", "4",
+           "--csv", csv_path,
            "--svg", svg_path, "--no-progress"]
     if S["sanitized"]:
         cmd += ["--rss-tolerance", "256m"]
