@@ -172,7 +172,7 @@ static void soak_help(FILE *f)
           "tolerance: --rss-tolerance for RSS, the requests in flight for the gauges that\n"
           "follow them, 0.5 (one object) for every other count.\n"
           "exit status: 0 flat and nothing failed, 1 error, 2 usage, 3 a series grew, a count\n"
-          "did not return to idle, or requests or swaps failed\n",
+          "did not return to idle, too few samples to judge, or requests or swaps failed\n",
           f);
 }
 
@@ -1135,6 +1135,7 @@ int keel_soak_main(int argc, char **argv)
     {
         char errs[512];
         bool grows = false, idle_fail = false;
+        int judged = 0;
         char names[512] = "", idle_names[512] = "";
         size_t off = 0, ioff = 0;
         perf_result_errors(&during, errs, sizeof(errs));
@@ -1196,7 +1197,13 @@ int keel_soak_main(int argc, char **argv)
                        (double)perf_hist_quantile(&steady.hist, 0.99));
         if (started)
             printf("server exit status: %d\n", srv_rc);
-        printf("verdict=%s", grows || idle_fail ? "grows" : "flat");
+        for (int k = 0; k < S_COUNT_; k++)
+            judged += v[k].present;
+        if (judged == 0)
+            printf("\nno series has 4 samples in the verdict window: make the swap phase "
+                   "longer (--swaps, --swap-interval) or sample more often "
+                   "(--sample-interval)\n");
+        printf("verdict=%s", grows || idle_fail ? "grows" : judged == 0 ? "unknown" : "flat");
         if (grows)
             printf(" series=%s", names);
         if (idle_fail)
@@ -1205,8 +1212,8 @@ int keel_soak_main(int argc, char **argv)
                during.failed + steady.failed, s->swap_failed);
         fflush(stdout);
         rc = PERF_EXIT_OK;
-        if (grows || idle_fail || during.failed + steady.failed > 0 || s->swap_failed > 0 ||
-            srv_rc != 0)
+        if (grows || idle_fail || judged == 0 || during.failed + steady.failed > 0 ||
+            s->swap_failed > 0 || srv_rc != 0)
             rc = PERF_EXIT_VERDICT;
     }
     if (s->csv_path != NULL && !write_csv(s, s->csv_path))
