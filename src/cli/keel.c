@@ -3,9 +3,10 @@
  *
  * DESIGN
  * A thin client of the public API (include/keel/keel.h) and of nothing else in keel: whatever
- * this program can do, an embedding application can do too. It is single-threaded; the only
- * code that keel threads may run is log_to_stderr(), which writes one line per call with one
- * stdio call (stdio locks the stream, so lines never interleave).
+ * this program can do, an embedding application can do too. models and infer are
+ * single-threaded; the only code that keel threads may run is log_to_stderr(), which writes one
+ * line per call with one stdio call (stdio locks the stream, so lines never interleave). perf
+ * and soak are HTTP clients with their own threads (perf_internal.h, soak.c).
  *
  * Commands:
  *   keel models --model-repository DIR         load every model, print their status table
