@@ -1139,8 +1139,16 @@ int keel_soak_main(int argc, char **argv)
         char names[512] = "", idle_names[512] = "";
         size_t off = 0, ioff = 0;
         perf_result_errors(&during, errs, sizeof(errs));
-        printf("\nverdict window: %.1f s .. %.1f s (after %.0f %% warm-up of the swap phase)\n", ws,
-               we, s->warmup_fraction * 100);
+        uint64_t sw0 = 0, sw1 = 0;
+        for (size_t i = 0; i < s->nsamples; i++) {
+            if (s->samples[i].phase == PH_SWAP && s->samples[i].t <= ws)
+                sw0 = s->samples[i].swaps;
+            if (s->samples[i].phase == PH_SWAP && s->samples[i].t <= we)
+                sw1 = s->samples[i].swaps;
+        }
+        printf("\nverdict window: %.1f s .. %.1f s, swaps %" PRIu64 " .. %" PRIu64
+               " (after %.0f %% warm-up of the swap phase)\n",
+               ws, we, sw0, sw1, s->warmup_fraction * 100);
         printf("%-22s %14s %14s %14s %12s %8s  %s\n", "series", "fitted growth", "floor rise",
                "tolerance", "idle before", "after", "verdict");
         for (int k = 0; k < S_COUNT_; k++) {
