@@ -107,7 +107,8 @@ typedef struct soak {
     perf_data_opts d;
     perf_load_opts lo;
     /* run */
-    pid_t child; /* the server we started, or -1 */
+    pid_t child;   /* the server we started, or -1 */
+    int child_out; /* the read end of its stdout, kept open while it runs, or -1 */
     double t0;
     atomic_bool stop, sampler_stop;
     atomic_int phase;
@@ -529,7 +530,9 @@ static bool server_start(soak *s, char *err, size_t errlen)
         if (!perf_target_parse(url, &s->w.target, err, errlen))
             goto fail;
     }
-    /* Its stdout stays a pipe nobody reads; keel serve writes nothing more there. */
+    /* Its stdout stays a pipe nobody reads (keel serve writes nothing more there), open until
+     * it has exited. */
+    s->child_out = pfd[0];
     s->pid = s->child;
     return true;
 fail:
@@ -540,26 +543,29 @@ fail:
     return false;
 }
 
-/* SIGTERM and wait; returns the exit status (or -1). */
+/* SIGTERM and wait (60 s, then SIGKILL); returns the exit status, 128 + signal, or -1. */
 static int server_stop(soak *s)
 {
-    int st;
+    int st, rc = -1;
 
     if (s->child <= 0)
         return 0;
     kill(s->child, SIGTERM);
-    for (int i = 0; i < 1200; i++) {
-        pid_t r = waitpid(s->child, &st, WNOHANG);
-        if (r == s->child) {
-            s->child = -1;
-            return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-        }
-        sleep_s(0.05);
+    for (int i = 0; i < 1200 && rc == -1; i++) {
+        if (waitpid(s->child, &st, WNOHANG) == s->child)
+            rc = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        else
+            sleep_s(0.05);
     }
-    kill(s->child, SIGKILL);
-    waitpid(s->child, &st, 0);
+    if (rc == -1) {
+        kill(s->child, SIGKILL);
+        waitpid(s->child, &st, 0);
+    }
     s->child = -1;
-    return -1;
+    if (s->child_out != -1)
+        close(s->child_out);
+    s->child_out = -1;
+    return rc;
 }
 
 /* ---------------------------------------------------------------- verdict */
@@ -898,6 +904,7 @@ int keel_soak_main(int argc, char **argv)
 
     memset(s, 0, sizeof(*s));
     s->child = -1;
+    s->child_out = -1;
     s->swaps = 100;
     s->swap_interval = 1;
     s->sample_interval = 1;
