@@ -24,6 +24,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -1104,6 +1105,7 @@ typedef struct pconn {
     char *in;
     size_t in_len, in_cap;
     uint64_t t_intended, t_sent;
+    uint64_t retry_at; /* after a failed connect: not before this time (no busy loop) */
 } pconn;
 
 typedef struct loop {
@@ -1183,6 +1185,8 @@ static void conn_fail(loop *L, pconn *c, int kind, int err)
         L->r->failed++;
         note_failure(L->r, "%s: %s", terr_names[kind], err != 0 ? strerror(err) : "");
     }
+    if (kind == PERF_TERR_CONNECT)
+        c->retry_at = now_ns() + 10000000u;
     conn_close(L, c);
 }
 
@@ -1354,6 +1358,17 @@ static void conn_read(loop *L, pconn *c)
     }
 }
 
+/* User + system CPU seconds of the calling thread. */
+static double thread_cpu_s(void)
+{
+    struct rusage ru;
+
+    if (getrusage(RUSAGE_THREAD, &ru) != 0)
+        return 0;
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
+}
+
 static void progress(const loop *L, uint64_t now, uint64_t t0)
 {
     double el = (double)(now - t0) / 1e9, warm = L->o->warmup_s;
@@ -1375,6 +1390,7 @@ bool perf_load_run(const perf_workload *w, const perf_load_opts *o, perf_result 
     loop L;
     struct epoll_event evs[256];
     uint64_t t0, next_progress, interval = 0, timeout_ns;
+    double cpu0;
     uint64_t k_issued = 0; /* open loop: requests sent (or counted unsent) so far */
     bool open_loop = o->rate > 0, ok = false, show = o->progress && isatty(2);
     size_t n;
@@ -1403,6 +1419,7 @@ bool perf_load_run(const perf_workload *w, const perf_load_opts *o, perf_result 
         L.conns[i].state = PC_CLOSED;
     }
     timeout_ns = (uint64_t)(o->timeout_s * 1e9);
+    cpu0 = thread_cpu_s();
     t0 = now_ns();
     L.t_meas = t0 + (uint64_t)(o->warmup_s * 1e9);
     L.t_end = o->duration_s > 0 ? L.t_meas + (uint64_t)(o->duration_s * 1e9) : UINT64_MAX;
@@ -1436,7 +1453,7 @@ bool perf_load_run(const perf_workload *w, const perf_load_opts *o, perf_result 
             if (!open_loop) {
                 for (size_t i = 0; i < n; i++) {
                     pconn *c = &L.conns[i];
-                    if (c->state == PC_CLOSED) {
+                    if (c->state == PC_CLOSED && now >= c->retry_at) {
                         if (conn_open(&L, c))
                             c->t_sent = now;
                     }
@@ -1455,7 +1472,7 @@ bool perf_load_run(const perf_workload *w, const perf_load_opts *o, perf_result 
                     /* No idle connection: open one if the pool allows, else wait. */
                     if (L.open < n) {
                         for (size_t i = 0; i < n; i++) {
-                            if (L.conns[i].state == PC_CLOSED) {
+                            if (L.conns[i].state == PC_CLOSED && now >= L.conns[i].retry_at) {
                                 if (conn_open(&L, &L.conns[i]))
                                     L.conns[i].t_sent = now;
                                 break;
@@ -1532,6 +1549,8 @@ bool perf_load_run(const perf_workload *w, const perf_load_opts *o, perf_result 
             r->unsent = due_end - first;
     }
     r->window_s = L.t_end > L.t_meas ? (double)(L.t_end - L.t_meas) / 1e9 : 0.0;
+    r->cpu_s = thread_cpu_s() - cpu0;
+    r->elapsed_s = (double)(now_ns() - t0) / 1e9;
     if (show)
         fprintf(stderr, "\r\033[K");
     ok = true;

@@ -167,6 +167,8 @@ typedef struct perf_result {
     uint64_t terr[PERF_TERR_COUNT_];
     uint64_t unsent;    /* open loop: requests due in the window that were never sent */
     uint64_t max_conns; /* connections opened at most at once */
+    double cpu_s;       /* CPU time (user + system) of the load loop's thread, whole run */
+    double elapsed_s;   /* wall time of the whole run, warm-up and drain included */
     char notes[PERF_FAILURE_NOTES][200]; /* the first distinct failures, named */
     size_t nnotes;
 } perf_result;

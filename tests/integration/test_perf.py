@@ -17,7 +17,7 @@ from kit import check
 S = {}
 COLUMNS = ["mode", "level", "window_s", "requests", "ok", "failed", "throughput_rps",
            "infer_per_s", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "mean_us",
-           "unsent", "connections", "errors"]
+           "unsent", "connections", "gen_cpu_us_per_req", "errors"]
 
 
 def setup():
@@ -61,6 +61,7 @@ def check_row(row):
         q = [float(row[k]) for k in ("p50_us", "p90_us", "p99_us", "p999_us", "max_us")]
         check(q[0] > 0 and q == sorted(q), "percentiles not ordered: %r" % row)
         check(0 < float(row["mean_us"]) <= q[4], "mean outside (0, max]: %r" % row)
+        check(float(row["gen_cpu_us_per_req"]) > 0, "no generator CPU time: %r" % row)
 
 
 def heart_success():
