@@ -718,7 +718,7 @@ static void svg_label(FILE *f, double v, int k)
 static bool write_svg(const soak *s, const char *path, const verdict v[S_COUNT_], double ws,
                       double we)
 {
-    const double W = 960, left = 110, right = 20, top = 50, ph = 90, gap = 34;
+    const double W = 960, left = 110, right = 20, top = 66, ph = 90, gap = 34;
     double tmax = s->nsamples > 0 ? s->samples[s->nsamples - 1].t : 1, H;
     int panels = 0;
     FILE *f = fopen(path, "we");
