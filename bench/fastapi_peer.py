@@ -12,7 +12,9 @@ the same KServe V2 JSON as keel: POST /v2/models/{name}/infer with
             JSON answer with json.dumps into a plain Response (no validation layer);
   pydantic  the idiomatic one: request and response declared as pydantic models, FastAPI
             validates the body and serialises the response.
-Run only under /usr/bin/python3 (Debian's modules). A benchmark peer, not a server.
+uvicorn runs with uvloop and httptools (Debian python3-uvloop, python3-httptools: what
+`uvicorn[standard]` installs, the usual tuned setup) when they are importable, and says so on
+stderr. Run only under /usr/bin/python3 (Debian's modules). A benchmark peer, not a server.
 
 Usage: /usr/bin/python3 bench/fastapi_peer.py --model-file M --name N --port P [--mode raw]
 """
@@ -101,9 +103,21 @@ def main():
     p.add_argument("--mode", choices=("raw", "pydantic"), default="raw")
     a = p.parse_args()
     app = build_app(a.model_file, a.name, a.mode)
-    print("fastapi_peer: %s handler on 127.0.0.1:%d" % (a.mode, a.port), file=sys.stderr,
-          flush=True)
-    uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning", access_log=False)
+    loop = http = "auto"
+    try:
+        import uvloop  # noqa: F401
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    try:
+        import httptools  # noqa: F401
+        http = "httptools"
+    except ImportError:
+        http = "h11"
+    print("fastapi_peer: %s handler on 127.0.0.1:%d, loop %s, http %s"
+          % (a.mode, a.port, loop, http), file=sys.stderr, flush=True)
+    uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning", access_log=False,
+                loop=loop, http=http)
 
 
 if __name__ == "__main__":

@@ -102,16 +102,30 @@ start_keel() {
     [[ -n "$port" ]] || { echo "suite: keel serve did not start" >&2; exit 1; }
 }
 
+# A port nobody listens on now (the kernel picks it; a small race remains).
+free_port() {
+    /usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 stop_pid() {
     kill "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
 }
 
-# keel perf at $conns connections for $secs s: prints "rps p50_ms p99_ms failed".
-perf_run() { # port path-or-model batch [extra...]
-    local port=$1 what=$2 batch=$3
-    shift 3
-    local args=(-u "127.0.0.1:$port" --concurrency-range "$conns" -d "$secs" --warmup 1
+# CPU seconds (user + system, all threads) a process has used so far.
+cpu_of() {
+    awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.4f", ($12 + $13) / hz }' \
+        "/proc/$1/stat"
+}
+
+# keel perf at $conns connections for $secs s, every request measured (the server was warmed
+# up by warm_up): prints "rps p50_ms p99_ms failed cpu_us gen_cpu_us", cpu_us being the CPU
+# time the server process $2 used per request it answered (robust to a busy machine where
+# throughput is not: it measures cost, not share of a core) and gen_cpu_us keel perf's own.
+perf_run() { # port server-pid path-or-model batch [extra...]
+    local port=$1 pid=$2 what=$3 batch=$4 c0 c1
+    shift 4
+    local args=(-u "127.0.0.1:$port" --concurrency-range "$conns" -d "$secs" --warmup 0
         --no-progress -f "$out/perf.csv")
     if [[ "$what" == /* ]]; then
         args+=(--endpoint "$what")
@@ -119,10 +133,23 @@ perf_run() { # port path-or-model batch [extra...]
         args+=(-m "$what" -b "$batch" --input-data "$out/rows_b64.txt")
     fi
     rm -f "$out/perf.csv"
+    c0=$(cpu_of "$pid")
     # Exit status 1 (some requests failed) still writes the row; the failures are reported.
     taskset -c "$gcpu" "$keel" perf "${args[@]}" "$@" >"$out/perf.log" 2>&1 || true
+    c1=$(cpu_of "$pid")
     [[ -s "$out/perf.csv" ]] || { echo "suite: keel perf failed:" >&2; cat "$out/perf.log" >&2; exit 1; }
-    awk -F, 'NR == 2 { printf "%s %.3f %.3f %s\n", $7, $9 / 1000, $11 / 1000, $6 }' "$out/perf.csv"
+    awk -F, -v cpu="$(awk -v a="$c0" -v b="$c1" 'BEGIN { print b - a }')" 'NR == 2 {
+        n = $5 + $6
+        printf "%s %.3f %.3f %s %.2f %.2f\n", $7, $9 / 1000, $11 / 1000, $6,
+            (n > 0 ? cpu * 1e6 / n : 0), $17
+    }' "$out/perf.csv"
+}
+
+warm_up() { # port model batch [extra...]: 1 s of load, unmeasured
+    local port=$1 what=$2 batch=$3
+    shift 3
+    taskset -c "$gcpu" "$keel" perf -u "127.0.0.1:$port" -m "$what" -b "$batch" -d 1 \
+        --warmup 0 --concurrency-range "$conns" --no-progress "$@" >/dev/null 2>&1 || true
 }
 
 # wrk at $conns connections for $secs s: prints "rps p50_ms p99_ms errors".
@@ -148,14 +175,17 @@ EOF
     rm -f "$lua"
 }
 
-raw_rate() { # batch -> calls/s of raw XGBoost on the server's core
-    local iters=$((300000 / $1)) t0 t1
+raw_rate() { # batch -> "calls/s cpu_us_per_call" of raw XGBoost on the server's core
+    local iters=$((300000 / $1)) t0 t1 tf
     ((iters >= 3000)) || iters=3000
+    tf=$(mktemp)
     t0=$(date +%s.%N)
-    taskset -c "$scpu" "$build/bench_infer" --model-repository "$repo" --callgrind raw \
-        --batch "$1" --iterations "$iters" >/dev/null
+    /usr/bin/time -f "%U %S" -o "$tf" taskset -c "$scpu" "$build/bench_infer" \
+        --model-repository "$repo" --callgrind raw --batch "$1" --iterations "$iters" >/dev/null
     t1=$(date +%s.%N)
-    echo "$iters $t0 $t1" | awk '{ printf "%.1f", $1 / ($3 - $2) }'
+    read -r u sy <"$tf"
+    rm -f "$tf"
+    echo "$iters $t0 $t1 $u $sy" | awk '{ printf "%.1f %.2f", $1 / ($3 - $2), ($4 + $5) * 1e6 / $1 }'
 }
 
 row() { # section round key value...
@@ -182,28 +212,31 @@ for section in "${sections[@]}"; do
     case "$section" in
     gen)
         start_keel
+        warm_up "$port" ref_i1 1
         for r in $(seq "$rounds"); do
-            row gen "$r" perf_live $(perf_run "$port" /v2/health/live 1)
+            row gen "$r" perf_live $(perf_run "$port" "$spid" /v2/health/live 1)
             row gen "$r" wrk_live $(wrk_run "$port" /v2/health/live)
-            row gen "$r" perf_infer_b1 $(perf_run "$port" ref_i1 1)
+            row gen "$r" perf_infer_b1 $(perf_run "$port" "$spid" ref_i1 1)
         done
         stop_pid "$spid"
         ;;
     wrk)
         start_keel
+        warm_up "$port" ref_i1 1
         for r in $(seq "$rounds"); do
             row wrk "$r" wrk_b1 $(wrk_run "$port" /v2/models/ref_i1/infer "$out/body_b1.json")
-            row wrk "$r" perf_b1 $(perf_run "$port" ref_i1 1 --input-data "$out/rows_b1.txt")
+            row wrk "$r" perf_b1 $(perf_run "$port" "$spid" ref_i1 1 --input-data "$out/rows_b1.txt")
         done
         stop_pid "$spid"
         ;;
     ratio)
         for mode in off on; do
             start_keel --infer-on-http-thread "$mode"
+            warm_up "$port" ref_i1 1
             for r in $(seq "$rounds"); do
                 for b in 1 64; do
-                    row ratio "$r" "raw_b$b" "$(raw_rate "$b")"
-                    row ratio "$r" "keel_${mode}_b$b" $(perf_run "$port" ref_i1 "$b")
+                    row ratio "$r" "raw_b$b" $(raw_rate "$b")
+                    row ratio "$r" "keel_${mode}_b$b" $(perf_run "$port" "$spid" ref_i1 "$b")
                 done
             done
             stop_pid "$spid"
@@ -213,30 +246,39 @@ for section in "${sections[@]}"; do
         start_keel
         kport=$port
         kpid=$spid
-        fport=$((kport + 1))
+        fport=$(free_port)
         taskset -c "$scpu" /usr/bin/python3 bench/fastapi_peer.py --mode raw --name ref_i1 \
             --model-file "$repo/ref_i1/1/model.json" --port "$fport" 2>"$out/peer_raw.log" &
         praw=$!
         pids+=("$praw")
-        pport=$((kport + 2))
+        pport=$(free_port)
         taskset -c "$scpu" /usr/bin/python3 bench/fastapi_peer.py --mode pydantic --name ref_i1 \
             --model-file "$repo/ref_i1/1/model.json" --port "$pport" 2>"$out/peer_pyd.log" &
         ppyd=$!
         pids+=("$ppyd")
         for p in "$fport" "$pport"; do
-            for _ in $(seq 200); do
-                curl -sf "http://127.0.0.1:$p/v2/health/live" >/dev/null && break
+            up=0
+            for _ in $(seq 300); do
+                if curl -sf "http://127.0.0.1:$p/v2/health/live" >/dev/null; then
+                    up=1
+                    break
+                fi
                 sleep 0.1
             done
+            ((up)) || { echo "suite: the FastAPI peer on port $p did not start:" >&2
+                cat "$out"/peer_*.log >&2; exit 1; }
         done
+        warm_up "$kport" ref_i1 1
+        warm_up "$fport" ref_i1 1 --input features:FP32:1x20
+        warm_up "$pport" ref_i1 1 --input features:FP32:1x20
         for r in $(seq "$rounds"); do
             for b in 1 64; do
-                row fastapi "$r" "keel_b$b" $(perf_run "$kport" ref_i1 "$b")
+                row fastapi "$r" "keel_b$b" $(perf_run "$kport" "$kpid" ref_i1 "$b")
                 # The peer has no V2 metadata endpoint: the request shape is given.
                 row fastapi "$r" "fastapi_raw_b$b" \
-                    $(perf_run "$fport" ref_i1 1 --input "features:FP32:${b}x20")
+                    $(perf_run "$fport" "$praw" ref_i1 1 --input "features:FP32:${b}x20")
                 row fastapi "$r" "fastapi_pydantic_b$b" \
-                    $(perf_run "$pport" ref_i1 1 --input "features:FP32:${b}x20")
+                    $(perf_run "$pport" "$ppyd" ref_i1 1 --input "features:FP32:${b}x20")
             done
         done
         stop_pid "$praw"

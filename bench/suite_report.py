@@ -67,18 +67,19 @@ def gen(h, rows):
     print("### Load generator capacity (static reply vs inference)\n")
     header(h)
     d = by_key(rows)
-    print("| what | req/s | p50 ms | p99 ms | failed |")
-    print("|---|---:|---:|---:|---:|")
+    print("| what | req/s | p50 ms | p99 ms | failed | server CPU us/req | generator CPU us/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     names = {"perf_live": "keel perf, GET /v2/health/live",
              "wrk_live": "wrk, GET /v2/health/live",
              "perf_infer_b1": "keel perf, infer ref_i1 batch 1 (JSON)"}
     for k in ("perf_live", "wrk_live", "perf_infer_b1"):
         if k in d:
             v = d[k]
-            print("| %s | %s | %s | %s | %d |" % (names[k], med([x[0] for x in v]),
-                                                 fmt(statistics.median(x[1] for x in v)),
-                                                 fmt(statistics.median(x[2] for x in v)),
-                                                 sum(int(x[3]) for x in v)))
+            print("| %s | %s | %s | %s | %d | %s | %s |"
+                  % (names[k], med([x[0] for x in v]), fmt(statistics.median(x[1] for x in v)),
+                     fmt(statistics.median(x[2] for x in v)), sum(int(x[3]) for x in v),
+                     med([x[4] for x in v]) if all(len(x) > 5 for x in v) else "-",
+                     med([x[5] for x in v]) if all(len(x) > 5 for x in v) else "-"))
     if "perf_live" in d and "perf_infer_b1" in d:
         ratios = [a[0] / b[0] for a, b in zip(d["perf_live"], d["perf_infer_b1"])]
         print("\nkeel perf drives the static endpoint at %s times the rate keel serves "
@@ -112,19 +113,24 @@ def ratio(h, rows):
     for r in rows:
         key, vals = r[2], [float(x) for x in r[3:]]
         if key.startswith("raw_b"):
-            last_raw[key[4:]] = vals[0]
+            last_raw[key[4:]] = vals
             continue
         _, mode, b = key.split("_")
         acc.setdefault((int(b[1:]), mode), []).append((last_raw[b], vals))
     print("| batch | --infer-on-http-thread | raw calls/s | keel req/s | served/raw | p50 ms | "
-          "p99 ms | failed |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+          "p99 ms | raw CPU us/call | keel CPU us/req | served/raw by CPU | failed |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (b, mode) in sorted(acc):
         v = acc[(b, mode)]
-        print("| %d | %s | %s | %s | **%s** | %s | %s | %d |"
-              % (b, mode, med([x[0] for x in v]), med([x[1][0] for x in v]),
-                 med([x[1][0] / x[0] for x in v]), fmt(statistics.median(x[1][1] for x in v)),
-                 med([x[1][2] for x in v]), sum(int(x[1][3]) for x in v)))
+        cpu = [x for x in v if len(x[0]) > 1 and len(x[1]) > 4 and x[1][4] > 0]
+        print("| %d | %s | %s | %s | **%s** | %s | %s | %s | %s | **%s** | %d |"
+              % (b, mode, med([x[0][0] for x in v]), med([x[1][0] for x in v]),
+                 med([x[1][0] / x[0][0] for x in v]), fmt(statistics.median(x[1][1] for x in v)),
+                 med([x[1][2] for x in v]),
+                 med([x[0][1] for x in cpu]) if cpu else "-",
+                 med([x[1][4] for x in cpu]) if cpu else "-",
+                 med([x[0][1] / x[1][4] for x in cpu]) if cpu else "-",
+                 sum(int(x[1][3]) for x in v)))
     print()
 
 
@@ -132,8 +138,9 @@ def fastapi(h, rows):
     print("### keel vs the FastAPI peer (bench/fastapi_peer.py)\n")
     header(h)
     d = by_key(rows)
-    print("| batch | server | req/s | p50 ms | p99 ms | keel / this | failed |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("| batch | server | req/s | p50 ms | p99 ms | keel / this (req/s) | CPU us/req | "
+          "keel / this (CPU) | failed |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for b in (1, 64):
         k = d.get("keel_b%d" % b)
         if not k:
@@ -143,10 +150,14 @@ def fastapi(h, rows):
             v = d.get("%s_b%d" % (name, b))
             if not v:
                 continue
-            rat = med([a[0] / x[0] for a, x in zip(k, v)]) if name != "keel" else ""
-            print("| %d | %s | %s | %s | %s | %s | %d |"
+            pairs = [(a[0], x[0]) for a, x in zip(k, v) if x[0] > 0]
+            rat = med([a / x for a, x in pairs]) if name != "keel" and pairs else ""
+            cpus = [(a[4], x[4]) for a, x in zip(k, v) if len(x) > 4 and a[4] > 0 and x[4] > 0]
+            crat = med([x / a for a, x in cpus]) if name != "keel" and cpus else ""
+            print("| %d | %s | %s | %s | %s | %s | %s | %s | %d |"
                   % (b, label, med([x[0] for x in v]), fmt(statistics.median(x[1] for x in v)),
                      fmt(statistics.median(x[2] for x in v)), ("**%s**" % rat) if rat else "",
+                     med([x[4] for x in v]) if cpus else "-", ("**%s**" % crat) if crat else "",
                      sum(int(x[3]) for x in v)))
     print()
 
