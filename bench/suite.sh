@@ -25,6 +25,7 @@
 #            statistics counted) against bench_infer's raw predict under callgrind
 #   soak     keel soak, SOAK_SWAPS hot swaps under load of the example model, with a steady
 #            phase first for the p99 ratio (server and soak pinned as above)
+#   swapp99  p99 latency with a swap every 0.5 s (120 swaps) against 60 s without swaps
 #
 # Usage: bench/suite.sh [SECTION...]   (default: all, in the order above)
 # Environment: ROUNDS (5), SECS (3, seconds per measurement), CONNS (8), SOAK_SWAPS (2000),
@@ -44,7 +45,7 @@ conns=${CONNS:-8}
 scpu=${SERVER_CPU:-0}
 gcpu=${GEN_CPU:-1}
 sections=("$@")
-((${#sections[@]} > 0)) || sections=(gen wrk ratio fastapi ir soak)
+((${#sections[@]} > 0)) || sections=(gen wrk ratio fastapi ir soak swapp99)
 mkdir -p "$out"
 results="$out/results.tsv"
 
@@ -345,6 +346,25 @@ for section in "${sections[@]}"; do
             --swaps "${SOAK_SWAPS:-2000}" --swap-interval "${SOAK_INTERVAL:-0.02}" \
             --steady-secs 10 --concurrency "$conns" --sample-interval 0.5 --no-progress \
             --csv "$out/soak.csv" --svg "$out/soak.svg" | tee "$out/soak.txt" || true
+        stop_pid "$spid"
+        ;;
+    swapp99)
+        # p99 with a swap every 0.5 s against 60 s without: the soak section swaps 50 times a
+        # second, which costs the server's only core a few per cent in model loads.
+        soakrepo="$out/soak-models"
+        rm -rf "$soakrepo"
+        cp -r examples/models "$soakrepo"
+        pf=$(mktemp)
+        taskset -c "$scpu" "$keel" serve --model-repository "$soakrepo" --http-port 0 \
+            --model-control-mode explicit --load-model heart --log-level warn >"$pf" &
+        spid=$!
+        pids+=("$spid")
+        for _ in $(seq 200); do grep -q port= "$pf" && break; sleep 0.05; done
+        port=$(sed -n 's/.*port=\([0-9]*\).*/\1/p' "$pf")
+        rm -f "$pf"
+        taskset -c "$gcpu" "$keel" soak --url "127.0.0.1:$port" --pid "$spid" -m heart \
+            --swaps 120 --swap-interval 0.5 --steady-secs 60 --concurrency "$conns" \
+            --sample-interval 1 --no-progress | tee "$out/swapp99.txt" || true
         stop_pid "$spid"
         ;;
     *)

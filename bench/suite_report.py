@@ -182,13 +182,15 @@ def main():
                   ("ir", ir)):
         if s in latest:
             fn(*latest[s])
-    soak = os.path.join(os.path.dirname(sys.argv[1]), "soak.txt")
-    if os.path.exists(soak):
-        print("### Soak (keel soak output)\n")
-        with open(soak) as f:
-            for line in f:
-                print("    " + line.rstrip())
-        print()
+    for name, title in (("soak.txt", "Soak (keel soak output)"),
+                        ("swapp99.txt", "p99 with a swap every 0.5 s (keel soak output)")):
+        path = os.path.join(os.path.dirname(sys.argv[1]), name)
+        if os.path.exists(path):
+            print("### %s\n" % title)
+            with open(path) as f:
+                for line in f:
+                    print("    " + line.rstrip())
+            print()
 
 
 if __name__ == "__main__":
