@@ -23,6 +23,8 @@ packages=(
     python3-jsonschema # integration tests validate responses against the V2 OpenAPI schemas
     python3-yaml
     prometheus         # promtool check metrics
+    libopencv-dnn-dev  # the onnx backend (OpenCV DNN 4.6)
+    libonnx-testdata   # ONNX conformance data for the onnx backend's tests
     curl
 )
 

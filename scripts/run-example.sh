@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # run-example.sh: installs the dependencies, builds the keel command line (build/release) and
-# runs the example: lists the models of examples/models, then scores examples/heart_sample.txt
-# with the "heart" model. Run as root (or with sudo) on a fresh Debian 12 machine.
+# runs the example: lists the models of examples/models, scores examples/heart_sample.txt with
+# the "heart" model and classifies examples/digits_sample.txt with the ONNX "digits" model.
+# Run as root (or with sudo) on a fresh Debian 12 machine.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -11,7 +12,7 @@ bash scripts/install-deps.sh
 
 echo "== build (build/release)"
 cmake -S . -B build/release -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBUILD_TESTING=OFF
-ninja -C build/release keel_cli
+ninja -C build/release keel_cli keel_model_check
 
 keel=build/release/keel
 repo=examples/models
@@ -25,6 +26,16 @@ echo
 echo "== $keel infer --model-repository $repo --model heart --label-first $sample"
 echo "   (first column: the true label, 1 = heart disease; second: the model's probability)"
 "$keel" infer --model-repository "$repo" --model heart --label-first "$sample"
+
+# The ONNX example: a small CNN on 8x8 handwritten digits (scripts/train-digits.py). Each line
+# of the sample is a true label and 64 pixels; the model answers 10 probabilities.
+echo
+echo "== $keel infer --model-repository $repo --model digits --input pixels --label-first examples/digits_sample.txt"
+echo "   (true digit, the model's most probable digit and its probability)"
+"$keel" infer --model-repository "$repo" --model digits --input pixels --label-first \
+    examples/digits_sample.txt |
+    awk -F'\t' '{ best = 2; for (i = 3; i <= NF; i++) if ($i > $best) best = i;
+                  printf "true %s  predicted %d  p=%.3f\n", $1, best - 2, $best }'
 
 # The same model over HTTP: start `keel serve` on a free port, send one KServe V2 infer request
 # (the first sample row without missing values), print the answer, and stop the server with SIGTERM (it drains and

@@ -54,7 +54,7 @@ configure_and_build() {
 
 stage_format() {
     local files=()
-    mapfile -t files < <(find src include tests -type f \( -name '*.c' -o -name '*.h' \) \
+    mapfile -t files < <(find src include tests -type f \( -name '*.c' -o -name '*.h' -o -name '*.cpp' \) \
         -not -path '*/build/*' -not -path '*/build-*/*' | sort)
     if ((${#files[@]} == 0)); then
         echo "no C sources found under src/ include/ tests/" >&2
@@ -77,13 +77,13 @@ stage_plain() {
 
 stage_asan() {
     configure_and_build build/asan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_COMPILER=clang \
-        -DKEEL_SANITIZE=address,undefined
+        -DCMAKE_CXX_COMPILER=clang++ -DKEEL_SANITIZE=address,undefined
     run_ctest build/asan
 }
 
 stage_tsan() {
     configure_and_build build/tsan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_COMPILER=clang \
-        -DKEEL_SANITIZE=thread
+        -DCMAKE_CXX_COMPILER=clang++ -DKEEL_SANITIZE=thread
     run_ctest build/tsan -L concurrency
 }
 

@@ -57,6 +57,7 @@ typedef enum keel_err {
     KEEL_EIO,          /* an operating-system call failed */
     KEEL_EBUSY,        /* the object is in use (e.g. a request submitted twice) */
     KEEL_EINTERNAL,    /* a bug in keel */
+    KEEL_ERESOURCE,    /* a resource limit (the model memory limit) does not allow it */
     KEEL_ERR_COUNT_    /* number of codes; not an error */
 } keel_err;
 
@@ -113,6 +114,8 @@ typedef struct keel_runtime keel_runtime;
 typedef enum keel_model_control {
     KEEL_CONTROL_NONE = 0, /* load every model in the repository at create */
     KEEL_CONTROL_EXPLICIT, /* load nothing at create; models are loaded through the API */
+    KEEL_CONTROL_POLL,     /* as NONE, then watch the repository: load new and changed models
+                              once their files have settled, unload removed ones */
     /* libkeel itself always allows keel_model_load/unload; a server enforces the mode. */
 } keel_model_control;
 
@@ -123,6 +126,22 @@ typedef struct keel_runtime_opts {
     keel_log_fn log_fn;           /* may be NULL: messages are dropped */
     void *log_user;
     keel_log_level log_level; /* default KEEL_LOG_INFO */
+    /* POLL: a full re-scan of the repository at least this often (inotify wakes the watcher
+     * sooner where it works); default 5000. */
+    uint32_t poll_interval_ms;
+    /* POLL: a new or changed model is loaded once none of its files has changed for this
+     * long (a half-copied file is never loaded); default 1000. */
+    uint32_t settle_ms;
+    /* NONE/POLL: a failed load is retried after retry_initial_ms, doubling up to
+     * retry_max_ms, until it succeeds or its files change; defaults 1000 and 60000.
+     * EXPLICIT mode never retries by itself (the caller got the error). */
+    uint32_t retry_initial_ms;
+    uint32_t retry_max_ms;
+    /* Bytes all loaded models may hold together (their charged memory, see
+     * keel_model_status); 0 = no limit. A load that would exceed it first unloads the least
+     * recently used models not marked "pinned" ("evicts" them; an evicted model is loaded
+     * again by its next request), and fails with KEEL_ERESOURCE if that is not enough. */
+    uint64_t model_memory_limit;
 } keel_runtime_opts;
 
 void keel_runtime_opts_init(keel_runtime_opts *opts);
@@ -156,7 +175,13 @@ void keel_runtime_quiesce(keel_runtime *rt);
  * publishes them all at once; versions that leave the policy are unloaded. If anything fails
  * nothing is published, the previous generations keep serving, and the error is recorded in
  * the model's status. errbuf (may be NULL) receives a message naming the file and reason.
- * Blocking; loads of one model are serialised, loads of different models may run in parallel.
+ * Blocking. Loads of one model are serialised; the builds of all models run one at a time
+ * (so that each generation's memory can be measured, see keel_model_status), the rest of
+ * loads of different models in parallel. With model_memory_limit, least recently used models
+ * may be evicted first, or the load fails with KEEL_ERESOURCE. config.json's "keel" object
+ * may set "swap_policy" ("availability_preserving", the default: the old generation serves
+ * until the new one is published; "resource_preserving": the old one is retired and freed
+ * first and requests wait for the new one) and "pinned" (never evicted).
  */
 keel_err keel_model_load(keel_runtime *rt, const char *name, char *errbuf, size_t errlen);
 
@@ -178,12 +203,24 @@ const char *keel_model_state_name(keel_model_state st); /* "READY", ... */
  * version -1. Strings are owned by the list. */
 typedef struct keel_model_status {
     const char *name;
-    int64_t version;            /* -1 if none loaded */
-    keel_model_state state;     /* of this version (for version -1: of the model) */
-    uint64_t generation_id;     /* monotonic, never reused; 0 if none */
-    keel_err last_error;        /* result of the most recent load attempt of the model */
-    const char *last_error_msg; /* "" if the last load succeeded */
-    uint64_t load_attempts;     /* loads attempted since the runtime started */
+    int64_t version;               /* -1 if none loaded */
+    keel_model_state state;        /* of this version (for version -1: of the model) */
+    uint64_t generation_id;        /* monotonic, never reused; 0 if none */
+    keel_err last_error;           /* result of the most recent load attempt of the model */
+    const char *last_error_msg;    /* "" if the last load succeeded */
+    uint64_t load_attempts;        /* loads attempted since the runtime started */
+    uint64_t load_failures;        /* consecutive failed loads (0 after a success) */
+    uint64_t last_attempt_unix_ms; /* wall clock of the most recent load attempt; 0 if none */
+    uint64_t next_retry_unix_ms;   /* when keel retries a failed load itself; 0 if it won't */
+    bool pinned;                   /* config.json "pinned": never evicted */
+    bool evicted; /* unloaded to stay within model_memory_limit; its next request reloads it */
+    /* Memory of this row's generation (rows with version -1: all 0). Measured around its
+     * build (load, contexts, warm-up), which keel serialises process-wide so that the change
+     * belongs to it: */
+    int64_t mem_rss_bytes;       /* change of the process's resident set size (VmRSS) */
+    int64_t mem_pss_bytes;       /* change of its proportional set size (smaps_rollup); -1 = n/a */
+    uint64_t mem_estimate_bytes; /* the backend's own estimate; 0 if it has none */
+    uint64_t mem_charged_bytes;  /* what model_memory_limit counts: max(RSS change, estimate) */
 } keel_model_status;
 
 /* Lists every model of the repository and every model keel has loaded. On KEEL_OK the caller
@@ -213,6 +250,19 @@ typedef struct keel_model_stats {
 } keel_model_stats;
 
 keel_err keel_model_stats_get(keel_runtime *rt, const char *name, keel_model_stats *out);
+
+/* Process-wide memory management. */
+typedef struct keel_memory_stats {
+    uint64_t limit_bytes;   /* model_memory_limit (0 = none) */
+    uint64_t charged_bytes; /* sum of mem_charged_bytes over serving generations */
+    uint64_t evictions;     /* models unloaded to make room */
+    uint64_t reloads;       /* evicted models loaded again because a request came */
+    uint64_t trims;         /* malloc_trim calls after generations were freed */
+    uint64_t trimmed_bytes; /* resident memory those trims gave back to the OS */
+    uint64_t rss_bytes;     /* the process's resident set size now */
+} keel_memory_stats;
+
+void keel_memory_stats_get(keel_runtime *rt, keel_memory_stats *out);
 
 /* Live objects. All return to their idle values when nothing is in flight. */
 typedef struct keel_counters {
@@ -273,7 +323,9 @@ typedef void (*keel_infer_cb)(keel_request *req, keel_err status, void *user);
  * Submits req. KEEL_OK: cb(req, status, user) will run exactly once; the request belongs to
  * the runtime until then. Any other return: cb never runs and req is unchanged apart from
  * its error message. Returns KEEL_EUNAVAILABLE at once if the model is not ready or its queue
- * is full (never blocks), KEEL_ENOTFOUND for an unknown model or version, KEEL_EBUSY if req is
+ * is full (never blocks; a model evicted by the memory limit is the exception: the request
+ * is queued, the model is loaded again, and the request completes KEEL_ETIMEDOUT if its
+ * deadline passes first), KEEL_ENOTFOUND for an unknown model or version, KEEL_EBUSY if req is
  * already in flight, KEEL_ESHUTDOWN during runtime destroy. A request may be submitted again
  * after its callback has run; its previous outputs are discarded.
  */

@@ -55,11 +55,16 @@ typedef struct keel__backend {
     void (*model_free)(void *model);
     /* Bytes the backend believes the model holds (0 = unknown). */
     size_t (*memory_estimate)(void *model);
+    /* Optional (NULL = config.json must list every input and output). Called once after
+     * model_load, on the loader thread, when the config lists no inputs or no outputs: fills
+     * cfg->inputs / cfg->outputs (keel__calloc'd, owned by cfg) from the model file. */
+    keel_err (*complete_config)(void *model, keel__model_config *cfg, char *errbuf, size_t errlen);
 } keel__backend;
 
 #define KEEL__TYPE_BIT(dt) (1u << (unsigned)(dt))
 
 /* Built-in backends. */
 extern const keel__backend keel__xgboost_backend;
+extern const keel__backend keel__onnx_backend; /* onnx.c: OpenCV DNN */
 
 #endif

@@ -38,6 +38,7 @@ static const char *const err_names[KEEL_ERR_COUNT_] = {
     [KEEL_EIO] = "KEEL_EIO",
     [KEEL_EBUSY] = "KEEL_EBUSY",
     [KEEL_EINTERNAL] = "KEEL_EINTERNAL",
+    [KEEL_ERESOURCE] = "KEEL_ERESOURCE",
 };
 
 static const char *const err_texts[KEEL_ERR_COUNT_] = {
@@ -55,6 +56,7 @@ static const char *const err_texts[KEEL_ERR_COUNT_] = {
     [KEEL_EIO] = "I/O error",
     [KEEL_EBUSY] = "busy",
     [KEEL_EINTERNAL] = "internal error",
+    [KEEL_ERESOURCE] = "resource limit exceeded",
 };
 
 const char *keel_strerror(keel_err err)

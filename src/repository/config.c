@@ -331,9 +331,17 @@ static keel_err parse_tensor(const parser *p, const json_t *t, const char *at, j
     return KEEL_OK;
 }
 
-/* Parses root[key] ("input" or "output"), a required non-empty array of tensors. */
+/* Backends that read their inputs and outputs from the model file, so config.json may leave
+ * them out (the generation builder asks the backend to fill them in). */
+static bool self_describing(const char *backend)
+{
+    return strcmp(backend, "onnx") == 0;
+}
+
+/* Parses root[key] ("input" or "output"), a non-empty array of tensors; required unless the
+ * backend is self-describing (then absent means "from the model file": 0 tensors). */
 static keel_err parse_tensors(const parser *p, const json_t *root, const char *key,
-                              keel__tensor_config **out, size_t *nout)
+                              const char *backend, keel__tensor_config **out, size_t *nout)
 {
     const json_t *arr = member(root, key);
     json_t *seen = NULL; /* name -> path of the tensor that has it */
@@ -341,6 +349,8 @@ static keel_err parse_tensors(const parser *p, const json_t *root, const char *k
     keel_err err = KEEL_OK;
     size_t n, i;
 
+    if (arr == NULL && self_describing(backend))
+        return KEEL_OK;
     if (!json_is_array(arr) || json_array_size(arr) == 0)
         return expected(p, key, arr, "a non-empty array of tensors");
     n = json_array_size(arr);
@@ -579,9 +589,34 @@ static keel_err parse_misc(const parser *p, const json_t *root, keel__model_conf
         if ((cfg->default_model_filename = keel__strdup(fn)) == NULL)
             return KEEL_ENOMEM;
     }
-    /* keel-only settings: none are defined yet, so only the shape is checked. */
-    if ((err = want_object(p, member(root, "keel"), "keel")) != KEEL_OK)
+    /* keel-only settings live under "keel"; keel owns that object, so an unknown key in it is
+     * most likely a typo and is an error, not ignored. */
+    if ((v = member(root, "keel")) == NULL)
+        return KEEL_OK;
+    if ((err = want_object(p, v, "keel")) != KEEL_OK)
         return err;
+    {
+        const char *key;
+        json_t *kv;
+        json_object_foreach ((json_t *)v, key, kv) {
+            if (strcmp(key, "pinned") == 0) {
+                if (!json_is_boolean(kv))
+                    return expected(p, "keel.pinned", kv, "true or false");
+                cfg->pinned = json_is_true(kv);
+            } else if (strcmp(key, "swap_policy") == 0) {
+                const char *sp = json_string_value(kv);
+                if (sp != NULL && strcmp(sp, "availability_preserving") == 0)
+                    cfg->swap_policy = KEEL__SWAP_AVAILABILITY;
+                else if (sp != NULL && strcmp(sp, "resource_preserving") == 0)
+                    cfg->swap_policy = KEEL__SWAP_RESOURCE;
+                else
+                    return expected(p, "keel.swap_policy", kv,
+                                    "\"availability_preserving\" or \"resource_preserving\"");
+            } else {
+                return failf(p, "keel", "unknown setting \"%s\" (known: pinned, swap_policy)", key);
+            }
+        }
+    }
     return KEEL_OK;
 }
 
@@ -785,6 +820,13 @@ static keel_err build_json(const parser *p, keel__model_config *cfg)
     if (cfg->default_model_filename != NULL &&
         !put(root, "default_model_filename", json_string(cfg->default_model_filename)))
         goto done;
+    {
+        json_t *k = json_pack("{s:b,s:s}", "pinned", cfg->pinned, "swap_policy",
+                              cfg->swap_policy == KEEL__SWAP_RESOURCE ? "resource_preserving"
+                                                                      : "availability_preserving");
+        if (!put(root, "keel", k))
+            goto done;
+    }
     if ((text = json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER)) == NULL)
         goto done;
     /* Copy so that cfg owns only keel allocations (and the copy can fail under injection). */
@@ -799,6 +841,21 @@ done:
 }
 
 /* ---- public */
+
+keel_err keel__config_rebuild_json(keel__model_config *cfg)
+{
+    parser p = {"config.json", NULL, 0};
+    char *prev = cfg->json;
+    keel_err err;
+
+    cfg->json = NULL;
+    if ((err = build_json(&p, cfg)) != KEEL_OK) {
+        cfg->json = prev;
+        return err;
+    }
+    free(prev);
+    return KEEL_OK;
+}
 
 keel_err keel__config_parse(const char *path, const char *dir_name, const char *text, size_t len,
                             keel__model_config **out, char *errbuf, size_t errlen)
@@ -837,8 +894,10 @@ keel_err keel__config_parse(const char *path, const char *dir_name, const char *
         goto fail;
     }
     if ((err = parse_identity(&p, root, dir_name, cfg)) != KEEL_OK ||
-        (err = parse_tensors(&p, root, "input", &cfg->inputs, &cfg->ninputs)) != KEEL_OK ||
-        (err = parse_tensors(&p, root, "output", &cfg->outputs, &cfg->noutputs)) != KEEL_OK ||
+        (err = parse_tensors(&p, root, "input", cfg->backend, &cfg->inputs, &cfg->ninputs)) !=
+            KEEL_OK ||
+        (err = parse_tensors(&p, root, "output", cfg->backend, &cfg->outputs, &cfg->noutputs)) !=
+            KEEL_OK ||
         (err = parse_instance_group(&p, root, cfg)) != KEEL_OK ||
         (err = parse_version_policy(&p, root, cfg)) != KEEL_OK ||
         (err = parse_dynamic_batching(&p, root, cfg)) != KEEL_OK ||

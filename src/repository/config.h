@@ -11,6 +11,7 @@
 #ifndef KEEL_REPOSITORY_CONFIG_H
 #define KEEL_REPOSITORY_CONFIG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -34,6 +35,13 @@ typedef enum keel__version_policy_kind {
     KEEL__POLICY_SPECIFIC,
 } keel__version_policy_kind;
 
+/* How a reload replaces a serving generation (config.json "keel": {"swap_policy": ...}). */
+typedef enum keel__swap_policy {
+    KEEL__SWAP_AVAILABILITY = 0, /* build and warm the new one, then retire the old (default) */
+    KEEL__SWAP_RESOURCE,         /* retire and free the old one first, then build the new one:
+                                    requests wait (within their deadlines) meanwhile */
+} keel__swap_policy;
+
 typedef struct keel__model_config {
     char *name;             /* must equal the model's directory name */
     char *backend;          /* "xgboost", ... */
@@ -54,7 +62,9 @@ typedef struct keel__model_config {
     char **param_keys;
     char **param_values;
     size_t nparams;
-    char *json; /* the normalised config as JSON text (defaults filled in) */
+    bool pinned;                   /* "keel": {"pinned": true}: never evicted */
+    keel__swap_policy swap_policy; /* "keel": {"swap_policy": ...} */
+    char *json;                    /* the normalised config as JSON text (defaults filled in) */
 } keel__model_config;
 
 /*
@@ -72,6 +82,10 @@ keel_err keel__config_load(const char *path, const char *dir_name, keel__model_c
                            char *errbuf, size_t errlen);
 
 void keel__config_destroy(keel__model_config *cfg);
+
+/* Rebuilds cfg->json after a backend filled in inputs or outputs config.json left out
+ * (backends that read them from the model file: "onnx"). KEEL_OK or KEEL_ENOMEM. */
+keel_err keel__config_rebuild_json(keel__model_config *cfg);
 
 /* Looks up a parameter value; NULL if absent. */
 const char *keel__config_param(const keel__model_config *cfg, const char *key);

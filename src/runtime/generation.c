@@ -2,14 +2,17 @@
  * generation.c: building, referencing and freeing generations; the reaper thread.
  *
  * DESIGN
- * A generation is built privately by the loading thread (no lock held: loading is slow), and
- * becomes shared only when runtime.c publishes it in a vslot. Its refcount starts at 1 (the
- * reference the publisher hands to the vslot). Every lease adds one. The release that drops
- * the count to zero never frees anything itself: it pushes the generation on the reaper's
- * queue, so the heavy destruction (backend contexts, then the model) runs on the reaper
- * thread, off the request path and outside every keel lock. A refcount underflow is a panic.
+ * A generation is built privately by the loading thread (holding only build_mu, which makes
+ * builds one at a time so their memory can be measured), and becomes shared only when
+ * runtime.c publishes it in a vslot. Its refcount starts at 1 (the reference the publisher
+ * hands to the vslot). Every lease adds one. The release that drops the count to zero never
+ * frees anything itself: it pushes the generation on the reaper's queue, so the heavy
+ * destruction (backend contexts, then the model) runs on the reaper thread, off the request
+ * path, holding only build_mu; after each batch the reaper gives the freed heap back to the
+ * OS (malloc_trim), counted in keel_memory_stats. A refcount underflow is a panic.
  * reap_mu is a leaf lock (see internal.h).
  */
+#include <malloc.h>
 #include <string.h>
 
 #include "runtime/internal.h"
@@ -141,8 +144,8 @@ done:
     return err;
 }
 
-keel_err keel__generation_build(keel_runtime *rt, keel__model_entry *e, int64_t version,
-                                keel__generation **out, char *errbuf, size_t errlen)
+static keel_err build(keel_runtime *rt, keel__model_entry *e, int64_t version,
+                      keel__generation **out, char *errbuf, size_t errlen)
 {
     keel__generation *g = NULL;
     char *cfg_path = NULL, *dir = NULL;
@@ -180,6 +183,21 @@ keel_err keel__generation_build(keel_runtime *rt, keel__model_entry *e, int64_t 
         g->model = NULL;
         keel__errf(errbuf, errlen, "%s", sub[0] != '\0' ? sub : keel_strerror(err));
         goto fail;
+    }
+    if (g->cfg->ninputs == 0 || g->cfg->noutputs == 0) {
+        /* config.c lets a backend that reads its interface from the model file leave them
+         * out; the backend fills them in and the served JSON is rebuilt. */
+        if (g->backend->complete_config == NULL) {
+            keel__errf(errbuf, errlen, "%s: %s: required by backend \"%s\"", cfg_path,
+                       g->cfg->ninputs == 0 ? "input" : "output", g->cfg->backend);
+            err = KEEL_ECONFIG;
+            goto fail;
+        }
+        if ((err = g->backend->complete_config(g->model, g->cfg, sub, sizeof(sub))) != KEEL_OK ||
+            (err = keel__config_rebuild_json(g->cfg)) != KEEL_OK) {
+            keel__errf(errbuf, errlen, "%s", sub[0] != '\0' ? sub : keel_strerror(err));
+            goto fail;
+        }
     }
     g->nctx = g->cfg->instance_count;
     if ((g->ctxs = keel__calloc((size_t)g->nctx, sizeof(void *))) == NULL ||
@@ -226,6 +244,31 @@ fail:
     return err;
 }
 
+/* Builds under rt->build_mu and measures the process's memory across the build (see
+ * lifecycle.c): nothing else builds, frees generations or trims meanwhile. */
+keel_err keel__generation_build(keel_runtime *rt, keel__model_entry *e, int64_t version,
+                                keel__generation **out, char *errbuf, size_t errlen)
+{
+    int64_t rss0, pss0, rss1, pss1;
+    keel_err err;
+
+    pthread_mutex_lock(&rt->build_mu);
+    malloc_trim(0);
+    keel__mem_sample(&rss0, &pss0);
+    err = build(rt, e, version, out, errbuf, errlen);
+    keel__mem_sample(&rss1, &pss1);
+    pthread_mutex_unlock(&rt->build_mu);
+    if (err == KEEL_OK) {
+        keel__generation *g = *out;
+        g->mem_rss = rss1 - rss0;
+        g->mem_pss = pss0 >= 0 && pss1 >= 0 ? pss1 - pss0 : -1;
+        g->mem_charged = g->mem_rss > 0 ? (uint64_t)g->mem_rss : 0;
+        if (g->memory_estimate > g->mem_charged)
+            g->mem_charged = g->memory_estimate;
+    }
+    return err;
+}
+
 void keel__generation_acquire(keel__generation *g)
 {
     int64_t prev = atomic_fetch_add_explicit(&g->refs, 1, memory_order_relaxed);
@@ -268,6 +311,7 @@ void *keel__reaper_main(void *arg)
         rt->reap_head = NULL;
         rt->reaping = true;
         pthread_mutex_unlock(&rt->reap_mu);
+        pthread_mutex_lock(&rt->build_mu); /* not during a build's measurement */
         while (list != NULL) {
             keel__generation *next = list->reap_next;
             KEEL__LOG(&rt->log, KEEL_LOG_DEBUG, "model %s version %lld: freeing generation %llu",
@@ -275,6 +319,8 @@ void *keel__reaper_main(void *arg)
             generation_free(list);
             list = next;
         }
+        keel__trim(rt); /* give the freed heap back to the OS, off the request path */
+        pthread_mutex_unlock(&rt->build_mu);
         pthread_mutex_lock(&rt->reap_mu);
         rt->reaping = false;
         pthread_cond_broadcast(&rt->reap_idle_cv);

@@ -23,7 +23,10 @@
  *                       context index of that generation.
  *
  * Lock order (a lock may be taken while holding the ones to its left, never the reverse):
- *   entry->load_mu  ->  rt->mu  ->  req->wait_mu / rt->reap_mu (leaves)
+ *   entry->load_mu  ->  rt->build_mu  ->  rt->mu  ->  req->wait_mu / rt->reap_mu (leaves)
+ *   build_mu serialises generation builds process-wide, and the reaper's frees and trims, so
+ *   that the resident-memory change measured across a build belongs to that generation
+ *   (lifecycle.c). It is never held while waiting for the reaper.
  *   rt->mu protects: the model table, each entry's version list and status, each vslot's
  *   current pointer, queue, in-flight count and ready-list membership, each generation's
  *   free-context stack, in-use count and retired flag, and each request's state and cancel
@@ -41,8 +44,24 @@
  * Generation state: loading (private to the loader) -> ready (published in a vslot) ->
  *   retired (swapped out or unloaded; never hands out a context again) -> freed (reaper).
  *
+ * Vslot state (rt->mu): serving (current != NULL) | parked (current == NULL, !removed) |
+ *   removed. A vslot is parked when its model is evicted by the memory budget or while a
+ *   resource-preserving swap has retired the old generation and builds the new one. Requests
+ *   admitted to a parked vslot wait in its queue; publishing a generation into it dispatches
+ *   them, a failed load answers them, and a worker answers KEEL_ETIMEDOUT to any whose deadline
+ *   passes meanwhile (workers wake for the earliest such deadline: sched.c).
+ *
+ * Model entry lifecycle (rt->mu; lifecycle.c drives the automatic transitions):
+ *   UNAVAILABLE/FAILED --load--> LOADING --ok--> READY --unload--> UNAVAILABLE
+ *                                     \--fail--> FAILED (nothing served) or READY (old kept)
+ *   READY --evict (budget)--> UNAVAILABLE+evicted --request--> want_load --lifecycle--> load
+ *   A failed load schedules next_retry_ns (doubling backoff) unless the runtime is EXPLICIT;
+ *   the lifecycle thread retries it then. A success, an unload or a file change resets it.
+ *
  * Threads: API calls run on the caller's thread. Worker threads dispatch and run requests.
- * The reaper thread frees generations. Loads run on the thread calling keel_model_load.
+ * The reaper thread frees generations (then gives freed heap back with malloc_trim). Loads
+ * run on the thread calling keel_model_load, or on the lifecycle thread (repository
+ * watching, retries, reloads of evicted models).
  */
 #ifndef KEEL_RUNTIME_INTERNAL_H
 #define KEEL_RUNTIME_INTERNAL_H
@@ -101,6 +120,9 @@ struct keel__generation {
     int max_in_use;  /* nctx, or 1 if the backend cannot run one model concurrently */
     bool retired;    /* rt->mu */
     size_t memory_estimate;
+    int64_t mem_rss;             /* VmRSS change across the build */
+    int64_t mem_pss;             /* smaps_rollup Pss change; -1 if unavailable */
+    uint64_t mem_charged;        /* max(mem_rss, memory_estimate), what the budget counts */
     keel__generation *reap_next; /* rt->reap_mu */
 };
 
@@ -126,6 +148,17 @@ struct keel__model_entry {
     keel_err last_error;               /* rt->mu */
     char last_error_msg[KEEL__ERRLEN]; /* rt->mu */
     uint64_t load_attempts;            /* rt->mu */
+    uint64_t load_failures;            /* rt->mu: consecutive */
+    uint64_t last_attempt_unix_ms;     /* rt->mu */
+    uint64_t next_retry_ns;            /* rt->mu: monotonic; 0 = no retry scheduled */
+    uint64_t next_retry_unix_ms;       /* rt->mu: the same on the wall clock */
+    uint64_t last_used_ns;             /* rt->mu: last submit (LRU for eviction) */
+    uint64_t charge_hint;              /* rt->mu: last measured charge, predicts the next */
+    bool loading;                      /* rt->mu: a load runs; never evicted meanwhile */
+    bool swapping;                     /* rt->mu: resource-preserving swap: vslots parked */
+    bool evicted;                      /* rt->mu: unloaded by the budget; vslots parked */
+    bool want_load;                    /* rt->mu: evicted and a request waits: reload it */
+    bool pinned;                       /* rt->mu: from the last config read */
     char *config_json;                 /* rt->mu */
     keel__stats stats;
     keel__counters counters;
@@ -159,6 +192,19 @@ struct keel_runtime {
 
     _Atomic uint64_t next_gen_id;
     keel__counters counters;
+
+    /* Model lifecycle (lifecycle.c). */
+    pthread_mutex_t build_mu;
+    uint32_t poll_interval_ms, settle_ms, retry_initial_ms, retry_max_ms;
+    uint64_t mem_limit;
+    uint32_t nparked; /* mu: parked vslots (workers then also watch deadlines) */
+    bool life_stop;   /* mu */
+    bool life_started;
+    pthread_t life;
+    int life_efd;              /* eventfd waking the lifecycle thread; -1 if none */
+    struct keel__watch *watch; /* lifecycle thread only (and create before it starts) */
+    size_t nwatch;
+    _Atomic uint64_t evictions, reloads, trims, trimmed_bytes;
 };
 
 typedef enum keel__req_state {
@@ -240,6 +286,42 @@ void keel__generation_release(keel__generation *g);
 void *keel__reaper_main(void *arg);
 void keel__reaper_stop(keel_runtime *rt);
 
+/* ---- lifecycle.c */
+/* Loads name. why is logged; evicted_reload marks a reload a request asked for. */
+keel_err keel__model_load(keel_runtime *rt, const char *name, bool evicted_reload, char *errbuf,
+                          size_t errlen);
+keel_err keel__life_start(keel_runtime *rt); /* after the workers, before load_all */
+void keel__life_stop(keel_runtime *rt);      /* first step of destroy */
+void keel__life_wake(keel_runtime *rt);      /* any thread, any lock */
+/* Reads the process's resident set size and (if available, else -1) proportional set size. */
+void keel__mem_sample(int64_t *rss, int64_t *pss);
+/* Under rt->mu: requests of a parked vslot of an evicted model exist: ask for a reload. */
+void keel__want_load_locked(keel_runtime *rt, keel__model_entry *e);
+/* Under rt->mu: after a failed load, when it is tried again (load_failures already counted). */
+void keel__retry_schedule_locked(keel_runtime *rt, keel__model_entry *e);
+/* Under rt->mu: the memory e's serving generations are charged. */
+uint64_t keel__charge_locked(const keel__model_entry *e);
+
+/* Generations taken out of service under rt->mu, released after unlocking. */
+typedef struct keel__retire_list {
+    keel__generation **gens;
+    size_t n, cap;
+    char evicted[256]; /* names of models evicted, for the log */
+} keel__retire_list;
+/* Under rt->mu: room for one generation per vslot of the runtime; false on ENOMEM. */
+bool keel__retire_reserve_locked(keel_runtime *rt, keel__retire_list *l);
+/* Under rt->mu: retires v's generation into l and parks v (reserve first). */
+void keel__vslot_park_locked(keel_runtime *rt, keel__vslot *v, keel__retire_list *l);
+/* No lock held: logs evictions, releases the generations, empties l. */
+void keel__retire_release(keel_runtime *rt, keel__retire_list *l);
+/* Under rt->mu (reserve first): evicts least recently used models until self fits with need
+ * bytes; false (nothing evicted, msg says why) if it cannot fit. */
+bool keel__make_room_locked(keel_runtime *rt, keel__model_entry *self, uint64_t need,
+                            keel__retire_list *l, char *msg, size_t len);
+void keel__watch_snapshot(keel_runtime *rt); /* create, POLL mode, before the first loads */
+void keel__watch_free(keel_runtime *rt);
+void keel__trim(keel_runtime *rt); /* reaper, holding build_mu */
+
 /* ---- request.c */
 void keel__request_clear_outputs(keel_request *req);
 /* Validates req's inputs against cfg and fills req->views (config order) and *batch. */
@@ -258,5 +340,8 @@ void keel__complete_list(keel_request *list, keel_err status, const char *why);
 void keel__vslot_drain_locked(keel_runtime *rt, keel__vslot *v, keel_request **list);
 /* Under rt->mu: puts v on the ready list if it can dispatch, and wakes a worker. */
 void keel__vslot_kick_locked(keel_runtime *rt, keel__vslot *v);
+/* Answers queued requests of parked vslots whose deadline passed (no lock held). Returns the
+ * earliest remaining deadline of a parked request, 0 if none. */
+uint64_t keel__expire_parked(keel_runtime *rt);
 
 #endif

@@ -18,8 +18,10 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
+#include "repository/scan.h"
 #include "runtime/internal.h"
 
 void keel__counter_add(keel_runtime *rt, keel__model_entry *e, size_t field_offset, int64_t d)
@@ -37,6 +39,10 @@ void keel_runtime_opts_init(keel_runtime_opts *opts)
     memset(opts, 0, sizeof(*opts));
     opts->control = KEEL_CONTROL_NONE;
     opts->log_level = KEEL_LOG_INFO;
+    opts->poll_interval_ms = 5000;
+    opts->settle_ms = 1000;
+    opts->retry_initial_ms = 1000;
+    opts->retry_max_ms = 60000;
 }
 
 const char *keel_model_state_name(keel_model_state st)
@@ -85,19 +91,11 @@ static keel__model_entry *entry_lookup(keel_runtime *rt, const char *name)
     return e;
 }
 
-/* A model name is one path component: no '/', not "." or "..", printable, not too long. */
+/* A model name is one path component, printable, not too long, and not hidden: names
+ * starting with '.' are never models (they are where deploys stage copies; scan.h). */
 static bool model_name_ok(const char *name)
 {
-    size_t n = strlen(name);
-
-    if (n == 0 || n > 255 || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
-        return false;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)name[i];
-        if (c == '/' || c < 0x20 || c == 0x7f)
-            return false;
-    }
-    return true;
+    return keel__repo_name_ok(name);
 }
 
 static void entry_free(keel__model_entry *e)
@@ -182,6 +180,8 @@ static keel__vslot *vslot_remove_locked(keel_runtime *rt, keel__vslot *v, keel__
     *old = v->current;
     if (v->current != NULL)
         v->current->retired = true;
+    else
+        rt->nparked--; /* a linked vslot without a generation is parked */
     v->current = NULL;
     keel__vslot_drain_locked(rt, v, drained);
     v->removed = true;
@@ -189,7 +189,46 @@ static keel__vslot *vslot_remove_locked(keel_runtime *rt, keel__vslot *v, keel__
     return v->inflight == 0 ? v : NULL;
 }
 
-keel_err keel_model_load(keel_runtime *rt, const char *name, char *errbuf, size_t errlen)
+/* Waits (bounded) until every generation of e has been freed: the resource-preserving swap
+ * frees the old generation before building the new one. Requests still running on it finish
+ * first; a backend that does not return within the bound only delays the swap. */
+static void wait_generations_freed(keel_runtime *rt, keel__model_entry *e)
+{
+    uint64_t until = keel__now_ns() + 10000000000ull;
+
+    keel_runtime_quiesce(rt);
+    while (atomic_load(&e->counters.generations) > 0 && keel__now_ns() < until) {
+        usleep(1000);
+        keel_runtime_quiesce(rt);
+    }
+}
+
+/* Under rt->mu, after a failed load: parked vslots of a swap lost their generation for good
+ * (removed, like an unload); an evicted model keeps them parked for its next request, but the
+ * requests waiting now get the error. */
+static void load_failed_locked(keel_runtime *rt, keel__model_entry *e, keel__vslot **tofree,
+                               size_t *ntofree, keel_request **drained)
+{
+    if (e->swapping) {
+        for (keel__vslot *v = e->versions, *next; v != NULL; v = next) {
+            keel__generation *none = NULL;
+            keel__vslot *f;
+            next = v->next;
+            if (v->current != NULL)
+                continue;
+            f = vslot_remove_locked(rt, v, &none, drained);
+            if (f != NULL)
+                tofree[(*ntofree)++] = f;
+        }
+        e->swapping = false;
+    } else if (e->evicted) {
+        for (keel__vslot *v = e->versions; v != NULL; v = v->next)
+            keel__vslot_drain_locked(rt, v, drained);
+    }
+}
+
+keel_err keel__model_load(keel_runtime *rt, const char *name, bool evicted_reload, char *errbuf,
+                          size_t errlen)
 {
     keel__model_entry *e = NULL;
     keel__model_config *cfg = NULL;
@@ -200,8 +239,11 @@ keel_err keel_model_load(keel_runtime *rt, const char *name, char *errbuf, size_
     keel__vslot **fresh = NULL, **tofree = NULL;
     size_t ngone = 0, ntofree = 0;
     keel_request *drained = NULL;
+    keel__retire_list retire = {NULL, 0, 0, {0}};
     char msg[KEEL__ERRLEN];
     char *path = NULL, *dir = NULL, *json = NULL;
+    uint64_t predicted, charged = 0;
+    bool swapping = false; /* this load parked the model's vslots (resource-preserving) */
     keel_err err;
 
     msg[0] = '\0';
@@ -223,7 +265,15 @@ keel_err keel_model_load(keel_runtime *rt, const char *name, char *errbuf, size_
         keel__errf(errbuf, errlen, "the runtime is shutting down");
         return KEEL_ESHUTDOWN;
     }
+    if (evicted_reload && !e->evicted) {
+        /* Loaded or unloaded by someone else since the request asked. */
+        pthread_mutex_unlock(&rt->mu);
+        pthread_mutex_unlock(&e->load_mu);
+        return KEEL_OK;
+    }
     e->load_attempts++;
+    e->last_attempt_unix_ms = keel__unix_ms();
+    e->loading = true;
     if (e->state != KEEL_MODEL_READY)
         e->state = KEEL_MODEL_LOADING;
     pthread_mutex_unlock(&rt->mu);
@@ -253,16 +303,69 @@ keel_err keel_model_load(keel_runtime *rt, const char *name, char *errbuf, size_
         err = KEEL_ENOMEM;
         goto failed;
     }
+
+    /* Before building: make room for the predicted charge, and (resource-preserving) take
+     * the serving generations out first. Both retire generations, released after unlocking. */
+    predicted = keel__repo_version_bytes(dir, versions, nversions);
+    pthread_mutex_lock(&rt->mu);
+    e->pinned = cfg->pinned;
+    if (e->charge_hint > predicted)
+        predicted = e->charge_hint;
+    if (!keel__retire_reserve_locked(rt, &retire)) {
+        pthread_mutex_unlock(&rt->mu);
+        snprintf(msg, sizeof(msg), "out of memory");
+        err = KEEL_ENOMEM;
+        goto failed;
+    }
+    if (!keel__make_room_locked(rt, e, predicted, &retire, msg, sizeof(msg))) {
+        pthread_mutex_unlock(&rt->mu);
+        err = KEEL_ERESOURCE;
+        goto failed;
+    }
+    if (cfg->swap_policy == KEEL__SWAP_RESOURCE) {
+        for (keel__vslot *v = e->versions; v != NULL; v = v->next) {
+            if (v->current != NULL) {
+                keel__vslot_park_locked(rt, v, &retire);
+                swapping = true;
+            }
+        }
+        if (swapping) {
+            e->swapping = true;
+            e->state = KEEL_MODEL_LOADING;
+        }
+    }
+    pthread_mutex_unlock(&rt->mu);
+    if (retire.n > 0) {
+        keel__retire_release(rt, &retire);
+        if (swapping)
+            wait_generations_freed(rt, e);
+        else
+            keel_runtime_quiesce(rt); /* evicted memory is back before the build is measured */
+    }
+
     for (size_t i = 0; i < nversions; i++) {
         if ((err = keel__generation_build(rt, e, versions[i], &gens[i], msg, sizeof(msg))) !=
             KEEL_OK)
             goto failed;
+        charged += gens[i]->mem_charged;
         /* A vslot for a version not served yet; unused ones are freed below. */
         if ((fresh[i] = keel__calloc(1, sizeof(**fresh))) == NULL) {
             snprintf(msg, sizeof(msg), "out of memory");
             err = KEEL_ENOMEM;
             goto failed;
         }
+    }
+    /* Serve the newest generation's config: its backend may have filled in the inputs and
+     * outputs that config.json leaves out (onnx). */
+    if (strcmp(json, gens[nversions - 1]->cfg->json) != 0) {
+        char *filled = keel__strdup(gens[nversions - 1]->cfg->json);
+        if (filled == NULL) {
+            snprintf(msg, sizeof(msg), "out of memory");
+            err = KEEL_ENOMEM;
+            goto failed;
+        }
+        free(json);
+        json = filled;
     }
 
     /* Publish: one pointer store per version, all under one lock hold. */
@@ -273,12 +376,18 @@ keel_err keel_model_load(keel_runtime *rt, const char *name, char *errbuf, size_
             nold++;
         gone = keel__calloc(nold, sizeof(*gone));
         tofree = keel__calloc(nold, sizeof(*tofree));
-        if (gone == NULL || tofree == NULL) {
+        if (gone == NULL || tofree == NULL || !keel__retire_reserve_locked(rt, &retire)) {
             pthread_mutex_unlock(&rt->mu);
             snprintf(msg, sizeof(msg), "out of memory");
             err = KEEL_ENOMEM;
             goto failed;
         }
+    }
+    /* Now that the charge is measured, not predicted: make room for it. */
+    if (!keel__make_room_locked(rt, e, charged, &retire, msg, sizeof(msg))) {
+        pthread_mutex_unlock(&rt->mu);
+        err = KEEL_ERESOURCE;
+        goto failed;
     }
     for (size_t i = 0; i < nversions; i++) {
         keel__vslot *v, **pp = &e->versions;
@@ -286,6 +395,8 @@ keel_err keel_model_load(keel_runtime *rt, const char *name, char *errbuf, size_
             pp = &(*pp)->next;
         if (*pp != NULL && (*pp)->version == versions[i]) {
             v = *pp;
+            if (v->current == NULL)
+                rt->nparked--; /* a parked vslot serves again */
         } else {
             v = fresh[i];
             fresh[i] = NULL;
@@ -321,14 +432,22 @@ keel_err keel_model_load(keel_runtime *rt, const char *name, char *errbuf, size_
         e->config_json = json;
         json = prev; /* freed after unlocking */
     }
+    if (evicted_reload)
+        atomic_fetch_add(&rt->reloads, 1);
+    e->loading = e->swapping = e->evicted = e->want_load = false;
+    e->load_failures = 0;
+    e->next_retry_ns = e->next_retry_unix_ms = 0;
+    e->charge_hint = charged;
     record_result_locked(e, KEEL_OK, "");
     pthread_mutex_unlock(&rt->mu);
     pthread_mutex_unlock(&e->load_mu);
 
-    KEEL__LOG(&rt->log, KEEL_LOG_INFO, "model %s: loaded %zu version(s), newest %lld", name,
-              nversions, (long long)versions[nversions - 1]);
+    KEEL__LOG(&rt->log, KEEL_LOG_INFO,
+              "model %s: loaded %zu version(s), newest %lld, charged %llu bytes", name, nversions,
+              (long long)versions[nversions - 1], (unsigned long long)charged);
     keel__fault_leak_on_publish(); /* test-only (keel soak's leak test); no-op unless armed */
     keel__complete_list(drained, KEEL_EUNAVAILABLE, "the model version was unloaded");
+    keel__retire_release(rt, &retire);
     for (size_t i = 0; i < nversions; i++)
         keel__generation_release(olds[i]);
     for (size_t i = 0; i < ngone; i++)
@@ -338,11 +457,26 @@ keel_err keel_model_load(keel_runtime *rt, const char *name, char *errbuf, size_
 
 failed:
     pthread_mutex_lock(&rt->mu);
+    if (tofree == NULL) {
+        size_t nv = 0;
+        for (keel__vslot *v = e->versions; v != NULL; v = v->next)
+            nv++;
+        tofree = keel__calloc(nv + 1, sizeof(*tofree));
+    }
+    if (tofree != NULL) {
+        ntofree = 0;
+        load_failed_locked(rt, e, tofree, &ntofree, &drained);
+    }
+    e->loading = false;
+    e->load_failures++;
     record_result_locked(e, err, msg);
+    keel__retry_schedule_locked(rt, e);
     pthread_mutex_unlock(&rt->mu);
     pthread_mutex_unlock(&e->load_mu);
     keel__errf(errbuf, errlen, "%s", msg);
     KEEL__LOG(&rt->log, KEEL_LOG_ERROR, "model %s: load failed: %s", name, msg);
+    keel__complete_list(drained, KEEL_EUNAVAILABLE, msg);
+    keel__retire_release(rt, &retire);
     if (gens != NULL) {
         for (size_t i = 0; i < nversions; i++)
             keel__generation_release(gens[i]); /* unpublished: refcount 1 -> reaper */
@@ -367,6 +501,11 @@ cleanup:
     return err;
 }
 
+keel_err keel_model_load(keel_runtime *rt, const char *name, char *errbuf, size_t errlen)
+{
+    return keel__model_load(rt, name, false, errbuf, errlen);
+}
+
 keel_err keel_model_unload(keel_runtime *rt, const char *name)
 {
     keel__model_entry *e;
@@ -383,6 +522,10 @@ keel_err keel_model_unload(keel_runtime *rt, const char *name)
 
     pthread_mutex_lock(&e->load_mu);
     pthread_mutex_lock(&rt->mu);
+    /* An unloaded model is not retried or reloaded by keel itself. */
+    e->evicted = e->want_load = false;
+    e->next_retry_ns = e->next_retry_unix_ms = 0;
+    e->load_failures = 0;
     for (keel__vslot *v = e->versions; v != NULL; v = v->next)
         n++;
     if (n == 0) {
@@ -432,7 +575,7 @@ static void load_all(keel_runtime *rt)
     while ((de = readdir(d)) != NULL) {
         char *cfg = NULL;
         struct stat st;
-        if (de->d_name[0] == '.' || !model_name_ok(de->d_name))
+        if (!model_name_ok(de->d_name))
             continue;
         if (asprintf(&cfg, "%s/%s/config.json", rt->repo, de->d_name) < 0)
             continue;
@@ -446,6 +589,10 @@ static void load_all(keel_runtime *rt)
 /* The last step of both create's failure path and destroy: no thread runs any more. */
 static void runtime_free(keel_runtime *rt)
 {
+    keel__watch_free(rt);
+    if (rt->life_efd >= 0)
+        close(rt->life_efd);
+    pthread_mutex_destroy(&rt->build_mu);
     pthread_mutex_destroy(&rt->mu);
     pthread_cond_destroy(&rt->work_cv);
     pthread_mutex_destroy(&rt->reap_mu);
@@ -479,12 +626,29 @@ keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_runtime **out)
     rt->log.fn = opts->log_fn;
     rt->log.user = opts->log_user;
     rt->log.level = opts->log_level;
+    rt->poll_interval_ms = opts->poll_interval_ms > 0 ? opts->poll_interval_ms : 5000;
+    rt->settle_ms = opts->settle_ms;
+    rt->retry_initial_ms = opts->retry_initial_ms > 0 ? opts->retry_initial_ms : 1000;
+    rt->retry_max_ms = opts->retry_max_ms > 0 ? opts->retry_max_ms : 60000;
+    if (rt->retry_max_ms < rt->retry_initial_ms)
+        rt->retry_max_ms = rt->retry_initial_ms;
+    rt->mem_limit = opts->model_memory_limit;
+    rt->life_efd = -1;
     pthread_mutex_init(&rt->mu, NULL);
-    pthread_cond_init(&rt->work_cv, NULL);
+    pthread_mutex_init(&rt->build_mu, NULL);
+    {
+        /* Workers also wait for deadlines of requests in parked vslots (sched.c). */
+        pthread_condattr_t ca;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&rt->work_cv, &ca);
+        pthread_condattr_destroy(&ca);
+    }
     pthread_mutex_init(&rt->reap_mu, NULL);
     pthread_cond_init(&rt->reap_cv, NULL);
     pthread_cond_init(&rt->reap_idle_cv, NULL);
     keel__runtime_add_backend(rt, &keel__xgboost_backend);
+    keel__runtime_add_backend(rt, &keel__onnx_backend);
 
     rt->nworkers = opts->worker_threads;
     if (rt->nworkers <= 0) {
@@ -500,7 +664,11 @@ keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_runtime **out)
         if (pthread_create(&rt->workers[started], NULL, keel__worker_main, rt) != 0)
             goto fail;
     }
-    if (rt->control == KEEL_CONTROL_NONE)
+    if (rt->control == KEEL_CONTROL_POLL)
+        keel__watch_snapshot(rt); /* before loading: a change during the loads is seen */
+    if (keel__life_start(rt) != KEEL_OK)
+        goto fail;
+    if (rt->control != KEEL_CONTROL_EXPLICIT)
         load_all(rt);
     *out = rt;
     return KEEL_OK;
@@ -522,6 +690,9 @@ void keel_runtime_destroy(keel_runtime *rt)
 
     if (rt == NULL)
         return;
+    /* Stage 0: no more automatic loads (waits for one in progress). */
+    keel__life_stop(rt);
+
     /* Stage 1: refuse new work; answer everything still queued. */
     pthread_mutex_lock(&rt->mu);
     rt->shutting_down = true;
@@ -644,15 +815,27 @@ keel_err keel_model_list(keel_runtime *rt, keel_model_status **out, size_t *coun
         row.last_error = e->last_error;
         row.last_error_msg = e->last_error_msg;
         row.load_attempts = e->load_attempts;
+        row.load_failures = e->load_failures;
+        row.last_attempt_unix_ms = e->last_attempt_unix_ms;
+        row.next_retry_unix_ms = e->next_retry_unix_ms;
+        row.pinned = e->pinned;
+        row.evicted = e->evicted;
         if (e->versions == NULL) {
             row.version = -1;
             row.state = e->state;
             ok = status_push(&list, &n, &cap, &row);
         }
         for (keel__vslot *v = e->versions; v != NULL && ok; v = v->next) {
+            const keel__generation *g = v->current;
             row.version = v->version;
-            row.state = v->current != NULL ? KEEL_MODEL_READY : KEEL_MODEL_UNAVAILABLE;
-            row.generation_id = v->current != NULL ? v->current->id : 0;
+            row.state = g != NULL     ? KEEL_MODEL_READY
+                        : e->swapping ? KEEL_MODEL_LOADING
+                                      : KEEL_MODEL_UNAVAILABLE;
+            row.generation_id = g != NULL ? g->id : 0;
+            row.mem_rss_bytes = g != NULL ? g->mem_rss : 0;
+            row.mem_pss_bytes = g != NULL ? g->mem_pss : 0;
+            row.mem_estimate_bytes = g != NULL ? g->memory_estimate : 0;
+            row.mem_charged_bytes = g != NULL ? g->mem_charged : 0;
             ok = status_push(&list, &n, &cap, &row);
         }
     }
@@ -663,7 +846,7 @@ keel_err keel_model_list(keel_runtime *rt, keel_model_status **out, size_t *coun
             bool known = false;
             struct stat st;
             char *path = NULL;
-            if (de->d_name[0] == '.' || !model_name_ok(de->d_name))
+            if (!model_name_ok(de->d_name))
                 continue;
             for (size_t i = 0; i < n && !known; i++)
                 known = strcmp(list[i].name, de->d_name) == 0;
@@ -675,6 +858,7 @@ keel_err keel_model_list(keel_runtime *rt, keel_model_status **out, size_t *coun
                 row.version = -1;
                 row.state = KEEL_MODEL_UNAVAILABLE;
                 row.last_error_msg = "";
+                row.mem_pss_bytes = 0;
                 ok = status_push(&list, &n, &cap, &row);
             }
             free(path);

@@ -20,6 +20,7 @@
  * updated and the callback runs. All locks: see internal.h.
  */
 #include <string.h>
+#include <time.h>
 
 #include "runtime/internal.h"
 
@@ -116,7 +117,9 @@ void keel__vslot_drain_locked(keel_runtime *rt, keel__vslot *v, keel_request **l
     ready_remove_locked(rt, v);
 }
 
-/* Picks the vslot for a request under rt->mu, or explains why there is none. */
+/* Picks the vslot for a request under rt->mu, or explains why there is none. A model that
+ * is evicted or in a resource-preserving swap has parked vslots (internal.h): the request
+ * waits in one for the load (an evicted model's load is asked for here). */
 static keel_err pick_vslot_locked(keel_request *req, keel__model_entry *e, keel__vslot **out)
 {
     keel__vslot *best = NULL;
@@ -129,6 +132,27 @@ static keel_err pick_vslot_locked(keel_request *req, keel__model_entry *e, keel_
             best = v; /* ascending list: the last match is the newest */
     }
     if (best != NULL) {
+        *out = best;
+        return KEEL_OK;
+    }
+    if (e->evicted || e->swapping) {
+        for (keel__vslot *v = e->versions; v != NULL; v = v->next) {
+            if (req->version == -1 || v->version == req->version)
+                best = v;
+        }
+    }
+    if (best != NULL && e->evicted && e->next_retry_ns > keel__now_ns()) {
+        keel__request_set_error(
+            req,
+            "model '%s' was evicted by the model memory limit and reloading "
+            "it failed (%s); next attempt in %llu ms",
+            e->name, e->last_error_msg,
+            (unsigned long long)((e->next_retry_ns - keel__now_ns()) / 1000000));
+        return KEEL_EUNAVAILABLE;
+    }
+    if (best != NULL) {
+        if (e->evicted)
+            keel__want_load_locked(req->rt, e);
         *out = best;
         return KEEL_OK;
     }
@@ -192,6 +216,7 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, bool may
     }
 
     /* Take the slot. */
+    e->last_used_ns = keel__now_ns();
     v->inflight++;
     keel__counter_add(rt, e, KEEL__CNT(leases), 1);
     req->state = KEEL__REQ_QUEUED;
@@ -241,7 +266,10 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, bool may
         v->qhead = req;
     v->qtail = req;
     keel__counter_add(rt, e, KEEL__CNT(queued), 1);
-    keel__vslot_kick_locked(rt, v);
+    if (v->current == NULL)
+        pthread_cond_broadcast(&rt->work_cv); /* parked: idle workers watch its deadline */
+    else
+        keel__vslot_kick_locked(rt, v);
     pthread_mutex_unlock(&rt->mu);
     return KEEL_OK;
 
@@ -414,6 +442,74 @@ static void run_and_complete(keel_request *req)
     complete(req, err, NULL);
 }
 
+/* Under rt->mu: unlinks the requests of parked vslots whose deadline is <= now into *list
+ * (state COMPLETING, error message set); returns the earliest remaining deadline, 0 if none. */
+static uint64_t parked_expire_locked(keel_runtime *rt, uint64_t now, keel_request **list)
+{
+    uint64_t next = 0;
+
+    for (keel__model_entry *e = rt->models; e != NULL; e = e->next) {
+        for (keel__vslot *v = e->versions; v != NULL; v = v->next) {
+            keel_request *req = v->current == NULL ? v->qhead : NULL;
+            while (req != NULL) {
+                keel_request *qn = req->qnext;
+                if (req->deadline_ns != 0 && req->deadline_ns <= now) {
+                    queue_unlink_locked(rt, v, req);
+                    req->state = KEEL__REQ_COMPLETING;
+                    keel__request_set_error(
+                        req, "deadline exceeded after %llu us waiting for model '%s' to load",
+                        (unsigned long long)((now - req->submit_ns) / 1000), e->name);
+                    req->qnext = *list;
+                    *list = req;
+                } else if (req->deadline_ns != 0 && (next == 0 || req->deadline_ns < next)) {
+                    next = req->deadline_ns;
+                }
+                req = qn;
+            }
+        }
+    }
+    return next;
+}
+
+uint64_t keel__expire_parked(keel_runtime *rt)
+{
+    keel_request *expired = NULL;
+    uint64_t next;
+
+    pthread_mutex_lock(&rt->mu);
+    next = rt->nparked > 0 ? parked_expire_locked(rt, keel__now_ns(), &expired) : 0;
+    pthread_mutex_unlock(&rt->mu);
+    keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
+    return next;
+}
+
+/* Under rt->mu: waits for work. While vslots are parked, it also wakes for the earliest
+ * deadline of a request waiting in one, and answers the expired ones (lock dropped). */
+static void worker_wait_locked(keel_runtime *rt)
+{
+    while (!rt->stopping && rt->ready_head == NULL) {
+        keel_request *expired = NULL;
+        uint64_t next = 0;
+        struct timespec ts;
+
+        if (rt->nparked > 0)
+            next = parked_expire_locked(rt, keel__now_ns(), &expired);
+        if (expired != NULL) {
+            pthread_mutex_unlock(&rt->mu);
+            keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
+            pthread_mutex_lock(&rt->mu);
+            continue;
+        }
+        if (next == 0) {
+            pthread_cond_wait(&rt->work_cv, &rt->mu);
+            continue;
+        }
+        ts.tv_sec = (time_t)(next / 1000000000u);
+        ts.tv_nsec = (long)(next % 1000000000u);
+        pthread_cond_timedwait(&rt->work_cv, &rt->mu, &ts); /* work_cv uses CLOCK_MONOTONIC */
+    }
+}
+
 void *keel__worker_main(void *arg)
 {
     keel_runtime *rt = arg;
@@ -424,8 +520,7 @@ void *keel__worker_main(void *arg)
         keel_request *req;
         bool expired;
 
-        while (!rt->stopping && rt->ready_head == NULL)
-            pthread_cond_wait(&rt->work_cv, &rt->mu);
+        worker_wait_locked(rt);
         if ((v = ready_pop_locked(rt)) == NULL)
             break; /* stopping and nothing left to dispatch */
         if (!vslot_can_dispatch(v))

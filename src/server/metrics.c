@@ -179,6 +179,8 @@ static const char *reason_label(keel_err e)
         return "busy";
     case KEEL_EINTERNAL:
         return "internal";
+    case KEEL_ERESOURCE:
+        return "resource";
     default:
         return "other";
     }
@@ -198,6 +200,121 @@ static void model_counter(sbuf *b, const char *name, const char *type, const cha
         else
             sb_printf(b, "\"} %" PRIu64 "\n", v);
     }
+}
+
+/* A family with one unlabelled sample. */
+static void scalar(sbuf *b, const char *name, const char *type, const char *help, uint64_t v)
+{
+    family(b, name, type, help);
+    sb_printf(b, "%s %" PRIu64 "\n", name, v);
+}
+
+/* One sample per model (the first row of each model in the name-sorted list). */
+#define FOR_EACH_MODEL(i, list, n)                                                                 \
+    for (size_t i = 0; i < (n); i++)                                                               \
+        if (i == 0 || strcmp((list)[i].name, (list)[i - 1].name) != 0)
+
+static void model_gauge_u64(sbuf *b, const char *name, const char *type, const char *help,
+                            const keel_model_status *list, size_t n, size_t field_off, double scale)
+{
+    family(b, name, type, help);
+    FOR_EACH_MODEL(i, list, n)
+    {
+        uint64_t v;
+        memcpy(&v, (const char *)&list[i] + field_off, sizeof(v));
+        sb_printf(b, "%s{model=\"", name);
+        sb_label(b, list[i].name);
+        if (scale != 1.0)
+            sb_printf(b, "\"} %.3f\n", (double)v * scale);
+        else
+            sb_printf(b, "\"} %" PRIu64 "\n", v);
+    }
+}
+
+/* Load attempts, failures, retries and evictions: what the lifecycle thread is doing. */
+static void model_lifecycle(sbuf *b, const keel_model_status *list, size_t n)
+{
+    model_gauge_u64(b, "keel_model_load_attempts_total", "counter",
+                    "Loads of the model attempted (by the API, the repository watcher, retries "
+                    "and reloads after eviction).",
+                    list, n, offsetof(keel_model_status, load_attempts), 1.0);
+    model_gauge_u64(b, "keel_model_load_failures", "gauge",
+                    "Consecutive failed loads of the model (0 after a success).", list, n,
+                    offsetof(keel_model_status, load_failures), 1.0);
+    model_gauge_u64(b, "keel_model_last_load_attempt_timestamp_seconds", "gauge",
+                    "Unix time of the model's most recent load attempt (0 if none).", list, n,
+                    offsetof(keel_model_status, last_attempt_unix_ms), 1e-3);
+    model_gauge_u64(b, "keel_model_next_load_retry_timestamp_seconds", "gauge",
+                    "Unix time keel retries the model's failed load itself (0 if it will not).",
+                    list, n, offsetof(keel_model_status, next_retry_unix_ms), 1e-3);
+    family(b, "keel_model_load_error", "gauge",
+           "1 if the model's most recent load attempt failed, labelled with the reason.");
+    FOR_EACH_MODEL(i, list, n)
+    {
+        sb_printf(b, "keel_model_load_error{model=\"");
+        sb_label(b, list[i].name);
+        sb_printf(b, "\",reason=\"%s\"} %d\n",
+                  list[i].last_error == KEEL_OK ? "" : reason_label(list[i].last_error),
+                  list[i].last_error != KEEL_OK);
+    }
+    family(b, "keel_model_evicted", "gauge",
+           "1 if the model was unloaded to stay within --model-memory-limit (its next request "
+           "loads it again).");
+    FOR_EACH_MODEL(i, list, n)
+    {
+        sb_printf(b, "keel_model_evicted{model=\"");
+        sb_label(b, list[i].name);
+        sb_printf(b, "\"} %d\n", list[i].evicted);
+    }
+}
+
+/* Per-generation memory (a series exists while its generation serves), and the budget. */
+static void memory_metrics(sbuf *b, keel_srv *s, const keel_model_status *list, size_t n)
+{
+    static const struct {
+        const char *kind;
+        size_t off;
+    } kinds[] = {
+        {"rss", offsetof(keel_model_status, mem_rss_bytes)},
+        {"pss", offsetof(keel_model_status, mem_pss_bytes)},
+        {"estimate", offsetof(keel_model_status, mem_estimate_bytes)},
+        {"charged", offsetof(keel_model_status, mem_charged_bytes)},
+    };
+    keel_memory_stats ms;
+
+    family(b, "keel_generation_memory_bytes", "gauge",
+           "Memory of a serving generation: kind=rss and pss are the process's resident and "
+           "proportional set size change measured across its build (load, contexts, warm-up), "
+           "estimate is the backend's own figure, charged what --model-memory-limit counts.");
+    for (size_t i = 0; i < n; i++) {
+        if (list[i].generation_id == 0)
+            continue;
+        for (size_t k = 0; k < sizeof(kinds) / sizeof(kinds[0]); k++) {
+            int64_t v;
+            memcpy(&v, (const char *)&list[i] + kinds[k].off, sizeof(v));
+            if (strcmp(kinds[k].kind, "pss") == 0 && v == -1)
+                continue; /* smaps_rollup not available */
+            sb_printf(b, "keel_generation_memory_bytes{model=\"");
+            sb_label(b, list[i].name);
+            sb_printf(b,
+                      "\",version=\"%" PRId64 "\",generation=\"%" PRIu64 "\",kind=\"%s\"} %" PRId64
+                      "\n",
+                      list[i].version, list[i].generation_id, kinds[k].kind, v);
+        }
+    }
+    keel_memory_stats_get(s->rt, &ms);
+    scalar(b, "keel_model_memory_limit_bytes", "gauge", "--model-memory-limit (0 = no limit).",
+           ms.limit_bytes);
+    scalar(b, "keel_model_memory_charged_bytes", "gauge",
+           "Memory charged to the serving generations of all models.", ms.charged_bytes);
+    scalar(b, "keel_model_evictions_total", "counter",
+           "Models unloaded to stay within --model-memory-limit.", ms.evictions);
+    scalar(b, "keel_model_reloads_total", "counter",
+           "Evicted models loaded again because a request came for them.", ms.reloads);
+    scalar(b, "keel_memory_trims_total", "counter",
+           "malloc_trim calls after generations were freed.", ms.trims);
+    scalar(b, "keel_memory_trimmed_bytes_total", "counter",
+           "Resident memory those trims gave back to the operating system.", ms.trimmed_bytes);
 }
 
 char *keel__srv_metrics_render(keel_srv *s, size_t *len)
@@ -278,6 +395,9 @@ char *keel__srv_metrics_render(keel_srv *s, size_t *len)
         else
             sb_printf(&b, "\",version=\"\"} 0\n");
     }
+
+    model_lifecycle(&b, list, n);
+    memory_metrics(&b, s, list, n);
 
     keel_counters_get(s->rt, &c);
     family(&b, "keel_live_requests", "gauge", "keel_request objects alive.");

@@ -157,6 +157,7 @@ unsigned keel__srv_http_status(keel_err err)
     case KEEL_ETIMEDOUT:
     case KEEL_ECANCELED:
     case KEEL_ESHUTDOWN:
+    case KEEL_ERESOURCE:
         return MHD_HTTP_SERVICE_UNAVAILABLE;
     default:
         return MHD_HTTP_INTERNAL_SERVER_ERROR;
@@ -1469,13 +1470,15 @@ int keel_server_run(const keel_server_opts *o)
                   : o->control == KEEL_SERVER_CONTROL_EXPLICIT ? "explicit"
                                                                : "none",
                   NULL);
-    if (o->control == KEEL_SERVER_CONTROL_POLL)
-        keel__srv_control_snapshot(s); /* before the load, so no change is missed */
-
     keel_runtime_opts_init(&ro);
     ro.model_repository = o->model_repository;
-    ro.control =
-        o->control == KEEL_SERVER_CONTROL_EXPLICIT ? KEEL_CONTROL_EXPLICIT : KEEL_CONTROL_NONE;
+    ro.control = o->control == KEEL_SERVER_CONTROL_EXPLICIT ? KEEL_CONTROL_EXPLICIT
+                 : o->control == KEEL_SERVER_CONTROL_POLL   ? KEEL_CONTROL_POLL
+                                                            : KEEL_CONTROL_NONE;
+    ro.poll_interval_ms = o->repository_poll_secs * 1000u;
+    ro.settle_ms = o->repository_settle_ms;
+    ro.retry_max_ms = o->load_retry_max_secs * 1000u;
+    ro.model_memory_limit = o->model_memory_limit;
     ro.worker_threads = o->worker_threads;
     ro.log_fn = keel__srv_log_keel;
     ro.log_user = NULL;
@@ -1496,7 +1499,7 @@ int keel_server_run(const keel_server_opts *o)
     }
     log_models(s);
 
-    if (o->control != KEEL_SERVER_CONTROL_NONE && keel__srv_control_start(s) != KEEL_OK) {
+    if (o->control == KEEL_SERVER_CONTROL_EXPLICIT && keel__srv_control_start(s) != KEEL_OK) {
         keel__srv_log(KEEL_LOG_ERROR, "cannot start the model control thread", NULL);
         goto done;
     }
@@ -1548,7 +1551,6 @@ done:
             close(s->listen_fd); /* quiesced: ours, and only now unused by MHD */
         keel_runtime_destroy(s->rt);
         if (locks) {
-            keel__srv_control_fini(s);
             pthread_cond_destroy(&s->ctl_cv);
             pthread_mutex_destroy(&s->ctl_mu);
             pthread_cond_destroy(&s->watch_cv);

@@ -36,7 +36,10 @@ typedef struct keel_server_opts {
     const char *http_address;      /* default "127.0.0.1"; IPv4 or IPv6 literal */
     int http_port;                 /* default 8000; 0 = any free port */
     keel_server_control control;   /* default NONE */
-    unsigned repository_poll_secs; /* POLL: seconds between scans; default 15 */
+    unsigned repository_poll_secs; /* POLL: seconds between full scans; default 15 */
+    unsigned repository_settle_ms; /* POLL: quiet time before a changed model loads; 1000 */
+    unsigned load_retry_max_secs;  /* NONE/POLL: longest wait between load retries; 60 */
+    uint64_t model_memory_limit;   /* bytes all models may hold; 0 = no limit */
     unsigned http_threads;         /* libmicrohttpd thread pool; default 2 */
     int worker_threads;            /* keel inference threads; 0 = CPUs */
     uint64_t max_request_bytes;    /* default 64 MiB */

@@ -8,8 +8,8 @@
  *                     per-connection state machine, infer, the hang-up watcher thread
  *   server_routes.c   the synchronous endpoints (metadata, health, stats, index, config);
  *                     MHD threads
- *   server_control.c  the model-control thread: API load/unload jobs (explicit mode) and
- *                     repository polling (poll mode)
+ *   server_control.c  the model-control thread: API load/unload jobs (explicit mode); poll
+ *                     mode is libkeel's lifecycle thread
  *   metrics.c         GET /metrics, Prometheus text; MHD threads
  *   server_log.c      logfmt lines on stderr; any thread
  *   server_opts.c     `keel serve` options; main thread
@@ -119,12 +119,6 @@ struct srv_conn {
 
 /* ---------------------------------------------------------------- the server */
 
-typedef struct srv_sig {
-    char *name;
-    uint64_t sig;
-    bool seen;
-} srv_sig;
-
 struct keel_srv {
     const keel_server_opts *opts;
     keel_runtime *rt;
@@ -162,8 +156,6 @@ struct keel_srv {
     bool ctl_stop;
     pthread_t ctl;
     bool ctl_started;
-    srv_sig *sigs; /* poll mode: the last signature of each model (control thread only) */
-    size_t nsigs;
 };
 
 /* ---------------------------------------------------------------- replies */
@@ -210,8 +202,6 @@ void keel__srv_control_stop(keel_srv *s);
 /* Queues c (state SUBMITTED); false if the thread is stopping (c untouched). */
 bool keel__srv_control_enqueue(keel_srv *s, srv_conn *c);
 /* Poll mode: records the repository's signatures before the runtime loads it. */
-void keel__srv_control_snapshot(keel_srv *s);
-void keel__srv_control_fini(keel_srv *s);
 
 /* ---------------------------------------------------------------- logging (server_log.c) */
 

@@ -22,6 +22,8 @@ void keel_server_opts_init(keel_server_opts *opts)
     opts->http_port = 8000;
     opts->control = KEEL_SERVER_CONTROL_NONE;
     opts->repository_poll_secs = 15;
+    opts->repository_settle_ms = 1000;
+    opts->load_retry_max_secs = 60;
     opts->http_threads = 2;
     opts->worker_threads = 0;
     opts->max_request_bytes = 64u << 20;
@@ -49,12 +51,21 @@ void keel_server_print_help(FILE *f)
           "  --http-address ADDR         IPv4 or IPv6 address to listen on (default 127.0.0.1)\n"
           "  --http-port N               port (default 8000; 0 = any free port)\n"
           "  --model-control-mode MODE   none (default): load every model at start, refuse\n"
-          "                              load/unload requests; poll: as none, then re-scan\n"
-          "                              the repository every --repository-poll-secs and\n"
-          "                              reload changed models, unload removed ones;\n"
+          "                              load/unload requests; poll: as none, then watch the\n"
+          "                              repository (inotify, plus a full scan every\n"
+          "                              --repository-poll-secs), load new and changed models\n"
+          "                              once their files have settled, unload removed ones;\n"
           "                              explicit: load nothing (but --load-model) at start,\n"
           "                              load/unload through the repository API\n"
-          "  --repository-poll-secs N    seconds between scans in poll mode (default 15)\n"
+          "  --repository-poll-secs N    poll mode: seconds between full scans (default 15)\n"
+          "  --repository-settle-ms N    poll mode: a changed model loads once none of its\n"
+          "                              files changed for N ms (default 1000)\n"
+          "  --load-retry-max-secs N     none/poll: a failed load is retried after 1 s,\n"
+          "                              doubling up to N seconds (default 60)\n"
+          "  --model-memory-limit N      bytes all loaded models may hold (suffix k/m/g;\n"
+          "                              default 0 = no limit); a load that would exceed it\n"
+          "                              evicts the least recently used models not marked\n"
+          "                              pinned, which load again on their next request\n"
           "  --load-model NAME           explicit mode: load NAME at start (repeatable)\n"
           "  --http-threads N            HTTP threads (default 2)\n"
           "  --worker-threads N          inference threads (default 0 = number of CPUs)\n"
@@ -145,6 +156,9 @@ typedef enum opt_id {
     O_PORT,
     O_MODE,
     O_POLL,
+    O_SETTLE,
+    O_RETRY_MAX,
+    O_MEM_LIMIT,
     O_LOAD,
     O_HTTP_THREADS,
     O_WORKERS,
@@ -170,6 +184,9 @@ static const struct {
     {"--http-port", O_PORT, true},
     {"--model-control-mode", O_MODE, true},
     {"--repository-poll-secs", O_POLL, true},
+    {"--repository-settle-ms", O_SETTLE, true},
+    {"--load-retry-max-secs", O_RETRY_MAX, true},
+    {"--model-memory-limit", O_MEM_LIMIT, true},
     {"--load-model", O_LOAD, true},
     {"--http-threads", O_HTTP_THREADS, true},
     {"--worker-threads", O_WORKERS, true},
@@ -243,6 +260,27 @@ int keel_server_parse_args(int argc, char **argv, keel_server_opts *o)
                              "(1-86400)",
                              val);
             o->repository_poll_secs = (unsigned)n;
+            break;
+        case O_SETTLE:
+            if (!parse_u64(val, 0, 600000, &n))
+                return usage("--repository-settle-ms: '%s' is not a number of milliseconds "
+                             "(0-600000)",
+                             val);
+            o->repository_settle_ms = (unsigned)n;
+            break;
+        case O_RETRY_MAX:
+            if (!parse_u64(val, 1, 86400, &n))
+                return usage("--load-retry-max-secs: '%s' is not a number of seconds (1-86400)",
+                             val);
+            o->load_retry_max_secs = (unsigned)n;
+            break;
+        case O_MEM_LIMIT:
+            if (strcmp(val, "0") == 0)
+                o->model_memory_limit = 0;
+            else if (!parse_bytes(val, &o->model_memory_limit))
+                return usage("--model-memory-limit: '%s' is not a byte count (0, or 1k to 1024g; "
+                             "suffix k/m/g)",
+                             val);
             break;
         case O_LOAD:
             if (val[0] == '\0')

@@ -442,6 +442,31 @@ nomem:
 
 /* ---------------------------------------------------------------- repository index */
 
+/* keel's extension of an index row / model metadata: load attempts, retries, eviction and
+ * the memory of the row's generation (docs/OPERATIONS.md, "Reading the memory metrics"). */
+static json_t *lifecycle_json(const keel_model_status *m)
+{
+    json_t *o =
+        json_pack("{s:I,s:I,s:I,s:I,s:b,s:b}", "load_attempts", (json_int_t)m->load_attempts,
+                  "load_failures", (json_int_t)m->load_failures, "last_attempt_unix_ms",
+                  (json_int_t)m->last_attempt_unix_ms, "next_retry_unix_ms",
+                  (json_int_t)m->next_retry_unix_ms, "pinned", m->pinned, "evicted", m->evicted);
+
+    if (o != NULL && m->generation_id != 0) {
+        json_t *mem = json_pack("{s:I,s:I,s:I,s:I}", "rss_bytes", (json_int_t)m->mem_rss_bytes,
+                                "pss_bytes", (json_int_t)m->mem_pss_bytes, "estimate_bytes",
+                                (json_int_t)m->mem_estimate_bytes, "charged_bytes",
+                                (json_int_t)m->mem_charged_bytes);
+        /* jansson's set_new consumes the value, and fails on a NULL one. */
+        if (json_object_set_new(o, "generation", json_integer((json_int_t)m->generation_id)) != 0 ||
+            json_object_set_new(o, "memory", mem) != 0) {
+            json_decref(o);
+            return NULL;
+        }
+    }
+    return o;
+}
+
 static void repo_index(keel_srv *s, const srv_conn *c, srv_reply *r)
 {
     keel_model_status *list = NULL;
@@ -479,7 +504,7 @@ static void repo_index(keel_srv *s, const srv_conn *c, srv_reply *r)
 
         if (ready_only && m->state != KEEL_MODEL_READY)
             continue;
-        if (m->state == KEEL_MODEL_FAILED || (m->version < 0 && m->last_error != KEEL_OK))
+        if (m->state == KEEL_MODEL_FAILED || m->last_error != KEEL_OK || m->evicted)
             reason =
                 m->last_error_msg[0] != '\0' ? m->last_error_msg : keel_strerror(m->last_error);
         else if (m->state == KEEL_MODEL_UNAVAILABLE)
@@ -489,7 +514,7 @@ static void repo_index(keel_srv *s, const srv_conn *c, srv_reply *r)
         if (!put(row, "name", json_string(m->name)) ||
             (m->version >= 0 && !put(row, "version", version_string(m->version))) ||
             !put(row, "state", json_string(keel_model_state_name(m->state))) ||
-            !put(row, "reason", json_string(reason))) {
+            !put(row, "reason", json_string(reason)) || !put(row, "keel", lifecycle_json(m))) {
             json_decref(row);
             goto nomem;
         }

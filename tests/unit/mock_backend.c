@@ -24,6 +24,7 @@ static _Atomic bool ctx_dead[MAX_IDS];
 typedef struct mock_model {
     long id;
     double k;
+    size_t estimate; /* what memory_estimate reports (0: its own size) */
 } mock_model;
 
 typedef struct mock_ctx {
@@ -100,6 +101,8 @@ static keel_err mock_load(const keel__model_config *cfg, const char *dir, void *
     FILE *f;
     mock_model *m;
     double k;
+    unsigned long estimate = 0;
+    long load_ms = 0;
 
     (void)cfg;
     snprintf(path, sizeof(path), "%s/model.txt", dir);
@@ -112,11 +115,19 @@ static keel_err mock_load(const keel__model_config *cfg, const char *dir, void *
         snprintf(errbuf, errlen, "%s: not a number", path);
         return KEEL_ELOAD;
     }
+    /* Optional: the memory the model claims to hold, and how long loading takes. */
+    if (fscanf(f, "%lu %ld", &estimate, &load_ms) < 1)
+        estimate = 0;
     fclose(f);
+    if (load_ms > 0) {
+        struct timespec ts = {load_ms / 1000, (load_ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
     if ((m = calloc(1, sizeof(*m))) == NULL)
         return KEEL_ENOMEM;
     m->id = atomic_fetch_add(&next_model_id, 1) + 1;
     m->k = k;
+    m->estimate = estimate;
     atomic_fetch_add(&mock.loads, 1);
     *out = m;
     return KEEL_OK;
@@ -192,8 +203,9 @@ static void mock_free(void *model)
 
 static size_t mock_mem(void *model)
 {
-    (void)model;
-    return sizeof(mock_model);
+    const mock_model *m = model;
+
+    return m->estimate != 0 ? m->estimate : sizeof(mock_model);
 }
 
 const keel__backend mock_backend = {
@@ -211,14 +223,20 @@ const keel__backend mock_backend = {
 void mock_write_model(const char *repo, const char *name, int instances, int max_queue,
                       long default_timeout_us)
 {
+    mock_write_model_keel(repo, name, instances, max_queue, default_timeout_us, "{}");
+}
+
+void mock_write_model_keel(const char *repo, const char *name, int instances, int max_queue,
+                           long default_timeout_us, const char *keel_json)
+{
     char *path = tu_strf("%s/%s/config.json", repo, name);
-    char *text = tu_strf("{\"name\":\"%s\",\"backend\":\"mock\",\"max_batch_size\":8,"
+    char *text = tu_strf("{\"name\":\"%s\",\"backend\":\"mock\",\"max_batch_size\":8,\"keel\":%s,"
                          "\"input\":[{\"name\":\"x\",\"data_type\":\"TYPE_FP32\",\"dims\":[-1]}],"
                          "\"output\":[{\"name\":\"y\",\"data_type\":\"TYPE_FP32\",\"dims\":[-1]}],"
                          "\"instance_group\":[{\"count\":%d,\"kind\":\"KIND_CPU\"}],"
                          "\"dynamic_batching\":{\"default_queue_policy\":{\"max_queue_size\":%d,"
                          "\"default_timeout_microseconds\":%ld}}}",
-                         name, instances, max_queue, default_timeout_us);
+                         name, keel_json, instances, max_queue, default_timeout_us);
 
     tu_write_file(path, text, (size_t)-1);
     free(path);
@@ -227,8 +245,14 @@ void mock_write_model(const char *repo, const char *name, int instances, int max
 
 void mock_write_version(const char *repo, const char *name, long version, double k)
 {
+    mock_write_version_ex(repo, name, version, k, 0, 0);
+}
+
+void mock_write_version_ex(const char *repo, const char *name, long version, double k,
+                           unsigned long estimate, long load_ms)
+{
     char *path = tu_strf("%s/%s/%ld/model.txt", repo, name, version);
-    char *text = tu_strf("%.17g\n", k);
+    char *text = tu_strf("%.17g %lu %ld\n", k, estimate, load_ms);
 
     tu_write_file(path, text, (size_t)-1);
     free(path);

@@ -1,6 +1,7 @@
 /*
- * mock_backend.h: a backend for tests. Model file <version>/model.txt holds a number k;
- * output "y" = input "x" * k (FP32, same shape). Runs can be held at a gate so tests can
+ * mock_backend.h: a backend for tests. Model file <version>/model.txt holds a number k (and
+ * optionally a claimed memory size and a load time in ms); output "y" = input "x" * k (FP32,
+ * same shape). Runs can be held at a gate so tests can
  * keep a context busy (keel's warm-up runs, whose input is zero, pass it), and every call is
  * counted so tests can check exactly-once frees.
  */
@@ -39,7 +40,14 @@ bool mock_ctx_destroyed(long ctx_id);
 /* Writes <repo>/<name>/config.json for the mock backend (x, y FP32 dims [-1], batch 8). */
 void mock_write_model(const char *repo, const char *name, int instances, int max_queue,
                       long default_timeout_us);
+/* The same with config.json's "keel" object set to keel_json (e.g. {"pinned":true}). */
+void mock_write_model_keel(const char *repo, const char *name, int instances, int max_queue,
+                           long default_timeout_us, const char *keel_json);
 /* Writes <repo>/<name>/<version>/model.txt with factor k. */
 void mock_write_version(const char *repo, const char *name, long version, double k);
+/* The same, with the memory the model claims (memory_estimate; 0 = its own size) and a load
+ * time in milliseconds. */
+void mock_write_version_ex(const char *repo, const char *name, long version, double k,
+                           unsigned long estimate, long load_ms);
 
 #endif

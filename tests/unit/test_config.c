@@ -50,7 +50,7 @@ static const char full_config[] =
     "  \"parameters\": {\"objective\": {\"string_value\": \"binary:logistic\"},\n"
     "                 \"nthread\": {\"string_value\": \"\"}},\n"
     "  \"default_model_filename\": \"model.json\",\n"
-    "  \"keel\": {\"future\": 1},\n"
+    "  \"keel\": {\"pinned\": true, \"swap_policy\": \"resource_preserving\"},\n"
     "  \"optimization\": {\"priority\": \"PRIORITY_DEFAULT\"},\n"
     "  \"sequence_batching\": null\n"
     "}\n";
@@ -108,6 +108,8 @@ static void check_full(const keel__model_config *cfg)
     assert_string_equal(cfg->name, "heart");
     assert_string_equal(cfg->backend, "xgboost");
     assert_int_equal(cfg->max_batch_size, 16);
+    assert_true(cfg->pinned);
+    assert_int_equal(cfg->swap_policy, KEEL__SWAP_RESOURCE);
 
     assert_int_equal(cfg->ninputs, 2);
     assert_string_equal(cfg->inputs[0].name, "features");
@@ -214,7 +216,10 @@ static void test_normalised_json(void **state)
     assert_string_equal(json_string_value(json_object_get(j, "default_model_filename")),
                         "model.json");
     assert_null(json_object_get(j, "platform"));
-    assert_null(json_object_get(j, "keel"));
+    assert_true(json_is_true(json_object_get(json_object_get(j, "keel"), "pinned")));
+    assert_string_equal(
+        json_string_value(json_object_get(json_object_get(j, "keel"), "swap_policy")),
+        "resource_preserving");
     json_decref(j);
 
     /* The normalised form parses to the same config and normalises to itself. */
@@ -450,6 +455,9 @@ static const struct {
     {WITH("\"default_model_filename\": \"\""), "default_model_filename: expected", NULL},
     {WITH("\"default_model_filename\": 1"), "default_model_filename: expected", NULL},
     {WITH("\"keel\": \"fast\""), "keel: expected an object", "got \"fast\""},
+    {WITH("\"keel\": {\"pinnned\": true}"), "keel: unknown setting \"pinnned\"", NULL},
+    {WITH("\"keel\": {\"pinned\": 1}"), "keel.pinned: expected true or false", "got 1"},
+    {WITH("\"keel\": {\"swap_policy\": \"fast\"}"), "keel.swap_policy: expected", "got \"fast\""},
 };
 
 static void test_bad_configs(void **state)
