@@ -26,6 +26,12 @@ packages=(
     libopencv-dnn-dev  # the onnx backend (OpenCV DNN 4.6)
     libonnx-testdata   # ONNX conformance data for the onnx backend's tests
     curl
+    libturbojpeg0-dev   # JPEG decoding in the preprocessing workers
+    libspng-dev         # PNG decoding in the preprocessing workers
+    libjpeg-turbo-progs # djpeg: the JPEG decoding reference in test_workers
+    libpng-dev          # ships examples/pngtest.png (interlaced), a PNG reference image
+    python3-pil         # the PNG decoding reference; test images for test_preprocess_http
+    python-matplotlib-data # grace_hopper.jpg, the JPEG reference image
 )
 
 missing=()

@@ -142,6 +142,18 @@ typedef struct keel_runtime_opts {
      * recently used models not marked "pinned" ("evicts" them; an evicted model is loaded
      * again by its next request), and fails with KEEL_ERESOURCE if that is not enough. */
     uint64_t model_memory_limit;
+    /* Preprocessing worker processes for models whose config.json has a "preprocess"
+     * section (images in, tensors out; docs/OPERATIONS.md). 0 (the default) = none: such
+     * models then fail to load. With N > 0, keel_runtime_create forks a small fork server
+     * first, from the calling thread, before it starts threads or loads models; call it
+     * before your program starts threads of its own. */
+    int preprocess_workers;
+    /* A preprocessing task's deadline when the request's own is later or unset; default
+     * 10000. A worker that overruns it is killed and replaced. */
+    uint32_t preprocess_timeout_ms;
+    /* Bytes one request's preprocessing may move (encoded images plus the decoded tensor);
+     * larger requests fail with KEEL_ERESOURCE. Default 64 MiB. */
+    uint64_t preprocess_max_bytes;
 } keel_runtime_opts;
 
 void keel_runtime_opts_init(keel_runtime_opts *opts);
@@ -278,6 +290,26 @@ typedef struct keel_counters {
 void keel_counters_get(keel_runtime *rt, keel_counters *out);
 /* One model's counters; for a model, requests counts its requests in flight. */
 keel_err keel_model_counters_get(keel_runtime *rt, const char *name, keel_counters *out);
+
+/* Preprocessing workers (zeros when the runtime has none). */
+typedef struct keel_preprocess_stats {
+    bool enabled;           /* preprocess_workers > 0 */
+    bool healthy;           /* the fork server lives and workers can be kept alive */
+    uint32_t workers;       /* configured */
+    uint32_t workers_alive; /* running now */
+    int64_t forkserver_pid; /* -1 if none */
+    /* Workers replaced, by cause: died of a signal, exited, overran a task's deadline,
+     * broke the protocol (e.g. an unsealed result). */
+    uint64_t restarts_signal, restarts_exit, restarts_timeout, restarts_protocol;
+    uint64_t spawn_failures;
+    /* Tasks by outcome: done; refused as invalid input (bad image); deadline passed; the
+     * worker crashed; over a byte limit; other errors. */
+    uint64_t tasks_ok, tasks_invalid, tasks_timeout, tasks_crashed, tasks_rejected, tasks_error;
+    int64_t memfds_open;      /* shared-memory segments keel holds now (0 when idle) */
+    uint64_t bytes_in_flight; /* task inputs plus results now */
+} keel_preprocess_stats;
+
+void keel_preprocess_stats_get(keel_runtime *rt, keel_preprocess_stats *out);
 
 /* ---------------------------------------------------------------- requests */
 

@@ -31,6 +31,7 @@
 #include <inttypes.h>
 #include <jansson.h>
 #include <limits.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <string.h>
@@ -620,6 +621,147 @@ static keel_err parse_misc(const parser *p, const json_t *root, keel__model_conf
     return KEEL_OK;
 }
 
+/* ---- "preprocess" (images in, tensors out; see config.h) */
+
+static keel_err pp_enum(const parser *p, const json_t *obj, const char *key,
+                        const char *const *names, int n, int *out)
+{
+    const json_t *v = member(obj, key);
+    char at[64], what[128] = "";
+
+    if (v == NULL)
+        return KEEL_OK;
+    snprintf(at, sizeof(at), "preprocess.%s", key);
+    for (int i = 0; i < n; i++) {
+        if (json_is_string(v) && strcmp(json_string_value(v), names[i]) == 0) {
+            *out = i;
+            return KEEL_OK;
+        }
+        snprintf(what + strlen(what), sizeof(what) - strlen(what), "%s\"%s\"", i ? " or " : "",
+                 names[i]);
+    }
+    return expected(p, at, v, what);
+}
+
+static keel_err pp_floats(const parser *p, const json_t *obj, const char *key, size_t n, float *out)
+{
+    const json_t *v = member(obj, key);
+    char at[64], what[64];
+
+    snprintf(at, sizeof(at), "preprocess.%s", key);
+    snprintf(what, sizeof(what), "an array of %zu numbers (one per channel)", n);
+    if (v == NULL)
+        return KEEL_OK;
+    if (!json_is_array(v) || json_array_size(v) != n)
+        return expected(p, at, v, what);
+    for (size_t i = 0; i < n; i++) {
+        const json_t *x = json_array_get(v, i);
+        if (!json_is_number(x))
+            return expected(p, at, v, what);
+        out[i] = (float)json_number_value(x);
+    }
+    return KEEL_OK;
+}
+
+static keel_err parse_preprocess(const parser *p, const json_t *root, keel__model_config *cfg)
+{
+    static const char *const formats[] = {"auto", "jpeg", "png"};
+    static const char *const colors[] = {"RGB", "GRAY"};
+    static const char *const layouts[] = {"NCHW", "NHWC"};
+    const json_t *v = member(root, "preprocess"), *x;
+    keel__preprocess_config *pp;
+    const char *in = NULL, *out = NULL;
+    const keel__tensor_config *tc = NULL;
+    int64_t w = 0, h = 0, mp = 25000000, mf = 16 * 1024 * 1024;
+    size_t ch, elems = 1;
+    keel_err err;
+
+    if (v == NULL)
+        return KEEL_OK;
+    if ((err = want_object(p, v, "preprocess")) != KEEL_OK)
+        return err;
+    if ((pp = keel__calloc(1, sizeof(*pp))) == NULL)
+        return KEEL_ENOMEM;
+    cfg->preprocess = pp;
+    pp->scale = 1.0f / 255.0f;
+    pp->std[0] = pp->std[1] = pp->std[2] = 1.0f;
+    if ((err = get_string(p, member(v, "input"), "preprocess.input", true, &in)) != KEEL_OK ||
+        (err = get_string(p, member(v, "output_input"), "preprocess.output_input", true, &out)) !=
+            KEEL_OK ||
+        (err = pp_enum(p, v, "format", formats, 3, &pp->format)) != KEEL_OK ||
+        (err = pp_enum(p, v, "color", colors, 2, &pp->color)) != KEEL_OK ||
+        (err = pp_enum(p, v, "layout", layouts, 2, &pp->layout)) != KEEL_OK ||
+        (err = get_int(p, member(v, "width"), "preprocess.width", 1, 16384, &w)) != KEEL_OK ||
+        (err = get_int(p, member(v, "height"), "preprocess.height", 1, 16384, &h)) != KEEL_OK ||
+        (err = opt_int(p, v, "max_pixels", "preprocess.max_pixels", 1, INT64_MAX, &mp)) !=
+            KEEL_OK ||
+        (err = opt_int(p, v, "max_file_bytes", "preprocess.max_file_bytes", 1, UINT32_MAX, &mf)) !=
+            KEEL_OK)
+        return err;
+    pp->width = (uint32_t)w;
+    pp->height = (uint32_t)h;
+    pp->max_pixels = (uint64_t)mp;
+    pp->max_file_bytes = (uint64_t)mf;
+    ch = pp->color == 1 ? 1 : 3;
+    if ((x = member(v, "scale")) != NULL) {
+        if (!json_is_number(x))
+            return expected(p, "preprocess.scale", x, "a number");
+        pp->scale = (float)json_number_value(x);
+    }
+    if ((err = pp_floats(p, v, "mean", ch, pp->mean)) != KEEL_OK ||
+        (err = pp_floats(p, v, "std", ch, pp->std)) != KEEL_OK)
+        return err;
+    for (size_t i = 0; i < ch; i++) {
+        if (!(pp->std[i] != 0.0f) || !isfinite(pp->std[i]))
+            return failf(p, "preprocess.std", "must be finite and non-zero");
+    }
+    for (size_t i = 0; i < cfg->ninputs; i++) {
+        if (strcmp(cfg->inputs[i].name, in) == 0)
+            return failf(p, "preprocess.input",
+                         "\"%s\" is one of the model's inputs; name the BYTES input clients "
+                         "send, which becomes preprocess.output_input",
+                         in);
+        if (strcmp(cfg->inputs[i].name, out) == 0)
+            tc = &cfg->inputs[i];
+    }
+    if (tc == NULL)
+        return failf(p, "preprocess.output_input", "the model has no input named \"%s\"", out);
+    if (tc->datatype != KEEL_TYPE_FP32)
+        return failf(p, "preprocess.output_input", "input \"%s\" must be TYPE_FP32", out);
+    for (size_t d = 0; d < tc->ndims; d++) {
+        if (tc->dims[d] < 0)
+            return failf(p, "preprocess.output_input", "input \"%s\" must have fixed dims (no -1)",
+                         out);
+        elems *= (size_t)tc->dims[d];
+    }
+    if (elems != ch * (size_t)w * (size_t)h)
+        return failf(p, "preprocess",
+                     "%zu channels x %lld x %lld = %zu values per image, but input \"%s\" "
+                     "holds %zu",
+                     ch, (long long)w, (long long)h, ch * (size_t)w * (size_t)h, out, elems);
+    if ((pp->input = keel__strdup(in)) == NULL || (pp->output_input = keel__strdup(out)) == NULL)
+        return KEEL_ENOMEM;
+    return KEEL_OK;
+}
+
+static json_t *preprocess_json(const keel__preprocess_config *pp)
+{
+    static const char *const formats[] = {"auto", "jpeg", "png"};
+    size_t ch = pp->color == 1 ? 1 : 3;
+    json_t *mean = json_array(), *std = json_array();
+
+    for (size_t i = 0; i < ch; i++) {
+        json_array_append_new(mean, json_real(pp->mean[i]));
+        json_array_append_new(std, json_real(pp->std[i]));
+    }
+    return json_pack("{s:s,s:s,s:s,s:s,s:s,s:I,s:I,s:f,s:o,s:o,s:I,s:I}", "input", pp->input,
+                     "output_input", pp->output_input, "format", formats[pp->format], "color",
+                     pp->color == 1 ? "GRAY" : "RGB", "layout", pp->layout == 1 ? "NHWC" : "NCHW",
+                     "width", (json_int_t)pp->width, "height", (json_int_t)pp->height, "scale",
+                     (double)pp->scale, "mean", mean, "std", std, "max_pixels",
+                     (json_int_t)pp->max_pixels, "max_file_bytes", (json_int_t)pp->max_file_bytes);
+}
+
 /* ---- normalised JSON */
 
 /* Sets obj[key] = v, consuming v (jansson accepts a NULL v and fails). */
@@ -827,6 +969,8 @@ static keel_err build_json(const parser *p, keel__model_config *cfg)
         if (!put(root, "keel", k))
             goto done;
     }
+    if (cfg->preprocess != NULL && !put(root, "preprocess", preprocess_json(cfg->preprocess)))
+        goto done;
     if ((text = json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER)) == NULL)
         goto done;
     /* Copy so that cfg owns only keel allocations (and the copy can fail under injection). */
@@ -902,7 +1046,9 @@ keel_err keel__config_parse(const char *path, const char *dir_name, const char *
         (err = parse_version_policy(&p, root, cfg)) != KEEL_OK ||
         (err = parse_dynamic_batching(&p, root, cfg)) != KEEL_OK ||
         (err = parse_parameters(&p, root, cfg)) != KEEL_OK ||
-        (err = parse_misc(&p, root, cfg)) != KEEL_OK || (err = build_json(&p, cfg)) != KEEL_OK)
+        (err = parse_misc(&p, root, cfg)) != KEEL_OK ||
+        (err = parse_preprocess(&p, root, cfg)) != KEEL_OK ||
+        (err = build_json(&p, cfg)) != KEEL_OK)
         goto fail;
     json_decref(root);
     *out = cfg;
@@ -1016,6 +1162,11 @@ void keel__config_destroy(keel__model_config *cfg)
     tensors_free(cfg->outputs, cfg->noutputs);
     free(cfg->versions);
     free(cfg->default_model_filename);
+    if (cfg->preprocess != NULL) {
+        free(cfg->preprocess->input);
+        free(cfg->preprocess->output_input);
+        free(cfg->preprocess);
+    }
     for (i = 0; i < cfg->nparams; i++) {
         if (cfg->param_keys != NULL)
             free(cfg->param_keys[i]);

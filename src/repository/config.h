@@ -42,6 +42,22 @@ typedef enum keel__swap_policy {
                                     requests wait (within their deadlines) meanwhile */
 } keel__swap_policy;
 
+/* config.json "preprocess": clients send encoded images as the BYTES input `input`; a
+ * preprocessing worker decodes, converts, resizes and normalises them into the FP32 model
+ * input `output_input` (docs/OPERATIONS.md). Validated against the model's inputs at parse. */
+typedef struct keel__preprocess_config {
+    char *input;        /* the BYTES input clients send; not one of the model's inputs */
+    char *output_input; /* the model's FP32 input it becomes */
+    int format;         /* 0 auto, 1 jpeg, 2 png (keel__img_format) */
+    int color;          /* 0 RGB, 1 GRAY */
+    int layout;         /* 0 NCHW, 1 NHWC */
+    uint32_t width, height;
+    float scale; /* value = (pixel * scale - mean[c]) / std[c]; default 1/255, 0, 1 */
+    float mean[3], std[3];
+    uint64_t max_pixels;     /* decoded pixels per image; default 25,000,000 */
+    uint64_t max_file_bytes; /* one encoded image; default 16 MiB */
+} keel__preprocess_config;
+
 typedef struct keel__model_config {
     char *name;             /* must equal the model's directory name */
     char *backend;          /* "xgboost", ... */
@@ -62,9 +78,10 @@ typedef struct keel__model_config {
     char **param_keys;
     char **param_values;
     size_t nparams;
-    bool pinned;                   /* "keel": {"pinned": true}: never evicted */
-    keel__swap_policy swap_policy; /* "keel": {"swap_policy": ...} */
-    char *json;                    /* the normalised config as JSON text (defaults filled in) */
+    bool pinned;                         /* "keel": {"pinned": true}: never evicted */
+    keel__swap_policy swap_policy;       /* "keel": {"swap_policy": ...} */
+    keel__preprocess_config *preprocess; /* NULL = none */
+    char *json; /* the normalised config as JSON text (defaults filled in) */
 } keel__model_config;
 
 /*

@@ -168,6 +168,14 @@ static keel_err build(keel_runtime *rt, keel__model_entry *e, int64_t version,
     atomic_init(&g->refs, 1);
     if ((err = keel__config_load(cfg_path, e->name, &g->cfg, errbuf, errlen)) != KEEL_OK)
         goto fail;
+    if (g->cfg->preprocess != NULL && rt->prep == NULL) {
+        keel__errf(errbuf, errlen,
+                   "%s: preprocess: the runtime has no preprocessing workers "
+                   "(preprocess_workers = 0)",
+                   cfg_path);
+        err = KEEL_ECONFIG;
+        goto fail;
+    }
     if ((g->backend = find_backend(rt, g->cfg->backend)) == NULL) {
         keel__errf(errbuf, errlen, "%s: backend: unknown backend \"%s\"", cfg_path,
                    g->cfg->backend);

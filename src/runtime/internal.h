@@ -205,6 +205,10 @@ struct keel_runtime {
     struct keel__watch *watch; /* lifecycle thread only (and create before it starts) */
     size_t nwatch;
     _Atomic uint64_t evictions, reloads, trims, trimmed_bytes;
+
+    /* Preprocessing workers (src/workers; NULL = none). Created first in create, before any
+     * thread; destroyed last, in runtime_free, once no thread can use it. */
+    struct keel__prep_pool *prep;
 };
 
 typedef enum keel__req_state {
@@ -331,6 +335,22 @@ keel_err keel__request_emit(keel__run_io *io, const char *name, keel_datatype dt
                             const int64_t *shape, size_t ndim, const void *data, size_t bytes);
 void keel__request_set_error(keel_request *req, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+
+/* ---- preprocess.c */
+/* Saved state of a request whose image input was swapped for the decoded tensor. */
+typedef struct keel__prep_swap {
+    keel__tensor original; /* the BYTES input, out of req->inputs while the backend runs */
+    size_t index;          /* its slot in req->inputs */
+    bool active;
+} keel__prep_swap;
+/* Worker thread, no lock held, request leased: if the generation's config has a
+ * "preprocess" section and the request carries its BYTES input, decodes the images in a
+ * preprocessing worker (deadline: the request's) and puts the FP32 tensor in its place. */
+keel_err keel__preprocess_begin(keel_request *req, keel__prep_swap *sw);
+/* Restores the request's own input after the run (always call after begin). */
+void keel__preprocess_end(keel_request *req, keel__prep_swap *sw);
+/* Under no lock: false if g's model needs the pool and the pool is unhealthy. */
+bool keel__preprocess_ready(keel_runtime *rt, const keel__model_config *cfg);
 
 /* ---- sched.c */
 void *keel__worker_main(void *arg);

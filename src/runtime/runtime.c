@@ -23,6 +23,7 @@
 
 #include "repository/scan.h"
 #include "runtime/internal.h"
+#include "workers/prep.h"
 
 void keel__counter_add(keel_runtime *rt, keel__model_entry *e, size_t field_offset, int64_t d)
 {
@@ -589,6 +590,7 @@ static void load_all(keel_runtime *rt)
 /* The last step of both create's failure path and destroy: no thread runs any more. */
 static void runtime_free(keel_runtime *rt)
 {
+    keel__prep_pool_destroy(rt->prep); /* kills and reaps its processes */
     keel__watch_free(rt);
     if (rt->life_efd >= 0)
         close(rt->life_efd);
@@ -649,6 +651,24 @@ keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_runtime **out)
     pthread_cond_init(&rt->reap_idle_cv, NULL);
     keel__runtime_add_backend(rt, &keel__xgboost_backend);
     keel__runtime_add_backend(rt, &keel__onnx_backend);
+    if (opts->preprocess_workers > 0) {
+        /* First, from this thread, before keel starts any thread or loads any model: the
+         * fork server must inherit neither (src/workers/pool.c). */
+        keel__prep_opts po;
+        char msg[256];
+        keel__prep_opts_init(&po);
+        po.workers = opts->preprocess_workers;
+        if (opts->preprocess_timeout_ms > 0)
+            po.task_timeout_ms = opts->preprocess_timeout_ms;
+        if (opts->preprocess_max_bytes > 0)
+            po.max_task_bytes = opts->preprocess_max_bytes;
+        po.log = rt->log;
+        if (keel__prep_pool_create(&po, &rt->prep, msg, sizeof(msg)) != KEEL_OK) {
+            KEEL__LOG(&rt->log, KEEL_LOG_ERROR, "cannot start preprocessing workers: %s", msg);
+            runtime_free(rt);
+            return KEEL_EIO;
+        }
+    }
 
     rt->nworkers = opts->worker_threads;
     if (rt->nworkers <= 0) {
@@ -900,14 +920,18 @@ keel_err keel_model_config_json(keel_runtime *rt, const char *name, char **out)
 bool keel_model_is_ready(keel_runtime *rt, const char *name, int64_t version)
 {
     keel__model_entry *e;
-    bool ready = false;
+    bool ready = false, prep_ok;
 
     if (rt == NULL || name == NULL)
         return false;
+    prep_ok = keel__preprocess_ready(rt, NULL); /* before rt->mu: it polls the pool */
     pthread_mutex_lock(&rt->mu);
     if ((e = keel__entry_find_locked(rt, name)) != NULL) {
-        for (keel__vslot *v = e->versions; v != NULL; v = v->next)
-            ready |= v->current != NULL && (version == -1 || version == v->version);
+        for (keel__vslot *v = e->versions; v != NULL; v = v->next) {
+            /* Image models also need live preprocessing workers. */
+            if (v->current != NULL && (version == -1 || version == v->version))
+                ready |= v->current->cfg->preprocess == NULL || prep_ok;
+        }
     }
     pthread_mutex_unlock(&rt->mu);
     return ready;

@@ -434,7 +434,12 @@ static void lease_locked(keel_runtime *rt, keel__vslot *v, keel_request *req)
 static void run_and_complete(keel_request *req)
 {
     int64_t batch = 0;
-    keel_err err = run_leased(req, &batch);
+    keel__prep_swap sw;
+    keel_err err = keel__preprocess_begin(req, &sw); /* image models: decode in a worker */
+
+    if (err == KEEL_OK)
+        err = run_leased(req, &batch);
+    keel__preprocess_end(req, &sw);
 
     if (err == KEEL_OK)
         atomic_fetch_add_explicit(&req->gen->entry->stats.inference_count, (uint64_t)batch,

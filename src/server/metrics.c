@@ -231,6 +231,54 @@ static void model_gauge_u64(sbuf *b, const char *name, const char *type, const c
     }
 }
 
+/* The preprocessing worker pool, when the server runs one (--preprocess-workers). */
+static void preprocess_metrics(sbuf *b, keel_srv *s)
+{
+    keel_preprocess_stats ps;
+    static const char *const causes[] = {"signal", "exit", "timeout", "protocol"};
+    static const char *const outcomes[] = {"ok",      "invalid",  "timeout",
+                                           "crashed", "rejected", "error"};
+    uint64_t restarts[4], tasks[6];
+
+    keel_preprocess_stats_get(s->rt, &ps);
+    if (!ps.enabled)
+        return;
+    restarts[0] = ps.restarts_signal;
+    restarts[1] = ps.restarts_exit;
+    restarts[2] = ps.restarts_timeout;
+    restarts[3] = ps.restarts_protocol;
+    tasks[0] = ps.tasks_ok;
+    tasks[1] = ps.tasks_invalid;
+    tasks[2] = ps.tasks_timeout;
+    tasks[3] = ps.tasks_crashed;
+    tasks[4] = ps.tasks_rejected;
+    tasks[5] = ps.tasks_error;
+    scalar(b, "keel_preprocess_workers", "gauge", "Preprocessing worker processes configured.",
+           ps.workers);
+    scalar(b, "keel_preprocess_workers_alive", "gauge",
+           "Preprocessing worker processes running now.", ps.workers_alive);
+    scalar(b, "keel_preprocess_healthy", "gauge",
+           "1 if the fork server lives and workers can be kept alive, else 0.", ps.healthy);
+    family(b, "keel_preprocess_worker_restarts_total", "counter",
+           "Preprocessing workers replaced, by cause (signal: killed or crashed; exit: exited; "
+           "timeout: overran a task deadline; protocol: broke the protocol).");
+    for (int k = 0; k < 4; k++)
+        sb_printf(b, "keel_preprocess_worker_restarts_total{cause=\"%s\"} %" PRIu64 "\n", causes[k],
+                  restarts[k]);
+    scalar(b, "keel_preprocess_spawn_failures_total", "counter",
+           "Preprocessing workers the fork server could not start.", ps.spawn_failures);
+    family(b, "keel_preprocess_tasks_total", "counter",
+           "Preprocessing tasks (one per request), by outcome.");
+    for (int k = 0; k < 6; k++)
+        sb_printf(b, "keel_preprocess_tasks_total{outcome=\"%s\"} %" PRIu64 "\n", outcomes[k],
+                  tasks[k]);
+    scalar(b, "keel_preprocess_memfds_open", "gauge",
+           "Shared-memory segments (memfds) the server holds for preprocessing now.",
+           ps.memfds_open > 0 ? (uint64_t)ps.memfds_open : 0);
+    scalar(b, "keel_preprocess_bytes_in_flight", "gauge",
+           "Preprocessing task inputs plus results in flight now, in bytes.", ps.bytes_in_flight);
+}
+
 /* Load attempts, failures, retries and evictions: what the lifecycle thread is doing. */
 static void model_lifecycle(sbuf *b, const keel_model_status *list, size_t n)
 {
@@ -398,6 +446,7 @@ char *keel__srv_metrics_render(keel_srv *s, size_t *len)
 
     model_lifecycle(&b, list, n);
     memory_metrics(&b, s, list, n);
+    preprocess_metrics(&b, s);
 
     keel_counters_get(s->rt, &c);
     family(&b, "keel_live_requests", "gauge", "keel_request objects alive.");

@@ -1480,6 +1480,10 @@ int keel_server_run(const keel_server_opts *o)
     ro.retry_max_ms = o->load_retry_max_secs * 1000u;
     ro.model_memory_limit = o->model_memory_limit;
     ro.worker_threads = o->worker_threads;
+    /* No thread runs yet: the runtime forks its preprocessing fork server first. */
+    ro.preprocess_workers = o->preprocess_workers;
+    ro.preprocess_timeout_ms = o->preprocess_timeout_ms;
+    ro.preprocess_max_bytes = o->preprocess_max_bytes;
     ro.log_fn = keel__srv_log_keel;
     ro.log_user = NULL;
     ro.log_level = o->log_level;

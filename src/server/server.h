@@ -50,6 +50,11 @@ typedef struct keel_server_opts {
     unsigned exit_timeout_secs;    /* drain bound at shutdown; default 30 */
     unsigned shutdown_grace_secs;  /* not-ready-but-serving time at shutdown; default 1 */
     keel_log_level log_level;      /* default KEEL_LOG_INFO */
+    /* Image preprocessing processes (default 2; 0 = none), the deadline of one request's
+     * preprocessing (default 10000 ms) and its byte limit (default 64 MiB). */
+    int preprocess_workers;
+    unsigned preprocess_timeout_ms;
+    uint64_t preprocess_max_bytes;
     const char *load_models[KEEL_SERVER_MAX_LOAD_MODELS]; /* EXPLICIT: loaded at start */
     size_t nload_models;
 } keel_server_opts;

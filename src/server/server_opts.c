@@ -33,6 +33,9 @@ void keel_server_opts_init(keel_server_opts *opts)
     opts->exit_timeout_secs = 30;
     opts->shutdown_grace_secs = 1;
     opts->log_level = KEEL_LOG_INFO;
+    opts->preprocess_workers = 2;
+    opts->preprocess_timeout_ms = 10000;
+    opts->preprocess_max_bytes = 64u << 20;
 }
 
 void keel_server_print_help(FILE *f)
@@ -84,6 +87,14 @@ void keel_server_print_help(FILE *f)
           "                              N seconds (default 1)\n"
           "  --exit-timeout-secs N       then wait up to N seconds for requests in flight\n"
           "                              before cancelling them (default 30)\n"
+          "  --preprocess-workers N      worker processes decoding images for models with a\n"
+          "                              \"preprocess\" section (default 2; 0 = none, such\n"
+          "                              models then fail to load)\n"
+          "  --preprocess-timeout-ms N   deadline of one request's preprocessing when the\n"
+          "                              request's own is later (default 10000); a worker\n"
+          "                              that overruns it is killed and replaced\n"
+          "  --preprocess-max-bytes N    encoded images plus decoded tensor of one request,\n"
+          "                              suffix k/m/g (default 64m); larger ones get 400\n"
           "  --log-level LEVEL           error, warn, info (default) or debug\n"
           "  --log-format logfmt         the log format (logfmt is the only one)\n"
           "  -h, --help                  print this help\n"
@@ -170,6 +181,9 @@ typedef enum opt_id {
     O_GRACE,
     O_LOG_LEVEL,
     O_LOG_FORMAT,
+    O_PREP_WORKERS,
+    O_PREP_TIMEOUT,
+    O_PREP_MAX_BYTES,
 } opt_id;
 
 static const struct {
@@ -198,6 +212,9 @@ static const struct {
     {"--shutdown-grace-secs", O_GRACE, true},
     {"--log-level", O_LOG_LEVEL, true},
     {"--log-format", O_LOG_FORMAT, true},
+    {"--preprocess-workers", O_PREP_WORKERS, true},
+    {"--preprocess-timeout-ms", O_PREP_TIMEOUT, true},
+    {"--preprocess-max-bytes", O_PREP_MAX_BYTES, true},
 };
 
 int keel_server_parse_args(int argc, char **argv, keel_server_opts *o)
@@ -288,6 +305,24 @@ int keel_server_parse_args(int argc, char **argv, keel_server_opts *o)
             if (o->nload_models == KEEL_SERVER_MAX_LOAD_MODELS)
                 return usage("--load-model: at most %d models", KEEL_SERVER_MAX_LOAD_MODELS);
             o->load_models[o->nload_models++] = val;
+            break;
+        case O_PREP_WORKERS:
+            if (!parse_u64(val, 0, 64, &n))
+                return usage("--preprocess-workers: '%s' is not a process count (0-64)", val);
+            o->preprocess_workers = (int)n;
+            break;
+        case O_PREP_TIMEOUT:
+            if (!parse_u64(val, 1, 3600000, &n))
+                return usage("--preprocess-timeout-ms: '%s' is not a number of milliseconds "
+                             "(1-3600000)",
+                             val);
+            o->preprocess_timeout_ms = (unsigned)n;
+            break;
+        case O_PREP_MAX_BYTES:
+            if (!parse_bytes(val, &o->preprocess_max_bytes))
+                return usage("--preprocess-max-bytes: '%s' is not a byte count (1k to 1024g; "
+                             "suffix k/m/g)",
+                             val);
             break;
         case O_HTTP_THREADS:
             if (!parse_u64(val, 1, 256, &n))

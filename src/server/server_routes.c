@@ -100,6 +100,18 @@ static void server_ready(keel_srv *s, srv_reply *r)
         keel__srv_reply_error(r, 503, "the server is shutting down");
         return;
     }
+    {
+        keel_preprocess_stats ps;
+        keel_preprocess_stats_get(s->rt, &ps);
+        if (ps.enabled && !ps.healthy) {
+            keel__srv_reply_error(r, 503,
+                                  "preprocessing workers cannot be kept alive (%u of %u "
+                                  "running, fork server %s)",
+                                  ps.workers_alive, ps.workers,
+                                  ps.forkserver_pid > 0 ? "running" : "gone");
+            return;
+        }
+    }
     if (keel_model_list(s->rt, &list, &n) != KEEL_OK) {
         keel__srv_reply_error(r, 500, "out of memory");
         return;
@@ -251,6 +263,15 @@ static void model_metadata(keel_srv *s, const srv_conn *c, srv_reply *r)
     batched = json_integer_value(json_object_get(cfg, "max_batch_size")) > 0;
     in = tensors_metadata(json_object_get(cfg, "input"), batched);
     out = tensors_metadata(json_object_get(cfg, "output"), batched);
+    {
+        /* An image model: clients send the encoded images, one BYTES element each. */
+        const char *pin =
+            json_string_value(json_object_get(json_object_get(cfg, "preprocess"), "input"));
+        if (in != NULL && pin != NULL &&
+            !append(in,
+                    json_pack("{s:s,s:s,s:[i]}", "name", pin, "datatype", "BYTES", "shape", -1)))
+            goto fail;
+    }
     if (in == NULL || out == NULL || (root = json_object()) == NULL)
         goto fail;
     if (!put(root, "name", json_string(c->model)))
