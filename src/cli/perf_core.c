@@ -1391,7 +1391,8 @@ bool perf_load_run(const perf_workload *w, const perf_load_opts *o, perf_result 
     struct epoll_event evs[256];
     uint64_t t0, next_progress, interval = 0, timeout_ns;
     double cpu0;
-    uint64_t k_issued = 0; /* open loop: requests sent (or counted unsent) so far */
+    uint64_t k_issued = 0; /* open loop: requests sent so far */
+    bool stopping = false; /* the window ended (or *stop): last issuing pass, then drain */
     bool open_loop = o->rate > 0, ok = false, show = o->progress && isatty(2);
     size_t n;
 
@@ -1435,9 +1436,12 @@ bool perf_load_run(const perf_workload *w, const perf_load_opts *o, perf_result 
     for (;;) {
         uint64_t now = now_ns();
         int timeout_ms = 50, ne;
+        uint64_t wait_ns = 0; /* open loop: sleep exactly until the next request is due */
 
+        /* The last issuing pass (open loop: up to the end of the window) runs below, then
+         * issuing stops. */
         if (L.issuing && (now >= L.t_end || (o->stop != NULL && atomic_load(o->stop)))) {
-            L.issuing = false;
+            stopping = true;
             if (L.t_end == UINT64_MAX || now < L.t_end)
                 L.t_end = now;
         }
@@ -1450,7 +1454,7 @@ bool perf_load_run(const perf_workload *w, const perf_load_opts *o, perf_result 
                 conn_fail(&L, c, PERF_TERR_CONNECT, ETIMEDOUT);
         }
         if (L.issuing) {
-            if (!open_loop) {
+            if (!open_loop && !stopping) {
                 for (size_t i = 0; i < n; i++) {
                     pconn *c = &L.conns[i];
                     if (c->state == PC_CLOSED && now >= c->retry_at) {
@@ -1460,8 +1464,10 @@ bool perf_load_run(const perf_workload *w, const perf_load_opts *o, perf_result 
                     if (c->state == PC_IDLE)
                         conn_send(&L, c, now, now);
                 }
-            } else {
-                uint64_t due = (now - t0) / interval + 1; /* requests due by now */
+            } else if (open_loop) {
+                /* Requests due by now, and never any due after the window. */
+                uint64_t horizon = now < L.t_end ? now : L.t_end;
+                uint64_t due = (horizon - t0) / interval + 1;
                 while (k_issued < due) {
                     uint64_t intended = t0 + k_issued * interval;
                     if (L.nidle > 0) {
@@ -1484,13 +1490,24 @@ bool perf_load_run(const perf_workload *w, const perf_load_opts *o, perf_result 
                 {
                     uint64_t next = t0 + k_issued * interval;
                     if (next > now) {
-                        uint64_t ms = (next - now) / 1000000u;
-                        timeout_ms = (int)(ms < 50 ? ms : 50);
+                        wait_ns = next - now < 50000000u ? next - now : 50000000u;
+                        timeout_ms = (int)((wait_ns + 999999u) / 1000000u);
                     } else {
                         timeout_ms = L.nidle > 0 ? 0 : 1;
                     }
                 }
+                if (stopping) {
+                    /* Due inside the measured window but never sent: every connection was
+                     * busy (or still connecting). */
+                    uint64_t due_start =
+                        L.t_meas > t0 ? (L.t_meas - t0 + interval - 1) / interval : 0;
+                    uint64_t first = k_issued > due_start ? k_issued : due_start;
+                    if (due > first)
+                        r->unsent = due - first;
+                }
             }
+            if (stopping)
+                L.issuing = false;
         } else {
             bool busy = false;
             for (size_t i = 0; i < n && !busy; i++)
@@ -1498,7 +1515,16 @@ bool perf_load_run(const perf_workload *w, const perf_load_opts *o, perf_result 
             if (!busy)
                 break;
         }
-        ne = epoll_wait(L.ep, evs, (int)(sizeof(evs) / sizeof(evs[0])), timeout_ms);
+        if (wait_ns > 0) {
+            /* Nanosecond timeout: a millisecond one would send up to 1 ms late, and that
+             * lateness counts in the latencies (they run from the due time). */
+            struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)wait_ns};
+            ne = epoll_pwait2(L.ep, evs, (int)(sizeof(evs) / sizeof(evs[0])), &ts, NULL);
+            if (ne < 0 && errno == ENOSYS)
+                ne = epoll_wait(L.ep, evs, (int)(sizeof(evs) / sizeof(evs[0])), timeout_ms);
+        } else {
+            ne = epoll_wait(L.ep, evs, (int)(sizeof(evs) / sizeof(evs[0])), timeout_ms);
+        }
         if (ne < 0 && errno != EINTR) {
             errf(errbuf, errlen, "epoll_wait: %s", strerror(errno));
             goto done;
@@ -1537,16 +1563,6 @@ bool perf_load_run(const perf_workload *w, const perf_load_opts *o, perf_result 
             progress(&L, now, t0);
             next_progress = now + 500000000u;
         }
-    }
-    if (open_loop && L.t_end > L.t_meas && L.nidle == 0) {
-        /* Requests due inside the window that were never sent because every connection was
-         * busy. (With an idle connection left, a backlog at the end is only the last loop
-         * iteration's lag, not starvation.) */
-        uint64_t due_end = (L.t_end - t0 + interval - 1) / interval;
-        uint64_t due_start = (L.t_meas - t0 + interval - 1) / interval;
-        uint64_t first = k_issued > due_start ? k_issued : due_start;
-        if (due_end > first)
-            r->unsent = due_end - first;
     }
     r->window_s = L.t_end > L.t_meas ? (double)(L.t_end - L.t_meas) / 1e9 : 0.0;
     r->cpu_s = thread_cpu_s() - cpu0;
