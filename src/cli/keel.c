@@ -3,9 +3,10 @@
  *
  * DESIGN
  * A thin client of the public API (include/keel/keel.h) and of nothing else in keel: whatever
- * this program can do, an embedding application can do too. It is single-threaded; the only
- * code that keel threads may run is log_to_stderr(), which writes one line per call with one
- * stdio call (stdio locks the stream, so lines never interleave).
+ * this program can do, an embedding application can do too. models and infer are
+ * single-threaded; the only code that keel threads may run is log_to_stderr(), which writes one
+ * line per call with one stdio call (stdio locks the stream, so lines never interleave). perf
+ * and soak are HTTP clients with their own threads (perf_internal.h, soak.c).
  *
  * Commands:
  *   keel models --model-repository DIR         load every model, print their status table
@@ -13,6 +14,8 @@
  *                                              score rows of numbers, one request per row
  *   keel serve  --model-repository DIR [...]   the HTTP server (src/server/server.h); only
  *                                              when built with the server (KEEL_HAVE_SERVER)
+ *   keel perf   [...]                          HTTP load generator (perf.c)
+ *   keel soak   [...]                          hot swaps under load, sampled (soak.c)
  * Exit codes: 0 success, 1 runtime error (bad repository, model not ready, bad row, failed
  * inference, write error), 2 usage error. Every error is one line on stderr, "keel: ...".
  */
@@ -31,6 +34,7 @@
 #ifdef KEEL_HAVE_SERVER
 #include "server.h"
 #endif
+#include "perf_internal.h"
 
 enum { EXIT_OK = 0, EXIT_RUNTIME = 1, EXIT_USAGE = 2 };
 
@@ -98,6 +102,15 @@ static void print_help(FILE *f)
           "\n"
           "  serve --model-repository DIR [options]\n"
           "      Serves the models over HTTP (KServe V2 REST). See 'keel serve --help'.\n"
+          "\n"
+          "  perf --url HOST:PORT --model NAME [options]\n"
+          "      Load generator for a KServe V2 HTTP server: throughput and latency\n"
+          "      percentiles per concurrency or request rate. See 'keel perf --help'.\n"
+          "\n"
+          "  soak --model-repository DIR --model NAME [options]\n"
+          "      Hot-swaps a model under load while sampling the server's memory, fds,\n"
+          "      threads and live objects; a verdict per series, CSV and SVG plot.\n"
+          "      See 'keel soak --help'.\n"
           "\n"
           "options:\n"
           "  --model-repository DIR  the model repository directory (required)\n"
@@ -776,6 +789,10 @@ int main(int argc, char **argv)
         return usage_error("this keel was built without the HTTP server");
 #endif
     }
+    if (strcmp(argv[1], "perf") == 0)
+        return keel_perf_main(argc - 2, argv + 2);
+    if (strcmp(argv[1], "soak") == 0)
+        return keel_soak_main(argc - 2, argv + 2);
     if (strcmp(argv[1], "models") == 0)
         cmd = CMD_MODELS;
     else if (strcmp(argv[1], "infer") == 0)

@@ -10,8 +10,10 @@
 #include "core/core.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 _Noreturn void keel__panic(const char *file, int line, const char *what)
@@ -149,18 +151,19 @@ size_t keel_datatype_size(keel_datatype dt)
 
 /* ---- fault injection */
 
-static const char *const fault_names[KEEL__FAULT_COUNT_] = {
+static const char *const fault_names[KEEL__FAULT_ALL_] = {
     [KEEL__FAULT_ALLOC] = "alloc",
     [KEEL__FAULT_BACKEND_LOAD] = "backend_load",
     [KEEL__FAULT_CONTEXT_CREATE] = "context_create",
     [KEEL__FAULT_SUBMIT] = "submit",
     [KEEL__FAULT_BACKEND_RUN] = "backend_run",
     [KEEL__FAULT_COMPLETION] = "completion",
+    [KEEL__FAULT_LEAK_PER_SWAP] = "leak_per_swap",
 };
 
 const char *keel__fault_name(keel__fault_point p)
 {
-    if ((unsigned)p >= KEEL__FAULT_COUNT_)
+    if ((unsigned)p >= KEEL__FAULT_ALL_)
         return "?";
     return fault_names[p];
 }
@@ -174,7 +177,7 @@ static struct {
     _Atomic uint64_t threshold; /* FAULT_PROB: fail when the next random value < threshold */
     _Atomic uint64_t rng;       /* FAULT_PROB: splitmix64 state */
     _Atomic uint64_t fired;
-} faults[KEEL__FAULT_COUNT_];
+} faults[KEEL__FAULT_ALL_];
 
 static uint64_t splitmix64(uint64_t x)
 {
@@ -239,13 +242,53 @@ void keel__fault_arm_prob(keel__fault_point p, double prob, uint64_t seed)
 
 void keel__fault_disarm_all(void)
 {
-    for (int i = 0; i < KEEL__FAULT_COUNT_; i++)
+    for (int i = 0; i < KEEL__FAULT_ALL_; i++)
         atomic_store(&faults[i].mode, FAULT_OFF);
 }
 
 uint64_t keel__fault_fired(keel__fault_point p)
 {
     return atomic_load(&faults[p].fired);
+}
+
+/* The deliberately leaked blocks, reachable from here for the life of the process. */
+static struct leaked_block {
+    struct leaked_block *next;
+} * leaked_blocks;
+static pthread_mutex_t leaked_mu = PTHREAD_MUTEX_INITIALIZER;
+
+void keel__fault_leak_on_publish(void)
+{
+    enum { LEAK_BYTES = 64 * 1024 };
+    struct leaked_block *b;
+
+    if (!keel__fault_hit(KEEL__FAULT_LEAK_PER_SWAP))
+        return;
+    if ((b = malloc(LEAK_BYTES)) != NULL) {
+        memset(b, 0xa5, LEAK_BYTES); /* touched, so it counts in RSS */
+        pthread_mutex_lock(&leaked_mu);
+        b->next = leaked_blocks;
+        leaked_blocks = b;
+        pthread_mutex_unlock(&leaked_mu);
+    }
+    (void)memfd_create("keel-fault-leak", MFD_CLOEXEC); /* never closed */
+}
+
+/* KEEL_FAULT=name[,name...]: arms those points to fire on every call, at load time, so that
+ * a program on the public API only (keel serve) can run with a fault armed. */
+__attribute__((constructor)) static void fault_arm_from_env(void)
+{
+    const char *env = getenv("KEEL_FAULT");
+
+    while (env != NULL && *env != '\0') {
+        size_t n = strcspn(env, ",");
+        for (int i = 0; i < KEEL__FAULT_ALL_; i++) {
+            if (strlen(fault_names[i]) == n && strncmp(env, fault_names[i], n) == 0)
+                keel__fault_arm_prob((keel__fault_point)i, 1.0, 0);
+        }
+        env += n;
+        env += *env == ',';
+    }
 }
 #endif
 

@@ -38,7 +38,11 @@ typedef enum keel__fault_point {
     KEEL__FAULT_SUBMIT,         /* keel_infer_submit fails after taking its queue slot */
     KEEL__FAULT_BACKEND_RUN,    /* the backend's run fails */
     KEEL__FAULT_COMPLETION,     /* delivering outputs into the request fails */
-    KEEL__FAULT_COUNT_
+    KEEL__FAULT_COUNT_,         /* the points above make a call fail */
+    /* Not a failure (so outside the range tests iterate over to fail calls): each published
+     * model load leaks on purpose, see keel__fault_leak_on_publish. */
+    KEEL__FAULT_LEAK_PER_SWAP = KEEL__FAULT_COUNT_,
+    KEEL__FAULT_ALL_
 } keel__fault_point;
 
 const char *keel__fault_name(keel__fault_point p);
@@ -52,8 +56,18 @@ void keel__fault_arm_prob(keel__fault_point p, double prob, uint64_t seed);
 void keel__fault_disarm_all(void);
 /* How many calls this point has failed since it was armed. */
 uint64_t keel__fault_fired(keel__fault_point p);
+/*
+ * Called once per published model load, with no lock held. When KEEL__FAULT_LEAK_PER_SWAP
+ * fires it leaks 64 KiB of touched memory and one memfd, on purpose, so that `keel soak` can
+ * be shown to catch a leak. The blocks stay reachable from a static list (LeakSanitizer does
+ * not report them: the test proves the soak verdict, not LSan) and the memfd is never closed.
+ * Processes that use libkeel arm points from the environment: KEEL_FAULT=name[,name...]
+ * (names as keel__fault_name) makes each fire on every call; only in fault-injection builds.
+ */
+void keel__fault_leak_on_publish(void);
 #else
 #define keel__fault_hit(p) ((void)(p), false)
+#define keel__fault_leak_on_publish() ((void)0)
 #endif
 
 /* ---- allocation (returns NULL on failure or injected fault) */

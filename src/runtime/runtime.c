@@ -456,6 +456,7 @@ keel_err keel__model_load(keel_runtime *rt, const char *name, bool evicted_reloa
     KEEL__LOG(&rt->log, KEEL_LOG_INFO,
               "model %s: loaded %zu version(s), newest %lld, charged %llu bytes", name, nversions,
               (long long)versions[nversions - 1], (unsigned long long)charged);
+    keel__fault_leak_on_publish(); /* test-only (keel soak's leak test); no-op unless armed */
     keel__complete_list(drained, KEEL_EUNAVAILABLE, "the model version was unloaded");
     keel__retire_release(rt, &retire);
     for (size_t i = 0; i < nversions; i++)

@@ -1,0 +1,377 @@
+#!/usr/bin/env bash
+# suite.sh: issue 7's benchmark suite: keel's served throughput against raw XGBoost and
+# against a FastAPI peer, keel perf against wrk, instructions per request, and a long soak.
+#
+# DESIGN
+# A benchmark, run by hand (never by the test suite): it measures and never fails on a number.
+# Everything runs on this machine's two cores with the server pinned to CPU $SERVER_CPU and the
+# load generator to CPU $GEN_CPU (taskset), so the server has one core, like "raw", which is
+# XGBoosterPredictFromDense on one thread pinned to the server's core (bench_infer --callgrind
+# raw, timed). Rounds are interleaved (each round measures every contender once, in the same
+# order) so slow drifts of a shared machine hit all of them; tables give the median and the
+# spread (min..max) over the rounds, and ratios are medians of per-round ratios.
+#
+# Sections (each writes rows to $out/results.tsv; bench/suite_report.py turns them into the
+# markdown tables of docs/PERFORMANCE.md):
+#   gen      the generator is not the bottleneck: keel perf and wrk on GET /v2/health/live
+#            (a static reply) against keel perf on inference, same server, same connections
+#   wrk      keel perf and wrk on the same inference endpoint, interleaved (agreement)
+#   ratio    served/raw at batch 1 and 64, keel serve with --infer-on-http-thread off and on,
+#            8 connections (p50/p99 at 8 connections come from these runs)
+#   fastapi  keel vs bench/fastapi_peer.py (raw-body handler and pydantic handler), batch 1
+#            and 64, one uvicorn process on the server's core
+#   ir       instructions per request: keel serve under callgrind (counters zeroed, a timed
+#            keel perf run at concurrency 1, dumped; divided by the requests the server's
+#            statistics counted) against bench_infer's raw predict under callgrind
+#   soak     keel soak, SOAK_SWAPS hot swaps under load of the example model, with a steady
+#            phase first for the p99 ratio (server and soak pinned as above)
+#   swapp99  p99 latency with a swap every 0.5 s (120 swaps) against 60 s without swaps
+#
+# Usage: bench/suite.sh [SECTION...]   (default: all, in the order above)
+# Environment: ROUNDS (5), SECS (3, seconds per measurement), CONNS (8), SOAK_SWAPS (2000),
+#   SOAK_INTERVAL (0.02), SERVER_CPU (0), GEN_CPU (1).
+# Needs: wrk, valgrind, and for fastapi Debian's python3-fastapi python3-uvicorn
+# python3-xgboost python3-numpy under /usr/bin/python3 (bench/setup.sh installs them).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$(pwd)
+build="$root/build-bench"
+repo="$build/bench-models"
+out="$build/bench-results/suite"
+rounds=${ROUNDS:-5}
+secs=${SECS:-3}
+conns=${CONNS:-8}
+scpu=${SERVER_CPU:-0}
+gcpu=${GEN_CPU:-1}
+sections=("$@")
+((${#sections[@]} > 0)) || sections=(gen wrk ratio fastapi ir soak swapp99)
+mkdir -p "$out"
+results="$out/results.tsv"
+
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEEL_BUILD_BENCH=ON >/dev/null
+ninja -C "$build" bench_infer keel_cli >/dev/null
+[[ -f "$repo/ref_i1/1/model.json" ]] || OUT="$repo" sh bench/train-reference.sh "$repo" >/dev/null
+keel="$build/keel"
+
+# V2 JSON bodies (batch 1 and 64) from the training rows, for wrk and for keel perf.
+for b in 1 64; do
+    /usr/bin/python3 - "$repo/train.libsvm" "$b" "$out/body_b$b.json" "$out/rows_b$b.txt" <<'PY'
+import json, sys
+path, batch, body, rows_out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+rows = []
+with open(path) as f:
+    for line in f:
+        vals = [0.0] * 20
+        for tok in line.split()[1:]:
+            i, v = tok.split(":")
+            vals[int(i) - 1] = float(v)
+        rows.append(vals)
+        if len(rows) == 256:
+            break
+flat = [x for r in rows[:batch] for x in r]
+with open(body, "w") as f:
+    json.dump({"inputs": [{"name": "features", "shape": [batch, 20], "datatype": "FP32",
+                           "data": flat}]}, f)
+with open(rows_out, "w") as f:
+    for r in rows[:1] if batch == 1 else rows:
+        f.write(" ".join("%.6f" % x for x in r) + "\n")
+PY
+done
+
+pids=()
+cleanup() {
+    local p
+    for p in "${pids[@]}"; do
+        kill "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+
+# Starts keel serve pinned to the server CPU with extra args; sets $port and $spid.
+start_keel() {
+    local pf
+    pf=$(mktemp)
+    taskset -c "$scpu" "$keel" serve --model-repository "$repo" --http-port 0 --http-threads 1 \
+        --worker-threads 1 --log-level warn "$@" >"$pf" &
+    spid=$!
+    pids+=("$spid")
+    for _ in $(seq 200); do grep -q port= "$pf" && break; sleep 0.05; done
+    port=$(sed -n 's/.*port=\([0-9]*\).*/\1/p' "$pf")
+    rm -f "$pf"
+    [[ -n "$port" ]] || { echo "suite: keel serve did not start" >&2; exit 1; }
+}
+
+# A port nobody listens on now (the kernel picks it; a small race remains).
+free_port() {
+    /usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+stop_pid() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+# CPU seconds (user + system, all threads) a process has used so far.
+cpu_of() {
+    awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.4f", ($12 + $13) / hz }' \
+        "/proc/$1/stat"
+}
+
+# keel perf at $conns connections for $secs s, every request measured (the server was warmed
+# up by warm_up): prints "rps p50_ms p99_ms failed cpu_us gen_cpu_us", cpu_us being the CPU
+# time the server process $2 used per request it answered (robust to a busy machine where
+# throughput is not: it measures cost, not share of a core) and gen_cpu_us keel perf's own.
+perf_run() { # port server-pid path-or-model batch [extra...]
+    local port=$1 pid=$2 what=$3 batch=$4 c0 c1
+    shift 4
+    local args=(-u "127.0.0.1:$port" --concurrency-range "$conns" -d "$secs" --warmup 0
+        --no-progress -f "$out/perf.csv")
+    if [[ "$what" == /* ]]; then
+        args+=(--endpoint "$what")
+    else
+        args+=(-m "$what" -b "$batch" --input-data "$out/rows_b64.txt")
+    fi
+    rm -f "$out/perf.csv"
+    c0=$(cpu_of "$pid")
+    # Exit status 1 (some requests failed) still writes the row; the failures are reported.
+    taskset -c "$gcpu" "$keel" perf "${args[@]}" "$@" >"$out/perf.log" 2>&1 || true
+    c1=$(cpu_of "$pid")
+    [[ -s "$out/perf.csv" ]] || { echo "suite: keel perf failed:" >&2; cat "$out/perf.log" >&2; exit 1; }
+    awk -F, -v cpu="$(awk -v a="$c0" -v b="$c1" 'BEGIN { print b - a }')" 'NR == 2 {
+        n = $5 + $6
+        printf "%s %.3f %.3f %s %.2f %.2f\n", $7, $9 / 1000, $11 / 1000, $6,
+            (n > 0 ? cpu * 1e6 / n : 0), $17
+    }' "$out/perf.csv"
+}
+
+warm_up() { # port model batch [extra...]: 1 s of load, unmeasured
+    local port=$1 what=$2 batch=$3
+    shift 3
+    taskset -c "$gcpu" "$keel" perf -u "127.0.0.1:$port" -m "$what" -b "$batch" -d 1 \
+        --warmup 0 --concurrency-range "$conns" --no-progress "$@" >/dev/null 2>&1 || true
+}
+
+# wrk at $conns connections for $secs s: prints "rps p50_ms p99_ms errors".
+wrk_run() { # port path [body-file]
+    local lua
+    lua=$(mktemp --suffix .lua)
+    if [[ -n "${3:-}" ]]; then
+        cat >"$lua" <<EOF
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local f = io.open("$3", "rb"); wrk.body = f:read("*a"); f:close()
+EOF
+    fi
+    cat >>"$lua" <<'EOF'
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %.1f %.3f %.3f %d\n", summary.requests / (summary.duration / 1e6),
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, summary.errors.status
+    + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end
+EOF
+    taskset -c "$gcpu" wrk -t1 -c"$conns" -d"${secs}s" -s "$lua" "http://127.0.0.1:$1$2" |
+        sed -n 's/^RESULT //p'
+    rm -f "$lua"
+}
+
+raw_rate() { # batch -> "calls/s cpu_us_per_call" of raw XGBoost on the server's core
+    local iters=$((300000 / $1)) t0 t1 tf
+    ((iters >= 3000)) || iters=3000
+    tf=$(mktemp)
+    t0=$(date +%s.%N)
+    /usr/bin/time -f "%U %S" -o "$tf" taskset -c "$scpu" "$build/bench_infer" \
+        --model-repository "$repo" --callgrind raw --batch "$1" --iterations "$iters" >/dev/null
+    t1=$(date +%s.%N)
+    read -r u sy <"$tf"
+    rm -f "$tf"
+    echo "$iters $t0 $t1 $u $sy" | awk '{ printf "%.1f %.2f", $1 / ($3 - $2), ($4 + $5) * 1e6 / $1 }'
+}
+
+row() { # section round key value...
+    local IFS=$'\t'
+    echo "$*" >>"$results"
+}
+
+machine() {
+    echo "date:     $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "cpu:      $(grep -m1 '^model name' /proc/cpuinfo | sed 's/^[^:]*: *//'), $(nproc) CPUs"
+    echo "kernel:   $(uname -sr)"
+    echo "load:     $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "settings: rounds $rounds, $secs s per measurement, $conns connections, server CPU $scpu, generator CPU $gcpu"
+}
+
+{
+    echo "# suite.sh ${sections[*]}"
+    machine | sed 's/^/# /'
+} >>"$results"
+machine
+
+for section in "${sections[@]}"; do
+    echo "== $section ($(date -u +%H:%M:%S), load $(cut -d' ' -f1 /proc/loadavg))"
+    case "$section" in
+    gen)
+        start_keel
+        warm_up "$port" ref_i1 1
+        for r in $(seq "$rounds"); do
+            row gen "$r" perf_live $(perf_run "$port" "$spid" /v2/health/live 1)
+            row gen "$r" wrk_live $(wrk_run "$port" /v2/health/live)
+            row gen "$r" perf_infer_b1 $(perf_run "$port" "$spid" ref_i1 1)
+        done
+        stop_pid "$spid"
+        ;;
+    wrk)
+        start_keel
+        warm_up "$port" ref_i1 1
+        for r in $(seq "$rounds"); do
+            row wrk "$r" wrk_b1 $(wrk_run "$port" /v2/models/ref_i1/infer "$out/body_b1.json")
+            row wrk "$r" perf_b1 $(perf_run "$port" "$spid" ref_i1 1 --input-data "$out/rows_b1.txt")
+        done
+        stop_pid "$spid"
+        ;;
+    ratio)
+        for mode in off on; do
+            start_keel --infer-on-http-thread "$mode"
+            warm_up "$port" ref_i1 1
+            for r in $(seq "$rounds"); do
+                for b in 1 64; do
+                    row ratio "$r" "raw_b$b" $(raw_rate "$b")
+                    row ratio "$r" "keel_${mode}_b$b" $(perf_run "$port" "$spid" ref_i1 "$b")
+                done
+            done
+            stop_pid "$spid"
+        done
+        ;;
+    fastapi)
+        start_keel
+        kport=$port
+        kpid=$spid
+        fport=$(free_port)
+        taskset -c "$scpu" /usr/bin/python3 bench/fastapi_peer.py --mode raw --name ref_i1 \
+            --model-file "$repo/ref_i1/1/model.json" --port "$fport" 2>"$out/peer_raw.log" &
+        praw=$!
+        pids+=("$praw")
+        pport=$(free_port)
+        taskset -c "$scpu" /usr/bin/python3 bench/fastapi_peer.py --mode pydantic --name ref_i1 \
+            --model-file "$repo/ref_i1/1/model.json" --port "$pport" 2>"$out/peer_pyd.log" &
+        ppyd=$!
+        pids+=("$ppyd")
+        for p in "$fport" "$pport"; do
+            up=0
+            for _ in $(seq 300); do
+                if curl -sf "http://127.0.0.1:$p/v2/health/live" >/dev/null; then
+                    up=1
+                    break
+                fi
+                sleep 0.1
+            done
+            ((up)) || { echo "suite: the FastAPI peer on port $p did not start:" >&2
+                cat "$out"/peer_*.log >&2; exit 1; }
+        done
+        warm_up "$kport" ref_i1 1
+        warm_up "$fport" ref_i1 1 --input features:FP32:1x20
+        warm_up "$pport" ref_i1 1 --input features:FP32:1x20
+        for r in $(seq "$rounds"); do
+            for b in 1 64; do
+                row fastapi "$r" "keel_b$b" $(perf_run "$kport" "$kpid" ref_i1 "$b")
+                # The peer has no V2 metadata endpoint: the request shape is given.
+                row fastapi "$r" "fastapi_raw_b$b" \
+                    $(perf_run "$fport" "$praw" ref_i1 1 --input "features:FP32:${b}x20")
+                row fastapi "$r" "fastapi_pydantic_b$b" \
+                    $(perf_run "$pport" "$ppyd" ref_i1 1 --input "features:FP32:${b}x20")
+            done
+        done
+        stop_pid "$praw"
+        stop_pid "$ppyd"
+        stop_pid "$kpid"
+        ;;
+    ir)
+        command -v valgrind >/dev/null || { echo "suite: valgrind not found" >&2; exit 1; }
+        for b in 1 64; do
+            iters=$((b == 1 ? 20000 : 2000))
+            base="$out/raw-b$b.cg"
+            rm -f "$base" "$base".*
+            OMP_WAIT_POLICY=PASSIVE valgrind --tool=callgrind --callgrind-out-file="$base" \
+                "$build/bench_infer" --model-repository "$repo" --callgrind raw --batch "$b" \
+                --iterations "$iters" >/dev/null 2>&1
+            raw_ir=$(awk -v n="$iters" '/^totals:/ { printf "%.0f", $2 / n; exit }' "$base.2")
+            for mode in off on; do
+                pf=$(mktemp)
+                cg="$out/serve-$mode-b$b.cg"
+                rm -f "$cg" "$cg".*
+                OMP_WAIT_POLICY=PASSIVE valgrind --tool=callgrind --callgrind-out-file="$cg" \
+                    "$keel" serve --model-repository "$repo" --http-port 0 --http-threads 1 \
+                    --worker-threads 1 --log-level warn --infer-on-http-thread "$mode" \
+                    >"$pf" 2>"$out/serve-cg.log" &
+                vpid=$!
+                pids+=("$vpid")
+                for _ in $(seq 600); do grep -q port= "$pf" && break; sleep 0.1; done
+                port=$(sed -n 's/.*port=\([0-9]*\).*/\1/p' "$pf")
+                rm -f "$pf"
+                # Warm up (first requests fault in code and data), then count a timed run.
+                "$keel" perf -u "127.0.0.1:$port" -m ref_i1 -b "$b" --concurrency-range 1 \
+                    -d 2 --warmup 0 --no-progress --input-data "$out/rows_b64.txt" >/dev/null
+                n0=$(curl -s "http://127.0.0.1:$port/v2/models/ref_i1/stats" |
+                    /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["model_stats"][0]["inference_stats"]["success"]["count"])')
+                callgrind_control -z "$vpid" >/dev/null
+                "$keel" perf -u "127.0.0.1:$port" -m ref_i1 -b "$b" --concurrency-range 1 \
+                    -d 5 --warmup 0 --no-progress --input-data "$out/rows_b64.txt" >/dev/null
+                callgrind_control -d "$vpid" >/dev/null
+                n1=$(curl -s "http://127.0.0.1:$port/v2/models/ref_i1/stats" |
+                    /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["model_stats"][0]["inference_stats"]["success"]["count"])')
+                stop_pid "$vpid"
+                dump=$(ls "$cg".* | sort -t. -k3 -n | head -n1)
+                total=$(awk '/^totals:/ { print $2; exit }' "$dump")
+                # The stats request between zero and dump is counted too; it is negligible.
+                row ir 1 "serve_${mode}_b$b" "$total" "$((n1 - n0))" "$raw_ir"
+            done
+        done
+        ;;
+    soak)
+        soakrepo="$out/soak-models"
+        rm -rf "$soakrepo"
+        cp -r examples/models "$soakrepo"
+        # The server is started here (pinned to the server CPU) and keel soak, pinned to the
+        # generator CPU, attaches to it: a server keel soak starts would share its CPU.
+        pf=$(mktemp)
+        taskset -c "$scpu" "$keel" serve --model-repository "$soakrepo" --http-port 0 \
+            --model-control-mode explicit --load-model heart --log-level warn >"$pf" &
+        spid=$!
+        pids+=("$spid")
+        for _ in $(seq 200); do grep -q port= "$pf" && break; sleep 0.05; done
+        port=$(sed -n 's/.*port=\([0-9]*\).*/\1/p' "$pf")
+        rm -f "$pf"
+        taskset -c "$gcpu" "$keel" soak --url "127.0.0.1:$port" --pid "$spid" -m heart \
+            --swaps "${SOAK_SWAPS:-2000}" --swap-interval "${SOAK_INTERVAL:-0.02}" \
+            --steady-secs 10 --concurrency "$conns" --sample-interval 0.5 --no-progress \
+            --csv "$out/soak.csv" --svg "$out/soak.svg" | tee "$out/soak.txt" || true
+        stop_pid "$spid"
+        ;;
+    swapp99)
+        # p99 with a swap every 0.5 s against 60 s without: the soak section swaps 50 times a
+        # second, which costs the server's only core a few per cent in model loads.
+        soakrepo="$out/soak-models"
+        rm -rf "$soakrepo"
+        cp -r examples/models "$soakrepo"
+        pf=$(mktemp)
+        taskset -c "$scpu" "$keel" serve --model-repository "$soakrepo" --http-port 0 \
+            --model-control-mode explicit --load-model heart --log-level warn >"$pf" &
+        spid=$!
+        pids+=("$spid")
+        for _ in $(seq 200); do grep -q port= "$pf" && break; sleep 0.05; done
+        port=$(sed -n 's/.*port=\([0-9]*\).*/\1/p' "$pf")
+        rm -f "$pf"
+        taskset -c "$gcpu" "$keel" soak --url "127.0.0.1:$port" --pid "$spid" -m heart \
+            --swaps 120 --swap-interval 0.5 --steady-secs 60 --concurrency "$conns" \
+            --sample-interval 1 --no-progress | tee "$out/swapp99.txt" || true
+        stop_pid "$spid"
+        ;;
+    *)
+        echo "suite: unknown section '$section'" >&2
+        exit 2
+        ;;
+    esac
+done
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$out/load.txt"
+/usr/bin/python3 bench/suite_report.py "$results" | tee "$out/report.md"

@@ -1,0 +1,197 @@
+"""suite_report.py: the markdown tables of bench/suite.sh's results.
+
+Reads build-bench/bench-results/suite/results.tsv (tab-separated: section, round, key,
+values...; lines starting with '#' open a run and carry its machine lines). For each section
+it uses the newest run that has rows of that section, and prints medians with their spread
+(min..max) over the rounds; a ratio is the median of the per-round ratios. Standard library
+only.
+
+Usage: python3 bench/suite_report.py RESULTS.tsv
+"""
+
+import os
+import statistics
+import sys
+
+
+def med(xs):
+    return "%s (%s..%s)" % (fmt(statistics.median(xs)), fmt(min(xs)), fmt(max(xs)))
+
+
+def fmt(x):
+    if abs(x) >= 100:
+        return "%.0f" % x
+    if abs(x) >= 10:
+        return "%.1f" % x
+    return "%.3f" % x
+
+
+def load(path):
+    runs = []  # [(header lines, [rows])]
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("# suite.sh"):
+                runs.append(([line], []))
+            elif line.startswith("#"):
+                if runs:
+                    runs[-1][0].append(line)
+            elif line.strip():
+                if not runs:
+                    runs.append((["# (no header)"], []))
+                runs[-1][1].append(line.split("\t"))
+    latest = {}
+    for header, rows in runs:
+        secs = {}
+        for r in rows:
+            secs.setdefault(r[0], []).append(r)
+        for s, rs in secs.items():
+            latest[s] = (header, rs)
+    return latest
+
+
+def by_key(rows):
+    d = {}
+    for r in rows:
+        d.setdefault(r[2], []).append([float(x) for x in r[3:]])
+    return d
+
+
+def header(h):
+    for line in h:
+        print("    " + line.lstrip("# "))
+    print()
+
+
+def gen(h, rows):
+    print("### Load generator capacity (static reply vs inference)\n")
+    header(h)
+    d = by_key(rows)
+    print("| what | req/s | p50 ms | p99 ms | failed | server CPU us/req | generator CPU us/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    names = {"perf_live": "keel perf, GET /v2/health/live",
+             "wrk_live": "wrk, GET /v2/health/live",
+             "perf_infer_b1": "keel perf, infer ref_i1 batch 1 (JSON)"}
+    for k in ("perf_live", "wrk_live", "perf_infer_b1"):
+        if k in d:
+            v = d[k]
+            print("| %s | %s | %s | %s | %d | %s | %s |"
+                  % (names[k], med([x[0] for x in v]), fmt(statistics.median(x[1] for x in v)),
+                     fmt(statistics.median(x[2] for x in v)), sum(int(x[3]) for x in v),
+                     med([x[4] for x in v]) if all(len(x) > 5 for x in v) else "-",
+                     med([x[5] for x in v]) if all(len(x) > 5 for x in v) else "-"))
+    if "perf_live" in d and "perf_infer_b1" in d:
+        ratios = [a[0] / b[0] for a, b in zip(d["perf_live"], d["perf_infer_b1"])]
+        print("\nkeel perf drives the static endpoint at %s times the rate keel serves "
+              "inference (median of per-round ratios)." % med(ratios))
+    print()
+
+
+def wrk(h, rows):
+    print("### keel perf vs wrk on the same endpoint\n")
+    header(h)
+    d = by_key(rows)
+    w, p = d.get("wrk_b1", []), d.get("perf_b1", [])
+    print("| round | wrk req/s | keel perf req/s | keel perf / wrk | wrk p99 ms | keel perf p99 ms |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    ratios = []
+    for i, (a, b) in enumerate(zip(w, p)):
+        ratios.append(b[0] / a[0])
+        print("| %d | %.0f | %.0f | %.3f | %.3f | %.3f |" % (i + 1, a[0], b[0], ratios[-1], a[2],
+                                                           b[2]))
+    if ratios:
+        print("| median | %s | %s | **%s** | | |" % (med([x[0] for x in w]),
+                                                   med([x[0] for x in p]), med(ratios)))
+    print()
+
+
+def ratio(h, rows):
+    print("### Served/raw (keel serve over HTTP, V2 JSON, vs XGBoost C API on the same core)\n")
+    header(h)
+    last_raw = {}
+    acc = {}
+    for r in rows:
+        key, vals = r[2], [float(x) for x in r[3:]]
+        if key.startswith("raw_b"):
+            last_raw[key[4:]] = vals
+            continue
+        _, mode, b = key.split("_")
+        acc.setdefault((int(b[1:]), mode), []).append((last_raw[b], vals))
+    print("| batch | --infer-on-http-thread | raw calls/s | keel req/s | served/raw | p50 ms | "
+          "p99 ms | raw CPU us/call | keel CPU us/req | served/raw by CPU | failed |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (b, mode) in sorted(acc):
+        v = acc[(b, mode)]
+        cpu = [x for x in v if len(x[0]) > 1 and len(x[1]) > 4 and x[1][4] > 0]
+        print("| %d | %s | %s | %s | **%s** | %s | %s | %s | %s | **%s** | %d |"
+              % (b, mode, med([x[0][0] for x in v]), med([x[1][0] for x in v]),
+                 med([x[1][0] / x[0][0] for x in v]), fmt(statistics.median(x[1][1] for x in v)),
+                 med([x[1][2] for x in v]),
+                 med([x[0][1] for x in cpu]) if cpu else "-",
+                 med([x[1][4] for x in cpu]) if cpu else "-",
+                 med([x[0][1] / x[1][4] for x in cpu]) if cpu else "-",
+                 sum(int(x[1][3]) for x in v)))
+    print()
+
+
+def fastapi(h, rows):
+    print("### keel vs the FastAPI peer (bench/fastapi_peer.py)\n")
+    header(h)
+    d = by_key(rows)
+    print("| batch | server | req/s | p50 ms | p99 ms | keel / this (req/s) | CPU us/req | "
+          "keel / this (CPU) | failed |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for b in (1, 64):
+        k = d.get("keel_b%d" % b)
+        if not k:
+            continue
+        for name, label in (("keel", "keel serve"), ("fastapi_raw", "FastAPI, raw-body handler"),
+                            ("fastapi_pydantic", "FastAPI, pydantic models")):
+            v = d.get("%s_b%d" % (name, b))
+            if not v:
+                continue
+            pairs = [(a[0], x[0]) for a, x in zip(k, v) if x[0] > 0]
+            rat = med([a / x for a, x in pairs]) if name != "keel" and pairs else ""
+            cpus = [(a[4], x[4]) for a, x in zip(k, v) if len(x) > 4 and a[4] > 0 and x[4] > 0]
+            crat = med([x / a for a, x in cpus]) if name != "keel" and cpus else ""
+            print("| %d | %s | %s | %s | %s | %s | %s | %s | %d |"
+                  % (b, label, med([x[0] for x in v]), fmt(statistics.median(x[1] for x in v)),
+                     fmt(statistics.median(x[2] for x in v)), ("**%s**" % rat) if rat else "",
+                     med([x[4] for x in v]) if cpus else "-", ("**%s**" % crat) if crat else "",
+                     sum(int(x[3]) for x in v)))
+    print()
+
+
+def ir(h, rows):
+    print("### Instructions per request (callgrind)\n")
+    header(h)
+    print("| batch | --infer-on-http-thread | requests counted | server Ir/request | raw Ir/call | "
+          "served/raw Ir |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        _, mode, b = r[2].split("_")
+        total, n, raw = float(r[3]), float(r[4]), float(r[5])
+        print("| %s | %s | %d | %.0f | %.0f | %.2f |" % (b[1:], mode, n, total / n, raw,
+                                                        total / n / raw))
+    print()
+
+
+def main():
+    latest = load(sys.argv[1])
+    for s, fn in (("gen", gen), ("wrk", wrk), ("ratio", ratio), ("fastapi", fastapi),
+                  ("ir", ir)):
+        if s in latest:
+            fn(*latest[s])
+    for name, title in (("soak.txt", "Soak (keel soak output)"),
+                        ("swapp99.txt", "p99 with a swap every 0.5 s (keel soak output)")):
+        path = os.path.join(os.path.dirname(sys.argv[1]), name)
+        if os.path.exists(path):
+            print("### %s\n" % title)
+            with open(path) as f:
+                for line in f:
+                    print("    " + line.rstrip())
+            print()
+
+
+if __name__ == "__main__":
+    main()

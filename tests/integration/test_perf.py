@@ -1,0 +1,171 @@
+"""test_perf.py: `keel perf` against the real `keel serve`.
+
+Counts, not timings: with no warm-up every request keel perf sends is measured, so the
+requests it reports as successful must equal exactly what the server's statistics counted
+(and, at batch 4, four inferences per request). A missing model gives only failures, all
+counted under their HTTP status and named with the server's message. The CSV has its
+columns and one row per level, percentiles are ordered, and an open-loop run sends the
+number of requests its schedule says. Usage mistakes exit 2."""
+
+import csv
+import os
+import subprocess
+
+import kit
+from kit import check
+
+S = {}
+COLUMNS = ["mode", "level", "window_s", "requests", "ok", "failed", "throughput_rps",
+           "infer_per_s", "p50_us", "p90_us", "p99_us", "p999_us", "max_us", "mean_us",
+           "unsent", "connections", "gen_cpu_us_per_req", "errors"]
+
+
+def setup():
+    S["server"] = kit.Server(kit.example_repo()).start()
+    S["port"] = S["server"].port
+    S["dir"] = kit.tmpdir("keel-perf-")
+    S["fds"] = S["server"].fd_count()
+
+
+def teardown():
+    kit.wait_idle(S["port"])
+    S["server"].wait_fds(S["fds"])
+    S["server"].stop()
+
+
+def perf(*args, expect_rc=0):
+    """Runs keel perf against the test server; returns (stdout, stderr, csv rows)."""
+    path = os.path.join(S["dir"], "out.csv")
+    if os.path.exists(path):
+        os.unlink(path)
+    cmd = [kit.KEEL, "perf", "-u", "127.0.0.1:%d" % S["port"], "--no-progress",
+           "-f", path] + list(args)
+    kit.vlog("running:", " ".join(cmd))
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
+    out, err = p.stdout.decode(), p.stderr.decode()
+    check(p.returncode == expect_rc, "keel perf %s exited %d, expected %d\nstdout:\n%s\nstderr:\n%s"
+          % (" ".join(args), p.returncode, expect_rc, out, err))
+    rows = []
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader)
+            check(header == COLUMNS, "CSV header %r, expected %r" % (header, COLUMNS))
+            rows = [dict(zip(header, r)) for r in reader]
+    return out, err, rows
+
+
+def check_row(row):
+    check(int(row["requests"]) >= 0 and int(row["ok"]) >= 0, "bad counts: %r" % row)
+    if int(row["ok"]) > 0:
+        q = [float(row[k]) for k in ("p50_us", "p90_us", "p99_us", "p999_us", "max_us")]
+        check(q[0] > 0 and q == sorted(q), "percentiles not ordered: %r" % row)
+        check(0 < float(row["mean_us"]) <= q[4], "mean outside (0, max]: %r" % row)
+        check(float(row["gen_cpu_us_per_req"]) > 0, "no generator CPU time: %r" % row)
+
+
+def heart_success():
+    return kit.stat_counts(kit.model_stats(S["port"], "heart"))
+
+
+def test_sweep_counts_match_server():
+    before = heart_success()
+    out, _, rows = perf("-m", "heart", "--concurrency-range", "1:3:2", "-d", "0.5",
+                        "--warmup", "0")
+    after = heart_success()
+    check([r["level"] for r in rows] == ["1", "3"], "levels %r" % [r["level"] for r in rows])
+    ok = 0
+    for r in rows:
+        check_row(r)
+        check(r["mode"] == "concurrency" and int(r["failed"]) == 0 and r["errors"] == "",
+              "row %r" % r)
+        check(int(r["ok"]) > 0, "no successful request at level %s" % r["level"])
+        check(int(r["connections"]) == int(r["level"]), "connections: %r" % r)
+        ok += int(r["ok"])
+    check(after["success"] - before["success"] == ok,
+          "server counted %d successes, keel perf %d" % (after["success"] - before["success"], ok))
+    check(after["fail"] == before["fail"], "server counted failures")
+    check("concurrency" in out and "p99" in out, "no table in the output:\n" + out)
+
+
+def test_binary_batch_counts_rows():
+    before = heart_success()
+    _, _, rows = perf("-m", "heart", "-b", "4", "--input-tensor-format", "binary",
+                      "--concurrency-range", "2", "-d", "0.5", "--warmup", "0")
+    after = heart_success()
+    check(len(rows) == 1 and int(rows[0]["failed"]) == 0, "rows %r" % rows)
+    check_row(rows[0])
+    ok = int(rows[0]["ok"])
+    check(after["success"] - before["success"] == ok, "request count differs")
+    check(after["inference_count"] - before["inference_count"] == 4 * ok,
+          "server inferred %d rows for %d requests of 4"
+          % (after["inference_count"] - before["inference_count"], ok))
+    rps, ips = float(rows[0]["throughput_rps"]), float(rows[0]["infer_per_s"])
+    check(abs(ips - 4 * rps) < 1e-6 * max(ips, 1) + 0.2, "infer/s %s is not 4 x req/s %s"
+          % (ips, rps))
+
+
+def test_input_data_file():
+    path = os.path.join(S["dir"], "rows.txt")
+    with open(path, "w") as f:
+        f.write("# heart rows\n")
+        for r in kit.complete_rows()[:5]:
+            f.write(" ".join(kit.fmt_f32(x) for x in r) + "\n")
+    _, _, rows = perf("-m", "heart", "--input-data", path, "-d", "0.3", "--warmup", "0")
+    check(len(rows) == 1 and int(rows[0]["ok"]) > 0 and int(rows[0]["failed"]) == 0,
+          "rows %r" % rows)
+
+
+def test_missing_model_errors_by_status():
+    before = heart_success()
+    out, _, rows = perf("-m", "nosuch", "--input", "features:FP32:1x13", "--concurrency-range",
+                        "2", "-d", "0.3", "--warmup", "0", expect_rc=1)
+    check(len(rows) == 1, "rows %r" % rows)
+    r = rows[0]
+    check(int(r["ok"]) == 0 and int(r["failed"]) > 0, "row %r" % r)
+    check(r["errors"] == "404:%s" % r["failed"], "errors column %r for %s failures"
+          % (r["errors"], r["failed"]))
+    check("unknown model" in out and "404" in out, "failure not named:\n" + out)
+    check(heart_success() == before, "heart was inferred on")
+    # Without --input the metadata request already fails: one clear message, status 1.
+    _, err, rows = perf("-m", "nosuch", "-d", "0.3", expect_rc=1)
+    check("404" in err and rows == [], "stderr %r rows %r" % (err, rows))
+
+
+def test_open_loop_follows_schedule():
+    rate, secs = 200, 1.0
+    _, _, rows = perf("-m", "heart", "--request-rate-range", str(rate), "-d", str(secs),
+                      "--warmup", "0", "--max-connections", "16")
+    check(len(rows) == 1 and rows[0]["mode"] == "rate", "rows %r" % rows)
+    r = rows[0]
+    check_row(r)
+    sent = int(r["ok"]) + int(r["failed"]) + int(r["unsent"])
+    check(0.8 * rate * secs <= sent <= 1.2 * rate * secs + 1,
+          "%d requests for %g s at %d/s" % (sent, secs, rate))
+    check(int(r["failed"]) == 0, "row %r" % r)
+
+
+def test_static_endpoint():
+    _, _, rows = perf("--endpoint", "/v2/health/live", "--concurrency-range", "2", "-d", "0.3",
+                      "--warmup", "0")
+    check(len(rows) == 1 and int(rows[0]["ok"]) > 0 and int(rows[0]["failed"]) == 0,
+          "rows %r" % rows)
+
+
+def test_usage_errors():
+    for args in (["--concurrency-range", "0"], ["--input-tensor-format", "xml"], ["--bogus"],
+                 ["-b", "0"], []):
+        a = list(args)
+        if "--bogus" not in a and a != []:
+            a = ["-m", "heart"] + a
+        p = subprocess.run([kit.KEEL, "perf"] + a, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=60)
+        check(p.returncode == 2 and b"keel perf:" in p.stderr,
+              "keel perf %s: status %d, stderr %r" % (a, p.returncode, p.stderr))
+
+
+if __name__ == "__main__":
+    kit.parse_args()
+    kit.run([test_sweep_counts_match_server, test_binary_batch_counts_rows, test_input_data_file,
+             test_missing_model_errors_by_status, test_open_loop_follows_schedule,
+             test_static_endpoint, test_usage_errors], setup=setup, teardown=teardown)
