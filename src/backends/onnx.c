@@ -358,24 +358,6 @@ done:
 
 /* ---- the interface: config.json against the graph */
 
-static void dims_format(const int64_t *dims, size_t ndims, char *buf, size_t len)
-{
-    size_t off = 0;
-    int n = snprintf(buf, len, "[");
-
-    if (n < 0 || (size_t)n >= len)
-        return;
-    off = (size_t)n;
-    for (size_t i = 0; i < ndims && off < len; i++) {
-        n = snprintf(buf + off, len - off, "%s%" PRId64, i > 0 ? "," : "", dims[i]);
-        if (n < 0)
-            return;
-        off += (size_t)n;
-    }
-    if (off < len)
-        snprintf(buf + off, len - off, "]");
-}
-
 static const keel__onnx_value *find_value(const keel__onnx_value *vs, size_t n, const char *name)
 {
     for (size_t i = 0; i < n; i++) {
@@ -443,8 +425,8 @@ static keel_err match_tensor(const char *path, const char *what, const keel__ten
     memcpy(out->dims, tc->dims, tc->ndims * sizeof(tc->dims[0]));
     if (!sv->has_shape)
         return KEEL_OK;
-    dims_format(tc->dims, tc->ndims, cd, sizeof(cd));
-    dims_format(sv->dims, sv->ndims, md, sizeof(md));
+    keel__format_dims(cd, sizeof(cd), tc->dims, tc->ndims);
+    keel__format_dims(md, sizeof(md), sv->dims, sv->ndims);
     if (sv->ndims != tc->ndims) {
         keel__errf(errbuf, errlen,
                    "%s: config %s '%s' dims %s do not match the model's %s (batch dimension "
@@ -721,8 +703,8 @@ static keel_err output_shape(const onnx_context *c, size_t i, int64_t batch, int
         *ndim = want_ndim;
         return KEEL_OK;
     }
-    dims_format(shape, *ndim, got, sizeof(got));
-    dims_format(o->dims, o->ndims, want, sizeof(want));
+    keel__format_dims(got, sizeof(got), shape, *ndim);
+    keel__format_dims(want, sizeof(want), o->dims, o->ndims);
     keel__errf(errbuf, errlen, "onnx: output '%s' has shape %s, config declares %s%s", o->name, got,
                c->model->batched ? "a batch of " : "", want);
     return KEEL_EBACKEND;

@@ -128,25 +128,6 @@ static int64_t dims_product(const int64_t *dims, size_t ndims)
     return n;
 }
 
-/* Formats "[a,b]" for messages. */
-static void dims_format(const int64_t *dims, size_t ndims, char *buf, size_t len)
-{
-    size_t off = 0;
-    int n = snprintf(buf, len, "[");
-
-    if (n < 0 || (size_t)n >= len)
-        return;
-    off = (size_t)n;
-    for (size_t i = 0; i < ndims && off < len; i++) {
-        n = snprintf(buf + off, len - off, "%s%" PRId64, i > 0 ? "," : "", dims[i]);
-        if (n < 0)
-            return;
-        off += (size_t)n;
-    }
-    if (off < len)
-        snprintf(buf + off, len - off, "]");
-}
-
 /* The one input and one output the backend supports; ECONFIG otherwise. */
 static keel_err check_config(const keel__model_config *cfg, char *errbuf, size_t errlen)
 {
@@ -169,7 +150,7 @@ static keel_err check_config(const keel__model_config *cfg, char *errbuf, size_t
             return KEEL_ECONFIG;
         }
         if (dims_product(t->dims, t->ndims) <= 0) {
-            dims_format(t->dims, t->ndims, dims, sizeof(dims));
+            keel__format_dims(dims, sizeof(dims), t->dims, t->ndims);
             keel__errf(errbuf, errlen,
                        "model '%s': %s '%s' dims %s must be fixed and non-empty for xgboost",
                        cfg->name, what, t->name, dims);
@@ -566,7 +547,7 @@ static keel_err xgb_model_load(const keel__model_config *cfg, const char *versio
         goto fail;
     }
     if ((uint64_t)nfeat != (uint64_t)want_feat) {
-        dims_format(cfg->inputs[0].dims, cfg->inputs[0].ndims, dims, sizeof(dims));
+        keel__format_dims(dims, sizeof(dims), cfg->inputs[0].dims, cfg->inputs[0].ndims);
         keel__errf(errbuf, errlen,
                    "%s: model expects %" PRIu64 " features, config input '%s' dims %s gives "
                    "%" PRId64,
@@ -602,7 +583,7 @@ static keel_err xgb_model_load(const keel__model_config *cfg, const char *versio
         goto fail;
     }
     if (count != (uint64_t)want_out) {
-        dims_format(cfg->outputs[0].dims, cfg->outputs[0].ndims, dims, sizeof(dims));
+        keel__format_dims(dims, sizeof(dims), cfg->outputs[0].dims, cfg->outputs[0].ndims);
         keel__errf(errbuf, errlen,
                    "%s: model gives %" PRIu64 " values per row, config output '%s' dims %s "
                    "gives %" PRId64,

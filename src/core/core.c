@@ -365,3 +365,23 @@ void keel__log(const keel__logger *lg, keel_log_level level, const char *fmt, ..
     va_end(ap);
     lg->fn(lg->user, level, buf);
 }
+
+void keel__format_dims(char *buf, size_t len, const int64_t *dims, size_t ndims)
+{
+    size_t off;
+    int n;
+
+    if (len == 0)
+        return;
+    n = snprintf(buf, len, "[");
+    if (n < 0 || (size_t)n >= len)
+        return;
+    off = (size_t)n;
+    for (size_t i = 0; i < ndims; i++) {
+        n = snprintf(buf + off, len - off, "%s%lld", i > 0 ? "," : "", (long long)dims[i]);
+        if (n < 0 || (size_t)n >= len - off)
+            return; /* truncated (snprintf terminated it) */
+        off += (size_t)n;
+    }
+    snprintf(buf + off, len - off, "]");
+}

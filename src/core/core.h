@@ -108,6 +108,11 @@ void keel__log(const keel__logger *lg, keel_log_level level, const char *fmt, ..
             keel__log((lg), (lvl), __VA_ARGS__);                                                   \
     } while (0)
 
+/* ---- messages */
+
+/* Formats dims as "[a,b,c]" into buf (always NUL-terminated; truncated if short). */
+void keel__format_dims(char *buf, size_t len, const int64_t *dims, size_t ndims);
+
 /* ---- checked arithmetic */
 
 static inline bool keel__mul_overflow_size(size_t a, size_t b, size_t *out)

@@ -193,17 +193,6 @@ static bool bytes_framing_ok(const unsigned char *p, size_t len, size_t n)
     return off == len;
 }
 
-static void format_shape(char *buf, size_t len, const int64_t *shape, size_t ndim)
-{
-    size_t off = 0;
-
-    off += (size_t)snprintf(buf + off, len - off, "[");
-    for (size_t i = 0; i < ndim && off < len; i++)
-        off += (size_t)snprintf(buf + off, len - off, "%s%lld", i ? "," : "", (long long)shape[i]);
-    if (off < len)
-        snprintf(buf + off, len - off, "]");
-}
-
 keel_err keel_request_add_input(keel_request *req, const char *name, keel_datatype dt,
                                 const int64_t *shape, size_t ndim, const void *data, size_t bytes)
 {
@@ -466,8 +455,8 @@ keel_err keel__request_bind_inputs(keel_request *req, const keel__model_config *
             int64_t full[KEEL__MAX_DIMS + 1];
             full[0] = -1;
             memcpy(full + off, tc->dims, sizeof(int64_t) * tc->ndims);
-            format_shape(got, sizeof(got), t->shape, t->ndim);
-            format_shape(want, sizeof(want), full, tc->ndims + off);
+            keel__format_dims(got, sizeof(got), t->shape, t->ndim);
+            keel__format_dims(want, sizeof(want), full, tc->ndims + off);
             keel__request_set_error(req, "input '%s': shape %s does not match the model's %s",
                                     t->name, got, want);
             return KEEL_EINVAL;
