@@ -845,29 +845,40 @@ static bool parse_bytes(const char *s, double *out)
 }
 
 /*
- * Waits until the gauges that follow requests in flight read 0 and the fd count is back at
- * ref_fds or has not changed for a second (closed connections take the server a moment to
- * notice; a leaked fd never goes), at most 15 s. The last sample is left in *out.
+ * Waits until the gauges that follow requests in flight read 0 and every other count (fds,
+ * threads, memfds, children, live generations and contexts) is back at its value in ref (when
+ * ref is given) or has not changed for a second: closed connections take the server a moment
+ * to notice, and a retired generation is freed by keel's reaper only after its last request
+ * completed; a leaked object never goes. At most 15 s. The last sample is left in *out.
  */
-static void wait_quiet(soak *s, perf_client *c, double ref_fds, sample *out)
+static void wait_quiet(soak *s, perf_client *c, const sample *ref, sample *out)
 {
-    double deadline = perf_now() + 15, stable_since = perf_now(), last_fds = NAN;
+    double deadline = perf_now() + 15, stable_since = perf_now();
+    double last[S_COUNT_];
 
+    for (int k = 0; k < S_COUNT_; k++)
+        last[k] = NAN;
     for (;;) {
-        bool quiet = true;
+        bool quiet = true, changed = false;
         double now;
         take_sample(s, c, out);
         now = perf_now();
         for (int k = 0; k < S_COUNT_; k++) {
-            if (series[k].inflight && !isnan(out->v[k]) && out->v[k] != 0)
+            if (k == S_RSS || isnan(out->v[k]))
+                continue;
+            if (series[k].inflight && out->v[k] != 0)
+                quiet = false;
+            if (out->v[k] != last[k] && !(isnan(last[k]) && isnan(out->v[k])))
+                changed = true;
+            last[k] = out->v[k];
+        }
+        if (changed)
+            stable_since = now;
+        for (int k = 0; ref != NULL && k < S_COUNT_; k++) {
+            if (k != S_RSS && !series[k].inflight && !isnan(ref->v[k]) && out->v[k] > ref->v[k] &&
+                now - stable_since < 1.0)
                 quiet = false;
         }
-        if (out->v[S_FDS] != last_fds) {
-            last_fds = out->v[S_FDS];
-            stable_since = now;
-        }
-        if (!isnan(ref_fds) && out->v[S_FDS] > ref_fds && now - stable_since < 1.0)
-            quiet = false;
         if (quiet || now > deadline)
             return;
         sleep_s(0.05);
@@ -880,7 +891,7 @@ static void settle(soak *s, perf_client *c, const sample *base)
     sample x;
 
     atomic_store(&s->phase, PH_IDLE);
-    wait_quiet(s, c, base->v[S_FDS], &x);
+    wait_quiet(s, c, base, &x);
     push_sample(s, &x);
 }
 
@@ -1089,7 +1100,7 @@ int keel_soak_main(int argc, char **argv)
         perf_result_fini(&prime);
         if (!repo_call(s, &ctl, s->model, "load"))
             s->swap_failed++;
-        wait_quiet(s, &ctl, pre.v[S_FDS], &base);
+        wait_quiet(s, &ctl, &pre, &base);
         base.phase = PH_BASELINE;
     }
     push_sample(s, &base);
