@@ -401,10 +401,10 @@ static void scan(keel_runtime *rt, int ifd)
 
 /* ---------------------------------------------------------------- the thread */
 
-typedef struct todo {
+typedef struct pending_load {
     char *name;
     bool reload; /* an evicted model a request waits for */
-} todo;
+} pending_load;
 
 static uint64_t min_nz(uint64_t a, uint64_t b)
 {
@@ -412,7 +412,8 @@ static uint64_t min_nz(uint64_t a, uint64_t b)
 }
 
 /* Under rt->mu: models to load now, and the earliest later retry (*wake). */
-static size_t collect_locked(keel_runtime *rt, uint64_t now, todo *out, size_t cap, uint64_t *wake)
+static size_t collect_locked(keel_runtime *rt, uint64_t now, pending_load *out, size_t cap,
+                             uint64_t *wake)
 {
     size_t n = 0;
 
@@ -443,7 +444,7 @@ static size_t collect_locked(keel_runtime *rt, uint64_t now, todo *out, size_t c
     return n;
 }
 
-static void run_loads(keel_runtime *rt, todo *list, size_t n)
+static void run_loads(keel_runtime *rt, pending_load *list, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         bool stop;
@@ -506,7 +507,7 @@ static void *life_main(void *arg)
     const uint64_t interval = (uint64_t)rt->poll_interval_ms * 1000000u;
     int ifd = -1;
     uint64_t next_scan = 0, last_scan = 0;
-    todo list[16];
+    pending_load list[16];
 
     if (polling) {
         ifd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);

@@ -243,7 +243,6 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, bool may
     }
 
     /* Take the slot. */
-    e->last_used_ns = keel__now_ns();
     v->inflight++;
     keel__counter_add(rt, e, KEEL__CNT(leases), 1);
     req->state = KEEL__REQ_QUEUED;
@@ -258,6 +257,7 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, bool may
     req->generation_id = 0;
     req->ran_version = -1;
     req->submit_ns = keel__now_ns();
+    e->last_used_ns = req->submit_ns; /* LRU for the memory budget: no second clock read */
     req->dispatch_ns = 0;
     {
         uint64_t t = req->timeout_us != 0 ? req->timeout_us : v->default_timeout_us;
