@@ -6,8 +6,7 @@
  * perf_http_parse is stateless: it is given the whole buffer each time and says whether a
  * complete response (status, Content-Length, chunked, Connection: close) is in it; responses
  * here are small, so re-parsing the head is cheap. Calls perf_util.c and src/cliutil (the
- * port number). No state, no lock;
- * any thread.
+ * port number). No state, no lock; any thread.
  */
 #include <arpa/inet.h>
 #include <ctype.h>
