@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# check_cycles.sh: no call cycle between the files of a module.
+# check_cycles.sh: no call cycle and no include cycle between the files of a module.
 #
 # Usage: scripts/check_cycles.sh BUILD_DIR MODULE...   (e.g. build/plain src/server src/workers)
-# For every object file of a module it reads the symbols the file defines (nm --defined-only)
-# and the ones it needs (nm -u), draws an edge a -> b when a needs a symbol b defines, prints
-# the edges, and fails if the graph has a cycle (which it names). Calls through function
-# pointers (a callback handed down) are not edges, which is the one way up the house style
-# allows.
+# Calls: for every object file of a module it reads the symbols the file defines
+# (nm --defined-only) and the ones it needs (nm -u), draws an edge a -> b when a needs a symbol
+# b defines, prints the edges, and fails if the graph has a cycle (which it names). Calls
+# through function pointers (a callback handed down) are not edges, which is the one way up
+# the house style allows.
+# Includes: every #include "..." of a .c/.h file of the module that names a file of the same
+# module is an edge; the graph must be acyclic too (include guards would hide a cycle).
 set -euo pipefail
 
 build=$1
@@ -43,7 +45,28 @@ for module in "$@"; do
         echo "$out" >&2
         status=1
     else
-        echo "   no cycle"
+        echo "   no call cycle"
+    fi
+    # Includes, from the sources: "x.h" or "<module>/x.h" naming a file of this module.
+    mod=$(basename "$module")
+    : >"$tmp/inc"
+    for f in "$module"/*.c "$module"/*.h; do
+        [[ -e $f ]] || continue
+        a=$(basename "$f")
+        sed -n 's/^[[:space:]]*#[[:space:]]*include[[:space:]]*"\([^"]*\)".*/\1/p' "$f" |
+            while read -r inc; do
+                b=${inc#"$mod"/}
+                if [[ $b != */* && -e $module/$b && $b != "$a" ]]; then
+                    echo "$a $b" >>"$tmp/inc"
+                fi
+            done
+    done
+    if ! out=$(tsort "$tmp/inc" 2>&1 >/dev/null) || [[ -n $out ]]; then
+        echo "check_cycles: $module has an include cycle:" >&2
+        echo "$out" >&2
+        status=1
+    else
+        echo "   no include cycle ($(wc -l <"$tmp/inc") includes between its files)"
     fi
     rm -rf "$tmp"
 done
