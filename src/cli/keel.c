@@ -30,6 +30,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cliutil.h"
 #include "keel/keel.h"
 #ifdef KEEL_HAVE_SERVER
 #include "server.h"
