@@ -30,6 +30,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cliutil.h"
 #include "keel/keel.h"
 #ifdef KEEL_HAVE_SERVER
 #include "server.h"
@@ -126,20 +127,8 @@ static void print_help(FILE *f)
           f);
 }
 
-static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
 /* Prints "keel: <why>" and a pointer to --help; returns EXIT_USAGE. */
-static int usage_error(const char *fmt, ...)
-{
-    va_list ap;
-
-    fputs("keel: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputs("\nTry 'keel --help'.\n", stderr);
-    return EXIT_USAGE;
-}
+#define usage_error(...) keel__cli_usage_error("keel", EXIT_USAGE, __VA_ARGS__)
 
 static bool parse_int64(const char *s, int64_t *out)
 {

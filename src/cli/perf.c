@@ -2,11 +2,11 @@
  * perf.c: `keel perf`, a KServe V2 HTTP load generator in the manner of Triton's perf_analyzer.
  *
  * DESIGN
- * Parses the options, prepares the workload (model metadata, request bodies; perf_core.c),
- * then runs one measurement per load level: a concurrency sweep (closed loop) or a request-rate
- * sweep (open loop, latency from each request's due time). Per level it prints one table row
- * on standard output and, with --csv, one CSV row; the progress line goes to standard error
- * only when it is a terminal. Single-threaded. Exit status: 0 every measured request
+ * Parses the options, prepares the workload (model metadata, request bodies;
+ * src/perf/perf_bodies.c), then runs one measurement per load level: a concurrency sweep (closed
+ * loop) or a request-rate sweep (open loop, latency from each request's due time). Per level it
+ * prints one table row on standard output and, with --csv, one CSV row; the progress line goes to
+ * standard error only when it is a terminal. Single-threaded. Exit status: 0 every measured request
  * succeeded, 1 some failed (or the run could not start), 2 usage error.
  */
 #include <errno.h>
@@ -66,19 +66,7 @@ static void perf_help(FILE *f)
           f);
 }
 
-static int perf_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static int perf_usage(const char *fmt, ...)
-{
-    va_list ap;
-
-    fputs("keel perf: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputs("\nTry 'keel perf --help'.\n", stderr);
-    return PERF_EXIT_USAGE;
-}
+#define perf_usage(...) keel__cli_usage_error("keel perf", PERF_EXIT_USAGE, __VA_ARGS__)
 
 /* "A", "A:B" or "A:B:S" of positive numbers. */
 static bool parse_range(const char *s, double *a, double *b, double *step, double max)
@@ -94,13 +82,13 @@ static bool parse_range(const char *s, double *a, double *b, double *step, doubl
     p2 = p1 != NULL ? strchr(p1, ':') : NULL;
     if (p2 != NULL)
         *p2++ = '\0';
-    if (!perf_parse_double(tmp, 1e-3, max, a))
+    if (!keel__cli_parse_double(tmp, 1e-3, max, a))
         return false;
     *b = *a;
     *step = 1;
-    if (p1 != NULL && !perf_parse_double(p1, *a, max, b))
+    if (p1 != NULL && !keel__cli_parse_double(p1, *a, max, b))
         return false;
-    if (p2 != NULL && !perf_parse_double(p2, 1e-3, max, step))
+    if (p2 != NULL && !keel__cli_parse_double(p2, 1e-3, max, step))
         return false;
     return true;
 }
@@ -159,7 +147,7 @@ int keel_perf_main(int argc, char **argv)
         } else if (strcmp(name, "--model-version") == 0) {
             uint64_t x;
             TAKE();
-            if (!perf_parse_u64(v, 0, INT64_MAX, &x))
+            if (!keel__cli_parse_u64(v, 0, INT64_MAX, &x))
                 return perf_usage("--model-version: '%s' is not a version number", v);
             w.version = (char *)v;
         } else if (strcmp(name, "--endpoint") == 0) {
@@ -185,12 +173,12 @@ int keel_perf_main(int argc, char **argv)
         } else if (strcmp(name, "--max-connections") == 0) {
             uint64_t x;
             TAKE();
-            if (!perf_parse_u64(v, 1, 100000, &x))
+            if (!keel__cli_parse_u64(v, 1, 100000, &x))
                 return perf_usage("--max-connections: '%s' is not in 1..100000", v);
             lo.max_connections = (unsigned)x;
         } else if (strcmp(name, "-b") == 0 || strcmp(name, "--batch-size") == 0) {
             TAKE();
-            if (!perf_parse_u64(v, 1, 1u << 20, &batch))
+            if (!keel__cli_parse_u64(v, 1, 1u << 20, &batch))
                 return perf_usage("--batch-size: '%s' is not in 1..1048576", v);
         } else if (strcmp(name, "--input-tensor-format") == 0) {
             TAKE();
@@ -209,19 +197,19 @@ int keel_perf_main(int argc, char **argv)
             w.ninputs++;
         } else if (strcmp(name, "--seed") == 0) {
             TAKE();
-            if (!perf_parse_u64(v, 1, UINT64_MAX, &d.seed))
+            if (!keel__cli_parse_u64(v, 1, UINT64_MAX, &d.seed))
                 return perf_usage("--seed: '%s' is not a positive integer", v);
         } else if (strcmp(name, "--warmup") == 0) {
             TAKE();
-            if (!perf_parse_double(v, 0, 86400, &lo.warmup_s))
+            if (!keel__cli_parse_double(v, 0, 86400, &lo.warmup_s))
                 return perf_usage("--warmup: '%s' is not in 0..86400 seconds", v);
         } else if (strcmp(name, "-d") == 0 || strcmp(name, "--duration") == 0) {
             TAKE();
-            if (!perf_parse_double(v, 0.01, 86400 * 30, &lo.duration_s))
+            if (!keel__cli_parse_double(v, 0.01, 86400 * 30, &lo.duration_s))
                 return perf_usage("--duration: '%s' is not a positive number of seconds", v);
         } else if (strcmp(name, "--timeout") == 0) {
             TAKE();
-            if (!perf_parse_double(v, 0.001, 3600, &lo.timeout_s))
+            if (!keel__cli_parse_double(v, 0.001, 3600, &lo.timeout_s))
                 return perf_usage("--timeout: '%s' is not in 0.001..3600 seconds", v);
         } else if (strcmp(name, "-f") == 0 || strcmp(name, "--csv") == 0) {
             TAKE();

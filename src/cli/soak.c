@@ -4,10 +4,12 @@
  * DESIGN
  * Three threads, each with its own HTTP connection:
  *   main     starts `keel serve` itself (or attaches to --url/--pid), takes an idle baseline,
- *            runs the load loop of perf_core.c (an optional steady phase without swaps, then
- *            the swap phase until the swap thread sets `stop`), waits for the server to go
- *            idle again, takes a final idle sample, stops the server it started, and writes
- *            the verdict, the CSV and the SVG.
+ *            runs the load loop of src/perf/perf_load.c (an optional steady phase without
+ *            swaps, then the swap phase until the swap thread sets `stop`), waits for the
+ *            server to go idle again, takes a final idle sample, stops the server it
+ *            started, and writes the verdict, the CSV and the SVG. keel_soak_main runs
+ *            these as phases: soak_parse_args, soak_prepare, soak_baseline, soak_run,
+ *            soak_report.
  *   swapper  POST /v2/repository/models/{m}/load every --swap-interval (a reload: keel builds
  *            a new generation and swaps it in), toggling --load-unload models with each swap;
  *            counts and names failures; sets `stop` after --swaps swaps.
@@ -121,6 +123,9 @@ typedef struct soak {
     char swap_notes[4][200];
     size_t nswap_notes;
     double swap_max_s;
+    /* the threads of the run (main thread only) */
+    pthread_t sampler, swapper;
+    bool sampler_up, swapper_up;
 } soak;
 
 static void soak_help(FILE *f)
@@ -162,8 +167,8 @@ static void soak_help(FILE *f)
           "  --sample-interval SECS        (default 1)\n"
           "  --warmup-fraction F           share of the swap phase left out of the verdict\n"
           "                                (default 0.25)\n"
-          "  --rss-tolerance BYTES         RSS growth allowed after the warm-up, suffix k/m\n"
-          "                                (default 512k)\n"
+          "  --rss-tolerance BYTES         RSS growth allowed after the warm-up, suffix\n"
+          "                                k/m/g (default 512k)\n"
           "  --csv FILE                    one row per sample\n"
           "  --svg FILE                    a plot of every series over time\n"
           "  -h, --help                    print this help\n"
@@ -177,19 +182,7 @@ static void soak_help(FILE *f)
           f);
 }
 
-static int soak_usage(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static int soak_usage(const char *fmt, ...)
-{
-    va_list ap;
-
-    fputs("keel soak: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputs("\nTry 'keel soak --help'.\n", stderr);
-    return PERF_EXIT_USAGE;
-}
+#define soak_usage(...) keel__cli_usage_error("keel soak", PERF_EXIT_USAGE, __VA_ARGS__)
 
 static void sleep_s(double s)
 {
@@ -825,25 +818,6 @@ static bool write_svg(const soak *s, const char *path, const verdict v[S_COUNT_]
 
 /* ---------------------------------------------------------------- main */
 
-static bool parse_bytes(const char *s, double *out)
-{
-    char *end;
-    double v;
-
-    errno = 0;
-    v = strtod(s, &end);
-    if (end == s || errno != 0 || v < 0)
-        return false;
-    if (*end == 'k' || *end == 'K')
-        v *= 1024, end++;
-    else if (*end == 'm' || *end == 'M')
-        v *= 1048576, end++;
-    if (*end != '\0')
-        return false;
-    *out = v;
-    return true;
-}
-
 /*
  * Waits until the gauges that follow requests in flight read 0 and every other count (fds,
  * threads, memfds, children, live generations and contexts) is back at its value in ref (when
@@ -895,24 +869,11 @@ static void settle(soak *s, perf_client *c, const sample *base)
     push_sample(s, &x);
 }
 
-int keel_soak_main(int argc, char **argv)
-{
-    soak S;
-    soak *s = &S;
-    const char *format = "json";
-    uint64_t batch = 1;
-    char err[512];
-    int rc = PERF_EXIT_RUNTIME, srv_rc = 0;
-    pthread_t sampler, swapper;
-    bool sampler_up = false, swapper_up = false;
-    perf_result steady, during;
-    bool steady_init = false, during_init = false;
-    perf_client ctl;
-    sample base;
-    verdict v[S_COUNT_];
-    double ws = 0, we = 0;
-    bool started = false;
+/* ---------------------------------------------------------------- the phases of a run */
 
+/* Every option's default; the mutex. */
+static void soak_init(soak *s)
+{
     memset(s, 0, sizeof(*s));
     s->child = -1;
     s->child_out = -1;
@@ -928,7 +889,13 @@ int keel_soak_main(int argc, char **argv)
     s->lo.timeout_s = 30;
     s->lo.progress = true;
     pthread_mutex_init(&s->mu, NULL);
-    perf_client_init(&ctl, &s->w.target);
+}
+
+/* Parses the options into s. Returns -1 to go on, or the exit status (--help, usage error). */
+static int soak_parse_args(soak *s, int argc, char **argv)
+{
+    const char *format = "json";
+    uint64_t batch = 1;
 
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *val = NULL;
@@ -955,7 +922,7 @@ int keel_soak_main(int argc, char **argv)
             s->url = val;
         } else if (strcmp(a, "--pid") == 0) {
             TAKE();
-            if (!perf_parse_u64(val, 1, INT32_MAX, &x))
+            if (!keel__cli_parse_u64(val, 1, INT32_MAX, &x))
                 return soak_usage("--pid: '%s' is not a process id", val);
             s->pid = (pid_t)x;
         } else if (strcmp(a, "-m") == 0 || strcmp(a, "--model") == 0) {
@@ -963,11 +930,11 @@ int keel_soak_main(int argc, char **argv)
             s->model = val;
         } else if (strcmp(a, "--swaps") == 0) {
             TAKE();
-            if (!perf_parse_u64(val, 1, UINT32_MAX, &s->swaps))
+            if (!keel__cli_parse_u64(val, 1, UINT32_MAX, &s->swaps))
                 return soak_usage("--swaps: '%s' is not a positive integer", val);
         } else if (strcmp(a, "--swap-interval") == 0) {
             TAKE();
-            if (!perf_parse_double(val, 0, 86400, &s->swap_interval))
+            if (!keel__cli_parse_double(val, 0, 86400, &s->swap_interval))
                 return soak_usage("--swap-interval: '%s' is not in 0..86400 seconds", val);
         } else if (strcmp(a, "--load-unload") == 0) {
             TAKE();
@@ -976,26 +943,26 @@ int keel_soak_main(int argc, char **argv)
             s->load_unload[s->nload_unload++] = val;
         } else if (strcmp(a, "--steady-secs") == 0) {
             TAKE();
-            if (!perf_parse_double(val, 0, 86400, &s->steady_s))
+            if (!keel__cli_parse_double(val, 0, 86400, &s->steady_s))
                 return soak_usage("--steady-secs: '%s' is not in 0..86400", val);
         } else if (strcmp(a, "--concurrency") == 0) {
             TAKE();
-            if (!perf_parse_u64(val, 1, 10000, &x))
+            if (!keel__cli_parse_u64(val, 1, 10000, &x))
                 return soak_usage("--concurrency: '%s' is not in 1..10000", val);
             s->lo.concurrency = (unsigned)x;
             s->lo.rate = 0;
         } else if (strcmp(a, "--request-rate") == 0) {
             TAKE();
-            if (!perf_parse_double(val, 0.001, 1e7, &s->lo.rate))
+            if (!keel__cli_parse_double(val, 0.001, 1e7, &s->lo.rate))
                 return soak_usage("--request-rate: '%s' is not a positive rate", val);
         } else if (strcmp(a, "--max-connections") == 0) {
             TAKE();
-            if (!perf_parse_u64(val, 1, 100000, &x))
+            if (!keel__cli_parse_u64(val, 1, 100000, &x))
                 return soak_usage("--max-connections: '%s' is not in 1..100000", val);
             s->lo.max_connections = (unsigned)x;
         } else if (strcmp(a, "-b") == 0 || strcmp(a, "--batch-size") == 0) {
             TAKE();
-            if (!perf_parse_u64(val, 1, 1u << 20, &batch))
+            if (!keel__cli_parse_u64(val, 1, 1u << 20, &batch))
                 return soak_usage("--batch-size: '%s' is not in 1..1048576", val);
         } else if (strcmp(a, "--input-tensor-format") == 0) {
             TAKE();
@@ -1007,20 +974,22 @@ int keel_soak_main(int argc, char **argv)
             s->d.input_data = val;
         } else if (strcmp(a, "--timeout") == 0) {
             TAKE();
-            if (!perf_parse_double(val, 0.001, 3600, &s->lo.timeout_s))
+            if (!keel__cli_parse_double(val, 0.001, 3600, &s->lo.timeout_s))
                 return soak_usage("--timeout: '%s' is not in 0.001..3600 seconds", val);
         } else if (strcmp(a, "--sample-interval") == 0) {
             TAKE();
-            if (!perf_parse_double(val, 0.01, 3600, &s->sample_interval))
+            if (!keel__cli_parse_double(val, 0.01, 3600, &s->sample_interval))
                 return soak_usage("--sample-interval: '%s' is not in 0.01..3600 seconds", val);
         } else if (strcmp(a, "--warmup-fraction") == 0) {
             TAKE();
-            if (!perf_parse_double(val, 0, 0.9, &s->warmup_fraction))
+            if (!keel__cli_parse_double(val, 0, 0.9, &s->warmup_fraction))
                 return soak_usage("--warmup-fraction: '%s' is not in 0..0.9", val);
         } else if (strcmp(a, "--rss-tolerance") == 0) {
             TAKE();
-            if (!parse_bytes(val, &s->rss_tolerance))
-                return soak_usage("--rss-tolerance: '%s' is not a byte count (k/m allowed)", val);
+            uint64_t bytes;
+            if (!keel__cli_parse_bytes(val, 0, UINT64_C(1) << 50, &bytes))
+                return soak_usage("--rss-tolerance: '%s' is not a byte count (k/m/g allowed)", val);
+            s->rss_tolerance = (double)bytes;
         } else if (strcmp(a, "--csv") == 0) {
             TAKE();
             s->csv_path = val;
@@ -1048,27 +1017,34 @@ int keel_soak_main(int argc, char **argv)
     s->w.model = (char *)s->model;
     s->w.batch = (unsigned)batch;
     s->w.binary = strcmp(format, "binary") == 0;
+    return -1;
+}
+
+/* Starts the server (or resolves --url) and builds the requests. Returns PERF_EXIT_OK, or the
+ * exit status after printing why. */
+static int soak_prepare(soak *s)
+{
+    char err[512];
 
     s->t0 = perf_now();
     if (s->repo != NULL) {
         if (!server_start(s, err, sizeof(err))) {
             fprintf(stderr, "keel soak: %s\n", err);
-            goto done;
+            return PERF_EXIT_RUNTIME;
         }
     } else if (!perf_target_parse(s->url, &s->w.target, err, sizeof(err))) {
         fprintf(stderr, "keel soak: %s\n", err);
-        rc = PERF_EXIT_USAGE;
-        goto done;
+        return PERF_EXIT_USAGE;
     }
     if (!perf_workload_prepare(&s->w, &s->d, err, sizeof(err))) {
         fprintf(stderr, "keel soak: %s\n", err);
-        goto done;
+        return PERF_EXIT_RUNTIME;
     }
-    if (!perf_result_init(&steady) || !perf_result_init(&during)) {
-        fprintf(stderr, "keel soak: out of memory\n");
-        goto done;
-    }
-    steady_init = during_init = true;
+    return PERF_EXIT_OK;
+}
+
+static void print_banner(const soak *s)
+{
     printf("keel soak: model %s on %s:%s (pid %d), %" PRIu64 " swaps every %.3g s, load %s %g, "
            "batch %u, %s tensors\n",
            s->model, s->w.target.host, s->w.target.port, (int)s->pid, s->swaps, s->swap_interval,
@@ -1076,185 +1052,268 @@ int keel_soak_main(int argc, char **argv)
            s->lo.rate > 0 ? s->lo.rate : (double)s->lo.concurrency, s->w.batch,
            s->w.binary ? "binary" : "JSON");
     fflush(stdout);
+}
 
-    /* The idle baseline: taken after a short priming load and one reload, so that whatever
-     * the server creates once on first use (thread pools, caches) is already there, and
-     * after the priming connections are closed on the server's side. */
+/*
+ * The idle baseline into *base: taken after a short priming load and one reload, so that
+ * whatever the server creates once on first use (thread pools, caches) is already there, and
+ * after the priming connections are closed on the server's side. Failed priming requests
+ * count as failures of the steady phase. False (message printed) if the load could not run.
+ */
+static bool soak_baseline(soak *s, perf_client *ctl, perf_result *steady, sample *base)
+{
+    perf_result prime;
+    perf_load_opts plo = s->lo;
+    sample pre;
+    char err[512];
+
     atomic_store(&s->phase, PH_BASELINE);
-    {
-        perf_result prime;
-        perf_load_opts plo = s->lo;
-        sample pre;
-        take_sample(s, &ctl, &pre);
-        plo.warmup_s = 0;
-        plo.duration_s = 0.5;
-        plo.progress = false;
-        if (!perf_result_init(&prime) || !perf_load_run(&s->w, &plo, &prime, err, sizeof(err))) {
-            fprintf(stderr, "keel soak: priming load: %s\n", err);
-            perf_result_fini(&prime);
-            goto done;
-        }
-        steady.failed += prime.failed;
-        for (size_t k = 0; k < prime.nnotes; k++)
-            printf("  failed request (priming): %s\n", prime.notes[k]);
+    take_sample(s, ctl, &pre);
+    plo.warmup_s = 0;
+    plo.duration_s = 0.5;
+    plo.progress = false;
+    if (!perf_result_init(&prime) || !perf_load_run(&s->w, &plo, &prime, err, sizeof(err))) {
+        fprintf(stderr, "keel soak: priming load: %s\n", err);
         perf_result_fini(&prime);
-        if (!repo_call(s, &ctl, s->model, "load"))
-            s->swap_failed++;
-        wait_quiet(s, &ctl, &pre, &base);
-        base.phase = PH_BASELINE;
+        return false;
     }
-    push_sample(s, &base);
-    if (pthread_create(&sampler, NULL, sampler_main, s) != 0) {
+    steady->failed += prime.failed;
+    for (size_t k = 0; k < prime.nnotes; k++)
+        printf("  failed request (priming): %s\n", prime.notes[k]);
+    perf_result_fini(&prime);
+    if (!repo_call(s, ctl, s->model, "load"))
+        s->swap_failed++;
+    wait_quiet(s, ctl, &pre, base);
+    base->phase = PH_BASELINE;
+    return true;
+}
+
+/* Stops and joins the swap and sampler threads that are still running (any exit path). */
+static void soak_join_threads(soak *s)
+{
+    if (s->swapper_up) {
+        atomic_store(&s->stop, true);
+        pthread_join(s->swapper, NULL);
+        s->swapper_up = false;
+    }
+    if (s->sampler_up) {
+        atomic_store(&s->sampler_stop, true);
+        pthread_join(s->sampler, NULL);
+        s->sampler_up = false;
+    }
+}
+
+/*
+ * The sampled run: the sampler thread from the baseline on, the steady phase (--steady-secs),
+ * the swap phase (the load until the swap thread is done), then the threads joined and the
+ * server left to settle. False (message printed) if a thread or a load could not start; the
+ * caller joins what runs (soak_join_threads).
+ */
+static bool soak_run(soak *s, perf_client *ctl, const sample *base, perf_result *steady,
+                     perf_result *during)
+{
+    char err[512];
+
+    push_sample(s, base);
+    if (pthread_create(&s->sampler, NULL, sampler_main, s) != 0) {
         fprintf(stderr, "keel soak: cannot start the sampler thread\n");
-        goto done;
+        return false;
     }
-    sampler_up = true;
+    s->sampler_up = true;
 
     if (s->steady_s > 0) {
         atomic_store(&s->phase, PH_STEADY);
         s->lo.warmup_s = fmin(1.0, s->steady_s / 4);
         s->lo.duration_s = s->steady_s;
         s->lo.label = "steady";
-        if (!perf_load_run(&s->w, &s->lo, &steady, err, sizeof(err))) {
+        if (!perf_load_run(&s->w, &s->lo, steady, err, sizeof(err))) {
             fprintf(stderr, "keel soak: %s\n", err);
-            goto done;
+            return false;
         }
     }
     atomic_store(&s->phase, PH_SWAP);
-    if (pthread_create(&swapper, NULL, swapper_main, s) != 0) {
+    if (pthread_create(&s->swapper, NULL, swapper_main, s) != 0) {
         fprintf(stderr, "keel soak: cannot start the swap thread\n");
-        goto done;
+        return false;
     }
-    swapper_up = true;
+    s->swapper_up = true;
     s->lo.warmup_s = 0;
     s->lo.duration_s = 0;
     s->lo.stop = &s->stop;
     s->lo.label = "swapping";
-    if (!perf_load_run(&s->w, &s->lo, &during, err, sizeof(err))) {
+    if (!perf_load_run(&s->w, &s->lo, during, err, sizeof(err))) {
         fprintf(stderr, "keel soak: %s\n", err);
         atomic_store(&s->stop, true);
+        return false;
+    }
+    pthread_join(s->swapper, NULL);
+    s->swapper_up = false;
+    atomic_store(&s->sampler_stop, true);
+    pthread_join(s->sampler, NULL);
+    s->sampler_up = false;
+    perf_client_init(ctl, &s->w.target);
+    settle(s, ctl, base);
+    perf_client_fini(ctl);
+    return true;
+}
+
+/* The verdict window and one row per judged series; *grows / *idle_fail and the names of the
+ * series that failed (comma-separated into names / idle_names). */
+static void report_series(const soak *s, const verdict v[S_COUNT_], double ws, double we,
+                          bool *grows, char *names, size_t nlen, bool *idle_fail, char *idle_names,
+                          size_t ilen)
+{
+    size_t off = 0, ioff = 0;
+    uint64_t sw0 = 0, sw1 = 0;
+
+    for (size_t i = 0; i < s->nsamples; i++) {
+        if (s->samples[i].phase == PH_SWAP && s->samples[i].t <= ws)
+            sw0 = s->samples[i].swaps;
+        if (s->samples[i].phase == PH_SWAP && s->samples[i].t <= we)
+            sw1 = s->samples[i].swaps;
+    }
+    printf("\nverdict window: %.1f s .. %.1f s, swaps %" PRIu64 " .. %" PRIu64
+           " (after %.0f %% warm-up of the swap phase)\n",
+           ws, we, sw0, sw1, s->warmup_fraction * 100);
+    printf("%-22s %14s %14s %14s %12s %8s  %s\n", "series", "fitted growth", "floor rise",
+           "tolerance", "idle before", "after", "verdict");
+    for (int k = 0; k < S_COUNT_; k++) {
+        char g[32], fr[32], tol[32];
+        if (!v[k].present)
+            continue;
+        fmt_value(k, v[k].growth, g, sizeof(g));
+        fmt_value(k, v[k].floor_rise, fr, sizeof(fr));
+        if (k == S_RSS)
+            snprintf(tol, sizeof(tol), "%.2f MiB", v[k].tolerance / 1048576.0);
+        else
+            snprintf(tol, sizeof(tol), "%.1f", v[k].tolerance);
+        printf("%-22s %14s %14s %14s %12.0f %8.0f  %s\n", series[k].name, g, fr, tol,
+               v[k].idle_before, v[k].idle_after,
+               v[k].grows       ? "GROWS"
+               : v[k].idle_fail ? "NOT IDLE"
+                                : "flat");
+        if (v[k].grows) {
+            *grows = true;
+            off +=
+                (size_t)snprintf(names + off, nlen - off, "%s%s", off ? "," : "", series[k].name);
+        }
+        if (v[k].idle_fail) {
+            *idle_fail = true;
+            ioff += (size_t)snprintf(idle_names + ioff, ilen - ioff, "%s%s", ioff ? "," : "",
+                                     series[k].name);
+        }
+    }
+}
+
+/* Requests, swaps and latencies (during the swaps, and in the steady phase if there was one). */
+static void report_traffic(const soak *s, const perf_result *steady, const perf_result *during)
+{
+    char errs[512];
+
+    perf_result_errors(during, errs, sizeof(errs));
+    printf("\nrequests: %" PRIu64 " ok, %" PRIu64 " failed%s%s\n", during->ok + steady->ok,
+           during->failed + steady->failed, errs[0] != '\0' ? " " : "", errs);
+    for (size_t k = 0; k < during->nnotes; k++)
+        printf("  failed request: %s\n", during->notes[k]);
+    for (size_t k = 0; k < steady->nnotes; k++)
+        printf("  failed request (steady phase): %s\n", steady->notes[k]);
+    printf("swaps: %" PRIu64 " ok, %" PRIu64 " failed, slowest %.1f ms\n", s->swap_ok,
+           s->swap_failed, s->swap_max_s * 1e3);
+    for (size_t k = 0; k < s->nswap_notes; k++)
+        printf("  failed swap: %s\n", s->swap_notes[k]);
+    printf("latency during swaps: p50 %.3f ms, p99 %.3f ms, p99.9 %.3f ms, max %.3f ms, "
+           "%.0f req/s\n",
+           (double)perf_hist_quantile(&during->hist, 0.5) / 1e6,
+           (double)perf_hist_quantile(&during->hist, 0.99) / 1e6,
+           (double)perf_hist_quantile(&during->hist, 0.999) / 1e6, (double)during->hist.max / 1e6,
+           during->window_s > 0 ? (double)during->completed / during->window_s : 0.0);
+    if (s->steady_s > 0 && steady->hist.total > 0)
+        printf("latency steady (no swaps): p50 %.3f ms, p99 %.3f ms, p99.9 %.3f ms, max "
+               "%.3f ms, %.0f req/s; p99 during swaps / steady = %.2f\n",
+               (double)perf_hist_quantile(&steady->hist, 0.5) / 1e6,
+               (double)perf_hist_quantile(&steady->hist, 0.99) / 1e6,
+               (double)perf_hist_quantile(&steady->hist, 0.999) / 1e6,
+               (double)steady->hist.max / 1e6,
+               steady->window_s > 0 ? (double)steady->completed / steady->window_s : 0.0,
+               (double)perf_hist_quantile(&during->hist, 0.99) /
+                   (double)perf_hist_quantile(&steady->hist, 0.99));
+}
+
+/* The report on standard output, ending with the one-line verdict. Returns the exit status:
+ * PERF_EXIT_OK only if every series is flat and idle again and nothing failed. */
+static int soak_report(const soak *s, const verdict v[S_COUNT_], double ws, double we,
+                       const perf_result *steady, const perf_result *during, bool started,
+                       int srv_rc)
+{
+    bool grows = false, idle_fail = false;
+    int judged = 0;
+    char names[512] = "", idle_names[512] = "";
+
+    report_series(s, v, ws, we, &grows, names, sizeof(names), &idle_fail, idle_names,
+                  sizeof(idle_names));
+    report_traffic(s, steady, during);
+    if (started)
+        printf("server exit status: %d\n", srv_rc);
+    for (int k = 0; k < S_COUNT_; k++)
+        judged += v[k].present;
+    if (judged == 0)
+        printf("\nno series has 4 samples in the verdict window: make the swap phase "
+               "longer (--swaps, --swap-interval) or sample more often "
+               "(--sample-interval)\n");
+    printf("verdict=%s", grows || idle_fail ? "grows" : judged == 0 ? "unknown" : "flat");
+    if (grows)
+        printf(" series=%s", names);
+    if (idle_fail)
+        printf(" not_idle=%s", idle_names);
+    printf(" failed_requests=%" PRIu64 " failed_swaps=%" PRIu64 "\n",
+           during->failed + steady->failed, s->swap_failed);
+    fflush(stdout);
+    if (grows || idle_fail || judged == 0 || during->failed + steady->failed > 0 ||
+        s->swap_failed > 0 || srv_rc != 0)
+        return PERF_EXIT_VERDICT;
+    return PERF_EXIT_OK;
+}
+
+int keel_soak_main(int argc, char **argv)
+{
+    soak S;
+    soak *s = &S;
+    int rc = PERF_EXIT_RUNTIME, srv_rc = 0;
+    perf_result steady, during;
+    bool steady_init = false, during_init = false;
+    perf_client ctl;
+    sample base;
+    verdict v[S_COUNT_];
+    double ws = 0, we = 0;
+    bool started;
+
+    soak_init(s);
+    perf_client_init(&ctl, &s->w.target);
+    if ((rc = soak_parse_args(s, argc, argv)) >= 0)
+        return rc;
+    if ((rc = soak_prepare(s)) != PERF_EXIT_OK)
+        goto done;
+    rc = PERF_EXIT_RUNTIME;
+    if (!perf_result_init(&steady) || !perf_result_init(&during)) {
+        fprintf(stderr, "keel soak: out of memory\n");
         goto done;
     }
-    pthread_join(swapper, NULL);
-    swapper_up = false;
-    atomic_store(&s->sampler_stop, true);
-    pthread_join(sampler, NULL);
-    sampler_up = false;
-    perf_client_init(&ctl, &s->w.target);
-    settle(s, &ctl, &base);
-    perf_client_fini(&ctl);
+    steady_init = during_init = true;
+    print_banner(s);
+    if (!soak_baseline(s, &ctl, &steady, &base) || !soak_run(s, &ctl, &base, &steady, &during))
+        goto done;
 
     judge(s, v, &ws, &we);
     started = s->child > 0;
     if (started)
         srv_rc = server_stop(s);
-
-    /* The report. */
-    {
-        char errs[512];
-        bool grows = false, idle_fail = false;
-        int judged = 0;
-        char names[512] = "", idle_names[512] = "";
-        size_t off = 0, ioff = 0;
-        perf_result_errors(&during, errs, sizeof(errs));
-        uint64_t sw0 = 0, sw1 = 0;
-        for (size_t i = 0; i < s->nsamples; i++) {
-            if (s->samples[i].phase == PH_SWAP && s->samples[i].t <= ws)
-                sw0 = s->samples[i].swaps;
-            if (s->samples[i].phase == PH_SWAP && s->samples[i].t <= we)
-                sw1 = s->samples[i].swaps;
-        }
-        printf("\nverdict window: %.1f s .. %.1f s, swaps %" PRIu64 " .. %" PRIu64
-               " (after %.0f %% warm-up of the swap phase)\n",
-               ws, we, sw0, sw1, s->warmup_fraction * 100);
-        printf("%-22s %14s %14s %14s %12s %8s  %s\n", "series", "fitted growth", "floor rise",
-               "tolerance", "idle before", "after", "verdict");
-        for (int k = 0; k < S_COUNT_; k++) {
-            char g[32], fr[32], tol[32];
-            if (!v[k].present)
-                continue;
-            fmt_value(k, v[k].growth, g, sizeof(g));
-            fmt_value(k, v[k].floor_rise, fr, sizeof(fr));
-            if (k == S_RSS)
-                snprintf(tol, sizeof(tol), "%.2f MiB", v[k].tolerance / 1048576.0);
-            else
-                snprintf(tol, sizeof(tol), "%.1f", v[k].tolerance);
-            printf("%-22s %14s %14s %14s %12.0f %8.0f  %s\n", series[k].name, g, fr, tol,
-                   v[k].idle_before, v[k].idle_after,
-                   v[k].grows       ? "GROWS"
-                   : v[k].idle_fail ? "NOT IDLE"
-                                    : "flat");
-            if (v[k].grows) {
-                grows = true;
-                off += (size_t)snprintf(names + off, sizeof(names) - off, "%s%s", off ? "," : "",
-                                        series[k].name);
-            }
-            if (v[k].idle_fail) {
-                idle_fail = true;
-                ioff += (size_t)snprintf(idle_names + ioff, sizeof(idle_names) - ioff, "%s%s",
-                                         ioff ? "," : "", series[k].name);
-            }
-        }
-        printf("\nrequests: %" PRIu64 " ok, %" PRIu64 " failed%s%s\n", during.ok + steady.ok,
-               during.failed + steady.failed, errs[0] != '\0' ? " " : "", errs);
-        for (size_t k = 0; k < during.nnotes; k++)
-            printf("  failed request: %s\n", during.notes[k]);
-        for (size_t k = 0; k < steady.nnotes; k++)
-            printf("  failed request (steady phase): %s\n", steady.notes[k]);
-        printf("swaps: %" PRIu64 " ok, %" PRIu64 " failed, slowest %.1f ms\n", s->swap_ok,
-               s->swap_failed, s->swap_max_s * 1e3);
-        for (size_t k = 0; k < s->nswap_notes; k++)
-            printf("  failed swap: %s\n", s->swap_notes[k]);
-        printf("latency during swaps: p50 %.3f ms, p99 %.3f ms, p99.9 %.3f ms, max %.3f ms, "
-               "%.0f req/s\n",
-               (double)perf_hist_quantile(&during.hist, 0.5) / 1e6,
-               (double)perf_hist_quantile(&during.hist, 0.99) / 1e6,
-               (double)perf_hist_quantile(&during.hist, 0.999) / 1e6, (double)during.hist.max / 1e6,
-               during.window_s > 0 ? (double)during.completed / during.window_s : 0.0);
-        if (s->steady_s > 0 && steady.hist.total > 0)
-            printf("latency steady (no swaps): p50 %.3f ms, p99 %.3f ms, p99.9 %.3f ms, max "
-                   "%.3f ms, %.0f req/s; p99 during swaps / steady = %.2f\n",
-                   (double)perf_hist_quantile(&steady.hist, 0.5) / 1e6,
-                   (double)perf_hist_quantile(&steady.hist, 0.99) / 1e6,
-                   (double)perf_hist_quantile(&steady.hist, 0.999) / 1e6,
-                   (double)steady.hist.max / 1e6,
-                   steady.window_s > 0 ? (double)steady.completed / steady.window_s : 0.0,
-                   (double)perf_hist_quantile(&during.hist, 0.99) /
-                       (double)perf_hist_quantile(&steady.hist, 0.99));
-        if (started)
-            printf("server exit status: %d\n", srv_rc);
-        for (int k = 0; k < S_COUNT_; k++)
-            judged += v[k].present;
-        if (judged == 0)
-            printf("\nno series has 4 samples in the verdict window: make the swap phase "
-                   "longer (--swaps, --swap-interval) or sample more often "
-                   "(--sample-interval)\n");
-        printf("verdict=%s", grows || idle_fail ? "grows" : judged == 0 ? "unknown" : "flat");
-        if (grows)
-            printf(" series=%s", names);
-        if (idle_fail)
-            printf(" not_idle=%s", idle_names);
-        printf(" failed_requests=%" PRIu64 " failed_swaps=%" PRIu64 "\n",
-               during.failed + steady.failed, s->swap_failed);
-        fflush(stdout);
-        rc = PERF_EXIT_OK;
-        if (grows || idle_fail || judged == 0 || during.failed + steady.failed > 0 ||
-            s->swap_failed > 0 || srv_rc != 0)
-            rc = PERF_EXIT_VERDICT;
-    }
+    rc = soak_report(s, v, ws, we, &steady, &during, started, srv_rc);
     if (s->csv_path != NULL && !write_csv(s, s->csv_path))
         rc = PERF_EXIT_RUNTIME;
     if (s->svg_path != NULL && !write_svg(s, s->svg_path, v, ws, we))
         rc = PERF_EXIT_RUNTIME;
 done:
-    if (swapper_up) {
-        atomic_store(&s->stop, true);
-        pthread_join(swapper, NULL);
-    }
-    if (sampler_up) {
-        atomic_store(&s->sampler_stop, true);
-        pthread_join(sampler, NULL);
-    }
+    soak_join_threads(s);
     if (s->child > 0 && rc == PERF_EXIT_RUNTIME)
         (void)server_stop(s);
     perf_client_fini(&ctl);

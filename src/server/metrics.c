@@ -19,6 +19,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include "metrics.h"
 #include "server_internal.h"
 
 /* ---------------------------------------------------------------- a growable buffer */

@@ -71,7 +71,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "reply.h"
+#include "server_control.h"
 #include "server_internal.h"
+#include "server_log.h"
+#include "server_routes.h"
 
 #define WATCH_INTERVAL_MS 10
 #define SMALL_BODY_LIMIT (1u << 20) /* JSON bodies of index/load/unload */
@@ -142,74 +146,6 @@ static struct timespec deadline_in_ms(uint64_t ms)
     return ts;
 }
 
-unsigned keel__srv_http_status(keel_err err)
-{
-    switch (err) {
-    case KEEL_OK:
-        return MHD_HTTP_OK;
-    case KEEL_EINVAL:
-    case KEEL_ECONFIG:
-    case KEEL_ELOAD:
-        return MHD_HTTP_BAD_REQUEST;
-    case KEEL_ENOTFOUND:
-        return MHD_HTTP_NOT_FOUND;
-    case KEEL_EUNAVAILABLE:
-    case KEEL_ETIMEDOUT:
-    case KEEL_ECANCELED:
-    case KEEL_ESHUTDOWN:
-    case KEEL_ERESOURCE:
-        return MHD_HTTP_SERVICE_UNAVAILABLE;
-    default:
-        return MHD_HTTP_INTERNAL_SERVER_ERROR;
-    }
-}
-
-void keel__srv_reply_error(srv_reply *r, unsigned status, const char *fmt, ...)
-{
-    char msg[ERRMSG_LEN];
-    va_list ap;
-
-    va_start(ap, fmt);
-    if (vsnprintf(msg, sizeof(msg), fmt, ap) < 0)
-        snprintf(msg, sizeof(msg), "error");
-    va_end(ap);
-    free(r->body);
-    r->status = status;
-    r->body = keel_v2_error_json(msg);
-    r->len = r->body != NULL ? strlen(r->body) : 0;
-    r->ctype = JSON_TYPE;
-}
-
-void keel__srv_reply_json(srv_reply *r, unsigned status, void *root)
-{
-    char *text;
-
-    if (root == NULL) {
-        keel__srv_reply_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
-        return;
-    }
-    text = json_dumps((json_t *)root, JSON_COMPACT | JSON_PRESERVE_ORDER);
-    json_decref((json_t *)root);
-    if (text == NULL) {
-        keel__srv_reply_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
-        return;
-    }
-    free(r->body);
-    r->status = status;
-    r->body = text;
-    r->len = strlen(text);
-    r->ctype = JSON_TYPE;
-}
-
-void keel__srv_reply_empty(srv_reply *r, unsigned status)
-{
-    free(r->body);
-    r->status = status;
-    r->body = NULL;
-    r->len = 0;
-    r->ctype = NULL;
-}
-
 /* Queues r (its body is consumed) and marks c ANSWERED. Returns what the handler returns. */
 static enum MHD_Result send_reply(srv_conn *c, srv_reply *r, const char *extra_name,
                                   const char *extra_value, bool close_after)
@@ -271,46 +207,6 @@ static enum MHD_Result send_error(srv_conn *c, unsigned status, const char *fmt,
     va_end(ap);
     keel__srv_reply_error(&r, status, "%s", msg);
     return send_reply(c, &r, NULL, NULL, false);
-}
-
-/* ---------------------------------------------------------------- "not served" answers */
-
-void keel__srv_reply_not_served(keel_srv *s, const char *model, int64_t version, srv_reply *r)
-{
-    keel_model_status *list = NULL;
-    size_t n = 0;
-    bool known = false, any_ready = false;
-    const keel_model_status *row = NULL;
-
-    if (keel_model_list(s->rt, &list, &n) != KEEL_OK) {
-        keel__srv_reply_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
-        return;
-    }
-    for (size_t i = 0; i < n; i++) {
-        if (strcmp(list[i].name, model) != 0)
-            continue;
-        known = true;
-        row = &list[i];
-        any_ready |= list[i].state == KEEL_MODEL_READY;
-    }
-    if (!known) {
-        keel__srv_reply_error(r, MHD_HTTP_NOT_FOUND, "unknown model '%s'", model);
-    } else if (version >= 0 && any_ready) {
-        keel__srv_reply_error(r, MHD_HTTP_NOT_FOUND, "model '%s' has no version %" PRId64, model,
-                              version);
-    } else if (row->state == KEEL_MODEL_LOADING) {
-        keel__srv_reply_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "model '%s' is loading", model);
-    } else if (row->state == KEEL_MODEL_FAILED) {
-        keel__srv_reply_error(
-            r, MHD_HTTP_SERVICE_UNAVAILABLE, "model '%s' failed to load: %s", model,
-            row->last_error_msg[0] != '\0' ? row->last_error_msg : keel_strerror(row->last_error));
-    } else if (any_ready) {
-        /* It became ready between the caller's check and this one. */
-        keel__srv_reply_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "model '%s' is not ready", model);
-    } else {
-        keel__srv_reply_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "model '%s' is not loaded", model);
-    }
-    keel_model_status_free(list, n);
 }
 
 /* ---------------------------------------------------------------- routing */
@@ -560,7 +456,9 @@ static void parked_unlink_locked(keel_srv *s, srv_conn *c)
     s->nparked--;
 }
 
-void keel__srv_conn_complete(srv_conn *c, keel_err status)
+/* Records the completion of a submitted connection (infer or control job) and resumes it.
+ * Called exactly once per submit, from any thread, with no lock held. */
+static void conn_complete(srv_conn *c, keel_err status)
 {
     keel_srv *s = c->s;
     struct MHD_Connection *mc = c->mhd;
@@ -585,7 +483,7 @@ void keel__srv_conn_complete(srv_conn *c, keel_err status)
 static void on_infer_done(keel_request *req, keel_err status, void *user)
 {
     (void)req;
-    keel__srv_conn_complete(user, status);
+    conn_complete(user, status);
 }
 
 /* Forward: the answer of a resumed connection. */
@@ -1503,7 +1401,8 @@ int keel_server_run(const keel_server_opts *o)
     }
     log_models(s);
 
-    if (o->control == KEEL_SERVER_CONTROL_EXPLICIT && keel__srv_control_start(s) != KEEL_OK) {
+    if (o->control == KEEL_SERVER_CONTROL_EXPLICIT &&
+        keel__srv_control_start(s, conn_complete) != KEEL_OK) {
         keel__srv_log(KEEL_LOG_ERROR, "cannot start the model control thread", NULL);
         goto done;
     }

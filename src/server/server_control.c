@@ -8,6 +8,9 @@
  * (the connection is parked meanwhile, see server.c) and answered when done. Poll mode needs
  * no thread here: libkeel's lifecycle thread watches the repository (runtime/lifecycle.c).
  *
+ * A finished job is answered through s->ctl_done, the completion server.c hands down at
+ * keel__srv_control_start: this file sits below server.c and never calls it by name.
+ *
  * Locks: s->ctl_mu protects the job queue, ctl_stop and ctl_started; it is never held while
  * calling libkeel or completing a connection.
  */
@@ -18,7 +21,9 @@
 #include <string.h>
 #include <time.h>
 
-#include "server_internal.h"
+#include "reply.h"
+#include "server_control.h"
+#include "server_log.h"
 
 /* ---------------------------------------------------------------- explicit jobs */
 
@@ -75,7 +80,7 @@ static void run_job(keel_srv *s, srv_conn *c)
     }
     if (text[0] != '\0')
         c->ctl_msg = strdup(text); /* NULL on ENOMEM: a generic message is sent */
-    keel__srv_conn_complete(c, err);
+    s->ctl_done(c, err);
 }
 
 /* ---------------------------------------------------------------- the thread */
@@ -104,8 +109,9 @@ static void *control_main(void *arg)
     return NULL;
 }
 
-keel_err keel__srv_control_start(keel_srv *s)
+keel_err keel__srv_control_start(keel_srv *s, void (*done)(srv_conn *c, keel_err status))
 {
+    s->ctl_done = done; /* written before the thread starts, read-only after */
     pthread_mutex_lock(&s->ctl_mu);
     s->ctl_stop = false;
     pthread_mutex_unlock(&s->ctl_mu);
@@ -160,6 +166,6 @@ void keel__srv_control_stop(keel_srv *s)
         c->job_next = NULL;
         c->ctl_status = 503;
         c->ctl_msg = strdup("the server is shutting down");
-        keel__srv_conn_complete(c, KEEL_ESHUTDOWN);
+        s->ctl_done(c, KEEL_ESHUTDOWN);
     }
 }

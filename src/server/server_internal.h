@@ -1,18 +1,27 @@
 /*
- * server_internal.h: the structures shared by the files of `keel serve` (src/server/).
+ * server_internal.h: the structures shared by the files of `keel serve` (src/server/), and
+ * their order.
  *
  * DESIGN
  * One keel_srv per process, created and destroyed by keel_server_run() on the main thread.
- * Files and the threads that run their code:
+ * Files, top to bottom: each calls only files below it (checked by scripts/check_cycles.sh
+ * from the object files' symbol tables), and the threads that run their code:
+ *   server_opts.c     `keel serve` options, and keel_server_main (parse, then run); main
+ *                     thread
  *   server.c          lifecycle, signals, the libmicrohttpd (MHD) access handler and the
  *                     per-connection state machine, infer, the hang-up watcher thread
+ *   server_control.c  the model-control thread: API load/unload jobs (explicit mode); poll
+ *                     mode is libkeel's lifecycle thread. It answers a job through the
+ *                     completion server.c hands down (s->ctl_done), not by calling server.c.
  *   server_routes.c   the synchronous endpoints (metadata, health, stats, index, config);
  *                     MHD threads
- *   server_control.c  the model-control thread: API load/unload jobs (explicit mode); poll
- *                     mode is libkeel's lifecycle thread
  *   metrics.c         GET /metrics, Prometheus text; MHD threads
+ *   reply.c           replies before they are sent, keel_err -> HTTP status, the 404/503 of a
+ *                     model that is not served; any thread
+ *   v2codec.c, fastfloat.c  the KServe V2 JSON codec; any thread
  *   server_log.c      logfmt lines on stderr; any thread
- *   server_opts.c     `keel serve` options; main thread
+ * Each file has its own header (reply.h, server_routes.h, server_control.h, metrics.h,
+ * server_log.h, v2codec.h); this one holds only the structures they share.
  *
  * Locks (none is ever held while calling libkeel or libmicrohttpd, and they never nest):
  *   s->mu      connection states from SUBMITTED on, the parked list, s->pending, s->draining,
@@ -156,64 +165,9 @@ struct keel_srv {
     bool ctl_stop;
     pthread_t ctl;
     bool ctl_started;
+    /* server.c's completion, handed down at keel__srv_control_start: the control thread
+     * answers a job through it, so server_control.c never calls server.c by name. */
+    void (*ctl_done)(srv_conn *c, keel_err status);
 };
-
-/* ---------------------------------------------------------------- replies */
-
-/* A response to queue: body is malloc'd (free()) or NULL for an empty body. */
-typedef struct srv_reply {
-    unsigned status;
-    char *body;
-    size_t len;
-    const char *ctype; /* static; NULL = none */
-    const char *allow; /* static; NULL = none */
-} srv_reply;
-
-/* Sets r to {"error": msg} with the given status. Never fails: on ENOMEM the body is NULL
- * and the sender substitutes a static message. */
-void keel__srv_reply_error(srv_reply *r, unsigned status, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-/* Serialises root (consumed) as the body of a 200 (or status) reply; 500 on failure. */
-void keel__srv_reply_json(srv_reply *r, unsigned status, void *root /* json_t * */);
-/* Sets an empty-bodied reply. */
-void keel__srv_reply_empty(srv_reply *r, unsigned status);
-
-/* The HTTP status for a keel error (see docs/OPERATIONS.md). */
-unsigned keel__srv_http_status(keel_err err);
-
-/* Fills r with the right 404/503 for a model (version -1 = any) that is not served: unknown,
- * unknown version, not loaded, loading or failed. */
-void keel__srv_reply_not_served(keel_srv *s, const char *model, int64_t version, srv_reply *r);
-
-/* server_routes.c: synchronous endpoints. body may be NULL. */
-void keel__srv_route_sync(keel_srv *s, srv_conn *c, srv_reply *r);
-
-/* metrics.c: the Prometheus exposition text; malloc'd, NULL on ENOMEM. */
-char *keel__srv_metrics_render(keel_srv *s, size_t *len);
-
-/* server.c: records the completion of a submitted connection (infer or control job) and
- * resumes it. Called exactly once per submit, from any thread, with no lock held. */
-void keel__srv_conn_complete(srv_conn *c, keel_err status);
-
-/* server_control.c */
-keel_err keel__srv_control_start(keel_srv *s);
-/* Stops the control thread: jobs not started are answered 503; waits for the current one. */
-void keel__srv_control_stop(keel_srv *s);
-/* Queues c (state SUBMITTED); false if the thread is stopping (c untouched). */
-bool keel__srv_control_enqueue(keel_srv *s, srv_conn *c);
-/* Poll mode: records the repository's signatures before the runtime loads it. */
-
-/* ---------------------------------------------------------------- logging (server_log.c) */
-
-void keel__srv_log_init(keel_log_level level);
-bool keel__srv_log_on(keel_log_level level);
-/* Logs one logfmt line: ts, level, msg, then key/value string pairs ending with NULL. Values
- * are quoted when they need it. */
-void keel__srv_log(keel_log_level level, const char *msg, ...);
-/* A keel_log_fn for the runtime (component=keel). */
-void keel__srv_log_keel(void *user, keel_log_level level, const char *msg);
-/* Formats a value into buf (for numbers in keel__srv_log calls). Returns buf. */
-const char *keel__srv_fmt(char *buf, size_t len, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
 
 #endif

@@ -17,7 +17,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "server_internal.h"
+#include "server_log.h"
 
 #define LINE_MAX_BYTES 4096
 

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cliutil.h"
 #include "server.h"
 
 void keel_server_opts_init(keel_server_opts *opts)
@@ -103,61 +104,14 @@ void keel_server_print_help(FILE *f)
           f);
 }
 
-static int usage(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* The one copy of these lives in src/cliutil (shared with keel, keel perf and keel soak). */
+#define usage(...) keel__cli_usage_error("keel serve", KEEL_SERVER_EXIT_USAGE, __VA_ARGS__)
+#define parse_u64 keel__cli_parse_u64
 
-static int usage(const char *fmt, ...)
-{
-    va_list ap;
-
-    fputs("keel serve: ", stderr);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputs("\nTry 'keel serve --help'.\n", stderr);
-    return KEEL_SERVER_EXIT_USAGE;
-}
-
-/* Parses a decimal integer in [min, max]. */
-static bool parse_u64(const char *s, uint64_t min, uint64_t max, uint64_t *out)
-{
-    char *end;
-    unsigned long long v;
-
-    if (s[0] < '0' || s[0] > '9')
-        return false;
-    errno = 0;
-    v = strtoull(s, &end, 10);
-    if (errno != 0 || *end != '\0' || v < min || v > max)
-        return false;
-    *out = v;
-    return true;
-}
-
-/* A byte count with an optional binary suffix k, m or g. */
+/* A byte count with an optional binary suffix k, m or g, from 1 KiB to 1 TiB. */
 static bool parse_bytes(const char *s, uint64_t *out)
 {
-    char *end;
-    unsigned long long v;
-    unsigned shift = 0;
-
-    if (s[0] < '0' || s[0] > '9')
-        return false;
-    errno = 0;
-    v = strtoull(s, &end, 10);
-    if (errno != 0)
-        return false;
-    if (*end == 'k' || *end == 'K')
-        shift = 10;
-    else if (*end == 'm' || *end == 'M')
-        shift = 20;
-    else if (*end == 'g' || *end == 'G')
-        shift = 30;
-    if (shift != 0)
-        end++;
-    if (*end != '\0' || v > (UINT64_C(1) << 40) >> shift)
-        return false;
-    *out = (uint64_t)v << shift;
-    return *out >= 1024 && *out <= (UINT64_C(1) << 40);
+    return keel__cli_parse_bytes(s, 1024, UINT64_C(1) << 40, out);
 }
 
 typedef enum opt_id {

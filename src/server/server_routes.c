@@ -10,7 +10,7 @@
  *
  * Model-level answers: 404 for a model keel has never heard of (not in the repository, never
  * loaded) or a version that is not served while others are; 503 for a known model that is
- * not loaded, still loading or failed (keel__srv_reply_not_served in server.c decides).
+ * not loaded, still loading or failed (keel__srv_reply_not_served in reply.c decides).
  */
 #include <inttypes.h>
 #include <jansson.h>
@@ -19,7 +19,9 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "server_internal.h"
+#include "metrics.h"
+#include "reply.h"
+#include "server_routes.h"
 
 /* ---------------------------------------------------------------- helpers */
 

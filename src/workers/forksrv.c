@@ -1,5 +1,5 @@
 /*
- * forksrv.c: the fork server, and the descriptor-passing helpers both sides use.
+ * forksrv.c: the fork server.
  *
  * DESIGN
  * The fork server is a child of the keel process, forked by keel__prep_pool_create before
@@ -18,6 +18,8 @@
  * closed it, or the keel process died) it kills and reaps every worker and exits. Workers
  * have PR_SET_PDEATHSIG(SIGKILL), so a kill -9 of the fork server takes them down too.
  * Children never return into keel code: they leave with _exit().
+ * Files: forksrv.c calls worker.c (a new worker runs keel__worker_main_loop) and ipc.c (the
+ * messages and descriptors it sends); nothing here is called back by them.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -32,6 +34,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "workers/ipc.h"
 #include "workers/prep.h"
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
@@ -41,88 +44,6 @@
 #define KEEL__SANITIZED 1
 #endif
 #endif
-
-void keel__close_fds_from(int from)
-{
-#ifdef SYS_close_range
-    if (syscall(SYS_close_range, (unsigned)from, ~0u, 0u) == 0)
-        return;
-#endif
-    /* Old kernels: close what /proc lists (or a fixed range if /proc is missing). */
-    for (int fd = from; fd < 4096; fd++)
-        close(fd);
-}
-
-int keel__prep_send(int sock, const void *buf, size_t len, const int *fds, int nfds)
-{
-    struct iovec iov = {.iov_base = (void *)buf, .iov_len = len};
-    union {
-        char buf[CMSG_SPACE(2 * sizeof(int))];
-        struct cmsghdr align;
-    } u;
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
-    ssize_t n;
-
-    if (nfds > 0) {
-        struct cmsghdr *c;
-        memset(&u, 0, sizeof(u));
-        mh.msg_control = u.buf;
-        mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
-        c = CMSG_FIRSTHDR(&mh);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
-        memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
-    }
-    do {
-        n = sendmsg(sock, &mh, MSG_NOSIGNAL);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0)
-        return errno;
-    return (size_t)n == len ? 0 : EMSGSIZE;
-}
-
-ssize_t keel__prep_recv(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds)
-{
-    struct iovec iov = {.iov_base = buf, .iov_len = len};
-    union {
-        char buf[CMSG_SPACE(4 * sizeof(int))];
-        struct cmsghdr align;
-    } u;
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
-    ssize_t n;
-    int kept = 0;
-
-    *nfds = 0;
-    mh.msg_control = u.buf;
-    mh.msg_controllen = sizeof(u.buf);
-    do {
-        n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0)
-        return -errno;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c != NULL; c = CMSG_NXTHDR(&mh, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-            continue;
-        size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        for (size_t i = 0; i < k; i++) {
-            int fd;
-            memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-            if (kept < maxfds)
-                fds[kept++] = fd;
-            else
-                close(fd);
-        }
-    }
-    *nfds = kept;
-    if ((mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) != 0) {
-        for (int i = 0; i < kept; i++)
-            close(fds[i]);
-        *nfds = 0;
-        return -EMSGSIZE;
-    }
-    return n;
-}
 
 /* ---- the fork server (child process) */
 

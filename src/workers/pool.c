@@ -59,9 +59,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "workers/ipc.h"
 #include "workers/prep.h"
 
-#define SEALS (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE)
+#define SEALS KEEL__MEMFD_SEALS
 /* How long the pool waits for a SIGKILLed process to be gone, and for the fork server. */
 #define KILL_WAIT_MS 2000
 #define FS_REPLY_MS 2000
@@ -483,31 +484,11 @@ typedef enum outcome { O_OK, O_REFUSED, O_DEAD, O_TIMEOUT, O_PROTOCOL, O_LOCAL }
 /* Makes the sealed input memfd; -1 and errno on failure. */
 static int task_memfd(keel__prep_pool *p, const void *in, size_t len)
 {
-    int fd = memfd_create("keel-prep-task", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    size_t off = 0;
+    int fd = keel__memfd_sealed("keel-prep-task", in, len, true);
 
-    if (fd < 0)
-        return -1;
-    atomic_fetch_add(&p->memfds, 1);
-    if (ftruncate(fd, (off_t)len) != 0)
-        goto fail;
-    while (off < len) {
-        ssize_t n = pwrite(fd, (const char *)in + off, len - off, (off_t)off);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            goto fail;
-        off += (size_t)n;
-    }
-    if (fcntl(fd, F_ADD_SEALS, SEALS | F_SEAL_SEAL) != 0)
-        goto fail;
+    if (fd >= 0)
+        atomic_fetch_add(&p->memfds, 1);
     return fd;
-fail : {
-    int e = errno;
-    close_memfd(p, fd);
-    errno = e;
-    return -1;
-}
 }
 
 /* Copies the worker's sealed result memfd into out; O_PROTOCOL if it is not what was asked. */

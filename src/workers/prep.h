@@ -96,19 +96,9 @@ bool keel__prep_healthy(keel__prep_pool *p);
 size_t keel__prep_worker_pids(keel__prep_pool *p, pid_t *pids, size_t max);
 pid_t keel__prep_forkserver_pid(keel__prep_pool *p);
 
-/* ---- inside the child processes (forksrv.c, worker.c) */
+/* ---- inside the child processes (forksrv.c, worker.c); their transport is ipc.h */
 _Noreturn void keel__forksrv_main(int ctl, const keel__prep_opts *o);
 _Noreturn void keel__worker_main_loop(int sock);
-/* Closes every descriptor >= from except keep (-1 = none). Async-signal-safe enough for a
- * child of a single-threaded process (close_range, or /proc/self/fd as a fallback). */
-void keel__close_fds_from(int from);
-/* One message with up to 2 descriptors (MSG_NOSIGNAL). Returns 0 or an errno value. */
-int keel__prep_send(int sock, const void *buf, size_t len, const int *fds, int nfds);
-/* Receives one message of at most len bytes and up to maxfds descriptors (close-on-exec;
- * extra ones are closed, *nfds says how many were kept). Returns the message length, 0 at
- * end of stream, or -errno. A truncated message is -EMSGSIZE. */
-ssize_t keel__prep_recv(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds);
-
 /* Wire format (one SOCK_SEQPACKET message each; fds travel as SCM_RIGHTS). */
 #define KEEL__PREP_MAGIC 0x6b65656cu /* "keel" */
 typedef struct keel__prep_task_msg {

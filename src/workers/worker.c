@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "workers/image.h"
+#include "workers/ipc.h"
 #include "workers/prep.h"
 
 static keel_err run_task(const keel__prep_task_msg *m, const uint8_t *in, void *out, bool *seal,
@@ -77,33 +78,6 @@ static keel_err run_task(const keel__prep_task_msg *m, const uint8_t *in, void *
     }
 }
 
-/* Writes len bytes into a new sealed memfd; returns it or -1. */
-static int result_memfd(const void *data, size_t len, bool seal)
-{
-    int fd = memfd_create("keel-prep-result", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    size_t off = 0;
-
-    if (fd < 0)
-        return -1;
-    if (ftruncate(fd, (off_t)len) != 0)
-        goto fail;
-    while (off < len) {
-        ssize_t n = pwrite(fd, (const char *)data + off, len - off, (off_t)off);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            goto fail;
-        off += (size_t)n;
-    }
-    if (seal &&
-        fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) != 0)
-        goto fail;
-    return fd;
-fail:
-    close(fd);
-    return -1;
-}
-
 static void serve_one(int sock, const keel__prep_task_msg *m, ssize_t n, int infd, int nfds)
 {
     keel__prep_reply_msg r;
@@ -144,7 +118,8 @@ static void serve_one(int sock, const keel__prep_task_msg *m, ssize_t n, int inf
         goto reply;
     }
     err = run_task(m, in, out, &seal, r.msg, sizeof(r.msg));
-    if (err == KEEL_OK && (outfd = result_memfd(out, m->out_bytes, seal)) < 0) {
+    if (err == KEEL_OK &&
+        (outfd = keel__memfd_sealed("keel-prep-result", out, m->out_bytes, seal)) < 0) {
         keel__errf(r.msg, sizeof(r.msg), "cannot write the result: %s", strerror(errno));
         err = KEEL_ENOMEM;
     }

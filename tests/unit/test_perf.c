@@ -1,18 +1,22 @@
 /*
  * test_perf.c: the parts of `keel perf` that must be exact whatever the network does: the
- * latency histogram's precision and the HTTP response framer (src/cli/perf_core.c).
+ * latency histogram's precision and the HTTP response framer (src/perf/perf_hist.c,
+ * src/perf/perf_http.c).
  */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <cmocka.h>
 
-#include "perf_internal.h"
+#include "perf_bodies.h"
+#include "perf_hist.h"
+#include "perf_http.h"
 
 /* Every bucket's lowest value maps back to it, buckets are contiguous and increasing. */
 static void test_hist_buckets(void **state)
