@@ -21,7 +21,7 @@
 #include <unistd.h>
 
 #include "mock_backend.h"
-#include "runtime/internal.h"
+#include "runtime/testhook.h"
 #include "testutil.h"
 
 #define MIB (1024ul * 1024ul)
