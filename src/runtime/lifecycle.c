@@ -27,10 +27,11 @@
  * The backoff doubles from retry_initial_ms to retry_max_ms; a success, an unload or a change
  * of the files resets it.
  *
- * The backoff itself is scheduled by the failing load (load.c, next_retry_ns); an evicted
- * model's want_load is set by the budget (budget.c) or by a request (sched.c), which wake this
- * thread with keel__life_wake: the one call into this file from a layer below it. Layer:
- * calls registry.c and load.c only (internal.h).
+ * The backoff itself is scheduled by the failing load (load.c, next_retry_ns). An evicted
+ * model's want_load is set by keel__want_load_locked (budget.c; called when a request arrives
+ * for it, sched.c, or when it is evicted with requests queued), which wakes this thread with
+ * keel__life_wake: the one call into this file from a layer below it. Layer: calls
+ * registry.c and load.c only (internal.h).
  */
 #include <dirent.h>
 #include <errno.h>
