@@ -214,11 +214,14 @@ static keel_err load_read(load_job *j)
     keel_runtime *rt = j->rt;
     keel_err err;
 
-    if (asprintf(&j->dir, "%s/%s", rt->repo, j->name) < 0 ||
-        asprintf(&j->path, "%s/%s/config.json", rt->repo, j->name) < 0) {
-        j->dir = j->path = NULL;
+    /* asprintf leaves its pointer undefined on failure: reset each one on its own, so that
+     * the one made before a failure is still freed (load_job_fini). */
+    if (asprintf(&j->dir, "%s/%s", rt->repo, j->name) < 0)
+        j->dir = NULL;
+    if (asprintf(&j->path, "%s/%s/config.json", rt->repo, j->name) < 0)
+        j->path = NULL;
+    if (j->dir == NULL || j->path == NULL)
         return oom(j);
-    }
     if ((err = keel__config_load(j->path, j->name, &j->cfg, j->msg, sizeof(j->msg))) != KEEL_OK)
         return err;
     if ((err = keel__config_select_versions(j->cfg, j->dir, &j->versions, &j->nversions, j->msg,
