@@ -2,10 +2,12 @@
 """check-file-cycles.py: fails when the files of one source folder call or include each other in
 a loop.
 
-Usage: check-file-cycles.py OBJDIR SRCDIR [--allow FROM:TO ...]
+Usage: check-file-cycles.py BUILDDIR SRCDIR [--allow FROM:TO ...]
+e.g.   check-file-cycles.py build/plain src/runtime --allow budget.c:lifecycle.c
 
-Calls come from the object files in OBJDIR (one NAME.c.o per NAME.c): an edge a.c -> b.c for
-every symbol that a.c.o needs (nm -u) and b.c.o defines (nm --defined-only). Includes come from
+Calls come from the object files CMake built in BUILDDIR (for SRCDIR/NAME.c, the one file
+.../SRCDIR/NAME.c.o under BUILDDIR, whichever target built it): an edge a.c -> b.c for every
+symbol that a.c.o needs (nm -u) and b.c.o defines (nm --defined-only). Includes come from
 the sources in SRCDIR: a.c -> b.c when a.c (or a header it includes from SRCDIR) includes b.h.
 An --allow FROM:TO edge (file names without a folder, e.g. budget.c:lifecycle.c) is dropped
 before the check: the documented way up (a wake-up). Prints the graph, and every cycle found;
@@ -30,12 +32,29 @@ def nm(path, *flags):
     return syms
 
 
-def call_graph(objdir, names):
+def find_objects(builddir, srcdir, names):
+    suffix = os.path.normpath(srcdir).strip("/")
+    found = {}
+    for root, _dirs, files in os.walk(builddir):
+        if not root.endswith(suffix):
+            continue
+        for f in files:
+            n = f[:-2] if f.endswith(".c.o") else None
+            if n in names:
+                if n in found:
+                    sys.exit(f"check-file-cycles: {n}: built twice ({found[n]}, {root}/{f})")
+                found[n] = os.path.join(root, f)
+    for n in names:
+        if n not in found:
+            sys.exit(f"check-file-cycles: no {suffix}/{n}.o under {builddir} (build first)")
+    return found
+
+
+def call_graph(builddir, srcdir, names):
+    objs = find_objects(builddir, srcdir, names)
     defined, needed = {}, {}
     for n in names:
-        obj = os.path.join(objdir, n + ".o")
-        if not os.path.exists(obj):
-            sys.exit(f"check-file-cycles: {obj}: no such object file (build first)")
+        obj = objs[n]
         defined[n] = nm(obj, "--defined-only")
         needed[n] = nm(obj, "-u")
     graph = {n: set() for n in names}
@@ -104,7 +123,7 @@ def main():
     args = sys.argv[1:]
     if len(args) < 2:
         sys.exit(__doc__)
-    objdir, srcdir, allow = args[0], args[1], set()
+    builddir, srcdir, allow = args[0], args[1], set()
     rest = args[2:]
     while rest:
         if rest[0] != "--allow" or len(rest) < 2 or ":" not in rest[1]:
@@ -113,7 +132,7 @@ def main():
         rest = rest[2:]
     names = sorted(f for f in os.listdir(srcdir) if f.endswith(".c"))
     bad = False
-    for kind, graph in (("calls", call_graph(objdir, names)), ("includes", include_graph(srcdir, names))):
+    for kind, graph in (("calls", call_graph(builddir, srcdir, names)), ("includes", include_graph(srcdir, names))):
         for a, b in allow:
             graph.get(a, set()).discard(b)
         print(f"{srcdir} {kind}:")
