@@ -3,8 +3,9 @@
 #
 # Stages, in this order:
 #   format  clang-format --dry-run --Werror over every .c/.h under src/ include/ tests/
-#   plain   gcc Debug build with -Werror (build/plain), scripts/check_cycles.sh (no file-level
-#           call or include cycle in src/server, src/workers, src/perf, src/cliutil), every test
+#   plain   gcc Debug build with -Werror (build/plain), scripts/check-layers.py (every include
+#           follows an arrow of ARCHITECTURE.md; no file-level call or include cycle inside a
+#           module), every test
 #   asan    clang AddressSanitizer + UndefinedBehaviorSanitizer (build/asan), every test;
 #           LeakSanitizer runs with ASan on Linux, so any leak fails the test
 #   tsan    clang ThreadSanitizer (build/tsan), the tests labelled "concurrency"
@@ -74,7 +75,7 @@ stage_format() {
 stage_plain() {
     configure_and_build build/plain -DCMAKE_BUILD_TYPE=Debug -DKEEL_WERROR=ON
     # No call cycle between the files of these modules (from the object files' symbols).
-    bash scripts/check_cycles.sh build/plain src/server src/workers src/perf src/cliutil
+    /usr/bin/python3 scripts/check-layers.py --build build/plain
     run_ctest build/plain
 }
 

@@ -4,18 +4,21 @@
  * DESIGN
  * A generation is built privately by the loading thread (holding only build_mu, which makes
  * builds one at a time so their memory can be measured), and becomes shared only when
- * runtime.c publishes it in a vslot. Its refcount starts at 1 (the reference the publisher
+ * load.c publishes it in a vslot. Its refcount starts at 1 (the reference the publisher
  * hands to the vslot). Every lease adds one. The release that drops the count to zero never
  * frees anything itself: it pushes the generation on the reaper's queue, so the heavy
  * destruction (backend contexts, then the model) runs on the reaper thread, off the request
  * path, holding only build_mu; after each batch the reaper gives the freed heap back to the
  * OS (malloc_trim), counted in keel_memory_stats. A refcount underflow is a panic.
- * reap_mu is a leaf lock (see internal.h).
+ * reap_mu is a leaf lock (see internal.h). Layer: calls registry.c (counters) and budget.c
+ * (memory sampling, trim) only.
  */
 #include <malloc.h>
 #include <string.h>
 
-#include "runtime/internal.h"
+#include "runtime/budget.h"
+#include "runtime/generation.h"
+#include "runtime/registry.h"
 
 static const keel__backend *find_backend(keel_runtime *rt, const char *name)
 {
@@ -154,10 +157,13 @@ static keel_err build(keel_runtime *rt, keel__model_entry *e, int64_t version,
 
     *out = NULL;
     sub[0] = '\0';
-    if ((g = keel__calloc(1, sizeof(*g))) == NULL ||
-        asprintf(&cfg_path, "%s/%s/config.json", rt->repo, e->name) < 0 ||
-        asprintf(&dir, "%s/%s/%lld", rt->repo, e->name, (long long)version) < 0) {
+    /* asprintf leaves its pointer undefined on failure: reset each one on its own, so that a
+     * path made before the failing one is still freed below. */
+    if (asprintf(&cfg_path, "%s/%s/config.json", rt->repo, e->name) < 0)
         cfg_path = NULL;
+    if (asprintf(&dir, "%s/%s/%lld", rt->repo, e->name, (long long)version) < 0)
+        dir = NULL;
+    if ((g = keel__calloc(1, sizeof(*g))) == NULL || cfg_path == NULL || dir == NULL) {
         err = KEEL_ENOMEM;
         keel__errf(errbuf, errlen, "out of memory loading model '%s'", e->name);
         goto fail;
@@ -253,7 +259,7 @@ fail:
 }
 
 /* Builds under rt->build_mu and measures the process's memory across the build (see
- * lifecycle.c): nothing else builds, frees generations or trims meanwhile. */
+ * budget.c): nothing else builds, frees generations or trims meanwhile. */
 keel_err keel__generation_build(keel_runtime *rt, keel__model_entry *e, int64_t version,
                                 keel__generation **out, char *errbuf, size_t errlen)
 {

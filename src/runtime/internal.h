@@ -1,7 +1,27 @@
 /*
- * internal.h: the runtime's objects: registry entries, version slots, generations, requests.
+ * internal.h: the runtime's objects (registry entries, version slots, generations,
+ * requests), its lock order and its state machines. The functions are declared in one
+ * header per file beside it (registry.h, request.h, ...): a file's includes say what it uses.
  *
  * DESIGN
+ *
+ * Layers (a file calls only files below it, and includes only their headers):
+ *   runtime.c      create/destroy, the threads; API calls that span layers (is_ready)
+ *   lifecycle.c    the watch table, the lifecycle thread, its retries and reloads
+ *   load.c         a model's load (begin, prepare, build, publish, fail) and unload
+ *   sched.c        admission, queues, dispatch, worker threads, complete(), cancel
+ *   generation.c   building, referencing and freeing generations; the reaper thread
+ *   preprocess.c   a request's images through the preprocessing workers (sched.c's run path)
+ *   budget.c       memory charge, eviction, parking, the retire list; /proc sampling, trim
+ *   request.c      the request object: inputs, outputs, binding to a config
+ *   registry.c     the model table: entry lookup, list, status, statistics, counters
+ * Each file may call any file listed below it (none calls a file above it); files on
+ * different rows that do not call each other (preprocess.c and budget.c, say) could as well
+ * be swapped. The one call upward is a wake-up: budget.c's keel__want_load_locked calls
+ * keel__life_wake (lifecycle.c), an eventfd write that makes the lifecycle thread reload an
+ * evicted model a request waits for; it takes no lock and calls nothing back.
+ * scripts/check-file-cycles.py checks the rule from the object files and the includes.
+ * Tests reach the runtime only through testhook.h.
  *
  * Objects and owners
  *   keel_runtime        owns the model table, the worker threads and the reaper thread.
@@ -26,7 +46,7 @@
  *   entry->load_mu  ->  rt->build_mu  ->  rt->mu  ->  req->wait_mu / rt->reap_mu (leaves)
  *   build_mu serialises generation builds process-wide, and the reaper's frees and trims, so
  *   that the resident-memory change measured across a build belongs to that generation
- *   (lifecycle.c). It is never held while waiting for the reaper.
+ *   (budget.c). It is never held while waiting for the reaper.
  *   rt->mu protects: the model table, each entry's version list and status, each vslot's
  *   current pointer, queue, in-flight count and ready-list membership, each generation's
  *   free-context stack, in-use count and retired flag, and each request's state and cancel
@@ -51,7 +71,8 @@
  *   them, a failed load answers them, and a worker answers KEEL_ETIMEDOUT to any whose deadline
  *   passes meanwhile (workers wake for the earliest such deadline: sched.c).
  *
- * Model entry lifecycle (rt->mu; lifecycle.c drives the automatic transitions):
+ * Model entry lifecycle (rt->mu; load.c makes the transitions, lifecycle.c starts the
+ * automatic ones):
  *   UNAVAILABLE/FAILED --load--> LOADING --ok--> READY --unload--> UNAVAILABLE
  *                                     \--fail--> FAILED (nothing served) or READY (old kept)
  *   READY --evict (budget)--> UNAVAILABLE+evicted --request--> want_load --lifecycle--> load
@@ -193,7 +214,7 @@ struct keel_runtime {
     _Atomic uint64_t next_gen_id;
     keel__counters counters;
 
-    /* Model lifecycle (lifecycle.c). */
+    /* Model lifecycle (lifecycle.c) and memory budget (budget.c). */
     pthread_mutex_t build_mu;
     uint32_t poll_interval_ms, settle_ms, retry_initial_ms, retry_max_ms;
     uint64_t mem_limit;
@@ -272,101 +293,5 @@ struct keel_request {
     pthread_cond_t wait_cv;
     bool wait_done;
 };
-
-/* ---- runtime.c */
-keel__model_entry *keel__entry_find_locked(keel_runtime *rt, const char *name);
-void keel__counter_add(keel_runtime *rt, keel__model_entry *e, size_t field_offset, int64_t d);
-#define KEEL__CNT(field) offsetof(keel__counters, field)
-/* Test hook: registers an extra backend; only before any model is loaded. */
-keel_err keel__runtime_add_backend(keel_runtime *rt, const keel__backend *be);
-
-/* ---- generation.c */
-/* Builds a complete generation (load, contexts, warm-up) for one version; no lock held. */
-keel_err keel__generation_build(keel_runtime *rt, keel__model_entry *e, int64_t version,
-                                keel__generation **out, char *errbuf, size_t errlen);
-void keel__generation_acquire(keel__generation *g);
-/* Drops one reference; the last one hands g to the reaper. Never call with rt->mu held. */
-void keel__generation_release(keel__generation *g);
-void *keel__reaper_main(void *arg);
-void keel__reaper_stop(keel_runtime *rt);
-
-/* ---- lifecycle.c */
-/* Loads name. why is logged; evicted_reload marks a reload a request asked for. */
-keel_err keel__model_load(keel_runtime *rt, const char *name, bool evicted_reload, char *errbuf,
-                          size_t errlen);
-keel_err keel__life_start(keel_runtime *rt); /* after the workers, before load_all */
-void keel__life_stop(keel_runtime *rt);      /* first step of destroy */
-void keel__life_wake(keel_runtime *rt);      /* any thread, any lock */
-/* Reads the process's resident set size and (if available, else -1) proportional set size. */
-void keel__mem_sample(int64_t *rss, int64_t *pss);
-/* Under rt->mu: requests of a parked vslot of an evicted model exist: ask for a reload. */
-void keel__want_load_locked(keel_runtime *rt, keel__model_entry *e);
-/* Under rt->mu: after a failed load, when it is tried again (load_failures already counted). */
-void keel__retry_schedule_locked(keel_runtime *rt, keel__model_entry *e);
-/* Under rt->mu: the memory e's serving generations are charged. */
-uint64_t keel__charge_locked(const keel__model_entry *e);
-
-/* Generations taken out of service under rt->mu, released after unlocking. */
-typedef struct keel__retire_list {
-    keel__generation **gens;
-    size_t n, cap;
-    char evicted[256]; /* names of models evicted, for the log */
-} keel__retire_list;
-/* Under rt->mu: room for one generation per vslot of the runtime; false on ENOMEM. */
-bool keel__retire_reserve_locked(keel_runtime *rt, keel__retire_list *l);
-/* Under rt->mu: retires v's generation into l and parks v (reserve first). */
-void keel__vslot_park_locked(keel_runtime *rt, keel__vslot *v, keel__retire_list *l);
-/* No lock held: logs evictions, releases the generations, empties l. */
-void keel__retire_release(keel_runtime *rt, keel__retire_list *l);
-/* Under rt->mu (reserve first): evicts least recently used models until self fits with need
- * bytes; false (nothing evicted, msg says why) if it cannot fit. */
-bool keel__make_room_locked(keel_runtime *rt, keel__model_entry *self, uint64_t need,
-                            keel__retire_list *l, char *msg, size_t len);
-void keel__watch_snapshot(keel_runtime *rt); /* create, POLL mode, before the first loads */
-void keel__watch_free(keel_runtime *rt);
-void keel__trim(keel_runtime *rt); /* reaper, holding build_mu */
-
-/* ---- request.c */
-void keel__request_clear_outputs(keel_request *req);
-/* Validates req's inputs against cfg and fills req->views (config order) and *batch. */
-keel_err keel__request_bind_inputs(keel_request *req, const keel__model_config *cfg,
-                                   uint32_t accepted_types, int64_t *batch);
-keel_err keel__request_emit(keel__run_io *io, const char *name, keel_datatype dt,
-                            const int64_t *shape, size_t ndim, const void *data, size_t bytes);
-void keel__request_set_error(keel_request *req, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-/* ---- preprocess.c */
-/* Saved state of a request whose image input was swapped for the decoded tensor. */
-typedef struct keel__prep_swap {
-    keel__tensor original; /* the BYTES input, out of req->inputs while the backend runs */
-    size_t index;          /* its slot in req->inputs */
-    bool active;
-} keel__prep_swap;
-/* Worker thread, no lock held, request leased: if the generation's config has a
- * "preprocess" section and the request carries its BYTES input, decodes the images in a
- * preprocessing worker (deadline: the request's) and puts the FP32 tensor in its place. */
-keel_err keel__preprocess_begin(keel_request *req, keel__prep_swap *sw);
-/* Restores the request's own input after the run (always call after begin). */
-void keel__preprocess_end(keel_request *req, keel__prep_swap *sw);
-/* Under no lock: false if g's model needs the pool and the pool is unhealthy. */
-bool keel__preprocess_ready(keel_runtime *rt, const keel__model_config *cfg);
-
-/* ---- sched.c */
-void *keel__worker_main(void *arg);
-/* Completes every request in the list linked by qnext (already unlinked, state COMPLETING). */
-void keel__complete_list(keel_request *list, keel_err status, const char *why);
-/* Under rt->mu: unlinks every queued request of v into *list (state COMPLETING). */
-void keel__vslot_drain_locked(keel_runtime *rt, keel__vslot *v, keel_request **list);
-/* Under rt->mu: moves the requests queued in from that asked for the newest version (-1) to
- * the tail of to's queue (a newer version of the same model that serves), with their
- * admission slots: a version leaving the policy must not fail requests that did not ask for
- * it. Requests for from's version itself stay. */
-void keel__vslot_move_latest_locked(keel_runtime *rt, keel__vslot *from, keel__vslot *to);
-/* Under rt->mu: puts v on the ready list if it can dispatch, and wakes a worker. */
-void keel__vslot_kick_locked(keel_runtime *rt, keel__vslot *v);
-/* Answers queued requests of parked vslots whose deadline passed (no lock held). Returns the
- * earliest remaining deadline of a parked request, 0 if none. */
-uint64_t keel__expire_parked(keel_runtime *rt);
 
 #endif

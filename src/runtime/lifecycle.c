@@ -1,7 +1,7 @@
 /*
  * lifecycle.c: what keeps models served without an operator: the repository watcher, load
- * retries with backoff, reloads of evicted models, the memory budget, and the memory
- * measurement behind it.
+ * retries with backoff, and reloads of evicted models. It decides when to load; the load
+ * itself is load.c's, the memory budget budget.c's.
  *
  * DESIGN
  * One lifecycle thread per runtime (started by keel_runtime_create, stopped first by
@@ -27,25 +27,14 @@
  * The backoff doubles from retry_initial_ms to retry_max_ms; a success, an unload or a change
  * of the files resets it.
  *
- * Memory budget (make_room_locked, under rt->mu): a model's charge is the sum of mem_charged
- * over its serving generations. Before building, a load predicts its charge (the model's last
- * measured charge, else the size of its version folders); after building it knows it. Each
- * time, while the other models' charges plus this one exceed the limit, the least recently
- * used model that is not pinned, loading or swapping is evicted: its vslots are parked and
- * its generations retired (released by the caller after unlocking). If the models that cannot
- * be evicted leave no room, nothing is evicted and the load fails with KEEL_ERESOURCE. During
- * an availability-preserving reload the old generation lives until the new one is published:
- * the budget counts the model once, at its new charge.
- *
- * Memory measurement: a build holds rt->build_mu, and so does the reaper while it frees
- * generations and trims the heap, so the VmRSS / Pss change across a build is that build's
- * alone. The build trims first (malloc_trim) so that heap freed earlier is given back rather
- * than reused invisibly by the new generation.
+ * The backoff itself is scheduled by the failing load (load.c, next_retry_ns). An evicted
+ * model's want_load is set by keel__want_load_locked (budget.c; called when a request arrives
+ * for it, sched.c, or when it is evicted with requests queued), which wakes this thread with
+ * keel__life_wake: the one call into this file from a layer below it. Layer: calls
+ * registry.c and load.c only (internal.h).
  */
 #include <dirent.h>
 #include <errno.h>
-#include <fcntl.h>
-#include <malloc.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,7 +44,9 @@
 #include <unistd.h>
 
 #include "repository/scan.h"
-#include "runtime/internal.h"
+#include "runtime/lifecycle.h"
+#include "runtime/load.h"
+#include "runtime/registry.h"
 
 #define WATCH_MASK                                                                                 \
     (IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_CLOSE_WRITE | IN_MODIFY |            \
@@ -69,215 +60,6 @@ typedef struct keel__watch {
     uint64_t since_ns; /* when sig was first seen */
     bool seen;         /* in the current scan */
 } keel__watch;
-
-/* ---------------------------------------------------------------- memory */
-
-/* Reads a small /proc file into buf (NUL-terminated) without allocating. */
-static bool read_proc(const char *path, char *buf, size_t len)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    size_t off = 0;
-
-    if (fd < 0)
-        return false;
-    while (off + 1 < len) {
-        ssize_t r = read(fd, buf + off, len - 1 - off);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break;
-        off += (size_t)r;
-    }
-    close(fd);
-    buf[off] = '\0';
-    return off > 0;
-}
-
-/* Sanitizer builds map terabytes of shadow memory: reading smaps_rollup then takes ~50 ms
- * instead of ~2 ms (measured) and its PSS describes the sanitizer more than keel, so those
- * builds report PSS as unavailable. */
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define KEEL__READ_PSS 0
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define KEEL__READ_PSS 0
-#endif
-#endif
-#ifndef KEEL__READ_PSS
-#define KEEL__READ_PSS 1
-#endif
-
-static int64_t rss_bytes(void)
-{
-    char buf[256];
-    long long size, res;
-
-    if (read_proc("/proc/self/statm", buf, sizeof(buf)) &&
-        sscanf(buf, "%lld %lld", &size, &res) == 2)
-        return (int64_t)res * (int64_t)sysconf(_SC_PAGESIZE);
-    return 0;
-}
-
-void keel__mem_sample(int64_t *rss, int64_t *pss)
-{
-    *rss = rss_bytes();
-    *pss = -1;
-#if KEEL__READ_PSS
-    {
-        char buf[2048];
-        long long kb;
-        const char *p;
-        /* smaps_rollup (Linux 4.14+): "Pss:   1234 kB" */
-        if (read_proc("/proc/self/smaps_rollup", buf, sizeof(buf)) &&
-            (p = strstr(buf, "\nPss:")) != NULL && sscanf(p + 5, "%lld", &kb) == 1)
-            *pss = (int64_t)kb * 1024;
-    }
-#endif
-}
-
-/* ---------------------------------------------------------------- budget */
-
-uint64_t keel__charge_locked(const keel__model_entry *e)
-{
-    uint64_t c = 0;
-
-    for (const keel__vslot *v = e->versions; v != NULL; v = v->next) {
-        if (v->current != NULL)
-            c += v->current->mem_charged;
-    }
-    return c;
-}
-
-bool keel__retire_reserve_locked(keel_runtime *rt, keel__retire_list *l)
-{
-    size_t need = l->n;
-    keel__generation **p;
-
-    for (keel__model_entry *e = rt->models; e != NULL; e = e->next) {
-        for (keel__vslot *v = e->versions; v != NULL; v = v->next)
-            need++;
-    }
-    if (need <= l->cap)
-        return true;
-    if ((p = keel__realloc(l->gens, need * sizeof(*p))) == NULL)
-        return false;
-    l->gens = p;
-    l->cap = need;
-    return true;
-}
-
-void keel__vslot_park_locked(keel_runtime *rt, keel__vslot *v, keel__retire_list *l)
-{
-    KEEL__ASSERT(v->current != NULL && l->n < l->cap); /* reserved by the caller */
-    v->current->retired = true;
-    l->gens[l->n++] = v->current;
-    v->current = NULL;
-    rt->nparked++;
-}
-
-void keel__retire_release(keel_runtime *rt, keel__retire_list *l)
-{
-    if (l->evicted[0] != '\0')
-        KEEL__LOG(&rt->log, KEEL_LOG_INFO,
-                  "model memory limit: evicted %s (reloaded on their next request)", l->evicted);
-    for (size_t i = 0; i < l->n; i++)
-        keel__generation_release(l->gens[i]);
-    free(l->gens);
-    memset(l, 0, sizeof(*l));
-}
-
-static bool evictable(const keel__model_entry *e, const keel__model_entry *self)
-{
-    return e != self && !e->pinned && !e->loading && !e->swapping && !e->evicted;
-}
-
-static void evict_locked(keel_runtime *rt, keel__model_entry *victim, const keel__model_entry *self,
-                         keel__retire_list *l)
-{
-    bool waiting = false;
-    size_t used = strlen(l->evicted);
-
-    for (keel__vslot *v = victim->versions; v != NULL; v = v->next) {
-        if (v->current != NULL)
-            keel__vslot_park_locked(rt, v, l);
-        waiting |= v->qhead != NULL;
-    }
-    victim->evicted = true;
-    victim->state = KEEL_MODEL_UNAVAILABLE;
-    victim->last_error = KEEL_OK;
-    snprintf(victim->last_error_msg, sizeof(victim->last_error_msg),
-             "evicted to make room for model '%s' (model memory limit %llu bytes); its next "
-             "request loads it again",
-             self->name, (unsigned long long)rt->mem_limit);
-    atomic_fetch_add(&rt->evictions, 1);
-    if (used + strlen(victim->name) + 4 < sizeof(l->evicted))
-        snprintf(l->evicted + used, sizeof(l->evicted) - used, "%s'%s'", used > 0 ? ", " : "",
-                 victim->name);
-    if (waiting)
-        keel__want_load_locked(rt, victim); /* requests were queued: they still want it */
-}
-
-bool keel__make_room_locked(keel_runtime *rt, keel__model_entry *self, uint64_t need,
-                            keel__retire_list *l, char *msg, size_t len)
-{
-    uint64_t used = 0, movable = 0, limit = rt->mem_limit;
-
-    if (limit == 0)
-        return true;
-    for (keel__model_entry *e = rt->models; e != NULL; e = e->next) {
-        uint64_t c = e == self ? 0 : keel__charge_locked(e);
-        used += c;
-        if (evictable(e, self))
-            movable += c;
-    }
-    if (need + used <= limit)
-        return true;
-    if (need > limit || need + used - movable > limit) {
-        keel__errf(msg, len,
-                   "model '%s' needs about %llu bytes, but the model memory limit is %llu bytes "
-                   "and %llu bytes are held by models that cannot be evicted (pinned, loading "
-                   "or swapping)",
-                   self->name, (unsigned long long)need, (unsigned long long)limit,
-                   (unsigned long long)(used - movable));
-        return false;
-    }
-    while (need + used > limit) {
-        keel__model_entry *victim = NULL;
-        for (keel__model_entry *e = rt->models; e != NULL; e = e->next) {
-            if (evictable(e, self) && keel__charge_locked(e) > 0 &&
-                (victim == NULL || e->last_used_ns < victim->last_used_ns))
-                victim = e;
-        }
-        KEEL__ASSERT(victim != NULL); /* movable covered the excess */
-        used -= keel__charge_locked(victim);
-        evict_locked(rt, victim, self, l);
-    }
-    return true;
-}
-
-void keel__retry_schedule_locked(keel_runtime *rt, keel__model_entry *e)
-{
-    uint64_t d = rt->retry_initial_ms;
-
-    e->next_retry_ns = 0;
-    e->next_retry_unix_ms = 0;
-    if (rt->control == KEEL_CONTROL_EXPLICIT && !e->evicted)
-        return; /* the caller was told; nothing retries by itself */
-    for (uint64_t i = 1; i < e->load_failures && d < rt->retry_max_ms; i++)
-        d *= 2;
-    if (d > rt->retry_max_ms)
-        d = rt->retry_max_ms;
-    e->next_retry_ns = keel__now_ns() + d * 1000000u;
-    e->next_retry_unix_ms = keel__unix_ms() + d;
-}
-
-void keel__want_load_locked(keel_runtime *rt, keel__model_entry *e)
-{
-    if (e->want_load)
-        return;
-    e->want_load = true;
-    keel__life_wake(rt);
-}
 
 /* ---------------------------------------------------------------- watching */
 
@@ -606,36 +388,4 @@ void keel__life_stop(keel_runtime *rt)
     }
     /* The eventfd stays open until runtime_free: a request for an evicted model may still
      * write to it until the runtime stops admitting requests. */
-}
-
-void keel_memory_stats_get(keel_runtime *rt, keel_memory_stats *out)
-{
-    if (out == NULL)
-        return;
-    memset(out, 0, sizeof(*out));
-    if (rt == NULL)
-        return;
-    pthread_mutex_lock(&rt->mu);
-    out->limit_bytes = rt->mem_limit;
-    for (keel__model_entry *e = rt->models; e != NULL; e = e->next)
-        out->charged_bytes += keel__charge_locked(e);
-    pthread_mutex_unlock(&rt->mu);
-    out->evictions = atomic_load(&rt->evictions);
-    out->reloads = atomic_load(&rt->reloads);
-    out->trims = atomic_load(&rt->trims);
-    out->trimmed_bytes = atomic_load(&rt->trimmed_bytes);
-    out->rss_bytes = (uint64_t)rss_bytes();
-}
-
-/* The reaper, after freeing generations (holding rt->build_mu): gives free heap back. */
-void keel__trim(keel_runtime *rt)
-{
-    int64_t before, after;
-
-    before = rss_bytes();
-    malloc_trim(0);
-    after = rss_bytes();
-    atomic_fetch_add(&rt->trims, 1);
-    if (before > after)
-        atomic_fetch_add(&rt->trimmed_bytes, (uint64_t)(before - after));
 }

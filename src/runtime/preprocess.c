@@ -10,11 +10,14 @@
  * see an ordinary request. keel__preprocess_end puts the client's input back, so a request
  * can be resubmitted unchanged. A request may instead carry the model input itself (an
  * already decoded tensor): it then runs as is. The pool is the runtime's (rt->prep), created
- * before and destroyed after every thread that could call here.
+ * before and destroyed after every thread that could call here. Layer: above request.c,
+ * below sched.c (its run path is the only caller of begin/end) and runtime.c
+ * (keel_model_is_ready asks keel__preprocess_ready).
  */
 #include <string.h>
 
-#include "runtime/internal.h"
+#include "runtime/preprocess.h"
+#include "runtime/request.h"
 #include "workers/image.h"
 #include "workers/prep.h"
 

@@ -8,11 +8,13 @@
  * by submit). Inputs are validated twice: structurally when added (shape, element count,
  * byte size, BYTES framing, duplicate names), and against the generation's config when the
  * request is dispatched (keel__request_bind_inputs), because only then is it known which
- * generation, and so which config, the request runs on.
+ * generation, and so which config, the request runs on. Layer: calls registry.c (counters)
+ * only.
  */
 #include <string.h>
 
-#include "runtime/internal.h"
+#include "runtime/registry.h"
+#include "runtime/request.h"
 
 keel_err keel_request_create(keel_runtime *rt, const char *model, int64_t version,
                              keel_request **out)

@@ -17,12 +17,18 @@
  * Completion (complete()): under rt->mu the context goes back to the generation it came from
  * (a retired generation keeps it until it is freed, and never hands it out again) and the
  * slot is dropped; after unlocking, the generation reference is released, statistics are
- * updated and the callback runs. All locks: see internal.h.
+ * updated and the callback runs. All locks: see internal.h. Layer: calls registry.c,
+ * request.c, preprocess.c (the run path), budget.c (want_load) and generation.c only.
  */
 #include <string.h>
 #include <time.h>
 
-#include "runtime/internal.h"
+#include "runtime/budget.h"
+#include "runtime/generation.h"
+#include "runtime/preprocess.h"
+#include "runtime/registry.h"
+#include "runtime/request.h"
+#include "runtime/sched.h"
 
 static bool vslot_has_idle_context(const keel__vslot *v)
 {
@@ -500,18 +506,6 @@ static uint64_t parked_expire_locked(keel_runtime *rt, uint64_t now, keel_reques
             }
         }
     }
-    return next;
-}
-
-uint64_t keel__expire_parked(keel_runtime *rt)
-{
-    keel_request *expired = NULL;
-    uint64_t next;
-
-    pthread_mutex_lock(&rt->mu);
-    next = rt->nparked > 0 ? parked_expire_locked(rt, keel__now_ns(), &expired) : 0;
-    pthread_mutex_unlock(&rt->mu);
-    keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
     return next;
 }
 

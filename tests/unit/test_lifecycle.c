@@ -1,8 +1,8 @@
 /*
- * test_lifecycle.c: the model lifecycle an operator leaves alone (runtime/lifecycle.c):
- * repository watching with a settle interval, load retries with backoff, failed loads under
- * traffic, the memory budget with LRU eviction and reload-on-request, pinned models, and the
- * resource-preserving swap policy.
+ * test_lifecycle.c: the model lifecycle an operator leaves alone (runtime/lifecycle.c, load.c,
+ * budget.c): repository watching with a settle interval, load retries with backoff, failed
+ * loads under traffic, the memory budget with LRU eviction and reload-on-request, pinned
+ * models, and the resource-preserving swap policy.
  *
  * The budget tests use the mock backend, whose models claim a memory size (memory_estimate),
  * so a model's charge is exactly that claim and the tests can predict every eviction. The
@@ -21,7 +21,7 @@
 #include <unistd.h>
 
 #include "mock_backend.h"
-#include "runtime/internal.h"
+#include "runtime/testhook.h"
 #include "testutil.h"
 
 #define MIB (1024ul * 1024ul)

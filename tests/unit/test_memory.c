@@ -20,7 +20,7 @@
 #include <string.h>
 #include <xgboost/c_api.h>
 
-#include "runtime/internal.h"
+#include "runtime/testhook.h"
 #include "testutil.h"
 
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)

@@ -15,7 +15,7 @@
 
 #include "core/core.h"
 #include "mock_backend.h"
-#include "runtime/internal.h"
+#include "runtime/testhook.h"
 #include "testutil.h"
 
 typedef struct fixture {

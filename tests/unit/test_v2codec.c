@@ -18,7 +18,7 @@
 
 #include "fastfloat.h"
 #include "mock_backend.h"
-#include "runtime/internal.h"
+#include "runtime/testhook.h"
 #include "testutil.h"
 #include "v2codec.h"
 #include "v2codec_internal.h"

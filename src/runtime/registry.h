@@ -1,0 +1,30 @@
+/*
+ * registry.h: the model table (entries by name), per-model status, statistics and counters.
+ * Layer: the lowest of src/runtime (see internal.h); calls nothing else in it.
+ */
+#ifndef KEEL_RUNTIME_REGISTRY_H
+#define KEEL_RUNTIME_REGISTRY_H
+
+#include <stddef.h>
+
+#include "runtime/internal.h"
+
+/* Adds d to one live-object counter of rt and of e (either may be NULL); any thread. */
+void keel__counter_add(keel_runtime *rt, keel__model_entry *e, size_t field_offset, int64_t d);
+#define KEEL__CNT(field) offsetof(keel__counters, field)
+
+/* Under rt->mu: the entry named name, or NULL. */
+keel__model_entry *keel__entry_find_locked(keel_runtime *rt, const char *name);
+/* Takes rt->mu: the entry named name, or NULL. Entries live until the runtime is destroyed,
+ * so the pointer stays valid after the lock is dropped. */
+keel__model_entry *keel__entry_lookup(keel_runtime *rt, const char *name);
+/* No lock held: finds or creates the entry for name; the model directory must exist to
+ * create one (KEEL_ENOTFOUND otherwise, errbuf says which). */
+keel_err keel__entry_get(keel_runtime *rt, const char *name, keel__model_entry **out, char *errbuf,
+                         size_t errlen);
+/* Destroy only: frees an entry (no generation or vslot left). Accepts NULL. */
+void keel__entry_free(keel__model_entry *e);
+/* A model name is one path component, printable, not too long, and not hidden. */
+bool keel__model_name_ok(const char *name);
+
+#endif

@@ -1,0 +1,23 @@
+/*
+ * sched.h: admission, queueing, dispatch, the worker threads and the one completion function.
+ * Layer: above registry.c, request.c, preprocess.c, budget.c and generation.c (internal.h).
+ */
+#ifndef KEEL_RUNTIME_SCHED_H
+#define KEEL_RUNTIME_SCHED_H
+
+#include "runtime/internal.h"
+
+void *keel__worker_main(void *arg); /* a worker thread (started by create) */
+/* Completes every request in the list linked by qnext (already unlinked, state COMPLETING). */
+void keel__complete_list(keel_request *list, keel_err status, const char *why);
+/* Under rt->mu: unlinks every queued request of v into *list (state COMPLETING). */
+void keel__vslot_drain_locked(keel_runtime *rt, keel__vslot *v, keel_request **list);
+/* Under rt->mu: moves the requests queued in from that asked for the newest version (-1) to
+ * the tail of to's queue (a newer version of the same model that serves), with their
+ * admission slots: a version leaving the policy must not fail requests that did not ask for
+ * it. Requests for from's version itself stay. */
+void keel__vslot_move_latest_locked(keel_runtime *rt, keel__vslot *from, keel__vslot *to);
+/* Under rt->mu: puts v on the ready list if it can dispatch, and wakes a worker. */
+void keel__vslot_kick_locked(keel_runtime *rt, keel__vslot *v);
+
+#endif

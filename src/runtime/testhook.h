@@ -1,0 +1,21 @@
+/*
+ * testhook.h: the runtime internals the unit tests reach, and nothing else. Tests include
+ * this (with the public keel.h) instead of the runtime's internal headers. The fault points
+ * themselves are core's (core/core.h: keel__fault_arm_*).
+ */
+#ifndef KEEL_RUNTIME_TESTHOOK_H
+#define KEEL_RUNTIME_TESTHOOK_H
+
+#include <stdint.h>
+
+#include "backends/backend.h"
+#include "core/core.h"
+#include "keel/keel.h"
+
+/* Registers an extra backend (a mock); only before any model is loaded (runtime.c). */
+keel_err keel__runtime_add_backend(keel_runtime *rt, const keel__backend *be);
+/* Reads the process's resident set size and (if available, else -1) proportional set size
+ * (budget.c). */
+void keel__mem_sample(int64_t *rss, int64_t *pss);
+
+#endif
