@@ -35,6 +35,14 @@
 extern "C" {
 #endif
 
+/* Marks the functions of the public API: the only symbols libkeel.so exports (libkeel is
+ * compiled with hidden visibility, so nothing of keel's internals is reachable from outside). */
+#if defined(__GNUC__) || defined(__clang__)
+#define KEEL_EXTERN __attribute__((visibility("default")))
+#else
+#define KEEL_EXTERN
+#endif
+
 #define KEEL_VERSION_MAJOR 0
 #define KEEL_VERSION_MINOR 1
 #define KEEL_VERSION_PATCH 0
@@ -62,9 +70,9 @@ typedef enum keel_err {
 } keel_err;
 
 /* Returns a static, human-readable description of err (never NULL). */
-const char *keel_strerror(keel_err err);
+KEEL_EXTERN const char *keel_strerror(keel_err err);
 /* Returns the code's name, e.g. "KEEL_ETIMEDOUT" (never NULL). */
-const char *keel_err_name(keel_err err);
+KEEL_EXTERN const char *keel_err_name(keel_err err);
 
 /* ---------------------------------------------------------------- datatypes */
 
@@ -88,12 +96,12 @@ typedef enum keel_datatype {
 } keel_datatype;
 
 /* "FP32", "BYTES", ... (KServe names); "INVALID" for anything else. */
-const char *keel_datatype_name(keel_datatype dt);
+KEEL_EXTERN const char *keel_datatype_name(keel_datatype dt);
 /* Accepts KServe names ("FP32") and Triton config names ("TYPE_FP32", "TYPE_STRING").
  * Returns KEEL_TYPE_INVALID for anything else. */
-keel_datatype keel_datatype_from_name(const char *name);
+KEEL_EXTERN keel_datatype keel_datatype_from_name(const char *name);
 /* Size of one element in bytes; 0 for BYTES and INVALID. */
-size_t keel_datatype_size(keel_datatype dt);
+KEEL_EXTERN size_t keel_datatype_size(keel_datatype dt);
 
 /* ---------------------------------------------------------------- logging */
 
@@ -156,14 +164,14 @@ typedef struct keel_runtime_opts {
     uint64_t preprocess_max_bytes;
 } keel_runtime_opts;
 
-void keel_runtime_opts_init(keel_runtime_opts *opts);
+KEEL_EXTERN void keel_runtime_opts_init(keel_runtime_opts *opts);
 
 /*
  * Creates a runtime. With KEEL_CONTROL_NONE every model in the repository is loaded; a model
  * that fails to load is recorded (see keel_model_list) and does not fail the create.
  * On KEEL_OK the caller owns *out and must keel_runtime_destroy() it.
  */
-keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_runtime **out);
+KEEL_EXTERN keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_runtime **out);
 
 /*
  * Staged shutdown: new submits fail with KEEL_ESHUTDOWN, queued requests complete with
@@ -171,13 +179,13 @@ keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_runtime **out);
  * generation, context and thread is released. The caller must not destroy requests that are
  * still in flight before their callbacks have run. Accepts NULL.
  */
-void keel_runtime_destroy(keel_runtime *rt);
+KEEL_EXTERN void keel_runtime_destroy(keel_runtime *rt);
 
 /*
  * Waits until every retired generation whose last reference has dropped has been freed by
  * the reaper thread. Useful before reading counters or measuring memory. Thread-safe.
  */
-void keel_runtime_quiesce(keel_runtime *rt);
+KEEL_EXTERN void keel_runtime_quiesce(keel_runtime *rt);
 
 /* ---------------------------------------------------------------- model control */
 
@@ -195,11 +203,12 @@ void keel_runtime_quiesce(keel_runtime *rt);
  * until the new one is published; "resource_preserving": the old one is retired and freed
  * first and requests wait for the new one) and "pinned" (never evicted).
  */
-keel_err keel_model_load(keel_runtime *rt, const char *name, char *errbuf, size_t errlen);
+KEEL_EXTERN keel_err keel_model_load(keel_runtime *rt, const char *name, char *errbuf,
+                                     size_t errlen);
 
 /* Unloads every version of name. Queued requests complete with KEEL_EUNAVAILABLE; running
  * requests finish on their generation. KEEL_ENOTFOUND if the model is not loaded. */
-keel_err keel_model_unload(keel_runtime *rt, const char *name);
+KEEL_EXTERN keel_err keel_model_unload(keel_runtime *rt, const char *name);
 
 typedef enum keel_model_state {
     KEEL_MODEL_UNAVAILABLE = 0, /* known (in the repository or loaded before) but not loaded */
@@ -209,7 +218,7 @@ typedef enum keel_model_state {
     KEEL_MODEL_FAILED, /* the last load failed and no version is serving */
 } keel_model_state;
 
-const char *keel_model_state_name(keel_model_state st); /* "READY", ... */
+KEEL_EXTERN const char *keel_model_state_name(keel_model_state st); /* "READY", ... */
 
 /* One row per (model, loaded version); a model with no version loaded has one row with
  * version -1. Strings are owned by the list. */
@@ -237,15 +246,15 @@ typedef struct keel_model_status {
 
 /* Lists every model of the repository and every model keel has loaded. On KEEL_OK the caller
  * owns *out (free with keel_model_status_free). */
-keel_err keel_model_list(keel_runtime *rt, keel_model_status **out, size_t *count);
-void keel_model_status_free(keel_model_status *list, size_t count);
+KEEL_EXTERN keel_err keel_model_list(keel_runtime *rt, keel_model_status **out, size_t *count);
+KEEL_EXTERN void keel_model_status_free(keel_model_status *list, size_t count);
 
 /* The config.json of the model's newest loaded generation, as normalised JSON (defaults
  * filled in). On KEEL_OK the caller owns *out (free()). KEEL_EUNAVAILABLE if not loaded. */
-keel_err keel_model_config_json(keel_runtime *rt, const char *name, char **out);
+KEEL_EXTERN keel_err keel_model_config_json(keel_runtime *rt, const char *name, char **out);
 
 /* True if the model (version -1 = any) has a ready generation. */
-bool keel_model_is_ready(keel_runtime *rt, const char *name, int64_t version);
+KEEL_EXTERN bool keel_model_is_ready(keel_runtime *rt, const char *name, int64_t version);
 
 /* ---------------------------------------------------------------- statistics and counters */
 
@@ -261,7 +270,8 @@ typedef struct keel_model_stats {
     uint64_t last_inference_unix_ms;   /* wall clock of the last completion; 0 if none */
 } keel_model_stats;
 
-keel_err keel_model_stats_get(keel_runtime *rt, const char *name, keel_model_stats *out);
+KEEL_EXTERN keel_err keel_model_stats_get(keel_runtime *rt, const char *name,
+                                          keel_model_stats *out);
 
 /* Process-wide memory management. */
 typedef struct keel_memory_stats {
@@ -274,7 +284,7 @@ typedef struct keel_memory_stats {
     uint64_t rss_bytes;     /* the process's resident set size now */
 } keel_memory_stats;
 
-void keel_memory_stats_get(keel_runtime *rt, keel_memory_stats *out);
+KEEL_EXTERN void keel_memory_stats_get(keel_runtime *rt, keel_memory_stats *out);
 
 /* Live objects. All return to their idle values when nothing is in flight. */
 typedef struct keel_counters {
@@ -287,9 +297,10 @@ typedef struct keel_counters {
 } keel_counters;
 
 /* Totals over the runtime. */
-void keel_counters_get(keel_runtime *rt, keel_counters *out);
+KEEL_EXTERN void keel_counters_get(keel_runtime *rt, keel_counters *out);
 /* One model's counters; for a model, requests counts its requests in flight. */
-keel_err keel_model_counters_get(keel_runtime *rt, const char *name, keel_counters *out);
+KEEL_EXTERN keel_err keel_model_counters_get(keel_runtime *rt, const char *name,
+                                             keel_counters *out);
 
 /* Preprocessing workers (zeros when the runtime has none). */
 typedef struct keel_preprocess_stats {
@@ -309,7 +320,7 @@ typedef struct keel_preprocess_stats {
     uint64_t bytes_in_flight; /* task inputs plus results now */
 } keel_preprocess_stats;
 
-void keel_preprocess_stats_get(keel_runtime *rt, keel_preprocess_stats *out);
+KEEL_EXTERN void keel_preprocess_stats_get(keel_runtime *rt, keel_preprocess_stats *out);
 
 /* ---------------------------------------------------------------- requests */
 
@@ -317,35 +328,38 @@ typedef struct keel_request keel_request;
 
 /* Creates a request for model name, version (-1 = the newest loaded version). The model need
  * not be loaded yet; that is checked at submit. On KEEL_OK the caller owns *out. */
-keel_err keel_request_create(keel_runtime *rt, const char *model, int64_t version,
-                             keel_request **out);
+KEEL_EXTERN keel_err keel_request_create(keel_runtime *rt, const char *model, int64_t version,
+                                         keel_request **out);
 
 /* Destroys a request that is not in flight (never submitted, or its callback has run;
  * it may be called from inside the callback). Destroying an in-flight request is a bug and
  * an assertion. Accepts NULL. */
-void keel_request_destroy(keel_request *req);
+KEEL_EXTERN void keel_request_destroy(keel_request *req);
 
 /* Sets the request id (copied; echoed by servers). */
-keel_err keel_request_set_id(keel_request *req, const char *id);
-const char *keel_request_id(const keel_request *req); /* "" if unset */
+KEEL_EXTERN keel_err keel_request_set_id(keel_request *req, const char *id);
+KEEL_EXTERN const char *keel_request_id(const keel_request *req); /* "" if unset */
 
 /* Adds a named input tensor. The data is copied. shape has ndim entries, each >= 0; bytes
  * must equal the element count times the datatype size (for BYTES: the serialised size).
  * Full validation against the model happens when the request runs. */
-keel_err keel_request_add_input(keel_request *req, const char *name, keel_datatype dt,
-                                const int64_t *shape, size_t ndim, const void *data, size_t bytes);
+KEEL_EXTERN keel_err keel_request_add_input(keel_request *req, const char *name, keel_datatype dt,
+                                            const int64_t *shape, size_t ndim, const void *data,
+                                            size_t bytes);
 
 /* Asks for one output by name. With no requested outputs, all of the model's are returned. */
-keel_err keel_request_add_output(keel_request *req, const char *name);
+KEEL_EXTERN keel_err keel_request_add_output(keel_request *req, const char *name);
 
 /* A string request parameter (both copied; a later set of the same key replaces it). */
-keel_err keel_request_set_parameter(keel_request *req, const char *key, const char *value);
-const char *keel_request_parameter(const keel_request *req, const char *key); /* or NULL */
+KEEL_EXTERN keel_err keel_request_set_parameter(keel_request *req, const char *key,
+                                                const char *value);
+KEEL_EXTERN const char *keel_request_parameter(const keel_request *req,
+                                               const char *key); /* or NULL */
 
 /* Timeout from submit, in microseconds; 0 = the model's default_timeout_microseconds (0 there
  * = none). A request still queued when its deadline passes completes with KEEL_ETIMEDOUT and
  * never reaches the backend. */
-void keel_request_set_timeout_us(keel_request *req, uint64_t timeout_us);
+KEEL_EXTERN void keel_request_set_timeout_us(keel_request *req, uint64_t timeout_us);
 
 /* Completion callback: status is KEEL_OK or the reason the request failed. Runs exactly once
  * per successful submit, with no keel lock held. It may destroy or resubmit req. */
@@ -361,7 +375,7 @@ typedef void (*keel_infer_cb)(keel_request *req, keel_err status, void *user);
  * already in flight, KEEL_ESHUTDOWN during runtime destroy. A request may be submitted again
  * after its callback has run; its previous outputs are discarded.
  */
-keel_err keel_infer_submit(keel_request *req, keel_infer_cb cb, void *user);
+KEEL_EXTERN keel_err keel_infer_submit(keel_request *req, keel_infer_cb cb, void *user);
 
 /* Flags for keel_infer_submit_ex. */
 enum {
@@ -373,26 +387,27 @@ enum {
 
 /* keel_infer_submit with flags (0 = the same as keel_infer_submit). Same contract: KEEL_OK
  * means cb runs exactly once (with KEEL_SUBMIT_RUN_HERE possibly before this returns). */
-keel_err keel_infer_submit_ex(keel_request *req, unsigned flags, keel_infer_cb cb, void *user);
+KEEL_EXTERN keel_err keel_infer_submit_ex(keel_request *req, unsigned flags, keel_infer_cb cb,
+                                          void *user);
 
 /* Synchronous inference: submit + wait for completion. Returns the request's status. When the
  * model's queue is empty and a context is idle, the request runs on the calling thread (same
  * admission, lease and completion code, without the hand-off to a worker). */
-keel_err keel_infer(keel_request *req);
+KEEL_EXTERN keel_err keel_infer(keel_request *req);
 
 /* Cancels an in-flight request. A queued request completes with KEEL_ECANCELED (its callback
  * may run on this thread before this returns); a running one completes with KEEL_ECANCELED
  * when the backend returns, its outputs discarded. KEEL_OK if the cancel was recorded,
  * KEEL_EINVAL if the request is not in flight. */
-keel_err keel_request_cancel(keel_request *req);
+KEEL_EXTERN keel_err keel_request_cancel(keel_request *req);
 
 /* Result accessors: valid after completion until the request is destroyed or resubmitted. */
-keel_err keel_request_status(const keel_request *req);
+KEEL_EXTERN keel_err keel_request_status(const keel_request *req);
 /* A message naming what was wrong when status != KEEL_OK ("" otherwise). */
-const char *keel_request_error(const keel_request *req);
+KEEL_EXTERN const char *keel_request_error(const keel_request *req);
 /* The generation and version the request ran on (0 / -1 if it never reached one). */
-uint64_t keel_request_generation_id(const keel_request *req);
-int64_t keel_request_model_version(const keel_request *req);
+KEEL_EXTERN uint64_t keel_request_generation_id(const keel_request *req);
+KEEL_EXTERN int64_t keel_request_model_version(const keel_request *req);
 
 typedef struct keel_tensor_view {
     const char *name;
@@ -403,11 +418,11 @@ typedef struct keel_tensor_view {
     size_t bytes;
 } keel_tensor_view;
 
-size_t keel_request_output_count(const keel_request *req);
+KEEL_EXTERN size_t keel_request_output_count(const keel_request *req);
 /* Borrowed view of output i; KEEL_ENOTFOUND if out of range. */
-keel_err keel_request_output(const keel_request *req, size_t i, keel_tensor_view *out);
-keel_err keel_request_output_by_name(const keel_request *req, const char *name,
-                                     keel_tensor_view *out);
+KEEL_EXTERN keel_err keel_request_output(const keel_request *req, size_t i, keel_tensor_view *out);
+KEEL_EXTERN keel_err keel_request_output_by_name(const keel_request *req, const char *name,
+                                                 keel_tensor_view *out);
 
 #ifdef __cplusplus
 }

@@ -147,7 +147,8 @@ fail:
 
 /* ---- the model check in a child process */
 
-/* The helper's absolute path into buf: $KEEL_MODEL_CHECK, else beside /proc/self/exe. */
+/* The helper's absolute path into buf: $KEEL_MODEL_CHECK, else beside /proc/self/exe (keel and
+ * the tests), else where `cmake --install` put it (a program embedding an installed libkeel). */
 static bool helper_path(char *buf, size_t len)
 {
     const char *env = getenv("KEEL_MODEL_CHECK");
@@ -163,7 +164,13 @@ static bool helper_path(char *buf, size_t len)
     if ((slash = strrchr(exe, '/')) == NULL)
         return false;
     *slash = '\0';
-    return (size_t)snprintf(buf, len, "%s/keel-model-check", exe) < len;
+    if ((size_t)snprintf(buf, len, "%s/keel-model-check", exe) >= len)
+        return false;
+#ifdef KEEL_MODEL_CHECK_INSTALLED
+    if (access(buf, X_OK) != 0)
+        return (size_t)snprintf(buf, len, "%s", KEEL_MODEL_CHECK_INSTALLED) < len;
+#endif
+    return true;
 }
 
 static uint64_t check_timeout_ms(void)
