@@ -19,6 +19,7 @@ packages=(
     xgboost         # the xgboost command line: the tests train small models with it
     liblinear-tools # ships examples/heart_scale, the tests' training data
     libmicrohttpd-dev  # HTTP for keel serve
+    libsystemd-dev     # sd_notify: keel serve as a Type=notify systemd service
     libyajl-dev        # streaming JSON for infer bodies (numbers as raw text)
     python3-jsonschema # integration tests validate responses against the V2 OpenAPI schemas
     python3-yaml
@@ -26,6 +27,7 @@ packages=(
     libopencv-dnn-dev  # the onnx backend (OpenCV DNN 4.6)
     libonnx-testdata   # ONNX conformance data for the onnx backend's tests
     curl
+    systemd            # systemd-analyze verify of packaging/keel.service (test_systemd)
     libturbojpeg0-dev   # JPEG decoding in the preprocessing workers
     libspng-dev         # PNG decoding in the preprocessing workers
     libjpeg-turbo-progs # djpeg: the JPEG decoding reference in test_workers

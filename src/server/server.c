@@ -72,6 +72,7 @@
 #include <unistd.h>
 
 #include "reply.h"
+#include "sdnotify.h"
 #include "server_control.h"
 #include "server_internal.h"
 #include "server_log.h"
@@ -1312,6 +1313,8 @@ int keel_server_run(const keel_server_opts *o)
     const union MHD_DaemonInfo *di;
     char addrtext[INET6_ADDRSTRLEN];
     char pbuf[16];
+    char status[160];
+    keel__srv_watchdog *wd = NULL;
 
     keel__srv_log_init(o->log_level);
     if (!addr_parse(o->http_address, o->http_port, &addr, &v6)) {
@@ -1368,6 +1371,7 @@ int keel_server_run(const keel_server_opts *o)
                   : o->control == KEEL_SERVER_CONTROL_EXPLICIT ? "explicit"
                                                                : "none",
                   NULL);
+    keel__srv_notify("STATUS=loading the models", NULL);
     keel_runtime_opts_init(&ro);
     ro.model_repository = o->model_repository;
     ro.control = o->control == KEEL_SERVER_CONTROL_EXPLICIT ? KEEL_CONTROL_EXPLICIT
@@ -1430,10 +1434,22 @@ int keel_server_run(const keel_server_opts *o)
     fflush(stdout);
     keel__srv_log(KEEL_LOG_INFO, "listening", "address", addrtext, "port",
                   keel__srv_fmt(pbuf, sizeof(pbuf), "%u", (unsigned)di->port), NULL);
+    /* systemd (Type=notify): the start set is loaded and the port answers. */
+    snprintf(status, sizeof(status), "serving on %s port %u", addrtext, (unsigned)di->port);
+    keel__srv_notify("READY=1", status);
+    if (keel__srv_watchdog_start(v6, (unsigned)di->port, &wd) != KEEL_OK) {
+        keel__srv_log(KEEL_LOG_ERROR, "cannot start the systemd watchdog thread", NULL);
+        goto done;
+    }
 
     while ((sig = wait_signal(sfd, -1)) == 0)
         ;
     keel__srv_log(KEEL_LOG_INFO, "shutting down", "signal", signal_name(sig), NULL);
+    /* The drain may outlast WatchdogSec; systemd stops watching once it reads STOPPING=1. */
+    keel__srv_watchdog_stop(wd);
+    wd = NULL;
+    snprintf(status, sizeof(status), "draining after %s", signal_name(sig));
+    keel__srv_notify("STOPPING=1", status);
     drain(s, sfd);
     rc = KEEL_SERVER_EXIT_OK;
     goto done;
@@ -1441,6 +1457,7 @@ int keel_server_run(const keel_server_opts *o)
 nomem:
     keel__srv_log(KEEL_LOG_ERROR, "out of memory", NULL);
 done:
+    keel__srv_watchdog_stop(wd);
     if (s != NULL) {
         if (locks) {
             /* Also the error paths: no connection can be in flight unless MHD started,

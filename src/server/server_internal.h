@@ -4,7 +4,7 @@
  *
  * DESIGN
  * One keel_srv per process, created and destroyed by keel_server_run() on the main thread.
- * Files, top to bottom: each calls only files below it (checked by scripts/check_cycles.sh
+ * Files, top to bottom: each calls only files below it (checked by scripts/check-layers.py
  * from the object files' symbol tables), and the threads that run their code:
  *   server_opts.c     `keel serve` options, and keel_server_main (parse, then run); main
  *                     thread
@@ -18,6 +18,8 @@
  *   metrics.c         GET /metrics, Prometheus text; MHD threads
  *   reply.c           replies before they are sent, keel_err -> HTTP status, the 404/503 of a
  *                     model that is not served; any thread
+ *   sdnotify.c        systemd notifications (READY, STOPPING, STATUS) and the watchdog
+ *                     thread; main thread
  *   v2codec.c, fastfloat.c  the KServe V2 JSON codec; any thread
  *   server_log.c      logfmt lines on stderr; any thread
  * Each file has its own header (reply.h, server_routes.h, server_control.h, metrics.h,
