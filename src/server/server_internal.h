@@ -38,7 +38,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "edge.h"
 #include "keel/keel.h"
+#include "restrict.h"
 #include "server.h"
 #include "v2codec.h"
 
@@ -77,6 +79,12 @@ typedef struct srv_conn srv_conn;
 struct srv_conn {
     keel_srv *s;
     struct MHD_Connection *mhd;
+    bool begun; /* the handler's first call ran (the conn is made by the URI log callback) */
+    /* The request target as received (server_guard.c): its length up to the first NUL, and
+     * the verdict of keel__edge_check_target (0, or 400 with target_msg). */
+    size_t raw_target_len;
+    unsigned target_status;
+    char target_msg[160];
     srv_route route;
     unsigned route_status; /* ROUTE_UNKNOWN: the status to answer, with route_msg */
     char route_msg[256];
@@ -123,6 +131,7 @@ struct keel_srv {
     const keel_server_opts *opts;
     keel_runtime *rt;
     struct MHD_Daemon *mhd;
+    keel_redact redact; /* repository paths removed from error replies (server_guard.c) */
     uint64_t start_unix_ms;
 
     pthread_mutex_t mu;
@@ -202,6 +211,21 @@ void keel__srv_control_stop(keel_srv *s);
 /* Queues c (state SUBMITTED); false if the thread is stopping (c untouched). */
 bool keel__srv_control_enqueue(keel_srv *s, srv_conn *c);
 /* Poll mode: records the repository's signatures before the runtime loads it. */
+
+/* ---------------------------------------------------------------- guard (server_guard.c) */
+
+#define KEEL_SRV_MAX_HEADERS 100 /* header fields of one request */
+
+/* The API group of a route (KEEL_API_NONE for ROUTE_UNKNOWN). */
+keel_api_group keel__srv_route_group(srv_route r);
+/* The checks of a request's first handler call, after routing (url and version as MHD gave
+ * them). Returns 0 to go on, or the status of the refusal with r filled; the caller sends it
+ * and closes the connection. */
+unsigned keel__srv_guard(keel_srv *s, srv_conn *c, const char *url, const char *version,
+                         srv_reply *r);
+/* Before an error reply is queued: removes repository paths from its body unless the route
+ * belongs to the model-repository group. */
+void keel__srv_guard_redact(keel_srv *s, const srv_conn *c, srv_reply *r);
 
 /* ---------------------------------------------------------------- logging (server_log.c) */
 
