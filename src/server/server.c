@@ -1269,6 +1269,8 @@ static struct MHD_Daemon *mhd_start(keel_srv *s, const srv_addr *addr, bool v6)
         {MHD_OPTION_SIGPIPE_HANDLED_BY_APP, 1, NULL},
         {MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024, NULL},
         {MHD_OPTION_STRICT_FOR_CLIENT, STRICTNESS, NULL},
+        /* The request target as received, and the srv_conn of each request (on_uri). */
+        {MHD_OPTION_URI_LOG_CALLBACK, (intptr_t)on_uri, s},
         /* Last: with one thread there is no pool, and END ends the array here. */
         {o->http_threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END,
          (intptr_t)o->http_threads, NULL},
@@ -1276,10 +1278,10 @@ static struct MHD_Daemon *mhd_start(keel_srv *s, const srv_addr *addr, bool v6)
     };
 
     /* The logger comes first so that MHD reports option errors through it. */
-    return MHD_start_daemon(
-        flags, (uint16_t)o->http_port, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER,
-        mhd_log, s, MHD_OPTION_SOCK_ADDR, &addr->sa, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
-        MHD_OPTION_URI_LOG_CALLBACK, on_uri, s, MHD_OPTION_ARRAY, items, MHD_OPTION_END);
+    return MHD_start_daemon(flags, (uint16_t)o->http_port, NULL, NULL, on_request, s,
+                            MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_SOCK_ADDR, &addr->sa,
+                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_ARRAY, items,
+                            MHD_OPTION_END);
 }
 
 /* Waits up to timeout_ms (-1 = forever) for SIGTERM/SIGINT. Returns the signal, or 0. */
@@ -1465,9 +1467,9 @@ int keel_server_run(const keel_server_opts *o)
         goto nomem;
     s->opts = o;
     s->start_unix_ms = unix_ms();
+    s->listen_fd = MHD_INVALID_SOCKET;
     if (!keel__redact_init(&s->redact, o->model_repository))
         goto nomem;
-    s->listen_fd = MHD_INVALID_SOCKET;
     if (pthread_mutex_init(&s->mu, NULL) != 0)
         goto nomem;
     if (cond_init(&s->idle_cv) != 0) {
