@@ -385,3 +385,10 @@ const char *keel__restrict_message(const keel_restrict_rule *rule, const char *p
              prefix != NULL ? prefix : "", rule != NULL ? rule->key : "");
     return buf;
 }
+
+const char *keel__restrict_message_grpc(const keel_restrict_rule *rule, char *buf, size_t len)
+{
+    snprintf(buf, len, "This protocol is restricted, expecting header 'triton-grpc-protocol-%s'",
+             rule != NULL ? rule->key : "");
+    return buf;
+}

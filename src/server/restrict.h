@@ -108,6 +108,10 @@ bool keel__restrict_check_allowed(const keel_restrict_check *k);
 const char *keel__restrict_message(const keel_restrict_rule *rule, const char *prefix, char *buf,
                                    size_t len);
 
+/* Triton's gRPC refusal (status UNAVAILABLE): "This protocol is restricted, expecting header
+ * 'triton-grpc-protocol-KEY'". Returns buf. */
+const char *keel__restrict_message_grpc(const keel_restrict_rule *rule, char *buf, size_t len);
+
 /* Constant-time equality of a (alen bytes) with the expected b (blen bytes): the time depends
  * on blen only. */
 bool keel__restrict_equal(const char *a, size_t alen, const char *b, size_t blen);

@@ -157,6 +157,9 @@ static void test_check(void **state)
     assert_string_equal(
         keel__restrict_message(keel__restrict_rule(&r, KEEL_API_INFERENCE), NULL, msg, sizeof(msg)),
         "This API is restricted, expecting header 'X-Key'");
+    assert_string_equal(
+        keel__restrict_message_grpc(keel__restrict_rule(&r, KEEL_API_INFERENCE), msg, sizeof(msg)),
+        "This protocol is restricted, expecting header 'triton-grpc-protocol-X-Key'");
     keel__restrict_fini(&r);
     assert_true(keel__restrict_equal("abc", 3, "abc", 3));
     assert_false(keel__restrict_equal("", 0, "abc", 3));
