@@ -34,6 +34,8 @@ packages=(
     libpng-dev          # ships examples/pngtest.png (interlaced), a PNG reference image
     python3-pil         # the PNG decoding reference; test images for test_preprocess_http
     python-matplotlib-data # grace_hopper.jpg, the JPEG reference image
+    nginx-light         # test_tls_proxy: TLS in front of keel, as docs/OPERATIONS.md shows
+    openssl             # test_tls_proxy: the self-signed certificate, made at test time
 )
 
 missing=()

@@ -2,7 +2,8 @@
 # test.sh: the whole test command (what CI runs through .ci/run).
 #
 # Stages, in this order:
-#   format  clang-format --dry-run --Werror over every .c/.h under src/ include/ tests/
+#   format  clang-format --dry-run --Werror over every .c/.h under src/ include/ tests/, and
+#           no alloca anywhere (VLAs are refused by -Wvla -Werror in the plain stage)
 #   plain   gcc Debug build with -Werror (build/plain), scripts/check-layers.py (every include
 #           follows an arrow of ARCHITECTURE.md; no file-level call or include cycle inside a
 #           module), every test
@@ -70,6 +71,18 @@ stage_format() {
         return 1
     fi
     echo "format: all ${#files[@]} files clean"
+    # No stack allocation sized at run time: VLAs are compile errors (-Wvla with -Werror in
+    # the plain stage); alloca has no warning, so it is refused here. A size taken from a
+    # request would let a client overflow the stack.
+    local hits
+    hits=$(grep -rnE '\b(__builtin_)?alloca[[:space:]]*\(' src include tests fuzz bench \
+        --include='*.c' --include='*.h' --include='*.cpp' --include='*.hpp' || true)
+    if [[ -n "$hits" ]]; then
+        echo "$hits" >&2
+        echo "alloca is not allowed (use malloc, or a fixed-size buffer)" >&2
+        return 1
+    fi
+    echo "format: no alloca"
 }
 
 stage_plain() {

@@ -74,6 +74,7 @@
 #include "reply.h"
 #include "sdnotify.h"
 #include "server_control.h"
+#include "server_guard.h"
 #include "server_internal.h"
 #include "server_log.h"
 #include "server_routes.h"
@@ -156,6 +157,7 @@ static enum MHD_Result send_reply(srv_conn *c, srv_reply *r, const char *extra_n
     enum MHD_Result ret;
     unsigned status = r->status;
 
+    keel__srv_guard_redact(c->s, c, r);
     if (r->body == NULL && status >= 400) {
         /* keel__srv_reply_error could not allocate: say so with a static body. */
         resp = MHD_create_response_from_buffer(sizeof(nomem) - 1, (void *)nomem,
@@ -828,10 +830,35 @@ static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const c
     return MHD_YES;
 }
 
-static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const char *url,
-                                  const char *method, void **con_cls)
+/*
+ * MHD's URI log callback: runs when the request line has been parsed, before MHD cuts the
+ * query off and percent-decodes the path, and its result becomes the request's context
+ * pointer. So this is where the srv_conn is made, and where the target is seen as received
+ * (server_guard.c checks it). NULL (no memory) makes the handler close the connection.
+ */
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *mc)
 {
-    srv_conn *c;
+    srv_conn *c = calloc(1, sizeof(*c));
+
+    (void)mc;
+    if (c == NULL)
+        return NULL;
+    c->s = cls;
+    c->fd = -1;
+    c->version = -1;
+    c->state = CONN_READING;
+    c->start_ns = now_ns();
+    if (uri != NULL) {
+        c->raw_target_len = strlen(uri);
+        c->target_status =
+            keel__edge_check_target(uri, c->raw_target_len, c->target_msg, sizeof(c->target_msg));
+    }
+    return c;
+}
+
+static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const char *url,
+                                  const char *method, const char *http_version, srv_conn *c)
+{
     char msg[256];
     unsigned rc;
     const char *cl;
@@ -840,17 +867,11 @@ static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const 
         strcmp(method, MHD_HTTP_METHOD_GET) == 0 || strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
     bool is_post = strcmp(method, MHD_HTTP_METHOD_POST) == 0;
 
-    if ((c = calloc(1, sizeof(*c))) == NULL)
-        return MHD_NO; /* MHD closes the connection */
-    c->s = s;
+    /* c came from on_uri; MHD's completed callback frees it. */
+    c->begun = true;
     c->mhd = mc;
-    c->fd = -1;
-    c->version = -1;
-    c->start_ns = now_ns();
-    c->state = CONN_READING;
     c->counted = true;
     atomic_fetch_add(&s->http_open, 1);
-    *con_cls = c; /* from here on MHD's completed callback frees c */
 
     rc = route_url(c, url, msg, sizeof(msg));
     if (rc == 0) {
@@ -875,6 +896,13 @@ static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const 
                                   ? "ambiguous framing: several Content-Length headers"
                                   : "ambiguous framing: Content-Length with Transfer-Encoding");
         return send_reply(c, &r, NULL, NULL, true);
+    }
+    {
+        /* Bad targets, too many headers, restricted groups without their key, impossible
+         * model names: refused before any body is read (server_guard.c). */
+        srv_reply r = {0};
+        if (keel__srv_guard(s, c, url, http_version, &r) != 0)
+            return send_reply(c, &r, NULL, NULL, true);
     }
     cl = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
     if (cl != NULL) {
@@ -936,9 +964,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
     keel_srv *s = cls;
     srv_conn *c = *con_cls;
 
-    (void)version;
     if (c == NULL)
-        return first_call(s, mc, url, method, con_cls);
+        return MHD_NO; /* on_uri had no memory: MHD closes the connection */
+    if (!c->begun)
+        return first_call(s, mc, url, method, version, c);
     switch (c->state) {
     case CONN_READING:
         if (*upload_data_size != 0) {
@@ -1140,6 +1169,8 @@ static struct MHD_Daemon *mhd_start(keel_srv *s, const srv_addr *addr, bool v6)
         {MHD_OPTION_SIGPIPE_HANDLED_BY_APP, 1, NULL},
         {MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024, NULL},
         {MHD_OPTION_STRICT_FOR_CLIENT, STRICTNESS, NULL},
+        /* The request target as received, and the srv_conn of each request (on_uri). */
+        {MHD_OPTION_URI_LOG_CALLBACK, (intptr_t)on_uri, s},
         /* Last: with one thread there is no pool, and END ends the array here. */
         {o->http_threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END,
          (intptr_t)o->http_threads, NULL},
@@ -1339,6 +1370,8 @@ int keel_server_run(const keel_server_opts *o)
     s->opts = o;
     s->start_unix_ms = unix_ms();
     s->listen_fd = MHD_INVALID_SOCKET;
+    if (!keel__redact_init(&s->redact, o->model_repository))
+        goto nomem;
     if (pthread_mutex_init(&s->mu, NULL) != 0)
         goto nomem;
     if (cond_init(&s->idle_cv) != 0) {
@@ -1477,6 +1510,7 @@ done:
             pthread_cond_destroy(&s->idle_cv);
             pthread_mutex_destroy(&s->mu);
         }
+        keel__redact_fini(&s->redact);
         free(s);
     }
     if (sfd >= 0)

@@ -20,6 +20,7 @@
 #include <stdio.h>
 
 #include "keel/keel.h"
+#include "restrict.h"
 
 enum { KEEL_SERVER_EXIT_OK = 0, KEEL_SERVER_EXIT_RUNTIME = 1, KEEL_SERVER_EXIT_USAGE = 2 };
 
@@ -57,15 +58,20 @@ typedef struct keel_server_opts {
     uint64_t preprocess_max_bytes;
     const char *load_models[KEEL_SERVER_MAX_LOAD_MODELS]; /* EXPLICIT: loaded at start */
     size_t nload_models;
+    /* --http-restricted-api rules (owned: keys and values, some read from files). */
+    keel_restrict restricted;
 } keel_server_opts;
 
 void keel_server_opts_init(keel_server_opts *opts);
+/* Frees what parsing allocated (the restricted-API rules). */
+void keel_server_opts_fini(keel_server_opts *opts);
 
 /*
  * Parses the options of `keel serve` (argv[0] is the first option, not the program name).
  * Returns KEEL_SERVER_EXIT_OK, KEEL_SERVER_EXIT_USAGE after printing why to stderr, or -1 if
  * --help was asked for (the caller prints keel_server_print_help()). Values are borrowed from
- * argv.
+ * argv, except the restricted-API rules: call keel_server_opts_fini() after a KEEL_SERVER_EXIT_OK
+ * (on any other return nothing is left to free).
  */
 int keel_server_parse_args(int argc, char **argv, keel_server_opts *opts);
 void keel_server_print_help(FILE *f);

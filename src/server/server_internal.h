@@ -49,7 +49,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "edge.h"
 #include "keel/keel.h"
+#include "restrict.h"
 #include "server.h"
 #include "v2codec.h"
 
@@ -88,6 +90,12 @@ typedef struct srv_conn srv_conn;
 struct srv_conn {
     keel_srv *s;
     struct MHD_Connection *mhd;
+    bool begun; /* the handler's first call ran (the conn is made by the URI log callback) */
+    /* The request target as received (server_guard.c): its length up to the first NUL, and
+     * the verdict of keel__edge_check_target (0, or 400 with target_msg). */
+    size_t raw_target_len;
+    unsigned target_status;
+    char target_msg[160];
     srv_route route;
     unsigned route_status; /* ROUTE_UNKNOWN: the status to answer, with route_msg */
     char route_msg[256];
@@ -134,6 +142,7 @@ struct keel_srv {
     const keel_server_opts *opts;
     keel_runtime *rt;
     struct MHD_Daemon *mhd;
+    keel_redact redact; /* repository paths removed from error replies (server_guard.c) */
     uint64_t start_unix_ms;
 
     pthread_mutex_t mu;

@@ -37,6 +37,13 @@ void keel_server_opts_init(keel_server_opts *opts)
     opts->preprocess_workers = 2;
     opts->preprocess_timeout_ms = 10000;
     opts->preprocess_max_bytes = 64u << 20;
+    keel__restrict_init(&opts->restricted);
+}
+
+void keel_server_opts_fini(keel_server_opts *opts)
+{
+    if (opts != NULL)
+        keel__restrict_fini(&opts->restricted);
 }
 
 void keel_server_print_help(FILE *f)
@@ -96,6 +103,14 @@ void keel_server_print_help(FILE *f)
           "                              that overruns it is killed and replaced\n"
           "  --preprocess-max-bytes N    encoded images plus decoded tensor of one request,\n"
           "                              suffix k/m/g (default 64m); larger ones get 400\n"
+          "  --http-restricted-api GROUPS:KEY=VALUE\n"
+          "                              requests to the API groups GROUPS (comma-separated:\n"
+          "                              health, metadata, inference, model-config,\n"
+          "                              model-repository, statistics, metrics, and Triton's\n"
+          "                              shared-memory, trace, logging) need the header\n"
+          "                              KEY: VALUE, else they get 403 (repeatable; a group in\n"
+          "                              one rule only). VALUE may be @FILE: the value is read\n"
+          "                              from FILE, so it does not show in ps\n"
           "  --log-level LEVEL           error, warn, info (default) or debug\n"
           "  --log-format logfmt         the log format (logfmt is the only one)\n"
           "  -h, --help                  print this help\n"
@@ -138,6 +153,7 @@ typedef enum opt_id {
     O_PREP_WORKERS,
     O_PREP_TIMEOUT,
     O_PREP_MAX_BYTES,
+    O_RESTRICTED,
 } opt_id;
 
 static const struct {
@@ -169,11 +185,11 @@ static const struct {
     {"--preprocess-workers", O_PREP_WORKERS, true},
     {"--preprocess-timeout-ms", O_PREP_TIMEOUT, true},
     {"--preprocess-max-bytes", O_PREP_MAX_BYTES, true},
+    {"--http-restricted-api", O_RESTRICTED, true},
 };
 
-int keel_server_parse_args(int argc, char **argv, keel_server_opts *o)
+static int parse_args(int argc, char **argv, keel_server_opts *o)
 {
-    keel_server_opts_init(o);
     for (int i = 0; i < argc; i++) {
         const char *arg = argv[i];
         const char *eq = strchr(arg, '=');
@@ -338,6 +354,13 @@ int keel_server_parse_args(int argc, char **argv, keel_server_opts *o)
             if (strcmp(val, "logfmt") != 0)
                 return usage("--log-format: '%s' is not supported (only logfmt)", val);
             break;
+        case O_RESTRICTED: {
+            char msg[512];
+            /* The message never holds the value; the groups and the key are not secret. */
+            if (!keel__restrict_add(&o->restricted, val, msg, sizeof(msg)))
+                return usage("--http-restricted-api: %s", msg);
+            break;
+        }
         }
     }
     if (o->model_repository == NULL || o->model_repository[0] == '\0')
@@ -347,6 +370,16 @@ int keel_server_parse_args(int argc, char **argv, keel_server_opts *o)
     if (o->nload_models > 0 && o->control != KEEL_SERVER_CONTROL_EXPLICIT)
         return usage("--load-model needs --model-control-mode explicit");
     return KEEL_SERVER_EXIT_OK;
+}
+
+int keel_server_parse_args(int argc, char **argv, keel_server_opts *o)
+{
+    int rc;
+
+    keel_server_opts_init(o);
+    if ((rc = parse_args(argc, argv, o)) != KEEL_SERVER_EXIT_OK)
+        keel_server_opts_fini(o);
+    return rc;
 }
 
 int keel_server_main(int argc, char **argv)
@@ -360,5 +393,7 @@ int keel_server_main(int argc, char **argv)
     }
     if (rc != KEEL_SERVER_EXIT_OK)
         return rc;
-    return keel_server_run(&o);
+    rc = keel_server_run(&o);
+    keel_server_opts_fini(&o);
+    return rc;
 }
