@@ -218,15 +218,20 @@ static enum MHD_Result send_reply(srv_conn *c, srv_reply *r, const char *extra_n
     struct MHD_Response *resp;
     enum MHD_Result ret;
     unsigned status = r->status;
+    char tp[64];
 
     if (r->body == NULL && status >= 400) {
         /* keel__srv_reply_error could not allocate: say so with a static body. */
         resp = MHD_create_response_from_buffer(sizeof(nomem) - 1, (void *)nomem,
                                                MHD_RESPMEM_PERSISTENT);
         r->ctype = JSON_TYPE;
+        c->bytes_out = sizeof(nomem) - 1;
     } else {
         resp = MHD_create_response_from_buffer(r->len, r->body, MHD_RESPMEM_MUST_FREE);
+        c->bytes_out = r->len;
     }
+    if (c->traced) /* W3C Trace Context: the caller's trace, keel's span */
+        snprintf(tp, sizeof(tp), "00-%s-%s-%02x", c->trace.trace_id, c->span_id, c->trace.flags);
     if (resp == NULL) {
         free(r->body);
         r->body = NULL;
@@ -238,6 +243,7 @@ static enum MHD_Result send_reply(srv_conn *c, srv_reply *r, const char *extra_n
         (r->allow != NULL &&
          MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, r->allow) != MHD_YES) ||
         (extra_name != NULL && MHD_add_response_header(resp, extra_name, extra_value) != MHD_YES) ||
+        (c->traced && MHD_add_response_header(resp, "traceparent", tp) != MHD_YES) ||
         ((close_after || atomic_load(&c->s->conn_close)) &&
          MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close") != MHD_YES)) {
         MHD_destroy_response(resp);
@@ -516,6 +522,69 @@ static const char *route_name(srv_route r)
     return "unknown";
 }
 
+/* Formats the client's address as "addr:port" ("" if unknown). */
+static void peer_text(struct MHD_Connection *mc, char *out, size_t len)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    const struct sockaddr *sa = ci != NULL ? ci->client_addr : NULL;
+    char a[INET6_ADDRSTRLEN];
+
+    out[0] = '\0';
+    if (sa == NULL)
+        return;
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)(const void *)sa;
+        if (inet_ntop(AF_INET, &in->sin_addr, a, sizeof(a)) != NULL)
+            snprintf(out, len, "%s:%u", a, (unsigned)ntohs(in->sin_port));
+    } else if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)(const void *)sa;
+        if (inet_ntop(AF_INET6, &in6->sin6_addr, a, sizeof(a)) != NULL)
+            snprintf(out, len, "[%s]:%u", a, (unsigned)ntohs(in6->sin6_port));
+    }
+}
+
+/* Feeds the request's one observation (histograms, response codes, access log): called
+ * exactly once per srv_conn, from MHD's request-completed callback, after its response was
+ * sent and (for an infer) after its keel completion ran. */
+static void observe(srv_conn *c, struct MHD_Connection *mc)
+{
+    keel_srv *s = c->s;
+    srv_obs_event ev;
+    char peer[INET6_ADDRSTRLEN + 16];
+
+    memset(&ev, 0, sizeof(ev));
+    ev.protocol = SRV_PROTO_HTTP;
+    ev.route = route_name(c->route);
+    ev.method = c->method;
+    ev.model = c->model;
+    ev.version = c->version;
+    ev.status = c->http_status;
+    ev.bytes_in = (uint64_t)c->body_len + c->discarded;
+    ev.bytes_out = c->bytes_out;
+    ev.start_ns = c->start_ns;
+    ev.end_ns = now_ns();
+    ev.trace_id = c->traced ? c->trace.trace_id : "";
+    ev.span_id = c->traced ? c->span_id : "";
+    if (c->req != NULL) {
+        /* Only read once the completion ran: c->done is set under s->mu before the resume
+         * that led here; a request that was never submitted has zero timing. */
+        keel_request_timing_get(c->req, &ev.timing);
+        ev.request_id = keel_request_id(c->req);
+        if (ev.timing.complete_ns != 0) {
+            ev.generation = keel_request_generation_id(c->req);
+            if (keel_request_model_version(c->req) >= 0)
+                ev.version = keel_request_model_version(c->req);
+        }
+    }
+    keel__srv_obs_record(s->obs, &ev);
+    if (s->alog != NULL) {
+        peer_text(mc, peer, sizeof(peer));
+        ev.peer = peer;
+        keel__srv_alog_write(s->alog, &ev);
+    }
+}
+
 /* MHD's request-completed callback: the one place an srv_conn is freed. */
 static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
@@ -527,6 +596,7 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
     if (c == NULL)
         return;
     *con_cls = NULL;
+    observe(c, mc);
     if (keel__srv_log_on(KEEL_LOG_DEBUG)) {
         char st[16], us[32];
         keel__srv_log(KEEL_LOG_DEBUG, "request done", "route", route_name(c->route), "model",
@@ -948,6 +1018,16 @@ static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const 
     c->fd = -1;
     c->version = -1;
     c->start_ns = now_ns();
+    c->method = is_post                                    ? "POST"
+                : strcmp(method, MHD_HTTP_METHOD_GET) == 0 ? "GET"
+                : is_get                                   ? "HEAD"
+                                                           : "OTHER";
+    /* A malformed traceparent is ignored, never an error (W3C Trace Context). */
+    if (keel__srv_traceparent_parse(MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "traceparent"),
+                                    &c->trace)) {
+        c->traced = true;
+        keel__srv_span_id(c->span_id);
+    }
     c->state = CONN_READING;
     c->counted = true;
     atomic_fetch_add(&s->http_open, 1);
@@ -1254,8 +1334,9 @@ static struct MHD_Daemon *mhd_start(keel_srv *s, const srv_addr *addr, bool v6)
                             MHD_OPTION_END);
 }
 
-/* Waits up to timeout_ms (-1 = forever) for SIGTERM/SIGINT. Returns the signal, or 0. */
-static int wait_signal(int sfd, int timeout_ms)
+/* Waits up to timeout_ms (-1 = forever) for SIGTERM/SIGINT. Returns the signal, or 0.
+ * SIGHUP (logrotate) reopens the access log and returns 0. */
+static int wait_signal(keel_srv *s, int sfd, int timeout_ms)
 {
     struct pollfd p = {.fd = sfd, .events = POLLIN, .revents = 0};
     struct signalfd_siginfo si;
@@ -1265,6 +1346,11 @@ static int wait_signal(int sfd, int timeout_ms)
         return 0; /* timeout, or EINTR (a stop/continue): the caller re-checks its clock */
     if (read(sfd, &si, sizeof(si)) != (ssize_t)sizeof(si))
         return 0;
+    if (si.ssi_signo == SIGHUP) {
+        if (s->alog != NULL)
+            keel__srv_alog_reopen(s->alog);
+        return 0;
+    }
     return (int)si.ssi_signo;
 }
 
@@ -1343,7 +1429,7 @@ static void drain(keel_srv *s, int sfd)
     deadline = t0 + (uint64_t)o->shutdown_grace_secs * 1000000000u;
     while (!hurry && now_ns() < deadline) {
         uint64_t ms = (deadline - now_ns()) / 1000000u + 1;
-        int sig = wait_signal(sfd, ms > 1000 ? 1000 : (int)ms);
+        int sig = wait_signal(s, sfd, ms > 1000 ? 1000 : (int)ms);
         if (sig != 0) {
             keel__srv_log(KEEL_LOG_WARN, "second signal: skipping the grace and drain waits",
                           "signal", signal_name(sig), NULL);
@@ -1367,7 +1453,7 @@ static void drain(keel_srv *s, int sfd)
         pthread_cond_timedwait(&s->idle_cv, &s->mu, &dl);
         if (s->pending > 0) {
             pthread_mutex_unlock(&s->mu);
-            if (wait_signal(sfd, 0) != 0) {
+            if (wait_signal(s, sfd, 0) != 0) {
                 keel__srv_log(KEEL_LOG_WARN, "second signal: cancelling requests in flight", NULL);
                 hurry = true;
             }
@@ -1425,6 +1511,7 @@ int keel_server_run(const keel_server_opts *o)
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
     if (pthread_sigmask(SIG_BLOCK, &set, NULL) != 0 ||
         (sfd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
         keel__srv_log(KEEL_LOG_ERROR, "cannot set up signal handling", "error", strerror(errno),
@@ -1463,6 +1550,17 @@ int keel_server_run(const keel_server_opts *o)
         goto nomem;
     }
     locks = true;
+    if ((s->obs = keel__srv_obs_create()) == NULL)
+        goto nomem;
+    if (o->access_log != NULL) {
+        char msg[ERRMSG_LEN];
+        if (keel__srv_alog_open(o->access_log, o->access_log_json ? SRV_ALOG_JSON : SRV_ALOG_LOGFMT,
+                                (size_t)o->access_log_buffer_bytes, &s->alog, msg,
+                                sizeof(msg)) != KEEL_OK) {
+            keel__srv_log(KEEL_LOG_ERROR, "cannot start the access log", "error", msg, NULL);
+            goto done;
+        }
+    }
 
     keel__srv_log(KEEL_LOG_INFO, "starting", "version", KEEL_VERSION_STRING, "repository",
                   o->model_repository, "control",
@@ -1532,7 +1630,7 @@ int keel_server_run(const keel_server_opts *o)
     keel__srv_log(KEEL_LOG_INFO, "listening", "address", addrtext, "port",
                   keel__srv_fmt(pbuf, sizeof(pbuf), "%u", (unsigned)di->port), NULL);
 
-    while ((sig = wait_signal(sfd, -1)) == 0)
+    while ((sig = wait_signal(s, sfd, -1)) == 0)
         ;
     keel__srv_log(KEEL_LOG_INFO, "shutting down", "signal", signal_name(sig), NULL);
     drain(s, sfd);
@@ -1553,6 +1651,9 @@ done:
             MHD_stop_daemon(s->mhd);
         if (s->listen_fd != MHD_INVALID_SOCKET)
             close(s->listen_fd); /* quiesced: ours, and only now unused by MHD */
+        /* No request can be observed any more: the daemon has stopped. */
+        keel__srv_alog_close(s->alog);
+        keel__srv_obs_destroy(s->obs);
         keel_runtime_destroy(s->rt);
         if (locks) {
             pthread_cond_destroy(&s->ctl_cv);

@@ -11,6 +11,9 @@
  *   server_control.c  the model-control thread: API load/unload jobs (explicit mode); poll
  *                     mode is libkeel's lifecycle thread
  *   metrics.c         GET /metrics, Prometheus text; MHD threads
+ *   observe.c         latency histograms, responses by code, trace context: fed once per
+ *                     request (protocol-neutral) from MHD's request-completed callback
+ *   access_log.c      --access-log: line formats, buffers and the writer thread
  *   server_log.c      logfmt lines on stderr; any thread
  *   server_opts.c     `keel serve` options; main thread
  *
@@ -38,7 +41,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "access_log.h"
 #include "keel/keel.h"
+#include "observe.h"
 #include "server.h"
 #include "v2codec.h"
 
@@ -87,6 +92,11 @@ struct srv_conn {
     uint64_t start_ns;    /* first handler call, CLOCK_MONOTONIC */
     unsigned http_status; /* what was queued, for the access log */
     bool counted;         /* counted in s->http_open */
+    const char *method;   /* static: "GET", "HEAD", "POST" or "OTHER" */
+    uint64_t bytes_out;   /* response body bytes queued */
+    bool traced;          /* a valid traceparent came: echo it with span_id */
+    srv_tracectx trace;
+    char span_id[17]; /* keel's span for this request, when traced */
 
     /* Body buffering (MHD thread only). */
     char *body;
@@ -148,6 +158,11 @@ struct keel_srv {
     _Atomic uint64_t canceled_hangup; /* requests cancelled because the client left */
     _Atomic uint64_t canceled_shutdown; /* requests cancelled at the drain deadline */
     _Atomic uint64_t http_responses[6]; /* by status class: [1] 1xx ... [5] 5xx */
+
+    /* Histograms, responses by code (observe.c) and the access log (NULL = off); created
+     * before the daemon starts, destroyed after it stopped. */
+    srv_obs *obs;
+    srv_alog *alog;
 
     /* The model-control thread (server_control.c). */
     pthread_mutex_t ctl_mu;
