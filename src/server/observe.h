@@ -35,20 +35,23 @@ const char *keel__srv_protocol_name(srv_protocol p);
  * call; NULL is read as "". */
 typedef struct srv_obs_event {
     srv_protocol protocol;
-    const char *route;          /* "infer", "metrics", ... */
-    const char *method;         /* "GET", "POST", ... */
-    const char *model;          /* NULL for requests that name no model */
-    int64_t version;            /* the version it ran on, else the one asked for, else -1 */
-    uint64_t generation;        /* the generation it ran on; 0 = none */
-    const char *request_id;     /* the client's id */
-    const char *trace_id;       /* 32 lowercase hex digits of a valid traceparent, or "" */
-    const char *span_id;        /* keel's span id (16 hex) when trace_id is set, or "" */
-    const char *peer;           /* "addr:port"; only needed when the access log is on */
-    unsigned status;            /* the protocol's status code; 0 = no response was sent */
-    uint64_t bytes_in;          /* request body bytes received */
-    uint64_t bytes_out;         /* response body bytes queued */
-    uint64_t start_ns;          /* CLOCK_MONOTONIC: the request's headers arrived */
-    uint64_t end_ns;            /* CLOCK_MONOTONIC: the response was sent */
+    const char *route;      /* "infer", "metrics", ... */
+    const char *method;     /* "GET", "POST", ... */
+    const char *model;      /* NULL for requests that name no model */
+    int64_t version;        /* the version it ran on, else the one asked for, else -1 */
+    uint64_t generation;    /* the generation it ran on; 0 = none */
+    const char *request_id; /* the client's id */
+    const char *trace_id;   /* 32 lowercase hex digits of a valid traceparent, or "" */
+    const char *span_id;    /* keel's span id (16 hex) when trace_id is set, or "" */
+    const char *peer;       /* "addr:port"; only needed when the access log is on */
+    unsigned status;        /* the protocol's status code; 0 = no response was sent */
+    uint64_t bytes_in;      /* request body bytes received */
+    uint64_t bytes_out;     /* response body bytes queued */
+    uint64_t start_ns;      /* CLOCK_MONOTONIC: the request's headers arrived */
+    uint64_t end_ns;        /* CLOCK_MONOTONIC: the response was sent */
+    /* For traces (0 = not reached): the request was read, handed to libkeel, its
+     * completion reached the front end, its response started going out. */
+    uint64_t recv_end_ns, request_start_ns, request_end_ns, send_start_ns;
     keel_request_timing timing; /* zeros if the request never reached libkeel */
 } srv_obs_event;
 

@@ -72,6 +72,7 @@
 #include <unistd.h>
 
 #include "server_internal.h"
+#include "trace.h"
 
 #define WATCH_INTERVAL_MS 10
 #define SMALL_BODY_LIMIT (1u << 20) /* JSON bodies of index/load/unload */
@@ -92,6 +93,7 @@
 #endif
 
 static const char ALLOW_GET[] = "GET, HEAD";
+static const char ALLOW_GET_POST[] = "GET, HEAD, POST";
 static const char ALLOW_POST[] = "POST";
 static const char JSON_TYPE[] = "application/json";
 
@@ -249,6 +251,7 @@ static enum MHD_Result send_reply(srv_conn *c, srv_reply *r, const char *extra_n
         MHD_destroy_response(resp);
         return MHD_NO;
     }
+    c->send_start_ns = now_ns();
     ret = MHD_queue_response(c->mhd, status, resp);
     MHD_destroy_response(resp);
     c->state = CONN_ANSWERED;
@@ -392,6 +395,13 @@ static unsigned route_url(srv_conn *c, const char *url, char *msg, size_t msglen
         rc = c->route != ROUTE_UNKNOWN ? 0 : MHD_HTTP_NOT_FOUND;
         goto done;
     }
+    if (strcmp(seg[1], "trace") == 0) {
+        if (nseg == 3 && strcmp(seg[2], "setting") == 0) {
+            c->route = ROUTE_TRACE_SETTING;
+            rc = 0;
+        }
+        goto done;
+    }
     if (strcmp(seg[1], "repository") == 0) {
         if (nseg == 3 && strcmp(seg[2], "index") == 0) {
             c->route = ROUTE_REPO_INDEX;
@@ -414,6 +424,16 @@ static unsigned route_url(srv_conn *c, const char *url, char *msg, size_t msglen
         /* As in Triton, this shadows the metadata of a model named "stats". */
         c->route = ROUTE_ALL_STATS;
         rc = 0;
+        goto done;
+    }
+    if (nseg == 5 && strcmp(seg[3], "trace") == 0 && strcmp(seg[4], "setting") == 0) {
+        c->route = ROUTE_TRACE_SETTING;
+        if ((c->model = strdup(seg[2])) == NULL) {
+            snprintf(msg, msglen, "out of memory");
+            rc = MHD_HTTP_INTERNAL_SERVER_ERROR;
+        } else {
+            rc = 0;
+        }
         goto done;
     }
     /* /v2/models/{m}[/versions/{v}][/ready|config|stats|infer] */
@@ -516,6 +536,8 @@ static const char *route_name(srv_route r)
         return "unload";
     case ROUTE_METRICS:
         return "metrics";
+    case ROUTE_TRACE_SETTING:
+        return "trace_setting";
     case ROUTE_UNKNOWN:
         break;
     }
@@ -577,7 +599,12 @@ static void observe(srv_conn *c, struct MHD_Connection *mc)
                 ev.version = keel_request_model_version(c->req);
         }
     }
+    ev.recv_end_ns = c->recv_end_ns;
+    ev.request_start_ns = c->request_start_ns;
+    ev.request_end_ns = c->request_end_ns;
+    ev.send_start_ns = c->send_start_ns;
     keel__srv_obs_record(s->obs, &ev);
+    keel__srv_trace_record(s->trace, &ev);
     if (s->alog != NULL) {
         peer_text(mc, peer, sizeof(peer));
         ev.peer = peer;
@@ -654,8 +681,11 @@ void keel__srv_conn_complete(srv_conn *c, keel_err status)
 
 static void on_infer_done(keel_request *req, keel_err status, void *user)
 {
+    srv_conn *c = user;
+
     (void)req;
-    keel__srv_conn_complete(user, status);
+    c->request_end_ns = now_ns(); /* published by the s->mu in conn_complete */
+    keel__srv_conn_complete(c, status);
 }
 
 /* Forward: the answer of a resumed connection. */
@@ -791,6 +821,7 @@ static enum MHD_Result infer_start(srv_conn *c)
      * right here: the completion is recorded before park() and the answer goes out without a
      * suspend or a thread hand-off. The HTTP thread never waits for a context, but it does
      * compute, and other connections it serves wait meanwhile: hence opt-in. */
+    c->request_start_ns = now_ns();
     kerr = keel_infer_submit_ex(c->req, s->opts->infer_on_http_thread ? KEEL_SUBMIT_RUN_HERE : 0,
                                 on_infer_done, c);
     if (kerr != KEEL_OK) {
@@ -1038,6 +1069,11 @@ static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const 
         bool post = route_is_post(c->route);
         c->method_ok = post ? is_post : is_get;
         c->allow = post ? ALLOW_POST : ALLOW_GET;
+        if (c->route == ROUTE_TRACE_SETTING) {
+            c->method_ok = is_get || is_post;
+            c->allow = ALLOW_GET_POST;
+            post = is_post;
+        }
         if (c->method_ok && post)
             c->body_limit = c->route == ROUTE_INFER ? s->opts->max_request_bytes
                             : s->opts->max_request_bytes < SMALL_BODY_LIMIT
@@ -1084,6 +1120,7 @@ static enum MHD_Result final_call(srv_conn *c)
 {
     srv_reply r = {0};
 
+    c->recv_end_ns = now_ns();
     if (c->too_large) {
         /* A body without Content-Length that grew past the limit. */
         keel__srv_reply_error(&r, MHD_HTTP_CONTENT_TOO_LARGE,
@@ -1104,6 +1141,19 @@ static enum MHD_Result final_call(srv_conn *c)
     case ROUTE_REPO_LOAD:
     case ROUTE_REPO_UNLOAD:
         return control_start(c);
+    case ROUTE_TRACE_SETTING: {
+        char *json = NULL;
+        unsigned st =
+            keel__srv_trace_setting(c->s->trace, c->s->rt, c->model, strcmp(c->method, "POST") == 0,
+                                    c->body, c->body_len, &json);
+        if (json == NULL)
+            return send_error(c, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+        r.status = st;
+        r.body = json;
+        r.len = strlen(json);
+        r.ctype = JSON_TYPE;
+        return send_reply(c, &r, NULL, NULL, false);
+    }
     default:
         keel__srv_route_sync(c->s, c, &r);
         return send_reply(c, &r, NULL, NULL, false);
@@ -1550,7 +1600,8 @@ int keel_server_run(const keel_server_opts *o)
         goto nomem;
     }
     locks = true;
-    if ((s->obs = keel__srv_obs_create()) == NULL)
+    if ((s->obs = keel__srv_obs_create()) == NULL ||
+        (s->trace = keel__srv_trace_create(o->trace_dir)) == NULL)
         goto nomem;
     if (o->access_log != NULL) {
         char msg[ERRMSG_LEN];
@@ -1653,6 +1704,7 @@ done:
             close(s->listen_fd); /* quiesced: ours, and only now unused by MHD */
         /* No request can be observed any more: the daemon has stopped. */
         keel__srv_alog_close(s->alog);
+        keel__srv_trace_destroy(s->trace);
         keel__srv_obs_destroy(s->obs);
         keel_runtime_destroy(s->rt);
         if (locks) {

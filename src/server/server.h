@@ -63,6 +63,9 @@ typedef struct keel_server_opts {
     const char *access_log;
     bool access_log_json;
     uint64_t access_log_buffer_bytes;
+    /* Triton's trace extension: the directory trace files are written to (NULL = tracing
+     * cannot be turned on through /v2/trace/setting). */
+    const char *trace_dir;
     const char *load_models[KEEL_SERVER_MAX_LOAD_MODELS]; /* EXPLICIT: loaded at start */
     size_t nload_models;
 } keel_server_opts;

@@ -14,6 +14,7 @@
  *   observe.c         latency histograms, responses by code, trace context: fed once per
  *                     request (protocol-neutral) from MHD's request-completed callback
  *   access_log.c      --access-log: line formats, buffers and the writer thread
+ *   trace.c           Triton's trace extension: settings API and trace files
  *   server_log.c      logfmt lines on stderr; any thread
  *   server_opts.c     `keel serve` options; main thread
  *
@@ -51,19 +52,20 @@
 
 typedef enum srv_route {
     ROUTE_UNKNOWN = 0,
-    ROUTE_SERVER_META,  /* GET /v2 */
-    ROUTE_LIVE,         /* GET /v2/health/live */
-    ROUTE_READY,        /* GET /v2/health/ready */
-    ROUTE_MODEL_META,   /* GET /v2/models/{m}[/versions/{v}] */
-    ROUTE_MODEL_READY,  /* GET .../ready */
-    ROUTE_MODEL_CONFIG, /* GET .../config */
-    ROUTE_MODEL_STATS,  /* GET .../stats */
-    ROUTE_ALL_STATS,    /* GET /v2/models/stats */
-    ROUTE_INFER,        /* POST .../infer */
-    ROUTE_REPO_INDEX,   /* POST /v2/repository/index */
-    ROUTE_REPO_LOAD,    /* POST /v2/repository/models/{m}/load */
-    ROUTE_REPO_UNLOAD,  /* POST /v2/repository/models/{m}/unload */
-    ROUTE_METRICS,      /* GET /metrics */
+    ROUTE_SERVER_META,   /* GET /v2 */
+    ROUTE_LIVE,          /* GET /v2/health/live */
+    ROUTE_READY,         /* GET /v2/health/ready */
+    ROUTE_MODEL_META,    /* GET /v2/models/{m}[/versions/{v}] */
+    ROUTE_MODEL_READY,   /* GET .../ready */
+    ROUTE_MODEL_CONFIG,  /* GET .../config */
+    ROUTE_MODEL_STATS,   /* GET .../stats */
+    ROUTE_ALL_STATS,     /* GET /v2/models/stats */
+    ROUTE_INFER,         /* POST .../infer */
+    ROUTE_REPO_INDEX,    /* POST /v2/repository/index */
+    ROUTE_REPO_LOAD,     /* POST /v2/repository/models/{m}/load */
+    ROUTE_REPO_UNLOAD,   /* POST /v2/repository/models/{m}/unload */
+    ROUTE_METRICS,       /* GET /metrics */
+    ROUTE_TRACE_SETTING, /* GET/POST /v2[/models/{m}]/trace/setting */
 } srv_route;
 
 /* The per-connection state machine; server.c's DESIGN draws it. */
@@ -97,6 +99,9 @@ struct srv_conn {
     bool traced;          /* a valid traceparent came: echo it with span_id */
     srv_tracectx trace;
     char span_id[17]; /* keel's span for this request, when traced */
+    /* CLOCK_MONOTONIC steps for Triton traces (0 = not reached); request_end_ns is written
+     * by the completion before it records done under s->mu. */
+    uint64_t recv_end_ns, request_start_ns, request_end_ns, send_start_ns;
 
     /* Body buffering (MHD thread only). */
     char *body;
@@ -163,6 +168,7 @@ struct keel_srv {
      * before the daemon starts, destroyed after it stopped. */
     srv_obs *obs;
     srv_alog *alog;
+    struct srv_trace *trace; /* trace.c: Triton's trace extension */
 
     /* The model-control thread (server_control.c). */
     pthread_mutex_t ctl_mu;

@@ -107,6 +107,9 @@ void keel_server_print_help(FILE *f)
           "  --access-log-buffer-bytes N the access log's buffer, suffix k/m/g (default 1m);\n"
           "                              lines that do not fit while the disk is slow are\n"
           "                              dropped and counted, requests never wait\n"
+          "  --trace-dir DIR             where Triton-format trace files go; enables\n"
+          "                              tracing through /v2[/models/M]/trace/setting\n"
+          "                              (trace_file names a file in DIR)\n"
           "  -h, --help                  print this help\n"
           "\n"
           "exit status: 0 clean shutdown, 1 runtime failure, 2 usage error\n",
@@ -197,6 +200,7 @@ typedef enum opt_id {
     O_ACCESS_LOG,
     O_ACCESS_LOG_FORMAT,
     O_ACCESS_LOG_BUFFER,
+    O_TRACE_DIR,
 } opt_id;
 
 static const struct {
@@ -231,6 +235,7 @@ static const struct {
     {"--access-log", O_ACCESS_LOG, true},
     {"--access-log-format", O_ACCESS_LOG_FORMAT, true},
     {"--access-log-buffer-bytes", O_ACCESS_LOG_BUFFER, true},
+    {"--trace-dir", O_TRACE_DIR, true},
 };
 
 int keel_server_parse_args(int argc, char **argv, keel_server_opts *o)
@@ -413,6 +418,11 @@ int keel_server_parse_args(int argc, char **argv, keel_server_opts *o)
             if (!parse_bytes(val, &n) || n > (UINT64_C(1) << 30))
                 return usage("--access-log-buffer-bytes: '%s' is not a size from 1k to 1g", val);
             o->access_log_buffer_bytes = n;
+            break;
+        case O_TRACE_DIR:
+            if (val[0] == '\0')
+                return usage("--trace-dir needs a directory");
+            o->trace_dir = val;
             break;
         case O_LOG_FORMAT:
             if (strcmp(val, "logfmt") != 0)
