@@ -44,6 +44,14 @@
  * fds are only read under s->mu while their connection is PARKED, so MHD cannot have closed
  * (and the kernel reused) them. At shutdown the same thread cancels every parked infer.
  *
+ * Signals: SIGTERM, SIGINT and SIGHUP are blocked in every thread and read from a signalfd
+ * by the main thread. SIGHUP only asks the access log's writer to reopen its file
+ * (logrotate); it never stops the server.
+ *
+ * Observability: MHD's request-completed callback (on_completed) observes every request
+ * exactly once before freeing it: observe() fills a protocol-neutral srv_obs_event for the
+ * histograms (observe.c), the access log (access_log.c) and traces (trace.c).
+ *
  * Shutdown (main thread, woken by signalfd): readiness turns 503; the server keeps
  * serving for --shutdown-grace-secs; then new infer/load/unload get 503 "shutting down"
  * (draining) and every response says Connection: close; the control thread stops;

@@ -173,7 +173,8 @@ static void write_out(trace_out *out)
     memset(out, 0, sizeof(*out));
 }
 
-static bool buf_append(trace_scope *sc, const char *s, size_t n)
+/* Makes room for n more bytes (and the NUL) in the scope's pending buffer. */
+static bool buf_reserve(trace_scope *sc, size_t n)
 {
     if (sc->len + n + 1 > sc->cap) {
         size_t ncap = sc->cap == 0 ? 4096 : sc->cap;
@@ -185,10 +186,15 @@ static bool buf_append(trace_scope *sc, const char *s, size_t n)
         sc->buf = nb;
         sc->cap = ncap;
     }
+    return true;
+}
+
+/* Appends n bytes that buf_reserve made room for. */
+static void buf_put(trace_scope *sc, const char *s, size_t n)
+{
     memcpy(sc->buf + sc->len, s, n);
     sc->len += n;
     sc->buf[sc->len] = '\0';
-    return true;
 }
 
 /* ---------------------------------------------------------------- recording */
@@ -295,16 +301,21 @@ void keel__srv_trace_record(srv_trace *t, const srv_obs_event *ev)
         return;
     }
     id = ++t->next_id;
+    /* Room for the separator and the trace first, so that a failure appends nothing. */
     if (sc->len + sizeof(text) > PENDING_MAX || !format_trace(id, ev, text, sizeof(text), &len) ||
-        (sc->npending > 0 && !buf_append(sc, ",\n", 2)) || !buf_append(sc, text, len)) {
-        if (sc->dropped++ == 0)
-            keel__srv_log(KEEL_LOG_WARN,
-                          "traces dropped: too many pending (lower trace_rate or "
-                          "set log_frequency)",
-                          NULL);
+        !buf_reserve(sc, len + 2)) {
+        bool first = sc->dropped++ == 0;
         pthread_mutex_unlock(&t->mu);
+        if (first) /* logged after unlocking: stderr is I/O */
+            keel__srv_log(KEEL_LOG_WARN,
+                          "traces dropped: too many pending (lower trace_rate or set "
+                          "log_frequency)",
+                          NULL);
         return;
     }
+    if (sc->npending > 0)
+        buf_put(sc, ",\n", 2);
+    buf_put(sc, text, len);
     sc->npending++;
     if (sc->set.count > 0 && --sc->set.count == 0)
         any_on_update_locked(t);
