@@ -552,6 +552,14 @@ static const char *route_name(srv_route r)
     return "unknown";
 }
 
+void keel__srv_observe(keel_srv *s, const srv_obs_event *ev)
+{
+    keel__srv_obs_record(s->obs, ev);
+    keel__srv_trace_record(s->trace, ev);
+    if (s->alog != NULL)
+        keel__srv_alog_write(s->alog, ev);
+}
+
 /* Formats the client's address as "addr:port" ("" if unknown). */
 static void peer_text(struct MHD_Connection *mc, char *out, size_t len)
 {
@@ -611,13 +619,11 @@ static void observe(srv_conn *c, struct MHD_Connection *mc)
     ev.request_start_ns = c->request_start_ns;
     ev.request_end_ns = c->request_end_ns;
     ev.send_start_ns = c->send_start_ns;
-    keel__srv_obs_record(s->obs, &ev);
-    keel__srv_trace_record(s->trace, &ev);
     if (s->alog != NULL) {
         peer_text(mc, peer, sizeof(peer));
         ev.peer = peer;
-        keel__srv_alog_write(s->alog, &ev);
     }
+    keel__srv_observe(s, &ev);
 }
 
 /* MHD's request-completed callback: the one place an srv_conn is freed. */

@@ -216,6 +216,10 @@ char *keel__srv_metrics_render(keel_srv *s, size_t *len);
  * resumes it. Called exactly once per submit, from any thread, with no lock held. */
 void keel__srv_conn_complete(srv_conn *c, keel_err status);
 
+/* server.c: feeds one finished request to the histograms, traces and access log. Every
+ * protocol front end calls it exactly once per request, from any thread, no lock held. */
+void keel__srv_observe(keel_srv *s, const srv_obs_event *ev);
+
 /* server_control.c */
 keel_err keel__srv_control_start(keel_srv *s);
 /* Stops the control thread: jobs not started are answered 503; waits for the current one. */
