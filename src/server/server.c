@@ -1617,15 +1617,6 @@ int keel_server_run(const keel_server_opts *o)
     if ((s->obs = keel__srv_obs_create()) == NULL ||
         (s->trace = keel__srv_trace_create(o->trace_dir)) == NULL)
         goto nomem;
-    if (o->access_log != NULL) {
-        char msg[ERRMSG_LEN];
-        if (keel__srv_alog_open(o->access_log, o->access_log_json ? SRV_ALOG_JSON : SRV_ALOG_LOGFMT,
-                                (size_t)o->access_log_buffer_bytes, &s->alog, msg,
-                                sizeof(msg)) != KEEL_OK) {
-            keel__srv_log(KEEL_LOG_ERROR, "cannot start the access log", "error", msg, NULL);
-            goto done;
-        }
-    }
 
     keel__srv_log(KEEL_LOG_INFO, "starting", "version", KEEL_VERSION_STRING, "repository",
                   o->model_repository, "control",
@@ -1665,6 +1656,17 @@ int keel_server_run(const keel_server_opts *o)
         }
     }
     log_models(s);
+    /* The log's writer thread starts only now: keel_runtime_create forked the preprocessing
+     * fork server first, from a process with no other thread. */
+    if (o->access_log != NULL) {
+        char msg[ERRMSG_LEN];
+        if (keel__srv_alog_open(o->access_log, o->access_log_json ? SRV_ALOG_JSON : SRV_ALOG_LOGFMT,
+                                (size_t)o->access_log_buffer_bytes, &s->alog, msg,
+                                sizeof(msg)) != KEEL_OK) {
+            keel__srv_log(KEEL_LOG_ERROR, "cannot start the access log", "error", msg, NULL);
+            goto done;
+        }
+    }
 
     if (o->control == KEEL_SERVER_CONTROL_EXPLICIT && keel__srv_control_start(s) != KEEL_OK) {
         keel__srv_log(KEEL_LOG_ERROR, "cannot start the model control thread", NULL);
