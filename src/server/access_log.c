@@ -86,10 +86,12 @@ static void putf(lbuf *b, const char *fmt, ...)
     va_list ap;
     int n;
 
+    if (b->len >= b->cap)
+        return;
     va_start(ap, fmt);
     n = vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
     va_end(ap);
-    if (n > 0)
+    if (n > 0) /* vsnprintf kept at most cap - len - 1 characters */
         b->len += (size_t)n < b->cap - b->len ? (size_t)n : b->cap - b->len - 1;
 }
 
