@@ -409,6 +409,29 @@ KEEL_EXTERN const char *keel_request_error(const keel_request *req);
 KEEL_EXTERN uint64_t keel_request_generation_id(const keel_request *req);
 KEEL_EXTERN int64_t keel_request_model_version(const keel_request *req);
 
+/*
+ * Where a request's time went in its most recent run: CLOCK_MONOTONIC timestamps in
+ * nanoseconds (comparable with clock_gettime(CLOCK_MONOTONIC) in the caller), 0 for a step
+ * the request never reached (a request that timed out in its queue has no dispatch). The
+ * steps are those of Triton's trace format, so that a server can write traces, latency
+ * histograms and access logs without timing libkeel from the outside:
+ *   queue time   = (dispatch_ns, or complete_ns if never dispatched) - submit_ns
+ *   compute time = output_start_ns - input_end_ns (the backend's run, as in the statistics)
+ */
+typedef struct keel_request_timing {
+    uint64_t submit_ns;       /* admitted by keel_infer_submit: the queue wait starts */
+    uint64_t dispatch_ns;     /* left its queue with a context (compute starts) */
+    uint64_t input_end_ns;    /* inputs preprocessed and bound: the backend's run starts */
+    uint64_t output_start_ns; /* the backend's run returned: outputs are being collected */
+    uint64_t complete_ns;     /* completed (any status), just before the callback */
+    uint64_t preprocess_ns;   /* duration of image preprocessing in a worker; 0 = none */
+} keel_request_timing;
+
+/* Fills *out (caller's storage) with req's timing: zeros for a request never submitted.
+ * Valid, like the other result accessors, from the callback until the request is destroyed
+ * or submitted again; complete_ns != 0 means the callback ran (or is running). */
+void keel_request_timing_get(const keel_request *req, keel_request_timing *out);
+
 typedef struct keel_tensor_view {
     const char *name;
     keel_datatype datatype;

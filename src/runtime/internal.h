@@ -281,6 +281,8 @@ struct keel_request {
     int ctx_index;         /* lease: context of gen, or -1 */
     keel_request *qnext, *qprev;
     uint64_t submit_ns, dispatch_ns, deadline_ns;
+    /* Timing of the current run (keel_request_timing): 0 until reached; reset at submit. */
+    uint64_t input_end_ns, output_start_ns, complete_ns, preprocess_ns;
 
     /* Result. */
     keel_err status;

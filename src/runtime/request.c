@@ -342,6 +342,21 @@ int64_t keel_request_model_version(const keel_request *req)
     return req != NULL ? req->ran_version : -1;
 }
 
+void keel_request_timing_get(const keel_request *req, keel_request_timing *out)
+{
+    if (out == NULL)
+        return;
+    memset(out, 0, sizeof(*out));
+    if (req == NULL || req->submit_ns == 0)
+        return;
+    out->submit_ns = req->submit_ns;
+    out->dispatch_ns = req->dispatch_ns;
+    out->input_end_ns = req->input_end_ns;
+    out->output_start_ns = req->output_start_ns;
+    out->complete_ns = req->complete_ns;
+    out->preprocess_ns = req->preprocess_ns;
+}
+
 size_t keel_request_output_count(const keel_request *req)
 {
     return req != NULL ? req->noutputs : 0;

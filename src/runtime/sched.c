@@ -265,6 +265,7 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, bool may
     req->submit_ns = keel__now_ns();
     e->last_used_ns = req->submit_ns; /* LRU for the memory budget: no second clock read */
     req->dispatch_ns = 0;
+    req->input_end_ns = req->output_start_ns = req->complete_ns = req->preprocess_ns = 0;
     {
         uint64_t t = req->timeout_us != 0 ? req->timeout_us : v->default_timeout_us;
         /* A timeout too large to add to the clock is no deadline, not an overflowed one. */
@@ -372,6 +373,7 @@ static void complete(keel_request *req, keel_err status, const char *msg)
     req->vslot = NULL;
     req->entry = NULL;
     req->status = status;
+    req->complete_ns = now;
     req->state = KEEL__REQ_IDLE;
     pthread_mutex_unlock(&rt->mu);
 
@@ -434,8 +436,10 @@ static keel_err run_leased(keel_request *req, int64_t *batch_out)
         return KEEL_EBACKEND;
     }
     t0 = keel__now_ns();
+    req->input_end_ns = t0;
     err = g->backend->run(g->ctxs[req->ctx_index], &io);
-    atomic_fetch_add_explicit(&g->entry->stats.compute_ns, keel__now_ns() - t0,
+    req->output_start_ns = keel__now_ns();
+    atomic_fetch_add_explicit(&g->entry->stats.compute_ns, req->output_start_ns - t0,
                               memory_order_relaxed);
     atomic_fetch_add_explicit(&g->entry->stats.execution_count, 1, memory_order_relaxed);
     if (err != KEEL_OK) {
@@ -468,7 +472,11 @@ static void run_and_complete(keel_request *req)
 {
     int64_t batch = 0;
     keel__prep_swap sw;
+    uint64_t t0 = req->gen->cfg->preprocess != NULL ? keel__now_ns() : 0;
     keel_err err = keel__preprocess_begin(req, &sw); /* image models: decode in a worker */
+
+    if (t0 != 0)
+        req->preprocess_ns = keel__now_ns() - t0;
 
     if (err == KEEL_OK)
         err = run_leased(req, &batch);

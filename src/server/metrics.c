@@ -8,7 +8,8 @@
  * in one block; label values are escaped as the format requires; the output passes
  * `promtool check metrics` (which is why durations are in seconds: promtool rejects
  * abbreviated units such as _us in names). Per-model families list every model keel has
- * loaded at some point (statistics survive reloads and unloads).
+ * loaded at some point (statistics survive reloads and unloads). The latency histograms and
+ * responses by code come from observe.c (lock-free series the request path feeds).
  */
 #include <dirent.h>
 #include <inttypes.h>
@@ -482,6 +483,24 @@ char *keel__srv_metrics_render(keel_srv *s, size_t *len)
               atomic_load(&s->canceled_hangup));
     sb_printf(&b, "keel_http_cancelled_requests_total{cause=\"shutdown\"} %" PRIu64 "\n",
               atomic_load(&s->canceled_shutdown));
+    {
+        char *obs = keel__srv_obs_render(s->obs);
+        if (obs == NULL)
+            b.oom = true;
+        else
+            sb_printf(&b, "%s", obs);
+        free(obs);
+    }
+    if (s->alog != NULL) {
+        family(&b, "keel_access_log_lines_total", "counter",
+               "Access log lines queued for the log writer.");
+        sb_printf(&b, "keel_access_log_lines_total %" PRIu64 "\n", keel__srv_alog_lines(s->alog));
+        family(&b, "keel_access_log_dropped_lines_total", "counter",
+               "Access log lines dropped because the writer's buffer was full (a slow or "
+               "blocked log) or the write failed.");
+        sb_printf(&b, "keel_access_log_dropped_lines_total %" PRIu64 "\n",
+                  keel__srv_alog_dropped(s->alog));
+    }
 
     if (proc_rss_bytes(&v)) {
         family(&b, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");

@@ -33,7 +33,7 @@ typedef enum keel_api_group {
     KEEL_API_MODEL_CONFIG,
     KEEL_API_MODEL_REPOSITORY,
     KEEL_API_STATISTICS,
-    KEEL_API_TRACE,   /* accepted; keel has no trace API yet */
+    KEEL_API_TRACE,   /* /v2/trace/setting, /v2/models/{m}/trace/setting */
     KEEL_API_LOGGING, /* accepted; keel has no logging API yet */
     KEEL_API_METRICS, /* keel's own: GET /metrics */
     KEEL_API_NGROUPS,

@@ -44,6 +44,14 @@
  * fds are only read under s->mu while their connection is PARKED, so MHD cannot have closed
  * (and the kernel reused) them. At shutdown the same thread cancels every parked infer.
  *
+ * Signals: SIGTERM, SIGINT and SIGHUP are blocked in every thread and read from a signalfd
+ * by the main thread. SIGHUP only asks the access log's writer to reopen its file
+ * (logrotate); it never stops the server.
+ *
+ * Observability: MHD's request-completed callback (on_completed) observes every request
+ * exactly once before freeing it: observe() fills a protocol-neutral srv_obs_event for the
+ * histograms (observe.c), the access log (access_log.c) and traces (trace.c).
+ *
  * Shutdown (main thread, woken by signalfd): readiness turns 503; the server keeps
  * serving for --shutdown-grace-secs; then new infer/load/unload get 503 "shutting down"
  * (draining) and every response says Connection: close; the control thread stops;
@@ -78,6 +86,7 @@
 #include "server_internal.h"
 #include "server_log.h"
 #include "server_routes.h"
+#include "trace.h"
 
 #define WATCH_INTERVAL_MS 10
 #define SMALL_BODY_LIMIT (1u << 20) /* JSON bodies of index/load/unload */
@@ -98,6 +107,7 @@
 #endif
 
 static const char ALLOW_GET[] = "GET, HEAD";
+static const char ALLOW_GET_POST[] = "GET, HEAD, POST";
 static const char ALLOW_POST[] = "POST";
 static const char JSON_TYPE[] = "application/json";
 
@@ -156,6 +166,7 @@ static enum MHD_Result send_reply(srv_conn *c, srv_reply *r, const char *extra_n
     struct MHD_Response *resp;
     enum MHD_Result ret;
     unsigned status = r->status;
+    char tp[64];
 
     keel__srv_guard_redact(c->s, c, r);
     if (r->body == NULL && status >= 400) {
@@ -163,9 +174,13 @@ static enum MHD_Result send_reply(srv_conn *c, srv_reply *r, const char *extra_n
         resp = MHD_create_response_from_buffer(sizeof(nomem) - 1, (void *)nomem,
                                                MHD_RESPMEM_PERSISTENT);
         r->ctype = JSON_TYPE;
+        c->bytes_out = sizeof(nomem) - 1;
     } else {
         resp = MHD_create_response_from_buffer(r->len, r->body, MHD_RESPMEM_MUST_FREE);
+        c->bytes_out = r->len;
     }
+    if (c->traced) /* W3C Trace Context: the caller's trace, keel's span */
+        snprintf(tp, sizeof(tp), "00-%s-%s-%02x", c->trace.trace_id, c->span_id, c->trace.flags);
     if (resp == NULL) {
         free(r->body);
         r->body = NULL;
@@ -177,11 +192,13 @@ static enum MHD_Result send_reply(srv_conn *c, srv_reply *r, const char *extra_n
         (r->allow != NULL &&
          MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, r->allow) != MHD_YES) ||
         (extra_name != NULL && MHD_add_response_header(resp, extra_name, extra_value) != MHD_YES) ||
+        (c->traced && MHD_add_response_header(resp, "traceparent", tp) != MHD_YES) ||
         ((close_after || atomic_load(&c->s->conn_close)) &&
          MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close") != MHD_YES)) {
         MHD_destroy_response(resp);
         return MHD_NO;
     }
+    c->send_start_ns = now_ns();
     ret = MHD_queue_response(c->mhd, status, resp);
     MHD_destroy_response(resp);
     c->state = CONN_ANSWERED;
@@ -285,6 +302,13 @@ static unsigned route_url(srv_conn *c, const char *url, char *msg, size_t msglen
         rc = c->route != ROUTE_UNKNOWN ? 0 : MHD_HTTP_NOT_FOUND;
         goto done;
     }
+    if (strcmp(seg[1], "trace") == 0) {
+        if (nseg == 3 && strcmp(seg[2], "setting") == 0) {
+            c->route = ROUTE_TRACE_SETTING;
+            rc = 0;
+        }
+        goto done;
+    }
     if (strcmp(seg[1], "repository") == 0) {
         if (nseg == 3 && strcmp(seg[2], "index") == 0) {
             c->route = ROUTE_REPO_INDEX;
@@ -307,6 +331,16 @@ static unsigned route_url(srv_conn *c, const char *url, char *msg, size_t msglen
         /* As in Triton, this shadows the metadata of a model named "stats". */
         c->route = ROUTE_ALL_STATS;
         rc = 0;
+        goto done;
+    }
+    if (nseg == 5 && strcmp(seg[3], "trace") == 0 && strcmp(seg[4], "setting") == 0) {
+        c->route = ROUTE_TRACE_SETTING;
+        if ((c->model = strdup(seg[2])) == NULL) {
+            snprintf(msg, msglen, "out of memory");
+            rc = MHD_HTTP_INTERNAL_SERVER_ERROR;
+        } else {
+            rc = 0;
+        }
         goto done;
     }
     /* /v2/models/{m}[/versions/{v}][/ready|config|stats|infer] */
@@ -409,10 +443,86 @@ static const char *route_name(srv_route r)
         return "unload";
     case ROUTE_METRICS:
         return "metrics";
+    case ROUTE_TRACE_SETTING:
+        return "trace_setting";
     case ROUTE_UNKNOWN:
         break;
     }
     return "unknown";
+}
+
+void keel__srv_observe(keel_srv *s, const srv_obs_event *ev)
+{
+    keel__srv_obs_record(s->obs, ev);
+    keel__srv_trace_record(s->trace, ev);
+    if (s->alog != NULL)
+        keel__srv_alog_write(s->alog, ev);
+}
+
+/* Formats the client's address as "addr:port" ("" if unknown). */
+static void peer_text(struct MHD_Connection *mc, char *out, size_t len)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    const struct sockaddr *sa = ci != NULL ? ci->client_addr : NULL;
+    char a[INET6_ADDRSTRLEN];
+
+    out[0] = '\0';
+    if (sa == NULL)
+        return;
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)(const void *)sa;
+        if (inet_ntop(AF_INET, &in->sin_addr, a, sizeof(a)) != NULL)
+            snprintf(out, len, "%s:%u", a, (unsigned)ntohs(in->sin_port));
+    } else if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)(const void *)sa;
+        if (inet_ntop(AF_INET6, &in6->sin6_addr, a, sizeof(a)) != NULL)
+            snprintf(out, len, "[%s]:%u", a, (unsigned)ntohs(in6->sin6_port));
+    }
+}
+
+/* Feeds the request's one observation (histograms, response codes, access log): called
+ * exactly once per srv_conn, from MHD's request-completed callback, after its response was
+ * sent and (for an infer) after its keel completion ran. */
+static void observe(srv_conn *c, struct MHD_Connection *mc)
+{
+    keel_srv *s = c->s;
+    srv_obs_event ev;
+    char peer[INET6_ADDRSTRLEN + 16];
+
+    memset(&ev, 0, sizeof(ev));
+    ev.protocol = SRV_PROTO_HTTP;
+    ev.route = route_name(c->route);
+    ev.method = c->method;
+    ev.model = c->model;
+    ev.version = c->version;
+    ev.status = c->http_status;
+    ev.bytes_in = (uint64_t)c->body_len + c->discarded;
+    ev.bytes_out = c->bytes_out;
+    ev.start_ns = c->start_ns;
+    ev.end_ns = now_ns();
+    ev.trace_id = c->traced ? c->trace.trace_id : "";
+    ev.span_id = c->traced ? c->span_id : "";
+    if (c->req != NULL) {
+        /* Only read once the completion ran: c->done is set under s->mu before the resume
+         * that led here; a request that was never submitted has zero timing. */
+        keel_request_timing_get(c->req, &ev.timing);
+        ev.request_id = keel_request_id(c->req);
+        if (ev.timing.complete_ns != 0) {
+            ev.generation = keel_request_generation_id(c->req);
+            if (keel_request_model_version(c->req) >= 0)
+                ev.version = keel_request_model_version(c->req);
+        }
+    }
+    ev.recv_end_ns = c->recv_end_ns;
+    ev.request_start_ns = c->request_start_ns;
+    ev.request_end_ns = c->request_end_ns;
+    ev.send_start_ns = c->send_start_ns;
+    if (s->alog != NULL) {
+        peer_text(mc, peer, sizeof(peer));
+        ev.peer = peer;
+    }
+    keel__srv_observe(s, &ev);
 }
 
 /* MHD's request-completed callback: the one place an srv_conn is freed. */
@@ -426,6 +536,7 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
     if (c == NULL)
         return;
     *con_cls = NULL;
+    observe(c, mc);
     if (keel__srv_log_on(KEEL_LOG_DEBUG)) {
         char st[16], us[32];
         keel__srv_log(KEEL_LOG_DEBUG, "request done", "route", route_name(c->route), "model",
@@ -485,8 +596,11 @@ static void conn_complete(srv_conn *c, keel_err status)
 
 static void on_infer_done(keel_request *req, keel_err status, void *user)
 {
+    srv_conn *c = user;
+
     (void)req;
-    conn_complete(user, status);
+    c->request_end_ns = now_ns(); /* published by the s->mu in conn_complete */
+    conn_complete(c, status);
 }
 
 /* Forward: the answer of a resumed connection. */
@@ -622,6 +736,7 @@ static enum MHD_Result infer_start(srv_conn *c)
      * right here: the completion is recorded before park() and the answer goes out without a
      * suspend or a thread hand-off. The HTTP thread never waits for a context, but it does
      * compute, and other connections it serves wait meanwhile: hence opt-in. */
+    c->request_start_ns = now_ns();
     kerr = keel_infer_submit_ex(c->req, s->opts->infer_on_http_thread ? KEEL_SUBMIT_RUN_HERE : 0,
                                 on_infer_done, c);
     if (kerr != KEEL_OK) {
@@ -870,6 +985,16 @@ static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const 
     /* c came from on_uri; MHD's completed callback frees it. */
     c->begun = true;
     c->mhd = mc;
+    c->method = is_post                                    ? "POST"
+                : strcmp(method, MHD_HTTP_METHOD_GET) == 0 ? "GET"
+                : is_get                                   ? "HEAD"
+                                                           : "OTHER";
+    /* A malformed traceparent is ignored, never an error (W3C Trace Context). */
+    if (keel__srv_traceparent_parse(MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "traceparent"),
+                                    &c->trace)) {
+        c->traced = true;
+        keel__srv_span_id(c->span_id);
+    }
     c->counted = true;
     atomic_fetch_add(&s->http_open, 1);
 
@@ -878,6 +1003,11 @@ static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const 
         bool post = route_is_post(c->route);
         c->method_ok = post ? is_post : is_get;
         c->allow = post ? ALLOW_POST : ALLOW_GET;
+        if (c->route == ROUTE_TRACE_SETTING) {
+            c->method_ok = is_get || is_post;
+            c->allow = ALLOW_GET_POST;
+            post = is_post;
+        }
         if (c->method_ok && post)
             c->body_limit = c->route == ROUTE_INFER ? s->opts->max_request_bytes
                             : s->opts->max_request_bytes < SMALL_BODY_LIMIT
@@ -931,6 +1061,7 @@ static enum MHD_Result final_call(srv_conn *c)
 {
     srv_reply r = {0};
 
+    c->recv_end_ns = now_ns();
     if (c->too_large) {
         /* A body without Content-Length that grew past the limit. */
         keel__srv_reply_error(&r, MHD_HTTP_CONTENT_TOO_LARGE,
@@ -951,6 +1082,19 @@ static enum MHD_Result final_call(srv_conn *c)
     case ROUTE_REPO_LOAD:
     case ROUTE_REPO_UNLOAD:
         return control_start(c);
+    case ROUTE_TRACE_SETTING: {
+        char *json = NULL;
+        unsigned st =
+            keel__srv_trace_setting(c->s->trace, c->s->rt, c->model, strcmp(c->method, "POST") == 0,
+                                    c->body, c->body_len, &json);
+        if (json == NULL)
+            return send_error(c, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+        r.status = st;
+        r.body = json;
+        r.len = strlen(json);
+        r.ctype = JSON_TYPE;
+        return send_reply(c, &r, NULL, NULL, false);
+    }
     default:
         keel__srv_route_sync(c->s, c, &r);
         return send_reply(c, &r, NULL, NULL, false);
@@ -1184,8 +1328,9 @@ static struct MHD_Daemon *mhd_start(keel_srv *s, const srv_addr *addr, bool v6)
                             MHD_OPTION_END);
 }
 
-/* Waits up to timeout_ms (-1 = forever) for SIGTERM/SIGINT. Returns the signal, or 0. */
-static int wait_signal(int sfd, int timeout_ms)
+/* Waits up to timeout_ms (-1 = forever) for SIGTERM/SIGINT. Returns the signal, or 0.
+ * SIGHUP (logrotate) reopens the access log and returns 0. */
+static int wait_signal(keel_srv *s, int sfd, int timeout_ms)
 {
     struct pollfd p = {.fd = sfd, .events = POLLIN, .revents = 0};
     struct signalfd_siginfo si;
@@ -1195,6 +1340,11 @@ static int wait_signal(int sfd, int timeout_ms)
         return 0; /* timeout, or EINTR (a stop/continue): the caller re-checks its clock */
     if (read(sfd, &si, sizeof(si)) != (ssize_t)sizeof(si))
         return 0;
+    if (si.ssi_signo == SIGHUP) {
+        if (s->alog != NULL)
+            keel__srv_alog_reopen(s->alog);
+        return 0;
+    }
     return (int)si.ssi_signo;
 }
 
@@ -1273,7 +1423,7 @@ static void drain(keel_srv *s, int sfd)
     deadline = t0 + (uint64_t)o->shutdown_grace_secs * 1000000000u;
     while (!hurry && now_ns() < deadline) {
         uint64_t ms = (deadline - now_ns()) / 1000000u + 1;
-        int sig = wait_signal(sfd, ms > 1000 ? 1000 : (int)ms);
+        int sig = wait_signal(s, sfd, ms > 1000 ? 1000 : (int)ms);
         if (sig != 0) {
             keel__srv_log(KEEL_LOG_WARN, "second signal: skipping the grace and drain waits",
                           "signal", signal_name(sig), NULL);
@@ -1297,7 +1447,7 @@ static void drain(keel_srv *s, int sfd)
         pthread_cond_timedwait(&s->idle_cv, &s->mu, &dl);
         if (s->pending > 0) {
             pthread_mutex_unlock(&s->mu);
-            if (wait_signal(sfd, 0) != 0) {
+            if (wait_signal(s, sfd, 0) != 0) {
                 keel__srv_log(KEEL_LOG_WARN, "second signal: cancelling requests in flight", NULL);
                 hurry = true;
             }
@@ -1357,6 +1507,7 @@ int keel_server_run(const keel_server_opts *o)
     sigemptyset(&set);
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
     if (pthread_sigmask(SIG_BLOCK, &set, NULL) != 0 ||
         (sfd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK)) < 0) {
         keel__srv_log(KEEL_LOG_ERROR, "cannot set up signal handling", "error", strerror(errno),
@@ -1397,6 +1548,9 @@ int keel_server_run(const keel_server_opts *o)
         goto nomem;
     }
     locks = true;
+    if ((s->obs = keel__srv_obs_create()) == NULL ||
+        (s->trace = keel__srv_trace_create(o->trace_dir)) == NULL)
+        goto nomem;
 
     keel__srv_log(KEEL_LOG_INFO, "starting", "version", KEEL_VERSION_STRING, "repository",
                   o->model_repository, "control",
@@ -1437,6 +1591,17 @@ int keel_server_run(const keel_server_opts *o)
         }
     }
     log_models(s);
+    /* The log's writer thread starts only now: keel_runtime_create forked the preprocessing
+     * fork server first, from a process with no other thread. */
+    if (o->access_log != NULL) {
+        char msg[ERRMSG_LEN];
+        if (keel__srv_alog_open(o->access_log, o->access_log_json ? SRV_ALOG_JSON : SRV_ALOG_LOGFMT,
+                                (size_t)o->access_log_buffer_bytes, &s->alog, msg,
+                                sizeof(msg)) != KEEL_OK) {
+            keel__srv_log(KEEL_LOG_ERROR, "cannot start the access log", "error", msg, NULL);
+            goto done;
+        }
+    }
 
     if (o->control == KEEL_SERVER_CONTROL_EXPLICIT &&
         keel__srv_control_start(s, conn_complete) != KEEL_OK) {
@@ -1475,7 +1640,7 @@ int keel_server_run(const keel_server_opts *o)
         goto done;
     }
 
-    while ((sig = wait_signal(sfd, -1)) == 0)
+    while ((sig = wait_signal(s, sfd, -1)) == 0)
         ;
     keel__srv_log(KEEL_LOG_INFO, "shutting down", "signal", signal_name(sig), NULL);
     /* The drain may outlast WatchdogSec; systemd stops watching once it reads STOPPING=1. */
@@ -1502,6 +1667,10 @@ done:
             MHD_stop_daemon(s->mhd);
         if (s->listen_fd != MHD_INVALID_SOCKET)
             close(s->listen_fd); /* quiesced: ours, and only now unused by MHD */
+        /* No request can be observed any more: the daemon has stopped. */
+        keel__srv_alog_close(s->alog);
+        keel__srv_trace_destroy(s->trace);
+        keel__srv_obs_destroy(s->obs);
         keel_runtime_destroy(s->rt);
         if (locks) {
             pthread_cond_destroy(&s->ctl_cv);

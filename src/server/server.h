@@ -5,7 +5,8 @@
  * The server is a program built on the public API (keel/keel.h) and nothing else of libkeel.
  * This header is what the command line (src/cli/keel.c) needs: parse the `serve` options and
  * run the server until SIGTERM or SIGINT. Both functions are meant for the main thread of a
- * process that runs one server: keel_server_run() blocks SIGTERM, SIGINT and ignores SIGPIPE
+ * process that runs one server: keel_server_run() blocks SIGTERM, SIGINT, SIGHUP (reopens
+ * the access log) and ignores SIGPIPE
  * for the whole process before it starts any thread, and logs to stderr.
  *
  * Exit codes: 0 clean shutdown, 1 runtime failure (repository missing, cannot listen, ...),
@@ -56,6 +57,16 @@ typedef struct keel_server_opts {
     int preprocess_workers;
     unsigned preprocess_timeout_ms;
     uint64_t preprocess_max_bytes;
+    /* Access log: NULL = off (default), "-" = standard output, else a file appended to and
+     * reopened on SIGHUP; json = one JSON object per line instead of logfmt; the writer's
+     * two buffers hold access_log_buffer_bytes each (default 1 MiB): lines beyond are
+     * dropped and counted, never waited for. */
+    const char *access_log;
+    bool access_log_json;
+    uint64_t access_log_buffer_bytes;
+    /* Triton's trace extension: the directory trace files are written to (NULL = tracing
+     * cannot be turned on through /v2/trace/setting). */
+    const char *trace_dir;
     const char *load_models[KEEL_SERVER_MAX_LOAD_MODELS]; /* EXPLICIT: loaded at start */
     size_t nload_models;
     /* --http-restricted-api rules (owned: keys and values, some read from files). */

@@ -49,6 +49,8 @@ keel_api_group keel__srv_route_group(srv_route r)
         return KEEL_API_MODEL_REPOSITORY;
     case ROUTE_METRICS:
         return KEEL_API_METRICS;
+    case ROUTE_TRACE_SETTING:
+        return KEEL_API_TRACE;
     case ROUTE_UNKNOWN:
         break;
     }

@@ -20,6 +20,10 @@
  *                     model that is not served; any thread
  *   sdnotify.c        systemd notifications (READY, STOPPING, STATUS) and the watchdog
  *                     thread; main thread
+ *   observe.c         latency histograms, responses by code, trace context: fed once per
+ *                     request (protocol-neutral) from MHD's request-completed callback
+ *   access_log.c      --access-log: line formats, buffers and the writer thread
+ *   trace.c           Triton's trace extension: settings API and trace files
  *   v2codec.c, fastfloat.c  the KServe V2 JSON codec; any thread
  *   server_log.c      logfmt lines on stderr; any thread
  * Each file has its own header (reply.h, server_routes.h, server_control.h, metrics.h,
@@ -49,8 +53,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "access_log.h"
 #include "edge.h"
 #include "keel/keel.h"
+#include "observe.h"
 #include "restrict.h"
 #include "server.h"
 #include "v2codec.h"
@@ -59,19 +65,20 @@
 
 typedef enum srv_route {
     ROUTE_UNKNOWN = 0,
-    ROUTE_SERVER_META,  /* GET /v2 */
-    ROUTE_LIVE,         /* GET /v2/health/live */
-    ROUTE_READY,        /* GET /v2/health/ready */
-    ROUTE_MODEL_META,   /* GET /v2/models/{m}[/versions/{v}] */
-    ROUTE_MODEL_READY,  /* GET .../ready */
-    ROUTE_MODEL_CONFIG, /* GET .../config */
-    ROUTE_MODEL_STATS,  /* GET .../stats */
-    ROUTE_ALL_STATS,    /* GET /v2/models/stats */
-    ROUTE_INFER,        /* POST .../infer */
-    ROUTE_REPO_INDEX,   /* POST /v2/repository/index */
-    ROUTE_REPO_LOAD,    /* POST /v2/repository/models/{m}/load */
-    ROUTE_REPO_UNLOAD,  /* POST /v2/repository/models/{m}/unload */
-    ROUTE_METRICS,      /* GET /metrics */
+    ROUTE_SERVER_META,   /* GET /v2 */
+    ROUTE_LIVE,          /* GET /v2/health/live */
+    ROUTE_READY,         /* GET /v2/health/ready */
+    ROUTE_MODEL_META,    /* GET /v2/models/{m}[/versions/{v}] */
+    ROUTE_MODEL_READY,   /* GET .../ready */
+    ROUTE_MODEL_CONFIG,  /* GET .../config */
+    ROUTE_MODEL_STATS,   /* GET .../stats */
+    ROUTE_ALL_STATS,     /* GET /v2/models/stats */
+    ROUTE_INFER,         /* POST .../infer */
+    ROUTE_REPO_INDEX,    /* POST /v2/repository/index */
+    ROUTE_REPO_LOAD,     /* POST /v2/repository/models/{m}/load */
+    ROUTE_REPO_UNLOAD,   /* POST /v2/repository/models/{m}/unload */
+    ROUTE_METRICS,       /* GET /metrics */
+    ROUTE_TRACE_SETTING, /* GET/POST /v2[/models/{m}]/trace/setting */
 } srv_route;
 
 /* The per-connection state machine; server.c's DESIGN draws it. */
@@ -106,6 +113,14 @@ struct srv_conn {
     uint64_t start_ns;    /* first handler call, CLOCK_MONOTONIC */
     unsigned http_status; /* what was queued, for the access log */
     bool counted;         /* counted in s->http_open */
+    const char *method;   /* static: "GET", "HEAD", "POST" or "OTHER" */
+    uint64_t bytes_out;   /* response body bytes queued */
+    bool traced;          /* a valid traceparent came: echo it with span_id */
+    srv_tracectx trace;
+    char span_id[17]; /* keel's span for this request, when traced */
+    /* CLOCK_MONOTONIC steps for Triton traces (0 = not reached); request_end_ns is written
+     * by the completion before it records done under s->mu. */
+    uint64_t recv_end_ns, request_start_ns, request_end_ns, send_start_ns;
 
     /* Body buffering (MHD thread only). */
     char *body;
@@ -169,6 +184,12 @@ struct keel_srv {
     _Atomic uint64_t canceled_shutdown; /* requests cancelled at the drain deadline */
     _Atomic uint64_t http_responses[6]; /* by status class: [1] 1xx ... [5] 5xx */
 
+    /* Histograms, responses by code (observe.c) and the access log (NULL = off); created
+     * before the daemon starts, destroyed after it stopped. */
+    srv_obs *obs;
+    srv_alog *alog;
+    struct srv_trace *trace; /* trace.c: Triton's trace extension */
+
     /* The model-control thread (server_control.c). */
     pthread_mutex_t ctl_mu;
     pthread_cond_t ctl_cv;
@@ -180,5 +201,9 @@ struct keel_srv {
      * answers a job through it, so server_control.c never calls server.c by name. */
     void (*ctl_done)(srv_conn *c, keel_err status);
 };
+
+/* server.c: feeds one finished request to the histograms, traces and access log. Every
+ * protocol front end calls it exactly once per request, from any thread, no lock held. */
+void keel__srv_observe(keel_srv *s, const srv_obs_event *ev);
 
 #endif

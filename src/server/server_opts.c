@@ -37,6 +37,9 @@ void keel_server_opts_init(keel_server_opts *opts)
     opts->preprocess_workers = 2;
     opts->preprocess_timeout_ms = 10000;
     opts->preprocess_max_bytes = 64u << 20;
+    opts->access_log = NULL;
+    opts->access_log_json = false;
+    opts->access_log_buffer_bytes = 1u << 20;
     keel__restrict_init(&opts->restricted);
 }
 
@@ -113,6 +116,16 @@ void keel_server_print_help(FILE *f)
           "                              from FILE, so it does not show in ps\n"
           "  --log-level LEVEL           error, warn, info (default) or debug\n"
           "  --log-format logfmt         the log format (logfmt is the only one)\n"
+          "  --access-log PATH|-         one line per request to PATH (appended; reopened on\n"
+          "                              SIGHUP for logrotate) or to standard output (-);\n"
+          "                              default off\n"
+          "  --access-log-format FMT     logfmt (default) or json\n"
+          "  --access-log-buffer-bytes N the access log's buffer, suffix k/m/g (default 1m);\n"
+          "                              lines that do not fit while the disk is slow are\n"
+          "                              dropped and counted, requests never wait\n"
+          "  --trace-dir DIR             where Triton-format trace files go; enables\n"
+          "                              tracing through /v2[/models/M]/trace/setting\n"
+          "                              (trace_file names a file in DIR)\n"
           "  -h, --help                  print this help\n"
           "\n"
           "exit status: 0 clean shutdown, 1 runtime failure, 2 usage error\n",
@@ -154,6 +167,10 @@ typedef enum opt_id {
     O_PREP_TIMEOUT,
     O_PREP_MAX_BYTES,
     O_RESTRICTED,
+    O_ACCESS_LOG,
+    O_ACCESS_LOG_FORMAT,
+    O_ACCESS_LOG_BUFFER,
+    O_TRACE_DIR,
 } opt_id;
 
 static const struct {
@@ -186,6 +203,10 @@ static const struct {
     {"--preprocess-timeout-ms", O_PREP_TIMEOUT, true},
     {"--preprocess-max-bytes", O_PREP_MAX_BYTES, true},
     {"--http-restricted-api", O_RESTRICTED, true},
+    {"--access-log", O_ACCESS_LOG, true},
+    {"--access-log-format", O_ACCESS_LOG_FORMAT, true},
+    {"--access-log-buffer-bytes", O_ACCESS_LOG_BUFFER, true},
+    {"--trace-dir", O_TRACE_DIR, true},
 };
 
 static int parse_args(int argc, char **argv, keel_server_opts *o)
@@ -349,6 +370,29 @@ static int parse_args(int argc, char **argv, keel_server_opts *o)
                 o->log_level = KEEL_LOG_DEBUG;
             else
                 return usage("--log-level: '%s' is not error, warn, info or debug", val);
+            break;
+        case O_ACCESS_LOG:
+            if (val[0] == '\0')
+                return usage("--access-log needs a path (or - for standard output)");
+            o->access_log = val;
+            break;
+        case O_ACCESS_LOG_FORMAT:
+            if (strcmp(val, "logfmt") == 0)
+                o->access_log_json = false;
+            else if (strcmp(val, "json") == 0)
+                o->access_log_json = true;
+            else
+                return usage("--access-log-format: '%s' is not logfmt or json", val);
+            break;
+        case O_ACCESS_LOG_BUFFER:
+            if (!parse_bytes(val, &n) || n > (UINT64_C(1) << 30))
+                return usage("--access-log-buffer-bytes: '%s' is not a size from 1k to 1g", val);
+            o->access_log_buffer_bytes = n;
+            break;
+        case O_TRACE_DIR:
+            if (val[0] == '\0')
+                return usage("--trace-dir needs a directory");
+            o->trace_dir = val;
             break;
         case O_LOG_FORMAT:
             if (strcmp(val, "logfmt") != 0)

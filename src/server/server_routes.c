@@ -49,7 +49,7 @@ static json_t *version_string(int64_t v)
 static void server_metadata(srv_reply *r)
 {
     static const char *const extensions[] = {"binary_tensor_data", "model_repository", "statistics",
-                                             "model_configuration"};
+                                             "trace", "model_configuration"};
     json_t *root = json_object(), *ext = json_array();
 
     if (root == NULL || ext == NULL)

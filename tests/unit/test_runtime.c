@@ -167,6 +167,50 @@ static void test_sync_and_async(void **state)
     assert_int_equal(st.execution_count, 5 + 0); /* warm-up runs are not counted */
 }
 
+/* keel_request_timing_get: the steps of a run in order, the compute time the statistics
+ * count, zeros for steps not reached, and a fresh set on resubmit. */
+static void test_request_timing(void **state)
+{
+    fixture *f = *state;
+    keel_request *req = make_req(f->rt, "m", 2.0f);
+    keel_request *bad = NULL;
+    keel_request_timing t, t2;
+    keel_model_stats s0, s1;
+    int64_t shape[2] = {1, 1};
+    float x = 1.0f;
+
+    keel_request_timing_get(req, &t);
+    assert_true(t.submit_ns == 0 && t.complete_ns == 0); /* never submitted */
+    assert_int_equal(keel_model_stats_get(f->rt, "m", &s0), KEEL_OK);
+    assert_int_equal(keel_infer(req), KEEL_OK);
+    assert_int_equal(keel_model_stats_get(f->rt, "m", &s1), KEEL_OK);
+    keel_request_timing_get(req, &t);
+    assert_true(t.submit_ns != 0);
+    assert_true(t.submit_ns <= t.dispatch_ns);
+    assert_true(t.dispatch_ns <= t.input_end_ns);
+    assert_true(t.input_end_ns <= t.output_start_ns);
+    assert_true(t.output_start_ns <= t.complete_ns);
+    assert_true(t.preprocess_ns == 0);
+    /* The backend's run, exactly as the statistics count it. */
+    assert_true(s1.compute_ns - s0.compute_ns == t.output_start_ns - t.input_end_ns);
+
+    assert_int_equal(keel_infer(req), KEEL_OK);
+    keel_request_timing_get(req, &t2);
+    assert_true(t2.submit_ns >= t.complete_ns && t2.complete_ns >= t2.submit_ns);
+    keel_request_destroy(req);
+
+    /* A request that fails validation never reaches the backend. */
+    assert_int_equal(keel_request_create(f->rt, "m", -1, &bad), KEEL_OK);
+    assert_int_equal(keel_request_add_input(bad, "nosuch", KEEL_TYPE_FP32, shape, 2, &x, sizeof(x)),
+                     KEEL_OK);
+    assert_int_equal(keel_infer(bad), KEEL_EINVAL);
+    keel_request_timing_get(bad, &t);
+    assert_true(t.submit_ns != 0 && t.dispatch_ns >= t.submit_ns && t.complete_ns >= t.dispatch_ns);
+    assert_true(t.input_end_ns == 0 && t.output_start_ns == 0);
+    keel_request_destroy(bad);
+    tu_assert_counters(f->rt, &idle_one_gen);
+}
+
 /* KEEL_SUBMIT_RUN_HERE: an idle context runs the request on the caller before submit
  * returns; a busy one queues it (never waits); unknown flags are refused. */
 static void test_submit_run_here(void **state)
@@ -733,6 +777,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_sync_and_async, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_inputs_then_good, setup, teardown),
         cmocka_unit_test_setup_teardown(test_submit_run_here, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_request_timing, setup, teardown),
         cmocka_unit_test_setup_teardown(test_return_after_swap, setup, teardown),
         cmocka_unit_test_setup_teardown(test_overload_and_deadline, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cancel, setup, teardown),
