@@ -32,6 +32,8 @@ packages=(
     libpng-dev          # ships examples/pngtest.png (interlaced), a PNG reference image
     python3-pil         # the PNG decoding reference; test images for test_preprocess_http
     python-matplotlib-data # grace_hopper.jpg, the JPEG reference image
+    protobuf-compiler   # protoc: compiles keel's model_config.proto (config.pbtxt)
+    libprotobuf-dev     # protobuf's TextFormat and JSON printer (src/repository/pbtxt.cpp)
 )
 
 missing=()

@@ -279,15 +279,21 @@ keel_err keel__model_load(keel_runtime *rt, const char *name, bool evicted_reloa
         e->state = KEEL_MODEL_LOADING;
     pthread_mutex_unlock(&rt->mu);
 
-    if (asprintf(&dir, "%s/%s", rt->repo, name) < 0 ||
-        asprintf(&path, "%s/%s/config.json", rt->repo, name) < 0) {
-        dir = path = NULL;
+    if (asprintf(&dir, "%s/%s", rt->repo, name) < 0) {
+        dir = NULL;
         snprintf(msg, sizeof(msg), "out of memory");
         err = KEEL_ENOMEM;
         goto failed;
     }
-    if ((err = keel__config_load(path, name, &cfg, msg, sizeof(msg))) != KEEL_OK)
+    /* config.json or config.pbtxt; harmless Triton fields keel ignores are logged. */
+    if ((err = keel__config_find(dir, &path, msg, sizeof(msg))) != KEEL_OK ||
+        (err = keel__config_load(path, name, &cfg, msg, sizeof(msg))) != KEEL_OK)
         goto failed;
+    for (const char *w = cfg->warnings; w != NULL && *w != '\0'; w += strcspn(w, "\n") + 1) {
+        KEEL__LOG(&rt->log, KEEL_LOG_WARN, "model %s: %.*s", name, (int)strcspn(w, "\n"), w);
+        if (w[strcspn(w, "\n")] == '\0')
+            break;
+    }
     if ((err = keel__config_select_versions(cfg, dir, &versions, &nversions, msg, sizeof(msg))) !=
         KEEL_OK)
         goto failed;
@@ -585,12 +591,11 @@ static void load_all(keel_runtime *rt)
         return;
     while ((de = readdir(d)) != NULL) {
         char *cfg = NULL;
-        struct stat st;
         if (!model_name_ok(de->d_name))
             continue;
-        if (asprintf(&cfg, "%s/%s/config.json", rt->repo, de->d_name) < 0)
+        if (asprintf(&cfg, "%s/%s", rt->repo, de->d_name) < 0)
             continue;
-        if (stat(cfg, &st) == 0) /* errors are recorded in the model's status */
+        if (keel__config_exists(cfg)) /* errors are recorded in the model's status */
             (void)keel_model_load(rt, de->d_name, NULL, 0);
         free(cfg);
     }
@@ -874,15 +879,14 @@ keel_err keel_model_list(keel_runtime *rt, keel_model_status **out, size_t *coun
     if (ok && (d = opendir(rt->repo)) != NULL) {
         while (ok && (de = readdir(d)) != NULL) {
             bool known = false;
-            struct stat st;
             char *path = NULL;
             if (!model_name_ok(de->d_name))
                 continue;
             for (size_t i = 0; i < n && !known; i++)
                 known = strcmp(list[i].name, de->d_name) == 0;
-            if (known || asprintf(&path, "%s/%s/config.json", rt->repo, de->d_name) < 0)
+            if (known || asprintf(&path, "%s/%s", rt->repo, de->d_name) < 0)
                 continue;
-            if (stat(path, &st) == 0) {
+            if (keel__config_exists(path)) {
                 keel_model_status row = {0};
                 row.name = de->d_name;
                 row.version = -1;
