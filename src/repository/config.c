@@ -559,6 +559,8 @@ static keel_err check_keys(const parser *p, const json_t *obj, const char *msg, 
         return KEEL_OK; /* the field's own parser reports the type */
     json_object_foreach ((json_t *)obj, key, v) {
         const field_rule *r = find_rule(msg, key);
+        if (json_is_null(v) && r != NULL)
+            continue; /* an explicit null is "absent" (protobuf's JSON rule) */
         clip(shown, sizeof(shown), key, false);
         snprintf(at, sizeof(at), "%s%s%s", prefix, prefix[0] != '\0' ? "." : "", shown);
         if ((err = judge(p, at, msg, key, !is_default(v, r != NULL ? r->dflt : NULL))) != KEEL_OK)
@@ -1443,21 +1445,32 @@ fail:
     return NULL;
 }
 
+/* Parameters in key order: config.pbtxt's map has no order of its own, and the same
+ * configuration must serve the same JSON whichever file it came from. */
 static json_t *parameters_json(const keel__model_config *cfg)
 {
     json_t *params = json_object(), *sv;
-    size_t i;
+    size_t i, done, next;
+    const char *last = NULL;
 
     if (params == NULL)
         return NULL;
-    for (i = 0; i < cfg->nparams; i++) {
+    for (done = 0; done < cfg->nparams; done++) {
+        /* Selection of the next key: parameters are few (keys are unique). */
+        next = cfg->nparams;
+        for (i = 0; i < cfg->nparams; i++) {
+            if ((last == NULL || strcmp(cfg->param_keys[i], last) > 0) &&
+                (next == cfg->nparams || strcmp(cfg->param_keys[i], cfg->param_keys[next]) < 0))
+                next = i;
+        }
+        last = cfg->param_keys[next];
         if ((sv = json_object()) == NULL)
             goto fail;
-        if (!put(sv, "string_value", json_string(cfg->param_values[i]))) {
+        if (!put(sv, "string_value", json_string(cfg->param_values[next]))) {
             json_decref(sv);
             goto fail;
         }
-        if (!put(params, cfg->param_keys[i], sv))
+        if (!put(params, cfg->param_keys[next], sv))
             goto fail;
     }
     return params;
@@ -1715,8 +1728,21 @@ keel_err keel__config_parse_pbtxt(const char *path, const char *dir_name, const 
     *out = NULL;
     if (errbuf != NULL && errlen > 0)
         errbuf[0] = '\0';
-    if ((err = keel__pbtxt_to_json(p.file, text, len, &doc, errbuf, errlen)) != KEEL_OK)
+    if ((err = keel__pbtxt_to_json(p.file, text, len, &doc, errbuf, errlen)) != KEEL_OK) {
+        /* A syntax error after skipped fields: a refused or unknown field among them, which
+         * comes earlier in the file, is the clearer message. */
+        if (doc != NULL && (root = json_loads(doc, 0, NULL)) != NULL) {
+            char first[512];
+            parser q = p;
+            snprintf(first, sizeof(first), "%s", errbuf != NULL ? errbuf : "");
+            if (judge_skipped(&q, json_object_get(root, "skipped")) == KEEL_OK && errbuf != NULL &&
+                errlen > 0)
+                snprintf(errbuf, errlen, "%s", first);
+            json_decref(root);
+        }
+        free(doc);
         return err;
+    }
     if ((root = json_loads(doc, JSON_REJECT_DUPLICATES, &jerr)) == NULL) {
         free(doc);
         if (json_error_code(&jerr) == json_error_out_of_memory) {

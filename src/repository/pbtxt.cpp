@@ -264,6 +264,24 @@ struct Walk {
     }
 };
 
+/* The skipped records as a JSON array of [message, field, line, column]. */
+std::string skipped_json(const std::vector<Skipped> &skipped)
+{
+    std::string doc = "[";
+
+    for (size_t i = 0; i < skipped.size(); i++) {
+        const Skipped &s = skipped[i];
+        if (i > 0)
+            doc += ',';
+        doc += '[';
+        json_string(doc, s.message);
+        doc += ',';
+        json_string(doc, s.field);
+        doc += "," + std::to_string(s.line) + "," + std::to_string(s.column) + "]";
+    }
+    return doc + "]";
+}
+
 /* Moves s's column back to the start of its field name on the same line, if it is there. */
 void name_column(const char *text, size_t len, Skipped &s)
 {
@@ -298,6 +316,8 @@ void fail_at(char *errbuf, size_t errlen, const char *path, int line, int column
         return;
     for (unsigned char ch : msg.substr(0, 200))
         clean += (ch < 0x20 || ch == 0x7f || ch >= 0x80) ? '?' : (char)ch;
+    if (clean.size() >= 5 && clean.compare(clean.size() - 5, 5, "got: ") == 0)
+        clean += "the end of the file (a block left open?)";
     std::snprintf(errbuf, errlen, "%s:%d:%d: %s", path, line, column, clean.c_str());
 }
 
@@ -356,6 +376,17 @@ keel_err convert(const char *path, const char *text, size_t len, char **out, cha
         name_column(text, len, s);
     if (collector.failed) {
         fail_at(errbuf, errlen, path, collector.line, collector.column, collector.message);
+        /* The fields skipped before the error: protobuf 3.21 cannot skip an unknown field
+         * written as a list without a colon (`step [ { ... } ]`), so the error may be inside
+         * a section keel refuses anyway, which is the clearer message (config.c decides). */
+        if (!collector.skipped.empty()) {
+            std::string doc = "{\"skipped\":" + skipped_json(collector.skipped) + "}";
+            char *copy = (char *)keel__malloc(doc.size() + 1);
+            if (copy != nullptr) {
+                std::memcpy(copy, doc.data(), doc.size() + 1);
+                *out = copy;
+            }
+        }
         return KEEL_ECONFIG;
     }
     if (!ok) { /* failed without telling the collector: should not happen */
@@ -381,18 +412,8 @@ keel_err convert(const char *path, const char *text, size_t len, char **out, cha
         return KEEL_ECONFIG;
     }
 
-    std::string doc = "{\"config\":" + json + ",\"skipped\":[";
-    for (size_t i = 0; i < collector.skipped.size(); i++) {
-        const Skipped &s = collector.skipped[i];
-        if (i > 0)
-            doc += ',';
-        doc += '[';
-        json_string(doc, s.message);
-        doc += ',';
-        json_string(doc, s.field);
-        doc += "," + std::to_string(s.line) + "," + std::to_string(s.column) + "]";
-    }
-    doc += "],\"where\":{" + walk.where + "}}";
+    std::string doc = "{\"config\":" + json + ",\"skipped\":" + skipped_json(collector.skipped) +
+                      ",\"where\":{" + walk.where + "}}";
 
     char *copy = (char *)keel__malloc(doc.size() + 1);
     if (copy == nullptr)

@@ -39,8 +39,11 @@ extern "C" {
  *    "skipped": [["ModelConfig", "sequence_batching", line, column], ...],
  *    "where": {"input[0].dims[1]": [line, column], ...}}
  * "where" gives the position of every field that was set, by config.c's path names, so its
- * messages about values can point into the file. On error *out is NULL, the return is
- * KEEL_ECONFIG (or KEEL_ENOMEM) and errbuf holds "<path>:<line>:<column>: <message>".
+ * messages about values can point into the file. On error the return is KEEL_ECONFIG (or
+ * KEEL_ENOMEM) and errbuf holds "<path>:<line>:<column>: <message>"; *out is NULL, except
+ * after a syntax error that followed skipped fields: then it is {"skipped": [...]} (owned by
+ * the caller), because protobuf cannot skip every form of unknown field and the section it
+ * failed in may be one config.c refuses with a clearer message.
  */
 keel_err keel__pbtxt_to_json(const char *path, const char *text, size_t len, char **out,
                              char *errbuf, size_t errlen);

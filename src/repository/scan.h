@@ -4,10 +4,10 @@
  *
  * DESIGN
  * A model's signature is a hash over (relative path, mtime in ns, size) of its config.json
- * and/or config.pbtxt and of every file under its numeric version folders (to a depth of 8), combined with an
- * order-independent sum so that directory order does not matter. Names starting with '.' are
- * skipped at every level, so a deploy that copies into ".tmp-3" (or "3.tmp", which is not a
- * numeric version folder) and renames it to "3" never shows a half-copied version. Pure
+ * and/or config.pbtxt and of every file under its numeric version folders (to a depth of 8),
+ * combined with an order-independent sum so that directory order does not matter. Names starting
+ * with '.' are skipped at every level, so a deploy that copies into ".tmp-3" (or "3.tmp", which is
+ * not a numeric version folder) and renames it to "3" never shows a half-copied version. Pure
  * functions over the file system: no locks, no threads, no state.
  */
 #ifndef KEEL_REPOSITORY_SCAN_H
