@@ -289,7 +289,7 @@ static void test_malformed(void **state)
             "mapping serves XGBoost models (xgboost, xgboost_json, xgboost_ubj)"},
         {"backend: \"fil\"\n" IO
          "parameters { key: \"output_class\" value { string_value: \"yes\" } }\n",
-         PB ":4:39: parameters.output_class.string_value: expected \"true\" or \"false\", got "
+         PB ":4:42: parameters.output_class.string_value: expected \"true\" or \"false\", got "
             "\"yes\""},
         {"backend: \"fil\"\n" IO
          "parameters { key: \"predict_proba\" value { string_value: \"true\" } }\n",
@@ -302,7 +302,7 @@ static void test_malformed(void **state)
         {"max_batch_size: 4\n" IO,
          PB ": backend: required, e.g. \"xgboost\" (or Triton's \"fil\", \"onnxruntime\", or "
             "platform \"onnxruntime_onnx\")"},
-        {"input: [ < name: \"x\" > ] }\n", PB ":1:25: Expected identifier, got: }"},
+        {"input: [ < name: \"x\" > ] }\n", PB ":1:26: Expected identifier, got: }"},
     };
     (void)state;
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
