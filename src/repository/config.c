@@ -924,7 +924,11 @@ static keel_err parse_tensors(const parser *p, const json_t *root, const char *k
     keel_err err = KEEL_OK;
     size_t n, i;
 
-    if (arr == NULL && self_describing(backend))
+    /* An empty array is "absent" too (as in protobuf, where an empty repeated field is not
+     * there at all): the served JSON of such a model before its backend fills the tensors in
+     * has "input": [], and it must read back as the same configuration. */
+    if ((arr == NULL || (json_is_array(arr) && json_array_size(arr) == 0)) &&
+        self_describing(backend))
         return KEEL_OK;
     if (!json_is_array(arr) || json_array_size(arr) == 0)
         return expected(p, key, arr, "a non-empty array of tensors");

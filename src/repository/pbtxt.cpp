@@ -209,6 +209,18 @@ struct Walk {
         for (const pb::FieldDescriptor *f : fields) {
             std::string base = prefix.empty() ? f->name() : prefix + "." + f->name();
 
+            /* protobuf 3.21 records one location per occurrence of the field's name, not
+             * per value: `input [ {..}, {..} ]` gives one location for two values (and a
+             * later `input {..}` would be taken for the second). Per-value locations are
+             * used only when there is exactly one per value; fields inside each value are
+             * always exact (each value has its own nested tree). */
+            bool exact = false;
+            if (f->is_repeated() && tree != nullptr) {
+                int n = r->FieldSize(msg, f), found = 0;
+                while (found <= n && tree->GetLocation(f, found).line >= 0)
+                    found++;
+                exact = found == n;
+            }
             if (f->is_map()) {
                 /* parameters { key: "k" value { ... } }: paths "parameters.k" and, for a
                  * message value, "parameters.k.string_value" (the JSON form has no "value"). */
@@ -221,15 +233,17 @@ struct Walk {
                                           ? er->GetString(e, kf)
                                           : std::to_string(er->GetUInt64(e, kf));
                     std::string path = base + "." + key;
-                    auto loc =
-                        tree != nullptr ? tree->GetLocation(f, i) : pb::TextFormat::ParseLocation();
+                    const pb::TextFormat::ParseInfoTree *et =
+                        tree != nullptr ? tree->GetTreeForNested(f, i) : nullptr;
+                    /* Not exact: the entry's "key" is where it starts. */
+                    auto loc = exact ? tree->GetLocation(f, i)
+                                     : (et != nullptr ? et->GetLocation(kf, -1)
+                                                      : pb::TextFormat::ParseLocation());
                     Record(path, loc);
                     CheckString(base, key, loc);
                     if (vf->cpp_type() == pb::FieldDescriptor::CPPTYPE_STRING)
                         CheckString(path, er->GetString(e, vf), loc);
                     if (vf->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE) {
-                        const pb::TextFormat::ParseInfoTree *et =
-                            tree != nullptr ? tree->GetTreeForNested(f, i) : nullptr;
                         Message(er->GetMessage(e, vf),
                                 et != nullptr ? et->GetTreeForNested(vf, -1) : nullptr, path);
                     }
@@ -239,11 +253,11 @@ struct Walk {
             if (f->is_repeated()) {
                 for (int i = 0; i < r->FieldSize(msg, f); i++) {
                     std::string path = base + "[" + std::to_string(i) + "]";
-                    auto loc =
-                        tree != nullptr ? tree->GetLocation(f, i) : pb::TextFormat::ParseLocation();
+                    auto loc = exact ? tree->GetLocation(f, i) : pb::TextFormat::ParseLocation();
                     Record(path, loc);
                     if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_STRING)
-                        CheckString(path, r->GetRepeatedString(msg, f, i), loc);
+                        CheckString(path, r->GetRepeatedString(msg, f, i),
+                                    exact || tree == nullptr ? loc : tree->GetLocation(f, 0));
                     if (f->cpp_type() == pb::FieldDescriptor::CPPTYPE_MESSAGE)
                         Message(r->GetRepeatedMessage(msg, f, i),
                                 tree != nullptr ? tree->GetTreeForNested(f, i) : nullptr, path);

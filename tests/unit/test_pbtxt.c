@@ -183,6 +183,13 @@ static void test_onnxruntime(void **state)
         assert_int_equal(cfg->max_batch_size, 8);
         assert_int_equal(cfg->ninputs, i == 2 ? 1 : 0);
         assert_int_equal(cfg->noutputs, i == 2 ? 1 : 0);
+        /* The served JSON reads back as config.json to the same configuration, "input": []
+         * included (fuzz_pbtxt found that it did not). */
+        {
+            keel__model_config *back = parse(false, cfg->json, strlen(cfg->json));
+            assert_string_equal(back->json, cfg->json);
+            keel__config_destroy(back);
+        }
         if (i == 2) {
             assert_string_equal(cfg->default_model_filename, "digits.onnx");
             assert_int_equal(cfg->instance_count, 2);
@@ -230,6 +237,39 @@ static void test_same_as_json(void **state)
 #define IO                                                                                         \
     "input [ { name: \"x\" data_type: TYPE_FP32 dims: [4] } ]\n"                                   \
     "output [ { name: \"y\" data_type: TYPE_FP32 dims: [1] } ]\n"
+
+/* Positions in Triton's list form (`input [ {..}, {..} ]`), where protobuf records one
+ * location for several values: messages point at the field inside the value, or at the
+ * parameter's key, never at another value. */
+static void test_list_form_positions(void **state)
+{
+    static const char bad_dims[] = "backend: \"xgboost\"\n"
+                                   "input [\n"
+                                   "  { name: \"a\" data_type: TYPE_FP32 dims: [4] },\n"
+                                   "  { name: \"b\" data_type: TYPE_FP32\n"
+                                   "    dims: [ 0 ] }\n"
+                                   "]\n"
+                                   "input { name: \"c\" data_type: TYPE_FP32 dims: [1] }\n"
+                                   "output [ { name: \"y\" data_type: TYPE_FP32 dims: [1] } ]\n";
+    static const char params[] =
+        "backend: \"fil\"\n" IO "parameters [\n"
+        "  { key: \"model_type\" value { string_value: \"xgboost_json\" } },\n"
+        "  {\n"
+        "    key: \"algo\"\n"
+        "    value: { string_value: \"NAIVE\" } }\n"
+        "]\n"
+        "parameters { key: \"output_class\" value { string_value: \"true\" } }\n";
+    keel__model_config *cfg;
+
+    (void)state;
+    parse_bad(true, bad_dims, strlen(bad_dims),
+              PB ":5:5: input[1].dims[0]: expected -1 or a positive integer, got \"0\"");
+    cfg = parse(true, params, strlen(params));
+    assert_string_equal(cfg->warnings, PB ":7:5: parameters.algo: ignored: a performance setting "
+                                          "of Triton's FIL backend; answers are the same without "
+                                          "it\n");
+    keel__config_destroy(cfg);
+}
 
 /* The malformed corpus: each is refused with file, line, column and what was wrong. */
 static void test_malformed(void **state)
@@ -443,6 +483,7 @@ int main(void)
         cmocka_unit_test(test_malformed),
         cmocka_unit_test(test_strict_json),
         cmocka_unit_test(test_find),
+        cmocka_unit_test(test_list_form_positions),
 #ifdef KEEL_FAULT_INJECTION
         cmocka_unit_test(test_alloc_failures),
 #endif
