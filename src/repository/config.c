@@ -10,12 +10,22 @@
  * jansson's own allocations use its default allocator; when one fails jansson returns NULL,
  * which is reported as KEEL_ENOMEM like any other allocation failure.
  *
- * The rules follow Triton's protobuf JSON form: unknown keys are ignored (Triton configs carry
- * many optional fields), an explicit null means "absent" (as protobuf's JSON parser reads it),
- * and an integer field may be given as a JSON integer or as a string of digits (protobuf
- * writes 64-bit integers as strings). A known key with the wrong type is an error. Every
- * message names the file, the field as a JSON path and what was expected; text copied from
- * the file into a message is clipped and has its control characters replaced.
+ * The rules follow Triton's protobuf JSON form: an explicit null means "absent" (as
+ * protobuf's JSON parser reads it), and an integer field may be given as a JSON integer or as
+ * a string of digits (protobuf writes 64-bit integers as strings). A known key with the wrong
+ * type is an error. Every key is checked against `rules`, the table of Triton's fields and
+ * what keel does with each (served, refused, or ignored with a warning; docs/OPERATIONS.md
+ * has it for users): Triton itself refuses unknown fields, and a silently ignored typo in a
+ * serving configuration is an incident waiting to happen, so an unknown key is an error with
+ * the nearest known name when one is close (edit distance). Every message names the file
+ * (with line and column for config.pbtxt, from the reader's "where" map), the field as a
+ * JSON path and what was expected; text copied from the file into a message is clipped and
+ * has its control characters replaced.
+ *
+ * config.pbtxt reaches this file as the JSON its reader (pbtxt.cpp) makes, plus the fields
+ * the reader skipped (judged by the same table) and the positions of the fields it set.
+ * Triton's backend names are mapped here (map_backend, map_fil), so everything after sees
+ * keel's backends only.
  *
  * The normalised JSON (cfg->json) is rebuilt from the parsed fields rather than copied from
  * the input, so it holds exactly the fields keel serves, with every default filled in.
