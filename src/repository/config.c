@@ -38,6 +38,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <float.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <limits.h>
@@ -675,7 +676,8 @@ static keel_err check_xgboost_params(const parser *p, const keel__model_config *
         double x;
         errno = 0;
         x = strtod(t, &end);
-        if (t[0] == '\0' || *end != '\0' || errno != 0 || !isfinite(x))
+        /* Within float range: the backend compares FP32 values with it. */
+        if (t[0] == '\0' || *end != '\0' || errno != 0 || !isfinite(x) || fabs(x) > FLT_MAX)
             return failf(p, "parameters.threshold.string_value",
                          "expected a number like \"0.5\", got \"%.32s\"", t);
     }

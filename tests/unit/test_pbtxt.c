@@ -335,6 +335,10 @@ static void test_malformed(void **state)
          "parameters { key: \"predict_proba\" value { string_value: \"true\" } }\n",
          PB ":4:1: parameters.predict_proba: \"true\" needs output_class \"true\" (probabilities "
             "are for classifiers)"},
+        {"backend: \"fil\"\n" IO
+         "parameters { key: \"threshold\" value { string_value: \"1e300\" } }\n",
+         PB ":4:39: parameters.threshold.string_value: expected a number like \"0.5\", got "
+            "\"1e300\""},
         {"platform: \"tensorrt_plan\"\n" IO,
          PB ":1:1: platform: keel does not support platform \"tensorrt_plan\" (keel serves "
             "\"onnxruntime_onnx\" with its onnx backend; other models need backend \"xgboost\", "
