@@ -103,6 +103,20 @@ def setup():
         write(os.path.join(repo, twin, "config.json"), heart_json_twin(twin, params))
         os.makedirs(os.path.join(repo, twin, "1"))
         shutil.copyfile(heart_model, os.path.join(repo, twin, "1", "xgboost.json"))
+    # A two-class softprob model (two values per row): FIL's class is the larger one's index.
+    multi = kit.train_model(kit.tmpdir("keel-multi-"), "multi", rounds=5, depth=3,
+                            extra="objective = multi:softprob\nnum_class = 2")
+    for name, pbtxt in (("multi_class", fil_pbtxt("true", 1)),
+                        ("multi_proba", fil_pbtxt("true", 2, param("predict_proba", "true")))):
+        write(os.path.join(repo, name, "config.pbtxt"), pbtxt)
+        os.makedirs(os.path.join(repo, name, "1"))
+        shutil.copyfile(multi, os.path.join(repo, name, "1", "xgboost.json"))
+    write(os.path.join(repo, "multi_raw", "config.json"),
+          heart_json_twin("multi_raw", {"predict_proba": "false"}).replace(
+              '"dims": [\n        1\n      ]\n    }\n  ],\n  "default',
+              '"dims": [\n        2\n      ]\n    }\n  ],\n  "default'))
+    os.makedirs(os.path.join(repo, "multi_raw", "1"))
+    shutil.copyfile(multi, os.path.join(repo, "multi_raw", "1", "xgboost.json"))
     write(os.path.join(repo, "ort_bare", "config.pbtxt"),
           'platform: "onnxruntime_onnx"\nmax_batch_size: 64\n')
     write(os.path.join(repo, "ort_io", "config.pbtxt"),
@@ -146,6 +160,14 @@ def test_serves_like_config_json():
         for p in prob:
             want += [kit.f32(1.0 - p), p]
         kit.assert_f32_equal(proba, want, "fil_proba: [1 - p, p]")
+        pairs = infer(port, "multi_raw", rows, "input__0")
+        check(len(pairs) == 2 * len(rows), "multi_raw: %d values" % len(pairs))
+        kit.assert_f32_equal(infer(port, "multi_proba", rows, "input__0"), pairs,
+                             "multi_proba: the two class probabilities as they are")
+        argmax = [1.0 if pairs[2 * i + 1] > pairs[2 * i] else 0.0 for i in range(len(rows))]
+        check(0.0 in argmax and 1.0 in argmax, "multi: both classes expected in 40 rows")
+        kit.assert_f32_equal(infer(port, "multi_class", rows, "input__0"), argmax,
+                             "multi_class: the index of the larger probability")
         pixels = S["pixels"]
         digits = infer(port, "digits", pixels, "pixels")
         for name in ("ort_bare", "ort_io"):
