@@ -28,6 +28,7 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 SOURCE_DIRS = ["src", "tests/unit", "bench", "fuzz"]
 EXTS = (".c", ".h", ".cpp")
 INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
+GENERATED_RE = re.compile(r"\.pb(-c)?\.h$")
 
 
 def fail_usage(msg):
@@ -205,6 +206,8 @@ def main():
         with open(os.path.join(ROOT, path), encoding="utf-8", errors="replace") as f:
             text = f.read()
         for header in INCLUDE_RE.findall(text):
+            if GENERATED_RE.search(header):
+                continue  # made by protoc / protoc-c in the build tree
             target = resolve(path, header, files_by_name)
             if target is None:
                 errors.append(f"{path}: includes \"{header}\", which is not in the tree")

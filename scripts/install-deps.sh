@@ -36,6 +36,8 @@ packages=(
     python-matplotlib-data # grace_hopper.jpg, the JPEG reference image
     nginx-light         # test_tls_proxy: TLS in front of keel, as docs/OPERATIONS.md shows
     openssl             # test_tls_proxy: the self-signed certificate, made at test time
+    protobuf-compiler   # protoc: compiles keel's model_config.proto (config.pbtxt)
+    libprotobuf-dev     # protobuf's TextFormat and JSON printer (src/repository/pbtxt.cpp)
 )
 
 missing=()

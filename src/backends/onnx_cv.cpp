@@ -1,5 +1,5 @@
 /*
- * onnx_cv.cpp: see onnx_cv.h. The only C++ in keel: cv::dnn::Net behind a C interface.
+ * onnx_cv.cpp: see onnx_cv.h. cv::dnn::Net behind a C interface.
  *
  * DESIGN
  * Every entry point is noexcept in effect: its body runs inside try { } catch (...) { } and a

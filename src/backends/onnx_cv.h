@@ -1,5 +1,5 @@
 /*
- * onnx_cv.h: the C interface over OpenCV's DNN module (onnx_cv.cpp, the one C++ file in keel).
+ * onnx_cv.h: the C interface over OpenCV's DNN module (onnx_cv.cpp, one of keel's two C++ files).
  *
  * DESIGN
  * A keel__cvnet is one cv::dnn::Net, owned by exactly one execution context (or by the model

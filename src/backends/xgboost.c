@@ -61,10 +61,26 @@
 /* Large enough for the array interface with 20-digit integers; checked at every format. */
 #define ARRAY_IFACE_LEN 160
 
+/*
+ * What the output holds, with the meaning of Triton's FIL backend parameters (config.c
+ * checks their values; docs/OPERATIONS.md):
+ *  - RAW (output_class absent or "false"): XGBoost's predictions as they are.
+ *  - CLASS (output_class "true"): the class index as FP32, one per row: for a model with one
+ *    value per row (binary), 1 if the value is above `threshold` (default 0.5), else 0; for
+ *    several values per row, the index of the largest (the first on a tie).
+ *  - PROBA (output_class and predict_proba "true"): one probability per class. A binary
+ *    model's single value p becomes [1 - p, p] when the config output has 2 values per row;
+ *    with 1 value per row it is returned as it is (FIL counts binary models as one class).
+ */
+typedef enum xgb_output { XGB_RAW = 0, XGB_CLASS, XGB_PROBA } xgb_output;
+
 typedef struct xgb_model {
     BoosterHandle booster;
     int64_t nfeatures; /* per row: product of the config input's dims */
     int64_t nout;      /* values per row: product of the config output's dims */
+    int64_t nraw;      /* values per row XGBoost gives */
+    xgb_output output;
+    float threshold;
     size_t file_bytes; /* memory estimate */
 } xgb_model;
 
@@ -77,6 +93,8 @@ typedef struct xgb_context {
     size_t out_ndims;
     float *scratch; /* only used if an input is not 4-byte aligned */
     size_t scratch_len;
+    float *post; /* the output after CLASS or PROBA post-processing */
+    size_t post_len;
     char array_iface[ARRAY_IFACE_LEN];
 } xgb_context;
 
@@ -505,7 +523,9 @@ static keel_err xgb_model_load(const keel__model_config *cfg, const char *versio
     char iface[ARRAY_IFACE_LEN];
     char dims[96];
     const char *xmsg;
-    int64_t want_feat, want_out;
+    int64_t want_feat, want_out, m_nraw = 0;
+    xgb_output m_mode = XGB_RAW;
+    float m_threshold = 0.5f;
     int len;
     keel_err err;
 
@@ -582,7 +602,32 @@ static keel_err xgb_model_load(const keel__model_config *cfg, const char *versio
         err = KEEL_EINTERNAL;
         goto fail;
     }
-    if (count != (uint64_t)want_out) {
+    {
+        const char *oc = keel__config_param(cfg, "output_class");
+        const char *pp = keel__config_param(cfg, "predict_proba");
+        const char *th = keel__config_param(cfg, "threshold");
+        xgb_output mode = XGB_RAW;
+        if (oc != NULL && strcmp(oc, "true") == 0)
+            mode = pp != NULL && strcmp(pp, "true") == 0 ? XGB_PROBA : XGB_CLASS;
+        if (mode == XGB_CLASS && want_out != 1) {
+            keel__format_dims(dims, sizeof(dims), cfg->outputs[0].dims, cfg->outputs[0].ndims);
+            keel__errf(errbuf, errlen,
+                       "%s: output_class gives one class per row, config output '%s' dims %s "
+                       "gives %" PRId64,
+                       path, cfg->outputs[0].name, dims, want_out);
+            err = KEEL_ELOAD;
+            goto fail;
+        }
+        if (mode != XGB_RAW) {
+            /* In range for a float: config.c checked it is a finite number. */
+            double t = th != NULL ? strtod(th, NULL) : 0.5;
+            m_threshold = (float)t;
+            m_mode = mode;
+        }
+        m_nraw = (int64_t)count;
+    }
+    if (!(m_mode == XGB_CLASS || (m_mode == XGB_PROBA && count == 1 && want_out == 2)) &&
+        count != (uint64_t)want_out) {
         keel__format_dims(dims, sizeof(dims), cfg->outputs[0].dims, cfg->outputs[0].ndims);
         keel__errf(errbuf, errlen,
                    "%s: model gives %" PRIu64 " values per row, config output '%s' dims %s "
@@ -604,6 +649,9 @@ static keel_err xgb_model_load(const keel__model_config *cfg, const char *versio
     booster = NULL; /* m owns it now */
     m->nfeatures = want_feat;
     m->nout = want_out;
+    m->nraw = m_nraw;
+    m->output = m_mode;
+    m->threshold = m_threshold;
     m->file_bytes = nbytes;
     free(path);
     *model = m;
@@ -683,6 +731,7 @@ static void xgb_context_destroy(void *ctx)
     if (c->proxy != NULL)
         XGDMatrixFree(c->proxy);
     free(c->scratch);
+    free(c->post);
     free(c);
 }
 
@@ -755,12 +804,40 @@ static keel_err xgb_run(void *ctx, keel__run_io *io)
         keel__errf(io->errbuf, io->errlen, "xgboost: cannot format the array interface");
         return KEEL_EINTERNAL;
     }
-    if (count != (uint64_t)rows * (uint64_t)m->nout) {
+    if (count != (uint64_t)rows * (uint64_t)m->nraw) {
         keel__errf(io->errbuf, io->errlen,
                    "xgboost: model returned %" PRIu64 " values for %" PRId64
                    " rows, expected %" PRId64 " per row",
-                   count, rows, m->nout);
+                   count, rows, m->nraw);
         return KEEL_EBACKEND;
+    }
+    if (m->output != XGB_RAW && !(m->output == XGB_PROBA && m->nraw == m->nout)) {
+        size_t need = (size_t)rows * (size_t)m->nout;
+        if (c->post_len < need) {
+            float *p = keel__realloc(c->post, need * sizeof(float));
+            if (p == NULL)
+                return KEEL_ENOMEM;
+            c->post = p;
+            c->post_len = need;
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            const float *x = result + r * m->nraw;
+            if (m->output == XGB_PROBA) { /* binary: [1 - p, p] */
+                c->post[r * 2] = 1.0f - x[0];
+                c->post[r * 2 + 1] = x[0];
+            } else if (m->nraw == 1) {
+                c->post[r] = x[0] > m->threshold ? 1.0f : 0.0f;
+            } else {
+                int64_t best = 0;
+                for (int64_t k = 1; k < m->nraw; k++) {
+                    if (x[k] > x[best])
+                        best = k;
+                }
+                c->post[r] = (float)best;
+            }
+        }
+        result = c->post;
+        count = need;
     }
     /* result is XGBoost's thread-local buffer: emit copies it before anything reuses it. */
     return io->emit(io, c->output_name, KEEL_TYPE_FP32, shape, ndim, result,

@@ -80,6 +80,9 @@ static const struct {
     {"--label-first", OPT_LABEL_FIRST, ARG_NONE, CMD_INFER},
 };
 
+/* src/cli/convert.c: `keel convert`. */
+int keel_convert_main(int argc, char **argv);
+
 static void print_help(FILE *f)
 {
     fputs("usage: keel <command> [options]\n"
@@ -107,6 +110,10 @@ static void print_help(FILE *f)
           "  perf --url HOST:PORT --model NAME [options]\n"
           "      Load generator for a KServe V2 HTTP server: throughput and latency\n"
           "      percentiles per concurrency or request rate. See 'keel perf --help'.\n"
+          "\n"
+          "  convert --model-repository DIR --model NAME\n"
+          "      Loads the model (config.json or Triton's config.pbtxt) and prints the\n"
+          "      configuration keel serves it with, as config.json. See 'keel convert --help'.\n"
           "\n"
           "  soak --model-repository DIR --model NAME [options]\n"
           "      Hot-swaps a model under load while sampling the server's memory, fds,\n"
@@ -782,6 +789,8 @@ int main(int argc, char **argv)
         return keel_perf_main(argc - 2, argv + 2);
     if (strcmp(argv[1], "soak") == 0)
         return keel_soak_main(argc - 2, argv + 2);
+    if (strcmp(argv[1], "convert") == 0)
+        return keel_convert_main(argc - 2, argv + 2);
     if (strcmp(argv[1], "models") == 0)
         cmd = CMD_MODELS;
     else if (strcmp(argv[1], "infer") == 0)

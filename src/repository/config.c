@@ -10,12 +10,22 @@
  * jansson's own allocations use its default allocator; when one fails jansson returns NULL,
  * which is reported as KEEL_ENOMEM like any other allocation failure.
  *
- * The rules follow Triton's protobuf JSON form: unknown keys are ignored (Triton configs carry
- * many optional fields), an explicit null means "absent" (as protobuf's JSON parser reads it),
- * and an integer field may be given as a JSON integer or as a string of digits (protobuf
- * writes 64-bit integers as strings). A known key with the wrong type is an error. Every
- * message names the file, the field as a JSON path and what was expected; text copied from
- * the file into a message is clipped and has its control characters replaced.
+ * The rules follow Triton's protobuf JSON form: an explicit null means "absent" (as
+ * protobuf's JSON parser reads it), and an integer field may be given as a JSON integer or as
+ * a string of digits (protobuf writes 64-bit integers as strings). A known key with the wrong
+ * type is an error. Every key is checked against `rules`, the table of Triton's fields and
+ * what keel does with each (served, refused, or ignored with a warning; docs/OPERATIONS.md
+ * has it for users): Triton itself refuses unknown fields, and a silently ignored typo in a
+ * serving configuration is an incident waiting to happen, so an unknown key is an error with
+ * the nearest known name when one is close (edit distance). Every message names the file
+ * (with line and column for config.pbtxt, from the reader's "where" map), the field as a
+ * JSON path and what was expected; text copied from the file into a message is clipped and
+ * has its control characters replaced.
+ *
+ * config.pbtxt reaches this file as the JSON its reader (pbtxt.cpp) makes, plus the fields
+ * the reader skipped (judged by the same table) and the positions of the fields it set.
+ * Triton's backend names are mapped here (map_backend, map_fil), so everything after sees
+ * keel's backends only.
  *
  * The normalised JSON (cfg->json) is rebuilt from the parsed fields rather than copied from
  * the input, so it holds exactly the fields keel serves, with every default filled in.
@@ -28,6 +38,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <float.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <limits.h>
@@ -39,16 +50,56 @@
 #include <unistd.h>
 
 #include "core/core.h"
+#include "repository/pbtxt.h"
 
 #define CONFIG_MAX_BYTES (1024 * 1024)
 #define MAX_QUEUE_SIZE_LIMIT 1000000
-#define CLIP_LEN 64 /* bytes of user text quoted in a message */
+#define CLIP_LEN 64   /* bytes of user text quoted in a message */
+#define WARN_MAX 2048 /* bytes of warnings kept per config */
 
 typedef struct parser {
     const char *file; /* for messages */
     char *errbuf;
     size_t errlen;
+    const json_t *where; /* config.pbtxt: path -> [line, column]; NULL for JSON */
+    char *warnings; /* WARN_MAX bytes (or NULL): the harmless fields keel ignores, a line each */
 } parser;
+
+/* Finds the position of the field at path (or of its nearest enclosing field) in a
+ * config.pbtxt: "input[0].dims[1]", then "input[0].dims", "input[0]", "input". */
+static bool where_is(const parser *p, const char *at, int *line, int *column)
+{
+    char path[256];
+    size_t n;
+
+    if (p->where == NULL || at == NULL)
+        return false;
+    snprintf(path, sizeof(path), "%s", at);
+    for (;;) {
+        const json_t *loc = json_object_get(p->where, path);
+        if (json_is_array(loc) && json_array_size(loc) == 2) {
+            *line = (int)json_integer_value(json_array_get(loc, 0));
+            *column = (int)json_integer_value(json_array_get(loc, 1));
+            return true;
+        }
+        n = strlen(path);
+        while (n > 0 && path[n - 1] != '.' && path[n - 1] != '[')
+            n--;
+        if (n == 0)
+            return false;
+        path[n - 1] = '\0';
+    }
+}
+
+/* Writes "<file>" or "<file>:<line>:<column>" (config.pbtxt) for the field at. */
+static int file_at(const parser *p, const char *at, char *buf, size_t len)
+{
+    int line, column;
+
+    if (where_is(p, at, &line, &column))
+        return snprintf(buf, len, "%s:%d:%d", p->file, line, column);
+    return snprintf(buf, len, "%s", p->file);
+}
 
 /* ---- messages */
 
@@ -87,12 +138,15 @@ static keel_err failf(const parser *p, const char *at, const char *fmt, ...)
     va_list ap;
     int n;
 
+    char file[PATH_MAX + 32];
+
     if (p->errbuf == NULL || p->errlen == 0)
         return KEEL_ECONFIG;
+    file_at(p, at, file, sizeof(file));
     if (at != NULL)
-        n = snprintf(p->errbuf, p->errlen, "%s: %s: ", p->file, at);
+        n = snprintf(p->errbuf, p->errlen, "%s: %s: ", file, at);
     else
-        n = snprintf(p->errbuf, p->errlen, "%s: ", p->file);
+        n = snprintf(p->errbuf, p->errlen, "%s: ", file);
     if (n < 0 || (size_t)n >= p->errlen)
         return KEEL_ECONFIG;
     va_start(ap, fmt);
@@ -224,13 +278,548 @@ static keel_err want_object(const parser *p, const json_t *v, const char *at)
     return v == NULL || json_is_object(v) ? KEEL_OK : expected(p, at, v, "an object");
 }
 
+/* ---- strict validation: every field is known, refused, or ignored with a warning */
+
+/* Appends one warning line (clipped to the warnings buffer). */
+static void warnf(const parser *p, const char *at, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void warnf(const parser *p, const char *at, const char *fmt, ...)
+{
+    char file[PATH_MAX + 32];
+    size_t used;
+    va_list ap;
+    int n;
+
+    if (p->warnings == NULL)
+        return;
+    used = strlen(p->warnings);
+    if (used + 2 >= WARN_MAX)
+        return;
+    file_at(p, at, file, sizeof(file));
+    n = snprintf(p->warnings + used, WARN_MAX - used, "%s: %s: ", file, at);
+    if (n < 0 || (size_t)n >= WARN_MAX - used) {
+        p->warnings[used] = '\0';
+        return;
+    }
+    used += (size_t)n;
+    va_start(ap, fmt);
+    n = vsnprintf(p->warnings + used, WARN_MAX - used, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n + 2 > WARN_MAX - used) {
+        /* Keep whole lines only. */
+        char *last = strrchr(p->warnings, '\n');
+        if (last != NULL)
+            last[1] = '\0';
+        else
+            p->warnings[0] = '\0';
+        return;
+    }
+    strcat(p->warnings, "\n");
+}
+
+typedef enum rule_kind {
+    RULE_OK,     /* keel reads it (or it changes nothing keel does) */
+    RULE_WARN,   /* keel ignores it, harmlessly: a warning in the log */
+    RULE_REFUSE, /* keel cannot do what it asks: the load fails */
+} rule_kind;
+
+/*
+ * The fields of Triton's model configuration (message.field, as in model_config.proto) and
+ * what keel does with each; docs/OPERATIONS.md has the same table with the reasons. A rule
+ * with if_set applies only when the value is not the default (false, 0, "", [], {} or the
+ * enum name in dflt), so `optional: false` passes and `optional: true` is refused.
+ * "keel" and "preprocess" are keel's own sections (config.json only).
+ */
+typedef struct field_rule {
+    const char *msg;
+    const char *name;
+    rule_kind kind;
+    bool if_set;
+    const char *dflt; /* the default enum name, for if_set */
+    const char *why;  /* completes "keel does not support <name>: ..." or "... ignored: ..." */
+} field_rule;
+
+static const field_rule rules[] = {
+    {"ModelConfig", "name", RULE_OK, false, NULL, NULL},
+    {"ModelConfig", "platform", RULE_OK, false, NULL, NULL},
+    {"ModelConfig", "backend", RULE_OK, false, NULL, NULL},
+    {"ModelConfig", "runtime", RULE_REFUSE, true, NULL, "keel picks the backend from \"backend\""},
+    {"ModelConfig", "version_policy", RULE_OK, false, NULL, NULL},
+    {"ModelConfig", "max_batch_size", RULE_OK, false, NULL, NULL},
+    {"ModelConfig", "input", RULE_OK, false, NULL, NULL},
+    {"ModelConfig", "output", RULE_OK, false, NULL, NULL},
+    {"ModelConfig", "batch_input", RULE_REFUSE, false, NULL, "keel does not batch requests"},
+    {"ModelConfig", "batch_output", RULE_REFUSE, false, NULL, "keel does not batch requests"},
+    {"ModelConfig", "optimization", RULE_WARN, false, NULL,
+     "performance settings for Triton's backends; answers are the same without them"},
+    {"ModelConfig", "dynamic_batching", RULE_OK, false, NULL, NULL},
+    {"ModelConfig", "sequence_batching", RULE_REFUSE, false, NULL,
+     "keel serves stateless models only"},
+    {"ModelConfig", "ensemble_scheduling", RULE_REFUSE, false, NULL, "keel has no ensembles"},
+    {"ModelConfig", "instance_group", RULE_OK, false, NULL, NULL},
+    {"ModelConfig", "default_model_filename", RULE_OK, false, NULL, NULL},
+    {"ModelConfig", "cc_model_filenames", RULE_WARN, true, NULL,
+     "GPU-specific model files; keel serves on CPU"},
+    {"ModelConfig", "metric_tags", RULE_WARN, true, NULL, "keel's metrics carry no custom tags"},
+    {"ModelConfig", "parameters", RULE_OK, false, NULL, NULL},
+    {"ModelConfig", "model_warmup", RULE_WARN, false, NULL,
+     "keel's backends warm a model up themselves before it serves"},
+    {"ModelConfig", "model_operations", RULE_REFUSE, true, NULL,
+     "keel cannot load custom operation libraries"},
+    {"ModelConfig", "model_transaction_policy", RULE_REFUSE, true, NULL,
+     "decoupled models are not supported: keel answers each request once"},
+    {"ModelConfig", "model_repository_agents", RULE_REFUSE, false, NULL,
+     "keel has no repository agents (they may decrypt or transform the model files)"},
+    {"ModelConfig", "response_cache", RULE_WARN, true, NULL,
+     "keel has no response cache; every request runs the model"},
+    {"ModelConfig", "model_metrics", RULE_WARN, false, NULL, "keel's metrics are fixed"},
+    {"ModelConfig", "keel", RULE_OK, false, NULL, NULL},
+    {"ModelConfig", "preprocess", RULE_OK, false, NULL, NULL},
+
+    {"ModelInput", "name", RULE_OK, false, NULL, NULL},
+    {"ModelInput", "data_type", RULE_OK, false, NULL, NULL},
+    {"ModelInput", "format", RULE_WARN, true, "FORMAT_NONE",
+     "a description only; keel checks dims, not the layout"},
+    {"ModelInput", "dims", RULE_OK, false, NULL, NULL},
+    {"ModelInput", "reshape", RULE_REFUSE, false, NULL,
+     "keel gives the model the shape clients send"},
+    {"ModelInput", "is_shape_tensor", RULE_REFUSE, true, NULL, "shape tensors are TensorRT's"},
+    {"ModelInput", "allow_ragged_batch", RULE_REFUSE, true, NULL, "keel does not batch requests"},
+    {"ModelInput", "optional", RULE_REFUSE, true, NULL, "every input keel declares is required"},
+    {"ModelInput", "is_non_linear_format_io", RULE_REFUSE, true, NULL, "a TensorRT format"},
+
+    {"ModelOutput", "name", RULE_OK, false, NULL, NULL},
+    {"ModelOutput", "data_type", RULE_OK, false, NULL, NULL},
+    {"ModelOutput", "dims", RULE_OK, false, NULL, NULL},
+    {"ModelOutput", "reshape", RULE_REFUSE, false, NULL, "keel returns the shape the model gives"},
+    {"ModelOutput", "label_filename", RULE_WARN, true, NULL,
+     "keel has no classification extension; outputs are returned as tensors"},
+    {"ModelOutput", "is_shape_tensor", RULE_REFUSE, true, NULL, "shape tensors are TensorRT's"},
+    {"ModelOutput", "is_non_linear_format_io", RULE_REFUSE, true, NULL, "a TensorRT format"},
+
+    {"ModelInstanceGroup", "name", RULE_OK, false, NULL, NULL},
+    {"ModelInstanceGroup", "kind", RULE_OK, false, NULL, NULL},
+    {"ModelInstanceGroup", "count", RULE_OK, false, NULL, NULL},
+    {"ModelInstanceGroup", "rate_limiter", RULE_WARN, false, NULL, "keel has no rate limiter"},
+    {"ModelInstanceGroup", "gpus", RULE_REFUSE, true, NULL, "keel serves on CPU"},
+    {"ModelInstanceGroup", "secondary_devices", RULE_REFUSE, false, NULL, "keel serves on CPU"},
+    {"ModelInstanceGroup", "profile", RULE_WARN, true, NULL, "TensorRT optimization profiles"},
+    {"ModelInstanceGroup", "passive", RULE_REFUSE, true, NULL,
+     "every instance keel creates takes requests"},
+    {"ModelInstanceGroup", "host_policy", RULE_WARN, true, NULL, "keel has no host policies"},
+
+    {"ModelVersionPolicy", "latest", RULE_OK, false, NULL, NULL},
+    {"ModelVersionPolicy", "all", RULE_OK, false, NULL, NULL},
+    {"ModelVersionPolicy", "specific", RULE_OK, false, NULL, NULL},
+    {"ModelVersionPolicy.Latest", "num_versions", RULE_OK, false, NULL, NULL},
+    {"ModelVersionPolicy.Specific", "versions", RULE_OK, false, NULL, NULL},
+
+    {"ModelDynamicBatching", "preferred_batch_size", RULE_WARN, true, NULL,
+     "keel runs each request as it comes, without merging requests into batches"},
+    {"ModelDynamicBatching", "max_queue_delay_microseconds", RULE_WARN, true, NULL,
+     "keel runs each request as it comes, without waiting to merge requests"},
+    {"ModelDynamicBatching", "preserve_ordering", RULE_WARN, true, NULL,
+     "each request is answered on its own connection when it completes"},
+    {"ModelDynamicBatching", "priority_levels", RULE_REFUSE, true, NULL,
+     "keel has one queue per model, without priorities"},
+    {"ModelDynamicBatching", "default_priority_level", RULE_REFUSE, true, NULL,
+     "keel has one queue per model, without priorities"},
+    {"ModelDynamicBatching", "default_queue_policy", RULE_OK, false, NULL, NULL},
+    {"ModelDynamicBatching", "priority_queue_policy", RULE_REFUSE, true, NULL,
+     "keel has one queue per model, without priorities"},
+
+    {"ModelQueuePolicy", "timeout_action", RULE_REFUSE, true, "REJECT",
+     "a request past its timeout is always answered with an error (REJECT)"},
+    {"ModelQueuePolicy", "default_timeout_microseconds", RULE_OK, false, NULL, NULL},
+    {"ModelQueuePolicy", "allow_timeout_override", RULE_OK, false, NULL, NULL},
+    {"ModelQueuePolicy", "max_queue_size", RULE_OK, false, NULL, NULL},
+
+    {"ModelParameter", "string_value", RULE_OK, false, NULL, NULL},
+    {"ModelOperations", "op_library_filename", RULE_OK, false, NULL, NULL},
+    {"ModelTransactionPolicy", "decoupled", RULE_OK, false, NULL, NULL},
+    {"ModelResponseCache", "enable", RULE_OK, false, NULL, NULL},
+};
+
+/* Levenshtein distance of a and b, capped at 9 (names are short). */
+static unsigned edit_distance(const char *a, const char *b)
+{
+    unsigned row[64], prev, cur;
+    size_t la = strlen(a), lb = strlen(b);
+
+    if (la >= 64 || lb >= 64)
+        return 9;
+    for (size_t j = 0; j <= lb; j++)
+        row[j] = (unsigned)j;
+    for (size_t i = 1; i <= la; i++) {
+        prev = row[0];
+        row[0] = (unsigned)i;
+        for (size_t j = 1; j <= lb; j++) {
+            cur = row[j];
+            unsigned best = prev + (a[i - 1] != b[j - 1]);
+            if (row[j] + 1 < best)
+                best = row[j] + 1;
+            if (row[j - 1] + 1 < best)
+                best = row[j - 1] + 1;
+            row[j] = best;
+            prev = cur;
+        }
+    }
+    return row[lb] > 9 ? 9 : row[lb];
+}
+
+/* The closest of names[0..n) to name, if close enough to be a likely typo; else NULL. */
+static const char *nearest(const char *name, const char *const *names, size_t n)
+{
+    const char *best = NULL;
+    unsigned best_d = 9, limit = strlen(name) <= 4 ? 1 : strlen(name) <= 10 ? 2 : 3;
+
+    for (size_t i = 0; i < n; i++) {
+        unsigned d = edit_distance(name, names[i]);
+        if (d < best_d) {
+            best_d = d;
+            best = names[i];
+        }
+    }
+    return best_d <= limit ? best : NULL;
+}
+
+static const field_rule *find_rule(const char *msg, const char *name)
+{
+    for (size_t i = 0; i < sizeof(rules) / sizeof(rules[0]); i++) {
+        if (strcmp(rules[i].msg, msg) == 0 && strcmp(rules[i].name, name) == 0)
+            return &rules[i];
+    }
+    return NULL;
+}
+
+/* "unknown field "x"; did you mean "y"?" for a field msg does not have. */
+static keel_err unknown_field(const parser *p, const char *at, const char *msg, const char *name)
+{
+    const char *names[64];
+    size_t n = 0;
+    const char *near;
+    char shown[CLIP_LEN + 4];
+
+    for (size_t i = 0; i < sizeof(rules) / sizeof(rules[0]) && n < 64; i++) {
+        if (strcmp(rules[i].msg, msg) == 0)
+            names[n++] = rules[i].name;
+    }
+    clip(shown, sizeof(shown), name, false);
+    near = nearest(name, names, n);
+    if (near != NULL)
+        return failf(p, at, "unknown field \"%s\"; did you mean \"%s\"?", shown, near);
+    return failf(p, at, "unknown field \"%s\" (not a field of Triton's %s)", shown, msg);
+}
+
+/* Whether v is its field's default: protobuf leaves such a field out, so it asks nothing. */
+static bool is_default(const json_t *v, const char *dflt)
+{
+    const char *key;
+    json_t *x;
+
+    switch (json_typeof(v)) {
+    case JSON_NULL:
+    case JSON_FALSE:
+        return true;
+    case JSON_INTEGER:
+        return json_integer_value(v) == 0;
+    case JSON_REAL:
+        return json_real_value(v) == 0.0;
+    case JSON_STRING:
+        return json_string_length(v) == 0 || strcmp(json_string_value(v), "0") == 0 ||
+               (dflt != NULL && strcmp(json_string_value(v), dflt) == 0);
+    case JSON_ARRAY:
+        return json_array_size(v) == 0;
+    case JSON_OBJECT:
+        json_object_foreach ((json_t *)v, key, x) {
+            if (!is_default(x, NULL))
+                return false;
+        }
+        return true;
+    default:
+        return false;
+    }
+}
+
+/* Applies the rule for field name of msg, found at `at` (set: whether its value is not the
+ * default; a section skipped by the config.pbtxt reader counts as set). */
+static keel_err judge(const parser *p, const char *at, const char *msg, const char *name, bool set)
+{
+    const field_rule *r = find_rule(msg, name);
+
+    if (r == NULL)
+        return unknown_field(p, at, msg, name);
+    if (r->kind == RULE_OK || (r->if_set && !set))
+        return KEEL_OK;
+    if (r->kind == RULE_REFUSE)
+        return failf(p, at, "keel does not support Triton's %s: %s", name, r->why);
+    warnf(p, at, "ignored: %s", r->why);
+    return KEEL_OK;
+}
+
+/* Checks every key of obj (a msg) against the table; prefix is obj's path ("" at the top). */
+static keel_err check_keys(const parser *p, const json_t *obj, const char *msg, const char *prefix)
+{
+    const char *key;
+    json_t *v;
+    char at[CLIP_LEN + 160], shown[CLIP_LEN + 4];
+    keel_err err;
+
+    if (!json_is_object(obj))
+        return KEEL_OK; /* the field's own parser reports the type */
+    json_object_foreach ((json_t *)obj, key, v) {
+        const field_rule *r = find_rule(msg, key);
+        if (json_is_null(v) && r != NULL)
+            continue; /* an explicit null is "absent" (protobuf's JSON rule) */
+        clip(shown, sizeof(shown), key, false);
+        snprintf(at, sizeof(at), "%s%s%s", prefix, prefix[0] != '\0' ? "." : "", shown);
+        if ((err = judge(p, at, msg, key, !is_default(v, r != NULL ? r->dflt : NULL))) != KEEL_OK)
+            return err;
+    }
+    return KEEL_OK;
+}
+
+/* Checks each element of root[key], an array of msg objects. */
+static keel_err check_array(const parser *p, const json_t *root, const char *key, const char *msg)
+{
+    const json_t *arr = member(root, key);
+    char at[64];
+    keel_err err;
+
+    for (size_t i = 0; json_is_array(arr) && i < json_array_size(arr); i++) {
+        snprintf(at, sizeof(at), "%s[%zu]", key, i);
+        if ((err = check_keys(p, json_array_get(arr, i), msg, at)) != KEEL_OK)
+            return err;
+    }
+    return KEEL_OK;
+}
+
+/* The whole tree: every object keel reads is checked field by field. */
+static keel_err check_fields(const parser *p, const json_t *root)
+{
+    const json_t *vp = member(root, "version_policy"), *db = member(root, "dynamic_batching");
+    const json_t *params = member(root, "parameters"), *v;
+    const char *key;
+    char at[CLIP_LEN + 48], shown[CLIP_LEN + 4];
+    keel_err err;
+
+    if ((err = check_keys(p, root, "ModelConfig", "")) != KEEL_OK ||
+        (err = check_array(p, root, "input", "ModelInput")) != KEEL_OK ||
+        (err = check_array(p, root, "output", "ModelOutput")) != KEEL_OK ||
+        (err = check_array(p, root, "instance_group", "ModelInstanceGroup")) != KEEL_OK ||
+        (err = check_keys(p, member(vp, "latest"), "ModelVersionPolicy.Latest",
+                          "version_policy.latest")) != KEEL_OK ||
+        (err = check_keys(p, member(vp, "specific"), "ModelVersionPolicy.Specific",
+                          "version_policy.specific")) != KEEL_OK ||
+        (err = check_keys(p, db, "ModelDynamicBatching", "dynamic_batching")) != KEEL_OK ||
+        (err = check_keys(p, member(db, "default_queue_policy"), "ModelQueuePolicy",
+                          "dynamic_batching.default_queue_policy")) != KEEL_OK)
+        return err;
+    if (json_is_object(params)) {
+        json_object_foreach ((json_t *)params, key, v) {
+            clip(shown, sizeof(shown), key, false);
+            snprintf(at, sizeof(at), "parameters.%s", shown);
+            if ((err = check_keys(p, v, "ModelParameter", at)) != KEEL_OK)
+                return err;
+        }
+    }
+    return KEEL_OK;
+}
+
+/* ---- Triton's backends and platforms mapped to keel's */
+
+/* Triton's FIL backend parameters: what keel does with each (docs/OPERATIONS.md). */
+static const char *const fil_params[] = {
+    "model_type", "output_class", "predict_proba", "threshold", "xgboost_allow_unknown_field",
+    /* performance settings of FIL's GPU and CPU kernels: no effect on answers */
+    "use_experimental_optimizations", "threads_per_tree", "storage_type", "algo", "blocks_per_sm",
+    "transfer_threshold"};
+#define FIL_FIRST_PERF 5
+
+/* Reads a "true"/"false" parameter; absent is false. */
+static keel_err bool_param(const parser *p, const keel__model_config *cfg, const char *key,
+                           bool *out)
+{
+    const char *v = keel__config_param(cfg, key);
+    char at[64];
+
+    *out = false;
+    if (v == NULL || strcmp(v, "false") == 0)
+        return KEEL_OK;
+    if (strcmp(v, "true") == 0) {
+        *out = true;
+        return KEEL_OK;
+    }
+    snprintf(at, sizeof(at), "parameters.%s.string_value", key);
+    return failf(p, at, "expected \"true\" or \"false\", got \"%.32s\"", v);
+}
+
+/*
+ * The classification parameters the xgboost backend honours (FIL's names and meaning):
+ * output_class, predict_proba (needs output_class) and threshold (a finite number).
+ */
+static keel_err check_xgboost_params(const parser *p, const keel__model_config *cfg)
+{
+    bool output_class, proba;
+    const char *t = keel__config_param(cfg, "threshold");
+    keel_err err;
+
+    if ((err = bool_param(p, cfg, "output_class", &output_class)) != KEEL_OK ||
+        (err = bool_param(p, cfg, "predict_proba", &proba)) != KEEL_OK)
+        return err;
+    if (proba && !output_class)
+        return failf(p, "parameters.predict_proba",
+                     "\"true\" needs output_class \"true\" (probabilities are for classifiers)");
+    if (t != NULL) {
+        char *end;
+        double x;
+        errno = 0;
+        x = strtod(t, &end);
+        /* Within float range: the backend compares FP32 values with it. */
+        if (t[0] == '\0' || *end != '\0' || errno != 0 || !isfinite(x) || fabs(x) > FLT_MAX)
+            return failf(p, "parameters.threshold.string_value",
+                         "expected a number like \"0.5\", got \"%.32s\"", t);
+    }
+    return KEEL_OK;
+}
+
+/* backend "fil": its parameters, and the model file name its model_type implies. */
+static keel_err map_fil(const parser *p, keel__model_config *cfg)
+{
+    const char *type = keel__config_param(cfg, "model_type"), *file = NULL;
+    char at[CLIP_LEN + 48], shown[CLIP_LEN + 4];
+    size_t nknown = sizeof(fil_params) / sizeof(fil_params[0]);
+
+    for (size_t i = 0; i < cfg->nparams; i++) {
+        const char *key = cfg->param_keys[i], *near;
+        size_t k;
+        clip(shown, sizeof(shown), key, false);
+        snprintf(at, sizeof(at), "parameters.%s", shown);
+        for (k = 0; k < nknown && strcmp(key, fil_params[k]) != 0; k++)
+            ;
+        if (k == nknown) {
+            if ((near = nearest(key, fil_params, nknown)) != NULL)
+                return failf(p, at, "unknown FIL parameter \"%s\"; did you mean \"%s\"?", shown,
+                             near);
+            return failf(p, at,
+                         "unknown FIL parameter \"%s\" (keel understands model_type, "
+                         "output_class, predict_proba, threshold)",
+                         shown);
+        }
+        if (k >= FIL_FIRST_PERF)
+            warnf(p, at,
+                  "ignored: a performance setting of Triton's FIL backend; answers are the "
+                  "same without it");
+    }
+    if (type == NULL || strcmp(type, "xgboost") == 0)
+        file = "xgboost.model"; /* FIL's default model_type */
+    else if (strcmp(type, "xgboost_json") == 0)
+        file = "xgboost.json";
+    else if (strcmp(type, "xgboost_ubj") == 0)
+        file = "xgboost.ubj";
+    else if (strcmp(type, "lightgbm") == 0 || strcmp(type, "treelite_checkpoint") == 0)
+        return failf(p, "parameters.model_type",
+                     "keel does not support \"%s\" models: keel's FIL mapping serves XGBoost "
+                     "models (xgboost, xgboost_json, xgboost_ubj)",
+                     type);
+    else
+        return failf(p, "parameters.model_type.string_value",
+                     "expected \"xgboost\", \"xgboost_json\" or \"xgboost_ubj\", got \"%.32s\"",
+                     type);
+    {
+        const char *allow = keel__config_param(cfg, "xgboost_allow_unknown_field");
+        if (allow != NULL && strcmp(allow, "false") != 0)
+            return failf(p, "parameters.xgboost_allow_unknown_field",
+                         "keel does not support it: XGBoost's own reader decides which model "
+                         "fields it accepts");
+    }
+    if (cfg->default_model_filename == NULL &&
+        (cfg->default_model_filename = keel__strdup(file)) == NULL)
+        return KEEL_ENOMEM;
+    return KEEL_OK;
+}
+
+/* Triton's platform and backend names, as keel's backend name (NULL: not one keel has). */
+static keel_err map_backend(const parser *p, const json_t *root, const char **backend)
+{
+    const json_t *pv = member(root, "platform"), *bv = member(root, "backend");
+    const char *platform = json_string_value(pv), *b = json_string_value(bv);
+
+    if (pv != NULL && platform == NULL)
+        return expected(p, "platform", pv, "a string like \"onnxruntime_onnx\"");
+    if (bv != NULL && (b == NULL || b[0] == '\0'))
+        return expected(p, "backend", bv, "a backend name, e.g. \"xgboost\"");
+    if (platform != NULL && platform[0] != '\0') {
+        if (strcmp(platform, "onnxruntime_onnx") != 0)
+            return failf(p, "platform",
+                         "keel does not support platform \"%.32s\" (keel serves "
+                         "\"onnxruntime_onnx\" with its onnx backend; other models need "
+                         "backend \"xgboost\", \"fil\" or \"onnx\")",
+                         platform);
+        if (b != NULL && strcmp(b, "onnxruntime") != 0 && strcmp(b, "onnx") != 0)
+            return failf(p, "backend",
+                         "\"%.32s\" does not run platform \"onnxruntime_onnx\" (use "
+                         "\"onnxruntime\" or leave it out)",
+                         b);
+        *backend = "onnx";
+        return KEEL_OK;
+    }
+    if (b == NULL)
+        return failf(p, "backend",
+                     "required, e.g. \"xgboost\" (or Triton's \"fil\", "
+                     "\"onnxruntime\", or platform \"onnxruntime_onnx\")");
+    if (strcmp(b, "fil") == 0)
+        *backend = "xgboost";
+    else if (strcmp(b, "onnxruntime") == 0)
+        *backend = "onnx";
+    else
+        *backend = b;
+    return KEEL_OK;
+}
+
+/* Whether the configuration names Triton's FIL backend. */
+static bool names_fil(const json_t *root)
+{
+    const char *b = json_string_value(member(root, "backend"));
+
+    return b != NULL && strcmp(b, "fil") == 0;
+}
+
+/* keel's own "preprocess" section: every key is one keel reads. */
+static keel_err check_preprocess_keys(const parser *p, const json_t *root)
+{
+    static const char *const known[] = {"input",  "output_input", "format",     "color",
+                                        "layout", "width",        "height",     "scale",
+                                        "mean",   "std",          "max_pixels", "max_file_bytes"};
+    const json_t *pp = member(root, "preprocess"), *v;
+    const char *key, *near;
+    char at[CLIP_LEN + 16], shown[CLIP_LEN + 4];
+    size_t n = sizeof(known) / sizeof(known[0]), i;
+
+    if (!json_is_object(pp))
+        return KEEL_OK;
+    json_object_foreach ((json_t *)pp, key, v) {
+        for (i = 0; i < n && strcmp(known[i], key) != 0; i++)
+            ;
+        if (i < n)
+            continue;
+        clip(shown, sizeof(shown), key, false);
+        snprintf(at, sizeof(at), "preprocess.%s", shown);
+        if ((near = nearest(key, known, n)) != NULL)
+            return failf(p, at, "unknown field \"%s\"; did you mean \"%s\"?", shown, near);
+        return failf(p, at, "unknown field \"%s\"", shown);
+    }
+    return KEEL_OK;
+}
+
 /* ---- fields */
 
 static keel_err parse_identity(const parser *p, const json_t *root, const char *dir_name,
                                keel__model_config *cfg)
 {
     const json_t *v;
-    const char *name = dir_name, *backend;
+    const char *name = dir_name, *backend = NULL;
     char want[CLIP_LEN + 4], got[CLIP_LEN + 4];
     int64_t mbs = 0;
     keel_err err;
@@ -250,11 +839,8 @@ static keel_err parse_identity(const parser *p, const json_t *root, const char *
         return failf(p, "name", "required: the model's directory name is empty");
     }
 
-    if ((v = member(root, "backend")) == NULL)
-        return failf(p, "backend", "required, e.g. \"xgboost\"");
-    if (!json_is_string(v) || json_string_length(v) == 0)
-        return expected(p, "backend", v, "a backend name, e.g. \"xgboost\"");
-    backend = json_string_value(v);
+    if ((err = map_backend(p, root, &backend)) != KEEL_OK)
+        return err;
 
     if ((err = opt_int(p, root, "max_batch_size", "max_batch_size", 0, INT32_MAX, &mbs)) != KEEL_OK)
         return err;
@@ -350,7 +936,11 @@ static keel_err parse_tensors(const parser *p, const json_t *root, const char *k
     keel_err err = KEEL_OK;
     size_t n, i;
 
-    if (arr == NULL && self_describing(backend))
+    /* An empty array is "absent" too (as in protobuf, where an empty repeated field is not
+     * there at all): the served JSON of such a model before its backend fills the tensors in
+     * has "input": [], and it must read back as the same configuration. */
+    if ((arr == NULL || (json_is_array(arr) && json_array_size(arr) == 0)) &&
+        self_describing(backend))
         return KEEL_OK;
     if (!json_is_array(arr) || json_array_size(arr) == 0)
         return expected(p, key, arr, "a non-empty array of tensors");
@@ -871,21 +1461,32 @@ fail:
     return NULL;
 }
 
+/* Parameters in key order: config.pbtxt's map has no order of its own, and the same
+ * configuration must serve the same JSON whichever file it came from. */
 static json_t *parameters_json(const keel__model_config *cfg)
 {
     json_t *params = json_object(), *sv;
-    size_t i;
+    size_t i, done, next;
+    const char *last = NULL;
 
     if (params == NULL)
         return NULL;
-    for (i = 0; i < cfg->nparams; i++) {
+    for (done = 0; done < cfg->nparams; done++) {
+        /* Selection of the next key: parameters are few (keys are unique). */
+        next = cfg->nparams;
+        for (i = 0; i < cfg->nparams; i++) {
+            if ((last == NULL || strcmp(cfg->param_keys[i], last) > 0) &&
+                (next == cfg->nparams || strcmp(cfg->param_keys[i], cfg->param_keys[next]) < 0))
+                next = i;
+        }
+        last = cfg->param_keys[next];
         if ((sv = json_object()) == NULL)
             goto fail;
-        if (!put(sv, "string_value", json_string(cfg->param_values[i]))) {
+        if (!put(sv, "string_value", json_string(cfg->param_values[next]))) {
             json_decref(sv);
             goto fail;
         }
-        if (!put(params, cfg->param_keys[i], sv))
+        if (!put(params, cfg->param_keys[next], sv))
             goto fail;
     }
     return params;
@@ -988,7 +1589,7 @@ done:
 
 keel_err keel__config_rebuild_json(keel__model_config *cfg)
 {
-    parser p = {"config.json", NULL, 0};
+    parser p = {"config.json", NULL, 0, NULL, NULL};
     char *prev = cfg->json;
     keel_err err;
 
@@ -1001,11 +1602,59 @@ keel_err keel__config_rebuild_json(keel__model_config *cfg)
     return KEEL_OK;
 }
 
+/* Parses a configuration tree (from config.json, or from config.pbtxt through pbtxt.cpp). */
+static keel_err parse_tree(parser *p, const json_t *root, const char *dir_name,
+                           keel__model_config **out)
+{
+    keel__model_config *cfg = NULL;
+    char warnings[WARN_MAX] = "";
+    keel_err err;
+
+    p->warnings = warnings;
+    if (!json_is_object(root)) {
+        err = failf(p, NULL, "expected a JSON object at the top level, got an array");
+        goto fail;
+    }
+    if ((cfg = keel__calloc(1, sizeof(*cfg))) == NULL) {
+        err = KEEL_ENOMEM;
+        goto fail;
+    }
+    if ((err = check_fields(p, root)) != KEEL_OK ||
+        (err = check_preprocess_keys(p, root)) != KEEL_OK ||
+        (err = parse_identity(p, root, dir_name, cfg)) != KEEL_OK ||
+        (err = parse_tensors(p, root, "input", cfg->backend, &cfg->inputs, &cfg->ninputs)) !=
+            KEEL_OK ||
+        (err = parse_tensors(p, root, "output", cfg->backend, &cfg->outputs, &cfg->noutputs)) !=
+            KEEL_OK ||
+        (err = parse_instance_group(p, root, cfg)) != KEEL_OK ||
+        (err = parse_version_policy(p, root, cfg)) != KEEL_OK ||
+        (err = parse_dynamic_batching(p, root, cfg)) != KEEL_OK ||
+        (err = parse_parameters(p, root, cfg)) != KEEL_OK ||
+        (err = parse_misc(p, root, cfg)) != KEEL_OK ||
+        (names_fil(root) && (err = map_fil(p, cfg)) != KEEL_OK) ||
+        (strcmp(cfg->backend, "xgboost") == 0 && (err = check_xgboost_params(p, cfg)) != KEEL_OK) ||
+        (err = parse_preprocess(p, root, cfg)) != KEEL_OK || (err = build_json(p, cfg)) != KEEL_OK)
+        goto fail;
+    if (warnings[0] != '\0' && (cfg->warnings = keel__strdup(warnings)) == NULL) {
+        err = KEEL_ENOMEM;
+        goto fail;
+    }
+    p->warnings = NULL;
+    *out = cfg;
+    return KEEL_OK;
+
+fail:
+    p->warnings = NULL;
+    if (err == KEEL_ENOMEM)
+        keel__errf(p->errbuf, p->errlen, "%s: out of memory", p->file);
+    keel__config_destroy(cfg);
+    return err;
+}
+
 keel_err keel__config_parse(const char *path, const char *dir_name, const char *text, size_t len,
                             keel__model_config **out, char *errbuf, size_t errlen)
 {
-    parser p = {path != NULL ? path : "config.json", errbuf, errlen};
-    keel__model_config *cfg = NULL;
+    parser p = {path != NULL ? path : "config.json", errbuf, errlen, NULL, NULL};
     json_t *root = NULL;
     json_error_t jerr;
     keel_err err;
@@ -1020,52 +1669,214 @@ keel_err keel__config_parse(const char *path, const char *dir_name, const char *
     if ((root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr)) == NULL) {
         char shown[CLIP_LEN + 4];
         if (json_error_code(&jerr) == json_error_out_of_memory) {
-            err = KEEL_ENOMEM;
-            goto fail;
+            keel__errf(errbuf, errlen, "%s: out of memory", p.file);
+            return KEEL_ENOMEM;
         }
         /* jansson quotes the offending input, which may be any bytes. */
         clip(shown, sizeof(shown), jerr.text, true);
-        err =
-            failf(&p, NULL, "invalid JSON at line %d column %d: %s", jerr.line, jerr.column, shown);
-        goto fail;
+        return failf(&p, NULL, "invalid JSON at line %d column %d: %s", jerr.line, jerr.column,
+                     shown);
     }
-    if (!json_is_object(root)) {
-        err = failf(&p, NULL, "expected a JSON object at the top level, got an array");
-        goto fail;
-    }
-    if ((cfg = keel__calloc(1, sizeof(*cfg))) == NULL) {
-        err = KEEL_ENOMEM;
-        goto fail;
-    }
-    if ((err = parse_identity(&p, root, dir_name, cfg)) != KEEL_OK ||
-        (err = parse_tensors(&p, root, "input", cfg->backend, &cfg->inputs, &cfg->ninputs)) !=
-            KEEL_OK ||
-        (err = parse_tensors(&p, root, "output", cfg->backend, &cfg->outputs, &cfg->noutputs)) !=
-            KEEL_OK ||
-        (err = parse_instance_group(&p, root, cfg)) != KEEL_OK ||
-        (err = parse_version_policy(&p, root, cfg)) != KEEL_OK ||
-        (err = parse_dynamic_batching(&p, root, cfg)) != KEEL_OK ||
-        (err = parse_parameters(&p, root, cfg)) != KEEL_OK ||
-        (err = parse_misc(&p, root, cfg)) != KEEL_OK ||
-        (err = parse_preprocess(&p, root, cfg)) != KEEL_OK ||
-        (err = build_json(&p, cfg)) != KEEL_OK)
-        goto fail;
+    err = parse_tree(&p, root, dir_name, out);
     json_decref(root);
-    *out = cfg;
+    return err;
+}
+
+/* The config.pbtxt reader's "skipped" records: fields the schema does not declare, judged by
+ * the same table as config.json's fields. */
+static keel_err judge_skipped(const parser *p, const json_t *skipped)
+{
+    static const struct {
+        const char *msg, *path;
+    } paths[] = {{"ModelConfig", ""},
+                 {"ModelInput", "input[]"},
+                 {"ModelOutput", "output[]"},
+                 {"ModelInstanceGroup", "instance_group[]"},
+                 {"ModelDynamicBatching", "dynamic_batching"},
+                 {"ModelQueuePolicy", "dynamic_batching.default_queue_policy"},
+                 {"ModelVersionPolicy", "version_policy"},
+                 {"ModelVersionPolicy.Latest", "version_policy.latest"},
+                 {"ModelVersionPolicy.Specific", "version_policy.specific"},
+                 {"ModelParameter", "parameters.<key>"}};
+    keel_err err;
+
+    for (size_t i = 0; i < json_array_size(skipped); i++) {
+        const json_t *r = json_array_get(skipped, i);
+        const char *msg = json_string_value(json_array_get(r, 0));
+        const char *field = json_string_value(json_array_get(r, 1));
+        const char *prefix = NULL;
+        char at[CLIP_LEN + 96];
+        parser q = *p;
+        json_t *where = NULL;
+
+        if (msg == NULL || field == NULL)
+            return failf(p, NULL, "internal error: malformed record of a skipped field");
+        for (size_t k = 0; k < sizeof(paths) / sizeof(paths[0]); k++) {
+            if (strcmp(paths[k].msg, msg) == 0)
+                prefix = paths[k].path;
+        }
+        if (prefix == NULL)
+            prefix = msg;
+        snprintf(at, sizeof(at), "%s%s%.64s", prefix, prefix[0] != '\0' ? "." : "", field);
+        /* The skipped field has no path in "where": point at its own line and column. */
+        if ((where = json_pack("{s:[O,O]}", at, json_array_get(r, 2), json_array_get(r, 3))) ==
+            NULL)
+            return KEEL_ENOMEM;
+        q.where = where;
+        err = judge(&q, at, msg, field, true);
+        json_decref(where);
+        if (err != KEEL_OK)
+            return err;
+    }
+    return KEEL_OK;
+}
+
+keel_err keel__config_parse_pbtxt(const char *path, const char *dir_name, const char *text,
+                                  size_t len, keel__model_config **out, char *errbuf, size_t errlen)
+{
+    parser p = {path != NULL ? path : "config.pbtxt", errbuf, errlen, NULL, NULL};
+    char *doc = NULL;
+    json_t *root = NULL;
+    json_error_t jerr;
+    char warnings[WARN_MAX] = "";
+    keel_err err;
+
+    *out = NULL;
+    if (errbuf != NULL && errlen > 0)
+        errbuf[0] = '\0';
+    if ((err = keel__pbtxt_to_json(p.file, text, len, &doc, errbuf, errlen)) != KEEL_OK) {
+        /* A syntax error after skipped fields: a refused or unknown field among them, which
+         * comes earlier in the file, is the clearer message. */
+        if (doc != NULL && (root = json_loads(doc, 0, NULL)) != NULL) {
+            char first[512];
+            parser q = p;
+            snprintf(first, sizeof(first), "%s", errbuf != NULL ? errbuf : "");
+            if (judge_skipped(&q, json_object_get(root, "skipped")) == KEEL_OK && errbuf != NULL &&
+                errlen > 0)
+                snprintf(errbuf, errlen, "%s", first);
+            json_decref(root);
+        }
+        free(doc);
+        return err;
+    }
+    if ((root = json_loads(doc, JSON_REJECT_DUPLICATES, &jerr)) == NULL) {
+        free(doc);
+        if (json_error_code(&jerr) == json_error_out_of_memory) {
+            keel__errf(errbuf, errlen, "%s: out of memory", p.file);
+            return KEEL_ENOMEM;
+        }
+        return failf(&p, NULL, "internal error: the converted configuration is not JSON (%s)",
+                     jerr.text);
+    }
+    free(doc);
+    p.where = json_object_get(root, "where");
+    p.warnings = warnings;
+    if ((err = judge_skipped(&p, json_object_get(root, "skipped"))) != KEEL_OK)
+        goto done;
+    if ((err = parse_tree(&p, json_object_get(root, "config"), dir_name, out)) != KEEL_OK)
+        goto done;
+    /* Warnings about skipped sections come first, then the tree's own. */
+    if (warnings[0] != '\0') {
+        size_t a = strlen(warnings), b = (*out)->warnings != NULL ? strlen((*out)->warnings) : 0;
+        char *all = keel__malloc(a + b + 1);
+        if (all == NULL) {
+            keel__config_destroy(*out);
+            *out = NULL;
+            keel__errf(errbuf, errlen, "%s: out of memory", p.file);
+            err = KEEL_ENOMEM;
+            goto done;
+        }
+        memcpy(all, warnings, a);
+        memcpy(all + a, (*out)->warnings != NULL ? (*out)->warnings : "", b + 1);
+        free((*out)->warnings);
+        (*out)->warnings = all;
+    }
+
+done:
+    json_decref(root);
+    return err;
+}
+
+static bool is_pbtxt(const char *path)
+{
+    size_t n = strlen(path);
+
+    return n >= 6 && strcmp(path + n - 6, ".pbtxt") == 0;
+}
+
+keel_err keel__config_find(const char *model_dir, char **path, char *errbuf, size_t errlen)
+{
+    char *json = NULL, *pbtxt = NULL;
+    struct stat st;
+    bool has_json, has_pbtxt;
+
+    *path = NULL;
+    if (asprintf(&json, "%s/config.json", model_dir) < 0) {
+        json = NULL;
+        goto oom;
+    }
+    if (asprintf(&pbtxt, "%s/config.pbtxt", model_dir) < 0) {
+        pbtxt = NULL;
+        goto oom;
+    }
+    /* lstat's "exists" is enough: a dangling link or a folder is reported by the load. */
+    has_json = lstat(json, &st) == 0;
+    has_pbtxt = lstat(pbtxt, &st) == 0;
+    if (has_json && has_pbtxt) {
+        keel__errf(errbuf, errlen,
+                   "%s and %s: a model folder holds one configuration; remove one of them", json,
+                   pbtxt);
+        free(json);
+        free(pbtxt);
+        return KEEL_ECONFIG;
+    }
+    if (!has_json && !has_pbtxt) {
+        keel__errf(errbuf, errlen, "%s: no config.json or config.pbtxt", model_dir);
+        free(json);
+        free(pbtxt);
+        return KEEL_ECONFIG;
+    }
+    *path = has_json ? json : pbtxt;
+    free(has_json ? pbtxt : json);
     return KEEL_OK;
 
-fail:
-    if (err == KEEL_ENOMEM)
-        keel__errf(errbuf, errlen, "%s: out of memory", p.file);
-    keel__config_destroy(cfg);
-    json_decref(root);
+oom:
+    free(json);
+    free(pbtxt);
+    keel__errf(errbuf, errlen, "%s: out of memory", model_dir);
+    return KEEL_ENOMEM;
+}
+
+bool keel__config_exists(const char *model_dir)
+{
+    char path[PATH_MAX];
+    struct stat st;
+
+    if (snprintf(path, sizeof(path), "%s/config.json", model_dir) < (int)sizeof(path) &&
+        stat(path, &st) == 0)
+        return true;
+    return snprintf(path, sizeof(path), "%s/config.pbtxt", model_dir) < (int)sizeof(path) &&
+           stat(path, &st) == 0;
+}
+
+keel_err keel__config_load_dir(const char *model_dir, const char *dir_name,
+                               keel__model_config **out, char *errbuf, size_t errlen)
+{
+    char *path = NULL;
+    keel_err err;
+
+    *out = NULL;
+    if ((err = keel__config_find(model_dir, &path, errbuf, errlen)) != KEEL_OK)
+        return err;
+    err = keel__config_load(path, dir_name, out, errbuf, errlen);
+    free(path);
     return err;
 }
 
 keel_err keel__config_load(const char *path, const char *dir_name, keel__model_config **out,
                            char *errbuf, size_t errlen)
 {
-    parser p = {path, errbuf, errlen};
+    parser p = {path, errbuf, errlen, NULL, NULL};
     struct stat st;
     char *buf = NULL, *grown;
     size_t cap, len = 0;
@@ -1087,7 +1898,7 @@ keel_err keel__config_load(const char *path, const char *dir_name, keel__model_c
         goto done;
     }
     if (st.st_size > CONFIG_MAX_BYTES) {
-        err = failf(&p, NULL, "file is %lld bytes; a config.json may be at most %d bytes",
+        err = failf(&p, NULL, "file is %lld bytes; a model configuration may be at most %d bytes",
                     (long long)st.st_size, CONFIG_MAX_BYTES);
         goto done;
     }
@@ -1101,7 +1912,8 @@ keel_err keel__config_load(const char *path, const char *dir_name, keel__model_c
     for (;;) {
         if (len == cap) {
             if (cap > CONFIG_MAX_BYTES) {
-                err = failf(&p, NULL, "file is larger than %d bytes, the limit for a config.json",
+                err = failf(&p, NULL,
+                            "file is larger than %d bytes, the limit for a model configuration",
                             CONFIG_MAX_BYTES);
                 goto done;
             }
@@ -1126,11 +1938,14 @@ keel_err keel__config_load(const char *path, const char *dir_name, keel__model_c
         len += (size_t)n;
     }
     if (len > CONFIG_MAX_BYTES) {
-        err = failf(&p, NULL, "file is larger than %d bytes, the limit for a config.json",
+        err = failf(&p, NULL, "file is larger than %d bytes, the limit for a model configuration",
                     CONFIG_MAX_BYTES);
         goto done;
     }
-    err = keel__config_parse(path, dir_name, buf, len, out, errbuf, errlen);
+    if (is_pbtxt(path))
+        err = keel__config_parse_pbtxt(path, dir_name, buf, len, out, errbuf, errlen);
+    else
+        err = keel__config_parse(path, dir_name, buf, len, out, errbuf, errlen);
 
 done:
     if (fd != -1)
@@ -1176,6 +1991,7 @@ void keel__config_destroy(keel__model_config *cfg)
     free(cfg->param_keys);
     free(cfg->param_values);
     free(cfg->json);
+    free(cfg->warnings);
     free(cfg);
 }
 

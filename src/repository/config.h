@@ -1,12 +1,19 @@
 /*
- * config.h: a model's config.json, parsed and validated.
+ * config.h: a model's configuration (config.json or Triton's config.pbtxt), parsed and
+ * validated.
  *
  * DESIGN
- * config.json is the JSON form of Triton's model configuration (see docs/ARCHITECTURE.md for
- * the accepted fields). keel__config_parse() turns the file's bytes into an immutable
- * keel__model_config that a generation owns; nothing here holds locks or threads, and every
- * function may be called from any thread on distinct objects. A parse error names the file,
- * the field (as a JSON path, e.g. "input[1].dims[0]") and what was expected.
+ * config.json is the JSON form of Triton's model configuration; config.pbtxt is its protobuf
+ * text form, turned into the same JSON by pbtxt.cpp, so one validator serves both (see
+ * docs/OPERATIONS.md for the fields and what keel does with each Triton field). Validation
+ * is strict: an unknown field is an error (with the nearest known name when one is close),
+ * a Triton field keel cannot honour is an error saying so, and the few that are harmless
+ * to ignore become warnings in cfg->warnings. Triton's backend "fil" becomes keel's
+ * "xgboost" and "onnxruntime" (or platform "onnxruntime_onnx") keel's "onnx". keel__config_parse()
+ * turns the file's bytes into an immutable keel__model_config that a generation owns; nothing here
+ * holds locks or threads, and every function may be called from any thread on distinct objects. A
+ * parse error names the file, the field (as a JSON path, e.g. "input[1].dims[0]") and what was
+ * expected.
  */
 #ifndef KEEL_REPOSITORY_CONFIG_H
 #define KEEL_REPOSITORY_CONFIG_H
@@ -81,7 +88,8 @@ typedef struct keel__model_config {
     bool pinned;                         /* "keel": {"pinned": true}: never evicted */
     keel__swap_policy swap_policy;       /* "keel": {"swap_policy": ...} */
     keel__preprocess_config *preprocess; /* NULL = none */
-    char *json; /* the normalised config as JSON text (defaults filled in) */
+    char *json;     /* the normalised config as JSON text (defaults filled in) */
+    char *warnings; /* NULL, or one line per harmless field keel ignores (for the log) */
 } keel__model_config;
 
 /*
@@ -94,9 +102,28 @@ typedef struct keel__model_config {
 keel_err keel__config_parse(const char *path, const char *dir_name, const char *text, size_t len,
                             keel__model_config **out, char *errbuf, size_t errlen);
 
-/* Reads the file at path and parses it (errors name the file; a missing file is ECONFIG). */
+/* Parses config.pbtxt's bytes (Triton's protobuf text format, through pbtxt.h) with the same
+ * rules and messages as keel__config_parse; messages about a field also give its line and
+ * column ("models/m/config.pbtxt:7:5: input[0].dims[0]: ..."). */
+keel_err keel__config_parse_pbtxt(const char *path, const char *dir_name, const char *text,
+                                  size_t len, keel__model_config **out, char *errbuf,
+                                  size_t errlen);
+
+/* Reads the file at path and parses it, as config.pbtxt if the name ends in ".pbtxt", else
+ * as config.json (errors name the file; a missing file is ECONFIG). */
 keel_err keel__config_load(const char *path, const char *dir_name, keel__model_config **out,
                            char *errbuf, size_t errlen);
+
+/* The configuration file of <model_dir>: config.json or config.pbtxt. Both present is
+ * KEEL_ECONFIG naming both; neither is KEEL_ECONFIG. On KEEL_OK *path is malloc'd. */
+keel_err keel__config_find(const char *model_dir, char **path, char *errbuf, size_t errlen);
+
+/* Whether <model_dir> has a config.json or a config.pbtxt (a model folder). */
+bool keel__config_exists(const char *model_dir);
+
+/* keel__config_find + keel__config_load. */
+keel_err keel__config_load_dir(const char *model_dir, const char *dir_name,
+                               keel__model_config **out, char *errbuf, size_t errlen);
 
 void keel__config_destroy(keel__model_config *cfg);
 

@@ -146,14 +146,22 @@ bool keel__repo_signature(const char *repo, const char *name, uint64_t *out)
         dir = NULL;
         goto done;
     }
-    if (asprintf(&cfg, "%s/config.json", dir) < 0) {
-        cfg = NULL;
-        goto done;
+    /* config.json and config.pbtxt (both present is a load error, which a change to
+     * either must retry): a model has at least one of them. */
+    for (int i = 0; i < 2; i++) {
+        const char *base = i == 0 ? "config.json" : "config.pbtxt";
+        free(cfg);
+        if (asprintf(&cfg, "%s/%s", dir, base) < 0) {
+            cfg = NULL;
+            goto done;
+        }
+        if (stat(cfg, &st) == 0 && S_ISREG(st.st_mode)) {
+            acc.sum += file_hash(base, &st);
+            acc.count++;
+        }
     }
-    if (stat(cfg, &st) != 0 || !S_ISREG(st.st_mode))
+    if (acc.count == 0)
         goto done;
-    acc.sum += file_hash("config.json", &st);
-    acc.count++;
     if ((d = opendir(dir)) == NULL)
         goto done;
     while ((de = readdir(d)) != NULL) {

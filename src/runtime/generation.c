@@ -157,13 +157,19 @@ static keel_err build(keel_runtime *rt, keel__model_entry *e, int64_t version,
 
     *out = NULL;
     sub[0] = '\0';
-    /* asprintf leaves its pointer undefined on failure: reset each one on its own, so that a
-     * path made before the failing one is still freed below. */
-    if (asprintf(&cfg_path, "%s/%s/config.json", rt->repo, e->name) < 0)
-        cfg_path = NULL;
-    if (asprintf(&dir, "%s/%s/%lld", rt->repo, e->name, (long long)version) < 0)
+    if ((g = keel__calloc(1, sizeof(*g))) == NULL ||
+        asprintf(&dir, "%s/%s", rt->repo, e->name) < 0) {
         dir = NULL;
-    if ((g = keel__calloc(1, sizeof(*g))) == NULL || cfg_path == NULL || dir == NULL) {
+        err = KEEL_ENOMEM;
+        keel__errf(errbuf, errlen, "out of memory loading model '%s'", e->name);
+        goto fail;
+    }
+    /* config.json or config.pbtxt (both present is an error naming both). */
+    if ((err = keel__config_find(dir, &cfg_path, errbuf, errlen)) != KEEL_OK)
+        goto fail;
+    free(dir);
+    if (asprintf(&dir, "%s/%s/%lld", rt->repo, e->name, (long long)version) < 0) {
+        dir = NULL;
         err = KEEL_ENOMEM;
         keel__errf(errbuf, errlen, "out of memory loading model '%s'", e->name);
         goto fail;

@@ -208,7 +208,8 @@ static bool load_begin(load_job *j, keel_err *err, char *errbuf, size_t errlen)
     return true;
 }
 
-/* Prepare, no lock held: config.json, the versions its policy selects, the job's arrays. */
+/* Prepare, no lock held: the model's configuration, the versions its policy selects, the job's
+ * arrays. */
 static keel_err load_read(load_job *j)
 {
     keel_runtime *rt = j->rt;
@@ -216,14 +217,20 @@ static keel_err load_read(load_job *j)
 
     /* asprintf leaves its pointer undefined on failure: reset each one on its own, so that
      * the one made before a failure is still freed (load_job_fini). */
-    if (asprintf(&j->dir, "%s/%s", rt->repo, j->name) < 0)
+    if (asprintf(&j->dir, "%s/%s", rt->repo, j->name) < 0) {
         j->dir = NULL;
-    if (asprintf(&j->path, "%s/%s/config.json", rt->repo, j->name) < 0)
-        j->path = NULL;
-    if (j->dir == NULL || j->path == NULL)
         return oom(j);
-    if ((err = keel__config_load(j->path, j->name, &j->cfg, j->msg, sizeof(j->msg))) != KEEL_OK)
+    }
+    /* config.json or config.pbtxt (both is an error naming both). */
+    if ((err = keel__config_find(j->dir, &j->path, j->msg, sizeof(j->msg))) != KEEL_OK ||
+        (err = keel__config_load(j->path, j->name, &j->cfg, j->msg, sizeof(j->msg))) != KEEL_OK)
         return err;
+    /* Harmless Triton fields keel ignores are logged, one line each. */
+    for (const char *w = j->cfg->warnings; w != NULL && *w != '\0'; w += strcspn(w, "\n") + 1) {
+        KEEL__LOG(&rt->log, KEEL_LOG_WARN, "model %s: %.*s", j->name, (int)strcspn(w, "\n"), w);
+        if (w[strcspn(w, "\n")] == '\0')
+            break;
+    }
     if ((err = keel__config_select_versions(j->cfg, j->dir, &j->versions, &j->nversions, j->msg,
                                             sizeof(j->msg))) != KEEL_OK)
         return err;

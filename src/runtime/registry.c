@@ -225,15 +225,14 @@ keel_err keel_model_list(keel_runtime *rt, keel_model_status **out, size_t *coun
     if (ok && (d = opendir(rt->repo)) != NULL) {
         while (ok && (de = readdir(d)) != NULL) {
             bool known = false;
-            struct stat st;
             char *path = NULL;
             if (!keel__model_name_ok(de->d_name))
                 continue;
             for (size_t i = 0; i < n && !known; i++)
                 known = strcmp(list[i].name, de->d_name) == 0;
-            if (known || asprintf(&path, "%s/%s/config.json", rt->repo, de->d_name) < 0)
+            if (known || asprintf(&path, "%s/%s", rt->repo, de->d_name) < 0)
                 continue;
-            if (stat(path, &st) == 0) {
+            if (keel__config_exists(path)) {
                 keel_model_status row = {0};
                 row.name = de->d_name;
                 row.version = -1;

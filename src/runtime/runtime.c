@@ -80,12 +80,11 @@ static void load_all(keel_runtime *rt)
         return;
     while ((de = readdir(d)) != NULL) {
         char *cfg = NULL;
-        struct stat st;
         if (!keel__model_name_ok(de->d_name))
             continue;
-        if (asprintf(&cfg, "%s/%s/config.json", rt->repo, de->d_name) < 0)
+        if (asprintf(&cfg, "%s/%s", rt->repo, de->d_name) < 0)
             continue;
-        if (stat(cfg, &st) == 0) /* errors are recorded in the model's status */
+        if (keel__config_exists(cfg)) /* errors are recorded in the model's status */
             (void)keel_model_load(rt, de->d_name, NULL, 0);
         free(cfg);
     }

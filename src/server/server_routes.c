@@ -73,17 +73,21 @@ fail:
     keel__srv_reply_error(r, 500, "out of memory");
 }
 
-/* Whether <repository>/<name>/config.json exists (keel remembers models that are gone). */
+/* Whether <repository>/<name>/config.json or config.pbtxt exists (keel remembers models that
+ * are gone). */
 static bool in_repository(keel_srv *s, const char *name)
 {
-    char *path = NULL;
-    struct stat st;
-    bool found;
+    static const char *const files[] = {"config.json", "config.pbtxt"};
+    bool found = false;
 
-    if (asprintf(&path, "%s/%s/config.json", s->opts->model_repository, name) < 0)
-        return true; /* out of memory: assume the worst, it counts */
-    found = stat(path, &st) == 0;
-    free(path);
+    for (int i = 0; i < 2 && !found; i++) {
+        char *path = NULL;
+        struct stat st;
+        if (asprintf(&path, "%s/%s/%s", s->opts->model_repository, name, files[i]) < 0)
+            return true; /* out of memory: assume the worst, it counts */
+        found = stat(path, &st) == 0;
+        free(path);
+    }
     return found;
 }
 
