@@ -136,6 +136,7 @@ def test_model_config():
         r = kit.get(port(), path)
         check(r.status == 200, "GET %s: %r" % (path, r))
         doc = r.json()
+        kit.SCHEMAS.validate("model_config_response", doc)
         cfg = S["cfg"]
         check(doc.get("name") == "heart", "%s: name %r" % (path, doc.get("name")))
         check(doc.get("backend") == cfg["backend"], "%s: backend %r" % (path, doc.get("backend")))
@@ -158,8 +159,7 @@ def test_stats_format():
         r = kit.get(port(), path)
         check(r.status == 200, "GET %s: %r" % (path, r))
         doc = r.json()
-        check(isinstance(doc, dict) and isinstance(doc.get("model_stats"), list),
-              "GET %s: no model_stats list: %r" % (path, kit.short(r.body)))
+        kit.SCHEMAS.validate("model_statistics_response", doc)
         mine = [e for e in doc["model_stats"] if e.get("name") == "heart"]
         check(len(mine) == 1 and str(mine[0].get("version")) == "1",
               "GET %s: expected one entry for heart version 1: %r" % (path, kit.short(r.body)))
@@ -218,8 +218,7 @@ def index(p, body=b"{}"):
     r = kit.post(p, "/v2/repository/index", body)
     check(r.status == 200, "POST /v2/repository/index: %r" % r)
     doc = r.json()
-    check(isinstance(doc, list) and all(isinstance(e, dict) for e in doc),
-          "index is not a list of objects: %r" % kit.short(r.body))
+    kit.SCHEMAS.validate("repository_index_response", doc)
     return doc
 
 
