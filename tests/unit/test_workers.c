@@ -1045,20 +1045,14 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_worker_fds),
 #ifdef KEEL_FAULT_INJECTION
-        cmocka_unit_test(test_echo_and_teardown),
-        cmocka_unit_test(test_kill9_mid_task),
-        cmocka_unit_test(test_kill9_before_reading),
-        cmocka_unit_test(test_sigstop_deadline),
-        cmocka_unit_test(test_crash_exit_unsealed),
-        cmocka_unit_test(test_idle_death_and_limits),
+        cmocka_unit_test(test_echo_and_teardown),    cmocka_unit_test(test_kill9_mid_task),
+        cmocka_unit_test(test_kill9_before_reading), cmocka_unit_test(test_sigstop_deadline),
+        cmocka_unit_test(test_crash_exit_unsealed),  cmocka_unit_test(test_idle_death_and_limits),
         cmocka_unit_test(test_forkserver_death),
 #endif
-        cmocka_unit_test(test_jpeg_matches_djpeg),
-        cmocka_unit_test(test_png_matches_pil),
-        cmocka_unit_test(test_malformed_images),
-        cmocka_unit_test(test_resize_normalise_layout),
-        cmocka_unit_test(test_preprocess_config),
-        cmocka_unit_test(test_runtime_image_model),
+        cmocka_unit_test(test_jpeg_matches_djpeg),   cmocka_unit_test(test_png_matches_pil),
+        cmocka_unit_test(test_malformed_images),     cmocka_unit_test(test_resize_normalise_layout),
+        cmocka_unit_test(test_preprocess_config),    cmocka_unit_test(test_runtime_image_model),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
