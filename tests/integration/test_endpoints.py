@@ -1,7 +1,7 @@
 """test_endpoints.py: every endpoint of `keel serve` against the Open Inference Protocol
 schemas and for the right values: server and model metadata (inputs and outputs as in
 config.json), health and readiness, model configuration, statistics (counters grow by exactly
-what was sent), repository index, load/unload in explicit mode (readiness flips), poll mode
+what was sent), repository index, load/unload in explicit mode (readiness flips), --load-model '*', poll mode
 (an added and a removed model), /metrics, and inference in JSON and Triton's binary extension
 (FP32 in and out, every combination), whose answers must equal the in-process path
 (`keel infer`) exactly, which itself must agree with the xgboost command-line tool."""
@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import time
 
 import kit
@@ -421,6 +422,39 @@ def test_explicit_load_unload():
         kit.wait_idle(p)
 
 
+def test_explicit_load_model_star():
+    """--load-model '*' (Triton's spelling) loads every model of the repository at start in
+    explicit mode; a directory without config.json is not a model; '*' with another
+    --load-model is a usage error."""
+    repo = kit.copy_repo()
+    kit.add_model(repo, "heart2", os.path.join(repo, "heart", "1", "model.json"))
+    os.makedirs(os.path.join(repo, "notes"))  # no config.json: not a model
+    names = ["digits", "heart", "heart2"]
+    with kit.running(kit.Server(repo, ["--model-control-mode", "explicit",
+                                       "--load-model", "*"])) as srv:
+        p = srv.port
+        for m in names:
+            check(kit.get(p, "/v2/models/%s/ready" % m).status == 200, "%s not ready" % m)
+        ready = sorted(e["name"] for e in index(p) if e.get("state") == "READY")
+        check(ready == names, "READY after --load-model '*': %r, expected %r" % (ready, names))
+        r = kit.post(p, kit.infer_path("heart2"), kit.json_infer_body(S["complete"][:2]))
+        doc, vals = kit.decode_infer(r)
+        check(doc["model_name"] == "heart2", "model_name %r" % doc["model_name"])
+        kit.assert_f32_equal(vals["probability"], S["ref_complete"][:2], "heart2 loaded by '*'")
+        # Still explicit mode: models unload and load through the API.
+        check(kit.post(p, "/v2/repository/models/heart2/unload", b"{}").status == 200,
+              "unload heart2")
+        wait_status(p, "/v2/models/heart2/ready", (400, 404, 503))
+        kit.wait_idle(p)
+    p = subprocess.run([kit.KEEL, "serve", "--model-repository", repo, "--model-control-mode",
+                        "explicit", "--load-model", "*", "--load-model", "heart"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=60)
+    check(p.returncode == 2 and b"--load-model '*'" in p.stderr,
+          "'*' with another --load-model: exit %d, stderr %r (expected 2, a usage error)"
+          % (p.returncode, p.stderr[-300:]))
+
+
 def wait_status(p, path, want, timeout=15):
     deadline = time.monotonic() + timeout
     while True:
@@ -481,5 +515,6 @@ if __name__ == "__main__":
         test_infer_binary_in_binary_out,
         test_metrics_endpoint,
         test_explicit_load_unload,
+        test_explicit_load_model_star,
         test_poll_mode_picks_up_added_and_removed_models,
     ], setup=setup, teardown=teardown)
