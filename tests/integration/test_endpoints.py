@@ -429,7 +429,7 @@ def test_explicit_load_model_star():
     repo = kit.copy_repo()
     kit.add_model(repo, "heart2", os.path.join(repo, "heart", "1", "model.json"))
     os.makedirs(os.path.join(repo, "notes"))  # no config.json: not a model
-    names = ["digits", "heart", "heart2"]
+    names = ["digits", "digits_image", "heart", "heart2"]
     with kit.running(kit.Server(repo, ["--model-control-mode", "explicit",
                                        "--load-model", "*"])) as srv:
         p = srv.port
