@@ -90,8 +90,8 @@ stage_release() {
 stage_fresh() {
     local head tmp rc=0
     head=$(git -C "$root" rev-parse HEAD)
-    if [[ -n "$(git -C "$root" status --porcelain --untracked-files=no)" ]]; then
-        echo "note: the work tree has uncommitted changes; the fresh clone tests HEAD $head only"
+    if [[ -n "$(git -C "$root" status --porcelain)" ]]; then
+        echo "note: the work tree has uncommitted or untracked files; the fresh clone tests HEAD $head only"
     fi
     tmp=$(mktemp -d "${TMPDIR:-/tmp}/keel-fresh.XXXXXX")
     echo "cloning HEAD $head into $tmp/keel (nothing else in $tmp)"
