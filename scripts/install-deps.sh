@@ -1,44 +1,76 @@
 #!/usr/bin/env bash
-# install-deps.sh: installs what keel needs to build and test on Debian 12 (bookworm).
+# install-deps.sh: installs the Debian 12 (bookworm) packages keel needs.
 #
-# Idempotent and fast on a warm machine: when every package is already installed it neither
-# updates the package lists nor calls apt-get install. Run as root, or as a user with sudo.
+#   scripts/install-deps.sh          what building and running keel needs (the example,
+#                                    scripts/run-example.sh, uses only these)
+#   scripts/install-deps.sh --test   those plus what the tests need (scripts/test.sh)
+#
+# Packages are installed with --no-install-recommends: the lists below are complete without
+# recommendations. Idempotent and fast on a warm machine: when every package is already
+# installed it neither updates the package lists nor calls apt-get install. Run as root, or
+# as a user with sudo.
 set -euo pipefail
 
+usage() {
+    echo "usage: $0 [--test]" >&2
+    exit 2
+}
+with_tests=0
+for arg in "$@"; do
+    case "$arg" in
+    --test) with_tests=1 ;;
+    -h | --help)
+        echo "usage: $0 [--test]   (--test: also the packages the tests need)"
+        exit 0
+        ;;
+    *) usage ;;
+    esac
+done
+
+# Building and running keel (and the example: curl sends its HTTP request).
 packages=(
     build-essential
     cmake
     ninja-build
     pkg-config
+    libjansson-dev
+    libxgboost-dev     # the xgboost backend
+    libopencv-dnn-dev  # the onnx backend (OpenCV DNN 4.6)
+    libmicrohttpd-dev  # HTTP for keel serve
+    libsystemd-dev     # sd_notify: keel serve as a Type=notify systemd service
+    protobuf-compiler  # protoc: compiles keel's model_config.proto (config.pbtxt)
+    libprotobuf-dev    # protobuf's TextFormat and JSON printer (src/repository/pbtxt.cpp)
+    libyajl-dev        # streaming JSON for infer bodies (numbers as raw text)
+    libturbojpeg0-dev  # JPEG decoding in the preprocessing workers
+    libspng-dev        # PNG decoding in the preprocessing workers
+    curl
+)
+
+# The tests: scripts/test.sh's stages and ctest.
+test_packages=(
+    git                # the fresh stage clones the repository
     clang
     clang-format
     libclang-rt-14-dev # the sanitizer runtimes clang links against
-    libjansson-dev
     libcmocka-dev
-    libxgboost-dev
-    xgboost         # the xgboost command line: the tests train small models with it
-    liblinear-tools # ships examples/heart_scale, the tests' training data
-    libmicrohttpd-dev  # HTTP for keel serve
-    libsystemd-dev     # sd_notify: keel serve as a Type=notify systemd service
-    libyajl-dev        # streaming JSON for infer bodies (numbers as raw text)
-    python3-jsonschema # integration tests validate responses against the V2 OpenAPI schemas
-    python3-yaml
+    xgboost            # the xgboost command line: the tests train small models with it
+    liblinear-tools    # ships examples/heart_scale, the tests' training data
+    python3
+    python3-jsonschema # integration tests validate responses (tests/schema)
     prometheus         # promtool check metrics
-    libopencv-dnn-dev  # the onnx backend (OpenCV DNN 4.6)
     libonnx-testdata   # ONNX conformance data for the onnx backend's tests
-    curl
-    systemd            # systemd-analyze verify of packaging/keel.service (test_systemd)
-    libturbojpeg0-dev   # JPEG decoding in the preprocessing workers
-    libspng-dev         # PNG decoding in the preprocessing workers
-    libjpeg-turbo-progs # djpeg: the JPEG decoding reference in test_workers
-    libpng-dev          # ships examples/pngtest.png (interlaced), a PNG reference image
-    python3-pil         # the PNG decoding reference; test images for test_preprocess_http
+    libjpeg-turbo-progs    # djpeg: the JPEG decoding reference in test_workers
+    libpng-dev             # ships examples/pngtest.png (interlaced), a PNG reference image
+    python3-pil            # the PNG decoding reference; test images for test_preprocess_http
     python-matplotlib-data # grace_hopper.jpg, the JPEG reference image
-    nginx-light         # test_tls_proxy: TLS in front of keel, as docs/OPERATIONS.md shows
-    openssl             # test_tls_proxy: the self-signed certificate, made at test time
-    protobuf-compiler   # protoc: compiles keel's model_config.proto (config.pbtxt)
-    libprotobuf-dev     # protobuf's TextFormat and JSON printer (src/repository/pbtxt.cpp)
+    nginx-light            # test_tls_proxy: TLS in front of keel, as docs/OPERATIONS.md shows
+    openssl                # test_tls_proxy: the self-signed certificate, made at test time
+    systemd                # systemd-analyze verify of packaging/keel.service (test_systemd)
+    python3-yaml           # test_deploy, test_deploy_files: the KServe and Prometheus YAML
 )
+if ((with_tests)); then
+    packages+=("${test_packages[@]}")
+fi
 
 missing=()
 for pkg in "${packages[@]}"; do
@@ -66,5 +98,5 @@ echo "install-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
 "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -qq "${missing[@]}"
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
 echo "install-deps: done"

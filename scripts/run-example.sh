@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# run-example.sh: installs the dependencies, builds the keel command line (build/release) and
-# runs the example: lists the models of examples/models, scores examples/heart_sample.txt with
-# the "heart" model and classifies examples/digits_sample.txt with the ONNX "digits" model.
-# Run as root (or with sudo) on a fresh Debian 12 machine.
+# run-example.sh: installs the dependencies keel needs to build and run (not the test ones),
+# builds the keel command line (build/release) and runs the example: lists the models of
+# examples/models, scores examples/heart_sample.txt with the "heart" model and classifies
+# examples/digits_sample.txt with the ONNX "digits" model in process, then starts keel serve and
+# sends it one heart row and one PNG image of a digit (the "digits_image" model, which
+# preprocesses images). Run as root (or with sudo) on a fresh Debian 12 machine.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -62,6 +64,25 @@ echo "POST http://127.0.0.1:$port/v2/models/heart/infer"
 echo "$body"
 curl -sS -X POST -H 'Content-Type: application/json' -d "$body" \
     "http://127.0.0.1:$port/v2/models/heart/infer"
+echo
+
+# An image: the digits CNN behind keel's image preprocessing (examples/models/digits_image).
+# The request carries the PNG file itself (base64 in JSON, a BYTES tensor); a preprocessing
+# worker decodes it, converts it to gray, resizes it to 8x8 and scales it for the model.
+image=examples/images/7_96.png
+echo
+echo "== an image through keel serve: $image (a 7 drawn at 96x96; more in examples/images)"
+body="{\"id\":\"example-2\",\"inputs\":[{\"name\":\"image\",\"shape\":[1],\"datatype\":\"BYTES\",\"data\":[\"$(base64 -w0 "$image")\"]}]}"
+echo "POST http://127.0.0.1:$port/v2/models/digits_image/infer"
+echo "${body:0:110}...\"]}]}"
+answer=$(curl -sS -X POST -H 'Content-Type: application/json' -d "$body" \
+    "http://127.0.0.1:$port/v2/models/digits_image/infer")
+echo "$answer"
+# The 10 probabilities are the output's "data" array; the prediction is the largest.
+echo "$answer" | sed -n 's/.*"data":\[\([^]]*\)\].*/\1/p' | tr ',' '\n' |
+    awk '{ if (NR == 1 || $1 + 0 > best) { best = $1 + 0; digit = NR - 1 } }
+         END { if (NR != 10) { print "run-example: no 10 probabilities in the answer" > "/dev/stderr"; exit 1 }
+               printf "predicted digit %d (p=%.3f)\n", digit, best }'
 echo
 kill -TERM "$server"
 wait "$server"

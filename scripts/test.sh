@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # test.sh: the whole test command (what CI runs through .ci/run).
 #
-# Stages, in this order:
+# Stages (the default runs format, fresh, release, asan and tsan, in that order):
 #   format  clang-format --dry-run --Werror over every .c/.h under src/ include/ tests/, and
 #           no alloca anywhere (VLAs are refused by -Wvla -Werror in the plain stage)
 #   plain   gcc Debug build with -Werror (build/plain), scripts/check-layers.py (every include
 #           follows an arrow of ARCHITECTURE.md; no file-level call or include cycle inside a
 #           module), every test
+#   release gcc Release build with -Werror and the tests (build/release-tests): proves that
+#           Release, where fault injection is compiled out, builds with BUILD_TESTING on; runs
+#           the quick unit tests (label unit, but memory) only
+#   fresh   git clone of the committed HEAD into an otherwise empty temporary folder, then the
+#           plain stage there: proves the tests need no file outside the repository
+#           (uncommitted changes are not in the clone: it says so when the tree is dirty)
 #   asan    clang AddressSanitizer + UndefinedBehaviorSanitizer (build/asan), every test;
 #           LeakSanitizer runs with ASan on Linux, so any leak fails the test
 #   tsan    clang ThreadSanitizer (build/tsan), the tests labelled "concurrency"
@@ -17,14 +23,17 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$(pwd)
 
-all_stages=(format plain asan tsan)
-read -r -a stages <<<"${KEEL_TEST_STAGES:-${all_stages[*]}}"
+all_stages=(format plain release fresh asan tsan)
+# By default the plain stage runs once, inside the fresh clone (the same build and tests, and
+# the proof that nothing outside the repository is needed).
+default_stages=(format fresh release asan tsan)
+read -r -a stages <<<"${KEEL_TEST_STAGES:-${default_stages[*]}}"
 if ((${#stages[@]} == 0)); then
-    stages=("${all_stages[@]}")
+    stages=("${default_stages[@]}")
 fi
 for s in "${stages[@]}"; do
     case "$s" in
-    format | plain | asan | tsan) ;;
+    format | plain | release | fresh | asan | tsan) ;;
     *)
         echo "test.sh: unknown stage '$s' in KEEL_TEST_STAGES (known: ${all_stages[*]})" >&2
         exit 2
@@ -92,6 +101,30 @@ stage_plain() {
     run_ctest build/plain
 }
 
+stage_release() {
+    configure_and_build build/release-tests -DCMAKE_BUILD_TYPE=Release -DKEEL_WERROR=ON \
+        -DBUILD_TESTING=ON
+    run_ctest build/release-tests -L unit -E "^memory$" # memory: 10,000 load cycles, minutes
+}
+
+stage_fresh() {
+    local head tmp rc=0
+    head=$(git -C "$root" rev-parse HEAD)
+    if [[ -n "$(git -C "$root" status --porcelain)" ]]; then
+        echo "note: the work tree has uncommitted or untracked files; the fresh clone tests HEAD $head only"
+    fi
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/keel-fresh.XXXXXX")
+    echo "cloning HEAD $head into $tmp/keel (nothing else in $tmp)"
+    git clone --quiet --no-checkout "$root" "$tmp/keel"
+    git -C "$tmp/keel" checkout --quiet --detach "$head"
+    # The clone's own test.sh, plain stage only; its build and logs stay inside the clone.
+    (cd "$tmp/keel" && KEEL_TEST_STAGES=plain bash scripts/test.sh) || rc=$?
+    mkdir -p "$root/build/fresh"
+    cp "$tmp/keel/build/plain/ctest.log" "$root/build/fresh/ctest.log" 2>/dev/null || true
+    rm -rf "$tmp"
+    return "$rc"
+}
+
 stage_asan() {
     configure_and_build build/asan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_COMPILER=clang \
         -DCMAKE_CXX_COMPILER=clang++ -DKEEL_SANITIZE=address,undefined
@@ -115,7 +148,7 @@ if ((rnd_bits > 28)) && setarch "$(uname -m)" -R true 2>/dev/null; then
 fi
 
 banner "install dependencies"
-bash scripts/install-deps.sh
+bash scripts/install-deps.sh --test
 
 declare -A result=()
 declare -A detail=()
@@ -124,6 +157,7 @@ for s in "${stages[@]}"; do
     banner "stage: $s"
     start=$SECONDS
     log="$root/build/$s/ctest.log"
+    [[ "$s" == release ]] && log="$root/build/release-tests/ctest.log"
     rm -f "$log"
     case "$s" in
     asan | tsan)

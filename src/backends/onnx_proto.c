@@ -95,6 +95,7 @@ static int pb_next(pb *r, pb_field *f)
     f->wt = (int)(key & 7);
     f->bytes = NULL;
     f->len = 0;
+    f->at = 0;
     f->v = 0;
     switch (f->wt) {
     case WT_VARINT:

@@ -269,6 +269,9 @@ static int runtime_open(const cli_opts *o, keel_runtime **out)
     keel_runtime_opts_init(&ro);
     ro.model_repository = o->repository;
     ro.control = KEEL_CONTROL_NONE;
+    /* Every model of the repository loads, image models too (examples/models/digits_image):
+     * they need a preprocessing worker even though `keel infer` sends only tensors. */
+    ro.preprocess_workers = 1;
     ro.log_fn = log_to_stderr;
     ro.log_user = NULL;
     ro.log_level = o->log_level;

@@ -1353,6 +1353,59 @@ static const char *signal_name(int sig)
     return sig == SIGTERM ? "SIGTERM" : sig == SIGINT ? "SIGINT" : "signal";
 }
 
+/* --load-model NAME: loads one model at start; a failure is logged and ends the start. */
+static keel_err load_start_model(keel_srv *s, const char *name)
+{
+    char msg[ERRMSG_LEN];
+    keel_err err;
+
+    if ((err = keel_model_load(s->rt, name, msg, sizeof(msg))) != KEEL_OK)
+        keel__srv_log(KEEL_LOG_ERROR, "--load-model failed", "model", name, "error",
+                      msg[0] != '\0' ? msg : keel_strerror(err), NULL);
+    return err;
+}
+
+static int name_cmp(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* --load-model '*' (Triton's spelling): every model of the repository (keel_model_list lists
+ * each directory with a config.json), in name order, as if each were named. */
+static keel_err load_every_model(keel_srv *s)
+{
+    keel_model_status *list = NULL;
+    size_t n = 0, nnames = 0;
+    char **names = NULL;
+    keel_err err;
+
+    if ((err = keel_model_list(s->rt, &list, &n)) != KEEL_OK ||
+        (n > 0 && (names = calloc(n, sizeof(*names))) == NULL)) {
+        keel__srv_log(KEEL_LOG_ERROR, "--load-model '*': cannot list the repository", "error",
+                      keel_strerror(err != KEEL_OK ? err : KEEL_ENOMEM), NULL);
+        keel_model_status_free(list, n);
+        return err != KEEL_OK ? err : KEEL_ENOMEM;
+    }
+    for (size_t i = 0; i < n && err == KEEL_OK; i++) {
+        bool seen = false; /* one row per version: one name per model */
+        for (size_t j = 0; j < nnames && !seen; j++)
+            seen = strcmp(names[j], list[i].name) == 0;
+        if (!seen && (names[nnames++] = strdup(list[i].name)) == NULL)
+            err = KEEL_ENOMEM;
+    }
+    keel_model_status_free(list, n);
+    if (err != KEEL_OK)
+        keel__srv_log(KEEL_LOG_ERROR, "--load-model '*': out of memory", NULL);
+    else
+        qsort(names, nnames, sizeof(*names), name_cmp);
+    for (size_t i = 0; i < nnames && err == KEEL_OK; i++)
+        err = load_start_model(s, names[i]);
+    for (size_t i = 0; i < nnames; i++)
+        free(names[i]);
+    free(names);
+    return err;
+}
+
 static void log_models(keel_srv *s)
 {
     keel_model_status *list = NULL;
@@ -1582,14 +1635,13 @@ int keel_server_run(const keel_server_opts *o)
                       err == KEEL_ENOTFOUND ? "no such directory" : keel_strerror(err), NULL);
         goto done;
     }
-    for (size_t i = 0; i < o->nload_models; i++) {
-        char msg[ERRMSG_LEN];
-        if ((err = keel_model_load(s->rt, o->load_models[i], msg, sizeof(msg))) != KEEL_OK) {
-            keel__srv_log(KEEL_LOG_ERROR, "--load-model failed", "model", o->load_models[i],
-                          "error", msg[0] != '\0' ? msg : keel_strerror(err), NULL);
-            goto done;
-        }
-    }
+    if (o->nload_models == 1 && strcmp(o->load_models[0], "*") == 0)
+        err = load_every_model(s);
+    else
+        for (size_t i = 0; i < o->nload_models && err == KEEL_OK; i++)
+            err = load_start_model(s, o->load_models[i]);
+    if (err != KEEL_OK)
+        goto done;
     log_models(s);
     /* The log's writer thread starts only now: keel_runtime_create forked the preprocessing
      * fork server first, from a process with no other thread. */

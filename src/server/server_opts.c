@@ -80,7 +80,8 @@ void keel_server_print_help(FILE *f)
           "                              default 0 = no limit); a load that would exceed it\n"
           "                              evicts the least recently used models not marked\n"
           "                              pinned, which load again on their next request\n"
-          "  --load-model NAME           explicit mode: load NAME at start (repeatable)\n"
+          "  --load-model NAME           explicit mode: load NAME at start (repeatable);\n"
+          "                              '*' loads every model of the repository\n"
           "  --http-threads N            HTTP threads (default 2)\n"
           "  --worker-threads N          inference threads (default 0 = number of CPUs)\n"
           "  --max-request-bytes N       largest request body, suffix k/m/g allowed\n"
@@ -413,6 +414,9 @@ static int parse_args(int argc, char **argv, keel_server_opts *o)
         return usage("--http-address needs an address");
     if (o->nload_models > 0 && o->control != KEEL_SERVER_CONTROL_EXPLICIT)
         return usage("--load-model needs --model-control-mode explicit");
+    for (size_t i = 0; i < o->nload_models && o->nload_models > 1; i++)
+        if (strcmp(o->load_models[i], "*") == 0)
+            return usage("--load-model '*' loads every model: give no other --load-model");
     return KEEL_SERVER_EXIT_OK;
 }
 

@@ -1,7 +1,7 @@
 """kit.py: shared helpers for the Python integration tests of `keel serve`.
 
-Standard library only, plus Debian's python3-jsonschema and python3-yaml (run the tests with
-/usr/bin/python3). Every test file is run by ctest as
+Standard library only, plus Debian's python3-jsonschema (run the tests with /usr/bin/python3;
+python3-yaml too when KEEL_OIP_SPEC is set). Every test file is run by ctest as
 
     /usr/bin/python3 tests/integration/test_X.py --keel <keel binary> --source <repo root>
 
@@ -14,7 +14,8 @@ What is here:
     SIGTERM and checks exit 0, nothing more on stdout and no sanitizer report on stderr
   - http(): one request over http.client; raw(): bytes over a raw socket, with a response
     reader that needs no well-behaved server
-  - schema validation against the OpenAPI spec <source>/../shared/specs/open_inference_rest.yaml
+  - schema validation against keel's schema of the protocol, tests/schema/open_inference_rest.json
+    (and against the protocol's OpenAPI file too when KEEL_OIP_SPEC names it)
   - the heart_scale rows, float32 helpers, infer request builders (JSON and Triton binary),
     response decoding, and references computed by `keel infer` and by the xgboost CLI
   - model training with the xgboost CLI (small models for hot swap, a slow one for queueing)
@@ -500,57 +501,73 @@ def wait_closed(sock, timeout):
 
 
 class Schemas:
+    """Validates response bodies against keel's own schema of the Open Inference Protocol,
+    tests/schema/open_inference_rest.json (a definition per response kind). When the
+    environment variable KEEL_OIP_SPEC names the protocol's published OpenAPI file
+    (open_inference_rest.yaml), responses whose kind that file also defines are validated
+    against it too; without the variable nothing else is needed."""
+
     def __init__(self, source):
-        self.path = os.path.normpath(os.path.join(source, "..", "shared", "specs",
-                                                  "open_inference_rest.yaml"))
-        self.components = None
+        self.path = os.path.join(source, "tests", "schema", "open_inference_rest.json")
+        self.definitions = None
+        self.spec_path = os.environ.get("KEEL_OIP_SPEC") or None
+        self.spec_components = None
         self.error = None
         self.jsonschema = None
         try:
             import jsonschema
-            import yaml
             self.jsonschema = jsonschema
         except ImportError as e:
-            self.error = ("python3-jsonschema and python3-yaml are required (%s); run the tests "
-                          "with /usr/bin/python3" % e)
+            self.error = ("python3-jsonschema is required (%s); run the tests with "
+                          "/usr/bin/python3" % e)
             return
-        if not os.path.isfile(self.path):
-            self.error = ("the Open Inference Protocol spec %s is missing: the tests validate "
-                          "responses against it (it lives in the shared/ folder next to the "
-                          "repository)" % self.path)
-            return
-        with open(self.path) as f:
-            doc = yaml.safe_load(f)
         try:
-            self.components = doc["components"]["schemas"]
-        except (KeyError, TypeError):
-            self.error = "%s has no components/schemas" % self.path
+            with open(self.path) as f:
+                self.definitions = json.load(f)["definitions"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.error = "cannot read keel's schema %s: %s" % (self.path, e)
+            return
+        if self.spec_path is not None:
+            try:
+                import yaml
+                with open(self.spec_path) as f:
+                    self.spec_components = yaml.safe_load(f)["components"]["schemas"]
+            except Exception as e:
+                self.error = ("KEEL_OIP_SPEC=%s: cannot read the OpenAPI schemas (%s)"
+                              % (self.spec_path, e))
 
-    def validate(self, name, instance, components=None):
-        comps = components or self.components
-        check(comps is not None, self.error or "schemas not loaded")
-        check(name in comps, "schema %s not in %s" % (name, self.path))
-        schema = {"$ref": "#/components/schemas/" + name, "components": {"schemas": comps}}
-        v = self.jsonschema.Draft4Validator(schema)
-        errs = sorted(v.iter_errors(instance), key=lambda e: list(e.absolute_path))
+    def _check(self, validator_cls, schema, label, name, instance):
+        errs = sorted(validator_cls(schema).iter_errors(instance),
+                      key=lambda e: list(e.absolute_path))
         if errs:
             e = errs[0]
-            raise TestFailure("response does not match schema %s: %s at %s; document %s"
-                              % (name, e.message, "/".join(map(str, e.absolute_path)) or "(root)",
+            raise TestFailure("response does not match %s %s: %s at %s; document %s"
+                              % (label, name, e.message,
+                                 "/".join(map(str, e.absolute_path)) or "(root)",
                                  short(json.dumps(instance), 400)))
 
+    def validate(self, name, instance):
+        check(self.definitions is not None, self.error or "schemas not loaded")
+        check(name in self.definitions, "schema %s not in %s" % (name, self.path))
+        schema = {"$ref": "#/definitions/" + name, "definitions": self.definitions}
+        self._check(self.jsonschema.Draft7Validator, schema, "keel's schema", name, instance)
+        if self.spec_components is not None and name in self.spec_components:
+            comps = self.spec_components
+            if name == "inference_response" and any(
+                    isinstance(o, dict) and isinstance(o.get("parameters"), dict)
+                    and "binary_data_size" in o["parameters"]
+                    for o in instance.get("outputs") or []):
+                # Outputs in the binary section have no "data", which the OpenAPI file's
+                # response_output requires (it does not describe the binary extension).
+                comps = copy.deepcopy(comps)
+                comps["response_output"]["required"] = [
+                    r for r in comps["response_output"].get("required", []) if r != "data"]
+            schema = {"$ref": "#/components/schemas/" + name, "components": {"schemas": comps}}
+            self._check(self.jsonschema.Draft4Validator, schema, "OpenAPI schema (%s)"
+                        % self.spec_path, name, instance)
+
     def validate_infer(self, doc):
-        """inference_response; outputs sent in the binary section (parameters.binary_data_size)
-        have no "data", which the spec's response_output requires, so those are validated
-        against a copy of the schema without that requirement."""
-        binary = any(isinstance(o, dict) and isinstance(o.get("parameters"), dict)
-                     and "binary_data_size" in o["parameters"] for o in doc.get("outputs") or [])
-        comps = None
-        if binary:
-            comps = copy.deepcopy(self.components)
-            comps["response_output"]["required"] = [
-                r for r in comps["response_output"]["required"] if r != "data"]
-        self.validate("inference_response", doc, comps)
+        self.validate("inference_response", doc)
 
 
 SCHEMAS = None
@@ -883,8 +900,7 @@ def model_stats(port, model, version=None):
     r = get(port, path)
     check(r.status == 200, "GET %s: %r" % (path, r))
     doc = r.json()
-    check(isinstance(doc, dict) and isinstance(doc.get("model_stats"), list),
-          "GET %s: no model_stats list: %r" % (path, short(r.body)))
+    SCHEMAS.validate("model_statistics_response", doc)
     entries = [e for e in doc["model_stats"] if isinstance(e, dict) and e.get("name") == model
                and (version is None or str(e.get("version")) == str(version))]
     check(len(entries) >= 1, "GET %s: no entry for %s: %r" % (path, model, short(r.body)))

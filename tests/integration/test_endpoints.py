@@ -1,7 +1,7 @@
 """test_endpoints.py: every endpoint of `keel serve` against the Open Inference Protocol
 schemas and for the right values: server and model metadata (inputs and outputs as in
 config.json), health and readiness, model configuration, statistics (counters grow by exactly
-what was sent), repository index, load/unload in explicit mode (readiness flips), poll mode
+what was sent), repository index, load/unload in explicit mode (readiness flips), --load-model '*', poll mode
 (an added and a removed model), /metrics, and inference in JSON and Triton's binary extension
 (FP32 in and out, every combination), whose answers must equal the in-process path
 (`keel infer`) exactly, which itself must agree with the xgboost command-line tool."""
@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import time
 
 import kit
@@ -136,6 +137,7 @@ def test_model_config():
         r = kit.get(port(), path)
         check(r.status == 200, "GET %s: %r" % (path, r))
         doc = r.json()
+        kit.SCHEMAS.validate("model_config_response", doc)
         cfg = S["cfg"]
         check(doc.get("name") == "heart", "%s: name %r" % (path, doc.get("name")))
         check(doc.get("backend") == cfg["backend"], "%s: backend %r" % (path, doc.get("backend")))
@@ -158,8 +160,7 @@ def test_stats_format():
         r = kit.get(port(), path)
         check(r.status == 200, "GET %s: %r" % (path, r))
         doc = r.json()
-        check(isinstance(doc, dict) and isinstance(doc.get("model_stats"), list),
-              "GET %s: no model_stats list: %r" % (path, kit.short(r.body)))
+        kit.SCHEMAS.validate("model_statistics_response", doc)
         mine = [e for e in doc["model_stats"] if e.get("name") == "heart"]
         check(len(mine) == 1 and str(mine[0].get("version")) == "1",
               "GET %s: expected one entry for heart version 1: %r" % (path, kit.short(r.body)))
@@ -218,8 +219,7 @@ def index(p, body=b"{}"):
     r = kit.post(p, "/v2/repository/index", body)
     check(r.status == 200, "POST /v2/repository/index: %r" % r)
     doc = r.json()
-    check(isinstance(doc, list) and all(isinstance(e, dict) for e in doc),
-          "index is not a list of objects: %r" % kit.short(r.body))
+    kit.SCHEMAS.validate("repository_index_response", doc)
     return doc
 
 
@@ -422,6 +422,39 @@ def test_explicit_load_unload():
         kit.wait_idle(p)
 
 
+def test_explicit_load_model_star():
+    """--load-model '*' (Triton's spelling) loads every model of the repository at start in
+    explicit mode; a directory without config.json is not a model; '*' with another
+    --load-model is a usage error."""
+    repo = kit.copy_repo()
+    kit.add_model(repo, "heart2", os.path.join(repo, "heart", "1", "model.json"))
+    os.makedirs(os.path.join(repo, "notes"))  # no config.json: not a model
+    names = ["digits", "digits_image", "heart", "heart2"]
+    with kit.running(kit.Server(repo, ["--model-control-mode", "explicit",
+                                       "--load-model", "*"])) as srv:
+        p = srv.port
+        for m in names:
+            check(kit.get(p, "/v2/models/%s/ready" % m).status == 200, "%s not ready" % m)
+        ready = sorted(e["name"] for e in index(p) if e.get("state") == "READY")
+        check(ready == names, "READY after --load-model '*': %r, expected %r" % (ready, names))
+        r = kit.post(p, kit.infer_path("heart2"), kit.json_infer_body(S["complete"][:2]))
+        doc, vals = kit.decode_infer(r)
+        check(doc["model_name"] == "heart2", "model_name %r" % doc["model_name"])
+        kit.assert_f32_equal(vals["probability"], S["ref_complete"][:2], "heart2 loaded by '*'")
+        # Still explicit mode: models unload and load through the API.
+        check(kit.post(p, "/v2/repository/models/heart2/unload", b"{}").status == 200,
+              "unload heart2")
+        wait_status(p, "/v2/models/heart2/ready", (400, 404, 503))
+        kit.wait_idle(p)
+    p = subprocess.run([kit.KEEL, "serve", "--model-repository", repo, "--model-control-mode",
+                        "explicit", "--load-model", "*", "--load-model", "heart"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=60)
+    check(p.returncode == 2 and b"--load-model '*'" in p.stderr,
+          "'*' with another --load-model: exit %d, stderr %r (expected 2, a usage error)"
+          % (p.returncode, p.stderr[-300:]))
+
+
 def wait_status(p, path, want, timeout=15):
     deadline = time.monotonic() + timeout
     while True:
@@ -482,5 +515,6 @@ if __name__ == "__main__":
         test_infer_binary_in_binary_out,
         test_metrics_endpoint,
         test_explicit_load_unload,
+        test_explicit_load_model_star,
         test_poll_mode_picks_up_added_and_removed_models,
     ], setup=setup, teardown=teardown)

@@ -29,7 +29,9 @@ def setup():
 def index_row(port, model, version):
     r = kit.post(port, "/v2/repository/index", b"{}")
     check(r.status == 200, "index: %r" % r)
-    for e in r.json():
+    doc = r.json()
+    kit.SCHEMAS.validate("repository_index_response", doc)
+    for e in doc:
         if e.get("name") == model and e.get("version") == str(version):
             return e
     return None

@@ -218,8 +218,8 @@ static void test_load_unload_cycles_20_models(void **state)
     char *file = tu_strf("%s/m.json", work);
     keel_runtime *rt;
     keel_counters base;
-    int64_t rss0, rss1;
-    int fds0, threads0;
+    int64_t rss0 = 0, rss1; /* rss0, fds0, threads0: sampled after cycle 100 */
+    int fds0 = 0, threads0 = 0;
     char err[512];
     /* 10,000 cycles as the acceptance asks; under sanitizers (where RSS is not asserted and
      * each cycle is several times slower) 2,000, still 100 per model, for the leak check. */

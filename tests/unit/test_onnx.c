@@ -116,7 +116,7 @@ static bool run_case(const char *dir, char *why, size_t whylen)
     memset(tin, 0, sizeof(tin));
     memset(tout, 0, sizeof(tout));
     if (keel__onnx_graph_read(bytes, len, model_path, g, err, sizeof(err)) != KEEL_OK) {
-        snprintf(why, whylen, "graph: %s", err);
+        snprintf(why, whylen, "graph: %.480s", err);
         goto done;
     }
     for (set = 0; set < MAX_SETS; set++) {
@@ -193,7 +193,7 @@ static bool run_case(const char *dir, char *why, size_t whylen)
                 goto done;
             }
             if (be->context_create(model, &cfg, &ctx, err, sizeof(err)) != KEEL_OK) {
-                snprintf(why, whylen, "context: %s", err);
+                snprintf(why, whylen, "context: %.480s", err);
                 goto done;
             }
         }
@@ -220,7 +220,7 @@ static bool run_case(const char *dir, char *why, size_t whylen)
             io.errbuf = err;
             io.errlen = sizeof(err);
             if ((e = be->run(ctx, &io)) != KEEL_OK) {
-                snprintf(why, whylen, "run: %s", err);
+                snprintf(why, whylen, "run: %.480s", err);
                 capture_free(&cap);
                 goto done;
             }

@@ -68,6 +68,7 @@ static keel__prep_pool *pool_open(int workers, uint32_t timeout_ms, uint64_t max
     return p;
 }
 
+#ifdef KEEL_FAULT_INJECTION /* helpers of the tests with the test task types */
 /* Descriptors of this process whose link starts with "/memfd:". */
 static int count_memfds(void)
 {
@@ -88,6 +89,8 @@ static int count_memfds(void)
     closedir(d);
     return n;
 }
+
+#endif
 
 /* Children of this process in state Z (zombies), from /proc/<pid>/stat. */
 static int count_zombie_children(void)
@@ -117,6 +120,7 @@ static int count_zombie_children(void)
     return n;
 }
 
+#ifdef KEEL_FAULT_INJECTION
 static bool process_exists(pid_t pid)
 {
     char path[64];
@@ -131,6 +135,8 @@ static bool process_exists(pid_t pid)
     fclose(f);
     return st != 'Z' && st != 'X' && st != '?';
 }
+
+#endif
 
 /* The Threads: line of /proc/PID/status. */
 static int proc_threads(pid_t pid)
@@ -156,6 +162,7 @@ static pid_t only_worker(keel__prep_pool *p)
     return pid;
 }
 
+#ifdef KEEL_FAULT_INJECTION
 /* Waits up to ms for a worker other than old to be listed; returns it or -1. */
 static pid_t wait_new_worker(keel__prep_pool *p, pid_t old, int ms)
 {
@@ -195,6 +202,8 @@ static keel_err echo(keel__prep_pool *p, uint32_t type, uint32_t param, size_t n
     free(out);
     return err;
 }
+
+#endif
 
 /* ---- descriptors and processes */
 
@@ -292,6 +301,9 @@ static void test_worker_fds(void **state)
     free(file);
 }
 
+/* The tests below drive the pool with the test task types (echo, sleep, crash, exit,
+ * unsealed), which exist only where fault injection is compiled in (not in Release). */
+#ifdef KEEL_FAULT_INJECTION
 static void test_echo_and_teardown(void **state)
 {
     int fds0 = tu_count_fds(), memfds0 = count_memfds();
@@ -538,6 +550,8 @@ static void test_forkserver_death(void **state)
     keel__prep_pool_destroy(p);
     assert_int_equal(tu_count_fds(), fds0);
 }
+
+#endif /* KEEL_FAULT_INJECTION */
 
 /* ---- images */
 
@@ -1030,19 +1044,15 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_worker_fds),
-        cmocka_unit_test(test_echo_and_teardown),
-        cmocka_unit_test(test_kill9_mid_task),
-        cmocka_unit_test(test_kill9_before_reading),
-        cmocka_unit_test(test_sigstop_deadline),
-        cmocka_unit_test(test_crash_exit_unsealed),
-        cmocka_unit_test(test_idle_death_and_limits),
+#ifdef KEEL_FAULT_INJECTION
+        cmocka_unit_test(test_echo_and_teardown),    cmocka_unit_test(test_kill9_mid_task),
+        cmocka_unit_test(test_kill9_before_reading), cmocka_unit_test(test_sigstop_deadline),
+        cmocka_unit_test(test_crash_exit_unsealed),  cmocka_unit_test(test_idle_death_and_limits),
         cmocka_unit_test(test_forkserver_death),
-        cmocka_unit_test(test_jpeg_matches_djpeg),
-        cmocka_unit_test(test_png_matches_pil),
-        cmocka_unit_test(test_malformed_images),
-        cmocka_unit_test(test_resize_normalise_layout),
-        cmocka_unit_test(test_preprocess_config),
-        cmocka_unit_test(test_runtime_image_model),
+#endif
+        cmocka_unit_test(test_jpeg_matches_djpeg),   cmocka_unit_test(test_png_matches_pil),
+        cmocka_unit_test(test_malformed_images),     cmocka_unit_test(test_resize_normalise_layout),
+        cmocka_unit_test(test_preprocess_config),    cmocka_unit_test(test_runtime_image_model),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
