@@ -13,6 +13,9 @@
  *   metrics.c         GET /metrics, Prometheus text; MHD threads
  *   server_log.c      logfmt lines on stderr; any thread
  *   server_opts.c     `keel serve` options; main thread
+ *   serving.c         the protocol-independent path: admission, submit, outcomes; any thread
+ *   grpc_server.c     the gRPC front end (its own completion-queue thread, see its DESIGN)
+ *   grpc_codec.c      protobuf <-> keel_request, JSON answers -> protobuf; pure functions
  *
  * Locks (none is ever held while calling libkeel or libmicrohttpd, and they never nest):
  *   s->mu      connection states from SUBMITTED on, the parked list, s->pending, s->draining,
@@ -40,6 +43,7 @@
 
 #include "keel/keel.h"
 #include "server.h"
+#include "serving.h"
 #include "v2codec.h"
 
 /* ---------------------------------------------------------------- connections */
@@ -148,6 +152,10 @@ struct keel_srv {
     _Atomic uint64_t canceled_hangup; /* requests cancelled because the client left */
     _Atomic uint64_t canceled_shutdown; /* requests cancelled at the drain deadline */
     _Atomic uint64_t http_responses[6]; /* by status class: [1] 1xx ... [5] 5xx */
+
+    /* gRPC (grpc_server.c); NULL with --grpc-port -1. */
+    struct srv_grpc *grpc;
+    _Atomic uint64_t grpc_status[17]; /* calls answered, by gRPC status code (0 OK ... 16) */
 
     /* The model-control thread (server_control.c). */
     pthread_mutex_t ctl_mu;

@@ -1,0 +1,1103 @@
+/*
+ * grpc_server.c: the gRPC front end of `keel serve`: service inference.GRPCInferenceService
+ * (the Open Inference Protocol plus Triton's extensions, keel's src/server/proto/
+ * keel_inference.proto) and grpc.health.v1.Health/Check, on gRPC's C core.
+ *
+ * DESIGN
+ * One completion queue and one thread of ours (the CQ thread) drive every call; gRPC's own
+ * threads do the I/O. The CQ thread accepts calls (one grpc_server_request_call always
+ * outstanding), reads their message, and answers the synchronous RPCs itself: those go
+ * through the HTTP routes of server_routes.c (a stack srv_conn naming route, model and
+ * version), whose JSON answer grpc_codec.c turns into the protobuf message, so metadata,
+ * readiness, statistics, index and configuration are one implementation with one set of
+ * messages. ModelInfer takes the shared path of serving.c: decode (grpc_codec.c), admit,
+ * submit; keel's completion callback (a keel worker thread, or the CQ thread when a cancel
+ * completes a queued request at once) encodes the answer and starts the send batch itself
+ * (grpc_call_start_batch may be called from any thread; each call has one batch of each
+ * kind at a time). Errors map to gRPC codes as Triton maps them (grpc_code()), with the
+ * messages HTTP sends.
+ *
+ * A call (gcall) is counted: one reference per batch in flight (accept, receive, send,
+ * close) plus one while its keel request is in flight; whoever drops the last frees it
+ * (the CQ thread, or a completion callback whose send could not start). The close batch
+ * (RECV_CLOSE_ON_SERVER) completes when the call ends; if the client cancelled it or its
+ * deadline passed, the keel request is cancelled: a queued one completes KEEL_ECANCELED at
+ * once and never reaches the backend. The client's deadline also becomes the request's
+ * timeout, so a request still queued at its deadline is answered DEADLINE_EXCEEDED.
+ *
+ * Locks: g->mu protects the in-flight list and each call's in_flight / cancel flags; it is
+ * never held across a gRPC or libkeel call, and never together with s->mu.
+ *
+ * Lifetime: keel__grpc_start (main thread, after the runtime created its fork server)
+ * initialises gRPC and starts the CQ thread. Shutdown: the drain of server.c gates new
+ * inferences (UNAVAILABLE "the server is shutting down") and waits for admitted ones, which
+ * are counted in s->pending like HTTP's; at its exit timeout (s->cancel_all) the CQ thread
+ * cancels the keel requests of calls still in flight. keel__grpc_stop then shuts the server
+ * down (no new calls), cancels what is left, waits for the in-flight list to empty, shuts
+ * the queue down, joins the CQ thread (which frees every call as its last batch completes)
+ * and destroys the server before the runtime is destroyed.
+ */
+#include <arpa/inet.h>
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/slice.h>
+#include <grpc/support/log.h>
+#include <grpc/support/time.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "grpc_codec.h"
+#include "grpc_server.h"
+#include "keel_health.pb-c.h"
+#include "keel_inference.pb-c.h"
+#include "server_internal.h"
+
+#define POLL_MS 50          /* the CQ thread checks s->cancel_all this often when idle */
+#define STOP_WAIT_MS 5000   /* at stop: longest wait for calls to end before cancelling them */
+#define ERRLEN SRV_MSG_LEN
+
+typedef enum rpc_id {
+    RPC_UNKNOWN = 0,
+    RPC_LIVE,
+    RPC_READY,
+    RPC_MODEL_READY,
+    RPC_SERVER_META,
+    RPC_MODEL_META,
+    RPC_INFER,
+    RPC_CONFIG,
+    RPC_STATS,
+    RPC_INDEX,
+    RPC_HEALTH,
+} rpc_id;
+
+static const struct {
+    const char *path;
+    rpc_id id;
+} rpcs[] = {
+    {"/inference.GRPCInferenceService/ServerLive", RPC_LIVE},
+    {"/inference.GRPCInferenceService/ServerReady", RPC_READY},
+    {"/inference.GRPCInferenceService/ModelReady", RPC_MODEL_READY},
+    {"/inference.GRPCInferenceService/ServerMetadata", RPC_SERVER_META},
+    {"/inference.GRPCInferenceService/ModelMetadata", RPC_MODEL_META},
+    {"/inference.GRPCInferenceService/ModelInfer", RPC_INFER},
+    {"/inference.GRPCInferenceService/ModelConfig", RPC_CONFIG},
+    {"/inference.GRPCInferenceService/ModelStatistics", RPC_STATS},
+    {"/inference.GRPCInferenceService/RepositoryIndex", RPC_INDEX},
+    {"/grpc.health.v1.Health/Check", RPC_HEALTH},
+};
+
+typedef enum tag_kind { TAG_NEW, TAG_RECV, TAG_SEND, TAG_CLOSE } tag_kind;
+
+typedef struct gcall gcall;
+typedef struct gtag {
+    gcall *c;
+    tag_kind kind;
+} gtag;
+
+typedef struct srv_grpc srv_grpc;
+
+struct gcall {
+    srv_grpc *g;
+    grpc_call *call;
+    grpc_call_details details;
+    grpc_metadata_array md;
+    gtag t_new, t_recv, t_send, t_close;
+    atomic_int refs;
+    rpc_id rpc;
+    grpc_byte_buffer *recv_buf;
+    int cancelled;              /* RECV_CLOSE_ON_SERVER's answer */
+    grpc_byte_buffer *send_buf; /* until the send batch completes */
+    grpc_slice status_details;
+    bool have_details;
+
+    /* ModelInfer */
+    keel_request *req;
+    Inference__ModelInferRequest *msg; /* the requested outputs, for the answer */
+    int64_t version;
+    bool in_flight;       /* under g->mu: submitted, completion not yet run */
+    bool cancel_sent;     /* under g->mu: keel_request_cancel called (once) */
+    bool cancel_shutdown; /* under g->mu: ... by the drain's exit timeout */
+    gcall *prev, *next;   /* g->inflight, under g->mu */
+};
+
+struct srv_grpc {
+    keel_srv *s;
+    grpc_server *server;
+    grpc_completion_queue *cq;
+    int port;
+    char addr[INET6_ADDRSTRLEN];
+    pthread_t thread;
+    bool thread_started;
+    int shutdown_tag; /* its address is the tag of grpc_server_shutdown_and_notify */
+
+    pthread_mutex_t mu;
+    pthread_cond_t cv;   /* the in-flight list emptied, the server shut down */
+    gcall *inflight;     /* calls whose keel request is in flight */
+    size_t ninflight;
+    bool stopping;       /* keel__grpc_stop began: cancel whatever is in flight */
+    bool shutdown_done;  /* the shutdown tag arrived */
+    bool accepting;      /* CQ thread only: a request_call is outstanding */
+    atomic_size_t ncalls; /* calls alive (accepted, not freed) */
+    size_t max_calls;
+};
+
+/* ---------------------------------------------------------------- helpers */
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* The gRPC status of a keel error, as Triton maps its own. */
+static grpc_status_code grpc_code(keel_err e)
+{
+    switch (e) {
+    case KEEL_OK:
+        return GRPC_STATUS_OK;
+    case KEEL_EINVAL:
+    case KEEL_ECONFIG:
+    case KEEL_ELOAD:
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    case KEEL_ENOTFOUND:
+        return GRPC_STATUS_NOT_FOUND;
+    case KEEL_EUNAVAILABLE:
+    case KEEL_ESHUTDOWN:
+    case KEEL_ERESOURCE:
+        return GRPC_STATUS_UNAVAILABLE;
+    case KEEL_ETIMEDOUT:
+        return GRPC_STATUS_DEADLINE_EXCEEDED;
+    case KEEL_ECANCELED:
+        return GRPC_STATUS_CANCELLED;
+    default:
+        return GRPC_STATUS_INTERNAL;
+    }
+}
+
+/* The gRPC status of an HTTP status from the shared routes. */
+static grpc_status_code http_to_grpc(unsigned st)
+{
+    switch (st) {
+    case 200:
+        return GRPC_STATUS_OK;
+    case 400:
+    case 413:
+        return GRPC_STATUS_INVALID_ARGUMENT;
+    case 404:
+        return GRPC_STATUS_NOT_FOUND;
+    case 503:
+        return GRPC_STATUS_UNAVAILABLE;
+    default:
+        return GRPC_STATUS_INTERNAL;
+    }
+}
+
+static void call_free(gcall *c)
+{
+    srv_grpc *g = c->g;
+
+    if (c->call != NULL)
+        grpc_call_unref(c->call);
+    grpc_call_details_destroy(&c->details);
+    grpc_metadata_array_destroy(&c->md);
+    if (c->recv_buf != NULL)
+        grpc_byte_buffer_destroy(c->recv_buf);
+    if (c->send_buf != NULL)
+        grpc_byte_buffer_destroy(c->send_buf);
+    if (c->have_details)
+        grpc_slice_unref(c->status_details);
+    keel_request_destroy(c->req);
+    if (c->msg != NULL)
+        protobuf_c_message_free_unpacked(&c->msg->base, NULL);
+    free(c);
+    atomic_fetch_sub(&g->ncalls, 1);
+}
+
+static void call_unref(gcall *c)
+{
+    int left = atomic_fetch_sub(&c->refs, 1) - 1;
+
+    if (left < 0) {
+        keel__srv_log(KEEL_LOG_ERROR, "BUG: gRPC call reference count below zero", NULL);
+        abort();
+    }
+    if (left == 0)
+        call_free(c);
+}
+
+/*
+ * Sends the answer: initial metadata, the message (packed from msg if not NULL) and the
+ * status. Consumes nothing of the caller's; any thread. The call keeps one reference for
+ * the batch.
+ */
+static void call_send(gcall *c, const ProtobufCMessage *msg, grpc_status_code code,
+                      const char *details)
+{
+    grpc_op ops[3];
+    size_t n = 0;
+    grpc_call_error ce;
+
+    memset(ops, 0, sizeof(ops));
+    if (msg != NULL && code == GRPC_STATUS_OK) {
+        size_t len = protobuf_c_message_get_packed_size(msg);
+        grpc_slice sl = grpc_slice_malloc(len);
+        grpc_byte_buffer *bb;
+        protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(sl));
+        bb = grpc_raw_byte_buffer_create(&sl, 1);
+        grpc_slice_unref(sl);
+        c->send_buf = bb;
+    }
+    ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+    ops[n].data.send_initial_metadata.count = 0;
+    n++;
+    if (c->send_buf != NULL) {
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n].data.send_message.send_message = c->send_buf;
+        n++;
+    }
+    c->status_details = grpc_slice_from_copied_string(details != NULL ? details : "");
+    c->have_details = true;
+    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[n].data.send_status_from_server.trailing_metadata_count = 0;
+    ops[n].data.send_status_from_server.status = code;
+    ops[n].data.send_status_from_server.status_details = &c->status_details;
+    n++;
+    if ((unsigned)code < 17)
+        atomic_fetch_add_explicit(&c->g->s->grpc_status[code], 1, memory_order_relaxed);
+    atomic_fetch_add(&c->refs, 1);
+    if ((ce = grpc_call_start_batch(c->call, ops, n, &c->t_send, NULL)) != GRPC_CALL_OK) {
+        keel__srv_log(KEEL_LOG_ERROR, "gRPC: cannot send an answer", "error",
+                      grpc_call_error_to_string(ce), NULL);
+        call_unref(c);
+    }
+}
+
+static void call_send_error(gcall *c, grpc_status_code code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void call_send_error(gcall *c, grpc_status_code code, const char *fmt, ...)
+{
+    char msg[ERRLEN];
+    va_list ap;
+
+    va_start(ap, fmt);
+    if (vsnprintf(msg, sizeof(msg), fmt, ap) < 0)
+        snprintf(msg, sizeof(msg), "error");
+    va_end(ap);
+    call_send(c, NULL, code, msg);
+}
+
+/* Reads the received message into one contiguous slice; false if there is none. */
+static bool recv_bytes(gcall *c, grpc_slice *out)
+{
+    grpc_byte_buffer_reader rd;
+
+    if (c->recv_buf == NULL || !grpc_byte_buffer_reader_init(&rd, c->recv_buf))
+        return false;
+    *out = grpc_byte_buffer_reader_readall(&rd);
+    grpc_byte_buffer_reader_destroy(&rd);
+    grpc_byte_buffer_destroy(c->recv_buf);
+    c->recv_buf = NULL;
+    return true;
+}
+
+/* Unpacks the received message as d; answers INVALID_ARGUMENT and returns NULL if it is not
+ * one. */
+static ProtobufCMessage *recv_msg(gcall *c, const ProtobufCMessageDescriptor *d)
+{
+    grpc_slice sl;
+    ProtobufCMessage *m;
+
+    if (!recv_bytes(c, &sl)) {
+        call_send_error(c, GRPC_STATUS_INVALID_ARGUMENT, "no request message");
+        return NULL;
+    }
+    m = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(sl), GRPC_SLICE_START_PTR(sl));
+    grpc_slice_unref(sl);
+    if (m == NULL)
+        call_send_error(c, GRPC_STATUS_INVALID_ARGUMENT,
+                        "the request message is not a valid %s (protobuf decoding failed)",
+                        d->name);
+    return m;
+}
+
+/* ---------------------------------------------------------------- synchronous RPCs */
+
+/* Runs an HTTP route for the call; r is filled (the caller frees r->body). */
+static void run_route(srv_grpc *g, srv_route route, const char *model, int64_t version,
+                      const char *body, srv_reply *r)
+{
+    srv_conn fc;
+
+    memset(&fc, 0, sizeof(fc));
+    memset(r, 0, sizeof(*r));
+    fc.s = g->s;
+    fc.route = route;
+    fc.model = (char *)model;
+    fc.version = version;
+    fc.fd = -1;
+    fc.body = (char *)body;
+    fc.body_len = body != NULL ? strlen(body) : 0;
+    keel__srv_route_sync(g->s, &fc, r);
+}
+
+/* The "error" text of an HTTP error reply, into msg. */
+static void reply_message(const srv_reply *r, char *msg, size_t len)
+{
+    json_t *root = r->body != NULL ? json_loadb(r->body, r->len, 0, NULL) : NULL;
+    const char *e = json_string_value(json_object_get(root, "error"));
+
+    snprintf(msg, len, "%s", e != NULL ? e : "out of memory");
+    json_decref(root);
+}
+
+/* Answers from an HTTP route's reply: an error with its message, or the JSON body (wrapped
+ * in an object under wrap_key, when not NULL) as message d. */
+static void answer_reply(gcall *c, srv_reply *r, const ProtobufCMessageDescriptor *d,
+                         const char *wrap_key)
+{
+    char msg[ERRLEN];
+    json_t *root = NULL;
+    ProtobufCMessage *m;
+
+    if (r->status != 200) {
+        reply_message(r, msg, sizeof(msg));
+        call_send(c, NULL, http_to_grpc(r->status), msg);
+        return;
+    }
+    root = json_loadb(r->body != NULL ? r->body : "{}", r->body != NULL ? r->len : 2, 0, NULL);
+    if (root != NULL && wrap_key != NULL) {
+        json_t *w = json_object();
+        if (w == NULL || json_object_set_new(w, wrap_key, root) != 0) {
+            json_decref(w);
+            root = NULL;
+        } else {
+            root = w;
+        }
+    }
+    if (root == NULL || (m = keel__grpc_json_to_msg(d, root)) == NULL) {
+        json_decref(root);
+        call_send(c, NULL, GRPC_STATUS_INTERNAL, "out of memory");
+        return;
+    }
+    json_decref(root);
+    call_send(c, m, GRPC_STATUS_OK, NULL);
+    protobuf_c_message_free_unpacked(m, NULL);
+}
+
+/* name + version of a request message; answers INVALID_ARGUMENT and returns false when the
+ * version is not a number. */
+static bool model_and_version(gcall *c, const char *name, const char *version, int64_t *v)
+{
+    if (!keel__grpc_parse_version(version, v)) {
+        call_send_error(c, GRPC_STATUS_INVALID_ARGUMENT,
+                        "invalid model version '%.64s': expected a non-negative integer", version);
+        return false;
+    }
+    if (name == NULL || name[0] == '\0') {
+        call_send_error(c, GRPC_STATUS_INVALID_ARGUMENT, "name: required");
+        return false;
+    }
+    return true;
+}
+
+static void rpc_sync(gcall *c)
+{
+    srv_grpc *g = c->g;
+    srv_reply r;
+    int64_t v = -1;
+
+    switch (c->rpc) {
+    case RPC_LIVE: {
+        Inference__ServerLiveRequest *q =
+            (Inference__ServerLiveRequest *)recv_msg(c, &inference__server_live_request__descriptor);
+        Inference__ServerLiveResponse a = INFERENCE__SERVER_LIVE_RESPONSE__INIT;
+        if (q == NULL)
+            return;
+        inference__server_live_request__free_unpacked(q, NULL);
+        a.live = 1;
+        call_send(c, &a.base, GRPC_STATUS_OK, NULL);
+        return;
+    }
+    case RPC_READY: {
+        Inference__ServerReadyRequest *q = (Inference__ServerReadyRequest *)recv_msg(
+            c, &inference__server_ready_request__descriptor);
+        Inference__ServerReadyResponse a = INFERENCE__SERVER_READY_RESPONSE__INIT;
+        if (q == NULL)
+            return;
+        inference__server_ready_request__free_unpacked(q, NULL);
+        run_route(g, ROUTE_READY, NULL, -1, NULL, &r);
+        a.ready = r.status == 200;
+        free(r.body);
+        call_send(c, &a.base, GRPC_STATUS_OK, NULL);
+        return;
+    }
+    case RPC_HEALTH: {
+        Grpc__Health__V1__HealthCheckRequest *q = (Grpc__Health__V1__HealthCheckRequest *)recv_msg(
+            c, &grpc__health__v1__health_check_request__descriptor);
+        Grpc__Health__V1__HealthCheckResponse a = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+        if (q == NULL)
+            return;
+        if (q->service[0] != '\0' && strcmp(q->service, "inference.GRPCInferenceService") != 0) {
+            call_send_error(c, GRPC_STATUS_NOT_FOUND, "unknown service '%.128s'", q->service);
+            grpc__health__v1__health_check_request__free_unpacked(q, NULL);
+            return;
+        }
+        grpc__health__v1__health_check_request__free_unpacked(q, NULL);
+        run_route(g, ROUTE_READY, NULL, -1, NULL, &r);
+        a.status = r.status == 200 ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+                                   : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+        free(r.body);
+        call_send(c, &a.base, GRPC_STATUS_OK, NULL);
+        return;
+    }
+    case RPC_MODEL_READY: {
+        Inference__ModelReadyRequest *q = (Inference__ModelReadyRequest *)recv_msg(
+            c, &inference__model_ready_request__descriptor);
+        Inference__ModelReadyResponse a = INFERENCE__MODEL_READY_RESPONSE__INIT;
+        if (q == NULL)
+            return;
+        if (model_and_version(c, q->name, q->version, &v)) {
+            /* As Triton: not ready (unknown, loading, failed) is an answer, not an error. */
+            a.ready = keel_model_is_ready(g->s->rt, q->name, v);
+            call_send(c, &a.base, GRPC_STATUS_OK, NULL);
+        }
+        inference__model_ready_request__free_unpacked(q, NULL);
+        return;
+    }
+    case RPC_SERVER_META: {
+        Inference__ServerMetadataRequest *q = (Inference__ServerMetadataRequest *)recv_msg(
+            c, &inference__server_metadata_request__descriptor);
+        if (q == NULL)
+            return;
+        inference__server_metadata_request__free_unpacked(q, NULL);
+        run_route(g, ROUTE_SERVER_META, NULL, -1, NULL, &r);
+        answer_reply(c, &r, &inference__server_metadata_response__descriptor, NULL);
+        free(r.body);
+        return;
+    }
+    case RPC_MODEL_META: {
+        Inference__ModelMetadataRequest *q = (Inference__ModelMetadataRequest *)recv_msg(
+            c, &inference__model_metadata_request__descriptor);
+        if (q == NULL)
+            return;
+        if (model_and_version(c, q->name, q->version, &v)) {
+            run_route(g, ROUTE_MODEL_META, q->name, v, NULL, &r);
+            answer_reply(c, &r, &inference__model_metadata_response__descriptor, NULL);
+            free(r.body);
+        }
+        inference__model_metadata_request__free_unpacked(q, NULL);
+        return;
+    }
+    case RPC_CONFIG: {
+        Inference__ModelConfigRequest *q = (Inference__ModelConfigRequest *)recv_msg(
+            c, &inference__model_config_request__descriptor);
+        if (q == NULL)
+            return;
+        if (model_and_version(c, q->name, q->version, &v)) {
+            run_route(g, ROUTE_MODEL_CONFIG, q->name, v, NULL, &r);
+            answer_reply(c, &r, &inference__model_config_response__descriptor, "config");
+            free(r.body);
+        }
+        inference__model_config_request__free_unpacked(q, NULL);
+        return;
+    }
+    case RPC_STATS: {
+        Inference__ModelStatisticsRequest *q = (Inference__ModelStatisticsRequest *)recv_msg(
+            c, &inference__model_statistics_request__descriptor);
+        if (q == NULL)
+            return;
+        if (q->name[0] == '\0' && q->version[0] != '\0') {
+            call_send_error(c, GRPC_STATUS_INVALID_ARGUMENT, "version given without a name");
+        } else if (q->name[0] == '\0') {
+            run_route(g, ROUTE_ALL_STATS, NULL, -1, NULL, &r);
+            answer_reply(c, &r, &inference__model_statistics_response__descriptor, NULL);
+            free(r.body);
+        } else if (model_and_version(c, q->name, q->version, &v)) {
+            run_route(g, ROUTE_MODEL_STATS, q->name, v, NULL, &r);
+            answer_reply(c, &r, &inference__model_statistics_response__descriptor, NULL);
+            free(r.body);
+        }
+        inference__model_statistics_request__free_unpacked(q, NULL);
+        return;
+    }
+    case RPC_INDEX: {
+        Inference__RepositoryIndexRequest *q = (Inference__RepositoryIndexRequest *)recv_msg(
+            c, &inference__repository_index_request__descriptor);
+        if (q == NULL)
+            return;
+        if (q->repository_name[0] != '\0') {
+            call_send_error(c, GRPC_STATUS_INVALID_ARGUMENT,
+                            "repository_name: keel serves one repository; leave it empty");
+        } else {
+            run_route(g, ROUTE_REPO_INDEX, NULL, -1, q->ready ? "{\"ready\":true}" : NULL, &r);
+            answer_reply(c, &r, &inference__repository_index_response__descriptor, "models");
+            free(r.body);
+        }
+        inference__repository_index_request__free_unpacked(q, NULL);
+        return;
+    }
+    default:
+        call_send_error(c, GRPC_STATUS_INTERNAL, "internal error: no handler");
+        return;
+    }
+}
+
+/* ---------------------------------------------------------------- ModelInfer */
+
+static void inflight_unlink_locked(srv_grpc *g, gcall *c)
+{
+    if (c->prev != NULL)
+        c->prev->next = c->next;
+    else
+        g->inflight = c->next;
+    if (c->next != NULL)
+        c->next->prev = c->prev;
+    c->prev = c->next = NULL;
+    if (--g->ninflight == 0)
+        pthread_cond_broadcast(&g->cv);
+}
+
+/* keel's completion callback: encodes and sends the answer. Its in-flight reference becomes
+ * the send batch's (call_send takes one, then the in-flight one is dropped). */
+static void on_infer_done(keel_request *req, keel_err status, void *user)
+{
+    gcall *c = user;
+    srv_grpc *g = c->g;
+    keel_srv *s = g->s;
+    bool cancel_shutdown;
+    char err[ERRLEN];
+
+    pthread_mutex_lock(&g->mu);
+    c->in_flight = false;
+    cancel_shutdown = c->cancel_shutdown;
+    inflight_unlink_locked(g, c);
+    pthread_mutex_unlock(&g->mu);
+
+    if (status == KEEL_OK) {
+        grpc_infer_out o;
+        keel_err e = keel__grpc_infer_out_fill(&o, req, c->msg->model_name, c->msg, err,
+                                               sizeof(err));
+        if (e == KEEL_OK)
+            call_send(c, &o.resp.base, GRPC_STATUS_OK, NULL);
+        else
+            call_send(c, NULL, grpc_code(e), err);
+        keel__grpc_infer_out_fini(&o);
+    } else {
+        srv_outcome out;
+        keel__srv_failed(s, req, status, c->msg->model_name, c->version, cancel_shutdown, &out);
+        call_send(c, NULL, grpc_code(out.err), out.msg);
+    }
+    keel__srv_done(s);
+    call_unref(c); /* the in-flight reference */
+}
+
+/* The time left until the call's deadline in microseconds; 0 = no deadline; -1 = passed. */
+static int64_t deadline_left_us(const gcall *c)
+{
+    gpr_timespec dl = c->details.deadline, now;
+    gpr_timespec left;
+
+    if (gpr_time_cmp(dl, gpr_inf_future(dl.clock_type)) == 0)
+        return 0;
+    dl = gpr_convert_clock_type(dl, GPR_CLOCK_MONOTONIC);
+    now = gpr_now(GPR_CLOCK_MONOTONIC);
+    if (gpr_time_cmp(dl, now) <= 0)
+        return -1;
+    left = gpr_time_sub(dl, now);
+    return (int64_t)left.tv_sec * 1000000 + left.tv_nsec / 1000 + 1;
+}
+
+static void rpc_infer(gcall *c)
+{
+    srv_grpc *g = c->g;
+    keel_srv *s = g->s;
+    Inference__ModelInferRequest *m;
+    char err[ERRLEN];
+    srv_outcome out;
+    keel_err e;
+    int64_t left;
+    uint64_t timeout_us = 0;
+
+    if ((m = (Inference__ModelInferRequest *)recv_msg(
+             c, &inference__model_infer_request__descriptor)) == NULL)
+        return;
+    c->msg = m; /* freed with the call */
+    if (keel__srv_draining(s)) {
+        call_send_error(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
+        return;
+    }
+    if (m->model_name[0] == '\0') {
+        call_send_error(c, GRPC_STATUS_INVALID_ARGUMENT, "model_name: required");
+        return;
+    }
+    if (!keel__grpc_parse_version(m->model_version, &c->version)) {
+        call_send_error(c, GRPC_STATUS_INVALID_ARGUMENT,
+                        "invalid model version '%.64s': expected a non-negative integer",
+                        m->model_version);
+        return;
+    }
+    if ((e = keel_request_create(s->rt, m->model_name, c->version, &c->req)) != KEEL_OK) {
+        call_send_error(c, grpc_code(e), "creating the request: %s", keel_strerror(e));
+        return;
+    }
+    if ((e = keel__grpc_decode_infer(m, c->req, &timeout_us, err, sizeof(err))) != KEEL_OK) {
+        call_send(c, NULL, grpc_code(e), err);
+        return;
+    }
+    /* The tensors are in the request now; keep only the names the answer needs. */
+    for (size_t i = 0; i < m->n_inputs; i++) {
+        if (m->inputs[i]->contents != NULL) {
+            inference__infer_tensor_contents__free_unpacked(m->inputs[i]->contents, NULL);
+            m->inputs[i]->contents = NULL;
+        }
+    }
+    for (size_t i = 0; i < m->n_raw_input_contents; i++)
+        free(m->raw_input_contents[i].data);
+    free(m->raw_input_contents);
+    m->raw_input_contents = NULL;
+    m->n_raw_input_contents = 0;
+
+    if ((left = deadline_left_us(c)) < 0) {
+        call_send_error(c, GRPC_STATUS_DEADLINE_EXCEEDED, "the call's deadline has passed");
+        return;
+    }
+    /* The client's deadline is the request's, unless the request's timeout parameter asks
+     * for less. */
+    if (left > 0 && (timeout_us == 0 || (uint64_t)left < timeout_us))
+        timeout_us = (uint64_t)left;
+    if (timeout_us > 0)
+        keel_request_set_timeout_us(c->req, timeout_us);
+    if (!keel__srv_admit(s)) {
+        call_send_error(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
+        return;
+    }
+    atomic_fetch_add(&c->refs, 1); /* in flight */
+    pthread_mutex_lock(&g->mu);
+    c->in_flight = true;
+    c->prev = NULL;
+    c->next = g->inflight;
+    if (g->inflight != NULL)
+        g->inflight->prev = c;
+    g->inflight = c;
+    g->ninflight++;
+    pthread_mutex_unlock(&g->mu);
+    if (keel__srv_submit(s, c->req, m->model_name, c->version, 0, on_infer_done, c, &out) !=
+        KEEL_OK) {
+        pthread_mutex_lock(&g->mu);
+        c->in_flight = false;
+        inflight_unlink_locked(g, c);
+        pthread_mutex_unlock(&g->mu);
+        call_send(c, NULL, grpc_code(out.err), out.msg);
+        call_unref(c); /* cannot be the last: the send batch holds one */
+    }
+}
+
+/* Cancels the keel request of c if it is in flight and not yet cancelled. CQ thread or the
+ * stopping main thread; c must be kept alive by the caller (a reference). */
+static void cancel_call(srv_grpc *g, gcall *c, bool shutdown)
+{
+    bool doit = false;
+
+    pthread_mutex_lock(&g->mu);
+    if (c->in_flight && !c->cancel_sent) {
+        c->cancel_sent = true;
+        c->cancel_shutdown = shutdown;
+        doit = true;
+    }
+    pthread_mutex_unlock(&g->mu);
+    if (doit) {
+        atomic_fetch_add(shutdown ? &g->s->canceled_shutdown : &g->s->canceled_hangup, 1);
+        keel_request_cancel(c->req);
+    }
+}
+
+/* Cancels every keel request in flight (the drain's exit timeout, or stop). */
+static void cancel_all(srv_grpc *g)
+{
+    gcall **list = NULL;
+    size_t n = 0;
+
+    pthread_mutex_lock(&g->mu);
+    if (g->ninflight > 0 && (list = calloc(g->ninflight, sizeof(*list))) != NULL) {
+        for (gcall *c = g->inflight; c != NULL; c = c->next) {
+            if (c->cancel_sent)
+                continue;
+            atomic_fetch_add(&c->refs, 1); /* pinned while we cancel it */
+            list[n++] = c;
+        }
+    }
+    pthread_mutex_unlock(&g->mu);
+    for (size_t i = 0; i < n; i++) {
+        cancel_call(g, list[i], true);
+        call_unref(list[i]);
+    }
+    free(list);
+}
+
+/* ---------------------------------------------------------------- the CQ thread */
+
+static void accept_next(srv_grpc *g);
+
+static rpc_id rpc_of(const grpc_slice *method)
+{
+    size_t len = GRPC_SLICE_LENGTH(*method);
+    const char *p = (const char *)GRPC_SLICE_START_PTR(*method);
+
+    for (size_t i = 0; i < sizeof(rpcs) / sizeof(rpcs[0]); i++) {
+        if (strlen(rpcs[i].path) == len && memcmp(rpcs[i].path, p, len) == 0)
+            return rpcs[i].id;
+    }
+    return RPC_UNKNOWN;
+}
+
+static void on_new(gcall *c, bool ok)
+{
+    srv_grpc *g = c->g;
+    grpc_op op;
+    size_t alive;
+
+    g->accepting = false;
+    if (!ok) {
+        /* The server is shutting down: no call came. */
+        call_unref(c);
+        return;
+    }
+    accept_next(g);
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    op.data.recv_close_on_server.cancelled = &c->cancelled;
+    atomic_fetch_add(&c->refs, 1);
+    if (grpc_call_start_batch(c->call, &op, 1, &c->t_close, NULL) != GRPC_CALL_OK)
+        call_unref(c);
+    c->rpc = rpc_of(&c->details.method);
+    alive = atomic_load(&g->ncalls);
+    if (c->rpc == RPC_UNKNOWN) {
+        char path[160];
+        size_t len = GRPC_SLICE_LENGTH(c->details.method);
+        snprintf(path, sizeof(path), "%.*s", (int)(len < 128 ? len : 128),
+                 (const char *)GRPC_SLICE_START_PTR(c->details.method));
+        call_send_error(c, GRPC_STATUS_UNIMPLEMENTED, "keel does not implement %s", path);
+    } else if (alive - 1 > g->max_calls) {
+        /* alive counts the next accept's call too. */
+        call_send_error(c, GRPC_STATUS_UNAVAILABLE,
+                        "too many calls in progress (%zu; --max-connections %zu)", alive - 1,
+                        g->max_calls);
+    } else {
+        memset(&op, 0, sizeof(op));
+        op.op = GRPC_OP_RECV_MESSAGE;
+        op.data.recv_message.recv_message = &c->recv_buf;
+        atomic_fetch_add(&c->refs, 1);
+        if (grpc_call_start_batch(c->call, &op, 1, &c->t_recv, NULL) != GRPC_CALL_OK)
+            call_unref(c);
+    }
+    call_unref(c); /* the accept's reference */
+}
+
+static void on_recv(gcall *c, bool ok)
+{
+    if (!ok)
+        call_send_error(c, GRPC_STATUS_CANCELLED, "the request message could not be read");
+    else if (c->rpc == RPC_INFER)
+        rpc_infer(c);
+    else
+        rpc_sync(c);
+    call_unref(c);
+}
+
+static void on_close(gcall *c)
+{
+    if (c->cancelled)
+        cancel_call(c->g, c, false);
+    call_unref(c);
+}
+
+/* Keeps one grpc_server_request_call outstanding (CQ thread; and once at start). */
+static void accept_next(srv_grpc *g)
+{
+    gcall *c;
+    grpc_call_error ce;
+
+    if (g->accepting)
+        return;
+    if ((c = calloc(1, sizeof(*c))) == NULL) {
+        keel__srv_log(KEEL_LOG_ERROR, "gRPC: out of memory: cannot accept calls", NULL);
+        return;
+    }
+    c->g = g;
+    c->t_new = (gtag){c, TAG_NEW};
+    c->t_recv = (gtag){c, TAG_RECV};
+    c->t_send = (gtag){c, TAG_SEND};
+    c->t_close = (gtag){c, TAG_CLOSE};
+    atomic_init(&c->refs, 1);
+    grpc_call_details_init(&c->details);
+    grpc_metadata_array_init(&c->md);
+    atomic_fetch_add(&g->ncalls, 1);
+    ce = grpc_server_request_call(g->server, &c->call, &c->details, &c->md, g->cq, g->cq,
+                                  &c->t_new);
+    if (ce != GRPC_CALL_OK) {
+        keel__srv_log(KEEL_LOG_ERROR, "gRPC: cannot accept calls", "error",
+                      grpc_call_error_to_string(ce), NULL);
+        call_unref(c);
+        return;
+    }
+    g->accepting = true;
+}
+
+static void *cq_main(void *arg)
+{
+    srv_grpc *g = arg;
+    bool cancelled_all = false;
+    uint64_t last_check = 0;
+
+    for (;;) {
+        gpr_timespec dl = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                       gpr_time_from_millis(POLL_MS, GPR_TIMESPAN));
+        grpc_event ev = grpc_completion_queue_next(g->cq, dl, NULL);
+        uint64_t now;
+
+        if (ev.type == GRPC_QUEUE_SHUTDOWN)
+            break;
+        if (ev.type == GRPC_OP_COMPLETE) {
+            if (ev.tag == &g->shutdown_tag) {
+                pthread_mutex_lock(&g->mu);
+                g->shutdown_done = true;
+                pthread_cond_broadcast(&g->cv);
+                pthread_mutex_unlock(&g->mu);
+            } else {
+                gtag *t = ev.tag;
+                switch (t->kind) {
+                case TAG_NEW:
+                    on_new(t->c, ev.success != 0);
+                    break;
+                case TAG_RECV:
+                    on_recv(t->c, ev.success != 0);
+                    break;
+                case TAG_SEND:
+                    call_unref(t->c);
+                    break;
+                case TAG_CLOSE:
+                    on_close(t->c);
+                    break;
+                }
+            }
+        }
+        /* The drain's exit timeout (or stop) cancels what is still in flight. */
+        now = mono_ns();
+        if (!cancelled_all && now - last_check >= (uint64_t)POLL_MS * 1000000u) {
+            bool all;
+            last_check = now;
+            pthread_mutex_lock(&g->s->mu);
+            all = g->s->cancel_all;
+            pthread_mutex_unlock(&g->s->mu);
+            pthread_mutex_lock(&g->mu);
+            all |= g->stopping;
+            pthread_mutex_unlock(&g->mu);
+            if (all) {
+                cancel_all(g);
+                cancelled_all = true;
+            }
+        } else if (cancelled_all) {
+            cancel_all(g); /* late arrivals (cheap: the list is short or empty) */
+        }
+    }
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- start / stop */
+
+static void grpc_log(gpr_log_func_args *a)
+{
+    keel__srv_log(a->severity == GPR_LOG_SEVERITY_ERROR ? KEEL_LOG_WARN : KEEL_LOG_DEBUG,
+                  "grpc library", "message", a->message, NULL);
+}
+
+static void grpc_free(srv_grpc *g)
+{
+    if (g->server != NULL)
+        grpc_server_destroy(g->server);
+    if (g->cq != NULL)
+        grpc_completion_queue_destroy(g->cq);
+    pthread_cond_destroy(&g->cv);
+    pthread_mutex_destroy(&g->mu);
+    free(g);
+    grpc_shutdown();
+}
+
+keel_err keel__grpc_start(keel_srv *s)
+{
+    const keel_server_opts *o = s->opts;
+    const char *addr = o->grpc_address != NULL ? o->grpc_address : o->http_address;
+    srv_grpc *g;
+    grpc_arg args[4];
+    grpc_channel_args cargs;
+    grpc_server_credentials *creds;
+    char target[INET6_ADDRSTRLEN + 16];
+    struct in6_addr a6;
+    struct in_addr a4;
+    bool v6;
+
+    if (strcmp(addr, "localhost") == 0)
+        addr = "127.0.0.1";
+    v6 = inet_pton(AF_INET6, addr, &a6) == 1;
+    if (!v6 && inet_pton(AF_INET, addr, &a4) != 1) {
+        keel__srv_log(KEEL_LOG_ERROR, "--grpc-address is not an IPv4 or IPv6 address", "address",
+                      addr, NULL);
+        return KEEL_EINVAL;
+    }
+    if ((g = calloc(1, sizeof(*g))) == NULL)
+        return KEEL_ENOMEM;
+    if (pthread_mutex_init(&g->mu, NULL) != 0) {
+        free(g);
+        return KEEL_ENOMEM;
+    }
+    if (pthread_cond_init(&g->cv, NULL) != 0) {
+        pthread_mutex_destroy(&g->mu);
+        free(g);
+        return KEEL_ENOMEM;
+    }
+    g->s = s;
+    g->max_calls = o->max_connections;
+    snprintf(g->addr, sizeof(g->addr), "%s", addr);
+    atomic_init(&g->ncalls, 0);
+
+    gpr_set_log_function(grpc_log);
+    gpr_set_log_verbosity(keel__srv_log_on(KEEL_LOG_DEBUG) ? GPR_LOG_SEVERITY_INFO
+                                                           : GPR_LOG_SEVERITY_ERROR);
+    grpc_init();
+    memset(args, 0, sizeof(args));
+    args[0].type = GRPC_ARG_INTEGER;
+    args[0].key = GRPC_ARG_ALLOW_REUSEPORT;
+    args[0].value.integer = 0; /* a port in use is an error, not a shared port */
+    args[1].type = GRPC_ARG_INTEGER;
+    args[1].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+    args[1].value.integer = (int)o->max_request_bytes; /* <= INT32_MAX: checked by the options */
+    args[2].type = GRPC_ARG_INTEGER;
+    args[2].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
+    args[2].value.integer = -1; /* answers are as large as the model makes them */
+    args[3].type = GRPC_ARG_INTEGER;
+    args[3].key = GRPC_ARG_MAX_CONCURRENT_STREAMS;
+    args[3].value.integer = (int)(o->max_connections > 0 ? o->max_connections : 1);
+    cargs.num_args = 4;
+    cargs.args = args;
+    g->cq = grpc_completion_queue_create_for_next(NULL);
+    g->server = grpc_server_create(&cargs, NULL);
+    grpc_server_register_completion_queue(g->server, g->cq, NULL);
+    snprintf(target, sizeof(target), v6 ? "[%s]:%d" : "%s:%d", addr, o->grpc_port);
+    creds = grpc_insecure_server_credentials_create();
+    g->port = grpc_server_add_http2_port(g->server, target, creds);
+    grpc_server_credentials_release(creds);
+    if (g->port <= 0) {
+        char pbuf[16];
+        keel__srv_log(KEEL_LOG_ERROR, "cannot listen for gRPC (port in use?)", "address", addr,
+                      "port", keel__srv_fmt(pbuf, sizeof(pbuf), "%d", o->grpc_port), NULL);
+        grpc_server_destroy(g->server);
+        g->server = NULL;
+        grpc_free(g);
+        return KEEL_EIO;
+    }
+    grpc_server_start(g->server);
+    accept_next(g);
+    if (pthread_create(&g->thread, NULL, cq_main, g) != 0) {
+        keel__srv_log(KEEL_LOG_ERROR, "cannot start the gRPC thread", NULL);
+        s->grpc = g;
+        keel__grpc_stop(s);
+        return KEEL_ENOMEM;
+    }
+    g->thread_started = true;
+    s->grpc = g;
+    return KEEL_OK;
+}
+
+void keel__grpc_print_listening(keel_srv *s)
+{
+    char pbuf[16];
+
+    if (s->grpc == NULL)
+        return;
+    printf("level=info msg=listening protocol=grpc address=%s port=%d\n", s->grpc->addr,
+           s->grpc->port);
+    fflush(stdout);
+    keel__srv_log(KEEL_LOG_INFO, "listening", "protocol", "grpc", "address", s->grpc->addr,
+                  "port", keel__srv_fmt(pbuf, sizeof(pbuf), "%d", s->grpc->port), NULL);
+}
+
+static bool wait_until(srv_grpc *g, bool (*cond)(srv_grpc *), uint64_t ms)
+{
+    uint64_t end = mono_ns() + ms * 1000000u;
+    bool ok;
+
+    pthread_mutex_lock(&g->mu);
+    while (!(ok = cond(g)) && mono_ns() < end) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 20 * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&g->cv, &g->mu, &ts);
+    }
+    pthread_mutex_unlock(&g->mu);
+    return ok;
+}
+
+static bool no_inflight(srv_grpc *g)
+{
+    return g->ninflight == 0;
+}
+
+static bool shut_down(srv_grpc *g)
+{
+    return g->shutdown_done;
+}
+
+void keel__grpc_stop(keel_srv *s)
+{
+    srv_grpc *g = s->grpc;
+
+    if (g == NULL)
+        return;
+    s->grpc = NULL;
+    /* No new calls; the outstanding accept completes with success = 0. */
+    grpc_server_shutdown_and_notify(g->server, g->cq, &g->shutdown_tag);
+    pthread_mutex_lock(&g->mu);
+    g->stopping = true; /* the CQ thread cancels keel requests still in flight */
+    pthread_mutex_unlock(&g->mu);
+    if (g->thread_started) {
+        /* In flight: their completion callbacks still start batches on this queue, so the
+         * queue may only shut down once every one of them ran. */
+        while (!wait_until(g, no_inflight, 5000))
+            keel__srv_log(KEEL_LOG_WARN, "gRPC: waiting for running requests to return", NULL);
+        if (!wait_until(g, shut_down, STOP_WAIT_MS)) {
+            keel__srv_log(KEEL_LOG_WARN, "gRPC: cancelling calls still open", NULL);
+            grpc_server_cancel_all_calls(g->server);
+            while (!wait_until(g, shut_down, 5000))
+                ;
+        }
+        grpc_completion_queue_shutdown(g->cq);
+        pthread_join(g->thread, NULL);
+    } else {
+        grpc_server_cancel_all_calls(g->server);
+        grpc_completion_queue_shutdown(g->cq);
+        for (;;) {
+            grpc_event ev =
+                grpc_completion_queue_next(g->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+            if (ev.type == GRPC_QUEUE_SHUTDOWN)
+                break;
+            if (ev.type == GRPC_OP_COMPLETE && ev.tag != &g->shutdown_tag)
+                call_unref(((gtag *)ev.tag)->c);
+        }
+    }
+    grpc_free(g);
+}
