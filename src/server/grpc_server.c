@@ -159,6 +159,18 @@ static uint64_t mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+const char *keel__grpc_code_name(int code)
+{
+    static const char *const names[17] = {
+        "OK",          "CANCELLED",         "UNKNOWN",        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED", "NOT_FOUND",   "ALREADY_EXISTS", "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+        "UNIMPLEMENTED", "INTERNAL",        "UNAVAILABLE",    "DATA_LOSS",
+        "UNAUTHENTICATED"};
+
+    return code >= 0 && code < 17 ? names[code] : "UNKNOWN";
+}
+
 /* The gRPC status of a keel error, as Triton maps its own. */
 static grpc_status_code grpc_code(keel_err e)
 {
@@ -717,7 +729,7 @@ static void cancel_call(srv_grpc *g, gcall *c, bool shutdown)
     }
     pthread_mutex_unlock(&g->mu);
     if (doit) {
-        atomic_fetch_add(shutdown ? &g->s->canceled_shutdown : &g->s->canceled_hangup, 1);
+        atomic_fetch_add(&g->s->grpc_canceled[shutdown ? 1 : 0], 1);
         keel_request_cancel(c->req);
     }
 }

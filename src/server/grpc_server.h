@@ -19,5 +19,7 @@ void keel__grpc_print_listening(keel_srv *s);
 /* Stops accepting calls, cancels keel requests still in flight, waits for every call to end
  * and shuts gRPC down. Runs after the drain; accepts a server without gRPC. */
 void keel__grpc_stop(keel_srv *s);
+/* "OK", "CANCELLED", ... for gRPC status code 0..16 (metrics labels); any thread. */
+const char *keel__grpc_code_name(int code);
 
 #endif

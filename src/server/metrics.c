@@ -19,6 +19,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include "grpc_server.h"
 #include "server_internal.h"
 
 /* ---------------------------------------------------------------- a growable buffer */
@@ -481,6 +482,22 @@ char *keel__srv_metrics_render(keel_srv *s, size_t *len)
               atomic_load(&s->canceled_hangup));
     sb_printf(&b, "keel_http_cancelled_requests_total{cause=\"shutdown\"} %" PRIu64 "\n",
               atomic_load(&s->canceled_shutdown));
+    family(&b, "keel_grpc_responses_total", "counter",
+           "gRPC calls answered, by status code (only codes that occurred).");
+    for (int k = 0; k < 17; k++) {
+        uint64_t calls = atomic_load(&s->grpc_status[k]);
+        if (calls > 0 || k == 0)
+            sb_printf(&b, "keel_grpc_responses_total{code=\"%s\"} %" PRIu64 "\n",
+                      keel__grpc_code_name(k), calls);
+    }
+    family(&b, "keel_grpc_cancelled_requests_total", "counter",
+           "gRPC inference requests cancelled, by cause (client: the client cancelled the "
+           "call or its deadline passed while it waited; shutdown: still in flight at the "
+           "exit timeout).");
+    sb_printf(&b, "keel_grpc_cancelled_requests_total{cause=\"client\"} %" PRIu64 "\n",
+              atomic_load(&s->grpc_canceled[0]));
+    sb_printf(&b, "keel_grpc_cancelled_requests_total{cause=\"shutdown\"} %" PRIu64 "\n",
+              atomic_load(&s->grpc_canceled[1]));
 
     if (proc_rss_bytes(&v)) {
         family(&b, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
