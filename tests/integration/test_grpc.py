@@ -408,8 +408,9 @@ def test_deadline_exceeded_while_queued():
     errors = []
 
     def action():
-        for _ in range(3):
-            errors.append(rpc_error(stub().ModelInfer, slow_rows_request(1), timeout=0.2))
+        futs = [stub().ModelInfer.future(slow_rows_request(1), timeout=0.2) for _ in range(3)]
+        for f in futs:
+            errors.append(rpc_error(f.result))
         return 0
 
     ran, before, after = while_blocked(action)
