@@ -32,6 +32,13 @@ packages=(
     libpng-dev          # ships examples/pngtest.png (interlaced), a PNG reference image
     python3-pil         # the PNG decoding reference; test images for test_preprocess_http
     python-matplotlib-data # grace_hopper.jpg, the JPEG reference image
+    # gRPC (keel serve --grpc-port): build and run
+    libgrpc-dev            # gRPC's C core (pkg-config grpc)
+    libprotobuf-c-dev      # protobuf-c runtime for the generated message code
+    protobuf-c-compiler    # protoc-c: generates that code from src/server/proto at build time
+    # gRPC: tests only
+    python3-grpcio         # the integration tests' gRPC client
+    python3-grpc-tools     # grpc_tools.protoc: Python stubs from keel's .proto at test time
 )
 
 missing=()

@@ -296,13 +296,14 @@ static keel_err decode_params(const Inference__ModelInferRequest *m, keel_reques
         if (strcmp(key, "timeout") == 0) {
             /* Triton's request timeout, in microseconds. */
             if (p != NULL &&
-                p->parameter_choice_case == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM &&
+                p->parameter_choice_case ==
+                    INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM &&
                 p->int64_param >= 0) {
                 *timeout_us = (uint64_t)p->int64_param;
                 continue;
             }
-            if (p != NULL &&
-                p->parameter_choice_case == INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM) {
+            if (p != NULL && p->parameter_choice_case ==
+                                 INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM) {
                 *timeout_us = p->uint64_param;
                 continue;
             }
@@ -441,21 +442,19 @@ keel_err keel__grpc_decode_infer(const Inference__ModelInferRequest *m, keel_req
                 return e;
             data = owned;
         }
-        e = keel_request_add_input(req, t->name, dt, t->shape, t->n_shape,
-                                   data != NULL ? data : "", bytes);
+        e = keel_request_add_input(req, t->name, dt, t->shape, t->n_shape, data != NULL ? data : "",
+                                   bytes);
         free(owned);
         if (e != KEEL_OK)
-            return fail(err, errlen, e == KEEL_ENOMEM ? KEEL_ENOMEM : KEEL_EINVAL,
-                        "inputs[%zu]: %s", i,
-                        keel_request_error(req)[0] != '\0' ? keel_request_error(req)
-                                                           : keel_strerror(e));
+            return fail(
+                err, errlen, e == KEEL_ENOMEM ? KEEL_ENOMEM : KEEL_EINVAL, "inputs[%zu]: %s", i,
+                keel_request_error(req)[0] != '\0' ? keel_request_error(req) : keel_strerror(e));
     }
     for (size_t i = 0; i < m->n_outputs; i++) {
         if ((e = keel_request_add_output(req, m->outputs[i]->name)) != KEEL_OK)
-            return fail(err, errlen, e == KEEL_ENOMEM ? KEEL_ENOMEM : KEEL_EINVAL,
-                        "outputs[%zu]: %s", i,
-                        keel_request_error(req)[0] != '\0' ? keel_request_error(req)
-                                                           : keel_strerror(e));
+            return fail(
+                err, errlen, e == KEEL_ENOMEM ? KEEL_ENOMEM : KEEL_EINVAL, "outputs[%zu]: %s", i,
+                keel_request_error(req)[0] != '\0' ? keel_request_error(req) : keel_strerror(e));
     }
     return KEEL_OK;
 }
@@ -501,7 +500,8 @@ keel_err keel__grpc_infer_out_fill(grpc_infer_out *o, const keel_request *req, c
             e = keel_request_output(req, i, &v);
         if (e != KEEL_OK) {
             keel__grpc_infer_out_fini(o);
-            return fail(err, errlen, KEEL_EINTERNAL, "requested output '%s' is missing from the result",
+            return fail(err, errlen, KEEL_EINTERNAL,
+                        "requested output '%s' is missing from the result",
                         m != NULL && m->n_outputs > 0 ? m->outputs[i]->name : "?");
         }
         o->tensors[i] = tinit;
@@ -652,8 +652,8 @@ static int store(const ProtobufCFieldDescriptor *f, const json_t *v, void *p)
         if (json_is_string(v))
             s = strdup(json_string_value(v));
         else if (json_is_integer(v))
-            s = strdup((snprintf(buf, sizeof(buf), "%" JSON_INTEGER_FORMAT, json_integer_value(v)),
-                        buf));
+            s = strdup(
+                (snprintf(buf, sizeof(buf), "%" JSON_INTEGER_FORMAT, json_integer_value(v)), buf));
         else
             return 0;
         if (s == NULL)

@@ -60,8 +60,8 @@
 #include "keel_inference.pb-c.h"
 #include "server_internal.h"
 
-#define POLL_MS 50          /* the CQ thread checks s->cancel_all this often when idle */
-#define STOP_WAIT_MS 5000   /* at stop: longest wait for calls to end before cancelling them */
+#define POLL_MS 50        /* the CQ thread checks s->cancel_all this often when idle */
+#define STOP_WAIT_MS 5000 /* at stop: longest wait for calls to end before cancelling them */
 #define ERRLEN SRV_MSG_LEN
 
 typedef enum rpc_id {
@@ -139,12 +139,12 @@ struct srv_grpc {
     int shutdown_tag; /* its address is the tag of grpc_server_shutdown_and_notify */
 
     pthread_mutex_t mu;
-    pthread_cond_t cv;   /* the in-flight list emptied, the server shut down */
-    gcall *inflight;     /* calls whose keel request is in flight */
+    pthread_cond_t cv; /* the in-flight list emptied, the server shut down */
+    gcall *inflight;   /* calls whose keel request is in flight */
     size_t ninflight;
-    bool stopping;       /* keel__grpc_stop began: cancel whatever is in flight */
-    bool shutdown_done;  /* the shutdown tag arrived */
-    bool accepting;      /* CQ thread only: a request_call is outstanding */
+    bool stopping;        /* keel__grpc_stop began: cancel whatever is in flight */
+    bool shutdown_done;   /* the shutdown tag arrived */
+    bool accepting;       /* CQ thread only: a request_call is outstanding */
     atomic_size_t ncalls; /* calls alive (accepted, not freed) */
     size_t max_calls;
 };
@@ -161,12 +161,23 @@ static uint64_t mono_ns(void)
 
 const char *keel__grpc_code_name(int code)
 {
-    static const char *const names[17] = {
-        "OK",          "CANCELLED",         "UNKNOWN",        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED", "NOT_FOUND",   "ALREADY_EXISTS", "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-        "UNIMPLEMENTED", "INTERNAL",        "UNAVAILABLE",    "DATA_LOSS",
-        "UNAUTHENTICATED"};
+    static const char *const names[17] = {"OK",
+                                          "CANCELLED",
+                                          "UNKNOWN",
+                                          "INVALID_ARGUMENT",
+                                          "DEADLINE_EXCEEDED",
+                                          "NOT_FOUND",
+                                          "ALREADY_EXISTS",
+                                          "PERMISSION_DENIED",
+                                          "RESOURCE_EXHAUSTED",
+                                          "FAILED_PRECONDITION",
+                                          "ABORTED",
+                                          "OUT_OF_RANGE",
+                                          "UNIMPLEMENTED",
+                                          "INTERNAL",
+                                          "UNAVAILABLE",
+                                          "DATA_LOSS",
+                                          "UNAUTHENTICATED"};
 
     return code >= 0 && code < 17 ? names[code] : "UNKNOWN";
 }
@@ -431,8 +442,8 @@ static void rpc_sync(gcall *c)
 
     switch (c->rpc) {
     case RPC_LIVE: {
-        Inference__ServerLiveRequest *q =
-            (Inference__ServerLiveRequest *)recv_msg(c, &inference__server_live_request__descriptor);
+        Inference__ServerLiveRequest *q = (Inference__ServerLiveRequest *)recv_msg(
+            c, &inference__server_live_request__descriptor);
         Inference__ServerLiveResponse a = INFERENCE__SERVER_LIVE_RESPONSE__INIT;
         if (q == NULL)
             return;
@@ -467,8 +478,9 @@ static void rpc_sync(gcall *c)
         }
         grpc__health__v1__health_check_request__free_unpacked(q, NULL);
         run_route(g, ROUTE_READY, NULL, -1, NULL, &r);
-        a.status = r.status == 200 ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
-                                   : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
+        a.status = r.status == 200
+                       ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
+                       : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
         free(r.body);
         call_send(c, &a.base, GRPC_STATUS_OK, NULL);
         return;
@@ -598,8 +610,8 @@ static void on_infer_done(keel_request *req, keel_err status, void *user)
 
     if (status == KEEL_OK) {
         grpc_infer_out o;
-        keel_err e = keel__grpc_infer_out_fill(&o, req, c->msg->model_name, c->msg, err,
-                                               sizeof(err));
+        keel_err e =
+            keel__grpc_infer_out_fill(&o, req, c->msg->model_name, c->msg, err, sizeof(err));
         if (e == KEEL_OK)
             call_send(c, &o.resp.base, GRPC_STATUS_OK, NULL);
         else
@@ -855,8 +867,8 @@ static void accept_next(srv_grpc *g)
     grpc_call_details_init(&c->details);
     grpc_metadata_array_init(&c->md);
     atomic_fetch_add(&g->ncalls, 1);
-    ce = grpc_server_request_call(g->server, &c->call, &c->details, &c->md, g->cq, g->cq,
-                                  &c->t_new);
+    ce =
+        grpc_server_request_call(g->server, &c->call, &c->details, &c->md, g->cq, g->cq, &c->t_new);
     if (ce != GRPC_CALL_OK) {
         keel__srv_log(KEEL_LOG_ERROR, "gRPC: cannot accept calls", "error",
                       grpc_call_error_to_string(ce), NULL);
@@ -873,8 +885,8 @@ static void *cq_main(void *arg)
     uint64_t last_check = 0;
 
     for (;;) {
-        gpr_timespec dl = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                                       gpr_time_from_millis(POLL_MS, GPR_TIMESPAN));
+        gpr_timespec dl =
+            gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(POLL_MS, GPR_TIMESPAN));
         grpc_event ev = grpc_completion_queue_next(g->cq, dl, NULL);
         uint64_t now;
 
@@ -1040,8 +1052,8 @@ void keel__grpc_print_listening(keel_srv *s)
     printf("level=info msg=listening protocol=grpc address=%s port=%d\n", s->grpc->addr,
            s->grpc->port);
     fflush(stdout);
-    keel__srv_log(KEEL_LOG_INFO, "listening", "protocol", "grpc", "address", s->grpc->addr,
-                  "port", keel__srv_fmt(pbuf, sizeof(pbuf), "%d", s->grpc->port), NULL);
+    keel__srv_log(KEEL_LOG_INFO, "listening", "protocol", "grpc", "address", s->grpc->addr, "port",
+                  keel__srv_fmt(pbuf, sizeof(pbuf), "%d", s->grpc->port), NULL);
 }
 
 static bool wait_until(srv_grpc *g, bool (*cond)(srv_grpc *), uint64_t ms)

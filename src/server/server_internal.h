@@ -155,7 +155,7 @@ struct keel_srv {
 
     /* gRPC (grpc_server.c); NULL with --grpc-port -1. */
     struct srv_grpc *grpc;
-    _Atomic uint64_t grpc_status[17]; /* calls answered, by gRPC status code (0 OK ... 16) */
+    _Atomic uint64_t grpc_status[17];  /* calls answered, by gRPC status code (0 OK ... 16) */
     _Atomic uint64_t grpc_canceled[2]; /* [0] by the client (cancel, deadline), [1] shutdown */
 
     /* The model-control thread (server_control.c). */

@@ -79,9 +79,9 @@ void keel__srv_not_served(keel_srv *s, const char *model, int64_t version, srv_o
     } else if (row->state == KEEL_MODEL_LOADING) {
         keel__srv_outcome_set(o, KEEL_EUNAVAILABLE, "model '%s' is loading", model);
     } else if (row->state == KEEL_MODEL_FAILED) {
-        keel__srv_outcome_set(
-            o, KEEL_EUNAVAILABLE, "model '%s' failed to load: %s", model,
-            row->last_error_msg[0] != '\0' ? row->last_error_msg : keel_strerror(row->last_error));
+        keel__srv_outcome_set(o, KEEL_EUNAVAILABLE, "model '%s' failed to load: %s", model,
+                              row->last_error_msg[0] != '\0' ? row->last_error_msg
+                                                             : keel_strerror(row->last_error));
     } else if (any_ready) {
         /* It became ready between the caller's check and this one. */
         keel__srv_outcome_set(o, KEEL_EUNAVAILABLE, "model '%s' is not ready", model);
