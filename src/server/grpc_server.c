@@ -72,6 +72,7 @@ typedef enum rpc_id {
     RPC_SERVER_META,
     RPC_MODEL_META,
     RPC_INFER,
+    RPC_STREAM,
     RPC_CONFIG,
     RPC_STATS,
     RPC_INDEX,
@@ -88,13 +89,14 @@ static const struct {
     {"/inference.GRPCInferenceService/ServerMetadata", RPC_SERVER_META},
     {"/inference.GRPCInferenceService/ModelMetadata", RPC_MODEL_META},
     {"/inference.GRPCInferenceService/ModelInfer", RPC_INFER},
+    {"/inference.GRPCInferenceService/ModelStreamInfer", RPC_STREAM},
     {"/inference.GRPCInferenceService/ModelConfig", RPC_CONFIG},
     {"/inference.GRPCInferenceService/ModelStatistics", RPC_STATS},
     {"/inference.GRPCInferenceService/RepositoryIndex", RPC_INDEX},
     {"/grpc.health.v1.Health/Check", RPC_HEALTH},
 };
 
-typedef enum tag_kind { TAG_NEW, TAG_RECV, TAG_SEND, TAG_CLOSE } tag_kind;
+typedef enum tag_kind { TAG_NEW, TAG_RECV, TAG_SEND, TAG_CLOSE, TAG_WRITE } tag_kind;
 
 typedef struct gcall gcall;
 typedef struct gtag {
@@ -104,12 +106,33 @@ typedef struct gtag {
 
 typedef struct srv_grpc srv_grpc;
 
+/* One keel request of a call: the call's own for ModelInfer, one per message of a stream. */
+typedef struct gjob gjob;
+struct gjob {
+    gcall *c; /* holds a reference on c until the job is finished */
+    keel_request *req;
+    Inference__ModelInferRequest *msg; /* the requested outputs, for the answer */
+    int64_t version;
+    bool in_flight;       /* under g->mu: submitted, completion not yet run */
+    bool cancel_sent;     /* under g->mu: keel_request_cancel called (once) */
+    bool cancel_shutdown; /* under g->mu: ... by the drain's exit timeout */
+    bool pinned;          /* under g->mu: a canceller is using the job; it finishes it */
+    bool finish_pending;  /* under g->mu: completed while pinned */
+    gjob *prev, *next;    /* g->inflight, under g->mu */
+};
+
+/* A stream answer waiting for the write in progress. */
+typedef struct gwrite {
+    grpc_byte_buffer *bb;
+    struct gwrite *next;
+} gwrite;
+
 struct gcall {
     srv_grpc *g;
     grpc_call *call;
     grpc_call_details details;
     grpc_metadata_array md;
-    gtag t_new, t_recv, t_send, t_close;
+    gtag t_new, t_recv, t_send, t_close, t_write;
     atomic_int refs;
     rpc_id rpc;
     grpc_byte_buffer *recv_buf;
@@ -118,14 +141,16 @@ struct gcall {
     grpc_slice status_details;
     bool have_details;
 
-    /* ModelInfer */
-    keel_request *req;
-    Inference__ModelInferRequest *msg; /* the requested outputs, for the answer */
-    int64_t version;
-    bool in_flight;       /* under g->mu: submitted, completion not yet run */
-    bool cancel_sent;     /* under g->mu: keel_request_cancel called (once) */
-    bool cancel_shutdown; /* under g->mu: ... by the drain's exit timeout */
-    gcall *prev, *next;   /* g->inflight, under g->mu */
+    gjob unary; /* ModelInfer */
+
+    /* ModelStreamInfer, under g->mu: one write at a time, the rest queued in order. */
+    bool sent_initial;           /* initial metadata went out (by the writer) */
+    bool writing;                /* a write batch is in progress */
+    gwrite *wq_head, *wq_tail;   /* answers waiting for it */
+    grpc_byte_buffer *write_buf; /* the write in progress */
+    bool reads_done;             /* the client half-closed (or the read failed) */
+    size_t jobs_out;             /* jobs not finished */
+    bool finished;               /* the status is being sent */
 };
 
 struct srv_grpc {
@@ -140,12 +165,13 @@ struct srv_grpc {
 
     pthread_mutex_t mu;
     pthread_cond_t cv; /* the in-flight list emptied, the server shut down */
-    gcall *inflight;   /* calls whose keel request is in flight */
+    gjob *inflight;    /* jobs whose keel request is in flight */
     size_t ninflight;
-    bool stopping;        /* keel__grpc_stop began: cancel whatever is in flight */
-    bool shutdown_done;   /* the shutdown tag arrived */
-    bool accepting;       /* CQ thread only: a request_call is outstanding */
-    atomic_size_t ncalls; /* calls alive (accepted, not freed) */
+    bool stopping;          /* keel__grpc_stop began: cancel whatever is in flight */
+    bool shutdown_done;     /* the shutdown tag arrived */
+    bool accepting;         /* CQ thread only: a request_call is outstanding */
+    atomic_size_t ncalls;   /* calls alive (accepted, not freed) */
+    atomic_size_t nstreams; /* of which ModelStreamInfer calls */
     size_t max_calls;
 };
 
@@ -239,9 +265,19 @@ static void call_free(gcall *c)
         grpc_byte_buffer_destroy(c->send_buf);
     if (c->have_details)
         grpc_slice_unref(c->status_details);
-    keel_request_destroy(c->req);
-    if (c->msg != NULL)
-        protobuf_c_message_free_unpacked(&c->msg->base, NULL);
+    if (c->write_buf != NULL)
+        grpc_byte_buffer_destroy(c->write_buf);
+    while (c->wq_head != NULL) {
+        gwrite *w = c->wq_head;
+        c->wq_head = w->next;
+        grpc_byte_buffer_destroy(w->bb);
+        free(w);
+    }
+    keel_request_destroy(c->unary.req);
+    if (c->unary.msg != NULL)
+        protobuf_c_message_free_unpacked(&c->unary.msg->base, NULL);
+    if (c->rpc == RPC_STREAM)
+        atomic_fetch_sub(&g->nstreams, 1);
     free(c);
     atomic_fetch_sub(&g->ncalls, 1);
 }
@@ -258,6 +294,19 @@ static void call_unref(gcall *c)
         call_free(c);
 }
 
+/* The message packed into a byte buffer. */
+static grpc_byte_buffer *pack(const ProtobufCMessage *msg)
+{
+    size_t len = protobuf_c_message_get_packed_size(msg);
+    grpc_slice sl = grpc_slice_malloc(len);
+    grpc_byte_buffer *bb;
+
+    protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(sl));
+    bb = grpc_raw_byte_buffer_create(&sl, 1);
+    grpc_slice_unref(sl);
+    return bb;
+}
+
 /*
  * Sends the answer: initial metadata, the message (packed from msg if not NULL) and the
  * status. Consumes nothing of the caller's; any thread. The call keeps one reference for
@@ -271,18 +320,13 @@ static void call_send(gcall *c, const ProtobufCMessage *msg, grpc_status_code co
     grpc_call_error ce;
 
     memset(ops, 0, sizeof(ops));
-    if (msg != NULL && code == GRPC_STATUS_OK) {
-        size_t len = protobuf_c_message_get_packed_size(msg);
-        grpc_slice sl = grpc_slice_malloc(len);
-        grpc_byte_buffer *bb;
-        protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(sl));
-        bb = grpc_raw_byte_buffer_create(&sl, 1);
-        grpc_slice_unref(sl);
-        c->send_buf = bb;
+    if (msg != NULL && code == GRPC_STATUS_OK)
+        c->send_buf = pack(msg);
+    if (!c->sent_initial) { /* a stream's writer may have sent it (no write is running now) */
+        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+        ops[n].data.send_initial_metadata.count = 0;
+        n++;
     }
-    ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
-    ops[n].data.send_initial_metadata.count = 0;
-    n++;
     if (c->send_buf != NULL) {
         ops[n].op = GRPC_OP_SEND_MESSAGE;
         ops[n].data.send_message.send_message = c->send_buf;
@@ -577,53 +621,204 @@ static void rpc_sync(gcall *c)
     }
 }
 
-/* ---------------------------------------------------------------- ModelInfer */
+/* ---------------------------------------------------------------- ModelInfer and streams */
 
-static void inflight_unlink_locked(srv_grpc *g, gcall *c)
+static void inflight_unlink_locked(srv_grpc *g, gjob *j)
 {
-    if (c->prev != NULL)
-        c->prev->next = c->next;
+    if (j->prev != NULL)
+        j->prev->next = j->next;
     else
-        g->inflight = c->next;
-    if (c->next != NULL)
-        c->next->prev = c->prev;
-    c->prev = c->next = NULL;
+        g->inflight = j->next;
+    if (j->next != NULL)
+        j->next->prev = j->prev;
+    j->prev = j->next = NULL;
     if (--g->ninflight == 0)
         pthread_cond_broadcast(&g->cv);
 }
 
-/* keel's completion callback: encodes and sends the answer. Its in-flight reference becomes
- * the send batch's (call_send takes one, then the in-flight one is dropped). */
-static void on_infer_done(keel_request *req, keel_err status, void *user)
+static bool stream_should_finish_locked(gcall *c)
 {
-    gcall *c = user;
+    if (c->finished || !c->reads_done || c->jobs_out > 0 || c->writing)
+        return false;
+    c->finished = true;
+    return true;
+}
+
+/* Ends a stream whose reads, jobs and writes are all done: status OK. */
+static void stream_finish(gcall *c)
+{
+    call_send(c, NULL, GRPC_STATUS_OK, NULL);
+}
+
+/* Starts writing bb (consumed) on a stream; the caller set c->writing. Any thread. */
+static void stream_start_write(gcall *c, grpc_byte_buffer *bb)
+{
+    grpc_op ops[2];
+    size_t n = 0;
+
+    memset(ops, 0, sizeof(ops));
+    if (!c->sent_initial) {
+        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+        ops[n].data.send_initial_metadata.count = 0;
+        n++;
+        c->sent_initial = true;
+    }
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n].data.send_message.send_message = bb;
+    n++;
+    c->write_buf = bb;
+    atomic_fetch_add(&c->refs, 1);
+    if (grpc_call_start_batch(c->call, ops, n, &c->t_write, NULL) != GRPC_CALL_OK) {
+        /* Not expected; treat it as a completed write (the next one or the end follows). */
+        keel__srv_log(KEEL_LOG_ERROR, "gRPC: cannot write a stream answer", NULL);
+        c->write_buf = NULL;
+        grpc_byte_buffer_destroy(bb);
+        call_unref(c);
+    }
+}
+
+/* Queues one ModelStreamInferResponse (packed into bb, consumed). Any thread. */
+static void stream_write(gcall *c, grpc_byte_buffer *bb)
+{
     srv_grpc *g = c->g;
-    keel_srv *s = g->s;
-    bool cancel_shutdown;
-    char err[ERRLEN];
+    gwrite *w;
 
     pthread_mutex_lock(&g->mu);
-    c->in_flight = false;
-    cancel_shutdown = c->cancel_shutdown;
-    inflight_unlink_locked(g, c);
+    if (!c->writing) {
+        c->writing = true;
+        pthread_mutex_unlock(&g->mu);
+        stream_start_write(c, bb);
+        return;
+    }
+    pthread_mutex_unlock(&g->mu);
+    if ((w = calloc(1, sizeof(*w))) == NULL) {
+        keel__srv_log(KEEL_LOG_ERROR, "gRPC: out of memory: a stream answer was dropped", NULL);
+        grpc_byte_buffer_destroy(bb);
+        return;
+    }
+    w->bb = bb;
+    pthread_mutex_lock(&g->mu);
+    if (!c->writing) { /* the write finished meanwhile */
+        c->writing = true;
+        pthread_mutex_unlock(&g->mu);
+        free(w);
+        stream_start_write(c, bb);
+        return;
+    }
+    if (c->wq_tail != NULL)
+        c->wq_tail->next = w;
+    else
+        c->wq_head = w;
+    c->wq_tail = w;
+    pthread_mutex_unlock(&g->mu);
+}
+
+/* A write batch completed (CQ thread): start the next one, or end the stream. */
+static void on_write(gcall *c)
+{
+    srv_grpc *g = c->g;
+    gwrite *w;
+    bool finish = false;
+
+    if (c->write_buf != NULL) {
+        grpc_byte_buffer_destroy(c->write_buf);
+        c->write_buf = NULL;
+    }
+    pthread_mutex_lock(&g->mu);
+    if ((w = c->wq_head) != NULL) {
+        c->wq_head = w->next;
+        if (c->wq_head == NULL)
+            c->wq_tail = NULL;
+    } else {
+        c->writing = false;
+        finish = stream_should_finish_locked(c);
+    }
+    pthread_mutex_unlock(&g->mu);
+    if (w != NULL) {
+        stream_start_write(c, w->bb);
+        free(w);
+    } else if (finish) {
+        stream_finish(c);
+    }
+    call_unref(c);
+}
+
+/* A stream answer: the result, or error_message (Triton's way: the stream goes on). */
+static void stream_answer(gcall *c, const Inference__ModelInferResponse *resp, const char *error)
+{
+    Inference__ModelStreamInferResponse a = INFERENCE__MODEL_STREAM_INFER_RESPONSE__INIT;
+
+    a.infer_response = (Inference__ModelInferResponse *)resp;
+    a.error_message = (char *)(error != NULL ? error : "");
+    stream_write(c, pack(&a.base));
+}
+
+/* Last step of a job: its storage (a stream's) and its reference on the call. */
+static void job_finish(gjob *j)
+{
+    gcall *c = j->c;
+    srv_grpc *g = c->g;
+    bool finish = false;
+
+    if (j != &c->unary) {
+        keel_request_destroy(j->req);
+        if (j->msg != NULL)
+            protobuf_c_message_free_unpacked(&j->msg->base, NULL);
+        free(j);
+        pthread_mutex_lock(&g->mu);
+        c->jobs_out--;
+        finish = stream_should_finish_locked(c);
+        pthread_mutex_unlock(&g->mu);
+    }
+    if (finish)
+        stream_finish(c);
+    call_unref(c);
+}
+
+/* keel's completion callback: encodes and sends the answer (a keel worker thread, or the
+ * thread that cancelled a queued request). */
+static void on_job_done(keel_request *req, keel_err status, void *user)
+{
+    gjob *j = user;
+    gcall *c = j->c;
+    srv_grpc *g = c->g;
+    keel_srv *s = g->s;
+    bool cancel_shutdown, defer;
+    char err[ERRLEN];
+    grpc_infer_out o;
+    srv_outcome out;
+    keel_err e = KEEL_OK;
+
+    pthread_mutex_lock(&g->mu);
+    j->in_flight = false;
+    cancel_shutdown = j->cancel_shutdown;
+    inflight_unlink_locked(g, j);
     pthread_mutex_unlock(&g->mu);
 
+    memset(&o, 0, sizeof(o));
     if (status == KEEL_OK) {
-        grpc_infer_out o;
-        keel_err e =
-            keel__grpc_infer_out_fill(&o, req, c->msg->model_name, c->msg, err, sizeof(err));
-        if (e == KEEL_OK)
-            call_send(c, &o.resp.base, GRPC_STATUS_OK, NULL);
-        else
-            call_send(c, NULL, grpc_code(e), err);
-        keel__grpc_infer_out_fini(&o);
+        e = keel__grpc_infer_out_fill(&o, req, j->msg->model_name, j->msg, err, sizeof(err));
+        if (e != KEEL_OK)
+            keel__srv_outcome_set(&out, e, "%s", err);
     } else {
-        srv_outcome out;
-        keel__srv_failed(s, req, status, c->msg->model_name, c->version, cancel_shutdown, &out);
-        call_send(c, NULL, grpc_code(out.err), out.msg);
+        keel__srv_failed(s, req, status, j->msg->model_name, j->version, cancel_shutdown, &out);
     }
+    if (c->rpc == RPC_STREAM)
+        stream_answer(c, status == KEEL_OK && e == KEEL_OK ? &o.resp : NULL,
+                      status == KEEL_OK && e == KEEL_OK ? NULL : out.msg);
+    else if (status == KEEL_OK && e == KEEL_OK)
+        call_send(c, &o.resp.base, GRPC_STATUS_OK, NULL);
+    else
+        call_send(c, NULL, grpc_code(out.err), out.msg);
+    keel__grpc_infer_out_fini(&o);
     keel__srv_done(s);
-    call_unref(c); /* the in-flight reference */
+
+    pthread_mutex_lock(&g->mu);
+    defer = j->pinned;
+    j->finish_pending = defer;
+    pthread_mutex_unlock(&g->mu);
+    if (!defer)
+        job_finish(j);
 }
 
 /* The time left until the call's deadline in microseconds; 0 = no deadline; -1 = passed. */
@@ -642,42 +837,42 @@ static int64_t deadline_left_us(const gcall *c)
     return (int64_t)left.tv_sec * 1000000 + left.tv_nsec / 1000 + 1;
 }
 
-static void rpc_infer(gcall *c)
+/*
+ * Decodes j->msg (owned by j) into a request and submits it. KEEL_OK: on_job_done runs once
+ * and j holds a reference on its call until job_finish. Otherwise out says why, nothing runs
+ * and j is the caller's to finish.
+ */
+static keel_err job_submit(gcall *c, gjob *j, srv_outcome *out)
 {
     srv_grpc *g = c->g;
     keel_srv *s = g->s;
-    Inference__ModelInferRequest *m;
+    Inference__ModelInferRequest *m = j->msg;
     char err[ERRLEN];
-    srv_outcome out;
     keel_err e;
     int64_t left;
     uint64_t timeout_us = 0;
 
-    if ((m = (Inference__ModelInferRequest *)recv_msg(
-             c, &inference__model_infer_request__descriptor)) == NULL)
-        return;
-    c->msg = m; /* freed with the call */
     if (keel__srv_draining(s)) {
-        call_send_error(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
-        return;
+        keel__srv_outcome_set(out, KEEL_ESHUTDOWN, "the server is shutting down");
+        return KEEL_ESHUTDOWN;
     }
     if (m->model_name[0] == '\0') {
-        call_send_error(c, GRPC_STATUS_INVALID_ARGUMENT, "model_name: required");
-        return;
+        keel__srv_outcome_set(out, KEEL_EINVAL, "model_name: required");
+        return KEEL_EINVAL;
     }
-    if (!keel__grpc_parse_version(m->model_version, &c->version)) {
-        call_send_error(c, GRPC_STATUS_INVALID_ARGUMENT,
-                        "invalid model version '%.64s': expected a non-negative integer",
-                        m->model_version);
-        return;
+    if (!keel__grpc_parse_version(m->model_version, &j->version)) {
+        keel__srv_outcome_set(out, KEEL_EINVAL,
+                              "invalid model version '%.64s': expected a non-negative integer",
+                              m->model_version);
+        return KEEL_EINVAL;
     }
-    if ((e = keel_request_create(s->rt, m->model_name, c->version, &c->req)) != KEEL_OK) {
-        call_send_error(c, grpc_code(e), "creating the request: %s", keel_strerror(e));
-        return;
+    if ((e = keel_request_create(s->rt, m->model_name, j->version, &j->req)) != KEEL_OK) {
+        keel__srv_outcome_set(out, e, "creating the request: %s", keel_strerror(e));
+        return e;
     }
-    if ((e = keel__grpc_decode_infer(m, c->req, &timeout_us, err, sizeof(err))) != KEEL_OK) {
-        call_send(c, NULL, grpc_code(e), err);
-        return;
+    if ((e = keel__grpc_decode_infer(m, j->req, &timeout_us, err, sizeof(err))) != KEEL_OK) {
+        keel__srv_outcome_set(out, e, "%s", err);
+        return e;
     }
     /* The tensors are in the request now; keep only the names the answer needs. */
     for (size_t i = 0; i < m->n_inputs; i++) {
@@ -693,80 +888,161 @@ static void rpc_infer(gcall *c)
     m->n_raw_input_contents = 0;
 
     if ((left = deadline_left_us(c)) < 0) {
-        call_send_error(c, GRPC_STATUS_DEADLINE_EXCEEDED, "the call's deadline has passed");
-        return;
+        keel__srv_outcome_set(out, KEEL_ETIMEDOUT, "the call's deadline has passed");
+        return KEEL_ETIMEDOUT;
     }
     /* The client's deadline is the request's, unless the request's timeout parameter asks
      * for less. */
     if (left > 0 && (timeout_us == 0 || (uint64_t)left < timeout_us))
         timeout_us = (uint64_t)left;
     if (timeout_us > 0)
-        keel_request_set_timeout_us(c->req, timeout_us);
+        keel_request_set_timeout_us(j->req, timeout_us);
     if (!keel__srv_admit(s)) {
-        call_send_error(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
-        return;
+        keel__srv_outcome_set(out, KEEL_ESHUTDOWN, "the server is shutting down");
+        return KEEL_ESHUTDOWN;
     }
-    atomic_fetch_add(&c->refs, 1); /* in flight */
+    atomic_fetch_add(&c->refs, 1); /* the job's */
     pthread_mutex_lock(&g->mu);
-    c->in_flight = true;
-    c->prev = NULL;
-    c->next = g->inflight;
+    j->in_flight = true;
+    j->prev = NULL;
+    j->next = g->inflight;
     if (g->inflight != NULL)
-        g->inflight->prev = c;
-    g->inflight = c;
+        g->inflight->prev = j;
+    g->inflight = j;
     g->ninflight++;
+    if (c->rpc == RPC_STREAM)
+        c->jobs_out++;
     pthread_mutex_unlock(&g->mu);
-    if (keel__srv_submit(s, c->req, m->model_name, c->version, 0, on_infer_done, c, &out) !=
+    if ((e = keel__srv_submit(s, j->req, m->model_name, j->version, 0, on_job_done, j, out)) !=
         KEEL_OK) {
         pthread_mutex_lock(&g->mu);
-        c->in_flight = false;
-        inflight_unlink_locked(g, c);
+        j->in_flight = false;
+        inflight_unlink_locked(g, j);
+        if (c->rpc == RPC_STREAM)
+            c->jobs_out--;
         pthread_mutex_unlock(&g->mu);
+        call_unref(c); /* not the last: the caller's event holds one */
+        return e;
+    }
+    return KEEL_OK;
+}
+
+static void rpc_infer(gcall *c)
+{
+    srv_outcome out;
+
+    if ((c->unary.msg = (Inference__ModelInferRequest *)recv_msg(
+             c, &inference__model_infer_request__descriptor)) == NULL)
+        return;
+    c->unary.c = c;
+    if (job_submit(c, &c->unary, &out) != KEEL_OK)
         call_send(c, NULL, grpc_code(out.err), out.msg);
-        call_unref(c); /* cannot be the last: the send batch holds one */
-    }
 }
 
-/* Cancels the keel request of c if it is in flight and not yet cancelled. CQ thread or the
- * stopping main thread; c must be kept alive by the caller (a reference). */
-static void cancel_call(srv_grpc *g, gcall *c, bool shutdown)
+static void stream_read_next(gcall *c)
 {
-    bool doit = false;
+    grpc_op op;
 
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &c->recv_buf;
+    atomic_fetch_add(&c->refs, 1);
+    if (grpc_call_start_batch(c->call, &op, 1, &c->t_recv, NULL) != GRPC_CALL_OK)
+        call_unref(c);
+}
+
+/* One message of a stream arrived (or the client half-closed: ok and no buffer). */
+static void stream_recv(gcall *c, bool ok)
+{
+    srv_grpc *g = c->g;
+    grpc_slice sl;
+    gjob *j;
+    srv_outcome out;
+    bool finish;
+
+    if (!ok || c->recv_buf == NULL) {
+        pthread_mutex_lock(&g->mu);
+        c->reads_done = true;
+        finish = stream_should_finish_locked(c);
+        pthread_mutex_unlock(&g->mu);
+        if (finish)
+            stream_finish(c);
+        return;
+    }
+    recv_bytes(c, &sl);
+    if ((j = calloc(1, sizeof(*j))) == NULL) {
+        grpc_slice_unref(sl);
+        stream_answer(c, NULL, "out of memory");
+        stream_read_next(c);
+        return;
+    }
+    j->c = c;
+    j->msg = inference__model_infer_request__unpack(NULL, GRPC_SLICE_LENGTH(sl),
+                                                    GRPC_SLICE_START_PTR(sl));
+    grpc_slice_unref(sl);
+    if (j->msg == NULL) {
+        free(j);
+        stream_answer(c, NULL,
+                      "the request message is not a valid inference.ModelInferRequest "
+                      "(protobuf decoding failed)");
+    } else if (job_submit(c, j, &out) != KEEL_OK) {
+        keel_request_destroy(j->req);
+        protobuf_c_message_free_unpacked(&j->msg->base, NULL);
+        free(j);
+        stream_answer(c, NULL, out.msg);
+    }
+    stream_read_next(c);
+}
+
+/* Cancels the keel request of j if it is in flight and not yet cancelled; the caller holds
+ * g->mu and a guarantee that j exists (it is in the in-flight list). Returns true if the
+ * caller must cancel it (j pinned) and then call cancel_done. */
+static bool cancel_begin_locked(gjob *j, bool shutdown)
+{
+    if (!j->in_flight || j->cancel_sent)
+        return false;
+    j->cancel_sent = true;
+    j->cancel_shutdown = shutdown;
+    j->pinned = true;
+    return true;
+}
+
+static void cancel_done(srv_grpc *g, gjob *j, bool shutdown)
+{
+    bool finish;
+
+    atomic_fetch_add(&g->s->grpc_canceled[shutdown ? 1 : 0], 1);
+    keel_request_cancel(j->req); /* may run on_job_done here */
     pthread_mutex_lock(&g->mu);
-    if (c->in_flight && !c->cancel_sent) {
-        c->cancel_sent = true;
-        c->cancel_shutdown = shutdown;
-        doit = true;
-    }
+    j->pinned = false;
+    finish = j->finish_pending;
     pthread_mutex_unlock(&g->mu);
-    if (doit) {
-        atomic_fetch_add(&g->s->grpc_canceled[shutdown ? 1 : 0], 1);
-        keel_request_cancel(c->req);
-    }
+    if (finish)
+        job_finish(j);
 }
 
-/* Cancels every keel request in flight (the drain's exit timeout, or stop). */
-static void cancel_all(srv_grpc *g)
+/* Cancels the in-flight jobs of call c (c == NULL: of every call). */
+static void cancel_jobs(srv_grpc *g, gcall *c, bool shutdown)
 {
-    gcall **list = NULL;
+    gjob **list = NULL;
     size_t n = 0;
 
     pthread_mutex_lock(&g->mu);
     if (g->ninflight > 0 && (list = calloc(g->ninflight, sizeof(*list))) != NULL) {
-        for (gcall *c = g->inflight; c != NULL; c = c->next) {
-            if (c->cancel_sent)
-                continue;
-            atomic_fetch_add(&c->refs, 1); /* pinned while we cancel it */
-            list[n++] = c;
+        for (gjob *j = g->inflight; j != NULL; j = j->next) {
+            if ((c == NULL || j->c == c) && cancel_begin_locked(j, shutdown))
+                list[n++] = j;
         }
     }
     pthread_mutex_unlock(&g->mu);
-    for (size_t i = 0; i < n; i++) {
-        cancel_call(g, list[i], true);
-        call_unref(list[i]);
-    }
+    for (size_t i = 0; i < n; i++)
+        cancel_done(g, list[i], shutdown);
     free(list);
+}
+
+static void cancel_all(srv_grpc *g)
+{
+    cancel_jobs(g, NULL, true);
 }
 
 /* ---------------------------------------------------------------- the CQ thread */
@@ -805,6 +1081,8 @@ static void on_new(gcall *c, bool ok)
     if (grpc_call_start_batch(c->call, &op, 1, &c->t_close, NULL) != GRPC_CALL_OK)
         call_unref(c);
     c->rpc = rpc_of(&c->details.method);
+    if (c->rpc == RPC_STREAM)
+        atomic_fetch_add(&g->nstreams, 1);
     alive = atomic_load(&g->ncalls);
     if (c->rpc == RPC_UNKNOWN) {
         char path[160];
@@ -817,6 +1095,8 @@ static void on_new(gcall *c, bool ok)
         call_send_error(c, GRPC_STATUS_UNAVAILABLE,
                         "too many calls in progress (%zu; --max-connections %zu)", alive - 1,
                         g->max_calls);
+    } else if (c->rpc == RPC_STREAM) {
+        stream_read_next(c);
     } else {
         memset(&op, 0, sizeof(op));
         op.op = GRPC_OP_RECV_MESSAGE;
@@ -830,7 +1110,9 @@ static void on_new(gcall *c, bool ok)
 
 static void on_recv(gcall *c, bool ok)
 {
-    if (!ok)
+    if (c->rpc == RPC_STREAM)
+        stream_recv(c, ok);
+    else if (!ok)
         call_send_error(c, GRPC_STATUS_CANCELLED, "the request message could not be read");
     else if (c->rpc == RPC_INFER)
         rpc_infer(c);
@@ -842,7 +1124,7 @@ static void on_recv(gcall *c, bool ok)
 static void on_close(gcall *c)
 {
     if (c->cancelled)
-        cancel_call(c->g, c, false);
+        cancel_jobs(c->g, c, false);
     call_unref(c);
 }
 
@@ -863,6 +1145,7 @@ static void accept_next(srv_grpc *g)
     c->t_recv = (gtag){c, TAG_RECV};
     c->t_send = (gtag){c, TAG_SEND};
     c->t_close = (gtag){c, TAG_CLOSE};
+    c->t_write = (gtag){c, TAG_WRITE};
     atomic_init(&c->refs, 1);
     grpc_call_details_init(&c->details);
     grpc_metadata_array_init(&c->md);
@@ -912,6 +1195,9 @@ static void *cq_main(void *arg)
                     break;
                 case TAG_CLOSE:
                     on_close(t->c);
+                    break;
+                case TAG_WRITE:
+                    on_write(t->c);
                     break;
                 }
             }
@@ -994,6 +1280,7 @@ keel_err keel__grpc_start(keel_srv *s)
     g->max_calls = o->max_connections;
     snprintf(g->addr, sizeof(g->addr), "%s", addr);
     atomic_init(&g->ncalls, 0);
+    atomic_init(&g->nstreams, 0);
 
     gpr_set_log_function(grpc_log);
     gpr_set_log_verbosity(keel__srv_log_on(KEEL_LOG_DEBUG) ? GPR_LOG_SEVERITY_INFO
@@ -1086,6 +1373,12 @@ static bool shut_down(srv_grpc *g)
     return g->shutdown_done;
 }
 
+/* Only streams are left open (idle ones stay open until cancelled), or nothing is. */
+static bool only_streams(srv_grpc *g)
+{
+    return g->shutdown_done || atomic_load(&g->ncalls) <= atomic_load(&g->nstreams);
+}
+
 void keel__grpc_stop(keel_srv *s)
 {
     srv_grpc *g = s->grpc;
@@ -1103,8 +1396,13 @@ void keel__grpc_stop(keel_srv *s)
          * queue may only shut down once every one of them ran. */
         while (!wait_until(g, no_inflight, 5000))
             keel__srv_log(KEEL_LOG_WARN, "gRPC: waiting for running requests to return", NULL);
-        if (!wait_until(g, shut_down, STOP_WAIT_MS)) {
-            keel__srv_log(KEEL_LOG_WARN, "gRPC: cancelling calls still open", NULL);
+        /* Unary calls being answered finish; streams (their requests all answered by
+         * now) and calls that never sent their message are cancelled. */
+        wait_until(g, only_streams, STOP_WAIT_MS);
+        if (!wait_until(g, shut_down, 0)) {
+            char n[24];
+            keel__srv_log(KEEL_LOG_INFO, "gRPC: cancelling calls still open", "calls",
+                          keel__srv_fmt(n, sizeof(n), "%zu", atomic_load(&g->ncalls)), NULL);
             grpc_server_cancel_all_calls(g->server);
             while (!wait_until(g, shut_down, 5000))
                 ;

@@ -354,13 +354,89 @@ def test_malformed_protobuf_and_unknown_method():
                 bad += 1
         check(bad > 0, "%s: no random message was refused" % method)
     for path in ("/inference.GRPCInferenceService/SystemSharedMemoryStatus",
-                 "/inference.GRPCInferenceService/ModelStreamInfer", "/no.Such/Method"):
+                 "/inference.GRPCInferenceService/CudaSharedMemoryRegister", "/no.Such/Method"):
         call = S["ch"].unary_unary(path, request_serializer=None, response_deserializer=None)
         e = rpc_error(call, b"", timeout=10)
         check(e.code() == grpc.StatusCode.UNIMPLEMENTED and path in e.details(),
               "%s: %s %r" % (path, e.code(), e.details()))
     check(stub().ServerLive(pb.ServerLiveRequest()).live, "server alive")
     S["server"].wait_fds(fds)
+
+
+# ------------------------------------------------------------------------------ streaming
+
+
+def test_stream_interleaved_requests_and_errors():
+    """ModelStreamInfer: requests of two models and bad ones interleaved on one stream; each
+    gets exactly one answer carrying its id, results equal to unary ModelInfer's, errors as
+    error_message with HTTP's text (the stream goes on); the stream ends OK."""
+    st = stub()
+    digits_rows = [[(i * 7 + k) % 17 / 16.0 for k in range(64)] for i in range(3)]
+    dreq = pb.ModelInferRequest(model_name="digits", id="d")
+    t = dreq.inputs.add()
+    t.name, t.datatype = "pixels", "FP32"
+    t.shape.extend([3, 64])
+    t.contents.fp32_contents.extend(sum(digits_rows, []))
+    want_digits = raw_f32(st.ModelInfer(dreq))
+    reqs, want = [], {}
+    for i in range(12):
+        if i % 4 == 3:
+            r = rows_request(S["one"], model="nope", req_id="bad-%d" % i)
+            want[r.id] = ("error", "unknown model 'nope'")
+        elif i % 4 == 2:
+            r = pb.ModelInferRequest()
+            r.CopyFrom(dreq)
+            r.id = "d-%d" % i
+            want[r.id] = ("ok", want_digits)
+        else:
+            rows = S["rows"][i:i + 1 + i % 3]
+            r = rows_request(rows, raw=i % 2 == 0, req_id="h-%d" % i)
+            want[r.id] = ("ok", S["ref"][i:i + 1 + i % 3])
+        reqs.append(r)
+    got = {}
+    for a in st.ModelStreamInfer(iter(reqs), timeout=60):
+        if a.error_message:
+            # Errors carry no id (Triton's message has none either): match by text.
+            key = [k for k, v in want.items() if v[0] == "error" and k not in got][0]
+            got[key] = ("error", a.error_message)
+        else:
+            got[a.infer_response.id] = ("ok", raw_f32(a.infer_response))
+    check(sorted(got) == sorted(want), "answers %r for requests %r" % (sorted(got), sorted(want)))
+    for k, (kind, v) in want.items():
+        check(got[k][0] == kind, "%s: %r" % (k, got[k]))
+        if kind == "ok":
+            kit.assert_f32_equal(got[k][1], v, "stream answer " + k)
+        else:
+            check(got[k][1] == v, "%s: error %r, want %r" % (k, got[k][1], v))
+    # An empty stream ends at once, OK.
+    check(list(st.ModelStreamInfer(iter([]), timeout=30)) == [], "empty stream")
+
+
+def test_stream_cancel_while_queued():
+    """A client that cancels its stream while its requests are queued: they never run."""
+    def action():
+        q = []
+        ev = threading.Event()
+
+        def gen():
+            for _ in range(3):
+                yield slow_rows_request(1)
+            ev.wait(30)  # keep the stream open
+
+        call = stub().ModelStreamInfer(gen(), timeout=60)
+        time.sleep(0.3)
+        call.cancel()
+        ev.set()
+        try:
+            for a in call:
+                q.append(a)
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.CANCELLED, "stream: %r" % e)
+        check(q == [], "a cancelled stream got answers: %r" % q)
+        return 0
+
+    ran, before, after = while_blocked(action)
+    check_not_run(ran, before, after, "queued on a cancelled stream")
 
 
 # ------------------------------------------------------------------------------ queueing
@@ -464,8 +540,9 @@ def test_busy_port_is_an_error():
 
 
 def test_sigterm_with_open_calls():
-    """Calls queued behind a blocker when SIGTERM arrives all get their answer (0 lost);
-    after the drain new calls are refused and the server exits 0."""
+    """Unary calls and stream requests queued behind a blocker when SIGTERM arrives all get
+    their answer (0 lost); the stream, still open, is then ended by the server, which exits
+    0."""
     srv = kit.Server(S["repo"], grpc=True, args=["--shutdown-grace-secs", "0"]).start()
     try:
         ch = channel(srv.grpc_port)
@@ -476,11 +553,37 @@ def test_sigterm_with_open_calls():
             check(time.monotonic() < deadline, "blocker never admitted")
             time.sleep(0.002)
         queued = [st.ModelInfer.future(slow_rows_request(1), timeout=120) for _ in range(4)]
-        time.sleep(0.2)
+        hold = threading.Event()
+
+        def gen():
+            for i in range(3):
+                r = slow_rows_request(1)
+                r.id = "s-%d" % i
+                yield r
+            hold.wait(60)  # the stream stays open across the shutdown
+
+        stream = st.ModelStreamInfer(gen(), timeout=120)
+        answers = []
+
+        def read():
+            try:
+                for a in stream:
+                    answers.append(a)
+            except grpc.RpcError as e:
+                answers.append(e)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        time.sleep(0.3)
         srv.signal(signal.SIGTERM)
         check(len(blocker.result(timeout=120).raw_output_contents) == 1, "blocker answered")
         for f in queued:
             check(len(f.result(timeout=120).raw_output_contents) == 1, "queued call answered")
+        reader.join(120)
+        hold.set()
+        got = sorted(a.infer_response.id for a in answers
+                     if not isinstance(a, grpc.RpcError) and not a.error_message)
+        check(got == ["s-0", "s-1", "s-2"], "stream answers across SIGTERM: %r" % answers)
         ch.close()
         rc = srv.wait(60)
         check(rc is not None, "keel serve did not exit after the drain")
@@ -496,6 +599,7 @@ if __name__ == "__main__":
     kit.run([test_health_and_metadata_match_http, test_statistics_match_http,
              test_infer_raw_and_typed_bit_identical_to_http, test_datatypes_reach_keel_like_http,
              test_unknown_model_and_version_like_http, test_malformed_protobuf_and_unknown_method,
+             test_stream_interleaved_requests_and_errors, test_stream_cancel_while_queued,
              test_deadline_exceeded_while_queued, test_cancel_while_queued, test_oversize_message,
              test_busy_port_is_an_error, test_sigterm_with_open_calls],
             setup=setup, teardown=teardown)
