@@ -76,6 +76,8 @@ typedef enum rpc_id {
     RPC_CONFIG,
     RPC_STATS,
     RPC_INDEX,
+    RPC_LOAD,
+    RPC_UNLOAD,
     RPC_HEALTH,
 } rpc_id;
 
@@ -93,6 +95,8 @@ static const struct {
     {"/inference.GRPCInferenceService/ModelConfig", RPC_CONFIG},
     {"/inference.GRPCInferenceService/ModelStatistics", RPC_STATS},
     {"/inference.GRPCInferenceService/RepositoryIndex", RPC_INDEX},
+    {"/inference.GRPCInferenceService/RepositoryModelLoad", RPC_LOAD},
+    {"/inference.GRPCInferenceService/RepositoryModelUnload", RPC_UNLOAD},
     {"/grpc.health.v1.Health/Check", RPC_HEALTH},
 };
 
@@ -621,6 +625,113 @@ static void rpc_sync(gcall *c)
     }
 }
 
+/* ---------------------------------------------------------------- model control */
+
+/* The control thread finished a load/unload of a call (or refused it at shutdown). */
+static void on_control_done(srv_conn *fc, keel_err status)
+{
+    gcall *c = fc->job_user;
+    keel_srv *s = fc->s;
+
+    (void)status;
+    if (fc->ctl_status == 200) {
+        /* Both answers are empty messages: an empty load response serves for either. */
+        Inference__RepositoryModelLoadResponse a = INFERENCE__REPOSITORY_MODEL_LOAD_RESPONSE__INIT;
+        call_send(c, &a.base, GRPC_STATUS_OK, NULL);
+    } else {
+        call_send(c, NULL, http_to_grpc(fc->ctl_status != 0 ? fc->ctl_status : 500),
+                  fc->ctl_msg != NULL ? fc->ctl_msg : "model control failed");
+    }
+    free(fc->model);
+    free(fc->ctl_msg);
+    free(fc);
+    keel__srv_done(s);
+    call_unref(c); /* the job's */
+}
+
+/* RepositoryModelLoad / Unload: the same checks and the same control thread as HTTP's. */
+static void rpc_control(gcall *c)
+{
+    srv_grpc *g = c->g;
+    keel_srv *s = g->s;
+    bool load = c->rpc == RPC_LOAD;
+    const char *repo, *model;
+    size_t nparams;
+    ProtobufCMessage *q;
+    srv_conn *fc;
+
+    if (load) {
+        Inference__RepositoryModelLoadRequest *m =
+            (Inference__RepositoryModelLoadRequest
+                 *)(q = recv_msg(c, &inference__repository_model_load_request__descriptor));
+        if (q == NULL)
+            return;
+        repo = m->repository_name, model = m->model_name, nparams = m->n_parameters;
+        for (size_t i = 0; i < nparams; i++) {
+            call_send_error(c, GRPC_STATUS_INVALID_ARGUMENT,
+                            "parameters.%.64s: not supported by keel", m->parameters[i]->key);
+            goto done;
+        }
+    } else {
+        Inference__RepositoryModelUnloadRequest *m =
+            (Inference__RepositoryModelUnloadRequest
+                 *)(q = recv_msg(c, &inference__repository_model_unload_request__descriptor));
+        if (q == NULL)
+            return;
+        repo = m->repository_name, model = m->model_name, nparams = m->n_parameters;
+        for (size_t i = 0; i < nparams; i++) {
+            if (strcmp(m->parameters[i]->key, "unload_dependents") == 0)
+                continue; /* keel models have no dependents */
+            call_send_error(c, GRPC_STATUS_INVALID_ARGUMENT,
+                            "parameters.%.64s: not supported by keel", m->parameters[i]->key);
+            goto done;
+        }
+    }
+    if (s->opts->control != KEEL_SERVER_CONTROL_EXPLICIT) {
+        call_send_error(c, GRPC_STATUS_INVALID_ARGUMENT,
+                        "explicit model load / unload is not allowed: the model control mode is %s",
+                        s->opts->control == KEEL_SERVER_CONTROL_POLL ? "poll" : "none");
+        goto done;
+    }
+    if (repo[0] != '\0') {
+        call_send_error(c, GRPC_STATUS_INVALID_ARGUMENT,
+                        "repository_name: keel serves one repository; leave it empty");
+        goto done;
+    }
+    if (model[0] == '\0') {
+        call_send_error(c, GRPC_STATUS_INVALID_ARGUMENT, "model_name: required");
+        goto done;
+    }
+    if ((fc = calloc(1, sizeof(*fc))) == NULL || (fc->model = strdup(model)) == NULL) {
+        free(fc);
+        call_send_error(c, GRPC_STATUS_INTERNAL, "out of memory");
+        goto done;
+    }
+    fc->s = s;
+    fc->route = load ? ROUTE_REPO_LOAD : ROUTE_REPO_UNLOAD;
+    fc->version = -1;
+    fc->fd = -1;
+    fc->state = CONN_SUBMITTED;
+    fc->job_done = on_control_done;
+    fc->job_user = c;
+    if (!keel__srv_admit(s)) {
+        free(fc->model);
+        free(fc);
+        call_send_error(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
+        goto done;
+    }
+    atomic_fetch_add(&c->refs, 1); /* the job's */
+    if (!keel__srv_control_enqueue(s, fc)) {
+        free(fc->model);
+        free(fc);
+        keel__srv_done(s);
+        call_send_error(c, GRPC_STATUS_UNAVAILABLE, "the server is shutting down");
+        call_unref(c); /* not the last: the receive event holds one */
+    }
+done:
+    protobuf_c_message_free_unpacked(q, NULL);
+}
+
 /* ---------------------------------------------------------------- ModelInfer and streams */
 
 static void inflight_unlink_locked(srv_grpc *g, gjob *j)
@@ -1116,6 +1227,8 @@ static void on_recv(gcall *c, bool ok)
         call_send_error(c, GRPC_STATUS_CANCELLED, "the request message could not be read");
     else if (c->rpc == RPC_INFER)
         rpc_infer(c);
+    else if (c->rpc == RPC_LOAD || c->rpc == RPC_UNLOAD)
+        rpc_control(c);
     else
         rpc_sync(c);
     call_unref(c);

@@ -22,6 +22,15 @@
 
 /* ---------------------------------------------------------------- explicit jobs */
 
+/* Hands a finished job back to the front end that queued it. */
+static void job_complete(srv_conn *c, keel_err err)
+{
+    if (c->job_done != NULL)
+        c->job_done(c, err);
+    else
+        keel__srv_conn_complete(c, err);
+}
+
 static bool model_known(keel_srv *s, const char *name)
 {
     keel_model_status *list = NULL;
@@ -75,7 +84,7 @@ static void run_job(keel_srv *s, srv_conn *c)
     }
     if (text[0] != '\0')
         c->ctl_msg = strdup(text); /* NULL on ENOMEM: a generic message is sent */
-    keel__srv_conn_complete(c, err);
+    job_complete(c, err);
 }
 
 /* ---------------------------------------------------------------- the thread */
@@ -160,6 +169,6 @@ void keel__srv_control_stop(keel_srv *s)
         c->job_next = NULL;
         c->ctl_status = 503;
         c->ctl_msg = strdup("the server is shutting down");
-        keel__srv_conn_complete(c, KEEL_ESHUTDOWN);
+        job_complete(c, KEEL_ESHUTDOWN);
     }
 }

@@ -119,6 +119,10 @@ struct srv_conn {
     srv_conn *job_next;
     unsigned ctl_status;
     char *ctl_msg; /* owned; NULL = empty 200 body */
+    /* Set by a front end other than HTTP's (gRPC): called instead of keel__srv_conn_complete
+     * when the job is done, with no lock held; it owns c from then on. */
+    void (*job_done)(srv_conn *c, keel_err status);
+    void *job_user;
 };
 
 /* ---------------------------------------------------------------- the server */

@@ -530,6 +530,39 @@ def test_oversize_message():
         ch.close()
 
 
+def test_repository_load_unload():
+    """Explicit mode: RepositoryModelLoad / Unload through the same control thread as HTTP,
+    with HTTP's messages for refusals; in mode none they are refused like HTTP's."""
+    st = stub()
+    hs, hm = http_error("/v2/repository/models/heart/load", b"")
+    check_same_error(rpc_error(st.RepositoryModelLoad, pb.RepositoryModelLoadRequest(
+        model_name="heart")), hs, hm, "load in mode none")
+    with kit.running(kit.Server(S["repo"], grpc=True,
+                                args=["--model-control-mode", "explicit"])) as srv:
+        ch = channel(srv.grpc_port)
+        st = pbg.GRPCInferenceServiceStub(ch)
+        check(not st.ModelReady(pb.ModelReadyRequest(name="heart")).ready, "not loaded yet")
+        st.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="heart"), timeout=60)
+        check(st.ModelReady(pb.ModelReadyRequest(name="heart")).ready, "loaded")
+        r = st.ModelInfer(rows_request(S["rows"][:2]), timeout=30)
+        kit.assert_f32_equal(raw_f32(r), S["ref"][:2], "after a gRPC load")
+        idx = st.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))
+        check([m.name for m in idx.models] == ["heart"], "ready index: %r" % idx)
+        st.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="heart"), timeout=60)
+        check(not st.ModelReady(pb.ModelReadyRequest(name="heart")).ready, "unloaded")
+        r = kit.post(srv.port, "/v2/repository/models/nope/load", b"")
+        e = rpc_error(st.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="nope"),
+                      timeout=60)
+        check(e.code().name == CODE_OF_HTTP[r.status] and e.details() == r.json()["error"],
+              "load of an unknown model: %s %r vs HTTP %d %r" % (e.code(), e.details(),
+                                                               r.status, r.json()))
+        e = rpc_error(st.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(
+            model_name="heart", parameters={"foo": pb.ModelRepositoryParameter(bool_param=True)}))
+        check(e.code() == grpc.StatusCode.INVALID_ARGUMENT and "parameters.foo" in e.details(),
+              "unsupported parameter: %r" % e)
+        ch.close()
+
+
 def test_busy_port_is_an_error():
     p = subprocess.run([kit.KEEL, "serve", "--model-repository", S["repo"], "--http-port", "0",
                         "--grpc-port", str(S["gport"])], stdout=subprocess.PIPE,
@@ -601,5 +634,6 @@ if __name__ == "__main__":
              test_unknown_model_and_version_like_http, test_malformed_protobuf_and_unknown_method,
              test_stream_interleaved_requests_and_errors, test_stream_cancel_while_queued,
              test_deadline_exceeded_while_queued, test_cancel_while_queued, test_oversize_message,
-             test_busy_port_is_an_error, test_sigterm_with_open_calls],
+             test_repository_load_unload, test_busy_port_is_an_error,
+             test_sigterm_with_open_calls],
             setup=setup, teardown=teardown)
