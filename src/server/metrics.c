@@ -469,7 +469,7 @@ char *keel__srv_metrics_render(keel_srv *s, size_t *len)
     v = (uint64_t)s->pending;
     pthread_mutex_unlock(&s->mu);
     family(&b, "keel_http_inflight_requests", "gauge",
-           "HTTP requests waiting for an inference or a model load/unload.");
+           "Requests (HTTP and gRPC) waiting for an inference or a model load/unload.");
     sb_printf(&b, "keel_http_inflight_requests %" PRIu64 "\n", v);
     family(&b, "keel_http_responses_total", "counter", "HTTP responses sent, by status class.");
     for (int k = 1; k <= 5; k++)
