@@ -766,25 +766,29 @@ static void stream_start_write(gcall *c, grpc_byte_buffer *bb)
 {
     grpc_op ops[2];
     size_t n = 0;
+    bool initial;
 
+    /* Under g->mu although only the writer touches them: the batch's completion reaches the
+     * CQ thread through gRPC, whose ordering ThreadSanitizer cannot see. */
+    pthread_mutex_lock(&c->g->mu);
+    initial = !c->sent_initial;
+    c->sent_initial = true;
+    c->write_buf = bb;
+    pthread_mutex_unlock(&c->g->mu);
     memset(ops, 0, sizeof(ops));
-    if (!c->sent_initial) {
+    if (initial) {
         ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
         ops[n].data.send_initial_metadata.count = 0;
         n++;
-        c->sent_initial = true;
     }
     ops[n].op = GRPC_OP_SEND_MESSAGE;
     ops[n].data.send_message.send_message = bb;
     n++;
-    c->write_buf = bb;
     atomic_fetch_add(&c->refs, 1);
     if (grpc_call_start_batch(c->call, ops, n, &c->t_write, NULL) != GRPC_CALL_OK) {
         /* Not expected; treat it as a completed write (the next one or the end follows). */
         keel__srv_log(KEEL_LOG_ERROR, "gRPC: cannot write a stream answer", NULL);
-        c->write_buf = NULL;
-        grpc_byte_buffer_destroy(bb);
-        call_unref(c);
+        call_unref(c); /* the buffer is freed with the call */
     }
 }
 
@@ -829,13 +833,12 @@ static void on_write(gcall *c)
 {
     srv_grpc *g = c->g;
     gwrite *w;
+    grpc_byte_buffer *done;
     bool finish = false;
 
-    if (c->write_buf != NULL) {
-        grpc_byte_buffer_destroy(c->write_buf);
-        c->write_buf = NULL;
-    }
     pthread_mutex_lock(&g->mu);
+    done = c->write_buf;
+    c->write_buf = NULL;
     if ((w = c->wq_head) != NULL) {
         c->wq_head = w->next;
         if (c->wq_head == NULL)
@@ -845,6 +848,8 @@ static void on_write(gcall *c)
         finish = stream_should_finish_locked(c);
     }
     pthread_mutex_unlock(&g->mu);
+    if (done != NULL)
+        grpc_byte_buffer_destroy(done);
     if (w != NULL) {
         stream_start_write(c, w->bb);
         free(w);
