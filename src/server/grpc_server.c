@@ -141,6 +141,7 @@ struct gcall {
     rpc_id rpc;
     grpc_byte_buffer *recv_buf;
     int cancelled;              /* RECV_CLOSE_ON_SERVER's answer */
+    bool closed;                /* CQ thread: that batch completed */
     grpc_byte_buffer *send_buf; /* until the send batch completes */
     grpc_slice status_details;
     bool have_details;
@@ -968,6 +969,11 @@ static keel_err job_submit(gcall *c, gjob *j, srv_outcome *out)
     int64_t left;
     uint64_t timeout_us = 0;
 
+    if (c->closed && c->cancelled) {
+        /* A message read just before the cancel: nobody is waiting for its answer. */
+        keel__srv_outcome_set(out, KEEL_ECANCELED, "the call was cancelled");
+        return KEEL_ECANCELED;
+    }
     if (keel__srv_draining(s)) {
         keel__srv_outcome_set(out, KEEL_ESHUTDOWN, "the server is shutting down");
         return KEEL_ESHUTDOWN;
@@ -1241,6 +1247,7 @@ static void on_recv(gcall *c, bool ok)
 
 static void on_close(gcall *c)
 {
+    c->closed = true;
     if (c->cancelled)
         cancel_jobs(c->g, c, false);
     call_unref(c);

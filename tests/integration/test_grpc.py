@@ -12,15 +12,14 @@ Malformed protobuf, unknown methods, oversize messages, a busy port and SIGTERM 
 open are covered too."""
 
 import json
-import os
 import random
 import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 
+import grpckit
 import kit
 from kit import check
 
@@ -29,20 +28,9 @@ BLOCKER_COPIES = 32
 
 
 def load_stubs():
-    out = kit.tmpdir("keel-grpc-stubs-")
-    proto = os.path.join(kit.SOURCE, "src", "server", "proto")
-    p = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I" + proto,
-                        "--python_out=" + out, "--grpc_python_out=" + out,
-                        "keel_inference.proto", "keel_health.proto"],
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    check(p.returncode == 0, "grpc_tools.protoc failed: %s" % p.stdout.decode())
-    sys.path.insert(0, out)
     global grpc, pb, pbg, hp, hpg
-    import grpc  # noqa: E402 - Debian python3-grpcio
-    import keel_health_pb2 as hp  # noqa: E402
-    import keel_health_pb2_grpc as hpg  # noqa: E402
-    import keel_inference_pb2 as pb  # noqa: E402
-    import keel_inference_pb2_grpc as pbg  # noqa: E402
+    st = grpckit.load()
+    grpc, pb, pbg, hp, hpg = st.grpc, st.pb, st.pbg, st.hp, st.hpg
 
 
 def channel(port):
@@ -80,27 +68,11 @@ def check_same_error(e, http_status, http_msg, what):
           % (what, e.details(), http_msg))
 
 
-def rows_request(rows, model="heart", raw=True, req_id=None, outputs=None, version=""):
-    req = pb.ModelInferRequest(model_name=model, model_version=version)
-    if req_id is not None:
-        req.id = req_id
-    t = req.inputs.add()
-    t.name = "features"
-    t.datatype = "FP32"
-    t.shape.extend([len(rows), 13])
-    vals = kit.flat(rows)
-    if raw:
-        req.raw_input_contents.append(struct.pack("<%df" % len(vals), *vals))
-    else:
-        t.contents.fp32_contents.extend(vals)
-    for o in outputs or []:
-        req.outputs.add().name = o
-    return req
+def rows_request(rows, **kw):
+    return grpckit.rows_request(pb, rows, **kw)
 
 
-def raw_f32(resp, i=0):
-    b = resp.raw_output_contents[i]
-    return list(struct.unpack("<%df" % (len(b) // 4), b))
+raw_f32 = grpckit.raw_f32
 
 
 def slow_rows_request(n):
