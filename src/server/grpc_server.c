@@ -17,25 +17,35 @@
  * kind at a time). Errors map to gRPC codes as Triton maps them (grpc_code()), with the
  * messages HTTP sends.
  *
- * A call (gcall) is counted: one reference per batch in flight (accept, receive, send,
- * close) plus one while its keel request is in flight; whoever drops the last frees it
- * (the CQ thread, or a completion callback whose send could not start). The close batch
- * (RECV_CLOSE_ON_SERVER) completes when the call ends; if the client cancelled it or its
- * deadline passed, the keel request is cancelled: a queued one completes KEEL_ECANCELED at
- * once and never reaches the backend. The client's deadline also becomes the request's
- * timeout, so a request still queued at its deadline is answered DEADLINE_EXCEEDED.
+ * Jobs: a keel request is a gjob (the call's embedded one for ModelInfer, one per message
+ * for ModelStreamInfer). A stream reads one message at a time, submits each as it arrives,
+ * and writes the answers one write batch at a time in completion order (a queue under
+ * g->mu; each answer carries its request's id; a failed request is an error_message, the
+ * stream goes on). It ends with OK once the client half-closed and every job and write is
+ * done. RepositoryModelLoad/Unload are jobs of server_control.c's thread (srv_conn with a
+ * job_done hook), like HTTP's.
  *
- * Locks: g->mu protects the in-flight list and each call's in_flight / cancel flags; it is
- * never held across a gRPC or libkeel call, and never together with s->mu.
+ * A call (gcall) is counted: one reference per batch in flight (accept, receive, send,
+ * write, close) plus one per job in flight; whoever drops the last frees it (the CQ thread,
+ * or a completion callback). The close batch (RECV_CLOSE_ON_SERVER) completes when the call
+ * ends; if the client cancelled it or its deadline passed, the call's jobs are cancelled: a
+ * queued request completes KEEL_ECANCELED at once and never reaches the backend. A job being
+ * cancelled is pinned (its completion, which may run meanwhile, leaves the job's release to
+ * the canceller). The client's deadline also becomes the request's timeout, so a request
+ * still queued at its deadline is answered DEADLINE_EXCEEDED.
+ *
+ * Locks: g->mu protects the in-flight job list, each job's flags and each stream's write
+ * state; it is never held across a gRPC or libkeel call, and never together with s->mu.
  *
  * Lifetime: keel__grpc_start (main thread, after the runtime created its fork server)
  * initialises gRPC and starts the CQ thread. Shutdown: the drain of server.c gates new
  * inferences (UNAVAILABLE "the server is shutting down") and waits for admitted ones, which
  * are counted in s->pending like HTTP's; at its exit timeout (s->cancel_all) the CQ thread
- * cancels the keel requests of calls still in flight. keel__grpc_stop then shuts the server
- * down (no new calls), cancels what is left, waits for the in-flight list to empty, shuts
- * the queue down, joins the CQ thread (which frees every call as its last batch completes)
- * and destroys the server before the runtime is destroyed.
+ * cancels the jobs still in flight. keel__grpc_stop then shuts the server down (no new
+ * calls), cancels what is left, waits for the in-flight list to empty, lets unary calls being
+ * answered finish, cancels the calls still open (streams, calls that never sent a message),
+ * shuts the queue down, joins the CQ thread (which frees every call as its last batch
+ * completes) and destroys the server, all before the runtime is destroyed.
  */
 #include <arpa/inet.h>
 #include <grpc/byte_buffer.h>
