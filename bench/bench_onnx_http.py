@@ -104,7 +104,7 @@ def main():
     body = head + data
     hdrs = {"Inference-Header-Content-Length": str(len(head)),
             "Content-Type": "application/octet-stream"}
-    p = subprocess.Popen([keel, "serve", "--model-repository", repo, "--http-port", "0",
+    p = subprocess.Popen([keel, "serve", "--model-repository", repo, "--http-port", "0", "--grpc-port", "-1",
                           "--log-level", "warn"], stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL)
     try:

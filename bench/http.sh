@@ -51,7 +51,7 @@ PY
 done
 
 port_file=$(mktemp)
-taskset -c 0 "$build/keel" serve --model-repository "$repo" --http-port 0 --http-threads 1 \
+taskset -c 0 "$build/keel" serve --model-repository "$repo" --http-port 0 --grpc-port -1 --http-threads 1 \
     --worker-threads 1 --infer-on-http-thread "${INFER_ON_HTTP_THREAD:-off}" --log-level warn \
     >"$port_file" &
 server=$!

@@ -93,7 +93,7 @@ trap cleanup EXIT
 start_keel() {
     local pf
     pf=$(mktemp)
-    taskset -c "$scpu" "$keel" serve --model-repository "$repo" --http-port 0 --http-threads 1 \
+    taskset -c "$scpu" "$keel" serve --model-repository "$repo" --http-port 0 --grpc-port -1 --http-threads 1 \
         --worker-threads 1 --log-level warn "$@" >"$pf" &
     spid=$!
     pids+=("$spid")
@@ -301,7 +301,7 @@ for section in "${sections[@]}"; do
                 cg="$out/serve-$mode-b$b.cg"
                 rm -f "$cg" "$cg".*
                 OMP_WAIT_POLICY=PASSIVE valgrind --tool=callgrind --callgrind-out-file="$cg" \
-                    "$keel" serve --model-repository "$repo" --http-port 0 --http-threads 1 \
+                    "$keel" serve --model-repository "$repo" --http-port 0 --grpc-port -1 --http-threads 1 \
                     --worker-threads 1 --log-level warn --infer-on-http-thread "$mode" \
                     >"$pf" 2>"$out/serve-cg.log" &
                 vpid=$!
@@ -335,7 +335,7 @@ for section in "${sections[@]}"; do
         # The server is started here (pinned to the server CPU) and keel soak, pinned to the
         # generator CPU, attaches to it: a server keel soak starts would share its CPU.
         pf=$(mktemp)
-        taskset -c "$scpu" "$keel" serve --model-repository "$soakrepo" --http-port 0 \
+        taskset -c "$scpu" "$keel" serve --model-repository "$soakrepo" --http-port 0 --grpc-port -1 \
             --model-control-mode explicit --load-model heart --log-level warn >"$pf" &
         spid=$!
         pids+=("$spid")
@@ -355,7 +355,7 @@ for section in "${sections[@]}"; do
         rm -rf "$soakrepo"
         cp -r examples/models "$soakrepo"
         pf=$(mktemp)
-        taskset -c "$scpu" "$keel" serve --model-repository "$soakrepo" --http-port 0 \
+        taskset -c "$scpu" "$keel" serve --model-repository "$soakrepo" --http-port 0 --grpc-port -1 \
             --model-control-mode explicit --load-model heart --log-level warn >"$pf" &
         spid=$!
         pids+=("$spid")

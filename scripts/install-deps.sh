@@ -40,6 +40,9 @@ packages=(
     libsystemd-dev     # sd_notify: keel serve as a Type=notify systemd service
     protobuf-compiler  # protoc: compiles keel's model_config.proto (config.pbtxt)
     libprotobuf-dev    # protobuf's TextFormat and JSON printer (src/repository/pbtxt.cpp)
+    libgrpc-dev        # gRPC's C core (keel serve --grpc-port)
+    libprotobuf-c-dev  # protobuf-c: the gRPC messages
+    protobuf-c-compiler # protoc-c: generates them from src/server/proto at build time
     libyajl-dev        # streaming JSON for infer bodies (numbers as raw text)
     libturbojpeg0-dev  # JPEG decoding in the preprocessing workers
     libspng-dev        # PNG decoding in the preprocessing workers
@@ -67,6 +70,8 @@ test_packages=(
     openssl                # test_tls_proxy: the self-signed certificate, made at test time
     systemd                # systemd-analyze verify of packaging/keel.service (test_systemd)
     python3-yaml           # test_deploy, test_deploy_files: the KServe and Prometheus YAML
+    python3-grpcio         # test_grpc: the gRPC client
+    python3-grpc-tools     # test_grpc: stubs generated from keel's .proto at test time
 )
 if ((with_tests)); then
     packages+=("${test_packages[@]}")

@@ -49,7 +49,7 @@ if [[ "${KEEL_EXAMPLE_SERVE:-0}" == 1 ]]; then
 fi
 echo "== $keel serve --model-repository $repo --http-port 0   (one request, then SIGTERM)"
 listen=$(mktemp)
-"$keel" serve --model-repository "$repo" --http-port 0 --log-level warn >"$listen" &
+"$keel" serve --model-repository "$repo" --http-port 0 --grpc-port -1 --log-level warn >"$listen" &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; rm -f "$listen"' EXIT
 for _ in $(seq 100); do

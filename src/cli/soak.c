@@ -457,6 +457,8 @@ static bool server_start(soak *s, char *err, size_t errlen)
     argv[n++] = s->repo;
     argv[n++] = "--http-port";
     argv[n++] = "0";
+    argv[n++] = "--grpc-port";
+    argv[n++] = "-1";
     argv[n++] = "--model-control-mode";
     argv[n++] = "explicit";
     argv[n++] = "--load-model";

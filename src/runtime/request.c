@@ -524,3 +524,24 @@ nomem:
     keel__errf(io->errbuf, io->errlen, "output '%s': out of memory copying %zu bytes", name, bytes);
     return KEEL_ENOMEM;
 }
+
+size_t keel__request_input_count(const keel_request *req)
+{
+    return req->ninputs;
+}
+
+keel_err keel__request_input(const keel_request *req, size_t i, keel_tensor_view *out)
+{
+    const keel__tensor *t;
+
+    if (i >= req->ninputs)
+        return KEEL_ENOTFOUND;
+    t = &req->inputs[i];
+    out->name = t->name;
+    out->datatype = t->datatype;
+    out->shape = t->shape;
+    out->ndim = t->ndim;
+    out->data = t->data;
+    out->bytes = t->bytes;
+    return KEEL_OK;
+}

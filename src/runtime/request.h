@@ -6,6 +6,7 @@
 #define KEEL_RUNTIME_REQUEST_H
 
 #include "runtime/internal.h"
+#include "runtime/testhook.h" /* keel__request_input_count, keel__request_input */
 
 void keel__request_clear_outputs(keel_request *req);
 /* Validates req's inputs against cfg and fills req->views (config order) and *batch. */

@@ -17,5 +17,9 @@ keel_err keel__runtime_add_backend(keel_runtime *rt, const keel__backend *be);
 /* Reads the process's resident set size and (if available, else -1) proportional set size
  * (budget.c). */
 void keel__mem_sample(int64_t *rss, int64_t *pss);
+/* The inputs a request holds (request.c): what a codec decoded, for the codec tests. The
+ * view borrows from the request. */
+size_t keel__request_input_count(const keel_request *req);
+keel_err keel__request_input(const keel_request *req, size_t i, keel_tensor_view *out);
 
 #endif

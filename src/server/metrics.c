@@ -20,6 +20,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include "grpc_codec.h"
 #include "metrics.h"
 #include "server_internal.h"
 
@@ -470,7 +471,7 @@ char *keel__srv_metrics_render(keel_srv *s, size_t *len)
     v = (uint64_t)s->pending;
     pthread_mutex_unlock(&s->mu);
     family(&b, "keel_http_inflight_requests", "gauge",
-           "HTTP requests waiting for an inference or a model load/unload.");
+           "Requests (HTTP and gRPC) waiting for an inference or a model load/unload.");
     sb_printf(&b, "keel_http_inflight_requests %" PRIu64 "\n", v);
     family(&b, "keel_http_responses_total", "counter", "HTTP responses sent, by status class.");
     for (int k = 1; k <= 5; k++)
@@ -501,6 +502,22 @@ char *keel__srv_metrics_render(keel_srv *s, size_t *len)
         sb_printf(&b, "keel_access_log_dropped_lines_total %" PRIu64 "\n",
                   keel__srv_alog_dropped(s->alog));
     }
+    family(&b, "keel_grpc_responses_total", "counter",
+           "gRPC calls answered, by status code (only codes that occurred).");
+    for (int k = 0; k < 17; k++) {
+        uint64_t calls = atomic_load(&s->grpc_status[k]);
+        if (calls > 0 || k == 0)
+            sb_printf(&b, "keel_grpc_responses_total{code=\"%s\"} %" PRIu64 "\n",
+                      keel__grpc_code_name(k), calls);
+    }
+    family(&b, "keel_grpc_cancelled_requests_total", "counter",
+           "gRPC inference requests cancelled, by cause (client: the client cancelled the "
+           "call or its deadline passed while it waited; shutdown: still in flight at the "
+           "exit timeout).");
+    sb_printf(&b, "keel_grpc_cancelled_requests_total{cause=\"client\"} %" PRIu64 "\n",
+              atomic_load(&s->grpc_canceled[0]));
+    sb_printf(&b, "keel_grpc_cancelled_requests_total{cause=\"shutdown\"} %" PRIu64 "\n",
+              atomic_load(&s->grpc_canceled[1]));
 
     if (proc_rss_bytes(&v)) {
         family(&b, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");

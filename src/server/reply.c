@@ -8,8 +8,8 @@
  * server_routes.c and server_control.c fill an srv_reply here and server.c alone sends it
  * (send_reply), so this file calls nothing above it. It owns no state and takes no lock;
  * any thread may call it. The srv_reply it fills owns its body until server.c hands it to
- * libmicrohttpd. keel__srv_reply_not_served reads the model list from libkeel (a snapshot
- * it frees before returning).
+ * libmicrohttpd. keel__srv_reply_not_served asks serving.c which outcome a model that is not
+ * served has, and maps it to HTTP.
  */
 #include <inttypes.h>
 #include <jansson.h>
@@ -21,6 +21,7 @@
 
 #include "reply.h"
 #include "server_internal.h"
+#include "serving.h"
 #include "v2codec.h"
 
 #define ERRMSG_LEN 1024
@@ -99,38 +100,9 @@ void keel__srv_reply_empty(srv_reply *r, unsigned status)
 
 void keel__srv_reply_not_served(keel_srv *s, const char *model, int64_t version, srv_reply *r)
 {
-    keel_model_status *list = NULL;
-    size_t n = 0;
-    bool known = false, any_ready = false;
-    const keel_model_status *row = NULL;
+    srv_outcome o;
 
-    if (keel_model_list(s->rt, &list, &n) != KEEL_OK) {
-        keel__srv_reply_error(r, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
-        return;
-    }
-    for (size_t i = 0; i < n; i++) {
-        if (strcmp(list[i].name, model) != 0)
-            continue;
-        known = true;
-        row = &list[i];
-        any_ready |= list[i].state == KEEL_MODEL_READY;
-    }
-    if (!known) {
-        keel__srv_reply_error(r, MHD_HTTP_NOT_FOUND, "unknown model '%s'", model);
-    } else if (version >= 0 && any_ready) {
-        keel__srv_reply_error(r, MHD_HTTP_NOT_FOUND, "model '%s' has no version %" PRId64, model,
-                              version);
-    } else if (row->state == KEEL_MODEL_LOADING) {
-        keel__srv_reply_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "model '%s' is loading", model);
-    } else if (row->state == KEEL_MODEL_FAILED) {
-        keel__srv_reply_error(
-            r, MHD_HTTP_SERVICE_UNAVAILABLE, "model '%s' failed to load: %s", model,
-            row->last_error_msg[0] != '\0' ? row->last_error_msg : keel_strerror(row->last_error));
-    } else if (any_ready) {
-        /* It became ready between the caller's check and this one. */
-        keel__srv_reply_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "model '%s' is not ready", model);
-    } else {
-        keel__srv_reply_error(r, MHD_HTTP_SERVICE_UNAVAILABLE, "model '%s' is not loaded", model);
-    }
-    keel_model_status_free(list, n);
+    /* The outcome is protocol-independent (serving.c): gRPC maps the same keel_err. */
+    keel__srv_not_served(s, model, version, &o);
+    keel__srv_reply_error(r, keel__srv_http_status(o.err), "%s", o.msg);
 }

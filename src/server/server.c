@@ -79,11 +79,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "grpc_server.h"
 #include "reply.h"
 #include "sdnotify.h"
 #include "server_control.h"
 #include "server_guard.h"
 #include "server_internal.h"
+#include "serving.h"
 #include "server_log.h"
 #include "server_routes.h"
 #include "trace.h"
@@ -552,10 +554,7 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
 /* Decrements s->pending; called after the connection's resume (if any) was requested. */
 static void pending_done(keel_srv *s)
 {
-    pthread_mutex_lock(&s->mu);
-    if (--s->pending == 0)
-        pthread_cond_broadcast(&s->idle_cv);
-    pthread_mutex_unlock(&s->mu);
+    keel__srv_done(s);
 }
 
 static void parked_unlink_locked(keel_srv *s, srv_conn *c)
@@ -693,12 +692,9 @@ static enum MHD_Result infer_start(srv_conn *c)
     size_t hlen;
     int st;
     keel_err kerr;
-    bool draining;
+    srv_outcome o;
 
-    pthread_mutex_lock(&s->mu);
-    draining = s->draining;
-    pthread_mutex_unlock(&s->mu);
-    if (draining)
+    if (keel__srv_draining(s))
         return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
     if (!header_length(c->mhd, &hlen))
         return send_error(c, MHD_HTTP_BAD_REQUEST,
@@ -723,36 +719,24 @@ static enum MHD_Result infer_start(srv_conn *c)
     c->body = NULL;
     c->body_cap = 0;
 
-    pthread_mutex_lock(&s->mu);
-    if (s->draining) {
-        pthread_mutex_unlock(&s->mu);
+    if (!keel__srv_admit(s))
         return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
-    }
-    s->pending++;
+    /* Written before the submit, whose hand-off through the runtime's lock orders it before
+     * the completion's read under s->mu. */
     c->state = CONN_SUBMITTED;
-    pthread_mutex_unlock(&s->mu);
 
     /* With --infer-on-http-thread on (off by default), an idle context runs the request
      * right here: the completion is recorded before park() and the answer goes out without a
      * suspend or a thread hand-off. The HTTP thread never waits for a context, but it does
      * compute, and other connections it serves wait meanwhile: hence opt-in. */
     c->request_start_ns = now_ns();
-    kerr = keel_infer_submit_ex(c->req, s->opts->infer_on_http_thread ? KEEL_SUBMIT_RUN_HERE : 0,
-                                on_infer_done, c);
+    kerr = keel__srv_submit(s, c->req, c->model, c->version,
+                            s->opts->infer_on_http_thread ? KEEL_SUBMIT_RUN_HERE : 0, on_infer_done,
+                            c, &o);
     if (kerr != KEEL_OK) {
-        /* The callback will never run: undo the hand-off and answer now. */
-        pthread_mutex_lock(&s->mu);
+        /* The callback will never run and the admission is over: answer now. */
         c->state = CONN_READING;
-        pthread_mutex_unlock(&s->mu);
-        pending_done(s);
-        if (kerr == KEEL_ENOTFOUND) {
-            srv_reply r = {0};
-            keel__srv_reply_not_served(s, c->model, c->version, &r);
-            return send_reply(c, &r, NULL, NULL, false);
-        }
-        return send_error(c, keel__srv_http_status(kerr), "%s",
-                          keel_request_error(c->req)[0] != '\0' ? keel_request_error(c->req)
-                                                                : keel_strerror(kerr));
+        return send_error(c, keel__srv_http_status(o.err), "%s", o.msg);
     }
     return park(c);
 }
@@ -766,17 +750,9 @@ static enum MHD_Result infer_answer(srv_conn *c)
     int st;
 
     if (c->status != KEEL_OK) {
-        const char *msg = keel_request_error(c->req);
-        if (c->status == KEEL_ENOTFOUND) {
-            keel__srv_reply_not_served(c->s, c->model, c->version, &r);
-            return send_reply(c, &r, NULL, NULL, false);
-        }
-        if (c->status == KEEL_ECANCELED && c->cancel_shutdown)
-            return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE,
-                              "the server is shutting down: the request was cancelled at the "
-                              "exit timeout");
-        return send_error(c, keel__srv_http_status(c->status), "%s",
-                          msg[0] != '\0' ? msg : keel_strerror(c->status));
+        srv_outcome o;
+        keel__srv_failed(c->s, c->req, c->status, c->model, c->version, c->cancel_shutdown, &o);
+        return send_error(c, keel__srv_http_status(o.err), "%s", o.msg);
     }
     err[0] = '\0';
     st = keel_v2_encode_infer(c->req, c->model, &c->info, &resp, err, sizeof(err));
@@ -855,19 +831,12 @@ static enum MHD_Result control_start(srv_conn *c)
     if ((rc = check_control_body(c, msg, sizeof(msg))) != 0)
         return send_error(c, rc, "%s", msg);
 
-    pthread_mutex_lock(&s->mu);
-    if (s->draining) {
-        pthread_mutex_unlock(&s->mu);
+    if (!keel__srv_admit(s))
         return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
-    }
-    s->pending++;
-    c->state = CONN_SUBMITTED;
-    pthread_mutex_unlock(&s->mu);
+    c->state = CONN_SUBMITTED; /* the control queue's lock orders it before the completion */
 
     if (!keel__srv_control_enqueue(s, c)) {
-        pthread_mutex_lock(&s->mu);
         c->state = CONN_READING;
-        pthread_mutex_unlock(&s->mu);
         pending_done(s);
         return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
     }
@@ -1664,6 +1633,9 @@ int keel_server_run(const keel_server_opts *o)
         keel__srv_log(KEEL_LOG_ERROR, "cannot start the hang-up watcher", NULL);
         goto done;
     }
+    /* gRPC starts its threads here, long after the runtime forked its fork server. */
+    if (o->grpc_port >= 0 && keel__grpc_start(s) != KEEL_OK)
+        goto done;
     if ((s->mhd = mhd_start(s, &addr, v6)) == NULL) {
         keel__srv_log(KEEL_LOG_ERROR, "cannot listen", "address", o->http_address, "port",
                       keel__srv_fmt(pbuf, sizeof(pbuf), "%d", o->http_port), NULL);
@@ -1684,6 +1656,7 @@ int keel_server_run(const keel_server_opts *o)
     fflush(stdout);
     keel__srv_log(KEEL_LOG_INFO, "listening", "address", addrtext, "port",
                   keel__srv_fmt(pbuf, sizeof(pbuf), "%u", (unsigned)di->port), NULL);
+    keel__grpc_print_listening(s);
     /* systemd (Type=notify): the start set is loaded and the port answers. */
     snprintf(status, sizeof(status), "serving on %s port %u", addrtext, (unsigned)di->port);
     keel__srv_notify("READY=1", status);
@@ -1715,6 +1688,7 @@ done:
             keel__srv_control_stop(s);
             watcher_stop(s);
         }
+        keel__grpc_stop(s); /* nothing in flight is left after drain(); NULL-safe */
         if (s->mhd != NULL)
             MHD_stop_daemon(s->mhd);
         if (s->listen_fd != MHD_INVALID_SOCKET)

@@ -37,6 +37,8 @@ typedef struct keel_server_opts {
     const char *model_repository;  /* required; borrowed */
     const char *http_address;      /* default "127.0.0.1"; IPv4 or IPv6 literal */
     int http_port;                 /* default 8000; 0 = any free port */
+    const char *grpc_address;      /* default NULL = http_address */
+    int grpc_port;                 /* default 8001; 0 = any free port; -1 = no gRPC */
     keel_server_control control;   /* default NONE */
     unsigned repository_poll_secs; /* POLL: seconds between full scans; default 15 */
     unsigned repository_settle_ms; /* POLL: quiet time before a changed model loads; 1000 */

@@ -27,6 +27,15 @@
 
 /* ---------------------------------------------------------------- explicit jobs */
 
+/* Hands a finished job back to the front end that queued it. */
+static void job_complete(srv_conn *c, keel_err err)
+{
+    if (c->job_done != NULL)
+        c->job_done(c, err); /* gRPC's, set by the job's front end */
+    else
+        c->s->ctl_done(c, err); /* HTTP's, handed down by server.c at start */
+}
+
 static bool model_known(keel_srv *s, const char *name)
 {
     keel_model_status *list = NULL;
@@ -80,7 +89,7 @@ static void run_job(keel_srv *s, srv_conn *c)
     }
     if (text[0] != '\0')
         c->ctl_msg = strdup(text); /* NULL on ENOMEM: a generic message is sent */
-    s->ctl_done(c, err);
+    job_complete(c, err);
 }
 
 /* ---------------------------------------------------------------- the thread */
@@ -166,6 +175,6 @@ void keel__srv_control_stop(keel_srv *s)
         c->job_next = NULL;
         c->ctl_status = 503;
         c->ctl_msg = strdup("the server is shutting down");
-        s->ctl_done(c, KEEL_ESHUTDOWN);
+        job_complete(c, KEEL_ESHUTDOWN);
     }
 }

@@ -26,6 +26,9 @@
  *   trace.c           Triton's trace extension: settings API and trace files
  *   v2codec.c, fastfloat.c  the KServe V2 JSON codec; any thread
  *   server_log.c      logfmt lines on stderr; any thread
+ *   serving.c         the protocol-independent path: admission, submit, outcomes; any thread
+ *   grpc_server.c     the gRPC front end (its own completion-queue thread, see its DESIGN)
+ *   grpc_codec.c      protobuf <-> keel_request, JSON answers -> protobuf; pure functions
  * Each file has its own header (reply.h, server_routes.h, server_control.h, metrics.h,
  * server_log.h, v2codec.h); this one holds only the structures they share.
  *
@@ -59,6 +62,7 @@
 #include "observe.h"
 #include "restrict.h"
 #include "server.h"
+#include "serving.h"
 #include "v2codec.h"
 
 /* ---------------------------------------------------------------- connections */
@@ -149,6 +153,10 @@ struct srv_conn {
     srv_conn *job_next;
     unsigned ctl_status;
     char *ctl_msg; /* owned; NULL = empty 200 body */
+    /* Set by a front end other than HTTP's (gRPC): called instead of keel__srv_conn_complete
+     * when the job is done, with no lock held; it owns c from then on. */
+    void (*job_done)(srv_conn *c, keel_err status);
+    void *job_user;
 };
 
 /* ---------------------------------------------------------------- the server */
@@ -189,6 +197,10 @@ struct keel_srv {
     srv_obs *obs;
     srv_alog *alog;
     struct srv_trace *trace; /* trace.c: Triton's trace extension */
+    /* gRPC (grpc_server.c); NULL with --grpc-port -1. */
+    struct srv_grpc *grpc;
+    _Atomic uint64_t grpc_status[17];  /* calls answered, by gRPC status code (0 OK ... 16) */
+    _Atomic uint64_t grpc_canceled[2]; /* [0] by the client (cancel, deadline), [1] shutdown */
 
     /* The model-control thread (server_control.c). */
     pthread_mutex_t ctl_mu;

@@ -37,6 +37,8 @@ void keel_server_opts_init(keel_server_opts *opts)
     opts->preprocess_workers = 2;
     opts->preprocess_timeout_ms = 10000;
     opts->preprocess_max_bytes = 64u << 20;
+    opts->grpc_address = NULL; /* = --http-address */
+    opts->grpc_port = 8001;
     opts->access_log = NULL;
     opts->access_log_json = false;
     opts->access_log_buffer_bytes = 1u << 20;
@@ -56,14 +58,20 @@ void keel_server_print_help(FILE *f)
           "Serves the models of DIR over HTTP with the KServe V2 (Open Inference Protocol)\n"
           "REST API and Triton's binary-tensor, model-repository, statistics and\n"
           "model-configuration extensions, plus Prometheus metrics at /metrics.\n"
-          "When the socket listens, one line goes to standard output:\n"
+          "The same API is served over gRPC (service inference.GRPCInferenceService, Triton's\n"
+          "and KServe's wire contract, and grpc.health.v1.Health/Check) on --grpc-port.\n"
+          "When the sockets listen, lines go to standard output, HTTP's first:\n"
           "  level=info msg=listening address=ADDR port=PORT\n"
+          "  level=info msg=listening protocol=grpc address=ADDR port=PORT\n"
           "Everything else is logged to standard error as logfmt lines.\n"
           "\n"
           "options:\n"
           "  --model-repository DIR      the model repository (required)\n"
           "  --http-address ADDR         IPv4 or IPv6 address to listen on (default 127.0.0.1)\n"
           "  --http-port N               port (default 8000; 0 = any free port)\n"
+          "  --grpc-address ADDR         IPv4 or IPv6 address for gRPC (default: --http-address)\n"
+          "  --grpc-port N               gRPC port (default 8001; 0 = any free port; -1 = no\n"
+          "                              gRPC); a port in use is an error at start\n"
           "  --model-control-mode MODE   none (default): load every model at start, refuse\n"
           "                              load/unload requests; poll: as none, then watch the\n"
           "                              repository (inotify, plus a full scan every\n"
@@ -85,7 +93,8 @@ void keel_server_print_help(FILE *f)
           "  --http-threads N            HTTP threads (default 2)\n"
           "  --worker-threads N          inference threads (default 0 = number of CPUs)\n"
           "  --max-request-bytes N       largest request body, suffix k/m/g allowed\n"
-          "                              (default 64m); larger bodies get 413\n"
+          "                              (default 64m); larger bodies get 413, larger gRPC\n"
+          "                              messages RESOURCE_EXHAUSTED (at most 2047m with gRPC)\n"
           "  --http-timeout-secs N       close connections idle this long (default 30;\n"
           "                              0 = never)\n"
           "  --max-connections N         concurrent connections (default 1024)\n"
@@ -148,6 +157,8 @@ typedef enum opt_id {
     O_REPO,
     O_ADDR,
     O_PORT,
+    O_GRPC_ADDR,
+    O_GRPC_PORT,
     O_MODE,
     O_POLL,
     O_SETTLE,
@@ -184,6 +195,8 @@ static const struct {
     {"--model-repository", O_REPO, true},
     {"--http-address", O_ADDR, true},
     {"--http-port", O_PORT, true},
+    {"--grpc-address", O_GRPC_ADDR, true},
+    {"--grpc-port", O_GRPC_PORT, true},
     {"--model-control-mode", O_MODE, true},
     {"--repository-poll-secs", O_POLL, true},
     {"--repository-settle-ms", O_SETTLE, true},
@@ -252,6 +265,17 @@ static int parse_args(int argc, char **argv, keel_server_opts *o)
             if (!parse_u64(val, 0, 65535, &n))
                 return usage("--http-port: '%s' is not a port (0-65535)", val);
             o->http_port = (int)n;
+            break;
+        case O_GRPC_ADDR:
+            o->grpc_address = val;
+            break;
+        case O_GRPC_PORT:
+            if (strcmp(val, "-1") == 0)
+                o->grpc_port = -1;
+            else if (!parse_u64(val, 0, 65535, &n))
+                return usage("--grpc-port: '%s' is not a port (0-65535, or -1 for no gRPC)", val);
+            else
+                o->grpc_port = (int)n;
             break;
         case O_MODE:
             if (strcmp(val, "none") == 0)
@@ -412,6 +436,12 @@ static int parse_args(int argc, char **argv, keel_server_opts *o)
         return usage("--model-repository DIR is required");
     if (o->http_address[0] == '\0')
         return usage("--http-address needs an address");
+    if (o->grpc_address != NULL && o->grpc_address[0] == '\0')
+        return usage("--grpc-address needs an address");
+    if (o->grpc_port >= 0 && o->max_request_bytes > (uint64_t)INT32_MAX)
+        return usage("--max-request-bytes: gRPC messages are limited to %" PRId32
+                     " bytes; give at most 2047m, or --grpc-port -1",
+                     INT32_MAX);
     if (o->nload_models > 0 && o->control != KEEL_SERVER_CONTROL_EXPLICIT)
         return usage("--load-model needs --model-control-mode explicit");
     for (size_t i = 0; i < o->nload_models && o->nload_models > 1; i++)

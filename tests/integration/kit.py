@@ -46,6 +46,8 @@ import weakref
 
 HEART_SCALE = "/usr/share/doc/liblinear-tools/examples/heart_scale"
 LISTEN_RE = re.compile(r"^level=info msg=listening address=127\.0\.0\.1 port=(\d+)$")
+GRPC_LISTEN_RE = re.compile(
+    r"^level=info msg=listening protocol=grpc address=127\.0\.0\.1 port=(\d+)$")
 SANITIZER_PATTERNS = [
     "LeakSanitizer",
     "ERROR: AddressSanitizer",
@@ -120,8 +122,10 @@ def short(b, n=300):
 class Server:
     """One `keel serve` process."""
 
-    def __init__(self, repo, args=(), env=None, start_timeout=120):
+    def __init__(self, repo, args=(), env=None, start_timeout=120, grpc=False):
         self.repo = repo
+        self.grpc = grpc  # serve gRPC on a free port (self.grpc_port); else --grpc-port -1
+        self.grpc_port = None
         self.args = list(args)
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("OMP_NUM_THREADS", "1")
@@ -139,7 +143,8 @@ class Server:
 
     @property
     def cmd(self):
-        return [KEEL, "serve", "--model-repository", self.repo, "--http-port", "0"] + self.args
+        return ([KEEL, "serve", "--model-repository", self.repo, "--http-port", "0",
+                 "--grpc-port", "0" if self.grpc else "-1"] + self.args)
 
     def start(self):
         check(os.access(KEEL, os.X_OK), "keel binary %s is missing or not executable" % KEEL)
@@ -151,7 +156,7 @@ class Server:
         deadline = time.monotonic() + self.start_timeout
         buf = b""
         fd = self.proc.stdout.fileno()
-        while b"\n" not in buf:
+        while buf.count(b"\n") < (2 if self.grpc else 1):
             left = deadline - time.monotonic()
             if left <= 0:
                 self.kill()
@@ -172,6 +177,14 @@ class Server:
             raise TestFailure("first stdout line is not the listening line: %r" % line)
         self.port = int(m.group(1))
         check(self.port > 0, "listening port is 0")
+        if self.grpc:
+            line, _, rest = rest.partition(b"\n")
+            m = GRPC_LISTEN_RE.match(line.decode("utf-8", "replace"))
+            if not m:
+                self.kill()
+                raise TestFailure("second stdout line is not the gRPC listening line: %r" % line)
+            self.grpc_port = int(m.group(1))
+            check(self.grpc_port > 0, "gRPC listening port is 0")
         if rest:
             self.extra_stdout.append(rest)
         self._stdout_thread = threading.Thread(target=self._drain_stdout, daemon=True)
