@@ -85,9 +85,9 @@
 #include "server_control.h"
 #include "server_guard.h"
 #include "server_internal.h"
-#include "serving.h"
 #include "server_log.h"
 #include "server_routes.h"
+#include "serving.h"
 #include "trace.h"
 
 #define WATCH_INTERVAL_MS 10
