@@ -69,6 +69,7 @@
 #include "keel_health.pb-c.h"
 #include "keel_inference.pb-c.h"
 #include "reply.h"
+#include "restrict.h"
 #include "server_control.h"
 #include "server_internal.h"
 #include "server_log.h"
@@ -1175,6 +1176,40 @@ static rpc_id rpc_of(const grpc_slice *method)
     return RPC_UNKNOWN;
 }
 
+/*
+ * --http-restricted-api for gRPC, as Triton does it: the call's method names its API group
+ * (grpc.health.v1's Check is in health), and a call to a restricted group must carry the key
+ * as metadata "keel-grpc-protocol-KEY" or Triton's "triton-grpc-protocol-KEY"; otherwise it
+ * is answered UNAVAILABLE with Triton's text before its message is read. True if refused.
+ */
+static bool restricted_refused(gcall *c)
+{
+    static const char *const prefixes[] = {"keel-grpc-protocol-", "triton-grpc-protocol-", NULL};
+    const keel_restrict *r = &c->g->s->opts->restricted;
+    size_t len = GRPC_SLICE_LENGTH(c->details.method);
+    char path[160], msg[300];
+    keel_api_group grp;
+    keel_restrict_check k;
+
+    if (r->nrules == 0)
+        return false;
+    snprintf(path, sizeof(path), "%.*s", (int)(len < 150 ? len : 150),
+             (const char *)GRPC_SLICE_START_PTR(c->details.method));
+    grp = strcmp(path, "/grpc.health.v1.Health/Check") == 0 ? KEEL_API_HEALTH
+                                                            : keel__api_group_of_grpc(path);
+    keel__restrict_check_begin(&k, r, grp, prefixes);
+    for (size_t i = 0; i < c->md.count; i++)
+        keel__restrict_check_header(&k, (const char *)GRPC_SLICE_START_PTR(c->md.metadata[i].key),
+                                    GRPC_SLICE_LENGTH(c->md.metadata[i].key),
+                                    (const char *)GRPC_SLICE_START_PTR(c->md.metadata[i].value),
+                                    GRPC_SLICE_LENGTH(c->md.metadata[i].value));
+    if (keel__restrict_check_allowed(&k))
+        return false;
+    call_send_error(c, GRPC_STATUS_UNAVAILABLE, "%s",
+                    keel__restrict_message_grpc(k.rule, msg, sizeof(msg)));
+    return true;
+}
+
 static void on_new(gcall *c, bool ok)
 {
     srv_grpc *g = c->g;
@@ -1204,6 +1239,8 @@ static void on_new(gcall *c, bool ok)
         snprintf(path, sizeof(path), "%.*s", (int)(len < 128 ? len : 128),
                  (const char *)GRPC_SLICE_START_PTR(c->details.method));
         call_send_error(c, GRPC_STATUS_UNIMPLEMENTED, "keel does not implement %s", path);
+    } else if (restricted_refused(c)) {
+        /* answered UNAVAILABLE, like Triton */
     } else if (alive - 1 > g->max_calls) {
         /* alive counts the next accept's call too. */
         call_send_error(c, GRPC_STATUS_UNAVAILABLE,
