@@ -224,11 +224,14 @@ KEEL_EXTERN const char *keel_model_state_name(keel_model_state st); /* "READY", 
  * version -1. Strings are owned by the list. */
 typedef struct keel_model_status {
     const char *name;
-    int64_t version;               /* -1 if none loaded */
-    keel_model_state state;        /* of this version (for version -1: of the model) */
-    uint64_t generation_id;        /* monotonic, never reused; 0 if none */
-    keel_err last_error;           /* result of the most recent load attempt of the model */
-    const char *last_error_msg;    /* "" if the last load succeeded */
+    int64_t version;            /* -1 if none loaded */
+    keel_model_state state;     /* of this version (for version -1: of the model) */
+    uint64_t generation_id;     /* monotonic, never reused; 0 if none */
+    keel_err last_error;        /* result of the most recent load attempt of the model */
+    const char *last_error_msg; /* "" if the last load succeeded */
+    /* Fields of the served configuration keel ignores because ignoring them is harmless (a
+     * Triton config.pbtxt's model_warmup, say), one per line; "" if none. */
+    const char *warnings;
     uint64_t load_attempts;        /* loads attempted since the runtime started */
     uint64_t load_failures;        /* consecutive failed loads (0 after a success) */
     uint64_t last_attempt_unix_ms; /* wall clock of the most recent load attempt; 0 if none */

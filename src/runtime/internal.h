@@ -168,6 +168,7 @@ struct keel__model_entry {
     keel_model_state state;            /* rt->mu */
     keel_err last_error;               /* rt->mu */
     char last_error_msg[KEEL__ERRLEN]; /* rt->mu */
+    char load_warnings[KEEL__ERRLEN];  /* rt->mu: the served config's warnings, "" if none */
     uint64_t load_attempts;            /* rt->mu */
     uint64_t load_failures;            /* rt->mu: consecutive */
     uint64_t last_attempt_unix_ms;     /* rt->mu */

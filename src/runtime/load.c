@@ -419,6 +419,9 @@ static keel_err publish_locked(load_job *j)
     e->next_retry_ns = e->next_retry_unix_ms = 0;
     e->charge_hint = j->charged;
     record_result_locked(e, KEEL_OK, "");
+    /* What the served configuration left out (harmless Triton fields): the index shows it. */
+    snprintf(e->load_warnings, sizeof(e->load_warnings), "%s",
+             j->cfg != NULL && j->cfg->warnings != NULL ? j->cfg->warnings : "");
     return KEEL_OK;
 }
 

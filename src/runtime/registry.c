@@ -145,6 +145,7 @@ void keel_model_status_free(keel_model_status *list, size_t count)
     for (size_t i = 0; i < count; i++) {
         free((char *)list[i].name);
         free((char *)list[i].last_error_msg);
+        free((char *)list[i].warnings);
     }
     free(list);
 }
@@ -166,9 +167,11 @@ static bool status_push(keel_model_status **list, size_t *n, size_t *cap,
     *p = *row;
     p->name = keel__strdup(row->name);
     p->last_error_msg = keel__strdup(row->last_error_msg);
-    if (p->name == NULL || p->last_error_msg == NULL) {
+    p->warnings = keel__strdup(row->warnings != NULL ? row->warnings : "");
+    if (p->name == NULL || p->last_error_msg == NULL || p->warnings == NULL) {
         free((char *)p->name);
         free((char *)p->last_error_msg);
+        free((char *)p->warnings);
         return false;
     }
     (*n)++;
@@ -195,6 +198,7 @@ keel_err keel_model_list(keel_runtime *rt, keel_model_status **out, size_t *coun
         row.name = e->name;
         row.last_error = e->last_error;
         row.last_error_msg = e->last_error_msg;
+        row.warnings = e->load_warnings;
         row.load_attempts = e->load_attempts;
         row.load_failures = e->load_failures;
         row.last_attempt_unix_ms = e->last_attempt_unix_ms;

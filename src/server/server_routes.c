@@ -491,6 +491,24 @@ static json_t *lifecycle_json(const keel_model_status *m)
             return NULL;
         }
     }
+    if (o != NULL && m->warnings != NULL && m->warnings[0] != '\0') {
+        /* Harmless fields of the configuration keel ignores, one per line (config.c). */
+        json_t *w = json_array();
+        const char *p = m->warnings;
+
+        if (w == NULL || json_object_set_new(o, "warnings", w) != 0) {
+            json_decref(o);
+            return NULL;
+        }
+        while (*p != '\0') {
+            size_t len = strcspn(p, "\n");
+            if (len > 0 && json_array_append_new(w, json_stringn(p, len)) != 0) {
+                json_decref(o);
+                return NULL;
+            }
+            p += len + (p[len] == '\n');
+        }
+    }
     return o;
 }
 

@@ -103,6 +103,11 @@ def setup():
         write(os.path.join(repo, twin, "config.json"), heart_json_twin(twin, params))
         os.makedirs(os.path.join(repo, twin, "1"))
         shutil.copyfile(heart_model, os.path.join(repo, twin, "1", "xgboost.json"))
+    # A harmless Triton field keel ignores: served, with a warning in the log and the index.
+    write(os.path.join(repo, "fil_warn", "config.pbtxt"),
+          fil_pbtxt("false") + "optimization { input_pinned_memory { enable: true } }\n")
+    os.makedirs(os.path.join(repo, "fil_warn", "1"))
+    shutil.copyfile(heart_model, os.path.join(repo, "fil_warn", "1", "xgboost.json"))
     # A two-class softprob model (two values per row): FIL's class is the larger one's index.
     multi = kit.train_model(kit.tmpdir("keel-multi-"), "multi", rounds=5, depth=3,
                             extra="objective = multi:softprob\nnum_class = 2")
@@ -191,6 +196,19 @@ def test_serves_like_config_json():
         md = kit.get(port, "/v2/models/ort_bare").json()
         check(md["outputs"][0]["shape"] == [-1, 10], "ort_bare metadata %r" % md)
         srv.stop()
+
+
+def test_ignored_field_warns_in_index():
+    with kit.running(kit.Server(S["repo"])) as srv:
+        index = {m["name"]: m for m in kit.post(srv.port, "/v2/repository/index", b"").json()}
+        warn = index["fil_warn"]
+        check(warn["state"] == "READY", "fil_warn: %r" % warn)
+        ws = warn["keel"].get("warnings", [])
+        check(len(ws) == 1 and "optimization" in ws[0] and "config.pbtxt:" in ws[0],
+              "the index does not show the ignored field: %r" % warn)
+        check("warnings" not in index["fil_raw"]["keel"],
+              "a config without ignored fields has warnings: %r" % index["fil_raw"])
+        check("optimization" in srv.stderr_text(), "the ignored field is not in the log")
 
 
 def test_convert_round_trip():
@@ -288,5 +306,6 @@ def test_malformed_reload_keeps_serving():
 
 if __name__ == "__main__":
     kit.parse_args()
-    kit.run([test_serves_like_config_json, test_convert_round_trip,
+    kit.run([test_serves_like_config_json, test_ignored_field_warns_in_index,
+             test_convert_round_trip,
              test_malformed_reload_keeps_serving], setup=setup)
