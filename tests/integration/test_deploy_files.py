@@ -6,8 +6,8 @@ readiness probe on /v2/health/ready, Prometheus annotations, a non-root security
 drops every capability), and its args start a real `keel serve` whose probes answer 200 (the
 repository path and port swapped for the test's); deploy/kserve/inferenceservice.yaml names
 that runtime with a format and protocol it supports. packaging/Containerfile installs in its
-runtime stage a package for every library keel and keel-model-check link (from their NEEDED
-entries), runs as a non-root user and checks readiness."""
+runtime stage (or brings in as a dependency) a package for every library keel and
+keel-model-check link (from their NEEDED entries), runs as a non-root user and checks readiness."""
 
 import os
 import re
@@ -162,10 +162,18 @@ def test_containerfile_runtime_packages():
     run, pkgs = runtime_stage_packages(text)
     check("bookworm" in text.split("\n")[0] + run.split("\n")[0],
           "the runtime stage must be Debian 12 (bookworm)")
+    # What `apt-get install` of that list brings: the packages and their dependencies.
+    deps = subprocess.run(["apt-cache", "depends", "--recurse", "--no-recommends",
+                           "--no-suggests", "--no-conflicts", "--no-breaks", "--no-replaces",
+                           "--no-enhances"] + sorted(pkgs), capture_output=True, text=True)
+    check(deps.returncode == 0, "apt-cache depends failed: %s" % deps.stderr[-500:])
+    closure = set(pkgs) | {l.strip() for l in deps.stdout.splitlines() if not l.startswith(" ")}
+    closure |= {l.split(":", 1)[1].strip() for l in deps.stdout.splitlines()
+                if l.strip().startswith("Depends:") and not l.split(":", 1)[1].strip().startswith("<")}
     keel_dir = os.path.dirname(kit.KEEL)
     for binary in (kit.KEEL, os.path.join(keel_dir, "keel-model-check")):
         for lib, pkg in sorted(needed_packages(binary).items()):
-            check(pkg in pkgs or pkg in BASE_IMAGE,
+            check(pkg in closure or pkg in BASE_IMAGE,
                   "%s needs %s from %s, which the runtime stage does not install (it installs %s)"
                   % (os.path.basename(binary), lib, pkg, " ".join(sorted(pkgs))))
     check(re.search(r"^USER (?!0\b|root\b)", run, flags=re.M), "the runtime stage must not run as root")
