@@ -28,6 +28,7 @@ packages=(
     curl
     libturbojpeg0-dev   # JPEG decoding in the preprocessing workers
     libspng-dev         # PNG decoding in the preprocessing workers
+    libjemalloc-dev     # the keel program's allocator: memory flat over reloads (PERFORMANCE.md)
     libjpeg-turbo-progs # djpeg: the JPEG decoding reference in test_workers
     libpng-dev          # ships examples/pngtest.png (interlaced), a PNG reference image
     python3-pil         # the PNG decoding reference; test images for test_preprocess_http
