@@ -46,6 +46,7 @@ packages=(
     libyajl-dev        # streaming JSON for infer bodies (numbers as raw text)
     libturbojpeg0-dev  # JPEG decoding in the preprocessing workers
     libspng-dev        # PNG decoding in the preprocessing workers
+    libjemalloc-dev    # the keel program's allocator (flat RSS over reloads)
     curl
 )
 

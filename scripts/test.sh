@@ -14,7 +14,9 @@
 #           plain stage there: proves the tests need no file outside the repository
 #           (uncommitted changes are not in the clone: it says so when the tree is dirty)
 #   asan    clang AddressSanitizer + UndefinedBehaviorSanitizer (build/asan), every test;
-#           LeakSanitizer runs with ASan on Linux, so any leak fails the test
+#           LeakSanitizer runs with ASan on Linux, so any leak fails the test; then the
+#           libFuzzer drivers for KEEL_FUZZ_SECS (30) each from fuzz/corpus/ (scripts/fuzz.sh):
+#           a crash fails the stage and leaves its input in fuzz/corpus/<driver>/
 #   tsan    clang ThreadSanitizer (build/tsan), the tests labelled "concurrency"
 # KEEL_TEST_STAGES picks stages, e.g. KEEL_TEST_STAGES="format plain". A failing stage does not
 # stop the later ones; the script prints one summary line per stage and exits 1 if any failed.
@@ -126,9 +128,14 @@ stage_fresh() {
 }
 
 stage_asan() {
+    local rc=0
     configure_and_build build/asan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_C_COMPILER=clang \
-        -DCMAKE_CXX_COMPILER=clang++ -DKEEL_SANITIZE=address,undefined
-    run_ctest build/asan
+        -DCMAKE_CXX_COMPILER=clang++ -DKEEL_SANITIZE=address,undefined -DKEEL_BUILD_FUZZ=ON
+    run_ctest build/asan || rc=$?
+    # The libFuzzer drivers, KEEL_FUZZ_SECS (30) each from fuzz/corpus/, whatever the tests
+    # gave; a crash keeps its input there and fails the stage.
+    KEEL_FUZZ_PREFIX="${ctest_prefix[*]}" bash scripts/fuzz.sh build/asan || rc=1
+    return "$rc"
 }
 
 stage_tsan() {

@@ -285,6 +285,13 @@ typedef struct keel_memory_stats {
     uint64_t trims;         /* malloc_trim calls after generations were freed */
     uint64_t trimmed_bytes; /* resident memory those trims gave back to the OS */
     uint64_t rss_bytes;     /* the process's resident set size now */
+    /* The process's allocator (glibc malloc, or jemalloc when the program links or preloads
+     * it): bytes the program has allocated and not freed, and bytes it freed that the
+     * allocator still holds. In-use growing over reloads is a leak; free-held growing while
+     * in-use stays flat is fragmentation. */
+    const char *heap_allocator; /* "glibc" or "jemalloc" (static string) */
+    uint64_t heap_in_use_bytes;
+    uint64_t heap_free_bytes;
 } keel_memory_stats;
 
 KEEL_EXTERN void keel_memory_stats_get(keel_runtime *rt, keel_memory_stats *out);

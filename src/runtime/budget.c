@@ -1,6 +1,6 @@
 /*
  * budget.c: the model memory budget: what each model is charged, evictions to make room,
- * the retire list, parking, and the memory measurement behind it (/proc, malloc_trim).
+ * the retire list, parking, and the memory measurement behind it (/proc, keel__heap_trim).
  *
  * DESIGN
  * Memory budget (make_room_locked, under rt->mu): a model's charge is the sum of mem_charged
@@ -21,19 +21,19 @@
  *
  * Memory measurement: a build holds rt->build_mu, and so does the reaper while it frees
  * generations and trims the heap (generation.c), so the VmRSS / Pss change across a build is
- * that build's alone. The build trims first (malloc_trim) so that heap freed earlier is given
+ * that build's alone. The build trims first (keel__heap_trim) so that heap freed earlier is given
  * back rather than reused invisibly by the new generation. keel__trim runs on the reaper
  * thread; keel__mem_sample on the building thread; the rest under rt->mu from a loading
  * thread (load.c) or a submitting one (sched.c, want_load_locked). Lock order: internal.h.
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "core/heap.h"
 #include "runtime/budget.h"
 #include "runtime/lifecycle.h" /* keel__life_wake: the documented way up */
 #include "runtime/testhook.h"
@@ -237,6 +237,13 @@ void keel_memory_stats_get(keel_runtime *rt, keel_memory_stats *out)
     out->trims = atomic_load(&rt->trims);
     out->trimmed_bytes = atomic_load(&rt->trimmed_bytes);
     out->rss_bytes = (uint64_t)rss_bytes();
+    {
+        keel__heap_stats hs;
+        keel__heap_stats_get(&hs);
+        out->heap_allocator = hs.allocator;
+        out->heap_in_use_bytes = hs.in_use_bytes;
+        out->heap_free_bytes = hs.free_bytes;
+    }
 }
 
 /* The reaper, after freeing generations (holding rt->build_mu): gives free heap back. */
@@ -245,7 +252,7 @@ void keel__trim(keel_runtime *rt)
     int64_t before, after;
 
     before = rss_bytes();
-    malloc_trim(0);
+    keel__heap_trim();
     after = rss_bytes();
     atomic_fetch_add(&rt->trims, 1);
     if (before > after)

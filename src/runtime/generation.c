@@ -9,13 +9,13 @@
  * frees anything itself: it pushes the generation on the reaper's queue, so the heavy
  * destruction (backend contexts, then the model) runs on the reaper thread, off the request
  * path, holding only build_mu; after each batch the reaper gives the freed heap back to the
- * OS (malloc_trim), counted in keel_memory_stats. A refcount underflow is a panic.
- * reap_mu is a leaf lock (see internal.h). Layer: calls registry.c (counters) and budget.c
- * (memory sampling, trim) only.
+ * OS (keel__heap_trim: malloc_trim, or jemalloc's purge), counted in keel_memory_stats. A refcount
+ * underflow is a panic. reap_mu is a leaf lock (see internal.h). Layer: calls registry.c (counters)
+ * and budget.c (memory sampling, trim) only.
  */
-#include <malloc.h>
 #include <string.h>
 
+#include "core/heap.h"
 #include "runtime/budget.h"
 #include "runtime/generation.h"
 #include "runtime/registry.h"
@@ -273,7 +273,7 @@ keel_err keel__generation_build(keel_runtime *rt, keel__model_entry *e, int64_t 
     keel_err err;
 
     pthread_mutex_lock(&rt->build_mu);
-    malloc_trim(0);
+    keel__heap_trim();
     keel__mem_sample(&rss0, &pss0);
     err = build(rt, e, version, out, errbuf, errlen);
     keel__mem_sample(&rss1, &pss1);

@@ -363,9 +363,17 @@ static void memory_metrics(sbuf *b, keel_srv *s, const keel_model_status *list, 
     scalar(b, "keel_model_reloads_total", "counter",
            "Evicted models loaded again because a request came for them.", ms.reloads);
     scalar(b, "keel_memory_trims_total", "counter",
-           "malloc_trim calls after generations were freed.", ms.trims);
+           "Allocator trims (malloc_trim or jemalloc purge) after generations were freed.",
+           ms.trims);
     scalar(b, "keel_memory_trimmed_bytes_total", "counter",
            "Resident memory those trims gave back to the operating system.", ms.trimmed_bytes);
+    /* A leak grows the first, fragmentation the second (docs/OPERATIONS.md). */
+    scalar(b, "keel_memory_heap_in_use_bytes", "gauge",
+           "Heap the process has allocated and not freed (glibc mallinfo2 or jemalloc stats).",
+           ms.heap_in_use_bytes);
+    scalar(b, "keel_memory_heap_free_bytes", "gauge",
+           "Heap the process freed that the allocator still holds (fragmentation, caches).",
+           ms.heap_free_bytes);
 }
 
 char *keel__srv_metrics_render(keel_srv *s, size_t *len)

@@ -989,13 +989,18 @@ def wait_idle(port, names=("keel_live_leases", "keel_live_requests"), timeout=10
         time.sleep(0.1)
 
 
-def promtool_check(text):
-    """Runs `promtool check metrics` on text; returns (ok, output)."""
+def promtool_check(text, what="the scrape"):
+    """Runs `promtool check metrics` on text and fails the test (TestFailure naming what and
+    promtool's complaint) when promtool rejects it or is missing; returns promtool's output.
+    It raises rather than returning a verdict, so a caller cannot drop the result."""
     p = shutil.which("promtool") or "/usr/bin/promtool"
     check(os.access(p, os.X_OK), "promtool is not installed (Debian package prometheus)")
     r = subprocess.run([p, "check", "metrics"], input=text.encode(), stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, timeout=60)
-    return r.returncode == 0, r.stdout.decode("utf-8", "replace")
+    out = r.stdout.decode("utf-8", "replace")
+    check(r.returncode == 0, "promtool check metrics rejects %s:\n%s\n--- scrape:\n%s"
+          % (what, out, text[:3000]))
+    return out
 
 
 # ------------------------------------------------------------------------------ threads
@@ -1017,6 +1022,30 @@ class Worker(threading.Thread):
                     return
         except BaseException as e:  # noqa: B036 - reported by the test
             self.error = "%s: %s\n%s" % (type(e).__name__, e, traceback.format_exc())
+
+
+def start_workers(fn, stop, n):
+    """Starts n Workers running fn() until stop is set; join them with join_workers."""
+    ws = [Worker(fn, stop) for _ in range(n)]
+    for w in ws:
+        w.start()
+    return ws
+
+
+def join_workers(workers, timeout=60):
+    """Joins Workers from the main thread and fails the test there if one raised (a failed
+    check inside a client thread would otherwise die with the thread, unreported) or is still
+    running after timeout seconds (a lost request)."""
+    deadline = time.monotonic() + timeout
+    for w in workers:
+        w.join(max(0.0, deadline - time.monotonic()))
+    stuck = sum(1 for w in workers if w.is_alive())
+    errors = [w.error for w in workers if w.error is not None]
+    check(not stuck, "%d of %d client threads still running %ds after stop" % (stuck, len(workers),
+                                                                             timeout))
+    check(not errors, "%d of %d client threads failed; the first:\n%s" % (len(errors),
+                                                                         len(workers), errors[0]
+                                                                         if errors else ""))
 
 
 # ------------------------------------------------------------------------------ runner

@@ -64,13 +64,12 @@ def test_poll_failed_version_then_fixed():
         errors = []
         answers = [0]
 
-        def client():
-            while not stop.is_set():
-                r = kit.post(port, kit.infer_path("heart"), body)
-                if r.status != 200:
-                    errors.append(r)
-                else:
-                    answers[0] += 1
+        def client():  # one request; kit.Worker repeats it and keeps what it raises
+            r = kit.post(port, kit.infer_path("heart"), body)
+            if r.status != 200:
+                errors.append(r)
+            else:
+                answers[0] += 1
 
         text = kit.scrape(port)
         mem1 = memory_series(text, "heart")
@@ -82,9 +81,7 @@ def test_poll_failed_version_then_fixed():
             check(k in row["keel"], "index row lacks keel.%s: %r" % (k, row))
         check(row["keel"]["memory"]["charged_bytes"] > 0, "charged 0: %r" % row)
 
-        threads = [threading.Thread(target=client) for _ in range(2)]
-        for t in threads:
-            t.start()
+        threads = kit.start_workers(client, stop, 2)
         try:
             # A truncated version 2: the newest version, so keel tries it and must keep 1.
             good = open(S["B"], "rb").read()
@@ -100,8 +97,7 @@ def test_poll_failed_version_then_fixed():
             check(row["keel"]["next_retry_unix_ms"] > row["keel"]["last_attempt_unix_ms"] > 0,
                   "no retry scheduled: %r" % row)
             text = kit.scrape(port)
-            ok, out = kit.promtool_check(text)
-            check(ok, "promtool: %s" % out)
+            kit.promtool_check(text, "the scrape after a failed load")
             samples, _ = kit.parse_metrics(text)
             err = [(l, v) for n, l, v in samples
                    if n == "keel_model_load_error" and l.get("model") == "heart"]
@@ -117,8 +113,7 @@ def test_poll_failed_version_then_fixed():
                        lambda: kit.get(port, "/v2/models/heart/versions/2/ready").status == 200)
         finally:
             stop.set()
-            for t in threads:
-                t.join()
+        kit.join_workers(threads)
         check(not errors, "%d requests failed, first: %r" % (len(errors), errors[:1]))
         check(answers[0] > 0, "no answers")
         row = index_row(port, "heart", 2)

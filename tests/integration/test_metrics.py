@@ -118,14 +118,11 @@ def test_metrics_under_load_and_exact_counts():
     check(under_load > 0, "no scrape was taken while the clients were running")
     step = max(1, len(texts) // 10)
     for text in texts[::step]:
-        ok, out = kit.promtool_check(text)
-        check(ok, "promtool check metrics rejects a scrape taken under load:\n%s\n--- scrape:\n%s"
-              % (out, text[:3000]))
+        kit.promtool_check(text, "a scrape taken under load")
     check(not counts["other"], "unexpected answers (expected, got): %r" % counts["other"][:5])
     kit.wait_idle(port)
     text = kit.scrape(port)
-    ok, out = kit.promtool_check(text)
-    check(ok, "promtool check metrics rejects the idle scrape:\n%s" % out)
+    kit.promtool_check(text, "the idle scrape")
     samples, types = kit.parse_metrics(text)
     for name in ("keel_live_leases", "keel_live_requests"):
         check(types.get(name) == "gauge",

@@ -456,10 +456,20 @@ static void test_cancel(void **state)
     tu_assert_counters(f->rt, &idle_one_gen);
 }
 
-static void *open_gate_later(void *arg)
+/* Opens the gate once the two queued requests were answered SHUTDOWN (or after 5 s), so the
+ * outcome of each request is fixed: the running one completes OK, the queued ones never run. */
+typedef struct shutdown_opener {
+    tally *t;
+    _Atomic long shutdown_seen; /* ESHUTDOWN answers when the gate opened */
+} shutdown_opener;
+
+static void *open_gate_after_shutdown(void *arg)
 {
-    (void)arg;
-    usleep(50000);
+    shutdown_opener *o = arg;
+
+    for (int ms = 0; ms < 5000 && atomic_load(&o->t->by_status[KEEL_ESHUTDOWN]) < 2; ms++)
+        usleep(1000);
+    atomic_store(&o->shutdown_seen, atomic_load(&o->t->by_status[KEEL_ESHUTDOWN]));
     mock_gate_open();
     return NULL;
 }
@@ -499,15 +509,19 @@ static void test_unload_and_shutdown_with_queue(void **state)
         assert_int_equal(keel_infer_submit(r[i], tally_cb, &t), KEEL_OK);
     }
     mock_wait_blocked(1);
-    /* Open the gate from another thread while destroy waits for the running request. */
+    /* Open the gate from another thread while destroy waits for the running request, once
+     * destroy has answered the queued ones: each request's outcome is then known. */
     pthread_t opener;
-    assert_int_equal(pthread_create(&opener, NULL, open_gate_later, NULL), 0);
+    shutdown_opener so = {.t = &t};
+    assert_int_equal(pthread_create(&opener, NULL, open_gate_after_shutdown, &so), 0);
     keel_runtime_destroy(f->rt);
     pthread_join(opener, NULL);
     f->rt = start_runtime(f->repo, 2); /* for teardown */
     assert_int_equal(atomic_load(&t.calls), 3);
-    assert_int_equal(atomic_load(&t.by_status[KEEL_OK]) + atomic_load(&t.by_status[KEEL_ESHUTDOWN]),
-                     3);
+    /* The queued two were answered before the gate opened, the running one after. */
+    assert_int_equal(atomic_load(&so.shutdown_seen), 2);
+    assert_int_equal(atomic_load(&t.by_status[KEEL_ESHUTDOWN]), 2);
+    assert_int_equal(atomic_load(&t.by_status[KEEL_OK]), 1);
 }
 
 /* A failed reload keeps the old generation serving and records the error. */

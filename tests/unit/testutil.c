@@ -238,11 +238,9 @@ int tu_train_heart(const char *dir, const char *model_name, const char *extra)
     char *text;
     int rc;
 
-    if (KEEL_XGBOOST_CLI[0] == '\0' || access(KEEL_XGBOOST_CLI, X_OK) != 0) {
-        free(data);
-        free(conf);
-        skip();
-    }
+    /* Required by the build (CMakeLists.txt): gone since configure is a failure, not a skip. */
+    if (KEEL_XGBOOST_CLI[0] == '\0' || access(KEEL_XGBOOST_CLI, X_OK) != 0)
+        fail_msg("the xgboost command '%s' is not executable", KEEL_XGBOOST_CLI);
     if (access(data, R_OK) != 0) {
         rc = tu_run("sed -e 's/^+1/1/' -e 's/^-1/0/' '%s' > '%s'", HEART_SCALE, data);
         assert_int_equal(rc, 0);

@@ -1,0 +1,20 @@
+/*
+ * jemalloc_conf.c: the allocator settings of the keel program when it is linked with Debian's
+ * jemalloc (CMake option KEEL_JEMALLOC, on by default outside sanitizer builds).
+ *
+ * DESIGN
+ * jemalloc reads the string `malloc_conf` of the program at its first allocation, before
+ * main; MALLOC_CONF in the environment still overrides it. The settings come from the soak
+ * comparison in docs/PERFORMANCE.md ("Memory over reloads"): glibc's malloc keeps the freed
+ * memory of retired generations in fragments of many arenas and RSS creeps by about 2 MiB
+ * between reload 1,000 and 3,000; jemalloc with these settings stays flat.
+ *   narenas:2          one arena per core of the target machine instead of four per CPU, so
+ *                      the garbage of a model load is not spread over arenas that serve
+ *                      nothing else afterwards;
+ *   dirty_decay_ms:0   freed pages go back to the OS at once (madvise), so a retired
+ *   muzzy_decay_ms:0   generation's memory leaves RSS when the reaper frees it.
+ * No state, no threads: a constant read by the allocator.
+ */
+#include "cli_alloc.h"
+
+const char *malloc_conf = KEEL_JEMALLOC_CONF;

@@ -1,0 +1,30 @@
+/*
+ * heap.h: what the process's allocator holds, and giving its free memory back, whichever
+ * allocator that is (glibc's malloc, or jemalloc linked into the program or preloaded).
+ *
+ * DESIGN
+ * The allocator is the process's, not keel's: libkeel never picks one. keel__heap_* asks
+ * jemalloc through mallctl when the process has it (looked up once with dlsym, so libkeel does
+ * not link it) and glibc otherwise (mallinfo2, malloc_trim). No locks of keel's own; the
+ * allocators lock internally. Any thread may call these; they take milliseconds on a large
+ * heap, so the runtime calls keel__heap_trim only on its reaper thread.
+ */
+#ifndef KEEL_CORE_HEAP_H
+#define KEEL_CORE_HEAP_H
+
+#include <stdint.h>
+
+typedef struct keel__heap_stats {
+    const char *allocator; /* "jemalloc" or "glibc" (static string) */
+    uint64_t in_use_bytes; /* allocated by the program and not freed yet */
+    uint64_t free_bytes;   /* freed by the program but still held (resident or mapped) by the
+                              allocator: fragmentation and caches, not a leak */
+} keel__heap_stats;
+
+void keel__heap_stats_get(keel__heap_stats *out);
+
+/* Returns free memory the allocator holds to the operating system (malloc_trim, or jemalloc's
+ * purge of every arena). */
+void keel__heap_trim(void);
+
+#endif
