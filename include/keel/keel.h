@@ -154,6 +154,10 @@ typedef struct keel_runtime_opts {
     /* Bytes one request's preprocessing may move (encoded images plus the decoded tensor);
      * larger requests fail with KEEL_ERESOURCE. Default 64 MiB. */
     uint64_t preprocess_max_bytes;
+    /* keel_infer_submit_ex with KEEL_SUBMIT_RUN_IF_FAST runs a request on the calling thread
+     * only if its model version's estimated execution time for a batch of that size is below
+     * this bound, in microseconds. Default 200; 0 = no model counts as fast. */
+    uint32_t inline_max_us;
 } keel_runtime_opts;
 
 void keel_runtime_opts_init(keel_runtime_opts *opts);
@@ -259,6 +263,11 @@ typedef struct keel_model_stats {
     uint64_t queue_ns;                 /* total time admitted requests waited in queue */
     uint64_t compute_ns;               /* total time in the backend's run */
     uint64_t last_inference_unix_ms;   /* wall clock of the last completion; 0 if none */
+    /* Where requests ran: on the submitting thread (KEEL_SUBMIT_RUN_HERE, _RUN_IF_FAST,
+     * keel_infer) or handed to an inference thread. Requests that never ran (expired in the
+     * queue, cancelled while queued) count in neither. */
+    uint64_t runs_inline;
+    uint64_t runs_handed_off;
 } keel_model_stats;
 
 keel_err keel_model_stats_get(keel_runtime *rt, const char *name, keel_model_stats *out);
@@ -369,6 +378,13 @@ enum {
      * context, run the request on the calling thread: cb runs before the call returns. It
      * never waits for a context: otherwise the request is queued as usual. */
     KEEL_SUBMIT_RUN_HERE = 1u << 0,
+    /* As KEEL_SUBMIT_RUN_HERE, and only if the model is fast and needs no preprocessing:
+     * the model version's moving estimate of the backend's run time for a batch of this
+     * size (power-of-two size classes, measured on every run) is known and below the
+     * runtime's inline_max_us. Otherwise the request is queued for an inference thread,
+     * whose runs keep the estimate current. A thread serving many clients (an HTTP thread)
+     * thus runs fast models itself and never computes a slow one. */
+    KEEL_SUBMIT_RUN_IF_FAST = 1u << 1,
 };
 
 /* keel_infer_submit with flags (0 = the same as keel_infer_submit). Same contract: KEEL_OK

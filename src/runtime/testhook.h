@@ -17,5 +17,9 @@ keel_err keel__runtime_add_backend(keel_runtime *rt, const keel__backend *be);
 /* Reads the process's resident set size and (if available, else -1) proportional set size
  * (budget.c). */
 void keel__mem_sample(int64_t *rss, int64_t *pss);
+/* The execution-time estimate behind KEEL_SUBMIT_RUN_IF_FAST (sched.c). */
+int keel__est_class(int64_t batch);
+uint64_t keel__est_update(uint64_t est, uint64_t sample_ns);
+bool keel__est_is_fast(uint64_t est, uint64_t bound_ns);
 
 #endif
