@@ -615,12 +615,12 @@ static enum MHD_Result infer_start(srv_conn *c)
     c->state = CONN_SUBMITTED;
     pthread_mutex_unlock(&s->mu);
 
-    /* With --infer-on-http-thread on (off by default), an idle context runs the request
-     * right here: the completion is recorded before park() and the answer goes out without a
-     * suspend or a thread hand-off. The HTTP thread never waits for a context, but it does
-     * compute, and other connections it serves wait meanwhile: hence opt-in. */
-    kerr = keel_infer_submit_ex(c->req, s->opts->infer_on_http_thread ? KEEL_SUBMIT_RUN_HERE : 0,
-                                on_infer_done, c);
+    /* --infer-on-http-thread: when the runtime runs the request right here (auto: a fast
+     * model with an idle context and nothing queued; on: any such model), the completion is
+     * recorded before park() and the answer goes out without a suspend or a thread hand-off.
+     * The HTTP thread never waits for a context; under auto it never computes a slow model,
+     * so its other connections wait at most about --inline-max-us. */
+    kerr = keel_infer_submit_ex(c->req, s->submit_flags, on_infer_done, c);
     if (kerr != KEEL_OK) {
         /* The callback will never run: undo the hand-off and answer now. */
         pthread_mutex_lock(&s->mu);
@@ -1382,6 +1382,10 @@ int keel_server_run(const keel_server_opts *o)
     ro.preprocess_workers = o->preprocess_workers;
     ro.preprocess_timeout_ms = o->preprocess_timeout_ms;
     ro.preprocess_max_bytes = o->preprocess_max_bytes;
+    ro.inline_max_us = o->inline_max_us;
+    s->submit_flags = o->infer_on_http_thread == KEEL_SERVER_INLINE_ON     ? KEEL_SUBMIT_RUN_HERE
+                      : o->infer_on_http_thread == KEEL_SERVER_INLINE_AUTO ? KEEL_SUBMIT_RUN_IF_FAST
+                                                                           : 0;
     ro.log_fn = keel__srv_log_keel;
     ro.log_user = NULL;
     ro.log_level = o->log_level;

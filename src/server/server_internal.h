@@ -133,6 +133,7 @@ struct keel_srv {
     keel_runtime *rt;
     struct MHD_Daemon *mhd;
     uint64_t start_unix_ms;
+    unsigned submit_flags; /* keel_infer_submit_ex's, from --infer-on-http-thread */
 
     pthread_mutex_t mu;
     pthread_cond_t idle_cv;  /* broadcast when pending drops to 0 */
