@@ -25,7 +25,9 @@
 #            and 64, one uvicorn process on the server's core
 #   ir       instructions per request: keel serve under callgrind (counters zeroed, a timed
 #            keel perf run at concurrency 1, dumped; divided by the requests the server's
-#            statistics counted) against bench_infer's raw predict under callgrind
+#            statistics counted) against bench_infer's raw predict under callgrind, for
+#            --infer-on-http-thread auto, off and on; and GET /v2/health/live (the HTTP
+#            layer's own share) on the auto server
 #   soak     keel soak, SOAK_SWAPS hot swaps under load of the example model, with a steady
 #            phase first for the p99 ratio (server and soak pinned as above)
 #   swapp99  p99 latency with a swap every 0.5 s (120 swaps) against 60 s without swaps
@@ -361,10 +363,12 @@ EOF
                 OMP_WAIT_POLICY=PASSIVE valgrind --tool=callgrind --callgrind-out-file="$cg" \
                     "$keel" serve --model-repository "$repo" --http-port 0 --http-threads 1 \
                     --worker-threads 1 --log-level warn --infer-on-http-thread "$mode" \
+                    --preprocess-workers 0 \
                     >"$pf" 2>"$out/serve-cg.log" &
                 vpid=$!
                 pids+=("$vpid")
                 # Under callgrind the start (model loads) is slow, more so on a busy machine.
+                # No preprocessing workers: valgrind 3.19 lacks pidfd_open, which they need.
                 for _ in $(seq 3000); do grep -q port= "$pf" && break; sleep 0.1; done
                 port=$(sed -n 's/.*port=\([0-9]*\).*/\1/p' "$pf")
                 rm -f "$pf"
@@ -381,11 +385,25 @@ EOF
                 callgrind_control -d "$vpid" >/dev/null
                 n1=$(curl -s "http://127.0.0.1:$port/v2/models/ref_i1/stats" |
                     /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["model_stats"][0]["inference_stats"]["success"]["count"])')
-                stop_pid "$vpid"
                 dump=$(ls "$cg".* | sort -t. -k3 -n | head -n1)
                 total=$(awk '/^totals:/ { print $2; exit }' "$dump")
                 # The stats request between zero and dump is counted too; it is negligible.
                 row ir 1 "serve_${mode}_b$b" "$total" "$((n1 - n0))" "$raw_ir"
+                if [[ $b == 1 && $mode == auto ]]; then
+                    # The HTTP layer alone: GET /v2/health/live (a static reply) on the same
+                    # server; requests counted by keel perf (its CSV: ok + failed).
+                    rm -f "$dump"
+                    callgrind_control -z "$vpid" >/dev/null
+                    "$keel" perf -u "127.0.0.1:$port" --endpoint /v2/health/live \
+                        --concurrency-range 1 -d 5 --warmup 0 --no-progress -f "$out/live.csv" \
+                        >/dev/null
+                    callgrind_control -d "$vpid" >/dev/null
+                    dump=$(ls "$cg".* | sort -t. -k3 -n | head -n1)
+                    total=$(awk '/^totals:/ { print $2; exit }' "$dump")
+                    row ir 1 "live_${mode}_b0" "$total" \
+                        "$(awk -F, 'NR == 2 { print $5 + $6 }' "$out/live.csv")" "$raw_ir"
+                fi
+                stop_pid "$vpid"
             done
         done
         ;;

@@ -169,10 +169,13 @@ def ir(h, rows):
           "served/raw Ir |")
     print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        _, mode, b = r[2].split("_")
+        what, mode, b = r[2].split("_")
         total, n, raw = float(r[3]), float(r[4]), float(r[5])
-        print("| %s | %s | %d | %.0f | %.0f | %.2f |" % (b[1:], mode, n, total / n, raw,
-                                                        total / n / raw))
+        if n <= 0:
+            continue
+        print("| %s | %s | %d | %.0f | %.0f | %.2f |"
+              % ("GET /v2/health/live" if what == "live" else b[1:], mode, n, total / n, raw,
+                 total / n / raw))
     print()
 
 

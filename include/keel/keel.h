@@ -343,6 +343,11 @@ const char *keel_request_id(const keel_request *req); /* "" if unset */
  * Full validation against the model happens when the request runs. */
 keel_err keel_request_add_input(keel_request *req, const char *name, keel_datatype dt,
                                 const int64_t *shape, size_t ndim, const void *data, size_t bytes);
+/* As keel_request_add_input, but takes data instead of copying it: data must come from
+ * malloc(). On KEEL_OK the request owns it (and frees it with free()); on any other return
+ * the caller still does. Saves a copy for callers that decode into a buffer of their own. */
+keel_err keel_request_add_input_owned(keel_request *req, const char *name, keel_datatype dt,
+                                      const int64_t *shape, size_t ndim, void *data, size_t bytes);
 
 /* Asks for one output by name. With no requested outputs, all of the model's are returned. */
 keel_err keel_request_add_output(keel_request *req, const char *name);

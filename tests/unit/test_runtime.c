@@ -319,6 +319,33 @@ static void test_run_if_fast_bound_zero(void **state)
     assert_true(submit_where(f->rt, KEEL_SUBMIT_RUN_HERE, 1));
 }
 
+/* keel_request_add_input_owned takes the buffer on KEEL_OK, leaves it with the caller on an
+ * error (ASan reports a leak or a double free otherwise). */
+static void test_add_input_owned(void **state)
+{
+    fixture *f = *state;
+    keel_request *req = NULL;
+    int64_t shape[2] = {1, 2}, bad[2] = {1, 3};
+    float *x = malloc(2 * sizeof(float));
+
+    assert_non_null(x);
+    x[0] = 3.0f;
+    x[1] = 4.0f;
+    assert_int_equal(keel_request_create(f->rt, "m", -1, &req), KEEL_OK);
+    assert_int_equal(keel_request_add_input_owned(req, "x", KEEL_TYPE_FP32, bad, 2, x, 8),
+                     KEEL_EINVAL); /* 3 elements need 12 bytes: x is still ours */
+    x[1] = 5.0f;
+    assert_int_equal(keel_request_add_input_owned(req, "x", KEEL_TYPE_FP32, shape, 2, x, 8),
+                     KEEL_OK);
+    x = NULL; /* the request's now */
+    assert_int_equal(keel_infer(req), KEEL_OK);
+    keel_tensor_view v;
+    assert_int_equal(keel_request_output_by_name(req, "y", &v), KEEL_OK);
+    assert_int_equal(v.bytes, 2 * sizeof(float));
+    assert_true(((const float *)v.data)[0] == 6.0f && ((const float *)v.data)[1] == 10.0f);
+    keel_request_destroy(req);
+}
+
 static void test_bad_inputs_then_good(void **state)
 {
     fixture *f = *state;
@@ -865,6 +892,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_load_unload_cycles, setup, teardown),
         cmocka_unit_test_setup_teardown(test_versions, setup, teardown),
         cmocka_unit_test(test_exec_estimate),
+        cmocka_unit_test_setup_teardown(test_add_input_owned, setup, teardown),
         cmocka_unit_test_setup_teardown(test_submit_run_if_fast, setup, teardown),
         cmocka_unit_test_setup_teardown(test_run_if_fast_bound_zero, setup, teardown),
         cmocka_unit_test_setup_teardown(test_version_change_keeps_queued_latest, setup, teardown),
