@@ -30,6 +30,7 @@ void keel_server_opts_init(keel_server_opts *opts)
     opts->max_request_bytes = 64u << 20;
     opts->http_timeout_secs = 30;
     opts->max_connections = 1024;
+    opts->http_connection_memory = 64u << 10;
     opts->infer_on_http_thread = KEEL_SERVER_INLINE_AUTO;
     opts->inline_max_us = 200;
     opts->exit_timeout_secs = 30;
@@ -79,6 +80,10 @@ void keel_server_print_help(FILE *f)
           "  --http-timeout-secs N       close connections idle this long (default 30;\n"
           "                              0 = never)\n"
           "  --max-connections N         concurrent connections (default 1024)\n"
+          "  --http-connection-memory N  bytes of libmicrohttpd's per-connection pool, suffix\n"
+          "                              k/m/g (default 64k): it holds the headers (larger\n"
+          "                              ones get 431) and the read buffer, and is cleared\n"
+          "                              for every request\n"
           "  --infer-on-http-thread auto|on|off\n"
           "                              auto (default): when the model's queue is empty, a\n"
           "                              context is idle, it needs no preprocessing and its\n"
@@ -138,6 +143,7 @@ typedef enum opt_id {
     O_MAX_BYTES,
     O_HTTP_TIMEOUT,
     O_MAX_CONN,
+    O_CONN_MEM,
     O_INLINE,
     O_INLINE_MAX,
     O_EXIT_TIMEOUT,
@@ -170,6 +176,7 @@ static const struct {
     {"--max-request-bytes", O_MAX_BYTES, true},
     {"--http-timeout-secs", O_HTTP_TIMEOUT, true},
     {"--max-connections", O_MAX_CONN, true},
+    {"--http-connection-memory", O_CONN_MEM, true},
     {"--infer-on-http-thread", O_INLINE, true},
     {"--inline-max-us", O_INLINE_MAX, true},
     {"--exit-timeout-secs", O_EXIT_TIMEOUT, true},
@@ -307,6 +314,11 @@ int keel_server_parse_args(int argc, char **argv, keel_server_opts *o)
             if (!parse_u64(val, 0, 86400, &n))
                 return usage("--http-timeout-secs: '%s' is not a number of seconds (0-86400)", val);
             o->http_timeout_secs = (unsigned)n;
+            break;
+        case O_CONN_MEM:
+            if (!keel__cli_parse_bytes(val, 1024, UINT64_C(1) << 30, &n) || n < 4096)
+                return usage("--http-connection-memory: '%s' is not a byte count (4k-1g)", val);
+            o->http_connection_memory = (unsigned)n;
             break;
         case O_MAX_CONN:
             if (!parse_u64(val, 1, 65536, &n))

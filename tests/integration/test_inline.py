@@ -134,13 +134,16 @@ def test_fast_model_not_delayed_by_slow_one():
               "fast requests on the same HTTP thread were delayed by the slow model: p90 %.3fs "
               "(bound %.3fs), slow requests take %.3fs" % (p90, FAST_BOUND_S, slow_med))
 
-        # Where they ran: heart inline (a loaded machine may stretch a sample past the bound
-        # now and then: most, not all), slow never.
+        # Where they ran: heart inline, slow never. The estimate is wall time: on a loaded
+        # machine a run that is descheduled midway measures milliseconds, and heart is handed
+        # off until later samples bring the estimate down (an eighth of the way per run); with
+        # the test suite's other servers on two cores that cost 30 % of the runs once. The
+        # majority must still run inline; off and --inline-max-us 0 below run none.
         inline = after_heart[0] - before_heart[0]
         handed = after_heart[1] - before_heart[1]
         check(inline + handed == n_fast,
               "heart: %d inline + %d handed off != %d requests" % (inline, handed, n_fast))
-        check(inline >= n_fast * 0.8,
+        check(inline >= n_fast * 0.5,
               "heart ran inline only %d of %d times under auto" % (inline, n_fast))
         slow_runs = runs(port, "slow")
         check(slow_runs[0] == 0, "the slow model ran on the HTTP thread %d times" % slow_runs[0])
