@@ -179,8 +179,23 @@ def test_on_and_bound_zero():
               % (runs(srv.port, "heart"),))
 
 
+def test_connection_memory():
+    # --http-connection-memory bounds the headers: 6 KiB of header fits the default pool,
+    # not a 4 KiB one (431 or a closed connection); inference works with the small pool.
+    req = (b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 6000
+           + b"\r\n\r\n")
+    with kit.running(kit.Server(S["repo"])) as srv:
+        r = kit.raw(srv.port, req)
+        check(r is not None and r.status == 200, "6 KiB header, default pool: %r" % (r,))
+    with kit.running(kit.Server(S["repo"], ["--http-connection-memory", "4k"])) as srv:
+        r = kit.raw(srv.port, req)
+        check(r is None or r.status == 431, "6 KiB header, 4 KiB pool: %r" % (r,))
+        fast_request(srv.port)
+
+
 def test_option_errors():
-    for args, what in ((["--infer-on-http-thread", "maybe"], "not auto, on or off"),
+    for args, what in ((["--http-connection-memory", "2k"], "--http-connection-memory"),
+                       (["--infer-on-http-thread", "maybe"], "not auto, on or off"),
                        (["--inline-max-us", "-1"], "--inline-max-us"),
                        (["--inline-max-us", "2000000"], "--inline-max-us")):
         p = subprocess.run([kit.KEEL, "serve", "--model-repository", S["repo"]] + args,
@@ -193,4 +208,4 @@ def test_option_errors():
 if __name__ == "__main__":
     kit.parse_args()
     kit.run([test_fast_model_not_delayed_by_slow_one, test_off_runs_nothing_inline,
-             test_on_and_bound_zero, test_option_errors], setup=setup)
+             test_on_and_bound_zero, test_connection_memory, test_option_errors], setup=setup)
