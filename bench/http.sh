@@ -11,7 +11,7 @@
 # A benchmark: it measures and never fails on a number.
 #
 # Usage: bench/http.sh   Environment: ROUNDS (3), SECONDS_PER_RUN (5), CONNS (8),
-#   INFER_ON_HTTP_THREAD (off; "on" passes --infer-on-http-thread on to keel serve)
+#   INFER_ON_HTTP_THREAD (auto, the default of keel serve; or on, off)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -52,7 +52,7 @@ done
 
 port_file=$(mktemp)
 taskset -c 0 "$build/keel" serve --model-repository "$repo" --http-port 0 --grpc-port -1 --http-threads 1 \
-    --worker-threads 1 --infer-on-http-thread "${INFER_ON_HTTP_THREAD:-off}" --log-level warn \
+    --worker-threads 1 --infer-on-http-thread "${INFER_ON_HTTP_THREAD:-auto}" --log-level warn \
     >"$port_file" &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -f "$port_file"' EXIT
@@ -88,7 +88,7 @@ EOF
 }
 
 echo "keel serve over HTTP (V2 JSON) vs raw XGBoost, reference model ref_i1, $conns connections"
-echo "server: CPU 0, 1 HTTP thread, 1 worker, --infer-on-http-thread ${INFER_ON_HTTP_THREAD:-off}; wrk: CPU 1; raw: 1 thread on CPU 0"
+echo "server: CPU 0, 1 HTTP thread, 1 worker, --infer-on-http-thread ${INFER_ON_HTTP_THREAD:-auto}; wrk: CPU 1; raw: 1 thread on CPU 0"
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'); load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 printf '| batch | round | raw calls/s | served req/s | served/raw | p50 ms | p99 ms | errors |\n'

@@ -16,21 +16,28 @@
 #   gen      the generator is not the bottleneck: keel perf and wrk on GET /v2/health/live
 #            (a static reply) against keel perf on inference, same server, same connections
 #   wrk      keel perf and wrk on the same inference endpoint, interleaved (agreement)
-#   ratio    served/raw at batch 1 and 64, keel serve with --infer-on-http-thread off and on,
-#            8 connections (p50/p99 at 8 connections come from these runs)
+#   nginx    the HTTP layer alone: wrk on keel's GET /v2/health/live against nginx (Debian's
+#            nginx-light, one worker process, `return 200`, pinned to the server's core),
+#            interleaved in each round
+#   ratio    served/raw at batch 1 and 64, keel serve with --infer-on-http-thread auto (the
+#            default), off and on, 8 connections (p50/p99 at 8 connections come from these)
 #   fastapi  keel vs bench/fastapi_peer.py (raw-body handler and pydantic handler), batch 1
 #            and 64, one uvicorn process on the server's core
 #   ir       instructions per request: keel serve under callgrind (counters zeroed, a timed
 #            keel perf run at concurrency 1, dumped; divided by the requests the server's
-#            statistics counted) against bench_infer's raw predict under callgrind
+#            statistics counted) against bench_infer's raw predict under callgrind, for
+#            --infer-on-http-thread auto, off and on; and GET /v2/health/live (the HTTP
+#            layer's own share) on the auto server
 #   soak     keel soak, SOAK_SWAPS hot swaps under load of the example model, with a steady
 #            phase first for the p99 ratio (server and soak pinned as above)
 #   swapp99  p99 latency with a swap every 0.5 s (120 swaps) against 60 s without swaps
+#   decode   bench_decode (FP32 JSON decode and encode, ns per number), its output as is
+# The report opens with issue 11's table: every row of it, from these sections.
 #
 # Usage: bench/suite.sh [SECTION...]   (default: all, in the order above)
 # Environment: ROUNDS (5), SECS (3, seconds per measurement), CONNS (8), SOAK_SWAPS (2000),
 #   SOAK_INTERVAL (0.02), SERVER_CPU (0), GEN_CPU (1).
-# Needs: wrk, valgrind, and for fastapi Debian's python3-fastapi python3-uvicorn
+# Needs: wrk, valgrind, nginx (nginx-light) for nginx, and for fastapi Debian's python3-fastapi python3-uvicorn
 # python3-xgboost python3-numpy under /usr/bin/python3 (bench/setup.sh installs them).
 set -euo pipefail
 
@@ -45,12 +52,12 @@ conns=${CONNS:-8}
 scpu=${SERVER_CPU:-0}
 gcpu=${GEN_CPU:-1}
 sections=("$@")
-((${#sections[@]} > 0)) || sections=(gen wrk ratio fastapi ir soak swapp99)
+((${#sections[@]} > 0)) || sections=(gen wrk nginx ratio fastapi ir decode soak swapp99)
 mkdir -p "$out"
 results="$out/results.tsv"
 
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEEL_BUILD_BENCH=ON >/dev/null
-ninja -C "$build" bench_infer keel_cli >/dev/null
+ninja -C "$build" bench_infer bench_decode keel_cli >/dev/null
 [[ -f "$repo/ref_i1/1/model.json" ]] || OUT="$repo" sh bench/train-reference.sh "$repo" >/dev/null
 keel="$build/keel"
 
@@ -230,8 +237,61 @@ for section in "${sections[@]}"; do
         done
         stop_pid "$spid"
         ;;
+    nginx)
+        command -v nginx >/dev/null || { echo "suite: nginx not found (nginx-light)" >&2; exit 1; }
+        nport=$(free_port)
+        ndir="$out/nginx"
+        rm -rf "$ndir"
+        mkdir -p "$ndir"
+        cat >"$ndir/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $ndir/nginx.pid;
+error_log $ndir/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $ndir;
+    proxy_temp_path $ndir;
+    fastcgi_temp_path $ndir;
+    uwsgi_temp_path $ndir;
+    scgi_temp_path $ndir;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$nport;
+        location / { return 200; }
+    }
+}
+EOF
+        # The master and its one worker both on the server's core (the worker inherits it).
+        taskset -c "$scpu" nginx -p "$ndir" -c "$ndir/nginx.conf" -e "$ndir/error.log" \
+            2>"$ndir/stderr.log" &
+        npid=$!
+        pids+=("$npid")
+        up=0
+        for _ in $(seq 100); do
+            if curl -sf "http://127.0.0.1:$nport/" >/dev/null; then
+                up=1
+                break
+            fi
+            sleep 0.05
+        done
+        ((up)) || { echo "suite: nginx did not start:" >&2; cat "$ndir"/*.log >&2; exit 1; }
+        start_keel
+        wrk_run "$port" /v2/health/live >/dev/null # warm-up, unmeasured
+        wrk_run "$nport" / >/dev/null
+        for r in $(seq "$rounds"); do
+            row nginx "$r" keel_live $(wrk_run "$port" /v2/health/live)
+            row nginx "$r" nginx_return200 $(wrk_run "$nport" /)
+        done
+        stop_pid "$spid"
+        stop_pid "$npid"
+        ;;
+    decode)
+        "$build/bench_decode" --rounds "$rounds" | tee "$out/decode.txt"
+        ;;
     ratio)
-        for mode in off on; do
+        for mode in auto off on; do
             start_keel --infer-on-http-thread "$mode"
             warm_up "$port" ref_i1 1
             for r in $(seq "$rounds"); do
@@ -296,19 +356,24 @@ for section in "${sections[@]}"; do
                 "$build/bench_infer" --model-repository "$repo" --callgrind raw --batch "$b" \
                 --iterations "$iters" >/dev/null 2>&1
             raw_ir=$(awk -v n="$iters" '/^totals:/ { printf "%.0f", $2 / n; exit }' "$base.2")
-            for mode in off on; do
+            for mode in auto off on; do
                 pf=$(mktemp)
                 cg="$out/serve-$mode-b$b.cg"
                 rm -f "$cg" "$cg".*
                 OMP_WAIT_POLICY=PASSIVE valgrind --tool=callgrind --callgrind-out-file="$cg" \
                     "$keel" serve --model-repository "$repo" --http-port 0 --grpc-port -1 --http-threads 1 \
                     --worker-threads 1 --log-level warn --infer-on-http-thread "$mode" \
+                    --preprocess-workers 0 \
                     >"$pf" 2>"$out/serve-cg.log" &
                 vpid=$!
                 pids+=("$vpid")
-                for _ in $(seq 600); do grep -q port= "$pf" && break; sleep 0.1; done
+                # Under callgrind the start (model loads) is slow, more so on a busy machine.
+                # No preprocessing workers: valgrind 3.19 lacks pidfd_open, which they need.
+                for _ in $(seq 3000); do grep -q port= "$pf" && break; sleep 0.1; done
                 port=$(sed -n 's/.*port=\([0-9]*\).*/\1/p' "$pf")
                 rm -f "$pf"
+                [[ -n "$port" ]] || { echo "suite: keel serve under callgrind did not start:" >&2
+                    tail "$out/serve-cg.log" >&2; exit 1; }
                 # Warm up (first requests fault in code and data), then count a timed run.
                 "$keel" perf -u "127.0.0.1:$port" -m ref_i1 -b "$b" --concurrency-range 1 \
                     -d 2 --warmup 0 --no-progress --input-data "$out/rows_b64.txt" >/dev/null
@@ -320,11 +385,25 @@ for section in "${sections[@]}"; do
                 callgrind_control -d "$vpid" >/dev/null
                 n1=$(curl -s "http://127.0.0.1:$port/v2/models/ref_i1/stats" |
                     /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["model_stats"][0]["inference_stats"]["success"]["count"])')
-                stop_pid "$vpid"
                 dump=$(ls "$cg".* | sort -t. -k3 -n | head -n1)
                 total=$(awk '/^totals:/ { print $2; exit }' "$dump")
                 # The stats request between zero and dump is counted too; it is negligible.
                 row ir 1 "serve_${mode}_b$b" "$total" "$((n1 - n0))" "$raw_ir"
+                if [[ $b == 1 && $mode == auto ]]; then
+                    # The HTTP layer alone: GET /v2/health/live (a static reply) on the same
+                    # server; requests counted by keel perf (its CSV: ok + failed).
+                    rm -f "$dump"
+                    callgrind_control -z "$vpid" >/dev/null
+                    "$keel" perf -u "127.0.0.1:$port" --endpoint /v2/health/live \
+                        --concurrency-range 1 -d 5 --warmup 0 --no-progress -f "$out/live.csv" \
+                        >/dev/null
+                    callgrind_control -d "$vpid" >/dev/null
+                    dump=$(ls "$cg".* | sort -t. -k3 -n | head -n1)
+                    total=$(awk '/^totals:/ { print $2; exit }' "$dump")
+                    row ir 1 "live_${mode}_b0" "$total" \
+                        "$(awk -F, 'NR == 2 { print $5 + $6 }' "$out/live.csv")" "$raw_ir"
+                fi
+                stop_pid "$vpid"
             done
         done
         ;;

@@ -169,20 +169,106 @@ def ir(h, rows):
           "served/raw Ir |")
     print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
-        _, mode, b = r[2].split("_")
+        what, mode, b = r[2].split("_")
         total, n, raw = float(r[3]), float(r[4]), float(r[5])
-        print("| %s | %s | %d | %.0f | %.0f | %.2f |" % (b[1:], mode, n, total / n, raw,
-                                                        total / n / raw))
+        if n <= 0:
+            continue
+        print("| %s | %s | %d | %.0f | %.0f | %.2f |"
+              % ("GET /v2/health/live" if what == "live" else b[1:], mode, n, total / n, raw,
+                 total / n / raw))
+    print()
+
+
+def nginx(h, rows):
+    print("### The HTTP layer: keel GET /v2/health/live vs nginx `return 200` (wrk)\n")
+    header(h)
+    d = by_key(rows)
+    k, n = d.get("keel_live", []), d.get("nginx_return200", [])
+    print("| round | keel req/s | nginx req/s | keel / nginx | keel p99 ms | nginx p99 ms |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for i, (a, b) in enumerate(zip(k, n)):
+        print("| %d | %.0f | %.0f | %.3f | %.3f | %.3f |"
+              % (i + 1, a[0], b[0], a[0] / b[0] if b[0] else 0, a[2], b[2]))
+    pairs = [(a[0], b[0]) for a, b in zip(k, n) if b[0] > 0]
+    if pairs:
+        print("| median | %s | %s | **%s** | | |" % (med([a for a, _ in pairs]),
+                                                     med([b for _, b in pairs]),
+                                                     med([a / b for a, b in pairs])))
+    print()
+
+
+def issue_table(latest, outdir):
+    """Issue 11's table: one row per goal, from the sections that measure it."""
+    rows = []
+
+    def ratio_of(mode, b):
+        if "ratio" not in latest:
+            return None
+        last_raw, got = {}, []
+        for r in latest["ratio"][1]:
+            key, vals = r[2], [float(x) for x in r[3:]]
+            if key.startswith("raw_b"):
+                last_raw[key[4:]] = vals
+            elif key == "keel_%s_b%d" % (mode, b) and ("b%d" % b) in last_raw:
+                got.append((last_raw["b%d" % b], vals))
+        return got or None
+
+    for b, goal in ((1, ">= 0.50"), (64, ">= 0.85")):
+        for mode in ("auto", "on", "off"):
+            v = ratio_of(mode, b)
+            if v:
+                rows.append(("batch %d: served req/s / raw XGBoost calls/s (%s%s)"
+                             % (b, mode, ", default" if mode == "auto" else ""),
+                             med([x[1][0] / x[0][0] for x in v]), goal))
+    if "fastapi" in latest:
+        d = by_key(latest["fastapi"][1])
+        for b, goal in ((1, ">= 20x"), (64, ">= 6x")):
+            k, f = d.get("keel_b%d" % b), d.get("fastapi_raw_b%d" % b)
+            if k and f:
+                pairs = [(a[0], x[0]) for a, x in zip(k, f) if x[0] > 0]
+                if pairs:
+                    rows.append(("batch %d vs the tuned FastAPI peer (raw-body handler)" % b,
+                                 med([a / x for a, x in pairs]) + "x", goal))
+    v = ratio_of("auto", 1)
+    if v:
+        rows.append(("p99 at %s connections, batch 1, default (ms)" % "8",
+                     med([x[1][2] for x in v]), "<= 0.5"))
+    if "nginx" in latest:
+        d = by_key(latest["nginx"][1])
+        pairs = [(a[0], b[0]) for a, b in zip(d.get("keel_live", []),
+                                               d.get("nginx_return200", [])) if b[0] > 0]
+        if pairs:
+            rows.append(("GET /v2/health/live req/s / nginx return 200 req/s",
+                         med([a / b for a, b in pairs]), ">= 1.0"))
+    dec = os.path.join(outdir, "decode.txt")
+    if os.path.exists(dec):
+        rows.append(("FP32 JSON decode (bench_decode; see its output below)", "see below",
+                     "<= 5 ns/number"))
+    if "ir" in latest:
+        for r in latest["ir"][1]:
+            if r[2] == "serve_auto_b1":
+                total, n, raw = float(r[3]), float(r[4]), float(r[5])
+                rows.append(("instructions per batch-1 request / per raw call (callgrind, auto)",
+                             "%.2fx" % (total / n / raw), "<= 1.4x"))
+    if not rows:
+        return
+    print("### Issue 11's table (median, spread min..max over the rounds)\n")
+    print("| | measured | goal |")
+    print("|---|---|---|")
+    for name, val, goal in rows:
+        print("| %s | %s | %s |" % (name, val, goal))
     print()
 
 
 def main():
     latest = load(sys.argv[1])
-    for s, fn in (("gen", gen), ("wrk", wrk), ("ratio", ratio), ("fastapi", fastapi),
-                  ("ir", ir)):
+    issue_table(latest, os.path.dirname(sys.argv[1]))
+    for s, fn in (("gen", gen), ("wrk", wrk), ("nginx", nginx), ("ratio", ratio),
+                  ("fastapi", fastapi), ("ir", ir)):
         if s in latest:
             fn(*latest[s])
-    for name, title in (("soak.txt", "Soak (keel soak output)"),
+    for name, title in (("decode.txt", "FP32 JSON decode and encode (bench_decode output)"),
+                        ("soak.txt", "Soak (keel soak output)"),
                         ("swapp99.txt", "p99 with a swap every 0.5 s (keel soak output)")):
         path = os.path.join(os.path.dirname(sys.argv[1]), name)
         if os.path.exists(path):

@@ -162,6 +162,10 @@ typedef struct keel_runtime_opts {
     /* Bytes one request's preprocessing may move (encoded images plus the decoded tensor);
      * larger requests fail with KEEL_ERESOURCE. Default 64 MiB. */
     uint64_t preprocess_max_bytes;
+    /* keel_infer_submit_ex with KEEL_SUBMIT_RUN_IF_FAST runs a request on the calling thread
+     * only if its model version's estimated execution time for a batch of that size is below
+     * this bound, in microseconds. Default 200; 0 = no model counts as fast. */
+    uint32_t inline_max_us;
 } keel_runtime_opts;
 
 KEEL_EXTERN void keel_runtime_opts_init(keel_runtime_opts *opts);
@@ -271,6 +275,11 @@ typedef struct keel_model_stats {
     uint64_t queue_ns;                 /* total time admitted requests waited in queue */
     uint64_t compute_ns;               /* total time in the backend's run */
     uint64_t last_inference_unix_ms;   /* wall clock of the last completion; 0 if none */
+    /* Where requests ran: on the submitting thread (KEEL_SUBMIT_RUN_HERE, _RUN_IF_FAST,
+     * keel_infer) or handed to an inference thread. Requests that never ran (expired in the
+     * queue, cancelled while queued) count in neither. */
+    uint64_t runs_inline;
+    uint64_t runs_handed_off;
 } keel_model_stats;
 
 KEEL_EXTERN keel_err keel_model_stats_get(keel_runtime *rt, const char *name,
@@ -356,6 +365,12 @@ KEEL_EXTERN const char *keel_request_id(const keel_request *req); /* "" if unset
 KEEL_EXTERN keel_err keel_request_add_input(keel_request *req, const char *name, keel_datatype dt,
                                             const int64_t *shape, size_t ndim, const void *data,
                                             size_t bytes);
+/* As keel_request_add_input, but takes data instead of copying it: data must come from
+ * malloc(). On KEEL_OK the request owns it (and frees it with free()); on any other return
+ * the caller still does. Saves a copy for callers that decode into a buffer of their own. */
+KEEL_EXTERN keel_err keel_request_add_input_owned(keel_request *req, const char *name,
+                                                  keel_datatype dt, const int64_t *shape,
+                                                  size_t ndim, void *data, size_t bytes);
 
 /* Asks for one output by name. With no requested outputs, all of the model's are returned. */
 KEEL_EXTERN keel_err keel_request_add_output(keel_request *req, const char *name);
@@ -393,6 +408,13 @@ enum {
      * context, run the request on the calling thread: cb runs before the call returns. It
      * never waits for a context: otherwise the request is queued as usual. */
     KEEL_SUBMIT_RUN_HERE = 1u << 0,
+    /* As KEEL_SUBMIT_RUN_HERE, and only if the model is fast and needs no preprocessing:
+     * the model version's moving estimate of the backend's run time for a batch of this
+     * size (power-of-two size classes, measured on every run) is known and below the
+     * runtime's inline_max_us. Otherwise the request is queued for an inference thread,
+     * whose runs keep the estimate current. A thread serving many clients (an HTTP thread)
+     * thus runs fast models itself and never computes a slow one. */
+    KEEL_SUBMIT_RUN_IF_FAST = 1u << 1,
 };
 
 /* keel_infer_submit with flags (0 = the same as keel_infer_submit). Same contract: KEEL_OK

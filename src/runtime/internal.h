@@ -122,7 +122,12 @@ typedef struct keel__stats {
     _Atomic uint64_t queue_ns;
     _Atomic uint64_t compute_ns;
     _Atomic uint64_t last_inference_unix_ms;
+    _Atomic uint64_t runs_inline;
+    _Atomic uint64_t runs_handed_off;
 } keel__stats;
+
+/* Size classes of the execution-time estimate: batch 1, 2-3, 4-7, ..., >= 2^15 (sched.c). */
+#define KEEL__EST_CLASSES 16
 
 struct keel__generation {
     _Atomic int64_t refs;
@@ -141,9 +146,12 @@ struct keel__generation {
     int max_in_use;  /* nctx, or 1 if the backend cannot run one model concurrently */
     bool retired;    /* rt->mu */
     size_t memory_estimate;
-    int64_t mem_rss;             /* VmRSS change across the build */
-    int64_t mem_pss;             /* smaps_rollup Pss change; -1 if unavailable */
-    uint64_t mem_charged;        /* max(mem_rss, memory_estimate), what the budget counts */
+    int64_t mem_rss;      /* VmRSS change across the build */
+    int64_t mem_pss;      /* smaps_rollup Pss change; -1 if unavailable */
+    uint64_t mem_charged; /* max(mem_rss, memory_estimate), what the budget counts */
+    /* Moving estimate of the backend's run time, ns, per batch size class; 0 = not measured
+     * yet. Written after every run, read by submit (sched.c); atomics, no lock. */
+    _Atomic uint64_t est_run_ns[KEEL__EST_CLASSES];
     keel__generation *reap_next; /* rt->reap_mu */
 };
 
@@ -200,6 +208,7 @@ struct keel_runtime {
     bool stopping;                        /* mu: workers exit when idle */
     int nworkers;
     pthread_t workers[KEEL__MAX_WORKERS];
+    uint64_t inline_max_ns; /* fixed after create: KEEL_SUBMIT_RUN_IF_FAST's bound */
 
     pthread_mutex_t reap_mu;
     pthread_cond_t reap_cv;

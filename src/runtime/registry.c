@@ -304,6 +304,8 @@ keel_err keel_model_stats_get(keel_runtime *rt, const char *name, keel_model_sta
     out->queue_ns = atomic_load(&s->queue_ns);
     out->compute_ns = atomic_load(&s->compute_ns);
     out->last_inference_unix_ms = atomic_load(&s->last_inference_unix_ms);
+    out->runs_inline = atomic_load(&s->runs_inline);
+    out->runs_handed_off = atomic_load(&s->runs_handed_off);
     return KEEL_OK;
 }
 

@@ -53,9 +53,11 @@ static void tensor_fini(keel__tensor *t)
     free(t->data);
 }
 
-/* Fills t with copies of name, shape and data; on failure frees what it made. */
+/* Fills t with copies of name, shape and data (with owned != NULL: t takes owned, which
+ * holds the data, instead of copying it); on failure frees what it made, never owned. */
 static keel_err tensor_copy(keel__tensor *t, const char *name, keel_datatype dt,
-                            const int64_t *shape, size_t ndim, const void *data, size_t bytes)
+                            const int64_t *shape, size_t ndim, const void *data, void *owned,
+                            size_t bytes)
 {
     memset(t, 0, sizeof(*t));
     t->datatype = dt;
@@ -63,14 +65,16 @@ static keel_err tensor_copy(keel__tensor *t, const char *name, keel_datatype dt,
     t->bytes = bytes;
     if ((t->name = keel__strdup(name)) == NULL ||
         (t->shape = keel__malloc(sizeof(int64_t) * (ndim ? ndim : 1))) == NULL ||
-        (t->data = keel__malloc(bytes)) == NULL) {
+        (owned == NULL && (t->data = keel__malloc(bytes)) == NULL)) {
         tensor_fini(t);
         memset(t, 0, sizeof(*t));
         return KEEL_ENOMEM;
     }
     if (ndim > 0)
         memcpy(t->shape, shape, sizeof(int64_t) * ndim);
-    if (bytes > 0)
+    if (owned != NULL)
+        t->data = owned;
+    else if (bytes > 0)
         memcpy(t->data, data, bytes);
     return KEEL_OK;
 }
@@ -195,8 +199,10 @@ static bool bytes_framing_ok(const unsigned char *p, size_t len, size_t n)
     return off == len;
 }
 
-keel_err keel_request_add_input(keel_request *req, const char *name, keel_datatype dt,
-                                const int64_t *shape, size_t ndim, const void *data, size_t bytes)
+/* keel_request_add_input and keel_request_add_input_owned: owned != NULL is data, taken. */
+static keel_err add_input(keel_request *req, const char *name, keel_datatype dt,
+                          const int64_t *shape, size_t ndim, const void *data, void *owned,
+                          size_t bytes)
 {
     keel__tensor t = {0};
     size_t n = 0;
@@ -251,10 +257,30 @@ keel_err keel_request_add_input(keel_request *req, const char *name, keel_dataty
     if ((err = grow((void **)&req->inputs, &req->cap_inputs, req->ninputs + 1,
                     sizeof(*req->inputs))) != KEEL_OK)
         return err;
-    if ((err = tensor_copy(&t, name, dt, shape, ndim, data, bytes)) != KEEL_OK)
+    if ((err = tensor_copy(&t, name, dt, shape, ndim, data, owned, bytes)) != KEEL_OK)
         return err;
     req->inputs[req->ninputs++] = t;
     return KEEL_OK;
+}
+
+keel_err keel_request_add_input(keel_request *req, const char *name, keel_datatype dt,
+                                const int64_t *shape, size_t ndim, const void *data, size_t bytes)
+{
+    return add_input(req, name, dt, shape, ndim, data, NULL, bytes);
+}
+
+keel_err keel_request_add_input_owned(keel_request *req, const char *name, keel_datatype dt,
+                                      const int64_t *shape, size_t ndim, void *data, size_t bytes)
+{
+    keel_err err;
+
+    if (bytes == 0 || data == NULL) /* nothing worth taking: the copying path, then free */
+        err = add_input(req, name, dt, shape, ndim, data, NULL, bytes);
+    else
+        err = add_input(req, name, dt, shape, ndim, data, data, bytes);
+    if (err == KEEL_OK && (bytes == 0 || data == NULL))
+        free(data);
+    return err;
 }
 
 keel_err keel_request_add_output(keel_request *req, const char *name)
@@ -514,7 +540,7 @@ keel_err keel__request_emit(keel__run_io *io, const char *name, keel_datatype dt
     if ((err = grow((void **)&req->outputs, &req->cap_outputs, req->noutputs + 1,
                     sizeof(*req->outputs))) != KEEL_OK)
         goto nomem;
-    if (tensor_copy(&t, name, dt, shape, ndim, data, bytes) != KEEL_OK)
+    if (tensor_copy(&t, name, dt, shape, ndim, data, NULL, bytes) != KEEL_OK)
         goto nomem;
     req->outputs[req->noutputs++] = t;
     return KEEL_OK;

@@ -39,6 +39,7 @@ void keel_runtime_opts_init(keel_runtime_opts *opts)
     opts->settle_ms = 1000;
     opts->retry_initial_ms = 1000;
     opts->retry_max_ms = 60000;
+    opts->inline_max_us = 200;
 }
 
 keel_err keel__runtime_add_backend(keel_runtime *rt, const keel__backend *be)
@@ -139,6 +140,7 @@ keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_runtime **out)
     if (rt->retry_max_ms < rt->retry_initial_ms)
         rt->retry_max_ms = rt->retry_initial_ms;
     rt->mem_limit = opts->model_memory_limit;
+    rt->inline_max_ns = (uint64_t)opts->inline_max_us * 1000u;
     rt->life_efd = -1;
     pthread_mutex_init(&rt->mu, NULL);
     pthread_mutex_init(&rt->build_mu, NULL);

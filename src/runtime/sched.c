@@ -17,7 +17,19 @@
  * Completion (complete()): under rt->mu the context goes back to the generation it came from
  * (a retired generation keeps it until it is freed, and never hands it out again) and the
  * slot is dropped; after unlocking, the generation reference is released, statistics are
- * updated and the callback runs. All locks: see internal.h. Layer: calls registry.c,
+ * updated and the callback runs.
+ *
+ * Run here (KEEL_SUBMIT_RUN_HERE, keel_infer): a request that would be first in an empty
+ * queue while its generation has an idle context is leased at submit and run by the caller's
+ * thread, never overtaking a queued request and never waiting for a context. With
+ * KEEL_SUBMIT_RUN_IF_FAST it must also be "fast": no preprocessing, and the generation's
+ * estimate of the backend's run time for the request's batch size class (est_run_ns, one
+ * per power of two) known and below rt->inline_max_ns. Every run, wherever it ran, updates
+ * the estimate of its class: a slower sample moves it half-way up at once (one 50 ms run
+ * makes a 10 us model slow), a faster one an eighth of the way down (a model that turned
+ * fast again comes back inline after a few handed-off runs). An unmeasured class is slow:
+ * its first run is handed off. Where each request ran is counted per model
+ * (stats.runs_inline / runs_handed_off). All locks: see internal.h. Layer: calls registry.c,
  * request.c, preprocess.c (the run path), budget.c (want_load) and generation.c only.
  */
 #include <string.h>
@@ -202,6 +214,56 @@ static keel_err pick_vslot_locked(keel_request *req, keel__model_entry *e, keel_
 static void lease_locked(keel_runtime *rt, keel__vslot *v, keel_request *req);
 static void run_and_complete(keel_request *req);
 
+int keel__est_class(int64_t batch)
+{
+    int c = 0;
+
+    while (batch > 1 && c < KEEL__EST_CLASSES - 1) {
+        batch >>= 1;
+        c++;
+    }
+    return c;
+}
+
+uint64_t keel__est_update(uint64_t est, uint64_t sample_ns)
+{
+    if (sample_ns == 0)
+        sample_ns = 1; /* 0 means "not measured" */
+    if (est == 0)
+        return sample_ns;
+    if (sample_ns >= est)
+        return est + (sample_ns - est + 1) / 2;
+    return est - (est - sample_ns) / 8;
+}
+
+bool keel__est_is_fast(uint64_t est, uint64_t bound_ns)
+{
+    return est != 0 && est < bound_ns;
+}
+
+/* Rows the request will run as: the first input's leading dimension when the model has a
+ * batch dimension (bind_inputs checks the rest when it runs), else 1. */
+static int64_t request_rows(const keel_request *req, const keel__model_config *cfg)
+{
+    if (cfg->max_batch_size > 0 && req->ninputs > 0 && req->inputs[0].ndim > 0 &&
+        req->inputs[0].shape[0] > 0)
+        return req->inputs[0].shape[0];
+    return 1;
+}
+
+/* Under rt->mu: may req run on the submitting thread under KEEL_SUBMIT_RUN_IF_FAST? */
+static bool vslot_is_fast_for(const keel_runtime *rt, const keel__vslot *v, const keel_request *req)
+{
+    const keel__generation *g = v->current;
+    uint64_t est;
+
+    if (g->cfg->preprocess != NULL)
+        return false;
+    est = atomic_load_explicit(&g->est_run_ns[keel__est_class(request_rows(req, g->cfg))],
+                               memory_order_relaxed);
+    return keel__est_is_fast(est, rt->inline_max_ns);
+}
+
 /*
  * Admits req (see the file's DESIGN). With may_run_here (keel_infer, KEEL_SUBMIT_RUN_HERE), a
  * request that would be first in an empty queue while its generation has an idle context is
@@ -209,7 +271,7 @@ static void run_and_complete(keel_request *req);
  * run_and_complete(), the same code a worker uses, which saves the two thread hand-offs a
  * synchronous call otherwise costs (docs/PERFORMANCE.md). Otherwise it is queued for a worker.
  */
-static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, bool may_run_here,
+static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned flags,
                        bool *run_here)
 {
     keel_runtime *rt;
@@ -285,9 +347,12 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, bool may
         err = KEEL_EUNAVAILABLE;
         goto fail;
     }
-    if (may_run_here && v->qhead == NULL && vslot_has_idle_context(v)) {
+    if ((flags & (KEEL_SUBMIT_RUN_HERE | KEEL_SUBMIT_RUN_IF_FAST)) != 0 && v->qhead == NULL &&
+        vslot_has_idle_context(v) &&
+        ((flags & KEEL_SUBMIT_RUN_IF_FAST) == 0 || vslot_is_fast_for(rt, v, req))) {
         req->dispatch_ns = req->submit_ns;
         lease_locked(rt, v, req);
+        atomic_fetch_add_explicit(&e->stats.runs_inline, 1, memory_order_relaxed);
         *run_here = true;
         pthread_mutex_unlock(&rt->mu);
         return KEEL_OK;
@@ -322,9 +387,9 @@ keel_err keel_infer_submit_ex(keel_request *req, unsigned flags, keel_infer_cb c
     bool run_here;
     keel_err err;
 
-    if ((flags & ~(unsigned)KEEL_SUBMIT_RUN_HERE) != 0)
+    if ((flags & ~(unsigned)(KEEL_SUBMIT_RUN_HERE | KEEL_SUBMIT_RUN_IF_FAST)) != 0)
         return KEEL_EINVAL;
-    err = submit(req, cb, user, (flags & KEEL_SUBMIT_RUN_HERE) != 0, &run_here);
+    err = submit(req, cb, user, flags, &run_here);
     if (err == KEEL_OK && run_here)
         run_and_complete(req); /* cb runs here; req may be gone afterwards */
     return err;
@@ -439,8 +504,15 @@ static keel_err run_leased(keel_request *req, int64_t *batch_out)
     req->input_end_ns = t0;
     err = g->backend->run(g->ctxs[req->ctx_index], &io);
     req->output_start_ns = keel__now_ns();
-    atomic_fetch_add_explicit(&g->entry->stats.compute_ns, req->output_start_ns - t0,
+    t0 = req->output_start_ns - t0;
+    atomic_fetch_add_explicit(&g->entry->stats.compute_ns, t0, memory_order_relaxed);
+    {
+        /* Racing updates of one class may lose a sample: an estimate needs no more. */
+        _Atomic uint64_t *est = &g->est_run_ns[keel__est_class(*batch_out)];
+        atomic_store_explicit(est,
+                              keel__est_update(atomic_load_explicit(est, memory_order_relaxed), t0),
                               memory_order_relaxed);
+    }
     atomic_fetch_add_explicit(&g->entry->stats.execution_count, 1, memory_order_relaxed);
     if (err != KEEL_OK) {
         keel__request_set_error(req, "model '%s' version %lld: %s", g->cfg->name,
@@ -567,6 +639,7 @@ void *keel__worker_main(void *arg)
             req->state = KEEL__REQ_COMPLETING;
         } else {
             lease_locked(rt, v, req);
+            atomic_fetch_add_explicit(&v->entry->stats.runs_handed_off, 1, memory_order_relaxed);
         }
         keel__vslot_kick_locked(rt, v);
         if (rt->ready_head != NULL)
@@ -634,7 +707,7 @@ keel_err keel_infer(keel_request *req)
     pthread_mutex_lock(&req->wait_mu);
     req->wait_done = false;
     pthread_mutex_unlock(&req->wait_mu);
-    if ((err = submit(req, sync_done, NULL, true, &run_here)) != KEEL_OK)
+    if ((err = submit(req, sync_done, NULL, KEEL_SUBMIT_RUN_HERE, &run_here)) != KEEL_OK)
         return err;
     if (run_here)
         run_and_complete(req); /* sync_done runs here, before the wait below */

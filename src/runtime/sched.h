@@ -19,5 +19,10 @@ void keel__vslot_drain_locked(keel_runtime *rt, keel__vslot *v, keel_request **l
 void keel__vslot_move_latest_locked(keel_runtime *rt, keel__vslot *from, keel__vslot *to);
 /* Under rt->mu: puts v on the ready list if it can dispatch, and wakes a worker. */
 void keel__vslot_kick_locked(keel_runtime *rt, keel__vslot *v);
+/* The execution-time estimate (sched.c's DESIGN): a batch's size class, the estimate after
+ * one more sample (est 0 = none yet), and whether an estimate is below bound_ns. */
+int keel__est_class(int64_t batch);
+uint64_t keel__est_update(uint64_t est, uint64_t sample_ns);
+bool keel__est_is_fast(uint64_t est, uint64_t bound_ns);
 
 #endif

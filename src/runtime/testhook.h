@@ -21,5 +21,9 @@ void keel__mem_sample(int64_t *rss, int64_t *pss);
  * view borrows from the request. */
 size_t keel__request_input_count(const keel_request *req);
 keel_err keel__request_input(const keel_request *req, size_t i, keel_tensor_view *out);
+/* The execution-time estimate behind KEEL_SUBMIT_RUN_IF_FAST (sched.c). */
+int keel__est_class(int64_t batch);
+uint64_t keel__est_update(uint64_t est, uint64_t sample_ns);
+bool keel__est_is_fast(uint64_t est, uint64_t bound_ns);
 
 #endif

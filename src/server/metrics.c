@@ -434,6 +434,13 @@ char *keel__srv_metrics_render(keel_srv *s, size_t *len)
     model_counter(&b, "keel_inference_compute_duration_seconds_total", "counter",
                   "Total time spent in the backend's run, in seconds.", rows, nrows,
                   offsetof(keel_model_stats, compute_ns), true);
+    model_counter(&b, "keel_inference_runs_inline_total", "counter",
+                  "Requests run on the thread that submitted them (an HTTP thread: "
+                  "--infer-on-http-thread), without a hand-off.",
+                  rows, nrows, offsetof(keel_model_stats, runs_inline), false);
+    model_counter(&b, "keel_inference_runs_handed_off_total", "counter",
+                  "Requests handed to an inference thread to run.", rows, nrows,
+                  offsetof(keel_model_stats, runs_handed_off), false);
 
     family(&b, "keel_inference_pending_requests", "gauge",
            "Requests admitted and not yet completed (queued or running).");

@@ -725,14 +725,13 @@ static enum MHD_Result infer_start(srv_conn *c)
      * the completion's read under s->mu. */
     c->state = CONN_SUBMITTED;
 
-    /* With --infer-on-http-thread on (off by default), an idle context runs the request
-     * right here: the completion is recorded before park() and the answer goes out without a
-     * suspend or a thread hand-off. The HTTP thread never waits for a context, but it does
-     * compute, and other connections it serves wait meanwhile: hence opt-in. */
+    /* --infer-on-http-thread: when the runtime runs the request right here (auto: a fast
+     * model with an idle context and nothing queued; on: any such model), the completion is
+     * recorded before park() and the answer goes out without a suspend or a thread hand-off.
+     * The HTTP thread never waits for a context; under auto it never computes a slow model,
+     * so its other connections wait at most about --inline-max-us. */
     c->request_start_ns = now_ns();
-    kerr = keel__srv_submit(s, c->req, c->model, c->version,
-                            s->opts->infer_on_http_thread ? KEEL_SUBMIT_RUN_HERE : 0, on_infer_done,
-                            c, &o);
+    kerr = keel__srv_submit(s, c->req, c->model, c->version, s->submit_flags, on_infer_done, c, &o);
     if (kerr != KEEL_OK) {
         /* The callback will never run and the admission is over: answer now. */
         c->state = CONN_READING;
@@ -1278,7 +1277,7 @@ static struct MHD_Daemon *mhd_start(keel_srv *s, const srv_addr *addr, bool v6)
         {MHD_OPTION_CONNECTION_LIMIT, (intptr_t)o->max_connections, NULL},
         /* Headers and MHD's read buffer live in this per-connection pool; bodies are
          * copied out of it chunk by chunk, so it bounds header size, not body size. */
-        {MHD_OPTION_CONNECTION_MEMORY_LIMIT, (intptr_t)(64 * 1024), NULL},
+        {MHD_OPTION_CONNECTION_MEMORY_LIMIT, (intptr_t)o->http_connection_memory, NULL},
         {MHD_OPTION_SIGPIPE_HANDLED_BY_APP, 1, NULL},
         {MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024, NULL},
         {MHD_OPTION_STRICT_FOR_CLIENT, STRICTNESS, NULL},
@@ -1595,6 +1594,10 @@ int keel_server_run(const keel_server_opts *o)
     ro.preprocess_workers = o->preprocess_workers;
     ro.preprocess_timeout_ms = o->preprocess_timeout_ms;
     ro.preprocess_max_bytes = o->preprocess_max_bytes;
+    ro.inline_max_us = o->inline_max_us;
+    s->submit_flags = o->infer_on_http_thread == KEEL_SERVER_INLINE_ON     ? KEEL_SUBMIT_RUN_HERE
+                      : o->infer_on_http_thread == KEEL_SERVER_INLINE_AUTO ? KEEL_SUBMIT_RUN_IF_FAST
+                                                                           : 0;
     ro.log_fn = keel__srv_log_keel;
     ro.log_user = NULL;
     ro.log_level = o->log_level;

@@ -33,6 +33,12 @@ typedef enum keel_server_control {
 
 #define KEEL_SERVER_MAX_LOAD_MODELS 64
 
+typedef enum keel_server_inline {
+    KEEL_SERVER_INLINE_AUTO = 0,
+    KEEL_SERVER_INLINE_ON,
+    KEEL_SERVER_INLINE_OFF,
+} keel_server_inline;
+
 typedef struct keel_server_opts {
     const char *model_repository;  /* required; borrowed */
     const char *http_address;      /* default "127.0.0.1"; IPv4 or IPv6 literal */
@@ -49,11 +55,17 @@ typedef struct keel_server_opts {
     uint64_t max_request_bytes;    /* default 64 MiB */
     unsigned http_timeout_secs;    /* idle connection timeout; default 30 */
     unsigned max_connections;      /* default 1024 */
-    bool infer_on_http_thread;     /* default false: run an infer on the HTTP thread when a
-                                      context is idle (other connections of it wait) */
-    unsigned exit_timeout_secs;    /* drain bound at shutdown; default 30 */
-    unsigned shutdown_grace_secs;  /* not-ready-but-serving time at shutdown; default 1 */
-    keel_log_level log_level;      /* default KEEL_LOG_INFO */
+    /* libmicrohttpd's per-connection memory pool (headers and its read buffer; it bounds the
+     * header size and is cleared for every request): default 64 KiB. */
+    unsigned http_connection_memory;
+    /* Where an infer runs: AUTO (default) on the HTTP thread that parsed it when the model
+     * is fast (keel_runtime_opts.inline_max_us, KEEL_SUBMIT_RUN_IF_FAST), else on an
+     * inference thread; ON whenever a context is idle (KEEL_SUBMIT_RUN_HERE); OFF never. */
+    keel_server_inline infer_on_http_thread;
+    unsigned inline_max_us;       /* AUTO's bound on a model's estimated run time; default 200 */
+    unsigned exit_timeout_secs;   /* drain bound at shutdown; default 30 */
+    unsigned shutdown_grace_secs; /* not-ready-but-serving time at shutdown; default 1 */
+    keel_log_level log_level;     /* default KEEL_LOG_INFO */
     /* Image preprocessing processes (default 2; 0 = none), the deadline of one request's
      * preprocessing (default 10000 ms) and its byte limit (default 64 MiB). */
     int preprocess_workers;

@@ -167,6 +167,7 @@ struct keel_srv {
     struct MHD_Daemon *mhd;
     keel_redact redact; /* repository paths removed from error replies (server_guard.c) */
     uint64_t start_unix_ms;
+    unsigned submit_flags; /* keel_infer_submit_ex's, from --infer-on-http-thread */
 
     pthread_mutex_t mu;
     pthread_cond_t idle_cv;  /* broadcast when pending drops to 0 */

@@ -30,7 +30,9 @@ void keel_server_opts_init(keel_server_opts *opts)
     opts->max_request_bytes = 64u << 20;
     opts->http_timeout_secs = 30;
     opts->max_connections = 1024;
-    opts->infer_on_http_thread = false;
+    opts->http_connection_memory = 64u << 10;
+    opts->infer_on_http_thread = KEEL_SERVER_INLINE_AUTO;
+    opts->inline_max_us = 200;
     opts->exit_timeout_secs = 30;
     opts->shutdown_grace_secs = 1;
     opts->log_level = KEEL_LOG_INFO;
@@ -98,12 +100,23 @@ void keel_server_print_help(FILE *f)
           "  --http-timeout-secs N       close connections idle this long (default 30;\n"
           "                              0 = never)\n"
           "  --max-connections N         concurrent connections (default 1024)\n"
-          "  --infer-on-http-thread on|off\n"
-          "                              off (default): every inference runs on an inference\n"
-          "                              thread, so HTTP threads never compute; on: when the\n"
-          "                              model's queue is empty and a context is idle the HTTP\n"
-          "                              thread runs it itself (faster for small models, but\n"
-          "                              other connections of that thread wait meanwhile)\n"
+          "  --http-connection-memory N  bytes of libmicrohttpd's per-connection pool, suffix\n"
+          "                              k/m/g (default 64k): it holds the headers (larger\n"
+          "                              ones get 431) and the read buffer, and is cleared\n"
+          "                              for every request\n"
+          "  --infer-on-http-thread auto|on|off\n"
+          "                              auto (default): when the model's queue is empty, a\n"
+          "                              context is idle, it needs no preprocessing and its\n"
+          "                              recent run time for that batch size is under\n"
+          "                              --inline-max-us, the HTTP thread runs the inference\n"
+          "                              itself (no thread hand-off); otherwise an inference\n"
+          "                              thread does; on: the HTTP thread runs every request\n"
+          "                              that finds an idle context and an empty queue (other\n"
+          "                              connections of that thread wait meanwhile); off:\n"
+          "                              HTTP threads never compute\n"
+          "  --inline-max-us N           auto: a model runs on the HTTP thread only if its\n"
+          "                              estimated run time is below N microseconds (default\n"
+          "                              200; 0 = never)\n"
           "  --shutdown-grace-secs N     on SIGTERM/SIGINT: not ready but still serving for\n"
           "                              N seconds (default 1)\n"
           "  --exit-timeout-secs N       then wait up to N seconds for requests in flight\n"
@@ -170,7 +183,9 @@ typedef enum opt_id {
     O_MAX_BYTES,
     O_HTTP_TIMEOUT,
     O_MAX_CONN,
+    O_CONN_MEM,
     O_INLINE,
+    O_INLINE_MAX,
     O_EXIT_TIMEOUT,
     O_GRACE,
     O_LOG_LEVEL,
@@ -208,7 +223,9 @@ static const struct {
     {"--max-request-bytes", O_MAX_BYTES, true},
     {"--http-timeout-secs", O_HTTP_TIMEOUT, true},
     {"--max-connections", O_MAX_CONN, true},
+    {"--http-connection-memory", O_CONN_MEM, true},
     {"--infer-on-http-thread", O_INLINE, true},
+    {"--inline-max-us", O_INLINE_MAX, true},
     {"--exit-timeout-secs", O_EXIT_TIMEOUT, true},
     {"--shutdown-grace-secs", O_GRACE, true},
     {"--log-level", O_LOG_LEVEL, true},
@@ -360,18 +377,31 @@ static int parse_args(int argc, char **argv, keel_server_opts *o)
                 return usage("--http-timeout-secs: '%s' is not a number of seconds (0-86400)", val);
             o->http_timeout_secs = (unsigned)n;
             break;
+        case O_CONN_MEM:
+            if (!keel__cli_parse_bytes(val, 1024, UINT64_C(1) << 30, &n) || n < 4096)
+                return usage("--http-connection-memory: '%s' is not a byte count (4k-1g)", val);
+            o->http_connection_memory = (unsigned)n;
+            break;
         case O_MAX_CONN:
             if (!parse_u64(val, 1, 65536, &n))
                 return usage("--max-connections: '%s' is not a count (1-65536)", val);
             o->max_connections = (unsigned)n;
             break;
         case O_INLINE:
-            if (strcmp(val, "on") == 0)
-                o->infer_on_http_thread = true;
+            if (strcmp(val, "auto") == 0)
+                o->infer_on_http_thread = KEEL_SERVER_INLINE_AUTO;
+            else if (strcmp(val, "on") == 0)
+                o->infer_on_http_thread = KEEL_SERVER_INLINE_ON;
             else if (strcmp(val, "off") == 0)
-                o->infer_on_http_thread = false;
+                o->infer_on_http_thread = KEEL_SERVER_INLINE_OFF;
             else
-                return usage("--infer-on-http-thread: '%s' is not on or off", val);
+                return usage("--infer-on-http-thread: '%s' is not auto, on or off", val);
+            break;
+        case O_INLINE_MAX:
+            if (!parse_u64(val, 0, 1000000, &n))
+                return usage("--inline-max-us: '%s' is not a number of microseconds (0-1000000)",
+                             val);
+            o->inline_max_us = (unsigned)n;
             break;
         case O_EXIT_TIMEOUT:
             if (!parse_u64(val, 0, 86400, &n))

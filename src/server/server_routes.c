@@ -382,6 +382,11 @@ static json_t *stats_entry(const char *name, const char *version, const keel_mod
     is = NULL;
     if (!put(e, "batch_stats", json_array()))
         goto fail;
+    /* keel's own (not Triton's): where the requests ran (--infer-on-http-thread). */
+    if (!put(e, "keel_runs",
+             json_pack("{s:I,s:I}", "inline", (json_int_t)st->runs_inline, "handed_off",
+                       (json_int_t)st->runs_handed_off)))
+        goto fail;
     return e;
 fail:
     json_decref(is);

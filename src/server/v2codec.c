@@ -1928,8 +1928,20 @@ int keel_v2_decode_infer(keel_request *req, const char *body, size_t body_len, s
     if (r.has_timeout)
         keel_request_set_timeout_us(req, r.info.timeout_us);
     for (size_t i = 0; i < r.ninputs; i++) {
-        const keel__v2_tensor *t = &r.inputs[i];
-        e = keel_request_add_input(req, t->name, t->datatype, t->shape, t->ndim, t->data, t->bytes);
+        keel__v2_tensor *t = &r.inputs[i];
+        /* A tensor decoded from JSON is a buffer of its own: the request takes it (no copy).
+         * A binary one points into the body, which the caller frees: that one is copied. */
+        if (t->owned && t->data != NULL) {
+            e = keel_request_add_input_owned(req, t->name, t->datatype, t->shape, t->ndim,
+                                             (void *)t->data, t->bytes);
+            if (e == KEEL_OK) {
+                t->data = NULL;
+                t->owned = false;
+            }
+        } else {
+            e = keel_request_add_input(req, t->name, t->datatype, t->shape, t->ndim, t->data,
+                                       t->bytes);
+        }
         if (e == KEEL_EINVAL) {
             snprintf(err, errlen, "inputs[%zu]: %s", i, keel_request_error(req));
             keel__v2_request_fini(&r);

@@ -24,7 +24,7 @@ import kit
 from kit import check
 
 S = {}
-BLOCKER_COPIES = 32
+BLOCKER_COPIES = 128  # 32768 rows: long enough on an idle machine too
 
 
 def load_stubs():
@@ -426,7 +426,7 @@ def settled_counts(timeout=10):
 
 
 def while_blocked(action):
-    """Runs action() while a gRPC blocker request (8192 rows) occupies the slow model's only
+    """Runs action() while a gRPC blocker request (32768 rows) occupies the slow model's only
     context; returns (answers action counted as run, stats before, stats after)."""
     port = S["port"]
     kit.wait_idle(port)

@@ -26,7 +26,7 @@ from kit import check
 
 S = {}
 ADMIN = ("Admin-Key", "tls-admin-0c1d")
-BLOCKER_COPIES = 32
+BLOCKER_COPIES = 128  # 32768 rows: long enough on an idle machine too
 
 NGINX_CONF = """
 daemon off;

@@ -34,8 +34,11 @@ typedef struct mock_ctx {
     size_t cap;
 } mock_ctx;
 
+static _Atomic long run_us; /* mock_set_run_us */
+
 void mock_reset(void)
 {
+    atomic_store(&run_us, 0);
     atomic_store(&mock.loads, 0);
     atomic_store(&mock.model_frees, 0);
     atomic_store(&mock.ctx_creates, 0);
@@ -150,6 +153,11 @@ static keel_err mock_ctx_create(void *model, const keel__model_config *cfg, void
     return KEEL_OK;
 }
 
+void mock_set_run_us(long us)
+{
+    atomic_store(&run_us, us);
+}
+
 static keel_err mock_run(void *ctxp, keel__run_io *io)
 {
     mock_ctx *c = ctxp;
@@ -169,6 +177,11 @@ static keel_err mock_run(void *ctxp, keel__run_io *io)
         pthread_cond_wait(&gate_cv, &gate_mu);
     gate_blocked--;
     pthread_mutex_unlock(&gate_mu);
+    if (!warmup && atomic_load(&run_us) > 0) {
+        long us = atomic_load(&run_us);
+        struct timespec ts = {us / 1000000, (us % 1000000) * 1000L};
+        nanosleep(&ts, NULL);
+    }
     if (n > c->cap) {
         float *p = realloc(c->out, n * sizeof(float));
         if (p == NULL)

@@ -28,6 +28,8 @@ void mock_gate_close(void);
 void mock_gate_open(void);
 /* Waits until n runs are waiting at the gate (fails the test after 10 s). */
 void mock_wait_blocked(int n);
+/* Every run (warm-ups excepted) takes at least us microseconds from now on (0 = none). */
+void mock_set_run_us(long us);
 /* Context ids are unique per process; each run records the id of its context. */
 long mock_ctx_id_of_last_run(void);
 /* Id of the most recently loaded model. */

@@ -240,6 +240,156 @@ static void test_submit_run_here(void **state)
     tu_assert_counters(f->rt, &idle_one_gen);
 }
 
+/* The estimate behind KEEL_SUBMIT_RUN_IF_FAST: size classes, how samples move it. */
+static void test_exec_estimate(void **state)
+{
+    (void)state;
+    assert_int_equal(keel__est_class(0), 0);
+    assert_int_equal(keel__est_class(1), 0);
+    assert_int_equal(keel__est_class(2), 1);
+    assert_int_equal(keel__est_class(3), 1);
+    assert_int_equal(keel__est_class(64), 6);
+    assert_int_equal(keel__est_class(INT64_MAX), 15);
+    assert_true(keel__est_update(0, 5000) == 5000);             /* first sample: taken as is */
+    assert_true(keel__est_update(0, 0) != 0);                   /* measured stays "measured" */
+    assert_true(keel__est_update(10000, 50000000) == 25005000); /* up: half-way at once */
+    assert_true(keel__est_update(8000, 800) == 7100);           /* down: an eighth of the way */
+    assert_false(keel__est_is_fast(0, 200000));                 /* unmeasured is slow */
+    assert_true(keel__est_is_fast(199999, 200000));
+    assert_false(keel__est_is_fast(200000, 200000));
+    assert_false(keel__est_is_fast(1, 0)); /* bound 0: nothing is fast */
+}
+
+static keel_request *make_batch_req(keel_runtime *rt, const char *model, int64_t rows)
+{
+    keel_request *req = NULL;
+    float x[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+    int64_t shape[2] = {rows, 1};
+
+    assert_true(rows <= 8);
+    assert_int_equal(keel_request_create(rt, model, -1, &req), KEEL_OK);
+    assert_int_equal(
+        keel_request_add_input(req, "x", KEEL_TYPE_FP32, shape, 2, x, (size_t)rows * sizeof(float)),
+        KEEL_OK);
+    return req;
+}
+
+/* Submits one request with flags and waits for it; returns whether it ran on this thread
+ * (from the model's inline counter, checked against the handed-off one). */
+static bool submit_where(keel_runtime *rt, unsigned flags, int64_t rows)
+{
+    keel_model_stats a, b;
+    tally t = {0};
+    keel_request *req = make_batch_req(rt, "m", rows);
+
+    assert_int_equal(keel_model_stats_get(rt, "m", &a), KEEL_OK);
+    assert_int_equal(keel_infer_submit_ex(req, flags, tally_cb, &t), KEEL_OK);
+    wait_calls(&t, 1);
+    assert_int_equal(atomic_load(&t.by_status[KEEL_OK]), 1);
+    assert_int_equal(keel_model_stats_get(rt, "m", &b), KEEL_OK);
+    assert_int_equal((b.runs_inline - a.runs_inline) + (b.runs_handed_off - a.runs_handed_off), 1);
+    return b.runs_inline == a.runs_inline + 1;
+}
+
+/* A run of the mock takes microseconds, but a loaded machine may stretch one sample past the
+ * bound: true if one of 50 submits ran here. */
+static bool soon_inline(keel_runtime *rt, int64_t rows)
+{
+    for (int i = 0; i < 50; i++) {
+        if (submit_where(rt, KEEL_SUBMIT_RUN_IF_FAST, rows))
+            return true;
+    }
+    return false;
+}
+
+/* KEEL_SUBMIT_RUN_IF_FAST: an unmeasured batch size is handed off, a measured fast one runs
+ * here, a model that turned slow is handed off again, preprocessing aside. */
+static void test_submit_run_if_fast(void **state)
+{
+    fixture *f = *state;
+
+    assert_false(submit_where(f->rt, KEEL_SUBMIT_RUN_IF_FAST, 1)); /* not measured yet */
+    assert_true(soon_inline(f->rt, 1));                            /* measured: a few us */
+    assert_false(submit_where(f->rt, KEEL_SUBMIT_RUN_IF_FAST, 4)); /* another size class */
+    assert_true(soon_inline(f->rt, 5));                            /* 4-7: measured now */
+    assert_false(submit_where(f->rt, 0, 1));                       /* no flag: handed off */
+    assert_true(submit_where(f->rt, KEEL_SUBMIT_RUN_HERE, 1));
+
+    /* The model turns slow (5 ms a run): one run measured (forced here) is enough. */
+    mock_set_run_us(5000);
+    assert_true(submit_where(f->rt, KEEL_SUBMIT_RUN_HERE, 1));
+    for (int i = 0; i < 3; i++)
+        assert_false(submit_where(f->rt, KEEL_SUBMIT_RUN_IF_FAST, 1));
+    /* Fast again: the handed-off runs bring the estimate back down. */
+    mock_set_run_us(0);
+    assert_true(soon_inline(f->rt, 1));
+
+    /* A queued request is never overtaken: with the only context held and one request
+     * queued behind it, a fast request queues too. */
+    tally t = {0};
+    keel_request *held = make_req(f->rt, "m", 1.0f);
+    keel_request *queued = make_req(f->rt, "m", 1.0f);
+    keel_request *fast = make_req(f->rt, "m", 1.0f);
+    mock_gate_close();
+    assert_int_equal(keel_infer_submit(held, tally_cb, &t), KEEL_OK);
+    mock_wait_blocked(1);
+    assert_int_equal(keel_infer_submit(queued, tally_cb, &t), KEEL_OK);
+    assert_int_equal(keel_infer_submit_ex(fast, KEEL_SUBMIT_RUN_IF_FAST, tally_cb, &t), KEEL_OK);
+    assert_int_equal(atomic_load(&t.calls), 0);
+    mock_gate_open();
+    wait_calls(&t, 3);
+    assert_int_equal(atomic_load(&t.by_status[KEEL_OK]), 3);
+    tu_assert_counters(f->rt, &idle_one_gen);
+}
+
+/* inline_max_us 0: no model is fast. */
+static void test_run_if_fast_bound_zero(void **state)
+{
+    fixture *f = *state;
+    keel_runtime_opts o;
+
+    keel_runtime_destroy(f->rt);
+    keel_runtime_opts_init(&o);
+    assert_int_equal(o.inline_max_us, 200);
+    o.model_repository = f->repo;
+    o.control = KEEL_CONTROL_EXPLICIT;
+    o.worker_threads = 2;
+    o.inline_max_us = 0;
+    assert_int_equal(keel_runtime_create(&o, &f->rt), KEEL_OK);
+    assert_int_equal(keel__runtime_add_backend(f->rt, &mock_backend), KEEL_OK);
+    assert_int_equal(keel_model_load(f->rt, "m", NULL, 0), KEEL_OK);
+    for (int i = 0; i < 3; i++)
+        assert_false(submit_where(f->rt, KEEL_SUBMIT_RUN_IF_FAST, 1));
+    assert_true(submit_where(f->rt, KEEL_SUBMIT_RUN_HERE, 1));
+}
+
+/* keel_request_add_input_owned takes the buffer on KEEL_OK, leaves it with the caller on an
+ * error (ASan reports a leak or a double free otherwise). */
+static void test_add_input_owned(void **state)
+{
+    fixture *f = *state;
+    keel_request *req = NULL;
+    int64_t shape[2] = {1, 2}, bad[2] = {1, 3};
+    float *x = malloc(2 * sizeof(float));
+
+    assert_non_null(x);
+    x[0] = 3.0f;
+    x[1] = 4.0f;
+    assert_int_equal(keel_request_create(f->rt, "m", -1, &req), KEEL_OK);
+    assert_int_equal(keel_request_add_input_owned(req, "x", KEEL_TYPE_FP32, bad, 2, x, 8),
+                     KEEL_EINVAL); /* 3 elements need 12 bytes: x is still ours */
+    x[1] = 5.0f;
+    assert_int_equal(keel_request_add_input_owned(req, "x", KEEL_TYPE_FP32, shape, 2, x, 8),
+                     KEEL_OK);
+    x = NULL; /* the request's now */
+    assert_int_equal(keel_infer(req), KEEL_OK);
+    keel_tensor_view v;
+    assert_int_equal(keel_request_output_by_name(req, "y", &v), KEEL_OK);
+    assert_int_equal(v.bytes, 2 * sizeof(float));
+    assert_true(((const float *)v.data)[0] == 6.0f && ((const float *)v.data)[1] == 10.0f);
+    keel_request_destroy(req);
+}
+
 static void test_bad_inputs_then_good(void **state)
 {
     fixture *f = *state;
@@ -800,6 +950,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_fault_points, setup, teardown),
         cmocka_unit_test_setup_teardown(test_load_unload_cycles, setup, teardown),
         cmocka_unit_test_setup_teardown(test_versions, setup, teardown),
+        cmocka_unit_test(test_exec_estimate),
+        cmocka_unit_test_setup_teardown(test_add_input_owned, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_submit_run_if_fast, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_run_if_fast_bound_zero, setup, teardown),
         cmocka_unit_test_setup_teardown(test_version_change_keeps_queued_latest, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
