@@ -127,8 +127,7 @@ def test_histograms_count_every_request():
             t.join(60)
         check(texts, "no scrape was taken under load")
         for text in texts[:: max(1, len(texts) // 5)]:
-            ok, out = kit.promtool_check(text)
-            check(ok, "promtool rejects a scrape taken under load:\n%s" % out)
+            kit.promtool_check(text, "a scrape taken under load")
         kit.wait_idle(port)
         st1 = kit.stat_counts(kit.model_stats(port, "heart"))
         reached = (st1["success"] + st1["fail"]) - (st0["success"] + st0["fail"])
@@ -139,8 +138,7 @@ def test_histograms_count_every_request():
         family = "keel_request_duration_seconds"
         text = wait_for(lambda: (lambda t: t if hist_count(t, family) == want_total else None)(
             kit.scrape(port)), "%s_count == %d" % (family, want_total))
-        ok, out = kit.promtool_check(text)
-        check(ok, "promtool rejects the idle scrape:\n%s" % out)
+        kit.promtool_check(text, "the idle scrape")
         samples, types = kit.parse_metrics(text)
         for fam in ("keel_request_duration_seconds", "keel_request_queue_duration_seconds",
                     "keel_request_compute_duration_seconds",
