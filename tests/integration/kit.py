@@ -989,6 +989,90 @@ def wait_idle(port, names=("keel_live_leases", "keel_live_requests"), timeout=10
         time.sleep(0.1)
 
 
+def free_port(below_ephemeral=False):
+    """A free TCP port on 127.0.0.1. below_ephemeral: one under the kernel's ephemeral range,
+    so that no server started with port 0 (tests run in parallel) can take it while its owner
+    restarts."""
+    if not below_ephemeral:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        p = s.getsockname()[1]
+        s.close()
+        return p
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    rng = __import__("random").Random()
+    for _ in range(200):
+        p = rng.randrange(max(1024, low - 12000), low - 1)
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", p))
+            return p
+        except OSError:
+            continue
+        finally:
+            s.close()
+    raise TestFailure("no free port below %d" % low)
+
+
+class Nginx:
+    """Debian's nginx in the foreground from a temporary prefix (no master, one worker).
+    conf is a str.format template; {prefix} and {port} (the listening port, chosen here) are
+    filled in besides the caller's fields. prefix may be given (e.g. holding a certificate)."""
+
+    def __init__(self, conf, prefix=None, **fields):
+        self.conf, self.fields = conf, fields
+        self.prefix = prefix or tmpdir("keel-nginx-")
+        self.proc = self.log = None
+        self.port = None
+
+    def start(self):
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        check(os.access(nginx, os.X_OK), "nginx is not installed (scripts/install-deps.sh --test)")
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            os.makedirs(os.path.join(self.prefix, sub), exist_ok=True)
+        for _ in range(5):
+            port = free_port()
+            path = os.path.join(self.prefix, "nginx.conf")
+            with open(path, "w") as f:
+                f.write(self.conf.format(prefix=self.prefix, port=port, **self.fields))
+            self.log = open(os.path.join(self.prefix, "stderr.log"), "wb")
+            self.proc = subprocess.Popen([nginx, "-p", self.prefix, "-c", path, "-e", "stderr"],
+                                         stdin=subprocess.DEVNULL, stdout=self.log,
+                                         stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    self.port = port
+                    return self
+                except OSError:
+                    time.sleep(0.05)
+            self.stop()
+        with open(os.path.join(self.prefix, "stderr.log"), "rb") as f:
+            raise TestFailure("nginx did not start: %s" % f.read().decode()[-2000:])
+
+    def error_log(self, n=3000):
+        path = os.path.join(self.prefix, "error.log")
+        if not os.path.exists(path):
+            return ""
+        with open(path, errors="replace") as f:
+            return f.read()[-n:]
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
 def promtool_check(text, what="the scrape"):
     """Runs `promtool check metrics` on text and fails the test (TestFailure naming what and
     promtool's complaint) when promtool rejects it or is missing; returns promtool's output.

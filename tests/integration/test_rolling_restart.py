@@ -12,12 +12,7 @@ to the other replica. Why retrying a POST is safe here: keel answers 503 only fo
 refused before running them, and an inference has no side effect, so even a request retried
 after a broken connection only costs a second computation."""
 
-import os
-import random
-import shutil
 import signal
-import socket
-import subprocess
 import threading
 import time
 
@@ -65,24 +60,6 @@ http {{
 S = {}
 
 
-def free_port():
-    """A free port below the kernel's ephemeral range, so that no server started with port 0
-    (other tests run in parallel) can take a replica's port while it restarts."""
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        low = int(f.read().split()[0])
-    for _ in range(200):
-        p = random.randrange(max(1024, low - 12000), low - 1)
-        s = socket.socket()
-        try:
-            s.bind(("127.0.0.1", p))
-            return p
-        except OSError:
-            continue
-        finally:
-            s.close()
-    raise kit.TestFailure("no free port below %d" % low)
-
-
 class Replica(kit.Server):
     """keel serve on a fixed port (nginx's upstream names it)."""
 
@@ -119,57 +96,22 @@ def wait_ready(port, timeout=60):
     raise kit.TestFailure("replica on port %d not ready in %ds" % (port, timeout))
 
 
-def start_nginx(a, b):
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    check(os.access(nginx, os.X_OK), "nginx is not installed (scripts/install-deps.sh --test)")
-    prefix = kit.tmpdir("keel-lb-")
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        os.makedirs(os.path.join(prefix, sub))
-    for _ in range(5):
-        port = free_port()
-        conf = os.path.join(prefix, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(prefix=prefix, port=port, a=a, b=b))
-        log = open(os.path.join(prefix, "stderr.log"), "wb")
-        proc = subprocess.Popen([nginx, "-p", prefix, "-c", conf, "-e", "stderr"],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                S["nginx"], S["nginx_log"], S["prefix"] = proc, log, prefix
-                return port
-            except OSError:
-                time.sleep(0.05)
-        proc.kill()
-        proc.wait()
-        log.close()
-    with open(os.path.join(prefix, "stderr.log"), "rb") as f:
-        raise kit.TestFailure("nginx did not start: %s" % f.read().decode()[-2000:])
-
-
 def setup():
     S["repo"] = kit.example_repo()
     S["rows"] = kit.complete_rows()[:4]
     S["ref"] = kit.keel_reference(S["repo"], "heart", S["rows"])
-    S["ports"] = [free_port(), free_port()]
+    S["ports"] = [kit.free_port(below_ephemeral=True), kit.free_port(below_ephemeral=True)]
     S["replicas"] = [start_replica(p) for p in S["ports"]]
-    S["lb"] = start_nginx(*S["ports"])
+    S["nginx"] = kit.Nginx(NGINX_CONF, a=S["ports"][0], b=S["ports"][1]).start()
+    S["lb"] = S["nginx"].port
 
 
 def teardown():
     for r in S.get("replicas", []):
         if r is not None and r.alive():
             r.stop()
-    proc = S.get("nginx")
-    if proc is not None:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        S["nginx_log"].close()
+    if S.get("nginx") is not None:
+        S["nginx"].stop()
 
 
 def test_rolling_restart_loses_nothing():
@@ -218,8 +160,7 @@ def test_rolling_restart_loses_nothing():
     kit.log("  %d requests answered through nginx, %d failed" % (results["ok"], len(results["bad"])))
     check(results["ok"] > 50, "too few requests went through: %d" % results["ok"])
     if results["bad"]:
-        with open(os.path.join(S["prefix"], "error.log"), errors="replace") as f:
-            nginx_log = f.read()[-3000:]
+        nginx_log = S["nginx"].error_log()
         raise kit.TestFailure("%d requests failed during the rolling restart, first: %s\n"
                               "nginx's error log:\n%s" % (len(results["bad"]), results["bad"][:2],
                                                           nginx_log))

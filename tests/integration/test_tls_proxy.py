@@ -14,7 +14,6 @@ the backend (the model's execution_count grows by the blocker only).
 
 import http.client as httpclient
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -66,14 +65,6 @@ http {{
 """
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def make_certificate(d):
     p = subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -86,33 +77,11 @@ def make_certificate(d):
 
 
 def start_nginx(keel_port):
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    check(os.access(nginx, os.X_OK), "nginx is not installed (scripts/install-deps.sh)")
     prefix = kit.tmpdir("keel-nginx-")
     make_certificate(prefix)
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        os.makedirs(os.path.join(prefix, sub))
-    for attempt in range(5):
-        port = free_port()
-        conf = os.path.join(prefix, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(prefix=prefix, port=port, keel_port=keel_port))
-        log = open(os.path.join(prefix, "stderr.log"), "wb")
-        proc = subprocess.Popen([nginx, "-p", prefix, "-c", conf, "-e", "stderr"],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                S["nginx"], S["nginx_log"], S["prefix"] = proc, log, prefix
-                return port
-            except OSError:
-                time.sleep(0.05)
-        proc.kill()
-        proc.wait()
-        log.close()
-    with open(os.path.join(prefix, "stderr.log"), "rb") as f:
-        raise kit.TestFailure("nginx did not start: %s" % f.read().decode()[-2000:])
+    S["nginx"] = kit.Nginx(NGINX_CONF, prefix=prefix, keel_port=keel_port).start()
+    S["prefix"] = prefix
+    return S["nginx"].port
 
 
 def tls_context():
@@ -160,15 +129,8 @@ def teardown():
         kit.wait_idle(S["port"])
         S["server"].stop()
     finally:
-        proc = S.get("nginx")
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            S["nginx_log"].close()
+        if S.get("nginx") is not None:
+            S["nginx"].stop()
 
 
 def test_infer_through_tls():
