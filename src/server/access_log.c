@@ -207,8 +207,12 @@ static void timestamp(char *out, size_t len)
 
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
-    snprintf(out, len, "%04d-%02d-%02dT%02d:%02d:%02d.%06ldZ", tm.tm_year + 1900, tm.tm_mon + 1,
-             tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000);
+    /* 27 bytes for any year up to 9999; the check keeps a garbled clock from leaving a partial
+     * stamp (and tells the compiler the truncation is handled). */
+    if (snprintf(out, len, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+                 tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                 (int)(ts.tv_nsec / 1000)) >= (int)len)
+        snprintf(out, len, "-");
 }
 
 static uint64_t queue_us(const keel_request_timing *t)

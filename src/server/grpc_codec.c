@@ -342,7 +342,7 @@ keel_err keel__grpc_decode_infer(const Inference__ModelInferRequest *m, keel_req
     for (size_t i = 0; i < m->n_inputs; i++) {
         const Inference__ModelInferRequest__InferInputTensor *t = m->inputs[i];
         keel_datatype dt;
-        size_t count;
+        size_t count = 0;
         char shape[256];
 
         if (t->name == NULL || t->name[0] == '\0')
@@ -433,7 +433,7 @@ keel_err keel__grpc_decode_infer(const Inference__ModelInferRequest *m, keel_req
             data = m->raw_input_contents[i].data;
             bytes = m->raw_input_contents[i].len;
         } else {
-            size_t count;
+            size_t count = 0; /* elem_count succeeded in the first pass */
             char shape[256];
             elem_count(t->shape, t->n_shape, &count);
             fmt_shape(shape, sizeof(shape), t->shape, t->n_shape);
