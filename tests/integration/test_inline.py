@@ -85,7 +85,11 @@ def slow_request(port):
 
 
 def test_fast_model_not_delayed_by_slow_one():
-    with kit.running(kit.Server(S["repo"], ["--http-threads", "1", "--worker-threads", "2"])) \
+    # --inline-max-us 5000: heart's batch-1 run takes tens of microseconds, the slow model's
+    # runs over a second; 5 ms keeps heart "fast" when a sanitizer build on a loaded machine
+    # stretches its wall-clock runs (the estimate is wall time), without making slow fast.
+    with kit.running(kit.Server(S["repo"], ["--http-threads", "1", "--worker-threads", "2",
+                                            "--inline-max-us", "5000"])) \
             as srv:
         port = srv.port
         # Measure both models once (an unmeasured batch size is always handed off).
