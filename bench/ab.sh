@@ -96,7 +96,7 @@ echo "|---:|---|---:|---:|---:|"
 for b in 1 64; do
     for i in 0 1; do
         awk -v b="$b" -v i="$i" -v rounds="$rounds" '
-            $3 == b && $2 == i { rps[n] = $4; p99[n] = $5; n++ }
+            $3 == b && $2 == i { rps[n + 0] = $4; p99[n + 0] = $5; n++ }
             $3 == b { key = $1; if ($2 == 0) a[key] = $4; else bb[key] = $4 }
             function med(x, m,   s, j, k, t) { for (j = 0; j < m; j++) s[j] = x[j]
                 for (j = 0; j < m; j++) for (k = j + 1; k < m; k++) if (s[k] < s[j]) { t = s[j]; s[j] = s[k]; s[k] = t }
@@ -104,7 +104,7 @@ for b in 1 64; do
             END {
                 lo = hi = rps[0]; for (j = 1; j < n; j++) { if (rps[j] < lo) lo = rps[j]; if (rps[j] > hi) hi = rps[j] }
                 ratio = ""
-                if (i == 1) { m = 0; for (k in a) if (k in bb) r[m++] = bb[k] / a[k]
+                if (i == 1) { m = 0; for (k in a) if ((k in bb) && a[k] > 0) r[m++] = bb[k] / a[k]
                     rl = rh = r[0]; for (j = 1; j < m; j++) { if (r[j] < rl) rl = r[j]; if (r[j] > rh) rh = r[j] }
                     ratio = sprintf("%.3f (%.3f..%.3f)", med(r, m), rl, rh) }
                 printf "| %d | %s | %.0f (%.0f..%.0f) | %.0f | %s |\n", b, i ? "B" : "A", med(rps, n), lo, hi, med(p99, n), ratio
