@@ -382,9 +382,15 @@ KEEL_EXTERN const char *keel_request_parameter(const keel_request *req,
                                                const char *key); /* or NULL */
 
 /* Timeout from submit, in microseconds; 0 = the model's default_timeout_microseconds (0 there
- * = none). A request still queued when its deadline passes completes with KEEL_ETIMEDOUT and
- * never reaches the backend. */
+ * = none). A request still queued when its deadline passes completes with KEEL_ETIMEDOUT (or,
+ * under a DELAY queue policy, waits behind every other request) and never reaches the backend
+ * meanwhile. The request's timeout replaces the model's default when the model has none or
+ * its queue policy sets allow_timeout_override; otherwise it can only shorten it. */
 KEEL_EXTERN void keel_request_set_timeout_us(keel_request *req, uint64_t timeout_us);
+/* Priority level (Triton's "priority": 1 is the highest); 0 = the model's
+ * default_priority_level. A model without priority_levels has the one level 1. A level the
+ * model does not have fails the submit with KEEL_EINVAL. */
+KEEL_EXTERN void keel_request_set_priority(keel_request *req, uint32_t priority);
 
 /* Completion callback: status is KEEL_OK or the reason the request failed. Runs exactly once
  * per successful submit, with no keel lock held. It may destroy or resubmit req. */

@@ -233,7 +233,7 @@ static void test_normalised_json(void **state)
 static void test_defaults(void **state)
 {
     keel__model_config *cfg = parse_ok(min_config);
-    json_t *j, *qp, *vp;
+    json_t *j, *vp;
 
     (void)state;
 
@@ -256,9 +256,11 @@ static void test_defaults(void **state)
     assert_int_equal(json_integer_value(json_object_get(j, "max_batch_size")), 0);
     vp = json_object_get(json_object_get(j, "version_policy"), "latest");
     assert_int_equal(json_integer_value(json_object_get(vp, "num_versions")), 1);
-    qp = json_object_get(json_object_get(j, "dynamic_batching"), "default_queue_policy");
-    assert_int_equal(json_integer_value(json_object_get(qp, "max_queue_size")),
-                     KEEL__DEFAULT_MAX_QUEUE_SIZE);
+    /* No dynamic_batching in the file: batching is off and the section is not served, and
+     * the queue bound is keel's default. */
+    assert_null(json_object_get(j, "dynamic_batching"));
+    assert_false(cfg->batching);
+    assert_int_equal(cfg->max_queue_size, KEEL__DEFAULT_MAX_QUEUE_SIZE);
     assert_int_equal(json_integer_value(json_object_get(
                          json_array_get(json_object_get(j, "instance_group"), 0), "count")),
                      KEEL__DEFAULT_INSTANCE_COUNT);
