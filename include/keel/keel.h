@@ -285,6 +285,21 @@ typedef struct keel_model_stats {
 KEEL_EXTERN keel_err keel_model_stats_get(keel_runtime *rt, const char *name,
                                           keel_model_stats *out);
 
+/* Executions of a batching model by executed batch size (rows), as Triton's batch_stats:
+ * how many backend calls ran with that many rows and the time they took (input = merging
+ * the requests' inputs, infer = the backend call, output = splitting the outputs back). */
+typedef struct keel_batch_stat {
+    uint64_t batch_size;
+    uint64_t count;
+    uint64_t input_ns, infer_ns, output_ns;
+} keel_batch_stat;
+
+/* Fills out[0..max) with the sizes seen, ascending; *count is how many there are (may be
+ * more than max). At most 128 distinct sizes are kept per model; executions of further
+ * sizes are counted in execution_count only. */
+KEEL_EXTERN keel_err keel_model_batch_stats_get(keel_runtime *rt, const char *name,
+                                                keel_batch_stat *out, size_t max, size_t *count);
+
 /* Process-wide memory management. */
 typedef struct keel_memory_stats {
     uint64_t limit_bytes;   /* model_memory_limit (0 = none) */

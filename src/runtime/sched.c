@@ -62,8 +62,9 @@
  * the estimate of its class: a slower sample moves it half-way up at once (one 50 ms run
  * makes a 10 us model slow), a faster one an eighth of the way down (a model that turned
  * fast again comes back inline after a few handed-off runs). An unmeasured class is slow:
- * its first run is handed off. Where each request ran is counted per model
- * (stats.runs_inline / runs_handed_off).
+ * its first run is handed off. A batching model with a max_queue_delay never runs a request
+ * on the submitting thread: its requests wait to be gathered. Where each request ran is
+ * counted per model (stats.runs_inline / runs_handed_off).
  *
  * Locks: rt->mu only (internal.h's order); per request, submit takes it once, and a batch of
  * n requests takes it once to form and once to complete (docs/PERFORMANCE.md has the
@@ -376,7 +377,7 @@ static bool vslot_is_fast_for(const keel_runtime *rt, const keel__vslot *v, cons
     uint64_t est;
 
     if (g->cfg->preprocess != NULL)
-        return false;
+        return false; /* image models decode in a worker process */
     est = atomic_load_explicit(&g->est_run_ns[keel__est_class(req->rows)], memory_order_relaxed);
     return keel__est_is_fast(est, rt->inline_max_ns);
 }
@@ -506,6 +507,7 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
     }
     if ((flags & (KEEL_SUBMIT_RUN_HERE | KEEL_SUBMIT_RUN_IF_FAST)) != 0 && v->nqueued == 0 &&
         vslot_has_idle_context(v) &&
+        !(v->current->cfg->batching && v->current->cfg->max_queue_delay_us > 0) &&
         ((flags & KEEL_SUBMIT_RUN_IF_FAST) == 0 || vslot_is_fast_for(rt, v, req))) {
         req->dispatch_ns = req->submit_ns;
         lease_locked(rt, v, req);
