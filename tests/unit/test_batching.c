@@ -627,6 +627,117 @@ static void test_property_random_clients(void **state)
     stop(&f);
 }
 
+/* ---- hot swap under batched load */
+
+#define SWAPS 12
+typedef struct swap_seen {
+    pthread_mutex_t mu;
+    uint64_t gen[4096];
+    float k[4096];
+    size_t n;
+    int bad, ok;
+} swap_seen;
+
+typedef struct swap_client {
+    keel_runtime *rt;
+    swap_seen *seen;
+    _Atomic bool *stop;
+    unsigned seed;
+} swap_client;
+
+static void *swap_client_main(void *arg)
+{
+    swap_client *c = arg;
+
+    while (!atomic_load(c->stop)) {
+        int rows = 1 + (int)(rand_r(&c->seed) % 3);
+        float x = (float)(rand_r(&c->seed) % 100) + 1.0f;
+        keel_request *req = req_rows(c->rt, x, rows, 1);
+        keel_err st = keel_infer(req);
+        keel_tensor_view v;
+        float k = 0.0f;
+        bool good = st == KEEL_OK && keel_request_output_by_name(req, "y", &v) == KEEL_OK &&
+                    v.shape[0] == rows;
+
+        /* One factor for every row of the answer: never a mix of generations. */
+        for (int r = 0; good && r < rows; r++) {
+            float kr = ((const float *)v.data)[r] / (x + (float)r);
+            if (r == 0)
+                k = kr;
+            good = kr == k && (k == 2.0f || k == 3.0f);
+        }
+        pthread_mutex_lock(&c->seen->mu);
+        if (!good) {
+            c->seen->bad++;
+        } else {
+            c->seen->ok++;
+            if (c->seen->n < 4096) {
+                c->seen->gen[c->seen->n] = keel_request_generation_id(req);
+                c->seen->k[c->seen->n++] = k;
+            }
+        }
+        pthread_mutex_unlock(&c->seen->mu);
+        keel_request_destroy(req);
+    }
+    return NULL;
+}
+
+/* Reloads alternate the factor (2, 3) while 6 clients send batched requests: 0 failed, each
+ * answer from one generation, and that generation's factor. */
+static void test_hotswap_batched(void **state)
+{
+    fixture f;
+    swap_seen seen = {.mu = PTHREAD_MUTEX_INITIALIZER};
+    swap_client c[6];
+    pthread_t th[6];
+    _Atomic bool stopping = false;
+    uint64_t gens[SWAPS + 1];
+    float ks[SWAPS + 1];
+
+    (void)state;
+    start(&f, 8, "{\"max_queue_delay_microseconds\": 300}");
+    mock_set_run_us(300);
+    gens[0] = 0;
+    ks[0] = 2.0f;
+    {
+        keel_model_status *list = NULL;
+        size_t n = 0;
+        assert_int_equal(keel_model_list(f.rt, &list, &n), KEEL_OK);
+        gens[0] = list[0].generation_id;
+        keel_model_status_free(list, n);
+    }
+    for (int i = 0; i < 6; i++) {
+        c[i] = (swap_client){f.rt, &seen, &stopping, 99u + (unsigned)i};
+        assert_int_equal(pthread_create(&th[i], NULL, swap_client_main, &c[i]), 0);
+    }
+    for (int s = 1; s <= SWAPS; s++) {
+        keel_model_status *list = NULL;
+        size_t n = 0;
+        usleep(20 * 1000);
+        ks[s] = s % 2 == 1 ? 3.0f : 2.0f;
+        mock_write_version(f.repo, "m", 1, ks[s]);
+        assert_int_equal(keel_model_load(f.rt, "m", NULL, 0), KEEL_OK);
+        assert_int_equal(keel_model_list(f.rt, &list, &n), KEEL_OK);
+        gens[s] = list[0].generation_id;
+        keel_model_status_free(list, n);
+    }
+    usleep(20 * 1000);
+    atomic_store(&stopping, true);
+    for (int i = 0; i < 6; i++)
+        pthread_join(th[i], NULL);
+    mock_set_run_us(0);
+    assert_int_equal(seen.bad, 0);
+    assert_true(seen.ok > 0);
+    for (size_t i = 0; i < seen.n; i++) {
+        bool known = false;
+        for (int s = 0; s <= SWAPS && !known; s++)
+            known = gens[s] == seen.gen[i] && ks[s] == seen.k[i];
+        assert_true(known); /* the answer's factor is its generation's */
+    }
+    tu_assert_counters(f.rt, &idle_one_gen);
+    stop(&f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -640,6 +751,7 @@ int main(void)
         cmocka_unit_test(test_cancel_pending),
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_property_random_clients),
+        cmocka_unit_test(test_hotswap_batched),
     };
 
     return cmocka_run_group_tests(tests, NULL, NULL);
