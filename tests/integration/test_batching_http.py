@@ -11,6 +11,8 @@ inference_count, fewer executions than requests, and /metrics the keel_batch_siz
 histogram with the same count; the priority parameter is honoured and a level the model
 does not have is a 400 naming it."""
 
+import base64
+import json
 import os
 import shutil
 import threading
@@ -37,6 +39,13 @@ def setup():
             cfg.pop("dynamic_batching", None)
         shutil.copytree(os.path.join(repo, "heart"), os.path.join(repo, name))
         kit.write_config(repo, name, cfg)
+    for name in ("digits", "digits_image"):
+        shutil.copytree(os.path.join(repo, name), os.path.join(repo, name + "_b"))
+        cfg = kit.read_config(repo, name)
+        cfg["name"] = name + "_b"
+        cfg["instance_group"] = [{"count": 1, "kind": "KIND_CPU"}]
+        cfg["dynamic_batching"] = {"max_queue_delay_microseconds": 3000}
+        kit.write_config(repo, name + "_b", cfg)
     S["rows"] = kit.heart_rows()
     S["ref"] = kit.keel_reference(repo, "heart", S["rows"])
     S["server"] = kit.Server(repo).start()
@@ -103,6 +112,90 @@ def test_bit_identical_and_batched():
     kit.promtool_check(text)
 
 
+def parallel(n, fn):
+    """Runs fn(i) for i in range(n) on THREADS threads (failures reach the test)."""
+    stop = threading.Event()
+
+    def client(k):
+        for i in range(k, n, THREADS):
+            fn(i)
+        return False
+
+    ts = [kit.Worker(lambda k=k: client(k), stop) for k in range(THREADS)]
+    for t in ts:
+        t.start()
+    kit.join_workers(ts, timeout=300)
+
+
+def close(got, want, what):
+    check(len(got) == len(want) and all(abs(a - b) <= 1e-5 for a, b in zip(got, want)),
+          "%s: %r, unbatched %r" % (what, got[:4], want[:4]))
+
+
+def check_batched(model, n):
+    entry = kit.model_stats(S["port"], model)[0]
+    sizes = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in entry["batch_stats"]}
+    check(sizes and max(sizes) > 1, "%s: batch sizes %r, nothing merged" % (model, sizes))
+    check(int(entry["inference_count"]) == n, "%s: %s rows for %d requests"
+          % (model, entry["inference_count"], n))
+    kit.log("  %s: %d one-row requests as %s executions; sizes %s"
+            % (model, n, entry["execution_count"], sizes))
+
+
+def test_onnx_batched():
+    """ONNX (OpenCV DNN): one-row requests to digits_b merge into batches and each answer
+    equals the unbatched model's for its own row (to 1e-5: a batched GEMM may round
+    differently from a one-row one)."""
+    import random
+    rnd = random.Random(7)
+    rows = [[rnd.random() * 16 for _ in range(64)] for _ in range(64)]
+
+    def body(rs):
+        return json.dumps({"inputs": [{"name": "pixels", "shape": [len(rs), 64],
+                                       "datatype": "FP32", "data": [x for r in rs for x in r]}]}
+                          ).encode()
+
+    r = kit.post(S["port"], kit.infer_path("digits"), body(rows))
+    check(r.status == 200, "digits: %r" % r)
+    want = kit.decode_infer(r)[1]["probabilities"]
+
+    def one(i):
+        r1 = kit.post(S["port"], kit.infer_path("digits_b"), body([rows[i]]), timeout=60)
+        check(r1.status == 200, "digits_b row %d: %r" % (i, r1))
+        close(kit.decode_infer(r1)[1]["probabilities"], want[10 * i:10 * i + 10],
+              "digits_b row %d" % i)
+
+    parallel(len(rows), one)
+    check_batched("digits_b", len(rows))
+
+
+def test_preprocess_batched():
+    """Images decoded by the preprocessing workers are batched after they return: each
+    example image sent alone to digits_image_b answers as digits_image does."""
+    d = os.path.join(kit.SOURCE, "examples", "images")
+    images = [open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))
+              if f.endswith((".png", ".jpg"))] * 4
+
+    def body(img):
+        return json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                       "data": [base64.b64encode(img).decode()]}]}).encode()
+
+    want = []
+    for img in images[:len(images) // 4]:
+        r = kit.post(S["port"], kit.infer_path("digits_image"), body(img))
+        check(r.status == 200, "digits_image: %r" % r)
+        want.append(kit.decode_infer(r)[1]["probabilities"])
+
+    def one(i):
+        r1 = kit.post(S["port"], kit.infer_path("digits_image_b"), body(images[i]), timeout=60)
+        check(r1.status == 200, "digits_image_b image %d: %r" % (i, r1))
+        close(kit.decode_infer(r1)[1]["probabilities"], want[i % len(want)],
+              "digits_image_b image %d" % i)
+
+    parallel(len(images), one)
+    check_batched("digits_image_b", len(images))
+
+
 def test_priority_parameter():
     port = S["port"]
     row = [S["rows"][0]]
@@ -124,5 +217,6 @@ def test_priority_parameter():
 
 if __name__ == "__main__":
     kit.parse_args()
-    kit.run([test_bit_identical_and_batched, test_priority_parameter], setup=setup,
+    kit.run([test_bit_identical_and_batched, test_onnx_batched, test_preprocess_batched,
+             test_priority_parameter], setup=setup,
             teardown=teardown)
