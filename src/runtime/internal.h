@@ -189,6 +189,10 @@ struct keel__vslot {
      * set when it passed (sched.c: the timer thread). */
     uint64_t delay_until_ns;
     bool flush;
+    /* rt->mu: preserve_ordering (sched.c): the next batch's sequence number, the one to end
+     * next, and batches that ended early, unfinished (heads linked by held_next). */
+    uint64_t seq_next, seq_done;
+    keel_request *held;
     bool in_ready;           /* rt->mu */
     bool removed;            /* rt->mu: unlinked; freed when inflight drops to 0 */
     keel__vslot *next;       /* entry's version list, ascending */
@@ -325,6 +329,9 @@ struct keel_request {
     uint32_t queue;                      /* index of the vslot queue it waits in */
     keel__timeout_action timeout_action; /* of its level's policy */
     int64_t rows;                        /* request_rows at submit */
+    bool ordered;                        /* rt->mu: dispatched under preserve_ordering */
+    uint64_t order_seq;                  /* rt->mu: its batch's sequence number */
+    keel_request *held_next;             /* rt->mu: its vslot's held batches */
     keel_infer_cb done_cb;               /* a batch's completion: cb between lock and call */
     void *done_user;
     uint64_t submit_ns, dispatch_ns, deadline_ns;

@@ -48,6 +48,11 @@
  * context is busy (parked vslots' too: "waiting for model to load"), DELAY-expired ones move
  * behind the others, and vslots whose delay passed are made ready (flush).
  *
+ * preserve_ordering: each batch dispatched from a vslot takes the next sequence number; a
+ * batch that ends before an earlier one (another context was slower) is held, unanswered,
+ * until that one ends (end_group), so responses leave in the order batches were formed.
+ * Requests answered without running (expired, cancelled while queued) are not held.
+ *
  * Completion (complete()): under rt->mu the context goes back to the generation it came from
  * (a retired generation keeps it until it is freed, and never hands it out again) and the
  * slot is dropped; after unlocking, the generation reference is released, statistics are
@@ -62,8 +67,9 @@
  * the estimate of its class: a slower sample moves it half-way up at once (one 50 ms run
  * makes a 10 us model slow), a faster one an eighth of the way down (a model that turned
  * fast again comes back inline after a few handed-off runs). An unmeasured class is slow:
- * its first run is handed off. A batching model with a max_queue_delay never runs a request
- * on the submitting thread: its requests wait to be gathered. Where each request ran is
+ * its first run is handed off. A batching model with a max_queue_delay or preserve_ordering
+ * never runs a request on the submitting thread: its requests wait to be gathered, or take
+ * their place in the order. Where each request ran is
  * counted per model (stats.runs_inline / runs_handed_off).
  *
  * Locks: rt->mu only (internal.h's order); per request, submit takes it once, and a batch of
@@ -476,6 +482,7 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
     keel__counter_add(rt, e, KEEL__CNT(leases), 1);
     req->state = KEEL__REQ_QUEUED;
     req->cancel_requested = false;
+    req->ordered = false;
     req->cb = cb;
     req->user = user;
     req->entry = e;
@@ -507,7 +514,8 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
     }
     if ((flags & (KEEL_SUBMIT_RUN_HERE | KEEL_SUBMIT_RUN_IF_FAST)) != 0 && v->nqueued == 0 &&
         vslot_has_idle_context(v) &&
-        !(v->current->cfg->batching && v->current->cfg->max_queue_delay_us > 0) &&
+        !(v->current->cfg->batching &&
+          (v->current->cfg->max_queue_delay_us > 0 || v->current->cfg->preserve_ordering)) &&
         ((flags & KEEL_SUBMIT_RUN_IF_FAST) == 0 || vslot_is_fast_for(rt, v, req))) {
         req->dispatch_ns = req->submit_ns;
         lease_locked(rt, v, req);
@@ -583,6 +591,7 @@ static void finish_unlocked(keel_request *req, keel__model_entry *e, keel__gener
 
     req->gen = NULL;
     req->entry = NULL;
+    req->ordered = false;
     req->done_cb = NULL;
     req->done_user = NULL;
     /* Released after unlocking: the generation may be freed (by the reaper). */
@@ -616,24 +625,73 @@ static void context_return_locked(keel_runtime *rt, keel__generation *g, int ctx
         keel__vslot_kick_locked(rt, v);
 }
 
+/*
+ * Ends a group of requests that ran together (one request, or a batch linked by qnext; each
+ * request's outcome in req->status) under one lock acquisition: returns the context the group
+ * held (ctx >= 0) to g, then finishes every request. Under preserve_ordering (req->ordered),
+ * a group that ends before a group dispatched earlier is held on its vslot, unfinished (its
+ * requests keep their slots and references), and finished by the group it waited for, in
+ * dispatch order. The callbacks run after unlocking.
+ */
+static void end_group(keel_runtime *rt, keel_request *head, keel__generation *g, int ctx)
+{
+    keel__vslot *v = head->vslot, *free_vslot = NULL;
+    keel_request *done = NULL, *done_tail = NULL, *free_at = NULL;
+    uint64_t now = keel__now_ns();
+
+    pthread_mutex_lock(&rt->mu);
+    if (ctx >= 0)
+        context_return_locked(rt, g, ctx, v);
+    if (head->ordered && head->order_seq != v->seq_done) {
+        head->held_next = v->held; /* an earlier group still runs: wait for it */
+        v->held = head;
+        pthread_mutex_unlock(&rt->mu);
+        return;
+    }
+    for (keel_request *grp = head; grp != NULL;) {
+        bool ordered = grp->ordered;
+        if (done_tail != NULL)
+            done_tail->qnext = grp;
+        else
+            done = grp;
+        for (keel_request *req = grp; req != NULL; req = req->qnext) {
+            keel__vslot *f = finish_locked(rt, req, req->status, now);
+            if (f != NULL) {
+                free_vslot = f; /* the last request of a removed vslot */
+                free_at = req;
+            }
+            done_tail = req;
+        }
+        grp = NULL;
+        if (ordered) {
+            v->seq_done++;
+            for (keel_request **pp = &v->held; *pp != NULL; pp = &(*pp)->held_next) {
+                if ((*pp)->order_seq == v->seq_done) {
+                    grp = *pp; /* the next one in dispatch order ended already */
+                    *pp = grp->held_next;
+                    grp->held_next = NULL;
+                    break;
+                }
+            }
+        }
+    }
+    pthread_mutex_unlock(&rt->mu);
+    for (keel_request *req = done, *next; req != NULL; req = next) {
+        next = req->qnext;
+        req->qnext = NULL;
+        finish_unlocked(req, req->entry, req->gen, req == free_at ? free_vslot : NULL, now);
+    }
+}
+
 /* Ends a request: see the file's DESIGN. Called with no lock held, exactly once per
  * successful submit. status is what happened; msg (may be NULL) overrides the message. */
 static void complete(keel_request *req, keel_err status, const char *msg)
 {
-    keel_runtime *rt = req->rt;
-    keel__model_entry *e = req->entry;
-    keel__generation *g = req->gen;
-    keel__vslot *free_vslot;
-    uint64_t now = keel__now_ns();
-
     if (msg != NULL)
         keel__request_set_error(req, "%s", msg);
-    pthread_mutex_lock(&rt->mu);
-    if (g != NULL && req->ctx_index >= 0)
-        context_return_locked(rt, g, req->ctx_index, req->vslot);
-    free_vslot = finish_locked(rt, req, status, now);
-    pthread_mutex_unlock(&rt->mu);
-    finish_unlocked(req, e, g, free_vslot, now);
+    req->status = status;
+    req->qnext = NULL;
+    end_group(req->rt, req, req->gen, req->gen != NULL ? req->ctx_index : -1);
 }
 
 void keel__complete_list(keel_request *list, keel_err status, const char *why)
@@ -852,6 +910,8 @@ static bool form_batch_locked(keel_runtime *rt, keel__vslot *v, uint64_t now, ba
     for (size_t i = 0; i < cut; i++) {
         req = queue_first(v);
         queue_unlink_locked(rt, v, req);
+        req->ordered = cfg->preserve_ordering;
+        req->order_seq = v->seq_next;
         if (cut == 1) {
             lease_locked(rt, v, req);
         } else {
@@ -866,33 +926,17 @@ static bool form_batch_locked(keel_runtime *rt, keel__vslot *v, uint64_t now, ba
         list_append(&b->head, &b->tail, req);
         b->n++;
     }
+    if (cfg->preserve_ordering)
+        v->seq_next++;
     atomic_fetch_add_explicit(&v->entry->stats.runs_handed_off, b->n, memory_order_relaxed);
     return true;
 }
 
-/* Ends every request of a batch and returns its context, under one lock acquisition
- * (no lock held on entry). Each request's status is in req->status. */
+/* Ends every request of a batch and returns its context (end_group; no lock held on
+ * entry). Each request's status is in req->status. */
 static void complete_batch(keel_runtime *rt, batch *b)
 {
-    keel__vslot *free_vslot = NULL;
-    keel__model_entry *e = b->vslot->entry;
-    uint64_t now = keel__now_ns();
-    keel_request *req, *next;
-
-    pthread_mutex_lock(&rt->mu);
-    context_return_locked(rt, b->gen, b->ctx, b->vslot);
-    for (req = b->head; req != NULL; req = req->qnext) {
-        keel__vslot *f = finish_locked(rt, req, req->status, now);
-        if (f != NULL)
-            free_vslot = f; /* the last request of a removed vslot */
-    }
-    pthread_mutex_unlock(&rt->mu);
-    for (req = b->head; req != NULL; req = next) {
-        keel__generation *g = req->gen;
-        next = req->qnext;
-        req->qnext = NULL;
-        finish_unlocked(req, e, g, req == b->tail ? free_vslot : NULL, now);
-    }
+    end_group(rt, b->head, b->gen, b->ctx);
 }
 
 /* Runs a batch of two or more requests (worker thread, no lock held) and completes it. */

@@ -216,6 +216,12 @@ static keel_err mock_run(void *ctxp, keel__run_io *io)
         pthread_cond_wait(&gate_cv, &gate_mu);
     gate_blocked--;
     pthread_mutex_unlock(&gate_mu);
+    if (!warmup && ((const float *)x->data)[0] >= MOCK_SLOW) {
+        /* A row that asks for a slow run: value - MOCK_SLOW milliseconds. */
+        long ms = (long)(((const float *)x->data)[0] - MOCK_SLOW);
+        struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
     if (!warmup && atomic_load(&run_us) > 0) {
         long us = atomic_load(&run_us);
         struct timespec ts = {us / 1000000, (us % 1000000) * 1000L};

@@ -36,6 +36,8 @@ typedef struct mock_call {
 size_t mock_calls(mock_call *out, size_t max);
 /* An input value that makes the run fail with KEEL_EBACKEND. */
 #define MOCK_POISON (-7.0f)
+/* A first input value of MOCK_SLOW + n makes the run take n more milliseconds. */
+#define MOCK_SLOW 1000000.0f
 
 void mock_reset(void);
 /* While closed, runs wait at the gate. */

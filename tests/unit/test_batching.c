@@ -515,6 +515,68 @@ static void test_errors(void **state)
     stop(&f);
 }
 
+/* preserve_ordering: a fast request that ends before a slow one dispatched earlier (on the
+ * other context) is answered after it; without the setting it is answered first. */
+typedef struct order_log {
+    pthread_mutex_t mu;
+    keel_request *order[4];
+    int n;
+} order_log;
+
+static void order_cb(keel_request *req, keel_err status, void *user)
+{
+    order_log *o = user;
+
+    (void)status;
+    pthread_mutex_lock(&o->mu);
+    o->order[o->n++] = req;
+    pthread_mutex_unlock(&o->mu);
+}
+
+static void test_preserve_ordering(void **state)
+{
+    (void)state;
+    for (int preserve = 0; preserve < 2; preserve++) {
+        fixture f;
+        order_log o = {.mu = PTHREAD_MUTEX_INITIALIZER};
+        keel_request *slow, *fast;
+        keel_runtime_opts opts;
+
+        mock_reset();
+        mock_gate_open();
+        f.repo = tu_mkdtemp("order");
+        mock_write_model_batching(f.repo, "m", 2, 4,
+                                  preserve ? "{\"preserve_ordering\": true}" : "{}");
+        mock_write_version(f.repo, "m", 1, 2.0);
+        keel_runtime_opts_init(&opts);
+        opts.model_repository = f.repo;
+        opts.control = KEEL_CONTROL_EXPLICIT;
+        opts.worker_threads = 2;
+        assert_int_equal(keel_runtime_create(&opts, &f.rt), KEEL_OK);
+        assert_int_equal(keel__runtime_add_backend(f.rt, &mock_backend), KEEL_OK);
+        assert_int_equal(keel_model_load(f.rt, "m", NULL, 0), KEEL_OK);
+        slow = req_rows(f.rt, MOCK_SLOW + 300.0f, 1, 1);
+        fast = req_rows(f.rt, 5.0f, 1, 2); /* other columns: never in slow's batch */
+        assert_int_equal(keel_infer_submit(slow, order_cb, &o), KEEL_OK);
+        usleep(50 * 1000); /* slow is running on one context */
+        assert_int_equal(keel_infer_submit(fast, order_cb, &o), KEEL_OK);
+        for (int i = 0; i < 3000; i++) {
+            pthread_mutex_lock(&o.mu);
+            int n = o.n;
+            pthread_mutex_unlock(&o.mu);
+            if (n == 2)
+                break;
+            usleep(1000);
+        }
+        assert_int_equal(o.n, 2);
+        assert_ptr_equal(o.order[0], preserve ? slow : fast);
+        check_answer(fast, 5.0f, 1, 2);
+        keel_request_destroy(slow);
+        keel_request_destroy(fast);
+        stop(&f);
+    }
+}
+
 /* ---- property test: random clients against the unbatched reference */
 
 typedef struct client {
@@ -750,6 +812,7 @@ int main(void)
         cmocka_unit_test(test_timeout_override),
         cmocka_unit_test(test_cancel_pending),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_preserve_ordering),
         cmocka_unit_test(test_property_random_clients),
         cmocka_unit_test(test_hotswap_batched),
     };
