@@ -9,9 +9,10 @@
  *   runtime.c      create/destroy, the threads; API calls that span layers (is_ready)
  *   lifecycle.c    the watch table, the lifecycle thread, its retries and reloads
  *   load.c         a model's load (begin, prepare, build, publish, fail) and unload
- *   sched.c        admission, queues, dispatch, worker threads, complete(), cancel
+ *   sched.c        admission, queues, batching, dispatch, workers, timer, complete(), cancel
  *   generation.c   building, referencing and freeing generations; the reaper thread
  *   preprocess.c   a request's images through the preprocessing workers (sched.c's run path)
+ *   batch.c        merging a batch's inputs, splitting its outputs (sched.c's run path)
  *   budget.c       memory charge, eviction, parking, the retire list; /proc sampling, trim
  *   request.c      the request object: inputs, outputs, binding to a config
  *   registry.c     the model table: entry lookup, list, status, statistics, counters
@@ -55,11 +56,16 @@
  *   what to release under the lock and act after unlocking.
  *
  * Request state machine (state under rt->mu):
- *   IDLE --submit--> QUEUED --dispatch--> RUNNING --backend returns--> (complete) --> IDLE
- *                      |  \--expired at dispatch / cancel / unload / shutdown--> (complete)
- *   complete() is the only way out of QUEUED or RUNNING: it returns the context to its own
- *   generation, drops the admission slot, releases the generation reference (all exactly
- *   once), updates statistics, then runs the callback once with no lock held.
+ *   IDLE --submit--> QUEUED --dispatch (alone or in a batch)--> RUNNING --backend returns-->
+ *                      |   (end_group; held first under preserve_ordering) --> IDLE
+ *                      |  \--expired (timer or dispatch; REJECT) / cancel / unload /
+ *                      |      shutdown--> (complete) --> IDLE
+ *                      \--expired under DELAY--> QUEUED (delayed FIFO, no deadline)
+ *   end_group() (complete() for one request) is the only way out of QUEUED or RUNNING: it
+ *   returns the context to its own generation (a batch holds one context for all its
+ *   requests; a request run alone holds it itself), drops each admission slot, releases each
+ *   request's generation reference (all exactly once), updates statistics, then runs each
+ *   callback once with no lock held.
  *
  * Generation state: loading (private to the loader) -> ready (published in a vslot) ->
  *   retired (swapped out or unloaded; never hands out a context again) -> freed (reaper).
@@ -79,7 +85,9 @@
  *   A failed load schedules next_retry_ns (doubling backoff) unless the runtime is EXPLICIT;
  *   the lifecycle thread retries it then. A success, an unload or a file change resets it.
  *
- * Threads: API calls run on the caller's thread. Worker threads dispatch and run requests.
+ * Threads: API calls run on the caller's thread. Worker threads dispatch and run requests
+ * and batches. The timer thread answers queued requests at their deadline and ends batching
+ * delays.
  * The reaper thread frees generations (then gives freed heap back with malloc_trim). Loads
  * run on the thread calling keel_model_load, or on the lifecycle thread (repository
  * watching, retries, reloads of evicted models).
