@@ -74,8 +74,8 @@
  *   removed. A vslot is parked when its model is evicted by the memory budget or while a
  *   resource-preserving swap has retired the old generation and builds the new one. Requests
  *   admitted to a parked vslot wait in its queue; publishing a generation into it dispatches
- *   them, a failed load answers them, and a worker answers KEEL_ETIMEDOUT to any whose deadline
- *   passes meanwhile (workers wake for the earliest such deadline: sched.c).
+ *   them, a failed load answers them, and the timer thread answers KEEL_ETIMEDOUT to any whose
+ *   deadline passes meanwhile (sched.c).
  *
  * Model entry lifecycle (rt->mu; load.c makes the transitions, lifecycle.c starts the
  * automatic ones):
