@@ -134,6 +134,36 @@ def ratio(h, rows):
     print()
 
 
+def batching(h, rows):
+    print("### Dynamic batching (issue 12): batch-1 requests, served/raw batch-1 calls/s\n")
+    header(h)
+    raw = {}
+    acc = {}
+    for r in rows:
+        key, vals = r[2], [float(x) for x in r[3:]]
+        if key == "raw_b1":
+            raw[r[1]] = vals
+            continue
+        acc.setdefault(key, []).append((raw.get(r[1]), vals))
+    names = {"ref_i1": "off (no dynamic_batching)", "ref_b0": "on, delay 0",
+             "ref_bd": "on, delay 100 us, preferred 32", "digits": "digits, off",
+             "digits_b": "digits, on"}
+    print("| model | connections | batch | keel req/s | served/raw b1 | avg executed batch | "
+          "p50 ms | p99 ms | failed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for key in sorted(acc, key=lambda k: (k.startswith("digits"), k.split("_")[-1], k)):
+        m, tail = key.rsplit("_", 1)
+        v = acc[key]
+        conns = tail[1:] if tail.startswith("c") else "8"
+        batch = "64" if tail == "b64" else "1"
+        ratio = (med([x[1][0] / x[0][0] for x in v if x[0]]) if batch == "1" else "-")
+        print("| %s | %s | %s | %s | **%s** | %s | %s | %s | %d |"
+              % (names.get(m, m), conns, batch, med([x[1][0] for x in v]), ratio,
+                 med([x[1][6] for x in v]), fmt(statistics.median(x[1][1] for x in v)),
+                 med([x[1][2] for x in v]), sum(int(x[1][3]) for x in v)))
+    print()
+
+
 def fastapi(h, rows):
     print("### keel vs the FastAPI peer (bench/fastapi_peer.py)\n")
     header(h)
@@ -264,7 +294,7 @@ def main():
     latest = load(sys.argv[1])
     issue_table(latest, os.path.dirname(sys.argv[1]))
     for s, fn in (("gen", gen), ("wrk", wrk), ("nginx", nginx), ("ratio", ratio),
-                  ("fastapi", fastapi), ("ir", ir)):
+                  ("batching", batching), ("fastapi", fastapi), ("ir", ir)):
         if s in latest:
             fn(*latest[s])
     for name, title in (("decode.txt", "FP32 JSON decode and encode (bench_decode output)"),
