@@ -67,9 +67,12 @@
  * the estimate of its class: a slower sample moves it half-way up at once (one 50 ms run
  * makes a 10 us model slow), a faster one an eighth of the way down (a model that turned
  * fast again comes back inline after a few handed-off runs). An unmeasured class is slow:
- * its first run is handed off. A batching model with a max_queue_delay or preserve_ordering
- * never runs a request on the submitting thread: its requests wait to be gathered, or take
- * their place in the order. Where each request ran is
+ * its first run is handed off. A batching model (dynamic_batching, max_batch_size > 0) is
+ * never "fast": the server's I/O thread queues its requests and goes on reading, so that
+ * requests arriving together are batched by a worker (run on the I/O thread, each would run
+ * alone). With a max_queue_delay or preserve_ordering it never runs on the submitting thread
+ * at all (KEEL_SUBMIT_RUN_HERE, keel_infer): its requests wait to be gathered, or take their
+ * place in the order. Where each request ran is
  * counted per model (stats.runs_inline / runs_handed_off).
  *
  * Locks: rt->mu only (internal.h's order); per request, submit takes it once, and a batch of
@@ -384,6 +387,8 @@ static bool vslot_is_fast_for(const keel_runtime *rt, const keel__vslot *v, cons
 
     if (g->cfg->preprocess != NULL)
         return false; /* image models decode in a worker process */
+    if (g->cfg->batching && g->cfg->max_batch_size > 0)
+        return false; /* the I/O thread queues; requests that pile up meanwhile batch */
     est = atomic_load_explicit(&g->est_run_ns[keel__est_class(req->rows)], memory_order_relaxed);
     return keel__est_is_fast(est, rt->inline_max_ns);
 }
