@@ -215,8 +215,9 @@ struct keel_srv {
     void (*ctl_done)(srv_conn *c, keel_err status);
 };
 
-/* server.c: feeds one finished request to the histograms, traces and access log. Every
- * protocol front end calls it exactly once per request, from any thread, no lock held. */
+/* serving.c: feeds one finished request to the histograms, traces and access log. Every
+ * protocol front end calls it exactly once per request (gRPC: per unary call and per stream
+ * message), from any thread, no lock held. */
 void keel__srv_observe(keel_srv *s, const srv_obs_event *ev);
 
 #endif
