@@ -88,8 +88,8 @@ static bool fetch_inputs(perf_workload *w, char *errbuf, size_t errlen)
             snprintf(path, sizeof(path), "/v2/models/%s/versions/%s", w->model, w->version);
         else
             snprintf(path, sizeof(path), "/v2/models/%s", w->model);
-        if (!perf_client_request(&c, "GET", path, NULL, NULL, 0, 30, &status, &body, &len,
-                                 errbuf, errlen))
+        if (!perf_client_request(&c, "GET", path, NULL, NULL, 0, 30, &status, &body, &len, errbuf,
+                                 errlen))
             goto done;
         if (status != 200) {
             perf_errf(errbuf, errlen, "GET %s: HTTP %d: %.200s", path, status, body);
@@ -99,8 +99,8 @@ static bool fetch_inputs(perf_workload *w, char *errbuf, size_t errlen)
     }
     if (doc == NULL || !json_is_array(inputs = json_object_get(doc, "inputs")) ||
         json_array_size(inputs) == 0) {
-        perf_errf(errbuf, errlen, "%s%s: no inputs in the model metadata",
-                  w->grpc ? "" : "GET ", path);
+        perf_errf(errbuf, errlen, "%s%s: no inputs in the model metadata", w->grpc ? "" : "GET ",
+                  path);
         goto done;
     }
     if (json_array_size(inputs) > sizeof(w->inputs) / sizeof(w->inputs[0])) {

@@ -47,10 +47,22 @@
 #define M_META "/inference.GRPCInferenceService/ModelMetadata"
 
 static const char *const code_names[17] = {
-    "OK",           "CANCELLED",          "UNKNOWN",           "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED", "NOT_FOUND",     "ALREADY_EXISTS",    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",    "OUT_OF_RANGE",
-    "UNIMPLEMENTED", "INTERNAL",          "UNAVAILABLE",       "DATA_LOSS",
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
     "UNAUTHENTICATED",
 };
 
@@ -422,10 +434,10 @@ static void request_end(gloop *L, gslot *s, bool answered, const char *err, grpc
     } else {
         r->failed++;
         r->grpc_status[(unsigned)code < 17 ? (unsigned)code : 2]++;
-        note_failure(r, "gRPC %s: %.*s", perf_grpc_code_name((int)code),
-                     (int)(GRPC_SLICE_LENGTH(s->details) < 160 ? GRPC_SLICE_LENGTH(s->details)
-                                                               : 160),
-                     (const char *)GRPC_SLICE_START_PTR(s->details));
+        note_failure(
+            r, "gRPC %s: %.*s", perf_grpc_code_name((int)code),
+            (int)(GRPC_SLICE_LENGTH(s->details) < 160 ? GRPC_SLICE_LENGTH(s->details) : 160),
+            (const char *)GRPC_SLICE_START_PTR(s->details));
     }
 }
 
@@ -487,9 +499,8 @@ static void stream_open(gloop *L, gslot *s)
 {
     grpc_op ops[2];
 
-    s->call = grpc_channel_create_registered_call(L->chans[s->chan], NULL,
-                                                  GRPC_PROPAGATE_DEFAULTS, L->cq,
-                                                  L->handles[s->chan],
+    s->call = grpc_channel_create_registered_call(L->chans[s->chan], NULL, GRPC_PROPAGATE_DEFAULTS,
+                                                  L->cq, L->handles[s->chan],
                                                   gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
     if (s->call == NULL)
         return;
@@ -531,8 +542,7 @@ static void stream_settle(gloop *L, gslot *s)
             if (a == NULL)
                 request_end(L, s, true, "the answer is not a ModelStreamInferResponse", 0);
             else
-                request_end(L, s, true, a->error_message[0] != '\0' ? a->error_message : NULL,
-                            0);
+                request_end(L, s, true, a->error_message[0] != '\0' ? a->error_message : NULL, 0);
             if (a != NULL)
                 inference__model_stream_infer_response__free_unpacked(a, NULL);
             if (s->stream_open)
@@ -549,10 +559,10 @@ static void stream_settle(gloop *L, gslot *s)
     if (s->status_done && s->ops == 0 && s->state != GS_BUSY) {
         if (s->state == GS_IDLE && s->status != GRPC_STATUS_OK && measured(L, s)) {
             /* An idle stream that the server ended with an error: say so once. */
-            note_failure(L->r, "stream ended: gRPC %s: %.*s", perf_grpc_code_name((int)s->status),
-                         (int)(GRPC_SLICE_LENGTH(s->details) < 160 ? GRPC_SLICE_LENGTH(s->details)
-                                                                   : 160),
-                         (const char *)GRPC_SLICE_START_PTR(s->details));
+            note_failure(
+                L->r, "stream ended: gRPC %s: %.*s", perf_grpc_code_name((int)s->status),
+                (int)(GRPC_SLICE_LENGTH(s->details) < 160 ? GRPC_SLICE_LENGTH(s->details) : 160),
+                (const char *)GRPC_SLICE_START_PTR(s->details));
         }
         if (s->status == GRPC_STATUS_UNAVAILABLE)
             s->retry_at = perf_now_ns() + 10000000u;
@@ -683,8 +693,8 @@ bool perf_grpc_load_run(const perf_workload *w, const perf_load_opts *o, perf_re
     L.cq = grpc_completion_queue_create_for_next(NULL);
     for (size_t i = 0; i < L.nchans; i++) {
         L.chans[i] = channel_open(&w->target);
-        L.handles[i] = grpc_channel_register_call(L.chans[i], w->stream ? M_STREAM : M_INFER,
-                                                  NULL, NULL);
+        L.handles[i] =
+            grpc_channel_register_call(L.chans[i], w->stream ? M_STREAM : M_INFER, NULL, NULL);
     }
     for (size_t i = 0; i < n; i++) {
         gslot *s = &L.slots[i];
@@ -748,8 +758,8 @@ bool perf_grpc_load_run(const perf_workload *w, const perf_load_opts *o, perf_re
                 }
                 {
                     uint64_t next = t0 + k_issued * interval;
-                    wait_ns = next > now ? (next - now < 50000000u ? next - now : 50000000u)
-                                         : 1000000u;
+                    wait_ns =
+                        next > now ? (next - now < 50000000u ? next - now : 50000000u) : 1000000u;
                 }
                 if (stopping) {
                     uint64_t due_start =

@@ -61,8 +61,9 @@ typedef struct perf_load_opts {
 
 bool perf_result_init(perf_result *r);
 void perf_result_fini(perf_result *r);
-/* Runs the load on w (over gRPC when w->grpc: perf_grpc.c's loop); fills *r (initialised by the caller). Returns false (errbuf) only if the
- * loop itself could not run (no epoll, no memory); request failures are counted in *r. */
+/* Runs the load on w (over gRPC when w->grpc: perf_grpc.c's loop); fills *r (initialised by the
+ * caller). Returns false (errbuf) only if the loop itself could not run (no epoll, no memory);
+ * request failures are counted in *r. */
 bool perf_load_run(const perf_workload *w, const perf_load_opts *o, perf_result *r, char *errbuf,
                    size_t errlen);
 /* "404:12;reset:1" or "UNAVAILABLE:3;stream_error:1" (or "" if none) into buf. */

@@ -11,11 +11,17 @@
  * version), whose JSON answer grpc_codec.c turns into the protobuf message, so metadata,
  * readiness, statistics, index and configuration are one implementation with one set of
  * messages. ModelInfer takes the shared path of serving.c: decode (grpc_codec.c), admit,
- * submit; keel's completion callback (a keel worker thread, or the CQ thread when a cancel
- * completes a queued request at once) encodes the answer and starts the send batch itself
+ * submit with the server's flags (--infer-on-io-thread: a fast model runs right here on the
+ * CQ thread, a slow one is handed off); keel's completion callback (a keel worker thread, or
+ * the CQ thread when the model ran inline or a cancel completes a queued request at once)
+ * encodes the answer and starts the send batch itself
  * (grpc_call_start_batch may be called from any thread; each call has one batch of each
  * kind at a time). Errors map to gRPC codes as Triton maps them (grpc_code()), with the
- * messages HTTP sends.
+ * messages HTTP sends. Every unary call (when its status is handed to gRPC, in call_send) and
+ * every stream message (when its answer is queued, in stream_answer) is observed once through
+ * serving.c's keel__srv_observe, as HTTP's requests are: histograms, responses by gRPC status,
+ * access log, traces; a "traceparent" in the call's metadata is echoed in its initial
+ * metadata with keel's span id.
  *
  * Jobs: a keel request is a gjob (the call's embedded one for ModelInfer, one per message
  * for ModelStreamInfer). A stream reads one message at a time, submits each as it arrives,
@@ -133,7 +139,7 @@ struct gjob {
     gcall *c; /* holds a reference on c until the job is finished */
     keel_request *req;
     Inference__ModelInferRequest *msg; /* the requested outputs, for the answer */
-    int64_t version;      /* asked for; -1 = the server's choice */
+    int64_t version;                   /* asked for; -1 = the server's choice */
     /* For the observation (observe()): CLOCK_MONOTONIC when the message's call began (a
      * stream message: when it arrived), it was read, it went to libkeel, its completion
      * ran; its size. */
@@ -1177,8 +1183,8 @@ static keel_err job_submit(gcall *c, gjob *j, srv_outcome *out)
     j->request_start_ns = mono_ns();
     /* --infer-on-io-thread: a fast model runs right here on the CQ thread (on_job_done then
      * runs before this returns), a slow one is handed to keel's inference threads. */
-    if ((e = keel__srv_submit(s, j->req, m->model_name, j->version, s->submit_flags, on_job_done,
-                              j, out)) != KEEL_OK) {
+    if ((e = keel__srv_submit(s, j->req, m->model_name, j->version, s->submit_flags, on_job_done, j,
+                              out)) != KEEL_OK) {
         pthread_mutex_lock(&g->mu);
         j->in_flight = false;
         inflight_unlink_locked(g, j);

@@ -48,10 +48,10 @@ typedef struct srv_obs_event {
     /* The protocol's status: HTTP's code (0 = no response was sent), or the gRPC status code
      * (0 = OK; always set: every gRPC call, and every stream message, ends with one). */
     unsigned status;
-    uint64_t bytes_in;      /* request body bytes received */
-    uint64_t bytes_out;     /* response body bytes queued */
-    uint64_t start_ns;      /* CLOCK_MONOTONIC: the request's headers arrived */
-    uint64_t end_ns;        /* CLOCK_MONOTONIC: the response was sent */
+    uint64_t bytes_in;  /* request body bytes received */
+    uint64_t bytes_out; /* response body bytes queued */
+    uint64_t start_ns;  /* CLOCK_MONOTONIC: the request's headers arrived */
+    uint64_t end_ns;    /* CLOCK_MONOTONIC: the response was sent */
     /* For traces (0 = not reached): the request was read, handed to libkeel, its
      * completion reached the front end, its response started going out. */
     uint64_t recv_end_ns, request_start_ns, request_end_ns, send_start_ns;
