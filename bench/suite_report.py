@@ -152,22 +152,25 @@ def grpc(h, rows):
     names = {"http": "HTTP (V2 JSON)", "grpc": "gRPC ModelInfer",
              "grpcstream": "gRPC ModelStreamInfer"}
     print("| batch | protocol | raw calls/s | keel req/s | / HTTP req/s | served/raw | p50 ms | "
-          "p99 ms | keel CPU us/req | served/raw by CPU | failed |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "p99 ms | keel CPU us/req | served/raw by CPU | generator CPU us/req | failed |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     order = {"http": 0, "grpc": 1, "grpcstream": 2}
     for (b, proto) in sorted(acc, key=lambda k: (k[0], order.get(k[1], 9))):
         v = acc[(b, proto)]
         cpu = [x for x in v if len(x[0]) > 1 and len(x[2]) > 4 and x[2][4] > 0]
         vs = [x[2][0] / x[1][0] for x in v if x[1] is not None and x[1][0] > 0]
-        print("| %d | %s | %s | %s | **%s** | **%s** | %s | %s | %s | %s | %d |"
+        gen = [x[2][5] for x in v if len(x[2]) > 5]
+        print("| %d | %s | %s | %s | **%s** | **%s** | %s | %s | %s | %s | %s | %d |"
               % (b, names.get(proto, proto), med([x[0][0] for x in v]), med([x[2][0] for x in v]),
                  med(vs) if vs else "-", med([x[2][0] / x[0][0] for x in v]),
                  fmt(statistics.median(x[2][1] for x in v)), med([x[2][2] for x in v]),
                  med([x[2][4] for x in cpu]) if cpu else "-",
                  med([x[0][1] / x[2][4] for x in cpu]) if cpu else "-",
-                 sum(int(x[2][3]) for x in v)))
+                 med(gen) if gen else "-", sum(int(x[2][3]) for x in v)))
     print("\n\"/ HTTP\" is the median of per-round ratios to the HTTP row of the same batch "
-          "and round.\n")
+          "and round. The generator's CPU is its load thread's only (gRPC's own I/O threads in "
+          "keel perf are not counted): when the gRPC rows' generator cost approaches the "
+          "server's, the generator, not keel, may bound them.\n")
 
 
 def fastapi(h, rows):
