@@ -5,8 +5,9 @@
  *
  * DESIGN
  * A perf_workload is built once by one thread before the load starts and is read-only while
- * the load loop runs. Calls perf_client.c (the metadata request) and perf_util.c, and of
- * libkeel only its public datatype helpers. No lock.
+ * the load loop runs. Calls perf_client.c (the metadata request over HTTP), perf_grpc.c (over
+ * gRPC: ModelMetadata, and packing the ModelInferRequests) and perf_util.c, and of libkeel
+ * only its public datatype helpers. No lock.
  */
 #include <ctype.h>
 #include <errno.h>
