@@ -21,6 +21,10 @@
 #            interleaved in each round
 #   ratio    served/raw at batch 1 and 64, keel serve with --infer-on-http-thread auto (the
 #            default), off and on, 8 connections (p50/p99 at 8 connections come from these)
+#   grpc     gRPC vs HTTP on one server (--grpc-port 0 beside the HTTP port): raw XGBoost,
+#            keel perf over HTTP (V2 JSON), over gRPC (unary ModelInfer, raw_input_contents)
+#            and over gRPC streams (ModelStreamInfer), batch 1 and 64, interleaved in each
+#            round; gRPC/HTTP req/s and served/raw for gRPC come from these
 #   fastapi  keel vs bench/fastapi_peer.py (raw-body handler and pydantic handler), batch 1
 #            and 64, one uvicorn process on the server's core
 #   ir       instructions per request: keel serve under callgrind (counters zeroed, a timed
@@ -57,7 +61,7 @@ conns=${CONNS:-8}
 scpu=${SERVER_CPU:-0}
 gcpu=${GEN_CPU:-1}
 sections=("$@")
-((${#sections[@]} > 0)) || sections=(gen wrk nginx ratio fastapi ir decode soak swapp99)
+((${#sections[@]} > 0)) || sections=(gen wrk nginx ratio batching grpc fastapi ir decode soak swapp99)
 mkdir -p "$out"
 results="$out/results.tsv"
 
@@ -101,7 +105,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Starts keel serve pinned to the server CPU with extra args; sets $port and $spid.
+# Starts keel serve pinned to the server CPU with extra args; sets $port and $spid (and
+# $gport when the args ask for gRPC with --grpc-port 0, which must come after the defaults).
 start_keel() {
     local pf
     pf=$(mktemp)
@@ -109,8 +114,13 @@ start_keel() {
         --worker-threads 1 --log-level warn "$@" >"$pf" &
     spid=$!
     pids+=("$spid")
-    for _ in $(seq 200); do grep -q port= "$pf" && break; sleep 0.05; done
-    port=$(sed -n 's/.*port=\([0-9]*\).*/\1/p' "$pf")
+    for _ in $(seq 200); do
+        grep -v protocol=grpc "$pf" | grep -q port= && { [[ " $* " != *" --grpc-port 0 "* ]] ||
+            grep -q 'protocol=grpc.*port=' "$pf"; } && break
+        sleep 0.05
+    done
+    port=$(grep -v protocol=grpc "$pf" | sed -n 's/.*port=\([0-9]*\).*/\1/p' | head -n1)
+    gport=$(grep protocol=grpc "$pf" | sed -n 's/.*port=\([0-9]*\).*/\1/p' | head -n1)
     rm -f "$pf"
     [[ -n "$port" ]] || { echo "suite: keel serve did not start" >&2; exit 1; }
 }
@@ -379,6 +389,25 @@ PY
             done
             stop_pid "$spid"
         done
+        ;;
+    grpc)
+        # One server, both protocols, the same model, core and settings; each round measures
+        # raw, HTTP, gRPC unary and gRPC streams in turn at batch 1 and 64.
+        start_keel --grpc-port 0
+        [[ -n "$gport" ]] || { echo "suite: keel serve did not listen for gRPC" >&2; exit 1; }
+        warm_up "$port" ref_i1 1
+        warm_up "$gport" ref_i1 1 --protocol grpc
+        warm_up "$gport" ref_i1 1 --protocol grpc --grpc-stream
+        for r in $(seq "$rounds"); do
+            for b in 1 64; do
+                row grpc "$r" "raw_b$b" $(raw_rate "$b")
+                row grpc "$r" "http_b$b" $(perf_run "$port" "$spid" ref_i1 "$b")
+                row grpc "$r" "grpc_b$b" $(perf_run "$gport" "$spid" ref_i1 "$b" --protocol grpc)
+                row grpc "$r" "grpcstream_b$b" \
+                    $(perf_run "$gport" "$spid" ref_i1 "$b" --protocol grpc --grpc-stream)
+            done
+        done
+        stop_pid "$spid"
         ;;
     fastapi)
         start_keel

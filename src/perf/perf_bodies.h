@@ -27,9 +27,12 @@ typedef struct perf_workload {
     char *endpoint; /* GET this path instead of inferring (a static-reply baseline) */
     unsigned batch;
     bool binary; /* Triton's binary tensor extension instead of JSON data arrays */
+    bool grpc;   /* gRPC ModelInfer (raw_input_contents) instead of HTTP */
+    bool stream; /* gRPC: ModelStreamInfer, one message in flight per stream */
     perf_input_spec inputs[8];
     size_t ninputs;
-    /* Pre-built HTTP requests (head + body), used in turn. */
+    /* Pre-built requests, used in turn: HTTP (head + body), or with grpc a packed
+     * inference.ModelInferRequest. */
     char **reqs;
     size_t *req_lens;
     size_t nreqs;
