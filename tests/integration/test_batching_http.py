@@ -101,6 +101,8 @@ def test_bit_identical_and_batched():
     check(sum(sizes.values()) == after["execution_count"], "batch_stats count %d executions, "
           "execution_count %d" % (sum(sizes.values()), after["execution_count"]))
     kit.log("  %d one-row requests ran as %d executions; sizes %s" % (nrows, d_exec, sizes))
+    check(int(entry["keel_runs"]["inline"]) == 0, "heart_b ran requests on the HTTP thread "
+          "(they cannot batch there): %r" % entry["keel_runs"])
     u = kit.model_stats(port, "heart_u")[0]
     check(u["batch_stats"] == [] and int(u["execution_count"]) == int(u["inference_count"]),
           "the unbatched model merged requests: %r" % u)

@@ -41,6 +41,10 @@ def setup():
     slow = kit.train_slow_model(work)
     kit.add_model(repo, "slow", slow, instances=1, max_queue_size=64,
                   max_batch_size=256 * SLOW_COPIES)
+    # Models with dynamic_batching are never run on the I/O thread (their requests are
+    # queued to be batched): this test is about the models that are not.
+    for m in ("heart", "slow"):
+        kit.edit_config(repo, m, lambda c: c.pop("dynamic_batching", None))
     S["repo"] = repo
     S["slow_body"] = kit.binary_infer_body(kit.heart_rows()[:256] * SLOW_COPIES)
     S["one"] = kit.complete_rows()[:1]
