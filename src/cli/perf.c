@@ -299,6 +299,8 @@ int keel_perf_main(int argc, char **argv)
         perf_result r;
         char label[64], errs[512];
         double rps, ips, gen_us;
+        uint64_t rows0 = 0, execs0 = 0, rows1 = 0, execs1 = 0;
+        bool have_rows;
         if (!perf_result_init(&r)) {
             fprintf(stderr, "keel perf: out of memory\n");
             goto done;
@@ -312,6 +314,7 @@ int keel_perf_main(int argc, char **argv)
             snprintf(label, sizeof(label), "concurrency %u", lo.concurrency);
         }
         lo.label = label;
+        have_rows = perf_server_rows(&w, &rows0, &execs0);
         if (!perf_load_run(&w, &lo, &r, err, sizeof(err))) {
             fprintf(stderr, "keel perf: %s\n", err);
             perf_result_fini(&r);
@@ -347,6 +350,13 @@ int keel_perf_main(int argc, char **argv)
         }
         printf("%12s generator: %.1f us of CPU per request, %.0f %% of one core\n", "", gen_us,
                r.elapsed_s > 0 ? 100.0 * r.cpu_s / r.elapsed_s : 0.0);
+        /* The server's side: rows per backend call over the level (warm-up included; other
+         * clients' requests too), from the statistics extension. */
+        if (have_rows && perf_server_rows(&w, &rows1, &execs1) && execs1 > execs0)
+            printf("%12s server: %" PRIu64 " rows in %" PRIu64
+                   " backend executions, average batch %.2f\n",
+                   "", rows1 - rows0, execs1 - execs0,
+                   (double)(rows1 - rows0) / (double)(execs1 - execs0));
         if (csv != NULL)
             fprintf(csv,
                     "%s,%.6g,%.3f,%" PRIu64 ",%" PRIu64 ",%" PRIu64

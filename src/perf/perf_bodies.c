@@ -521,3 +521,35 @@ void perf_workload_fini(perf_workload *w)
     w->req_lens = NULL;
     w->nreqs = 0;
 }
+
+bool perf_server_rows(const perf_workload *w, uint64_t *rows, uint64_t *execs)
+{
+    perf_client c;
+    char path[512], err[256];
+    const char *body = NULL;
+    size_t len = 0;
+    int status = 0;
+    json_t *doc = NULL, *e;
+    bool ok = false;
+
+    if (w->grpc || w->model == NULL)
+        return false; /* the statistics come from the HTTP port */
+    perf_client_init(&c, &w->target);
+    if (w->version != NULL)
+        snprintf(path, sizeof(path), "/v2/models/%s/versions/%s/stats", w->model, w->version);
+    else
+        snprintf(path, sizeof(path), "/v2/models/%s/stats", w->model);
+    if (perf_client_request(&c, "GET", path, NULL, NULL, 0, 10, &status, &body, &len, err,
+                            sizeof(err)) &&
+        status == 200 && (doc = json_loadb(body, len, 0, NULL)) != NULL &&
+        (e = json_array_get(json_object_get(doc, "model_stats"), 0)) != NULL &&
+        json_is_integer(json_object_get(e, "inference_count")) &&
+        json_is_integer(json_object_get(e, "execution_count"))) {
+        *rows = (uint64_t)json_integer_value(json_object_get(e, "inference_count"));
+        *execs = (uint64_t)json_integer_value(json_object_get(e, "execution_count"));
+        ok = true;
+    }
+    json_decref(doc);
+    perf_client_fini(&c);
+    return ok;
+}

@@ -51,4 +51,8 @@ void perf_workload_fini(perf_workload *w);
 /* Parses NAME:DATATYPE:D1xD2x... (per-request shape) into spec. */
 bool perf_input_spec_parse(const char *s, perf_input_spec *spec);
 
+/* The model's inference_count (rows) and execution_count (backend calls) from the server's
+ * statistics extension (HTTP only); false if they cannot be read. */
+bool perf_server_rows(const perf_workload *w, uint64_t *rows, uint64_t *execs);
+
 #endif

@@ -13,6 +13,7 @@ that is not a reachable gRPC server is one clear error."""
 
 import csv
 import os
+import re
 import subprocess
 
 import kit
@@ -94,9 +95,18 @@ def test_sweep_counts_match_server():
 
 def test_binary_batch_counts_rows():
     before = heart_success()
-    _, _, rows = perf("-m", "heart", "-b", "4", "--input-tensor-format", "binary",
-                      "--concurrency-range", "2", "-d", "0.5", "--warmup", "0")
+    out, _, rows = perf("-m", "heart", "-b", "4", "--input-tensor-format", "binary",
+                        "--concurrency-range", "2", "-d", "0.5", "--warmup", "0")
     after = heart_success()
+    # The server's own count: rows per backend execution over the run (heart batches).
+    m = re.search(r"server: (\d+) rows in (\d+) backend executions, average batch ([0-9.]+)", out)
+    check(m is not None, "no server line in keel perf's output:\n" + out)
+    d_exec = after["execution_count"] - before["execution_count"]
+    check((int(m.group(1)), int(m.group(2))) ==
+          (after["inference_count"] - before["inference_count"], d_exec) and
+          abs(float(m.group(3)) - int(m.group(1)) / max(d_exec, 1)) < 0.01,
+          "keel perf says %s; the statistics %d rows in %d executions"
+          % (m.group(0), after["inference_count"] - before["inference_count"], d_exec))
     check(len(rows) == 1 and int(rows[0]["failed"]) == 0, "rows %r" % rows)
     check_row(rows[0])
     ok = int(rows[0]["ok"])
