@@ -131,6 +131,12 @@ keel_err keel__batch_emit(keel__run_io *io, const char *name, keel_datatype dt,
             len = end - off;
         } else {
             len = per_row_elems * (size_t)r->rows * esize;
+            if (len > bytes - off) {
+                keel__errf(io->errbuf, io->errlen,
+                           "output '%s': %zu bytes do not hold the %lld rows its shape says",
+                           name, bytes, (long long)b->rows);
+                return KEEL_EBACKEND;
+            }
         }
         if ((err = keel__request_emit_to(r, name, dt, sub, ndim, (const char *)data + off, len,
                                          io->errbuf, io->errlen)) != KEEL_OK)
