@@ -6,13 +6,23 @@
  * One call: locate the helper, copy the bytes into a memfd, build the environment (this
  * process's, GLIBC_TUNABLES replaced by a malloc perturb byte), run the child through
  * core/child.c with the deadline, read its one-line verdict. Everything allocated here is
- * released before returning; no locks, no state, callable from any thread.
+ * released before returning.
+ *
+ * Passed checks are remembered: a process-wide ring of the SHA-256 digests (OpenSSL's
+ * libcrypto) of the last PASSED_MAX checks that passed, each over the helper's path, its
+ * arguments and the bytes. The same bytes checked the same way are not checked again, so a
+ * reload of an unchanged file (an eviction reload, a repository poll, a load/unload cycle)
+ * costs a hash, not a process (measured in docs/PERFORMANCE.md). A failed check is never
+ * remembered. The ring's lock, passed_mu, is a leaf: held only to compare or copy digests,
+ * never while the child runs; any thread may call in, several at once.
  */
 #include "backends/model_check.h"
 
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <openssl/evp.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,6 +38,49 @@ extern char **environ;
 #define DEFAULT_CHECK_TIMEOUT_MS 60000
 #define CHECK_REPLY_LEN 1024
 #define MAX_ARGS 256
+#define PASSED_MAX 64
+#define DIGEST_LEN 32
+
+static pthread_mutex_t passed_mu = PTHREAD_MUTEX_INITIALIZER;
+static unsigned char passed[PASSED_MAX][DIGEST_LEN]; /* under passed_mu */
+static size_t npassed, passed_next;                  /* under passed_mu */
+
+/* SHA-256 over argv (each with its NUL) then the bytes; false if libcrypto failed. */
+static bool check_digest(char *const argv[], const keel__model_check *c,
+                         unsigned char out[DIGEST_LEN])
+{
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    unsigned int len = 0;
+    bool ok = ctx != NULL && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1;
+
+    for (size_t i = 0; ok && argv[i] != NULL; i++)
+        ok = EVP_DigestUpdate(ctx, argv[i], strlen(argv[i]) + 1) == 1;
+    ok = ok && EVP_DigestUpdate(ctx, c->bytes, c->len) == 1 &&
+         EVP_DigestFinal_ex(ctx, out, &len) == 1 && len == DIGEST_LEN;
+    EVP_MD_CTX_free(ctx);
+    return ok;
+}
+
+static bool passed_before(const unsigned char d[DIGEST_LEN])
+{
+    bool found = false;
+
+    pthread_mutex_lock(&passed_mu);
+    for (size_t i = 0; i < npassed && !found; i++)
+        found = memcmp(passed[i], d, DIGEST_LEN) == 0;
+    pthread_mutex_unlock(&passed_mu);
+    return found;
+}
+
+static void remember_passed(const unsigned char d[DIGEST_LEN])
+{
+    pthread_mutex_lock(&passed_mu);
+    memcpy(passed[passed_next], d, DIGEST_LEN);
+    passed_next = (passed_next + 1) % PASSED_MAX;
+    if (npassed < PASSED_MAX)
+        npassed++;
+    pthread_mutex_unlock(&passed_mu);
+}
 
 /* The helper's absolute path into buf: $KEEL_MODEL_CHECK, else beside /proc/self/exe (keel and
  * the tests), else where `cmake --install` put it (a program embedding an installed libkeel). */
@@ -149,6 +202,8 @@ keel_err keel__model_check_run(const keel__model_check *c, char *errbuf, size_t 
     char helper[PATH_MAX], reply[CHECK_REPLY_LEN], msg[420], sub[256];
     char *argv[MAX_ARGS + 4];
     char **env = NULL;
+    unsigned char digest[DIGEST_LEN];
+    bool have_digest;
     uint64_t timeout = check_timeout_ms();
     keel__child_result res;
     size_t a = 0;
@@ -178,6 +233,12 @@ keel_err keel__model_check_run(const keel__model_check *c, char *errbuf, size_t 
         argv[a++] = c->args[i];
     }
     argv[a] = NULL;
+    /* The path (argv[2]) is a name for messages: the same bytes under another name pass. */
+    argv[2] = (char *)"-";
+    have_digest = check_digest(argv, c, digest);
+    argv[2] = (char *)c->path;
+    if (have_digest && passed_before(digest))
+        return KEEL_OK;
     if ((env = checker_env()) == NULL) {
         keel__errf(errbuf, errlen, "%s: out of memory starting the model check", c->path);
         return KEEL_ENOMEM;
@@ -205,9 +266,11 @@ keel_err keel__model_check_run(const keel__model_check *c, char *errbuf, size_t 
                    c->path, c->library, res.status, strsignal(res.status));
         break;
     case KEEL__CHILD_EXITED:
-        if (res.status == 0 && strncmp(reply, "ok\n", 3) == 0)
+        if (res.status == 0 && strncmp(reply, "ok\n", 3) == 0) {
             err = KEEL_OK;
-        else if (strncmp(reply, "error: ", 7) == 0)
+            if (have_digest)
+                remember_passed(digest);
+        } else if (strncmp(reply, "error: ", 7) == 0)
             keel__errf(errbuf, errlen, "%s", msg); /* the helper names the file itself */
         else
             keel__errf(errbuf, errlen,

@@ -18,6 +18,8 @@
  *     forever; with a 2 s deadline the load fails with "did not finish within 2000 ms" and
  *     version 1 keeps answering;
  *  5. the unflipped UBJSON file as version 2 loads and gives version 1's answers;
+ *  6. a check that passed is remembered by content: the same bytes reload with a 1 ms
+ *     deadline (no helper run), a file one byte longer fails it;
  * and throughout: no process and no fd left behind, counters idle.
  * How it was checked to fail: with the check_in_child call of xgboost.c's model_load left out,
  * step 3 kills the test process (SIGSEGV inside XGBoost) and step 4 never returns.
@@ -188,7 +190,8 @@ static void test_crashing_and_hanging_files(void **state)
     keel_runtime_opts o;
     keel_runtime *rt = NULL;
     char err[1024];
-    char *ubj, *flipped;
+    char *ubj, *flipped, *text, *extra;
+    size_t text_len = 0;
     size_t ubj_len = 0;
     uint64_t gen1, seed = 0x2545f4914f6cdd1dULL;
     int fds_none, fds0, found = -1;
@@ -267,6 +270,24 @@ static void test_crashing_and_hanging_files(void **state)
     assert_memory_equal(p, p1, sizeof(p));
     tu_assert_counters(rt, &idle);
     assert_no_children();
+
+    /* 6. Passed checks are remembered by content: the same bytes load again without the
+     * helper (here: a deadline of 1 ms, which no check meets); other bytes still need it. */
+    assert_int_equal(setenv("KEEL_MODEL_CHECK_TIMEOUT_MS", "1", 1), 0);
+    assert_int_equal(keel_model_unload(rt, "m"), KEEL_OK);
+    if (keel_model_load(rt, "m", err, sizeof(err)) != KEEL_OK)
+        fail_msg("reload of checked bytes: %s", err);
+    assert_true(answer(rt, p) != gen1);
+    assert_memory_equal(p, p1, sizeof(p));
+    text = tu_read_file(json, &text_len);
+    assert_int_equal(unlink(v2ubj), 0);
+    extra = tu_strf("%s\n", text); /* one byte more than version 1's checked file */
+    tu_write_file(v2json, extra, (size_t)-1);
+    assert_int_equal(keel_model_load(rt, "m", err, sizeof(err)), KEEL_ELOAD);
+    assert_non_null(strstr(err, "did not finish within 1 ms"));
+    assert_int_equal(unsetenv("KEEL_MODEL_CHECK_TIMEOUT_MS"), 0);
+    free(extra);
+    free(text);
 
     keel_runtime_destroy(rt);
     assert_int_equal(tu_count_fds(), fds_none);
