@@ -3,11 +3,13 @@
 allocator settings given as MALLOC_CONF values (docs/PERFORMANCE.md, "RSS after unloading
 everything"). Instruction counts do not depend on the machine's load, unlike wall clock.
 
-For each setting: keel serve runs under `valgrind --tool=callgrind --collect-atstart=no`
-(OMP_WAIT_POLICY=PASSIVE), the model is loaded, WARM requests warm it up, then collection is
-switched on with callgrind_control -i on, N requests are sent one after another on one
-keep-alive connection (batch 8, binary tensors, the reference model), collection is switched
-off and dumped; the dump's total divided by N is the figure (every server thread included).
+For each setting: keel serve runs under `valgrind --tool=callgrind`
+(OMP_WAIT_POLICY=PASSIVE; --preprocess-workers 0: valgrind 3.19 has no pidfd_open), the
+model is loaded, WARM requests warm it up, then the counters are
+zeroed (callgrind_control -z), N requests are sent one after another on one keep-alive
+connection (batch 8, binary tensors, the reference model) and the counters dumped
+(callgrind_control -d window); that dump's total divided by N is the figure (every server
+thread included).
 
 Usage: bench/alloc_cost.py --keel build-bench/keel --repo MODELS --model ref_i1 \\
            [--n 2000] [--conf ""] [--conf "tcache_max:16384"] ...
@@ -52,13 +54,17 @@ def measure(a, conf, out):
     if conf:
         env["MALLOC_CONF"] = conf
     prefix = os.path.join(out, "cg.%d" % port)
-    srv = subprocess.Popen(["valgrind", "--tool=callgrind", "--collect-atstart=no",
+    srv = subprocess.Popen(["valgrind", "--tool=callgrind",
                             "--callgrind-out-file=" + prefix + ".%p", a.keel, "serve",
                             "--model-repository", a.repo, "--model-control-mode", "explicit",
-                            "--http-port", str(port), "--grpc-port", "-1", "--log-level", "warn"],
+                            "--http-port", str(port), "--grpc-port", "-1", "--log-level", "warn",
+                            # valgrind 3.19 lacks pidfd_open, which the worker pool needs
+                            "--preprocess-workers", "0"],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(6000):
+        for _ in range(3000):
+            if srv.poll() is not None:
+                raise RuntimeError("keel serve exited under valgrind (status %d)" % srv.returncode)
             try:
                 c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
                 c.request("GET", "/v2/health/live")
@@ -84,24 +90,25 @@ def measure(a, conf, out):
                     raise RuntimeError("infer: %d" % resp.status)
 
         send(a.warm)
-        subprocess.run(["callgrind_control", "-i", "on", str(srv.pid)], check=True,
+        subprocess.run(["callgrind_control", "-z", str(srv.pid)], check=True,
                        stdout=subprocess.DEVNULL)
         send(a.n)
-        subprocess.run(["callgrind_control", "-i", "off", str(srv.pid)], check=True,
-                       stdout=subprocess.DEVNULL)
-        subprocess.run(["callgrind_control", "-d", str(srv.pid)], check=True,
+        subprocess.run(["callgrind_control", "-d", "window", str(srv.pid)], check=True,
                        stdout=subprocess.DEVNULL)
     finally:
         srv.terminate()
         srv.wait(600)
-    total = 0
+    total = None
     for f in glob.glob(prefix + ".*"):
         with open(f) as fh:
-            for line in fh:
-                m = re.match(r"^(summary|totals): (\d+)", line)
-                if m:
-                    total = max(total, int(m.group(2)))
-                    break
+            text = fh.read()
+        if "desc: Trigger: Client Request: window" not in text and "window" not in text:
+            continue
+        m = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+        if m:
+            total = int(m.group(1))
+    if total is None:
+        raise RuntimeError("no callgrind dump of the window under %s" % prefix)
     return total / a.n
 
 
