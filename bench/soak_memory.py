@@ -100,7 +100,8 @@ def main():
         env[k] = v
     port = free_port()
     srv = subprocess.Popen([a.keel, "serve", "--model-repository", a.repo,
-                            "--model-control-mode", "explicit", "--http-port", str(port), "--grpc-port", "-1",
+                            "--model-control-mode", "explicit", "--http-port", str(port),
+                            "--grpc-port", "-1",
                             "--log-level", "warn"], env=env)
     csv_path = a.csv or tempfile.mktemp(suffix=".csv", prefix="soak-memory-")
     try:
