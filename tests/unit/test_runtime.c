@@ -164,7 +164,9 @@ static void test_sync_and_async(void **state)
     keel_model_stats st;
     assert_int_equal(keel_model_stats_get(f->rt, "m", &st), KEEL_OK);
     assert_int_equal(st.success, 5);
-    assert_int_equal(st.execution_count, 5 + 0); /* warm-up runs are not counted */
+    assert_int_equal(st.inference_count, 5); /* rows; warm-up runs are not counted */
+    /* The model batches (dynamic_batching): the three queued together may share a call. */
+    assert_true(st.execution_count >= 3 && st.execution_count <= 5);
 }
 
 /* keel_request_timing_get: the steps of a run in order, the compute time the statistics
@@ -636,8 +638,9 @@ static void test_unload_and_shutdown_with_queue(void **state)
     for (int i = 0; i < 3; i++) {
         r[i] = make_req(f->rt, "m", 1.0f);
         assert_int_equal(keel_infer_submit(r[i], tally_cb, &t), KEEL_OK);
+        if (i == 0)
+            mock_wait_blocked(1); /* the first runs alone; the others queue behind it */
     }
-    mock_wait_blocked(1);
     assert_int_equal(keel_model_unload(f->rt, "m"), KEEL_OK);
     assert_int_equal(atomic_load(&t.by_status[KEEL_EUNAVAILABLE]), 2);
     assert_false(keel_model_is_ready(f->rt, "m", -1));
