@@ -32,7 +32,7 @@ from kit import check  # noqa: E402
 
 S = {}
 QUEUED = 6
-BLOCKER_COPIES = 128  # heart_scale's first 256 rows, 128 times: 32768 rows, seconds of work
+BLOCKER_COPIES = 512  # heart_scale's first 256 rows, 512 times: 131072 rows, seconds of work
 EXIT_TIMEOUT = 1
 
 
