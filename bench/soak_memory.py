@@ -44,6 +44,37 @@ def rss(pid):
     raise RuntimeError("no VmRSS for %d" % pid)
 
 
+def status(pid):
+    """VmRSS, RssAnon, RssFile and the thread count from /proc/PID/status."""
+    out = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "RssAnon", "RssFile"):
+                out[k] = int(v.split()[0]) * 1024
+            elif k == "Threads":
+                out[k] = int(v)
+    return out
+
+
+def heap(port):
+    """keel's heap gauges from /metrics (in use, free-but-held), in bytes."""
+    out = {}
+    for line in request(port, "GET", "/metrics")[1].decode().splitlines():
+        for name in ("keel_memory_heap_in_use_bytes", "keel_memory_heap_free_bytes"):
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                out[name] = float(line.split()[-1])
+    return out
+
+
+def describe(pid, port):
+    st, hp = status(pid), heap(port)
+    return ("VmRSS %.2f MiB, RssAnon %.2f, RssFile %.2f, heap in use %.2f, free-held %.2f, "
+            "threads %d" % (st["VmRSS"] / MIB, st["RssAnon"] / MIB, st["RssFile"] / MIB,
+                            hp.get("keel_memory_heap_in_use_bytes", 0) / MIB,
+                            hp.get("keel_memory_heap_free_bytes", 0) / MIB, st["Threads"]))
+
+
 def request(port, method, path):
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     c.request(method, path, body=b"" if method == "POST" else None)
@@ -70,6 +101,7 @@ def main():
     port = free_port()
     srv = subprocess.Popen([a.keel, "serve", "--model-repository", a.repo,
                             "--model-control-mode", "explicit", "--http-port", str(port),
+                            "--grpc-port", "-1",
                             "--log-level", "warn"], env=env)
     csv_path = a.csv or tempfile.mktemp(suffix=".csv", prefix="soak-memory-")
     try:
@@ -81,6 +113,7 @@ def main():
                 time.sleep(0.05)
         time.sleep(1.0)
         before = rss(srv.pid)
+        before_detail = describe(srv.pid, port)
         st, body = request(port, "POST", "/v2/repository/models/%s/load" % a.model)
         if st != 200:
             print("load failed: %d %r" % (st, body[:300]))
@@ -102,6 +135,7 @@ def main():
         request(port, "POST", "/v2/repository/models/%s/unload" % a.model)
         time.sleep(3.0)  # the reaper frees the generations and trims
         after = rss(srv.pid)
+        after_detail = describe(srv.pid, port)
     finally:
         srv.terminate()
         srv.wait(30)
@@ -127,6 +161,8 @@ def main():
               % (s1k, r1k / MIB, sl, rl / MIB, (rl - r1k) / 1024.0))
     print("RSS before the first load %.2f MiB, after unloading everything %.2f MiB (%+.0f KiB; "
           "goal within 1 MiB)" % (before / MIB, after / MIB, (after - before) / 1024.0))
+    print("  before: %s" % before_detail)
+    print("  after:  %s" % after_detail)
     print("csv: %s" % csv_path)
     return 0
 

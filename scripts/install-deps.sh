@@ -47,6 +47,7 @@ packages=(
     libturbojpeg0-dev  # JPEG decoding in the preprocessing workers
     libspng-dev        # PNG decoding in the preprocessing workers
     libjemalloc-dev    # the keel program's allocator (flat RSS over reloads)
+    libssl-dev         # libcrypto's SHA-256: the model check remembers files that passed
     curl
 )
 

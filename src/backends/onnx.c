@@ -16,17 +16,19 @@
  *  2. read the graph's inputs (minus initializers) and outputs with onnx_proto.c, a bounded
  *     reader, and check them against config.json, or keep them to fill config.json in when
  *     it leaves "input"/"output" out (complete_config, called by the generation builder);
- *  3. check the bytes in a child process (keel-model-check, started by core/child.c): OpenCV
- *     crashes with SIGSEGV on some malformed files, in its importer or in forward (the ONNX
- *     test data's node/test_dropout_default_mask reads past its blobs; whether that faults
- *     depends on the heap, hence checker_env), so the file is parsed, and run on zero inputs
+ *  3. check the bytes in a child process (keel-model-check, through backends/model_check.c):
+ *     OpenCV crashes with SIGSEGV on some malformed files, in its importer or in forward (the
+ *     ONNX test data's node/test_dropout_default_mask reads past its blobs; whether that
+ *     faults depends on the heap, hence the checker's malloc perturb), so the file is parsed,
+ *     and run on zero inputs
  *     exactly as the warm-up will run it, in a process that may die. A crash,
  *     an error or a hang (killed at the deadline) fails the load; the server and the
  *     generation currently serving are untouched;
  *  4. contexts: each parses the same bytes into its own Net (loads serialised in onnx_cv.cpp).
  *
  * The helper is found through $KEEL_MODEL_CHECK, else as keel-model-check beside the running
- * executable (/proc/self/exe); its deadline is $KEEL_MODEL_CHECK_TIMEOUT_MS (default 60000).
+ * executable (/proc/self/exe); its deadline is $KEEL_MODEL_CHECK_TIMEOUT_MS (default 60000)
+ * (backends/model_check.h).
  *
  * Tensors: FP32 only. With max_batch_size > 0 the first model dimension is the batch and must
  * be symbolic in the file (or fixed at 1 with max_batch_size 1); config dims exclude it.
@@ -48,17 +50,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "backends/model_check.h"
 #include "backends/onnx_cv.h"
 #include "backends/onnx_proto.h"
-#include "core/child.h"
 #include "core/core.h"
-
-extern char **environ;
 
 #define DEFAULT_FILENAME "model.onnx"
 #define MAX_FILE_BYTES ((size_t)1 << 31) /* protobuf's own limit is 2 GiB */
-#define DEFAULT_CHECK_TIMEOUT_MS 60000
-#define CHECK_REPLY_LEN 1024
 
 typedef struct onnx_model {
     char *path; /* for messages */
@@ -145,164 +143,28 @@ fail:
     return err;
 }
 
-/* ---- the model check in a child process */
-
-/* The helper's absolute path into buf: $KEEL_MODEL_CHECK, else beside /proc/self/exe (keel and
- * the tests), else where `cmake --install` put it (a program embedding an installed libkeel). */
-static bool helper_path(char *buf, size_t len)
-{
-    const char *env = getenv("KEEL_MODEL_CHECK");
-    char exe[PATH_MAX];
-    ssize_t n;
-    char *slash;
-
-    if (env != NULL && env[0] != '\0')
-        return (size_t)snprintf(buf, len, "%s", env) < len;
-    if ((n = readlink("/proc/self/exe", exe, sizeof(exe) - 1)) <= 0)
-        return false;
-    exe[n] = '\0';
-    if ((slash = strrchr(exe, '/')) == NULL)
-        return false;
-    *slash = '\0';
-    if ((size_t)snprintf(buf, len, "%s/keel-model-check", exe) >= len)
-        return false;
-#ifdef KEEL_MODEL_CHECK_INSTALLED
-    if (access(buf, X_OK) != 0)
-        return (size_t)snprintf(buf, len, "%s", KEEL_MODEL_CHECK_INSTALLED) < len;
-#endif
-    return true;
-}
-
-static uint64_t check_timeout_ms(void)
-{
-    const char *env = getenv("KEEL_MODEL_CHECK_TIMEOUT_MS");
-    char *end;
-    unsigned long long v;
-
-    if (env == NULL || env[0] == '\0')
-        return DEFAULT_CHECK_TIMEOUT_MS;
-    errno = 0;
-    v = strtoull(env, &end, 10);
-    if (errno != 0 || *end != '\0' || v == 0)
-        return DEFAULT_CHECK_TIMEOUT_MS;
-    return v;
-}
-
-/* The reply's message line, with control characters replaced, into out. */
-static void reply_message(const char *reply, char *out, size_t len)
-{
-    size_t i = 0;
-
-    if (strncmp(reply, "error: ", 7) == 0)
-        reply += 7;
-    for (; reply[i] != '\0' && reply[i] != '\n' && i + 1 < len && i < 400; i++)
-        out[i] = (unsigned char)reply[i] < 0x20 || reply[i] == 0x7f ? '?' : reply[i];
-    out[i] = '\0';
-}
-
-/* The model's bytes in a memfd, read from the start (-1 and a message on failure). */
-static int bytes_memfd(const onnx_model *m, keel_err *err, char *errbuf, size_t errlen)
-{
-    size_t off = 0;
-    int fd;
-
-    if ((fd = memfd_create("keel-model-check", MFD_CLOEXEC)) == -1) {
-        keel__errf(errbuf, errlen, "%s: memfd_create: %s", m->path, strerror(errno));
-        *err = KEEL_EIO;
-        return -1;
-    }
-    while (off < m->len) {
-        ssize_t n = write(fd, (const char *)m->bytes + off, m->len - off);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            keel__errf(errbuf, errlen, "%s: writing the model to a memfd: %s", m->path,
-                       strerror(errno));
-            *err = errno == ENOMEM || errno == ENOSPC ? KEEL_ENOMEM : KEEL_EIO;
-            close(fd);
-            return -1;
-        }
-        off += (size_t)n;
-    }
-    if (lseek(fd, 0, SEEK_SET) != 0) {
-        keel__errf(errbuf, errlen, "%s: lseek on the memfd: %s", m->path, strerror(errno));
-        *err = KEEL_EIO;
-        close(fd);
-        return -1;
-    }
-    return fd;
-}
+/* ---- the model check in a child process (backends/model_check.c) */
 
 /*
- * The checker's environment: this process's, with GLIBC_TUNABLES replaced by a malloc perturb
- * byte. glibc then fills every block it hands out with 0xaa and every block freed with 0x55,
- * so a pointer OpenCV reads from uninitialised, stale or out-of-bounds heap memory is
- * 0xaaaa... or 0x5555..., never a valid address, and the bad access faults in the checker
- * instead of passing by luck (measured: the test data's Dropout-with-mask model, which reads
- * past its output blobs, faulted in 2 of 4 perturb values and passed without one). Sanitizer
- * builds replace malloc, so there the tunable does nothing. Returns a malloc'd array of
- * borrowed strings (free the array only), or NULL.
- */
-static char **checker_env(void)
-{
-    static char perturb[] = "GLIBC_TUNABLES=glibc.malloc.perturb=85";
-    size_t n = 0, k = 0;
-    char **env;
-
-    while (environ[n] != NULL)
-        n++;
-    if ((env = keel__calloc(n + 2, sizeof(*env))) == NULL)
-        return NULL;
-    for (size_t i = 0; i < n; i++) {
-        if (strncmp(environ[i], "GLIBC_TUNABLES=", 15) != 0)
-            env[k++] = environ[i];
-    }
-    env[k++] = perturb;
-    env[k] = NULL;
-    return env;
-}
-
-/*
- * Runs keel-model-check on the model's bytes (handed over in a memfd: the child checks exactly
- * what this process will load), asking it to run the forward the warm-up runs: the resolved
- * inputs (batch 1, variable dimensions 1) and the configured outputs. Some of OpenCV's crashes
- * are in forward, not in the importer. KEEL_OK only if the helper exited 0 after replying "ok".
+ * Runs keel-model-check on the model's bytes, asking it to run the forward the warm-up runs:
+ * the resolved inputs (batch 1, variable dimensions 1) and the configured outputs. Some of
+ * OpenCV's crashes are in forward, not in the importer. KEEL_OK only if the helper said "ok".
  */
 static keel_err check_in_child(const onnx_model *m, char *errbuf, size_t errlen)
 {
     typedef char dims_text[KEEL__MAX_DIMS * 24 + 8];
-    const char *path = m->path;
-    char helper[PATH_MAX], reply[CHECK_REPLY_LEN], msg[420], sub[256];
     size_t a = 0;
-    char **argv = NULL, **env = NULL;
+    char **argv = NULL;
     dims_text *dims = NULL;
-    uint64_t timeout = check_timeout_ms();
-    keel__child_result res;
-    int fd = -1;
+    keel__model_check c = {"onnx", "OpenCV", m->path, m->bytes, m->len, NULL};
     keel_err err;
 
-    if (!helper_path(helper, sizeof(helper))) {
-        keel__errf(errbuf, errlen, "%s: cannot locate keel-model-check (set KEEL_MODEL_CHECK)",
-                   path);
-        return KEEL_ELOAD;
+    if ((argv = keel__calloc(1 + 3 * m->ninputs + 2 * m->noutputs, sizeof(*argv))) == NULL ||
+        (dims = keel__calloc(m->ninputs + 1, sizeof(*dims))) == NULL) {
+        keel__errf(errbuf, errlen, "%s: out of memory starting the model check", m->path);
+        free(argv);
+        return KEEL_ENOMEM;
     }
-    if (access(helper, X_OK) != 0) {
-        keel__errf(errbuf, errlen,
-                   "%s: the model check helper %s is not executable (%s); install it beside "
-                   "the program or set KEEL_MODEL_CHECK",
-                   path, helper, strerror(errno));
-        return KEEL_ELOAD;
-    }
-    if ((argv = keel__calloc(4 + 3 * m->ninputs + 2 * m->noutputs, sizeof(*argv))) == NULL ||
-        (dims = keel__calloc(m->ninputs + 1, sizeof(*dims))) == NULL ||
-        (env = checker_env()) == NULL) {
-        keel__errf(errbuf, errlen, "%s: out of memory starting the model check", path);
-        err = KEEL_ENOMEM;
-        goto done;
-    }
-    argv[a++] = helper;
-    argv[a++] = (char *)"onnx";
-    argv[a++] = (char *)path;
     for (size_t i = 0; i < m->ninputs; i++) {
         int o = 0;
         if (m->batched)
@@ -319,45 +181,8 @@ static keel_err check_in_child(const onnx_model *m, char *errbuf, size_t errlen)
         argv[a++] = (char *)m->outputs[i].name;
     }
     argv[a] = NULL;
-    if ((fd = bytes_memfd(m, &err, errbuf, errlen)) == -1)
-        goto done;
-    if ((err = keel__child_run(argv, env, fd, timeout, reply, sizeof(reply), &res, sub,
-                               sizeof(sub))) != KEEL_OK) {
-        keel__errf(errbuf, errlen, "%s: model check: %s", path, sub);
-        goto done;
-    }
-    reply_message(reply, msg, sizeof(msg));
-    err = KEEL_ELOAD;
-    switch (res.end) {
-    case KEEL__CHILD_TIMEDOUT:
-        keel__errf(errbuf, errlen,
-                   "%s: the model check did not finish within %" PRIu64 " ms and was killed "
-                   "(KEEL_MODEL_CHECK_TIMEOUT_MS)",
-                   path, timeout);
-        break;
-    case KEEL__CHILD_SIGNALED:
-        keel__errf(errbuf, errlen,
-                   "%s: OpenCV crashed on this model file (signal %d, %s) in the "
-                   "model check; the file is malformed or unsupported",
-                   path, res.status, strsignal(res.status));
-        break;
-    case KEEL__CHILD_EXITED:
-        if (res.status == 0 && strncmp(reply, "ok\n", 3) == 0)
-            err = KEEL_OK;
-        else if (strncmp(reply, "error: ", 7) == 0)
-            keel__errf(errbuf, errlen, "%s", msg); /* the helper names the file itself */
-        else
-            keel__errf(errbuf, errlen,
-                       "%s: the model check exited with status %d without a verdict (a crash "
-                       "caught by a sanitizer, or a broken helper)",
-                       path, res.status);
-        break;
-    }
-
-done:
-    if (fd != -1)
-        close(fd);
-    free(env);
+    c.args = argv;
+    err = keel__model_check_run(&c, errbuf, errlen);
     free(dims);
     free(argv);
     return err;

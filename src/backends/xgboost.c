@@ -48,6 +48,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdalign.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,6 +57,8 @@
 
 #include <xgboost/c_api.h>
 
+#include "backends/model_check.h"
+#include "backends/xgboost.h"
 #include "core/core.h"
 
 /* Large enough for the array interface with 20-digit integers; checked at every format. */
@@ -503,6 +506,98 @@ static int predict_dense(BoosterHandle booster, DMatrixHandle proxy, char *iface
 }
 
 /*
+ * What keel-model-check runs in its child process (tools/keel_model_check.c): the bytes
+ * through the same structural check, XGBoost's loader and two predictions of one row of
+ * nfeatures values (zeros, as the warm-up runs, then NaN: every missing-value branch), so a
+ * file that crashes or hangs XGBoost does it there. nfeatures 0 takes the model's own count.
+ */
+keel_err keel__xgb_trial(const char *path, const char *bytes, size_t n, int64_t nfeatures,
+                         char *errbuf, size_t errlen)
+{
+    BoosterHandle booster = NULL;
+    DMatrixHandle proxy = NULL;
+    float *row = NULL;
+    bst_ulong nfeat = 0;
+    const float *result = NULL;
+    uint64_t count = 0;
+    char iface[ARRAY_IFACE_LEN];
+    const char *xmsg;
+    size_t skip = 0;
+    int len;
+    keel_err err = KEEL_ELOAD;
+
+    quiet_this_thread();
+    if ((err = check_model_bytes(path, bytes, n, &skip, errbuf, errlen)) != KEEL_OK)
+        return err;
+    err = KEEL_ELOAD;
+    if (XGBoosterCreate(NULL, 0, &booster) != 0 ||
+        XGBoosterSetParam(booster, "nthread", "1") != 0 ||
+        XGBoosterLoadModelFromBuffer(booster, bytes + skip, (bst_ulong)(n - skip)) != 0 ||
+        XGBoosterGetNumFeature(booster, &nfeat) != 0) {
+        len = xgb_error(&xmsg);
+        keel__errf(errbuf, errlen, "%s: XGBoost cannot load the model: %.*s", path, len, xmsg);
+        goto done;
+    }
+    if (nfeatures <= 0)
+        nfeatures = (int64_t)nfeat;
+    if ((uint64_t)nfeat != (uint64_t)nfeatures) {
+        /* The server's load refuses it after its own (now proven safe) parse, with the
+         * config's names in the message; no prediction will run. */
+        err = KEEL_OK;
+        goto done;
+    }
+    if (nfeatures > ((int64_t)1 << 24)) {
+        keel__errf(errbuf, errlen, "%s: model expects %" PRId64 " features, too many to test", path,
+                   nfeatures);
+        goto done;
+    }
+    if (XGProxyDMatrixCreate(&proxy) != 0 ||
+        (row = keel__calloc((size_t)nfeatures + 1, sizeof(float))) == NULL) {
+        keel__errf(errbuf, errlen, "%s: cannot set up a test prediction", path);
+        goto done;
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) {
+            for (int64_t i = 0; i < nfeatures; i++)
+                row[i] = NAN;
+        }
+        if (predict_dense(booster, proxy, iface, sizeof(iface), row, 1, nfeatures, &result,
+                          &count) != 0) {
+            len = xgb_error(&xmsg);
+            keel__errf(errbuf, errlen, "%s: a test prediction failed: %.*s", path, len, xmsg);
+            goto done;
+        }
+    }
+    err = KEEL_OK;
+
+done:
+    free(row);
+    if (proxy != NULL)
+        XGDMatrixFree(proxy);
+    if (booster != NULL)
+        XGBoosterFree(booster);
+    return err;
+}
+
+/*
+ * The file's bytes through keel__xgb_trial in keel-model-check (backends/model_check.c), a
+ * child process: XGBoost's readers are not hardened, and a well-formed file with a corrupted
+ * value (a flipped bit in a child or feature index) can crash or hang the loader or the
+ * warm-up prediction. A crash, an error or a hang (killed at the deadline) fails the load
+ * here; the server and the generation serving are untouched.
+ */
+static keel_err check_in_child(const char *path, const char *bytes, size_t n, int64_t nfeatures,
+                               char *errbuf, size_t errlen)
+{
+    char feat[24];
+    char *args[] = {(char *)"--features", feat, NULL};
+    keel__model_check c = {"xgboost", "XGBoost", path, bytes, n, args};
+
+    snprintf(feat, sizeof(feat), "%" PRId64, nfeatures);
+    return keel__model_check_run(&c, errbuf, errlen);
+}
+
+/*
  * Loads the booster from the version directory, checks it against the config and warms it.
  * On KEEL_OK *model is owned by the caller (model_free).
  */
@@ -541,6 +636,8 @@ static keel_err xgb_model_load(const keel__model_config *cfg, const char *versio
     if ((err = read_file(path, &bytes, &nbytes, errbuf, errlen)) != KEEL_OK)
         goto fail;
     if ((err = check_model_bytes(path, bytes, nbytes, &skip, errbuf, errlen)) != KEEL_OK)
+        goto fail;
+    if ((err = check_in_child(path, bytes, nbytes, want_feat, errbuf, errlen)) != KEEL_OK)
         goto fail;
 
     if (XGBoosterCreate(NULL, 0, &booster) != 0 ||

@@ -72,7 +72,11 @@ void keel__heap_trim(void)
     mallctl_fn ctl = jemalloc();
 
     if (ctl != NULL) {
-        /* "arena.<MALLCTL_ARENAS_ALL>.purge": every arena's unused dirty pages go back. */
+        /* The calling thread's cache first: the reaper's holds what freeing the generation
+         * just gave back, the loader's the parse garbage, and pages with a cached object in
+         * them cannot be purged. Then "arena.<MALLCTL_ARENAS_ALL>.purge": every arena's
+         * unused dirty pages go back. */
+        (void)ctl("thread.tcache.flush", NULL, NULL, NULL, 0);
         (void)ctl("arena.4096.purge", NULL, NULL, NULL, 0);
         return;
     }

@@ -23,8 +23,8 @@ typedef struct keel__heap_stats {
 
 void keel__heap_stats_get(keel__heap_stats *out);
 
-/* Returns free memory the allocator holds to the operating system (malloc_trim, or jemalloc's
- * purge of every arena). */
+/* Returns free memory the allocator holds to the operating system (malloc_trim, or with
+ * jemalloc: the calling thread's cache flushed, then every arena purged). */
 void keel__heap_trim(void);
 
 #endif

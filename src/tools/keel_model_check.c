@@ -11,8 +11,11 @@
  * (only a crash counts there). Writes exactly one line to standard output and exits:
  *   "ok"                 exit 0: OpenCV loaded and ran the model
  *   "error: <message>"   exit 1: the message names <name> and the reason
+ * xgboost: loads the bytes with XGBoost and predicts one row of N features (zeros, then NaN),
+ * exactly what the backend's load and warm-up run (keel__xgb_trial in backends/xgboost.c).
  * Anything else (a signal, another status, no line) is a crash, and libkeel says so. The
- * parent (src/backends/onnx.c through src/core/child.c) starts it with posix_spawn, stdin a
+ * parent (src/backends/onnx.c and xgboost.c through backends/model_check.c and
+ * src/core/child.c) starts it with posix_spawn, stdin a
  * memfd holding the bytes, stderr /dev/null, and a deadline. One model per process; nothing
  * is kept. It uses only libkeel's internal readers and the OpenCV wrapper, so a later
  * preprocessing worker pool can run the same checks as one of its job kinds.
@@ -26,6 +29,7 @@
 
 #include "backends/onnx_cv.h"
 #include "backends/onnx_proto.h"
+#include "backends/xgboost.h"
 #include "core/core.h"
 
 #define MAX_BYTES ((size_t)1 << 31)
@@ -201,10 +205,27 @@ done:
     return verdict(rc == 0 ? NULL : msg[0] != '\0' ? msg : "the check failed");
 }
 
+static int check_xgboost(const char *name, int64_t nfeatures)
+{
+    char msg[600];
+    size_t len = 0;
+    char *bytes = read_all(&len);
+    keel_err err;
+
+    if (bytes == NULL) {
+        snprintf(msg, sizeof(msg), "%s: cannot read the model bytes (out of memory?)", name);
+        return verdict(msg);
+    }
+    err = keel__xgb_trial(name, bytes, len, nfeatures, msg, sizeof(msg));
+    free(bytes);
+    return verdict(err == KEEL_OK ? NULL : msg);
+}
+
 static int usage(void)
 {
     fprintf(stderr, "usage: keel-model-check onnx NAME [--input NAME DIMS]... [--output NAME]..."
-                    " < model.onnx\n  DIMS: comma-separated, e.g. 1,3,32,32\n");
+                    " < model.onnx\n  DIMS: comma-separated, e.g. 1,3,32,32\n"
+                    "       keel-model-check xgboost NAME [--features N] < model.json\n");
     return 2;
 }
 
@@ -212,6 +233,19 @@ int main(int argc, char **argv)
 {
     static run_spec spec;
 
+    if (argc >= 3 && strcmp(argv[1], "xgboost") == 0) {
+        long long features = 0;
+        char *end;
+
+        if (argc == 5 && strcmp(argv[3], "--features") == 0) {
+            features = strtoll(argv[4], &end, 10);
+            if (end == argv[4] || *end != '\0' || features < 1)
+                return usage();
+        } else if (argc != 3) {
+            return usage();
+        }
+        return check_xgboost(argv[2], (int64_t)features);
+    }
     if (argc < 3 || strcmp(argv[1], "onnx") != 0)
         return usage();
     for (int i = 3; i < argc; i++) {

@@ -53,6 +53,10 @@ want=$(echo "$row" | "$build/keel" infer --model-repository "$src/examples/model
     --label-first - | cut -f2)
 [ -n "$want" ] || fail "keel infer gave no answer for the row"
 
+# The embedding program checks model files with the installed helper: neither beside it nor
+# at the configured install path (the tree went to a private --prefix), so it is named.
+export KEEL_MODEL_CHECK="$prefix/bin/keel-model-check"
+
 # Shared: only what pkg-config says, plus an rpath to the private prefix.
 # shellcheck disable=SC2046
 cc -std=c11 -Wall -Werror -o "$work/embed" "$src/tests/install/embed.c" \
