@@ -56,7 +56,7 @@ typedef struct keel_server_opts {
     unsigned http_timeout_secs;    /* idle connection timeout; default 30 */
     unsigned max_connections;      /* default 1024 */
     /* libmicrohttpd's per-connection memory pool (headers and its read buffer; it bounds the
-     * header size and is cleared for every request): default 64 KiB. */
+     * header size and is cleared for every request): default 16 KiB. */
     unsigned http_connection_memory;
     /* Where an infer runs: AUTO (default) on the HTTP thread that parsed it when the model
      * is fast (keel_runtime_opts.inline_max_us, KEEL_SUBMIT_RUN_IF_FAST), else on an
