@@ -91,8 +91,8 @@
 #include "trace.h"
 
 #define WATCH_INTERVAL_MS 10
-#define SMALL_BODY_LIMIT (1u << 20)   /* JSON bodies of index/load/unload */
-#define BODY_PRESIZE_MAX (256u << 10) /* body buffer allocated from Content-Length at once */
+#define SMALL_BODY_LIMIT (1u << 20)  /* JSON bodies of index/load/unload */
+#define BODY_PRESIZE_MAX (64u << 10) /* body buffer allocated from Content-Length at once */
 #define ERRMSG_LEN 1024
 #define QUIET_MS 200       /* at shutdown: no request in progress this long = only idle left */
 #define CLOSE_WAIT_MS 5000 /* at shutdown: longest wait for requests being received */
@@ -1038,7 +1038,8 @@ static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const 
                               n, limit);
         /* MHD holds the client to Content-Length, so the buffer can be sized once instead of
          * grown (realloc) as the body arrives. Only up to BODY_PRESIZE_MAX before the bytes
-         * are there: a client announcing a large body and sending nothing pins no memory. */
+         * are there (larger bodies grow as they arrive, to exactly their length): a client
+         * that announces a large body and sends nothing holds 64 KiB, not the limit. */
         if (errno == 0 && end != cl && n > 0 && c->body_limit > 0 && rc == 0) {
             c->body_expect = (size_t)n;
             if ((c->body = malloc((n < BODY_PRESIZE_MAX ? n : BODY_PRESIZE_MAX) + 1)) != NULL) {
