@@ -21,6 +21,10 @@
 #            interleaved in each round
 #   ratio    served/raw at batch 1 and 64, keel serve with --infer-on-http-thread auto (the
 #            default), off and on, 8 connections (p50/p99 at 8 connections come from these)
+#   grpc     gRPC vs HTTP on one server (--grpc-port 0 beside the HTTP port): raw XGBoost,
+#            keel perf over HTTP (V2 JSON), over gRPC (unary ModelInfer, raw_input_contents)
+#            and over gRPC streams (ModelStreamInfer), batch 1 and 64, interleaved in each
+#            round; gRPC/HTTP req/s and served/raw for gRPC come from these
 #   fastapi  keel vs bench/fastapi_peer.py (raw-body handler and pydantic handler), batch 1
 #            and 64, one uvicorn process on the server's core
 #   ir       instructions per request: keel serve under callgrind (counters zeroed, a timed
@@ -32,6 +36,11 @@
 #            phase first for the p99 ratio (server and soak pinned as above)
 #   swapp99  p99 latency with a swap every 0.5 s (120 swaps) against 60 s without swaps
 #   decode   bench_decode (FP32 JSON decode and encode, ns per number), its output as is
+#   batching issue 12: batch-1 requests at 8 and 64 connections to ref_i1 (no batching) and
+#            to copies with dynamic_batching (ref_b0: max_queue_delay 0; ref_bd: 100 us,
+#            preferred 32), served req/s against raw batch-1 calls/s, the average executed
+#            batch size (the statistics' inference_count / execution_count over the run),
+#            p50/p99; and batch 64 to the ONNX digits example without and with batching
 # The report opens with issue 11's table: every row of it, from these sections.
 #
 # Usage: bench/suite.sh [SECTION...]   (default: all, in the order above)
@@ -52,7 +61,7 @@ conns=${CONNS:-8}
 scpu=${SERVER_CPU:-0}
 gcpu=${GEN_CPU:-1}
 sections=("$@")
-((${#sections[@]} > 0)) || sections=(gen wrk nginx ratio fastapi ir decode soak swapp99)
+((${#sections[@]} > 0)) || sections=(gen wrk nginx ratio batching grpc fastapi ir decode soak swapp99)
 mkdir -p "$out"
 results="$out/results.tsv"
 
@@ -96,7 +105,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Starts keel serve pinned to the server CPU with extra args; sets $port and $spid.
+# Starts keel serve pinned to the server CPU with extra args; sets $port and $spid (and
+# $gport when the args ask for gRPC with --grpc-port 0, which must come after the defaults).
 start_keel() {
     local pf
     pf=$(mktemp)
@@ -104,8 +114,13 @@ start_keel() {
         --worker-threads 1 --log-level warn "$@" >"$pf" &
     spid=$!
     pids+=("$spid")
-    for _ in $(seq 200); do grep -q port= "$pf" && break; sleep 0.05; done
-    port=$(sed -n 's/.*port=\([0-9]*\).*/\1/p' "$pf")
+    for _ in $(seq 200); do
+        grep -v protocol=grpc "$pf" | grep -q port= && { [[ " $* " != *" --grpc-port 0 "* ]] ||
+            grep -q 'protocol=grpc.*port=' "$pf"; } && break
+        sleep 0.05
+    done
+    port=$(grep -v protocol=grpc "$pf" | sed -n 's/.*port=\([0-9]*\).*/\1/p' | head -n1)
+    gport=$(grep protocol=grpc "$pf" | sed -n 's/.*port=\([0-9]*\).*/\1/p' | head -n1)
     rm -f "$pf"
     [[ -n "$port" ]] || { echo "suite: keel serve did not start" >&2; exit 1; }
 }
@@ -194,6 +209,17 @@ raw_rate() { # batch -> "calls/s cpu_us_per_call" of raw XGBoost on the server's
     read -r u sy <"$tf"
     rm -f "$tf"
     echo "$iters $t0 $t1 $u $sy" | awk '{ printf "%.1f %.2f", $1 / ($3 - $2), ($4 + $5) * 1e6 / $1 }'
+}
+
+stats_rows() { # port model -> "inference_count execution_count" from the statistics
+    curl -sf "http://127.0.0.1:$1/v2/models/$2/stats" | /usr/bin/python3 -c '
+import json, sys
+e = json.load(sys.stdin)["model_stats"][0]
+print(e["inference_count"], e["execution_count"])'
+}
+
+avg_batch() { # "rows execs" before, after -> rows per execution over the run
+    echo "$1 $2" | awk '{ d = $4 - $2; printf "%.2f", (d > 0 ? ($3 - $1) / d : 0) }'
 }
 
 row() { # section round key value...
@@ -290,6 +316,67 @@ EOF
     decode)
         "$build/bench_decode" --rounds "$rounds" | tee "$out/decode.txt"
         ;;
+    batching)
+        # Copies of ref_i1 with dynamic_batching, and the digits example with and without.
+        for m in ref_b0 ref_bd; do
+            rm -rf "${repo:?}/$m"
+            cp -r "$repo/ref_i1" "$repo/$m"
+        done
+        /usr/bin/python3 - "$repo" "$root/examples/models" <<'PY'
+import json, os, shutil, sys
+repo, examples = sys.argv[1], sys.argv[2]
+for m, db in (("ref_b0", {}), ("ref_bd", {"max_queue_delay_microseconds": 100,
+                                           "preferred_batch_size": [32]})):
+    p = os.path.join(repo, m, "config.json")
+    cfg = json.load(open(p))
+    cfg["name"] = m
+    cfg["dynamic_batching"] = db
+    json.dump(cfg, open(p, "w"))
+for m, db in (("digits", None), ("digits_b", {})):
+    d = os.path.join(repo, m)
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(os.path.join(examples, "digits"), d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["name"] = m
+    cfg["instance_group"] = [{"count": 1, "kind": "KIND_CPU"}]
+    if db is not None:
+        cfg["dynamic_batching"] = db
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+with open(os.path.join(repo, "digits_rows.txt"), "w") as f:
+    for i in range(256):
+        f.write(" ".join("%.1f" % ((i * 7 + j * 3) % 17) for j in range(64)) + "\n")
+PY
+        start_keel
+        saved_conns=$conns
+        for m in ref_i1 ref_b0 ref_bd digits digits_b; do
+            b=1
+            [[ $m == digits* ]] && b=64
+            extra=()
+            [[ $m == digits* ]] && extra=(--input-data "$repo/digits_rows.txt")
+            warm_up "$port" "$m" "$b" "${extra[@]}"
+        done
+        for r in $(seq "$rounds"); do
+            row batching "$r" raw_b1 $(raw_rate 1)
+            for c in 8 64; do
+                conns=$c
+                for m in ref_i1 ref_b0 ref_bd; do
+                    s0=$(stats_rows "$port" "$m")
+                    res=$(perf_run "$port" "$spid" "$m" 1 --input-data "$out/rows_b1.txt")
+                    s1=$(stats_rows "$port" "$m")
+                    row batching "$r" "${m}_c$c" $res $(avg_batch "$s0" "$s1")
+                done
+            done
+            conns=8
+            for m in digits digits_b; do
+                s0=$(stats_rows "$port" "$m")
+                res=$(perf_run "$port" "$spid" "$m" 64 --input-data "$repo/digits_rows.txt")
+                s1=$(stats_rows "$port" "$m")
+                row batching "$r" "${m}_b64" $res $(avg_batch "$s0" "$s1")
+            done
+            conns=$saved_conns
+        done
+        stop_pid "$spid"
+        ;;
     ratio)
         for mode in auto off on; do
             start_keel --infer-on-http-thread "$mode"
@@ -302,6 +389,25 @@ EOF
             done
             stop_pid "$spid"
         done
+        ;;
+    grpc)
+        # One server, both protocols, the same model, core and settings; each round measures
+        # raw, HTTP, gRPC unary and gRPC streams in turn at batch 1 and 64.
+        start_keel --grpc-port 0
+        [[ -n "$gport" ]] || { echo "suite: keel serve did not listen for gRPC" >&2; exit 1; }
+        warm_up "$port" ref_i1 1
+        warm_up "$gport" ref_i1 1 --protocol grpc
+        warm_up "$gport" ref_i1 1 --protocol grpc --grpc-stream
+        for r in $(seq "$rounds"); do
+            for b in 1 64; do
+                row grpc "$r" "raw_b$b" $(raw_rate "$b")
+                row grpc "$r" "http_b$b" $(perf_run "$port" "$spid" ref_i1 "$b")
+                row grpc "$r" "grpc_b$b" $(perf_run "$gport" "$spid" ref_i1 "$b" --protocol grpc)
+                row grpc "$r" "grpcstream_b$b" \
+                    $(perf_run "$gport" "$spid" ref_i1 "$b" --protocol grpc --grpc-stream)
+            done
+        done
+        stop_pid "$spid"
         ;;
     fastapi)
         start_keel

@@ -134,6 +134,75 @@ def ratio(h, rows):
     print()
 
 
+def batching(h, rows):
+    print("### Dynamic batching (issue 12): batch-1 requests, served/raw batch-1 calls/s\n")
+    header(h)
+    raw = {}
+    acc = {}
+    for r in rows:
+        key, vals = r[2], [float(x) for x in r[3:]]
+        if key == "raw_b1":
+            raw[r[1]] = vals
+            continue
+        acc.setdefault(key, []).append((raw.get(r[1]), vals))
+    names = {"ref_i1": "off (no dynamic_batching)", "ref_b0": "on, delay 0",
+             "ref_bd": "on, delay 100 us, preferred 32", "digits": "digits, off",
+             "digits_b": "digits, on"}
+    print("| model | connections | batch | keel req/s | served/raw b1 | avg executed batch | "
+          "p50 ms | p99 ms | failed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for key in sorted(acc, key=lambda k: (k.startswith("digits"), k.split("_")[-1], k)):
+        m, tail = key.rsplit("_", 1)
+        v = acc[key]
+        conns = tail[1:] if tail.startswith("c") else "8"
+        batch = "64" if tail == "b64" else "1"
+        ratio = (med([x[1][0] / x[0][0] for x in v if x[0]]) if batch == "1" else "-")
+        print("| %s | %s | %s | %s | **%s** | %s | %s | %s | %d |"
+              % (names.get(m, m), conns, batch, med([x[1][0] for x in v]), ratio,
+                 med([x[1][6] for x in v]), fmt(statistics.median(x[1][1] for x in v)),
+                 med([x[1][2] for x in v]), sum(int(x[1][3]) for x in v)))
+    print()
+
+
+def grpc(h, rows):
+    print("### gRPC vs HTTP (one keel serve, both protocols, interleaved)\n")
+    header(h)
+    last_raw = {}
+    acc = {}  # (batch, protocol) -> [(raw, http, vals)]
+    http = {}
+    for r in rows:
+        key, vals = r[2], [float(x) for x in r[3:]]
+        proto, b = key.split("_")
+        if proto == "raw":
+            last_raw[b] = vals
+            continue
+        if proto == "http":
+            http[b] = vals
+        acc.setdefault((int(b[1:]), proto), []).append((last_raw[b], http.get(b), vals))
+    names = {"http": "HTTP (V2 JSON)", "grpc": "gRPC ModelInfer",
+             "grpcstream": "gRPC ModelStreamInfer"}
+    print("| batch | protocol | raw calls/s | keel req/s | / HTTP req/s | served/raw | p50 ms | "
+          "p99 ms | keel CPU us/req | served/raw by CPU | generator CPU us/req | failed |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    order = {"http": 0, "grpc": 1, "grpcstream": 2}
+    for (b, proto) in sorted(acc, key=lambda k: (k[0], order.get(k[1], 9))):
+        v = acc[(b, proto)]
+        cpu = [x for x in v if len(x[0]) > 1 and len(x[2]) > 4 and x[2][4] > 0]
+        vs = [x[2][0] / x[1][0] for x in v if x[1] is not None and x[1][0] > 0]
+        gen = [x[2][5] for x in v if len(x[2]) > 5]
+        print("| %d | %s | %s | %s | **%s** | **%s** | %s | %s | %s | %s | %s | %d |"
+              % (b, names.get(proto, proto), med([x[0][0] for x in v]), med([x[2][0] for x in v]),
+                 med(vs) if vs else "-", med([x[2][0] / x[0][0] for x in v]),
+                 fmt(statistics.median(x[2][1] for x in v)), med([x[2][2] for x in v]),
+                 med([x[2][4] for x in cpu]) if cpu else "-",
+                 med([x[0][1] / x[2][4] for x in cpu]) if cpu else "-",
+                 med(gen) if gen else "-", sum(int(x[2][3]) for x in v)))
+    print("\n\"/ HTTP\" is the median of per-round ratios to the HTTP row of the same batch "
+          "and round. The generator's CPU is its load thread's only (gRPC's own I/O threads in "
+          "keel perf are not counted): when the gRPC rows' generator cost approaches the "
+          "server's, the generator, not keel, may bound them.\n")
+
+
 def fastapi(h, rows):
     print("### keel vs the FastAPI peer (bench/fastapi_peer.py)\n")
     header(h)
@@ -220,6 +289,15 @@ def issue_table(latest, outdir):
                 rows.append(("batch %d: served req/s / raw XGBoost calls/s (%s%s)"
                              % (b, mode, ", default" if mode == "auto" else ""),
                              med([x[1][0] / x[0][0] for x in v]), goal))
+    if "grpc" in latest:
+        d = by_key(latest["grpc"][1])
+        for b in (1, 64):
+            h, g = d.get("http_b%d" % b), d.get("grpc_b%d" % b)
+            if h and g:
+                pairs = [(x[0], y[0]) for x, y in zip(g, h) if y[0] > 0]
+                goal = ">= 1.0 (issue 13)" if b == 1 else "(issue 13: reported)"
+                rows.append(("batch %d: gRPC req/s / HTTP req/s (same server, same run)" % b,
+                             med([x / y for x, y in pairs]), goal))
     if "fastapi" in latest:
         d = by_key(latest["fastapi"][1])
         for b, goal in ((1, ">= 20x"), (64, ">= 6x")):
@@ -264,7 +342,8 @@ def main():
     latest = load(sys.argv[1])
     issue_table(latest, os.path.dirname(sys.argv[1]))
     for s, fn in (("gen", gen), ("wrk", wrk), ("nginx", nginx), ("ratio", ratio),
-                  ("fastapi", fastapi), ("ir", ir)):
+                  ("batching", batching), ("grpc", grpc), ("fastapi", fastapi),
+                  ("ir", ir)):
         if s in latest:
             fn(*latest[s])
     for name, title in (("decode.txt", "FP32 JSON decode and encode (bench_decode output)"),

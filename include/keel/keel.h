@@ -285,6 +285,21 @@ typedef struct keel_model_stats {
 KEEL_EXTERN keel_err keel_model_stats_get(keel_runtime *rt, const char *name,
                                           keel_model_stats *out);
 
+/* Executions of a batching model by executed batch size (rows), as Triton's batch_stats:
+ * how many backend calls ran with that many rows and the time they took (input = merging
+ * the requests' inputs, infer = the backend call, output = splitting the outputs back). */
+typedef struct keel_batch_stat {
+    uint64_t batch_size;
+    uint64_t count;
+    uint64_t input_ns, infer_ns, output_ns;
+} keel_batch_stat;
+
+/* Fills out[0..max) with the sizes seen, ascending; *count is how many there are (may be
+ * more than max). At most 128 distinct sizes are kept per model; executions of further
+ * sizes are counted in execution_count only. */
+KEEL_EXTERN keel_err keel_model_batch_stats_get(keel_runtime *rt, const char *name,
+                                                keel_batch_stat *out, size_t max, size_t *count);
+
 /* Process-wide memory management. */
 typedef struct keel_memory_stats {
     uint64_t limit_bytes;   /* model_memory_limit (0 = none) */
@@ -382,9 +397,15 @@ KEEL_EXTERN const char *keel_request_parameter(const keel_request *req,
                                                const char *key); /* or NULL */
 
 /* Timeout from submit, in microseconds; 0 = the model's default_timeout_microseconds (0 there
- * = none). A request still queued when its deadline passes completes with KEEL_ETIMEDOUT and
- * never reaches the backend. */
+ * = none). A request still queued when its deadline passes completes with KEEL_ETIMEDOUT (or,
+ * under a DELAY queue policy, waits behind every other request) and never reaches the backend
+ * meanwhile. The request's timeout replaces the model's default when the model has none or
+ * its queue policy sets allow_timeout_override; otherwise it can only shorten it. */
 KEEL_EXTERN void keel_request_set_timeout_us(keel_request *req, uint64_t timeout_us);
+/* Priority level (Triton's "priority": 1 is the highest); 0 = the model's
+ * default_priority_level. A model without priority_levels has the one level 1. A level the
+ * model does not have fails the submit with KEEL_EINVAL. */
+KEEL_EXTERN void keel_request_set_priority(keel_request *req, uint32_t priority);
 
 /* Completion callback: status is KEEL_OK or the reason the request failed. Runs exactly once
  * per successful submit, with no keel lock held. It may destroy or resubmit req. */

@@ -1,5 +1,6 @@
 /*
- * perf.c: `keel perf`, a KServe V2 HTTP load generator in the manner of Triton's perf_analyzer.
+ * perf.c: `keel perf`, a KServe V2 load generator (HTTP, or gRPC with --protocol grpc) in the
+ * manner of Triton's perf_analyzer.
  *
  * DESIGN
  * Parses the options, prepares the workload (model metadata, request bodies;
@@ -22,26 +23,36 @@ static void perf_help(FILE *f)
 {
     fputs("usage: keel perf [options]\n"
           "\n"
-          "Drives a KServe V2 HTTP server (keel serve, or any other) with inference requests\n"
-          "over keep-alive connections and reports throughput and latency per load level.\n"
+          "Drives a KServe V2 server (keel serve, or any other) with inference requests over\n"
+          "HTTP keep-alive connections or gRPC, and reports throughput and latency per load\n"
+          "level.\n"
           "\n"
           "target:\n"
-          "  -u, --url HOST:PORT           the server (default 127.0.0.1:8000; http:// allowed)\n"
+          "  -u, --url HOST:PORT           the server (default 127.0.0.1:8000, with --protocol\n"
+          "                                grpc 127.0.0.1:8001; http:// allowed)\n"
+          "  -i, --protocol http|grpc      HTTP/1.1 (default) or gRPC: ModelInfer calls with\n"
+          "                                raw_input_contents (inference.GRPCInferenceService)\n"
+          "  --grpc-stream                 gRPC: ModelStreamInfer, one stream per concurrent\n"
+          "                                request, one message in flight on each\n"
+          "  --grpc-channels N             gRPC: spread the calls over N channels (HTTP/2\n"
+          "                                connections; default 1, as Triton's client)\n"
           "  -m, --model NAME              the model to infer on\n"
           "  --model-version N             a specific version (default: the server's choice)\n"
           "  --endpoint PATH               GET PATH instead of inferring (e.g. /v2/health/live:\n"
           "                                shows what the generator itself can drive)\n"
           "load (one of):\n"
           "  --concurrency-range A[:B[:S]] closed loop: A, A+S, ... B requests in flight, one\n"
-          "                                per connection (default 1)\n"
+          "                                per connection (gRPC: calls or streams; default 1)\n"
           "  --request-rate-range A[:B[:S]] open loop: A, A+S, ... B requests per second sent on\n"
           "                                schedule; latency counts from the scheduled time\n"
-          "  --max-connections N           open loop: connection pool (default 64)\n"
+          "  --max-connections N           open loop: connection pool (gRPC: calls in flight;\n"
+          "                                default 64)\n"
           "requests:\n"
           "  -b, --batch-size N            rows per request (default 1)\n"
           "  --input-tensor-format json|binary\n"
           "                                JSON data arrays (default) or Triton's binary tensor\n"
-          "                                extension (outputs are then asked for in binary too)\n"
+          "                                extension (outputs are then asked for in binary too);\n"
+          "                                HTTP only (gRPC sends raw_input_contents)\n"
           "  --input-data random|zero|FILE random values within the model's shapes (default),\n"
           "                                zeros, or rows of numbers from FILE (as keel infer\n"
           "                                reads them; one-input models), used in turn\n"
@@ -58,7 +69,9 @@ static void perf_help(FILE *f)
           "\n"
           "Output: per level, requests per second, inferences (rows) per second, latency\n"
           "p50/p90/p99/p99.9/max of the successful requests, and failed requests by HTTP status\n"
-          "or transport error (connect, reset, timeout, protocol). Latencies are kept in a\n"
+          "or transport error (connect, reset, timeout, protocol); over gRPC by status name\n"
+          "(NOT_FOUND, UNAVAILABLE, DEADLINE_EXCEEDED, ...) and stream_error (a stream answer\n"
+          "with an error_message). Latencies are kept in a\n"
           "histogram with 0.1 % relative precision. The generator's own CPU time per request\n"
           "is reported too (its thread's user + system time over the requests it sent), so a\n"
           "run shows how far the generator is from being the bottleneck.\n"
@@ -108,7 +121,7 @@ int keel_perf_main(int argc, char **argv)
                          .duration_s = 5,
                          .timeout_s = 30,
                          .progress = true};
-    const char *url = "127.0.0.1:8000", *csv_path = NULL, *format = "json";
+    const char *url = NULL, *csv_path = NULL, *format = NULL;
     double ra = 1, rb = 1, rs = 1;
     bool rate_mode = false, any_failed = false;
     uint64_t batch = 1;
@@ -141,6 +154,19 @@ int keel_perf_main(int argc, char **argv)
         } else if (strcmp(name, "-u") == 0 || strcmp(name, "--url") == 0) {
             TAKE();
             url = v;
+        } else if (strcmp(name, "-i") == 0 || strcmp(name, "--protocol") == 0) {
+            TAKE();
+            if (strcmp(v, "http") != 0 && strcmp(v, "grpc") != 0)
+                return perf_usage("--protocol: '%s' is not http or grpc", v);
+            w.grpc = strcmp(v, "grpc") == 0;
+        } else if (strcmp(name, "--grpc-stream") == 0) {
+            w.stream = true;
+        } else if (strcmp(name, "--grpc-channels") == 0) {
+            uint64_t x;
+            TAKE();
+            if (!keel__cli_parse_u64(v, 1, 1024, &x))
+                return perf_usage("--grpc-channels: '%s' is not in 1..1024", v);
+            lo.grpc_channels = (unsigned)x;
         } else if (strcmp(name, "-m") == 0 || strcmp(name, "--model") == 0) {
             TAKE();
             w.model = (char *)v;
@@ -225,8 +251,16 @@ int keel_perf_main(int argc, char **argv)
     }
     if ((w.model == NULL) == (w.endpoint == NULL))
         return perf_usage("give exactly one of --model and --endpoint");
+    if (!w.grpc && (w.stream || lo.grpc_channels > 0))
+        return perf_usage("--grpc-stream and --grpc-channels need --protocol grpc");
+    if (w.grpc && w.endpoint != NULL)
+        return perf_usage("--endpoint is HTTP only");
+    if (w.grpc && format != NULL)
+        return perf_usage("--input-tensor-format is HTTP only (gRPC sends raw_input_contents)");
+    if (url == NULL)
+        url = w.grpc ? "127.0.0.1:8001" : "127.0.0.1:8000";
     w.batch = (unsigned)batch;
-    w.binary = strcmp(format, "binary") == 0;
+    w.binary = format != NULL && strcmp(format, "binary") == 0;
     if (!perf_target_parse(url, &w.target, err, sizeof(err))) {
         fprintf(stderr, "keel perf: %s\n", err);
         return PERF_EXIT_USAGE;
@@ -249,9 +283,13 @@ int keel_perf_main(int argc, char **argv)
     if (w.endpoint != NULL)
         printf("keel perf: GET %s on %s:%s, ", w.endpoint, w.target.host, w.target.port);
     else
-        printf("keel perf: model %s%s%s on %s:%s, batch %u, %s tensors, ", w.model,
+        printf("keel perf: model %s%s%s on %s:%s, batch %u, %s, ", w.model,
                w.version != NULL ? " version " : "", w.version != NULL ? w.version : "",
-               w.target.host, w.target.port, w.batch, w.binary ? "binary" : "JSON");
+               w.target.host, w.target.port, w.batch,
+               w.stream   ? "gRPC ModelStreamInfer"
+               : w.grpc   ? "gRPC ModelInfer"
+               : w.binary ? "binary tensors"
+                          : "JSON tensors");
     printf("%.3g s per level after %.3g s warm-up\n", lo.duration_s, lo.warmup_s);
     printf("%12s %10s %10s %9s %9s %9s %9s %9s %8s  %s\n", rate_mode ? "rate/s" : "concurrency",
            "req/s", "infer/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "failed",
@@ -261,6 +299,8 @@ int keel_perf_main(int argc, char **argv)
         perf_result r;
         char label[64], errs[512];
         double rps, ips, gen_us;
+        uint64_t rows0 = 0, execs0 = 0, rows1 = 0, execs1 = 0;
+        bool have_rows;
         if (!perf_result_init(&r)) {
             fprintf(stderr, "keel perf: out of memory\n");
             goto done;
@@ -274,6 +314,7 @@ int keel_perf_main(int argc, char **argv)
             snprintf(label, sizeof(label), "concurrency %u", lo.concurrency);
         }
         lo.label = label;
+        have_rows = perf_server_rows(&w, &rows0, &execs0);
         if (!perf_load_run(&w, &lo, &r, err, sizeof(err))) {
             fprintf(stderr, "keel perf: %s\n", err);
             perf_result_fini(&r);
@@ -298,8 +339,8 @@ int keel_perf_main(int argc, char **argv)
         }
         if (r.unsent > 0)
             printf("%12s %" PRIu64 " requests due in the window were never sent: every one of "
-                   "the %u connections was busy (raise --max-connections or lower the rate)\n",
-                   "", r.unsent, lo.max_connections);
+                   "the %u %s was busy (raise --max-connections or lower the rate)\n",
+                   "", r.unsent, lo.max_connections, w.grpc ? "call slots" : "connections");
         for (size_t k = 0; k < r.nnotes; k++)
             printf("%12s failure: %s\n", "", r.notes[k]);
         fflush(stdout);
@@ -309,6 +350,13 @@ int keel_perf_main(int argc, char **argv)
         }
         printf("%12s generator: %.1f us of CPU per request, %.0f %% of one core\n", "", gen_us,
                r.elapsed_s > 0 ? 100.0 * r.cpu_s / r.elapsed_s : 0.0);
+        /* The server's side: rows per backend call over the level (warm-up included; other
+         * clients' requests too), from the statistics extension. */
+        if (have_rows && perf_server_rows(&w, &rows1, &execs1) && execs1 > execs0)
+            printf("%12s server: %" PRIu64 " rows in %" PRIu64
+                   " backend executions, average batch %.2f\n",
+                   "", rows1 - rows0, execs1 - execs0,
+                   (double)(rows1 - rows0) / (double)(execs1 - execs0));
         if (csv != NULL)
             fprintf(csv,
                     "%s,%.6g,%.3f,%" PRIu64 ",%" PRIu64 ",%" PRIu64

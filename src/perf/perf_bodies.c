@@ -5,8 +5,9 @@
  *
  * DESIGN
  * A perf_workload is built once by one thread before the load starts and is read-only while
- * the load loop runs. Calls perf_client.c (the metadata request) and perf_util.c, and of
- * libkeel only its public datatype helpers. No lock.
+ * the load loop runs. Calls perf_client.c (the metadata request over HTTP), perf_grpc.c (over
+ * gRPC: ModelMetadata, and packing the ModelInferRequests) and perf_util.c, and of libkeel
+ * only its public datatype helpers. No lock.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -21,6 +22,7 @@
 #include "keel/keel.h"
 #include "perf_bodies.h"
 #include "perf_client.h"
+#include "perf_grpc.h"
 #include "perf_util.h"
 
 bool perf_input_spec_parse(const char *s, perf_input_spec *spec)
@@ -76,20 +78,30 @@ static bool fetch_inputs(perf_workload *w, char *errbuf, size_t errlen)
     bool ok = false;
 
     perf_client_init(&c, &w->target);
-    if (w->version != NULL)
-        snprintf(path, sizeof(path), "/v2/models/%s/versions/%s", w->model, w->version);
-    else
-        snprintf(path, sizeof(path), "/v2/models/%s", w->model);
-    if (!perf_client_request(&c, "GET", path, NULL, NULL, 0, 30, &status, &body, &len, errbuf,
-                             errlen))
-        goto done;
-    if (status != 200) {
-        perf_errf(errbuf, errlen, "GET %s: HTTP %d: %.200s", path, status, body);
-        goto done;
+    if (w->grpc) {
+        /* The same document, from gRPC's ModelMetadata. */
+        snprintf(path, sizeof(path), "ModelMetadata");
+        if (!perf_grpc_model_metadata(&w->target, w->model, w->version, 30, &doc, NULL, errbuf,
+                                      errlen))
+            goto done;
+    } else {
+        if (w->version != NULL)
+            snprintf(path, sizeof(path), "/v2/models/%s/versions/%s", w->model, w->version);
+        else
+            snprintf(path, sizeof(path), "/v2/models/%s", w->model);
+        if (!perf_client_request(&c, "GET", path, NULL, NULL, 0, 30, &status, &body, &len, errbuf,
+                                 errlen))
+            goto done;
+        if (status != 200) {
+            perf_errf(errbuf, errlen, "GET %s: HTTP %d: %.200s", path, status, body);
+            goto done;
+        }
+        doc = json_loadb(body, len, 0, &jerr);
     }
-    if ((doc = json_loadb(body, len, 0, &jerr)) == NULL ||
-        !json_is_array(inputs = json_object_get(doc, "inputs")) || json_array_size(inputs) == 0) {
-        perf_errf(errbuf, errlen, "GET %s: no inputs in the model metadata", path);
+    if (doc == NULL || !json_is_array(inputs = json_object_get(doc, "inputs")) ||
+        json_array_size(inputs) == 0) {
+        perf_errf(errbuf, errlen, "%s%s: no inputs in the model metadata", w->grpc ? "" : "GET ",
+                  path);
         goto done;
     }
     if (json_array_size(inputs) > sizeof(w->inputs) / sizeof(w->inputs[0])) {
@@ -107,7 +119,7 @@ static bool fetch_inputs(perf_workload *w, char *errbuf, size_t errlen)
         if (name == NULL || dt == NULL || !json_is_array(shape) ||
             strlen(name) >= sizeof(s->name) || strlen(dt) >= sizeof(s->datatype) ||
             json_array_size(shape) > sizeof(s->dims) / sizeof(s->dims[0])) {
-            perf_errf(errbuf, errlen, "GET %s: input %zu is not {name, datatype, shape}", path, i);
+            perf_errf(errbuf, errlen, "%s: input %zu is not {name, datatype, shape}", path, i);
             goto done;
         }
         strcpy(s->name, name);
@@ -327,7 +339,8 @@ static void put_value(sbuf *js, sbuf *bin, keel_datatype dt, double x)
     }
 }
 
-/* Builds request number k. */
+/* Builds request number k: an HTTP request (JSON or binary tensors), or with w->grpc a packed
+ * ModelInferRequest with the same values as raw_input_contents. */
 static bool build_request(perf_workload *w, const perf_data_opts *d, size_t k, const double *rows,
                           size_t nrows_vals, uint64_t *rng, char errbuf[], size_t errlen)
 {
@@ -335,7 +348,8 @@ static bool build_request(perf_workload *w, const perf_data_opts *d, size_t k, c
     char path[512];
     bool ok = false;
     bool file = rows != NULL;
-    size_t pos = 0;
+    bool binary = w->binary || w->grpc; /* values as little-endian bytes */
+    size_t pos = 0, raw_off[8] = {0}, raw_len[8] = {0};
 
     if (w->version != NULL)
         snprintf(path, sizeof(path), "/v2/models/%s/versions/%s/infer", w->model, w->version);
@@ -350,12 +364,13 @@ static bool build_request(perf_workload *w, const perf_data_opts *d, size_t k, c
         const perf_input_spec *s = &w->inputs[i];
         keel_datatype dt = keel_datatype_from_name(s->datatype);
         size_t n = spec_elems(s), bytes_before = bin.len;
+        raw_off[i] = bin.len;
         sb_printf(&js, "%s{\"name\":\"%s\",\"datatype\":\"%s\",\"shape\":[", i ? "," : "", s->name,
                   s->datatype);
         for (size_t j = 0; j < s->ndims; j++)
             sb_printf(&js, "%s%" PRId64, j ? "," : "", s->dims[j]);
         sb_printf(&js, "]");
-        if (!w->binary)
+        if (!binary)
             sb_printf(&js, ",\"data\":[");
         for (size_t e = 0; e < n; e++) {
             double x;
@@ -371,11 +386,12 @@ static bool build_request(perf_workload *w, const perf_data_opts *d, size_t k, c
             } else {
                 x = (double)(xorshift(rng) % 100);
             }
-            if (!w->binary && e > 0)
+            if (!binary && e > 0)
                 sb_add(&js, ",", 1);
-            put_value(w->binary ? NULL : &js, w->binary ? &bin : NULL, dt, x);
+            put_value(binary ? NULL : &js, binary ? &bin : NULL, dt, x);
         }
-        if (w->binary)
+        raw_len[i] = bin.len - bytes_before;
+        if (binary)
             sb_printf(&js, ",\"parameters\":{\"binary_data_size\":%zu}}", bin.len - bytes_before);
         else
             sb_printf(&js, "]}");
@@ -383,6 +399,21 @@ static bool build_request(perf_workload *w, const perf_data_opts *d, size_t k, c
     sb_printf(&js, "]%s}", w->binary ? ",\"parameters\":{\"binary_data_output\":true}" : "");
     if (js.oom || bin.oom) {
         perf_errf(errbuf, errlen, "out of memory");
+        goto done;
+    }
+    if (w->grpc) {
+        const void *raw[8];
+        char id[32];
+        unsigned char *msg;
+        for (size_t i = 0; i < w->ninputs; i++)
+            raw[i] = bin.p + raw_off[i];
+        snprintf(id, sizeof(id), "perf-%zu", k);
+        if (!perf_grpc_pack_infer(w, id, raw, raw_len, &msg, &w->req_lens[k])) {
+            perf_errf(errbuf, errlen, "out of memory");
+            goto done;
+        }
+        w->reqs[k] = (char *)msg;
+        ok = true;
         goto done;
     }
     sb_printf(&req,
@@ -432,8 +463,20 @@ bool perf_workload_prepare(perf_workload *w, const perf_data_opts *d, char *errb
         w->nreqs = 1;
         return true;
     }
-    if (w->ninputs == 0 && !fetch_inputs(w, errbuf, errlen))
-        return false;
+    if (w->ninputs == 0) {
+        if (!fetch_inputs(w, errbuf, errlen))
+            return false;
+    } else if (w->grpc) {
+        /* The inputs were given, but an unreachable server (or not a gRPC one) is still said
+         * once, clearly, instead of as a run of failed calls. */
+        json_t *doc = NULL;
+        bool unreachable = false;
+        if (!perf_grpc_model_metadata(&w->target, w->model, w->version, 10, &doc, &unreachable,
+                                      errbuf, errlen) &&
+            unreachable)
+            return false;
+        json_decref(doc);
+    }
     if (d->input_data != NULL && strcmp(d->input_data, "random") != 0 &&
         strcmp(d->input_data, "zero") != 0) {
         if (w->ninputs != 1) {
@@ -477,4 +520,36 @@ void perf_workload_fini(perf_workload *w)
     w->reqs = NULL;
     w->req_lens = NULL;
     w->nreqs = 0;
+}
+
+bool perf_server_rows(const perf_workload *w, uint64_t *rows, uint64_t *execs)
+{
+    perf_client c;
+    char path[512], err[256];
+    const char *body = NULL;
+    size_t len = 0;
+    int status = 0;
+    json_t *doc = NULL, *e;
+    bool ok = false;
+
+    if (w->grpc || w->model == NULL)
+        return false; /* the statistics come from the HTTP port */
+    perf_client_init(&c, &w->target);
+    if (w->version != NULL)
+        snprintf(path, sizeof(path), "/v2/models/%s/versions/%s/stats", w->model, w->version);
+    else
+        snprintf(path, sizeof(path), "/v2/models/%s/stats", w->model);
+    if (perf_client_request(&c, "GET", path, NULL, NULL, 0, 10, &status, &body, &len, err,
+                            sizeof(err)) &&
+        status == 200 && (doc = json_loadb(body, len, 0, NULL)) != NULL &&
+        (e = json_array_get(json_object_get(doc, "model_stats"), 0)) != NULL &&
+        json_is_integer(json_object_get(e, "inference_count")) &&
+        json_is_integer(json_object_get(e, "execution_count"))) {
+        *rows = (uint64_t)json_integer_value(json_object_get(e, "inference_count"));
+        *execs = (uint64_t)json_integer_value(json_object_get(e, "execution_count"));
+        ok = true;
+    }
+    json_decref(doc);
+    perf_client_fini(&c);
+    return ok;
 }

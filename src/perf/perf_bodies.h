@@ -27,9 +27,12 @@ typedef struct perf_workload {
     char *endpoint; /* GET this path instead of inferring (a static-reply baseline) */
     unsigned batch;
     bool binary; /* Triton's binary tensor extension instead of JSON data arrays */
+    bool grpc;   /* gRPC ModelInfer (raw_input_contents) instead of HTTP */
+    bool stream; /* gRPC: ModelStreamInfer, one message in flight per stream */
     perf_input_spec inputs[8];
     size_t ninputs;
-    /* Pre-built HTTP requests (head + body), used in turn. */
+    /* Pre-built requests, used in turn: HTTP (head + body), or with grpc a packed
+     * inference.ModelInferRequest. */
     char **reqs;
     size_t *req_lens;
     size_t nreqs;
@@ -47,5 +50,9 @@ bool perf_workload_prepare(perf_workload *w, const perf_data_opts *d, char *errb
 void perf_workload_fini(perf_workload *w);
 /* Parses NAME:DATATYPE:D1xD2x... (per-request shape) into spec. */
 bool perf_input_spec_parse(const char *s, perf_input_spec *spec);
+
+/* The model's inference_count (rows) and execution_count (backend calls) from the server's
+ * statistics extension (HTTP only); false if they cannot be read. */
+bool perf_server_rows(const perf_workload *w, uint64_t *rows, uint64_t *execs);
 
 #endif

@@ -11,7 +11,8 @@
  * generator down (coordinated omission). The loop owns its sockets, histogram and buffers; the
  * only cross-thread input is the optional stop flag (an atomic), which soak's swap thread sets
  * when it is done. Time is CLOCK_MONOTONIC nanoseconds throughout. The top of src/perf/: calls
- * perf_bodies (the workload it sends), perf_http, perf_hist and perf_util.
+ * perf_bodies (the workload it sends), perf_http, perf_hist and perf_util, and hands a gRPC
+ * workload to perf_grpc.c's loop.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -27,6 +28,7 @@
 #include <unistd.h>
 
 #include "perf_bodies.h"
+#include "perf_grpc.h"
 #include "perf_hist.h"
 #include "perf_http.h"
 #include "perf_load.h"
@@ -65,6 +67,14 @@ void perf_result_errors(const perf_result *r, char *buf, size_t len)
             off += (size_t)snprintf(buf + off, len - off, "%s%d:%" PRIu64, off ? ";" : "", s,
                                     r->status[s]);
     }
+    for (int c = 0; c < 17; c++) {
+        if (r->grpc_status[c] > 0 && off < len)
+            off += (size_t)snprintf(buf + off, len - off, "%s%s:%" PRIu64, off ? ";" : "",
+                                    perf_grpc_code_name(c), r->grpc_status[c]);
+    }
+    if (r->stream_errors > 0 && off < len)
+        off += (size_t)snprintf(buf + off, len - off, "%sstream_error:%" PRIu64, off ? ";" : "",
+                                r->stream_errors);
     for (int k = 0; k < PERF_TERR_COUNT_; k++) {
         if (r->terr[k] > 0 && off < len)
             off += (size_t)snprintf(buf + off, len - off, "%s%s:%" PRIu64, off ? ";" : "",
@@ -100,30 +110,7 @@ typedef struct loop {
     bool issuing;
 } loop;
 
-static void note_failure(perf_result *r, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-/* Keeps the first few distinct failure descriptions. */
-static void note_failure(perf_result *r, const char *fmt, ...)
-{
-    char tmp[200];
-    va_list ap;
-
-    if (r->nnotes == PERF_FAILURE_NOTES)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(tmp, sizeof(tmp), fmt, ap);
-    va_end(ap);
-    for (char *p = tmp; *p != '\0'; p++) {
-        if (*p == '\n' || *p == '\r' || *p == '\t')
-            *p = ' ';
-    }
-    for (size_t i = 0; i < r->nnotes; i++) {
-        if (strcmp(r->notes[i], tmp) == 0)
-            return;
-    }
-    snprintf(r->notes[r->nnotes++], sizeof(r->notes[0]), "%s", tmp);
-}
+#define note_failure(r, ...) perf_note((r)->notes, &(r)->nnotes, PERF_FAILURE_NOTES, __VA_ARGS__)
 
 static void conn_close(loop *L, pconn *c)
 {
@@ -374,6 +361,8 @@ bool perf_load_run(const perf_workload *w, const perf_load_opts *o, perf_result 
     bool open_loop = o->rate > 0, ok = false, show = o->progress && isatty(2);
     size_t n;
 
+    if (w->grpc)
+        return perf_grpc_load_run(w, o, r, errbuf, errlen);
     memset(&L, 0, sizeof(L));
     L.w = w;
     L.o = o;

@@ -35,9 +35,11 @@ typedef struct perf_result {
     uint64_t ok;        /* 2xx answers to measured requests */
     uint64_t failed;    /* non-2xx answers plus transport errors of measured requests */
     uint64_t status[PERF_MAX_STATUS]; /* non-2xx answers by status */
+    uint64_t grpc_status[17];         /* gRPC: answers other than OK by gRPC status code */
+    uint64_t stream_errors;           /* gRPC streams: answers carrying an error_message */
     uint64_t terr[PERF_TERR_COUNT_];
     uint64_t unsent;    /* open loop: requests due in the window that were never sent */
-    uint64_t max_conns; /* connections opened at most at once */
+    uint64_t max_conns; /* connections opened at most at once (gRPC: calls in flight) */
     double cpu_s;       /* CPU time (user + system) of the load loop's thread, whole run */
     double elapsed_s;   /* wall time of the whole run, warm-up and drain included */
     char notes[PERF_FAILURE_NOTES][200]; /* the first distinct failures, named */
@@ -54,15 +56,17 @@ typedef struct perf_load_opts {
     double timeout_s;        /* per request */
     bool progress;           /* a progress line on stderr (only if it is a terminal) */
     const char *label;       /* for the progress line */
+    unsigned grpc_channels;  /* gRPC: channels (HTTP/2 connections) the calls share; 0 = 1 */
 } perf_load_opts;
 
 bool perf_result_init(perf_result *r);
 void perf_result_fini(perf_result *r);
-/* Runs the load on w; fills *r (initialised by the caller). Returns false (errbuf) only if the
- * loop itself could not run (no epoll, no memory); request failures are counted in *r. */
+/* Runs the load on w (over gRPC when w->grpc: perf_grpc.c's loop); fills *r (initialised by the
+ * caller). Returns false (errbuf) only if the loop itself could not run (no epoll, no memory);
+ * request failures are counted in *r. */
 bool perf_load_run(const perf_workload *w, const perf_load_opts *o, perf_result *r, char *errbuf,
                    size_t errlen);
-/* "404:12;reset:1" (or "" if none) into buf. */
+/* "404:12;reset:1" or "UNAVAILABLE:3;stream_error:1" (or "" if none) into buf. */
 void perf_result_errors(const perf_result *r, char *buf, size_t len);
 
 #endif

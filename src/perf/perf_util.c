@@ -7,6 +7,7 @@
  */
 #include <stdarg.h>
 #include <stdio.h>
+#include <string.h>
 #include <time.h>
 
 #include "perf_util.h"
@@ -33,4 +34,25 @@ uint64_t perf_now_ns(void)
 double perf_now(void)
 {
     return (double)perf_now_ns() / 1e9;
+}
+
+void perf_note(char (*notes)[200], size_t *n, size_t max, const char *fmt, ...)
+{
+    char tmp[200];
+    va_list ap;
+
+    if (*n >= max)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(tmp, sizeof(tmp), fmt, ap);
+    va_end(ap);
+    for (char *p = tmp; *p != '\0'; p++) {
+        if (*p == '\n' || *p == '\r' || *p == '\t')
+            *p = ' ';
+    }
+    for (size_t i = 0; i < *n; i++) {
+        if (strcmp(notes[i], tmp) == 0)
+            return;
+    }
+    snprintf(notes[(*n)++], sizeof(notes[0]), "%s", tmp);
 }

@@ -349,8 +349,10 @@ static const field_rule rules[] = {
     {"ModelConfig", "max_batch_size", RULE_OK, false, NULL, NULL},
     {"ModelConfig", "input", RULE_OK, false, NULL, NULL},
     {"ModelConfig", "output", RULE_OK, false, NULL, NULL},
-    {"ModelConfig", "batch_input", RULE_REFUSE, false, NULL, "keel does not batch requests"},
-    {"ModelConfig", "batch_output", RULE_REFUSE, false, NULL, "keel does not batch requests"},
+    {"ModelConfig", "batch_input", RULE_REFUSE, false, NULL,
+     "keel batches whole requests only; it adds no batch inputs"},
+    {"ModelConfig", "batch_output", RULE_REFUSE, false, NULL,
+     "keel splits a batch's outputs by rows only"},
     {"ModelConfig", "optimization", RULE_WARN, false, NULL,
      "performance settings for Triton's backends; answers are the same without them"},
     {"ModelConfig", "dynamic_batching", RULE_OK, false, NULL, NULL},
@@ -385,7 +387,8 @@ static const field_rule rules[] = {
     {"ModelInput", "reshape", RULE_REFUSE, false, NULL,
      "keel gives the model the shape clients send"},
     {"ModelInput", "is_shape_tensor", RULE_REFUSE, true, NULL, "shape tensors are TensorRT's"},
-    {"ModelInput", "allow_ragged_batch", RULE_REFUSE, true, NULL, "keel does not batch requests"},
+    {"ModelInput", "allow_ragged_batch", RULE_REFUSE, true, NULL,
+     "keel batches requests whose inputs have the same shape (besides the batch dimension)"},
     {"ModelInput", "optional", RULE_REFUSE, true, NULL, "every input keel declares is required"},
     {"ModelInput", "is_non_linear_format_io", RULE_REFUSE, true, NULL, "a TensorRT format"},
 
@@ -415,22 +418,15 @@ static const field_rule rules[] = {
     {"ModelVersionPolicy.Latest", "num_versions", RULE_OK, false, NULL, NULL},
     {"ModelVersionPolicy.Specific", "versions", RULE_OK, false, NULL, NULL},
 
-    {"ModelDynamicBatching", "preferred_batch_size", RULE_WARN, true, NULL,
-     "keel runs each request as it comes, without merging requests into batches"},
-    {"ModelDynamicBatching", "max_queue_delay_microseconds", RULE_WARN, true, NULL,
-     "keel runs each request as it comes, without waiting to merge requests"},
-    {"ModelDynamicBatching", "preserve_ordering", RULE_WARN, true, NULL,
-     "each request is answered on its own connection when it completes"},
-    {"ModelDynamicBatching", "priority_levels", RULE_REFUSE, true, NULL,
-     "keel has one queue per model, without priorities"},
-    {"ModelDynamicBatching", "default_priority_level", RULE_REFUSE, true, NULL,
-     "keel has one queue per model, without priorities"},
+    {"ModelDynamicBatching", "preferred_batch_size", RULE_OK, false, NULL, NULL},
+    {"ModelDynamicBatching", "max_queue_delay_microseconds", RULE_OK, false, NULL, NULL},
+    {"ModelDynamicBatching", "preserve_ordering", RULE_OK, false, NULL, NULL},
+    {"ModelDynamicBatching", "priority_levels", RULE_OK, false, NULL, NULL},
+    {"ModelDynamicBatching", "default_priority_level", RULE_OK, false, NULL, NULL},
     {"ModelDynamicBatching", "default_queue_policy", RULE_OK, false, NULL, NULL},
-    {"ModelDynamicBatching", "priority_queue_policy", RULE_REFUSE, true, NULL,
-     "keel has one queue per model, without priorities"},
+    {"ModelDynamicBatching", "priority_queue_policy", RULE_OK, false, NULL, NULL},
 
-    {"ModelQueuePolicy", "timeout_action", RULE_REFUSE, true, "REJECT",
-     "a request past its timeout is always answered with an error (REJECT)"},
+    {"ModelQueuePolicy", "timeout_action", RULE_OK, false, NULL, NULL},
     {"ModelQueuePolicy", "default_timeout_microseconds", RULE_OK, false, NULL, NULL},
     {"ModelQueuePolicy", "allow_timeout_override", RULE_OK, false, NULL, NULL},
     {"ModelQueuePolicy", "max_queue_size", RULE_OK, false, NULL, NULL},
@@ -616,6 +612,14 @@ static keel_err check_fields(const parser *p, const json_t *root)
         (err = check_keys(p, member(db, "default_queue_policy"), "ModelQueuePolicy",
                           "dynamic_batching.default_queue_policy")) != KEEL_OK)
         return err;
+    if (json_is_object(member(db, "priority_queue_policy"))) {
+        json_object_foreach (member(db, "priority_queue_policy"), key, v) {
+            clip(shown, sizeof(shown), key, false);
+            snprintf(at, sizeof(at), "dynamic_batching.priority_queue_policy.%s", shown);
+            if ((err = check_keys(p, v, "ModelQueuePolicy", at)) != KEEL_OK)
+                return err;
+        }
+    }
     if (json_is_object(params)) {
         json_object_foreach ((json_t *)params, key, v) {
             clip(shown, sizeof(shown), key, false);
@@ -1106,31 +1110,172 @@ static keel_err parse_version_policy(const parser *p, const json_t *root, keel__
     return parse_specific(p, body, cfg);
 }
 
-static keel_err parse_dynamic_batching(const parser *p, const json_t *root, keel__model_config *cfg)
+/* Reads an optional true/false field. */
+static keel_err opt_bool(const parser *p, const json_t *obj, const char *key, const char *at,
+                         bool *out)
 {
-    const json_t *db = member(root, "dynamic_batching"), *qp;
+    const json_t *v = member(obj, key);
+
+    if (v == NULL)
+        return KEEL_OK;
+    if (!json_is_boolean(v))
+        return expected(p, at, v, "true or false");
+    *out = json_is_true(v);
+    return KEEL_OK;
+}
+
+/* One ModelQueuePolicy object (at names it in messages). */
+static keel_err parse_queue_policy(const parser *p, const json_t *qp, const char *at,
+                                   keel__queue_policy *out)
+{
+    char f[CLIP_LEN + 128];
+    const json_t *ta;
     int64_t qsize = 0, timeout = 0;
     keel_err err;
 
+    if ((err = want_object(p, qp, at)) != KEEL_OK || qp == NULL)
+        return err;
+    if ((ta = member(qp, "timeout_action")) != NULL) {
+        const char *s = json_string_value(ta);
+        snprintf(f, sizeof(f), "%s.timeout_action", at);
+        if ((s != NULL && strcmp(s, "REJECT") == 0) ||
+            (json_is_integer(ta) && json_integer_value(ta) == 0))
+            out->timeout_action = KEEL__TIMEOUT_REJECT;
+        else if ((s != NULL && strcmp(s, "DELAY") == 0) ||
+                 (json_is_integer(ta) && json_integer_value(ta) == 1))
+            out->timeout_action = KEEL__TIMEOUT_DELAY;
+        else
+            return expected(p, f, ta, "\"REJECT\" or \"DELAY\"");
+    }
+    snprintf(f, sizeof(f), "%s.max_queue_size", at);
+    if ((err = opt_int(p, qp, "max_queue_size", f, 0, MAX_QUEUE_SIZE_LIMIT, &qsize)) != KEEL_OK)
+        return err;
+    snprintf(f, sizeof(f), "%s.default_timeout_microseconds", at);
+    if ((err = opt_int(p, qp, "default_timeout_microseconds", f, 0, INT64_MAX, &timeout)) !=
+        KEEL_OK)
+        return err;
+    snprintf(f, sizeof(f), "%s.allow_timeout_override", at);
+    if ((err = opt_bool(p, qp, "allow_timeout_override", f, &out->allow_timeout_override)) !=
+        KEEL_OK)
+        return err;
+    out->max_queue_size = (uint32_t)qsize;
+    out->default_timeout_us = (uint64_t)timeout;
+    return KEEL_OK;
+}
+
+/* dynamic_batching.preferred_batch_size: ascending and unique in cfg->preferred. */
+static keel_err parse_preferred(const parser *p, const json_t *db, keel__model_config *cfg)
+{
+    const json_t *arr = member(db, "preferred_batch_size");
+    char at[64];
+    keel_err err;
+
+    if (arr == NULL)
+        return KEEL_OK;
+    if (!json_is_array(arr))
+        return expected(p, "dynamic_batching.preferred_batch_size", arr,
+                        "an array of batch sizes like [4, 8]");
+    if (json_array_size(arr) > 0 && cfg->max_batch_size == 0)
+        return failf(p, "dynamic_batching.preferred_batch_size",
+                     "needs max_batch_size > 0 (a model without a batch dimension runs one "
+                     "request per call)");
+    if (json_array_size(arr) > KEEL__MAX_PREFERRED_SIZES)
+        return failf(p, "dynamic_batching.preferred_batch_size", "at most %d sizes, got %zu",
+                     KEEL__MAX_PREFERRED_SIZES, json_array_size(arr));
+    for (size_t i = 0; i < json_array_size(arr); i++) {
+        int64_t b = 0;
+        size_t k;
+        snprintf(at, sizeof(at), "dynamic_batching.preferred_batch_size[%zu]", i);
+        if ((err = get_int(p, json_array_get(arr, i), at, 1, cfg->max_batch_size, &b)) != KEEL_OK)
+            return err;
+        for (k = 0; k < cfg->npreferred && cfg->preferred[k] < b; k++)
+            ;
+        if (k < cfg->npreferred && cfg->preferred[k] == b)
+            continue; /* a size listed twice is the same preference */
+        memmove(&cfg->preferred[k + 1], &cfg->preferred[k],
+                sizeof(cfg->preferred[0]) * (cfg->npreferred - k));
+        cfg->preferred[k] = b;
+        cfg->npreferred++;
+    }
+    return KEEL_OK;
+}
+
+/* dynamic_batching.priority_queue_policy: {"<level>": ModelQueuePolicy, ...}. */
+static keel_err parse_level_policies(const parser *p, const json_t *db, keel__model_config *cfg)
+{
+    const json_t *map = member(db, "priority_queue_policy"), *qp;
+    const char *key;
+    char at[CLIP_LEN + 64], shown[CLIP_LEN + 4];
+    keel_err err;
+
+    for (uint32_t l = 1; l <= cfg->priority_levels; l++)
+        cfg->qpolicy[l] = cfg->qpolicy[0];
+    if ((err = want_object(p, map, "dynamic_batching.priority_queue_policy")) != KEEL_OK ||
+        map == NULL)
+        return err;
+    json_object_foreach ((json_t *)map, key, qp) {
+        json_t *k = json_string(key);
+        int64_t level = 0;
+        clip(shown, sizeof(shown), key, false);
+        snprintf(at, sizeof(at), "dynamic_batching.priority_queue_policy.%s", shown);
+        if (k == NULL)
+            return KEEL_ENOMEM;
+        err = cfg->priority_levels == 0 ? failf(p, at, "needs priority_levels > 0")
+                                        : get_int(p, k, at, 1, cfg->priority_levels, &level);
+        json_decref(k);
+        if (err != KEEL_OK)
+            return err;
+        if ((err = parse_queue_policy(p, qp, at, &cfg->qpolicy[level])) != KEEL_OK)
+            return err;
+    }
+    return KEEL_OK;
+}
+
+static keel_err parse_dynamic_batching(const parser *p, const json_t *root, keel__model_config *cfg)
+{
+    const json_t *db = member(root, "dynamic_batching");
+    int64_t delay = 0, levels = 0, dflt = 0;
+    keel_err err;
+
+    memset(cfg->qpolicy, 0, sizeof(cfg->qpolicy));
     cfg->max_queue_size = KEEL__DEFAULT_MAX_QUEUE_SIZE;
     cfg->default_timeout_us = 0;
     if ((err = want_object(p, db, "dynamic_batching")) != KEEL_OK || db == NULL)
         return err;
-    qp = member(db, "default_queue_policy");
-    if ((err = want_object(p, qp, "dynamic_batching.default_queue_policy")) != KEEL_OK ||
-        qp == NULL)
+    cfg->batching = true;
+    if ((err = parse_queue_policy(p, member(db, "default_queue_policy"),
+                                  "dynamic_batching.default_queue_policy", &cfg->qpolicy[0])) !=
+            KEEL_OK ||
+        (err = parse_preferred(p, db, cfg)) != KEEL_OK ||
+        (err = opt_int(p, db, "max_queue_delay_microseconds",
+                       "dynamic_batching.max_queue_delay_microseconds", 0, 60000000, &delay)) !=
+            KEEL_OK ||
+        (err = opt_bool(p, db, "preserve_ordering", "dynamic_batching.preserve_ordering",
+                        &cfg->preserve_ordering)) != KEEL_OK ||
+        (err = opt_int(p, db, "priority_levels", "dynamic_batching.priority_levels", 0,
+                       KEEL__MAX_PRIORITY_LEVELS, &levels)) != KEEL_OK)
         return err;
-    if ((err = opt_int(p, qp, "max_queue_size",
-                       "dynamic_batching.default_queue_policy.max_queue_size", 0,
-                       MAX_QUEUE_SIZE_LIMIT, &qsize)) != KEEL_OK)
+    cfg->max_queue_delay_us = (uint64_t)delay;
+    cfg->priority_levels = (uint32_t)levels;
+    if (levels > 0) {
+        if (member(db, "default_priority_level") == NULL)
+            return failf(p, "dynamic_batching.default_priority_level",
+                         "required when priority_levels is set: the level of requests that "
+                         "give no priority (1..%" PRId64 ")",
+                         levels);
+        if ((err = opt_int(p, db, "default_priority_level",
+                           "dynamic_batching.default_priority_level", 1, levels, &dflt)) != KEEL_OK)
+            return err;
+    } else if ((err = opt_int(p, db, "default_priority_level",
+                              "dynamic_batching.default_priority_level", 0, 0, &dflt)) != KEEL_OK) {
         return err;
-    if ((err = opt_int(p, qp, "default_timeout_microseconds",
-                       "dynamic_batching.default_queue_policy.default_timeout_microseconds", 0,
-                       INT64_MAX, &timeout)) != KEEL_OK)
+    }
+    cfg->default_priority_level = (uint32_t)dflt;
+    if ((err = parse_level_policies(p, db, cfg)) != KEEL_OK)
         return err;
-    if (qsize != 0)
-        cfg->max_queue_size = (uint32_t)qsize;
-    cfg->default_timeout_us = (uint64_t)timeout;
+    if (cfg->qpolicy[0].max_queue_size != 0)
+        cfg->max_queue_size = cfg->qpolicy[0].max_queue_size;
+    cfg->default_timeout_us = cfg->qpolicy[0].default_timeout_us;
     return KEEL_OK;
 }
 
@@ -1440,23 +1585,53 @@ fail:
     return NULL;
 }
 
+static json_t *queue_policy_json(const keel__queue_policy *qp, uint32_t max_queue_size)
+{
+    return json_pack("{s:s,s:I,s:b,s:I}", "timeout_action",
+                     qp->timeout_action == KEEL__TIMEOUT_DELAY ? "DELAY" : "REJECT",
+                     "default_timeout_microseconds", (json_int_t)qp->default_timeout_us,
+                     "allow_timeout_override", qp->allow_timeout_override, "max_queue_size",
+                     (json_int_t)max_queue_size);
+}
+
+/* dynamic_batching as served (defaults filled in), or NULL with batching off. */
 static json_t *dynamic_batching_json(const keel__model_config *cfg)
 {
-    json_t *db = json_object(), *qp = json_object();
+    json_t *db = json_object(), *pref = json_array(), *levels = json_object();
 
-    if (db == NULL || qp == NULL)
+    if (db == NULL || pref == NULL || levels == NULL)
         goto fail;
-    if (!put(qp, "max_queue_size", json_integer(cfg->max_queue_size)) ||
-        !put(qp, "default_timeout_microseconds", json_integer((json_int_t)cfg->default_timeout_us)))
+    for (size_t i = 0; i < cfg->npreferred; i++) {
+        if (json_array_append_new(pref, json_integer(cfg->preferred[i])) != 0)
+            goto fail;
+    }
+    for (uint32_t l = 1; l <= cfg->priority_levels; l++) {
+        char key[16];
+        snprintf(key, sizeof(key), "%u", l);
+        if (!put(levels, key, queue_policy_json(&cfg->qpolicy[l], cfg->qpolicy[l].max_queue_size)))
+            goto fail;
+    }
+    if (!put(db, "preferred_batch_size", pref)) {
+        pref = NULL;
         goto fail;
-    if (!put(db, "default_queue_policy", qp)) {
-        qp = NULL;
+    }
+    pref = NULL;
+    if (!put(db, "max_queue_delay_microseconds",
+             json_integer((json_int_t)cfg->max_queue_delay_us)) ||
+        !put(db, "preserve_ordering", json_boolean(cfg->preserve_ordering)) ||
+        !put(db, "priority_levels", json_integer(cfg->priority_levels)) ||
+        !put(db, "default_priority_level", json_integer(cfg->default_priority_level)) ||
+        !put(db, "default_queue_policy", queue_policy_json(&cfg->qpolicy[0], cfg->max_queue_size)))
+        goto fail;
+    if (!put(db, "priority_queue_policy", levels)) {
+        levels = NULL;
         goto fail;
     }
     return db;
 
 fail:
-    json_decref(qp);
+    json_decref(pref);
+    json_decref(levels);
     json_decref(db);
     return NULL;
 }
@@ -1557,7 +1732,7 @@ static keel_err build_json(const parser *p, keel__model_config *cfg)
         if (!put(root, "instance_group", group))
             goto done;
     }
-    if (!put(root, "dynamic_batching", dynamic_batching_json(cfg)) ||
+    if ((cfg->batching && !put(root, "dynamic_batching", dynamic_batching_json(cfg))) ||
         !put(root, "parameters", parameters_json(cfg)))
         goto done;
     if (cfg->default_model_filename != NULL &&

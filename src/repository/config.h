@@ -65,6 +65,24 @@ typedef struct keel__preprocess_config {
     uint64_t max_file_bytes; /* one encoded image; default 16 MiB */
 } keel__preprocess_config;
 
+/* What a request past its queue timeout gets (Triton's ModelQueuePolicy.TimeoutAction). */
+typedef enum keel__timeout_action {
+    KEEL__TIMEOUT_REJECT = 0, /* answered KEEL_ETIMEDOUT at its deadline, while it waits */
+    KEEL__TIMEOUT_DELAY,      /* moved behind every request not past its timeout */
+} keel__timeout_action;
+
+/* One priority level's queue policy (dynamic_batching.default_queue_policy, or an entry of
+ * priority_queue_policy). */
+typedef struct keel__queue_policy {
+    keel__timeout_action timeout_action;
+    uint64_t default_timeout_us; /* 0 = none */
+    bool allow_timeout_override; /* a request's timeout may be longer than the default */
+    uint32_t max_queue_size;     /* queued requests of the level; 0 = no bound of its own */
+} keel__queue_policy;
+
+#define KEEL__MAX_PRIORITY_LEVELS 16
+#define KEEL__MAX_PREFERRED_SIZES 16
+
 typedef struct keel__model_config {
     char *name;             /* must equal the model's directory name */
     char *backend;          /* "xgboost", ... */
@@ -78,8 +96,21 @@ typedef struct keel__model_config {
     uint32_t latest_n; /* for LATEST, default 1 */
     int64_t *versions; /* for SPECIFIC, sorted ascending, no duplicates */
     size_t nversions;
-    uint32_t max_queue_size;      /* dynamic_batching.default_queue_policy; 0 in JSON = default */
-    uint64_t default_timeout_us;  /* 0 = none */
+    uint32_t max_queue_size;     /* dynamic_batching.default_queue_policy; 0 in JSON = default */
+    uint64_t default_timeout_us; /* 0 = none */
+    /* dynamic_batching (present = batching on; requests queued together are merged into one
+     * backend call when max_batch_size > 0; sched.c). */
+    bool batching;
+    int64_t preferred[KEEL__MAX_PREFERRED_SIZES]; /* ascending, unique; none = max_batch_size */
+    size_t npreferred;
+    uint64_t max_queue_delay_us;
+    bool preserve_ordering;
+    uint32_t priority_levels;        /* 0 = one level */
+    uint32_t default_priority_level; /* 1..priority_levels; 0 when there are no levels */
+    /* [0] is default_queue_policy; [1..priority_levels] each level's (a copy of the default
+     * where priority_queue_policy does not name the level). default_timeout_us and
+     * max_queue_size above are qpolicy[0]'s, max_queue_size with keel's default filled in. */
+    keel__queue_policy qpolicy[KEEL__MAX_PRIORITY_LEVELS + 1];
     char *default_model_filename; /* NULL = backend's default */
     /* "parameters": {"key": {"string_value": "v"}} flattened to key/value pairs. */
     char **param_keys;

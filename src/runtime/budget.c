@@ -157,7 +157,7 @@ static void evict_locked(keel_runtime *rt, keel__model_entry *victim, const keel
     for (keel__vslot *v = victim->versions; v != NULL; v = v->next) {
         if (v->current != NULL)
             keel__vslot_park_locked(rt, v, l);
-        waiting |= v->qhead != NULL;
+        waiting |= v->nqueued > 0;
     }
     victim->evicted = true;
     victim->state = KEEL_MODEL_UNAVAILABLE;

@@ -9,9 +9,10 @@
  *   runtime.c      create/destroy, the threads; API calls that span layers (is_ready)
  *   lifecycle.c    the watch table, the lifecycle thread, its retries and reloads
  *   load.c         a model's load (begin, prepare, build, publish, fail) and unload
- *   sched.c        admission, queues, dispatch, worker threads, complete(), cancel
+ *   sched.c        admission, queues, batching, dispatch, workers, timer, complete(), cancel
  *   generation.c   building, referencing and freeing generations; the reaper thread
  *   preprocess.c   a request's images through the preprocessing workers (sched.c's run path)
+ *   batch.c        merging a batch's inputs, splitting its outputs (sched.c's run path)
  *   budget.c       memory charge, eviction, parking, the retire list; /proc sampling, trim
  *   request.c      the request object: inputs, outputs, binding to a config
  *   registry.c     the model table: entry lookup, list, status, statistics, counters
@@ -55,11 +56,16 @@
  *   what to release under the lock and act after unlocking.
  *
  * Request state machine (state under rt->mu):
- *   IDLE --submit--> QUEUED --dispatch--> RUNNING --backend returns--> (complete) --> IDLE
- *                      |  \--expired at dispatch / cancel / unload / shutdown--> (complete)
- *   complete() is the only way out of QUEUED or RUNNING: it returns the context to its own
- *   generation, drops the admission slot, releases the generation reference (all exactly
- *   once), updates statistics, then runs the callback once with no lock held.
+ *   IDLE --submit--> QUEUED --dispatch (alone or in a batch)--> RUNNING --backend returns-->
+ *                      |   (end_group; held first under preserve_ordering) --> IDLE
+ *                      |  \--expired (timer or dispatch; REJECT) / cancel / unload /
+ *                      |      shutdown--> (complete) --> IDLE
+ *                      \--expired under DELAY--> QUEUED (delayed FIFO, no deadline)
+ *   end_group() (complete() for one request) is the only way out of QUEUED or RUNNING: it
+ *   returns the context to its own generation (a batch holds one context for all its
+ *   requests; a request run alone holds it itself), drops each admission slot, releases each
+ *   request's generation reference (all exactly once), updates statistics, then runs each
+ *   callback once with no lock held.
  *
  * Generation state: loading (private to the loader) -> ready (published in a vslot) ->
  *   retired (swapped out or unloaded; never hands out a context again) -> freed (reaper).
@@ -68,8 +74,8 @@
  *   removed. A vslot is parked when its model is evicted by the memory budget or while a
  *   resource-preserving swap has retired the old generation and builds the new one. Requests
  *   admitted to a parked vslot wait in its queue; publishing a generation into it dispatches
- *   them, a failed load answers them, and a worker answers KEEL_ETIMEDOUT to any whose deadline
- *   passes meanwhile (workers wake for the earliest such deadline: sched.c).
+ *   them, a failed load answers them, and the timer thread answers KEEL_ETIMEDOUT to any whose
+ *   deadline passes meanwhile (sched.c).
  *
  * Model entry lifecycle (rt->mu; load.c makes the transitions, lifecycle.c starts the
  * automatic ones):
@@ -79,7 +85,9 @@
  *   A failed load schedules next_retry_ns (doubling backoff) unless the runtime is EXPLICIT;
  *   the lifecycle thread retries it then. A success, an unload or a file change resets it.
  *
- * Threads: API calls run on the caller's thread. Worker threads dispatch and run requests.
+ * Threads: API calls run on the caller's thread. Worker threads dispatch and run requests
+ * and batches. The timer thread answers queued requests at their deadline and ends batching
+ * delays.
  * The reaper thread frees generations (then gives freed heap back with malloc_trim). Loads
  * run on the thread calling keel_model_load, or on the lifecycle thread (repository
  * watching, retries, reloads of evicted models).
@@ -113,6 +121,15 @@ typedef struct keel__counters {
     _Atomic int64_t contexts_in_use;
 } keel__counters;
 
+/* Executed batch sizes of one model (Triton's batch_stats): a small open-addressed table,
+ * written lock-free (the size is claimed with a compare-and-swap). Sizes that find the table
+ * full are counted in overflow only. */
+#define KEEL__BATCH_SLOTS 128
+typedef struct keel__batch_slot {
+    _Atomic int64_t size; /* 0 = free */
+    _Atomic uint64_t count, input_ns, infer_ns, output_ns;
+} keel__batch_slot;
+
 typedef struct keel__stats {
     _Atomic uint64_t success;
     _Atomic uint64_t failure[KEEL_ERR_COUNT_];
@@ -124,6 +141,8 @@ typedef struct keel__stats {
     _Atomic uint64_t last_inference_unix_ms;
     _Atomic uint64_t runs_inline;
     _Atomic uint64_t runs_handed_off;
+    _Atomic uint64_t batch_overflow; /* executions whose size found batch_slots full */
+    keel__batch_slot batch_slots[KEEL__BATCH_SLOTS];
 } keel__stats;
 
 /* Size classes of the execution-time estimate: batch 1, 2-3, 4-7, ..., >= 2^15 (sched.c). */
@@ -155,18 +174,37 @@ struct keel__generation {
     keel__generation *reap_next; /* rt->reap_mu */
 };
 
+/* A vslot's queues: one FIFO per priority level (level l at l - 1), then the queue of
+ * requests that passed their timeout under a DELAY policy (served after all others). */
+#define KEEL__NQUEUES (KEEL__MAX_PRIORITY_LEVELS + 1)
+#define KEEL__DELAYED_Q KEEL__MAX_PRIORITY_LEVELS
+
 struct keel__vslot {
     int64_t version;
     keel__model_entry *entry;
-    keel__generation *current;   /* rt->mu; strong reference */
-    keel_request *qhead, *qtail; /* rt->mu */
-    uint32_t inflight;           /* rt->mu: admitted, not completed */
-    uint32_t max_inflight;       /* rt->mu: from the current generation's config */
-    uint64_t default_timeout_us; /* rt->mu */
-    bool in_ready;               /* rt->mu */
-    bool removed;                /* rt->mu: unlinked; freed when inflight drops to 0 */
-    keel__vslot *next;           /* entry's version list, ascending */
-    keel__vslot *ready_next;     /* rt's ready list */
+    keel__generation *current;          /* rt->mu; strong reference */
+    keel_request *qhead[KEEL__NQUEUES]; /* rt->mu */
+    keel_request *qtail[KEEL__NQUEUES]; /* rt->mu */
+    uint32_t nqueued_q[KEEL__NQUEUES];  /* rt->mu: requests in each queue */
+    uint32_t nqueued;                   /* rt->mu: in all queues */
+    uint64_t queued_rows;               /* rt->mu: their rows (request_rows) */
+    uint32_t inflight;                  /* rt->mu: admitted, not completed */
+    uint32_t max_inflight;              /* rt->mu: from the current generation's config */
+    /* rt->mu: the current generation's queue policies (config.h), kept while parked. */
+    keel__queue_policy qpolicy[KEEL__MAX_PRIORITY_LEVELS + 1];
+    uint32_t priority_levels, default_priority_level; /* rt->mu */
+    /* rt->mu: batching waits for more requests until this time (0 = not waiting); flush is
+     * set when it passed (sched.c: the timer thread). */
+    uint64_t delay_until_ns;
+    bool flush;
+    /* rt->mu: preserve_ordering (sched.c): the next batch's sequence number, the one to end
+     * next, and batches that ended early, unfinished (heads linked by held_next). */
+    uint64_t seq_next, seq_done;
+    keel_request *held;
+    bool in_ready;           /* rt->mu */
+    bool removed;            /* rt->mu: unlinked; freed when inflight drops to 0 */
+    keel__vslot *next;       /* entry's version list, ascending */
+    keel__vslot *ready_next; /* rt's ready list */
 };
 
 struct keel__model_entry {
@@ -205,9 +243,14 @@ struct keel_runtime {
     keel__model_entry *models;            /* mu */
     keel__vslot *ready_head, *ready_tail; /* mu */
     bool shutting_down;                   /* mu: submits refused */
-    bool stopping;                        /* mu: workers exit when idle */
+    bool stopping;                        /* mu: workers and the timer exit when idle */
     int nworkers;
     pthread_t workers[KEEL__MAX_WORKERS];
+    /* The timer thread (sched.c): queue deadlines and batching delays. */
+    pthread_cond_t timer_cv; /* CLOCK_MONOTONIC */
+    uint64_t timer_next;     /* mu: when the timer wakes next; 0 = when signalled */
+    bool timer_started;
+    pthread_t timer;
     uint64_t inline_max_ns; /* fixed after create: KEEL_SUBMIT_RUN_IF_FAST's bound */
 
     pthread_mutex_t reap_mu;
@@ -228,7 +271,7 @@ struct keel_runtime {
     pthread_mutex_t build_mu;
     uint32_t poll_interval_ms, settle_ms, retry_initial_ms, retry_max_ms;
     uint64_t mem_limit;
-    uint32_t nparked; /* mu: parked vslots (workers then also watch deadlines) */
+    uint32_t nparked; /* mu: parked vslots */
     bool life_stop;   /* mu */
     bool life_started;
     pthread_t life;
@@ -279,6 +322,7 @@ struct keel_request {
     keel_tensor_view *views; /* scratch for run: inputs in config order */
     size_t cap_views;
     uint64_t timeout_us;
+    uint32_t priority; /* 0 = the model's default level */
 
     /* In flight (state under rt->mu). */
     keel__req_state state;
@@ -290,6 +334,14 @@ struct keel_request {
     keel__generation *gen; /* lease: generation reference, once dispatched */
     int ctx_index;         /* lease: context of gen, or -1 */
     keel_request *qnext, *qprev;
+    uint32_t queue;                      /* index of the vslot queue it waits in */
+    keel__timeout_action timeout_action; /* of its level's policy */
+    int64_t rows;                        /* request_rows at submit */
+    bool ordered;                        /* rt->mu: dispatched under preserve_ordering */
+    uint64_t order_seq;                  /* rt->mu: its batch's sequence number */
+    keel_request *held_next;             /* rt->mu: its vslot's held batches */
+    keel_infer_cb done_cb;               /* a batch's completion: cb between lock and call */
+    void *done_user;
     uint64_t submit_ns, dispatch_ns, deadline_ns;
     /* Timing of the current run (keel_request_timing): 0 until reached; reset at submit. */
     uint64_t input_end_ns, output_start_ns, complete_ns, preprocess_ns;

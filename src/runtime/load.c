@@ -352,8 +352,7 @@ static void publish_versions_locked(load_job *j)
         if (j->olds[i] != NULL)
             j->olds[i]->retired = true;
         v->current = j->gens[i];
-        v->max_inflight = j->gens[i]->cfg->max_queue_size;
-        v->default_timeout_us = j->gens[i]->cfg->default_timeout_us;
+        keel__vslot_set_policy_locked(v, j->gens[i]->cfg);
         j->gens[i] = NULL; /* the vslot owns that reference now */
         keel__vslot_kick_locked(rt, v);
     }

@@ -281,6 +281,42 @@ keel_err keel_model_config_json(keel_runtime *rt, const char *name, char **out)
     return err;
 }
 
+keel_err keel_model_batch_stats_get(keel_runtime *rt, const char *name, keel_batch_stat *out,
+                                    size_t max, size_t *count)
+{
+    keel__model_entry *e;
+    size_t n = 0;
+
+    if (count != NULL)
+        *count = 0;
+    if (rt == NULL || name == NULL || count == NULL || (out == NULL && max > 0))
+        return KEEL_EINVAL;
+    if ((e = keel__entry_lookup(rt, name)) == NULL)
+        return KEEL_ENOTFOUND;
+    /* Insertion sort by size into out; slots are atomics, claimed once and never freed. */
+    for (size_t i = 0; i < KEEL__BATCH_SLOTS; i++) {
+        const keel__batch_slot *slot = &e->stats.batch_slots[i];
+        keel_batch_stat b;
+        size_t k;
+        int64_t size = atomic_load(&slot->size);
+        if (size <= 0 || (b.count = atomic_load(&slot->count)) == 0)
+            continue;
+        b.batch_size = (uint64_t)size;
+        b.input_ns = atomic_load(&slot->input_ns);
+        b.infer_ns = atomic_load(&slot->infer_ns);
+        b.output_ns = atomic_load(&slot->output_ns);
+        for (k = n < max ? n : max; k > 0 && out[k - 1].batch_size > b.batch_size; k--) {
+            if (k < max)
+                out[k] = out[k - 1];
+        }
+        if (k < max)
+            out[k] = b;
+        n++;
+    }
+    *count = n;
+    return KEEL_OK;
+}
+
 keel_err keel_model_stats_get(keel_runtime *rt, const char *name, keel_model_stats *out)
 {
     keel__model_entry *e;

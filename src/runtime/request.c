@@ -348,6 +348,12 @@ void keel_request_set_timeout_us(keel_request *req, uint64_t timeout_us)
         req->timeout_us = timeout_us;
 }
 
+void keel_request_set_priority(keel_request *req, uint32_t priority)
+{
+    if (req != NULL)
+        req->priority = priority;
+}
+
 keel_err keel_request_status(const keel_request *req)
 {
     return req != NULL ? req->status : KEEL_EINVAL;
@@ -521,10 +527,10 @@ keel_err keel__request_bind_inputs(keel_request *req, const keel__model_config *
     return KEEL_OK;
 }
 
-keel_err keel__request_emit(keel__run_io *io, const char *name, keel_datatype dt,
-                            const int64_t *shape, size_t ndim, const void *data, size_t bytes)
+keel_err keel__request_emit_to(keel_request *req, const char *name, keel_datatype dt,
+                               const int64_t *shape, size_t ndim, const void *data, size_t bytes,
+                               char *errbuf, size_t errlen)
 {
-    keel_request *req = io->sink;
     keel__tensor t = {0};
     bool wanted = req->nrequested == 0;
     keel_err err;
@@ -534,7 +540,7 @@ keel_err keel__request_emit(keel__run_io *io, const char *name, keel_datatype dt
     if (!wanted)
         return KEEL_OK;
     if (keel__fault_hit(KEEL__FAULT_COMPLETION)) {
-        keel__errf(io->errbuf, io->errlen, "output '%s': injected completion fault", name);
+        keel__errf(errbuf, errlen, "output '%s': injected completion fault", name);
         return KEEL_ENOMEM;
     }
     if ((err = grow((void **)&req->outputs, &req->cap_outputs, req->noutputs + 1,
@@ -547,8 +553,15 @@ keel_err keel__request_emit(keel__run_io *io, const char *name, keel_datatype dt
 
 nomem:
     tensor_fini(&t);
-    keel__errf(io->errbuf, io->errlen, "output '%s': out of memory copying %zu bytes", name, bytes);
+    keel__errf(errbuf, errlen, "output '%s': out of memory copying %zu bytes", name, bytes);
     return KEEL_ENOMEM;
+}
+
+keel_err keel__request_emit(keel__run_io *io, const char *name, keel_datatype dt,
+                            const int64_t *shape, size_t ndim, const void *data, size_t bytes)
+{
+    return keel__request_emit_to(io->sink, name, dt, shape, ndim, data, bytes, io->errbuf,
+                                 io->errlen);
 }
 
 size_t keel__request_input_count(const keel_request *req)

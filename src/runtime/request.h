@@ -14,6 +14,10 @@ keel_err keel__request_bind_inputs(keel_request *req, const keel__model_config *
                                    uint32_t accepted_types, int64_t *batch);
 keel_err keel__request_emit(keel__run_io *io, const char *name, keel_datatype dt,
                             const int64_t *shape, size_t ndim, const void *data, size_t bytes);
+/* Copies one output (or its rows of a batch's output) into req if req asked for it. */
+keel_err keel__request_emit_to(keel_request *req, const char *name, keel_datatype dt,
+                               const int64_t *shape, size_t ndim, const void *data, size_t bytes,
+                               char *errbuf, size_t errlen);
 void keel__request_set_error(keel_request *req, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 

@@ -102,6 +102,7 @@ static void runtime_free(keel_runtime *rt)
     pthread_mutex_destroy(&rt->build_mu);
     pthread_mutex_destroy(&rt->mu);
     pthread_cond_destroy(&rt->work_cv);
+    pthread_cond_destroy(&rt->timer_cv);
     pthread_mutex_destroy(&rt->reap_mu);
     pthread_cond_destroy(&rt->reap_cv);
     pthread_cond_destroy(&rt->reap_idle_cv);
@@ -145,12 +146,13 @@ keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_runtime **out)
     pthread_mutex_init(&rt->mu, NULL);
     pthread_mutex_init(&rt->build_mu, NULL);
     {
-        /* Workers also wait for deadlines of requests in parked vslots (sched.c). */
+        /* The timer thread waits for deadlines on the monotonic clock (sched.c). */
         pthread_condattr_t ca;
         pthread_condattr_init(&ca);
         pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-        pthread_cond_init(&rt->work_cv, &ca);
+        pthread_cond_init(&rt->timer_cv, &ca);
         pthread_condattr_destroy(&ca);
+        pthread_cond_init(&rt->work_cv, NULL);
     }
     pthread_mutex_init(&rt->reap_mu, NULL);
     pthread_cond_init(&rt->reap_cv, NULL);
@@ -186,6 +188,9 @@ keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_runtime **out)
     if (pthread_create(&rt->reaper, NULL, keel__reaper_main, rt) != 0)
         goto fail;
     reaper = true;
+    if (pthread_create(&rt->timer, NULL, keel__timer_main, rt) != 0)
+        goto fail;
+    rt->timer_started = true;
     for (started = 0; started < rt->nworkers; started++) {
         if (pthread_create(&rt->workers[started], NULL, keel__worker_main, rt) != 0)
             goto fail;
@@ -237,6 +242,7 @@ void keel_runtime_destroy(keel_runtime *rt)
     pthread_mutex_unlock(&rt->mu);
     for (int i = 0; i < rt->nworkers; i++)
         pthread_join(rt->workers[i], NULL);
+    keel__timer_stop(rt);
 
     /* Stage 3: loads in progress finish (they hold load_mu), then drop the registry's
      * references. Nothing can be in flight any more. */

@@ -1,18 +1,57 @@
 /*
- * sched.c: admission, queueing, dispatch, the worker threads, cancel, and the one completion
- * function that ends every request.
+ * sched.c: admission, queueing, dynamic batching, dispatch, the worker threads, the timer
+ * thread, cancel, and the completion functions that end every request.
  *
  * DESIGN
  * Admission: a request takes one of its vslot's max_inflight slots at submit (under rt->mu)
  * or is refused at once with KEEL_EUNAVAILABLE; it never blocks and the queue never grows
- * past the bound. The slot is held until complete() and released there, exactly once.
+ * past the bound. A priority level whose queue policy sets max_queue_size also bounds the
+ * requests queued at that level. The slot is held until the request completes and is
+ * released there, exactly once.
  *
- * Dispatch: rt keeps a FIFO "ready list" of vslots that can dispatch now (a queued request
- * and an idle context in the current generation). A worker pops a vslot, pops its oldest
- * request, and either answers it KEEL_ETIMEDOUT (deadline passed: it never reaches the
- * backend) or takes a lease: a reference on the vslot's current generation and one of its
- * idle contexts. The vslot goes back on the ready list's tail if it can still dispatch,
- * which round-robins workers across models.
+ * Queues: each vslot has one FIFO per priority level (level 1 first) and a last FIFO for
+ * requests that passed their timeout under a DELAY policy. Dispatch order is level 1's
+ * FIFO, level 2's, ..., then the delayed one. The deadline of a request is fixed at submit:
+ * the request's timeout, the level's default_timeout_microseconds, or the shorter of the two
+ * when the model sets a default without allow_timeout_override.
+ *
+ * Dispatch: rt keeps a FIFO "ready list" of vslots that can dispatch now (a queued request,
+ * an idle context in the current generation, and no batching delay to wait out). A worker
+ * pops a vslot and forms a batch under rt->mu (form_batch_locked): expired requests on the
+ * way are taken out (REJECT: answered KEEL_ETIMEDOUT; DELAY: moved to the delayed FIFO);
+ * the first request in dispatch order starts the batch; the following ones join while they
+ * are compatible with it (same input names, datatypes and non-batch dims: batch.c) and the
+ * rows fit max_batch_size. A request that is not compatible closes the batch (it starts the
+ * next one). Requests are never split. Without dynamic_batching, or with max_batch_size 0,
+ * a batch is one request. With preferred_batch_size, the batch is cut after the last request
+ * that makes its rows a preferred size, if any does. If the batch is smaller than the
+ * largest preferred size (or max_batch_size) and max_queue_delay_microseconds has not
+ * passed since its oldest request was submitted, the vslot waits instead (delay_until_ns):
+ * a submit that fills the batch, or the timer thread at the delay, makes it ready again.
+ * With delay 0 a batch is whatever is queued when a context frees, so requests that pile up
+ * while the model is busy run together and a request that finds the model idle runs alone
+ * at once. A batch takes one lease: a reference on the generation per request and one idle
+ * context for the batch. The vslot goes back on the ready list's tail if it can still
+ * dispatch, which round-robins workers across models.
+ *
+ * Run: a batch of one runs as before (run_leased). A larger batch (run_batch) preprocesses
+ * and validates each request against the generation's config (a request that fails is
+ * answered with its own error and leaves the batch), merges the rest into one input per
+ * configured input, runs the backend once, and splits each output back by rows (batch.c).
+ * A backend error fails exactly the requests of that batch, each with the message. One
+ * lock acquisition returns the batch's context and ends every request of it
+ * (complete_batch); the callbacks run after unlocking.
+ *
+ * Timer thread: sleeps until the earliest deadline of a queued request or batching delay
+ * (timer_next, lowered by submit and by a vslot that starts waiting), then scans the vslots:
+ * REJECT-expired requests are answered KEEL_ETIMEDOUT at their deadline even while every
+ * context is busy (parked vslots' too: "waiting for model to load"), DELAY-expired ones move
+ * behind the others, and vslots whose delay passed are made ready (flush).
+ *
+ * preserve_ordering: each batch dispatched from a vslot takes the next sequence number; a
+ * batch that ends before an earlier one (another context was slower) is held, unanswered,
+ * until that one ends (end_group), so responses leave in the order batches were formed.
+ * Requests answered without running (expired, cancelled while queued) are not held.
  *
  * Completion (complete()): under rt->mu the context goes back to the generation it came from
  * (a retired generation keeps it until it is freed, and never hands it out again) and the
@@ -28,13 +67,23 @@
  * the estimate of its class: a slower sample moves it half-way up at once (one 50 ms run
  * makes a 10 us model slow), a faster one an eighth of the way down (a model that turned
  * fast again comes back inline after a few handed-off runs). An unmeasured class is slow:
- * its first run is handed off. Where each request ran is counted per model
- * (stats.runs_inline / runs_handed_off). All locks: see internal.h. Layer: calls registry.c,
- * request.c, preprocess.c (the run path), budget.c (want_load) and generation.c only.
+ * its first run is handed off. A batching model (dynamic_batching, max_batch_size > 0) is
+ * never "fast": the server's I/O thread queues its requests and goes on reading, so that
+ * requests arriving together are batched by a worker (run on the I/O thread, each would run
+ * alone). With a max_queue_delay or preserve_ordering it never runs on the submitting thread
+ * at all (KEEL_SUBMIT_RUN_HERE, keel_infer): its requests wait to be gathered, or take their
+ * place in the order. Where each request ran is
+ * counted per model (stats.runs_inline / runs_handed_off).
+ *
+ * Locks: rt->mu only (internal.h's order); per request, submit takes it once, and a batch of
+ * n requests takes it once to form and once to complete (docs/PERFORMANCE.md has the
+ * counts). Layer: calls registry.c, request.c, batch.c, preprocess.c (the run path),
+ * budget.c (want_load) and generation.c only.
  */
 #include <string.h>
 #include <time.h>
 
+#include "runtime/batch.h"
 #include "runtime/budget.h"
 #include "runtime/generation.h"
 #include "runtime/preprocess.h"
@@ -49,9 +98,20 @@ static bool vslot_has_idle_context(const keel__vslot *v)
     return g != NULL && g->nfree > 0 && g->in_use < g->max_in_use;
 }
 
+/* Rows a batch waits for before its delay passes: the largest preferred size, else
+ * max_batch_size. */
+static int64_t batch_target(const keel__model_config *cfg)
+{
+    return cfg->npreferred > 0 ? cfg->preferred[cfg->npreferred - 1] : cfg->max_batch_size;
+}
+
 static bool vslot_can_dispatch(const keel__vslot *v)
 {
-    return v->qhead != NULL && vslot_has_idle_context(v);
+    if (v->nqueued == 0 || !vslot_has_idle_context(v))
+        return false;
+    /* Waiting out a batching delay: only a full batch or the timer's flush ends it. */
+    return v->delay_until_ns == 0 || v->flush ||
+           v->queued_rows >= (uint64_t)batch_target(v->current->cfg);
 }
 
 void keel__vslot_kick_locked(keel_runtime *rt, keel__vslot *v)
@@ -101,65 +161,133 @@ static void ready_remove_locked(keel_runtime *rt, keel__vslot *v)
     v->in_ready = false;
 }
 
-/* Unlinks a queued request from v's FIFO and drops the queued counters. */
+/* Lowers the timer's next wake-up to t (a deadline or a batching delay) and wakes it. */
+static void timer_note_locked(keel_runtime *rt, uint64_t t)
+{
+    if (t != 0 && (rt->timer_next == 0 || t < rt->timer_next)) {
+        rt->timer_next = t;
+        pthread_cond_signal(&rt->timer_cv);
+    }
+}
+
+/* Appends req to v's queue q and counts it. */
+static void queue_push_locked(keel_runtime *rt, keel__vslot *v, keel_request *req, uint32_t q)
+{
+    req->queue = q;
+    req->qnext = NULL;
+    req->qprev = v->qtail[q];
+    if (v->qtail[q] != NULL)
+        v->qtail[q]->qnext = req;
+    else
+        v->qhead[q] = req;
+    v->qtail[q] = req;
+    v->nqueued_q[q]++;
+    v->nqueued++;
+    v->queued_rows += (uint64_t)req->rows;
+    keel__counter_add(rt, v->entry, KEEL__CNT(queued), 1);
+}
+
+/* Unlinks a queued request from its FIFO in v and drops the queued counters. */
 static void queue_unlink_locked(keel_runtime *rt, keel__vslot *v, keel_request *req)
 {
+    uint32_t q = req->queue;
+
     if (req->qprev != NULL)
         req->qprev->qnext = req->qnext;
     else
-        v->qhead = req->qnext;
+        v->qhead[q] = req->qnext;
     if (req->qnext != NULL)
         req->qnext->qprev = req->qprev;
     else
-        v->qtail = req->qprev;
+        v->qtail[q] = req->qprev;
     req->qnext = req->qprev = NULL;
+    v->nqueued_q[q]--;
+    v->nqueued--;
+    v->queued_rows -= (uint64_t)req->rows;
+    if (v->nqueued == 0) {
+        v->delay_until_ns = 0; /* nothing left to wait for */
+        v->flush = false;
+    }
     keel__counter_add(rt, v->entry, KEEL__CNT(queued), -1);
+}
+
+/* The first queued request of v in dispatch order, or NULL. */
+static keel_request *queue_first(const keel__vslot *v)
+{
+    for (uint32_t q = 0; q < KEEL__NQUEUES; q++) {
+        if (v->qhead[q] != NULL)
+            return v->qhead[q];
+    }
+    return NULL;
+}
+
+/* The request after req in dispatch order, or NULL. */
+static keel_request *queue_next(const keel__vslot *v, const keel_request *req)
+{
+    if (req->qnext != NULL)
+        return req->qnext;
+    for (uint32_t q = req->queue + 1; q < KEEL__NQUEUES; q++) {
+        if (v->qhead[q] != NULL)
+            return v->qhead[q];
+    }
+    return NULL;
+}
+
+/* Appends req to the list *tail points at the end of (linked by qnext). */
+static void list_append(keel_request **head, keel_request **tail, keel_request *req)
+{
+    req->qnext = NULL;
+    if (*tail != NULL)
+        (*tail)->qnext = req;
+    else
+        *head = req;
+    *tail = req;
 }
 
 void keel__vslot_drain_locked(keel_runtime *rt, keel__vslot *v, keel_request **list)
 {
     keel_request *tail = *list;
+    keel_request *req;
 
     while (tail != NULL && tail->qnext != NULL)
         tail = tail->qnext;
-    while (v->qhead != NULL) {
-        keel_request *req = v->qhead;
+    while ((req = queue_first(v)) != NULL) {
         queue_unlink_locked(rt, v, req);
         req->state = KEEL__REQ_COMPLETING;
-        if (tail != NULL)
-            tail->qnext = req;
-        else
-            *list = req;
-        tail = req;
+        list_append(list, &tail, req);
     }
     ready_remove_locked(rt, v);
 }
 
 void keel__vslot_move_latest_locked(keel_runtime *rt, keel__vslot *from, keel__vslot *to)
 {
-    keel_request *req = from->qhead;
-
     KEEL__ASSERT(from != to && from->entry == to->entry);
-    while (req != NULL) {
-        keel_request *next = req->qnext;
-        if (req->version == -1) {
-            queue_unlink_locked(rt, from, req);
-            from->inflight--;
-            to->inflight++; /* already admitted: may exceed the bound once */
-            req->vslot = to;
-            req->qprev = to->qtail;
-            if (to->qtail != NULL)
-                to->qtail->qnext = req;
-            else
-                to->qhead = req;
-            to->qtail = req;
-            keel__counter_add(rt, to->entry, KEEL__CNT(queued), 1);
+    for (uint32_t q = 0; q < KEEL__NQUEUES; q++) {
+        keel_request *req = from->qhead[q];
+        while (req != NULL) {
+            keel_request *next = req->qnext;
+            if (req->version == -1) {
+                queue_unlink_locked(rt, from, req);
+                from->inflight--;
+                to->inflight++; /* already admitted: may exceed the bound once */
+                req->vslot = to;
+                queue_push_locked(rt, to, req, q);
+            }
+            req = next;
         }
-        req = next;
     }
-    if (from->qhead == NULL)
+    if (from->nqueued == 0)
         ready_remove_locked(rt, from);
     keel__vslot_kick_locked(rt, to);
+}
+
+void keel__vslot_set_policy_locked(keel__vslot *v, const keel__model_config *cfg)
+{
+    v->max_inflight = cfg->max_queue_size;
+    memcpy(v->qpolicy, cfg->qpolicy, sizeof(v->qpolicy));
+    v->qpolicy[0].max_queue_size = 0; /* the default policy's bound is max_inflight */
+    v->priority_levels = cfg->priority_levels;
+    v->default_priority_level = cfg->default_priority_level;
 }
 
 /* Picks the vslot for a request under rt->mu, or explains why there is none. A model that
@@ -241,11 +369,11 @@ bool keel__est_is_fast(uint64_t est, uint64_t bound_ns)
     return est != 0 && est < bound_ns;
 }
 
-/* Rows the request will run as: the first input's leading dimension when the model has a
- * batch dimension (bind_inputs checks the rest when it runs), else 1. */
-static int64_t request_rows(const keel_request *req, const keel__model_config *cfg)
+/* Rows the request will run as: the first input's leading dimension (bind_inputs checks the
+ * rest when it runs), else 1. Without a batch dimension it is 1. */
+static int64_t request_rows(const keel_request *req, int64_t max_batch_size)
 {
-    if (cfg->max_batch_size > 0 && req->ninputs > 0 && req->inputs[0].ndim > 0 &&
+    if (max_batch_size > 0 && req->ninputs > 0 && req->inputs[0].ndim > 0 &&
         req->inputs[0].shape[0] > 0)
         return req->inputs[0].shape[0];
     return 1;
@@ -258,10 +386,40 @@ static bool vslot_is_fast_for(const keel_runtime *rt, const keel__vslot *v, cons
     uint64_t est;
 
     if (g->cfg->preprocess != NULL)
-        return false;
-    est = atomic_load_explicit(&g->est_run_ns[keel__est_class(request_rows(req, g->cfg))],
-                               memory_order_relaxed);
+        return false; /* image models decode in a worker process */
+    if (g->cfg->batching && g->cfg->max_batch_size > 0)
+        return false; /* the I/O thread queues; requests that pile up meanwhile batch */
+    est = atomic_load_explicit(&g->est_run_ns[keel__est_class(req->rows)], memory_order_relaxed);
     return keel__est_is_fast(est, rt->inline_max_ns);
+}
+
+/* Under rt->mu: req's priority level in v (1..), or 0 with the error set. */
+static uint32_t level_of(keel_request *req, const keel__vslot *v)
+{
+    uint32_t levels = v->priority_levels > 0 ? v->priority_levels : 1;
+
+    if (req->priority == 0)
+        return v->priority_levels > 0 ? v->default_priority_level : 1;
+    if (req->priority > levels) {
+        keel__request_set_error(req, "priority %u is not a level of model '%s' (it has %s%u)",
+                                req->priority, v->entry->name,
+                                v->priority_levels > 0 ? "levels 1 to " : "the one level ", levels);
+        return 0;
+    }
+    return req->priority;
+}
+
+/* Under rt->mu: the deadline of req (0 = none) under its level's policy; see the DESIGN. */
+static uint64_t deadline_of(const keel_request *req, const keel__queue_policy *qp)
+{
+    uint64_t t = qp->default_timeout_us;
+
+    if (req->timeout_us != 0 && (t == 0 || qp->allow_timeout_override || req->timeout_us < t))
+        t = req->timeout_us;
+    /* A timeout too large to add to the clock is no deadline, not an overflowed one. */
+    if (t == 0 || t > (UINT64_MAX - req->submit_ns) / 1000ULL)
+        return 0;
+    return req->submit_ns + t * 1000ULL;
 }
 
 /*
@@ -277,6 +435,8 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
     keel_runtime *rt;
     keel__model_entry *e;
     keel__vslot *v = NULL;
+    const keel__queue_policy *qp;
+    uint32_t level;
     keel_err err;
 
     *run_here = false;
@@ -302,10 +462,22 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
     }
     if ((err = pick_vslot_locked(req, e, &v)) != KEEL_OK)
         goto fail;
-    if (v->inflight >= v->max_inflight) {
+    if ((level = level_of(req, v)) == 0) {
+        err = KEEL_EINVAL;
+        goto fail;
+    }
+    qp = &v->qpolicy[v->priority_levels > 0 ? level : 0];
+    if (v->inflight >= v->max_inflight ||
+        (qp->max_queue_size != 0 && v->nqueued_q[level - 1] >= qp->max_queue_size)) {
         atomic_fetch_add_explicit(&e->stats.rejected, 1, memory_order_relaxed);
-        keel__request_set_error(req, "model '%s' version %lld: queue full (%u requests)", e->name,
-                                (long long)v->version, v->max_inflight);
+        if (v->inflight >= v->max_inflight)
+            keel__request_set_error(req, "model '%s' version %lld: queue full (%u requests)",
+                                    e->name, (long long)v->version, v->max_inflight);
+        else
+            keel__request_set_error(req,
+                                    "model '%s' version %lld: queue of priority %u full (%u "
+                                    "requests)",
+                                    e->name, (long long)v->version, level, qp->max_queue_size);
         err = KEEL_EUNAVAILABLE;
         goto fail;
     }
@@ -315,6 +487,7 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
     keel__counter_add(rt, e, KEEL__CNT(leases), 1);
     req->state = KEEL__REQ_QUEUED;
     req->cancel_requested = false;
+    req->ordered = false;
     req->cb = cb;
     req->user = user;
     req->entry = e;
@@ -328,12 +501,9 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
     e->last_used_ns = req->submit_ns; /* LRU for the memory budget: no second clock read */
     req->dispatch_ns = 0;
     req->input_end_ns = req->output_start_ns = req->complete_ns = req->preprocess_ns = 0;
-    {
-        uint64_t t = req->timeout_us != 0 ? req->timeout_us : v->default_timeout_us;
-        /* A timeout too large to add to the clock is no deadline, not an overflowed one. */
-        bool fits = t <= (UINT64_MAX - req->submit_ns) / 1000ULL;
-        req->deadline_ns = t != 0 && fits ? req->submit_ns + t * 1000ULL : 0;
-    }
+    req->deadline_ns = deadline_of(req, qp);
+    req->timeout_action = qp->timeout_action;
+    req->rows = request_rows(req, v->current != NULL ? v->current->cfg->max_batch_size : 1);
     if (keel__fault_hit(KEEL__FAULT_SUBMIT)) {
         /* A failure after the slot was taken: undo everything; the callback never runs. */
         v->inflight--;
@@ -347,8 +517,10 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
         err = KEEL_EUNAVAILABLE;
         goto fail;
     }
-    if ((flags & (KEEL_SUBMIT_RUN_HERE | KEEL_SUBMIT_RUN_IF_FAST)) != 0 && v->qhead == NULL &&
+    if ((flags & (KEEL_SUBMIT_RUN_HERE | KEEL_SUBMIT_RUN_IF_FAST)) != 0 && v->nqueued == 0 &&
         vslot_has_idle_context(v) &&
+        !(v->current->cfg->batching &&
+          (v->current->cfg->max_queue_delay_us > 0 || v->current->cfg->preserve_ordering)) &&
         ((flags & KEEL_SUBMIT_RUN_IF_FAST) == 0 || vslot_is_fast_for(rt, v, req))) {
         req->dispatch_ns = req->submit_ns;
         lease_locked(rt, v, req);
@@ -357,18 +529,9 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
         pthread_mutex_unlock(&rt->mu);
         return KEEL_OK;
     }
-    req->qnext = NULL;
-    req->qprev = v->qtail;
-    if (v->qtail != NULL)
-        v->qtail->qnext = req;
-    else
-        v->qhead = req;
-    v->qtail = req;
-    keel__counter_add(rt, e, KEEL__CNT(queued), 1);
-    if (v->current == NULL)
-        pthread_cond_broadcast(&rt->work_cv); /* parked: idle workers watch its deadline */
-    else
-        keel__vslot_kick_locked(rt, v);
+    queue_push_locked(rt, v, req, level - 1);
+    timer_note_locked(rt, req->deadline_ns);
+    keel__vslot_kick_locked(rt, v);
     pthread_mutex_unlock(&rt->mu);
     return KEEL_OK;
 
@@ -395,53 +558,47 @@ keel_err keel_infer_submit_ex(keel_request *req, unsigned flags, keel_infer_cb c
     return err;
 }
 
-/* Ends a request: see the file's DESIGN. Called with no lock held, exactly once per
- * successful submit. status_in is what happened; msg (may be NULL) overrides the message. */
-static void complete(keel_request *req, keel_err status, const char *msg)
+/* Under rt->mu: the part of ending req that needs the lock (its context, if it holds one,
+ * is returned by the caller): drops the slot, moves the callback to done_cb, sets the
+ * result. Returns the vslot to free after unlocking, or NULL. */
+static keel__vslot *finish_locked(keel_runtime *rt, keel_request *req, keel_err status,
+                                  uint64_t now)
 {
-    keel_runtime *rt = req->rt;
-    keel__model_entry *e = req->entry;
     keel__vslot *v = req->vslot;
-    keel__generation *g = req->gen;
-    keel__vslot *free_vslot = NULL;
-    keel_infer_cb cb;
-    void *user;
-    uint64_t now = keel__now_ns();
 
-    if (msg != NULL)
-        keel__request_set_error(req, "%s", msg);
-
-    pthread_mutex_lock(&rt->mu);
     if (req->cancel_requested && status == KEEL_OK) {
         status = KEEL_ECANCELED;
         keel__request_set_error(req, "request cancelled while running");
     }
-    if (g != NULL) {
-        KEEL__ASSERT(req->ctx_index >= 0 && req->ctx_index < g->nctx);
-        g->free_stack[g->nfree++] = req->ctx_index; /* back to its own generation */
-        g->in_use--;
-        keel__counter_add(rt, e, KEEL__CNT(contexts_in_use), -1);
-        if (!g->retired)
-            keel__vslot_kick_locked(rt, v);
-    }
     KEEL__ASSERT(v->inflight > 0);
     v->inflight--;
-    if (v->removed && v->inflight == 0)
-        free_vslot = v;
-    keel__counter_add(rt, e, KEEL__CNT(leases), -1);
-    cb = req->cb;
-    user = req->user;
+    keel__counter_add(rt, req->entry, KEEL__CNT(leases), -1);
+    req->done_cb = req->cb;
+    req->done_user = req->user;
     req->cb = NULL;
     req->user = NULL;
-    req->gen = NULL;
     req->ctx_index = -1;
     req->vslot = NULL;
-    req->entry = NULL;
     req->status = status;
     req->complete_ns = now;
     req->state = KEEL__REQ_IDLE;
-    pthread_mutex_unlock(&rt->mu);
+    return v->removed && v->inflight == 0 ? v : NULL;
+}
 
+/* After finish_locked, no lock held: releases what req held, counts it, runs the callback.
+ * e and g are what req had (req's own fields are cleared here). */
+static void finish_unlocked(keel_request *req, keel__model_entry *e, keel__generation *g,
+                            keel__vslot *free_vslot, uint64_t now)
+{
+    keel_err status = req->status;
+    keel_infer_cb cb = req->done_cb;
+    void *user = req->done_user;
+
+    req->gen = NULL;
+    req->entry = NULL;
+    req->ordered = false;
+    req->done_cb = NULL;
+    req->done_user = NULL;
     /* Released after unlocking: the generation may be freed (by the reaper). */
     keel__generation_release(g);
     if (free_vslot != NULL)
@@ -453,15 +610,93 @@ static void complete(keel_request *req, keel_err status, const char *msg)
         atomic_fetch_add_explicit(&e->stats.success, 1, memory_order_relaxed);
     else
         atomic_fetch_add_explicit(&e->stats.failure[status], 1, memory_order_relaxed);
-    if (req->dispatch_ns != 0)
-        atomic_fetch_add_explicit(&e->stats.queue_ns, req->dispatch_ns - req->submit_ns,
-                                  memory_order_relaxed);
-    else
-        atomic_fetch_add_explicit(&e->stats.queue_ns, now - req->submit_ns, memory_order_relaxed);
+    atomic_fetch_add_explicit(&e->stats.queue_ns,
+                              (req->dispatch_ns != 0 ? req->dispatch_ns : now) - req->submit_ns,
+                              memory_order_relaxed);
     atomic_store_explicit(&e->stats.last_inference_unix_ms, keel__unix_ms(), memory_order_relaxed);
 
     KEEL__ASSERT(cb != NULL);
     cb(req, status, user); /* req may be destroyed or resubmitted from here on */
+}
+
+/* Under rt->mu: gives context ctx back to g (it came from g). */
+static void context_return_locked(keel_runtime *rt, keel__generation *g, int ctx, keel__vslot *v)
+{
+    KEEL__ASSERT(ctx >= 0 && ctx < g->nctx);
+    g->free_stack[g->nfree++] = ctx; /* back to its own generation */
+    g->in_use--;
+    keel__counter_add(rt, g->entry, KEEL__CNT(contexts_in_use), -1);
+    if (!g->retired)
+        keel__vslot_kick_locked(rt, v);
+}
+
+/*
+ * Ends a group of requests that ran together (one request, or a batch linked by qnext; each
+ * request's outcome in req->status) under one lock acquisition: returns the context the group
+ * held (ctx >= 0) to g, then finishes every request. Under preserve_ordering (req->ordered),
+ * a group that ends before a group dispatched earlier is held on its vslot, unfinished (its
+ * requests keep their slots and references), and finished by the group it waited for, in
+ * dispatch order. The callbacks run after unlocking.
+ */
+static void end_group(keel_runtime *rt, keel_request *head, keel__generation *g, int ctx)
+{
+    keel__vslot *v = head->vslot, *free_vslot = NULL;
+    keel_request *done = NULL, *done_tail = NULL, *free_at = NULL;
+    uint64_t now = keel__now_ns();
+
+    pthread_mutex_lock(&rt->mu);
+    if (ctx >= 0)
+        context_return_locked(rt, g, ctx, v);
+    if (head->ordered && head->order_seq != v->seq_done) {
+        head->held_next = v->held; /* an earlier group still runs: wait for it */
+        v->held = head;
+        pthread_mutex_unlock(&rt->mu);
+        return;
+    }
+    for (keel_request *grp = head; grp != NULL;) {
+        bool ordered = grp->ordered;
+        if (done_tail != NULL)
+            done_tail->qnext = grp;
+        else
+            done = grp;
+        for (keel_request *req = grp; req != NULL; req = req->qnext) {
+            keel__vslot *f = finish_locked(rt, req, req->status, now);
+            if (f != NULL) {
+                free_vslot = f; /* the last request of a removed vslot */
+                free_at = req;
+            }
+            done_tail = req;
+        }
+        grp = NULL;
+        if (ordered) {
+            v->seq_done++;
+            for (keel_request **pp = &v->held; *pp != NULL; pp = &(*pp)->held_next) {
+                if ((*pp)->order_seq == v->seq_done) {
+                    grp = *pp; /* the next one in dispatch order ended already */
+                    *pp = grp->held_next;
+                    grp->held_next = NULL;
+                    break;
+                }
+            }
+        }
+    }
+    pthread_mutex_unlock(&rt->mu);
+    for (keel_request *req = done, *next; req != NULL; req = next) {
+        next = req->qnext;
+        req->qnext = NULL;
+        finish_unlocked(req, req->entry, req->gen, req == free_at ? free_vslot : NULL, now);
+    }
+}
+
+/* Ends a request: see the file's DESIGN. Called with no lock held, exactly once per
+ * successful submit. status is what happened; msg (may be NULL) overrides the message. */
+static void complete(keel_request *req, keel_err status, const char *msg)
+{
+    if (msg != NULL)
+        keel__request_set_error(req, "%s", msg);
+    req->status = status;
+    req->qnext = NULL;
+    end_group(req->rt, req, req->gen, req->gen != NULL ? req->ctx_index : -1);
 }
 
 void keel__complete_list(keel_request *list, keel_err status, const char *why)
@@ -472,6 +707,17 @@ void keel__complete_list(keel_request *list, keel_err status, const char *why)
         complete(list, status, why);
         list = next;
     }
+}
+
+/* Updates g's run-time estimate of a batch of `batch` rows with one sample. */
+static void estimate_update(keel__generation *g, int64_t batch, uint64_t ns)
+{
+    /* Racing updates of one class may lose a sample: an estimate needs no more. */
+    _Atomic uint64_t *est = &g->est_run_ns[keel__est_class(batch)];
+
+    atomic_store_explicit(est,
+                          keel__est_update(atomic_load_explicit(est, memory_order_relaxed), ns),
+                          memory_order_relaxed);
 }
 
 /* Runs a leased request on its context (worker thread, no lock held). */
@@ -506,14 +752,10 @@ static keel_err run_leased(keel_request *req, int64_t *batch_out)
     req->output_start_ns = keel__now_ns();
     t0 = req->output_start_ns - t0;
     atomic_fetch_add_explicit(&g->entry->stats.compute_ns, t0, memory_order_relaxed);
-    {
-        /* Racing updates of one class may lose a sample: an estimate needs no more. */
-        _Atomic uint64_t *est = &g->est_run_ns[keel__est_class(*batch_out)];
-        atomic_store_explicit(est,
-                              keel__est_update(atomic_load_explicit(est, memory_order_relaxed), t0),
-                              memory_order_relaxed);
-    }
+    estimate_update(g, *batch_out, t0);
     atomic_fetch_add_explicit(&g->entry->stats.execution_count, 1, memory_order_relaxed);
+    if (g->cfg->batching && g->cfg->max_batch_size > 0)
+        keel__batch_stats_record(&g->entry->stats, *batch_out, 0, t0, 0);
     if (err != KEEL_OK) {
         keel__request_set_error(req, "model '%s' version %lld: %s", g->cfg->name,
                                 (long long)g->version,
@@ -560,61 +802,339 @@ static void run_and_complete(keel_request *req)
     complete(req, err, NULL);
 }
 
-/* Under rt->mu: unlinks the requests of parked vslots whose deadline is <= now into *list
- * (state COMPLETING, error message set); returns the earliest remaining deadline, 0 if none. */
-static uint64_t parked_expire_locked(keel_runtime *rt, uint64_t now, keel_request **list)
+/* ---- batches */
+
+/* A batch formed under rt->mu: its requests (qnext), one generation and one context. */
+typedef struct batch {
+    keel_request *head, *tail;
+    size_t n;
+    int64_t rows;
+    keel__generation *gen;
+    keel__vslot *vslot;
+    int ctx;
+} batch;
+
+/* Under rt->mu: takes req out of its queue because its deadline passed: into *expired
+ * (REJECT) or to the end of the delayed queue with no deadline (DELAY). */
+static void expire_locked(keel_runtime *rt, keel__vslot *v, keel_request *req, uint64_t now,
+                          keel_request **expired, keel_request **expired_tail)
 {
+    queue_unlink_locked(rt, v, req);
+    if (req->timeout_action == KEEL__TIMEOUT_DELAY) {
+        req->deadline_ns = 0;
+        queue_push_locked(rt, v, req, KEEL__DELAYED_Q);
+        return;
+    }
+    req->state = KEEL__REQ_COMPLETING;
+    if (v->current == NULL)
+        keel__request_set_error(
+            req, "deadline exceeded after %llu us waiting for model '%s' to load",
+            (unsigned long long)((now - req->submit_ns) / 1000), v->entry->name);
+    else
+        keel__request_set_error(req, "deadline exceeded after %llu us in queue",
+                                (unsigned long long)((now - req->submit_ns) / 1000));
+    list_append(expired, expired_tail, req);
+}
+
+/*
+ * Under rt->mu, for a vslot that can dispatch: takes the next batch out of v's queues into
+ * *b (see the DESIGN), leasing one context. Expired requests met on the way go to *expired.
+ * Returns false if there is no batch to run now (all expired, or waiting for the delay).
+ */
+static bool form_batch_locked(keel_runtime *rt, keel__vslot *v, uint64_t now, batch *b,
+                              keel_request **expired, keel_request **expired_tail)
+{
+    keel__generation *g = v->current;
+    const keel__model_config *cfg = g->cfg;
+    int64_t max_rows = cfg->batching ? cfg->max_batch_size : 0;
+    keel_request *first = NULL, *req = queue_first(v);
+    int64_t rows = 0, cut_rows = 0;
+    size_t n = 0, cut = 0, pi = 0;
+    bool closed = false;
+
+    memset(b, 0, sizeof(*b));
+    /* Pass 1: expire, and find how far the batch goes. */
+    while (req != NULL) {
+        keel_request *next = queue_next(v, req);
+        if (req->deadline_ns != 0 && now >= req->deadline_ns) {
+            bool delay = req->timeout_action == KEEL__TIMEOUT_DELAY;
+            expire_locked(rt, v, req, now, expired, expired_tail);
+            /* A DELAYed request is now the delayed queue's tail: met again at the end. */
+            req = delay && next == NULL ? req : next;
+            continue;
+        }
+        if (first == NULL) {
+            first = req;
+        } else if (!keel__batch_compatible(first, req)) {
+            closed = true;
+            break;
+        } else if (rows + req->rows > max_rows) {
+            closed = true; /* full: the next one starts the next batch */
+            break;
+        }
+        rows += req->rows;
+        n++;
+        while (pi < cfg->npreferred && cfg->preferred[pi] < rows)
+            pi++;
+        if (pi < cfg->npreferred && cfg->preferred[pi] == rows) {
+            cut = n;
+            cut_rows = rows;
+        }
+        if (max_rows <= 0 || rows >= max_rows || n >= UINT32_MAX)
+            break;
+        req = next;
+    }
+    if (n == 0)
+        return false;
+    if (max_rows > 0 && !closed && rows < batch_target(cfg) && cfg->max_queue_delay_us > 0 &&
+        !v->flush) {
+        uint64_t until = first->submit_ns + cfg->max_queue_delay_us * 1000u;
+        if (now < until) {
+            v->delay_until_ns = until;
+            timer_note_locked(rt, until);
+            return false;
+        }
+    }
+    v->delay_until_ns = 0;
+    v->flush = false;
+    if (cut == 0 || max_rows <= 0) {
+        cut = n;
+        cut_rows = rows;
+    }
+    /* Pass 2: unlink the first `cut` requests in dispatch order (pass 1 left them there:
+     * whatever it moved went to the end). A batch of one holds the context itself. */
+    b->gen = g;
+    b->vslot = v;
+    b->rows = cut_rows;
+    b->ctx = -1;
+    if (cut > 1) {
+        b->ctx = g->free_stack[--g->nfree];
+        g->in_use++;
+        keel__counter_add(rt, v->entry, KEEL__CNT(contexts_in_use), 1);
+    }
+    for (size_t i = 0; i < cut; i++) {
+        req = queue_first(v);
+        queue_unlink_locked(rt, v, req);
+        req->ordered = cfg->preserve_ordering;
+        req->order_seq = v->seq_next;
+        if (cut == 1) {
+            lease_locked(rt, v, req);
+        } else {
+            keel__generation_acquire(g);
+            req->gen = g;
+            req->ctx_index = -1;
+            req->generation_id = g->id;
+            req->ran_version = g->version;
+            req->state = KEEL__REQ_RUNNING;
+        }
+        req->dispatch_ns = now;
+        list_append(&b->head, &b->tail, req);
+        b->n++;
+    }
+    if (cfg->preserve_ordering)
+        v->seq_next++;
+    atomic_fetch_add_explicit(&v->entry->stats.runs_handed_off, b->n, memory_order_relaxed);
+    return true;
+}
+
+/* Ends every request of a batch and returns its context (end_group; no lock held on
+ * entry). Each request's status is in req->status. */
+static void complete_batch(keel_runtime *rt, batch *b)
+{
+    end_group(rt, b->head, b->gen, b->ctx);
+}
+
+/* Runs a batch of two or more requests (worker thread, no lock held) and completes it. */
+static void run_batch(keel_runtime *rt, batch *b)
+{
+    keel__generation *g = b->gen;
+    const keel__model_config *cfg = g->cfg;
+    keel_request *ok = NULL, *ok_tail = NULL, *failed = NULL, *failed_tail = NULL;
+    keel__prep_swap *sw = keel__calloc(b->n, sizeof(*sw));
+    int64_t(*shapes)[KEEL__MAX_DIMS + 1] = keel__calloc(cfg->ninputs + 1, sizeof(*shapes));
+    keel_tensor_view *views = keel__calloc(cfg->ninputs + 1, sizeof(*views));
+    void **bufs = keel__calloc(cfg->ninputs + 1, sizeof(*bufs));
+    char errbuf[KEEL__ERRLEN];
+    keel__batch_sink sink = {0};
+    uint64_t t_in, t_run, t_out;
+    keel_err err = KEEL_OK;
+    size_t nok = 0;
+
+    errbuf[0] = '\0';
+    if (sw == NULL || shapes == NULL || views == NULL || bufs == NULL) {
+        keel__errf(errbuf, sizeof(errbuf), "out of memory forming a batch of %zu requests", b->n);
+        err = KEEL_ENOMEM;
+    }
+    /* Each request: preprocess (image models), then its own validation. sw[0..nok) are the
+     * swaps of the requests that passed, in their order; a failed one is restored at once. */
+    t_in = keel__now_ns();
+    for (keel_request *req = b->head, *next; req != NULL; req = next) {
+        int64_t rows = 0;
+        keel_err e = err;
+        next = req->qnext;
+        if (e == KEEL_OK) {
+            uint64_t t0 = cfg->preprocess != NULL ? keel__now_ns() : 0;
+            e = keel__preprocess_begin(req, &sw[nok]);
+            if (t0 != 0)
+                req->preprocess_ns = keel__now_ns() - t0;
+        }
+        keel__request_clear_outputs(req);
+        if (e == KEEL_OK)
+            e = keel__request_bind_inputs(req, cfg, g->backend->input_types, &rows);
+        if (e == KEEL_OK && rows != req->rows) {
+            keel__request_set_error(req, "input batch sizes changed while queued");
+            e = KEEL_EINVAL;
+        }
+        req->status = e;
+        if (e != KEEL_OK && err != KEEL_OK)
+            keel__request_set_error(req, "%s", errbuf);
+        if (e == KEEL_OK) {
+            nok++;
+            list_append(&ok, &ok_tail, req);
+        } else {
+            if (sw != NULL)
+                keel__preprocess_end(req, &sw[nok]);
+            list_append(&failed, &failed_tail, req);
+        }
+    }
+    /* The requests that passed, merged into one call. */
+    sink.list = ok;
+    for (keel_request *req = ok; req != NULL; req = req->qnext) {
+        sink.nreqs++;
+        sink.rows += req->rows;
+    }
+    if (ok != NULL) {
+        keel__run_io io = {views, cfg->ninputs, sink.rows,     keel__batch_emit,
+                           &sink, errbuf,       sizeof(errbuf)};
+        err = keel__batch_inputs_merge(cfg, ok, sink.rows, shapes, views, bufs, errbuf,
+                                       sizeof(errbuf));
+        if (err == KEEL_OK && keel__fault_hit(KEEL__FAULT_BACKEND_RUN)) {
+            keel__errf(errbuf, sizeof(errbuf), "injected backend run fault");
+            err = KEEL_EBACKEND;
+            keel__batch_inputs_free(views, bufs, cfg->ninputs);
+        } else if (err == KEEL_OK) {
+            t_run = keel__now_ns();
+            for (keel_request *req = ok; req != NULL; req = req->qnext)
+                req->input_end_ns = t_run;
+            err = g->backend->run(g->ctxs[b->ctx], &io);
+            t_out = keel__now_ns();
+            keel__batch_inputs_free(views, bufs, cfg->ninputs);
+            atomic_fetch_add_explicit(&g->entry->stats.compute_ns, t_out - t_run,
+                                      memory_order_relaxed);
+            atomic_fetch_add_explicit(&g->entry->stats.execution_count, 1, memory_order_relaxed);
+            estimate_update(g, sink.rows, t_out - t_run);
+            for (keel_request *req = ok; req != NULL; req = req->qnext)
+                req->output_start_ns = t_out;
+            keel__batch_stats_record(&g->entry->stats, sink.rows, t_run - t_in, t_out - t_run,
+                                     keel__now_ns() - t_out);
+        }
+        for (keel_request *req = ok; req != NULL; req = req->qnext) {
+            req->status = err;
+            if (err != KEEL_OK)
+                keel__request_set_error(req, "model '%s' version %lld: %s", cfg->name,
+                                        (long long)g->version,
+                                        errbuf[0] != '\0' ? errbuf : keel_strerror(err));
+        }
+        if (err == KEEL_OK)
+            atomic_fetch_add_explicit(&g->entry->stats.inference_count, (uint64_t)sink.rows,
+                                      memory_order_relaxed);
+    }
+    nok = 0;
+    for (keel_request *req = ok; req != NULL; req = req->qnext)
+        keel__preprocess_end(req, &sw[nok++]);
+    /* Requests of one batch complete together; their order among them is not promised. */
+    if (ok_tail != NULL)
+        ok_tail->qnext = failed;
+    b->head = ok != NULL ? ok : failed;
+    b->tail = failed_tail != NULL ? failed_tail : ok_tail;
+    free(sw);
+    free(shapes);
+    free(views);
+    free(bufs);
+    complete_batch(rt, b);
+}
+
+/* ---- the timer thread */
+
+/* Under rt->mu: expires the queued requests whose deadline passed (into *expired, or behind
+ * the others under DELAY) and flushes vslots whose batching delay passed. Returns the
+ * earliest deadline or delay still ahead, 0 if none. */
+static uint64_t timer_scan_locked(keel_runtime *rt, uint64_t now, keel_request **expired)
+{
+    keel_request *tail = NULL;
     uint64_t next = 0;
 
     for (keel__model_entry *e = rt->models; e != NULL; e = e->next) {
         for (keel__vslot *v = e->versions; v != NULL; v = v->next) {
-            keel_request *req = v->current == NULL ? v->qhead : NULL;
-            while (req != NULL) {
-                keel_request *qn = req->qnext;
-                if (req->deadline_ns != 0 && req->deadline_ns <= now) {
-                    queue_unlink_locked(rt, v, req);
-                    req->state = KEEL__REQ_COMPLETING;
-                    keel__request_set_error(
-                        req, "deadline exceeded after %llu us waiting for model '%s' to load",
-                        (unsigned long long)((now - req->submit_ns) / 1000), e->name);
-                    req->qnext = *list;
-                    *list = req;
-                } else if (req->deadline_ns != 0 && (next == 0 || req->deadline_ns < next)) {
-                    next = req->deadline_ns;
+            if (v->nqueued == 0)
+                continue;
+            for (uint32_t q = 0; q < KEEL__NQUEUES; q++) {
+                keel_request *req = v->qhead[q];
+                while (req != NULL) {
+                    keel_request *qn = req->qnext;
+                    if (req->deadline_ns != 0 && req->deadline_ns <= now)
+                        expire_locked(rt, v, req, now, expired, &tail);
+                    else if (req->deadline_ns != 0 && (next == 0 || req->deadline_ns < next))
+                        next = req->deadline_ns;
+                    req = qn;
                 }
-                req = qn;
+            }
+            if (v->delay_until_ns != 0 && v->delay_until_ns <= now) {
+                v->flush = true;
+                keel__vslot_kick_locked(rt, v);
+            } else if (v->delay_until_ns != 0 && (next == 0 || v->delay_until_ns < next)) {
+                next = v->delay_until_ns;
             }
         }
     }
     return next;
 }
 
-/* Under rt->mu: waits for work. While vslots are parked, it also wakes for the earliest
- * deadline of a request waiting in one, and answers the expired ones (lock dropped). */
-static void worker_wait_locked(keel_runtime *rt)
+void *keel__timer_main(void *arg)
 {
-    while (!rt->stopping && rt->ready_head == NULL) {
+    keel_runtime *rt = arg;
+
+    pthread_mutex_lock(&rt->mu);
+    while (!rt->stopping) {
         keel_request *expired = NULL;
-        uint64_t next = 0;
+        uint64_t now = keel__now_ns(), next;
         struct timespec ts;
 
-        if (rt->nparked > 0)
-            next = parked_expire_locked(rt, keel__now_ns(), &expired);
+        if (rt->timer_next != 0 && rt->timer_next > now) {
+            ts.tv_sec = (time_t)(rt->timer_next / 1000000000u);
+            ts.tv_nsec = (long)(rt->timer_next % 1000000000u);
+            pthread_cond_timedwait(&rt->timer_cv, &rt->mu, &ts); /* CLOCK_MONOTONIC */
+            continue;
+        }
+        if (rt->timer_next == 0) {
+            pthread_cond_wait(&rt->timer_cv, &rt->mu);
+            continue;
+        }
+        next = timer_scan_locked(rt, now, &expired);
+        rt->timer_next = next;
         if (expired != NULL) {
             pthread_mutex_unlock(&rt->mu);
             keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
             pthread_mutex_lock(&rt->mu);
-            continue;
         }
-        if (next == 0) {
-            pthread_cond_wait(&rt->work_cv, &rt->mu);
-            continue;
-        }
-        ts.tv_sec = (time_t)(next / 1000000000u);
-        ts.tv_nsec = (long)(next % 1000000000u);
-        pthread_cond_timedwait(&rt->work_cv, &rt->mu, &ts); /* work_cv uses CLOCK_MONOTONIC */
     }
+    pthread_mutex_unlock(&rt->mu);
+    return NULL;
 }
+
+void keel__timer_stop(keel_runtime *rt)
+{
+    if (!rt->timer_started)
+        return;
+    pthread_mutex_lock(&rt->mu);
+    rt->stopping = true;
+    pthread_cond_signal(&rt->timer_cv);
+    pthread_mutex_unlock(&rt->mu);
+    pthread_join(rt->timer, NULL);
+    rt->timer_started = false;
+}
+
+/* ---- the worker threads */
 
 void *keel__worker_main(void *arg)
 {
@@ -622,38 +1142,28 @@ void *keel__worker_main(void *arg)
 
     pthread_mutex_lock(&rt->mu);
     for (;;) {
+        keel_request *expired = NULL, *expired_tail = NULL;
         keel__vslot *v;
-        keel_request *req;
-        bool expired;
+        batch b;
+        bool run;
 
-        worker_wait_locked(rt);
+        while (!rt->stopping && rt->ready_head == NULL)
+            pthread_cond_wait(&rt->work_cv, &rt->mu);
         if ((v = ready_pop_locked(rt)) == NULL)
             break; /* stopping and nothing left to dispatch */
         if (!vslot_can_dispatch(v))
             continue; /* its last queued request was cancelled meanwhile */
-        req = v->qhead;
-        queue_unlink_locked(rt, v, req);
-        req->dispatch_ns = keel__now_ns();
-        expired = req->deadline_ns != 0 && req->dispatch_ns >= req->deadline_ns;
-        if (expired) {
-            req->state = KEEL__REQ_COMPLETING;
-        } else {
-            lease_locked(rt, v, req);
-            atomic_fetch_add_explicit(&v->entry->stats.runs_handed_off, 1, memory_order_relaxed);
-        }
+        run = form_batch_locked(rt, v, keel__now_ns(), &b, &expired, &expired_tail);
         keel__vslot_kick_locked(rt, v);
         if (rt->ready_head != NULL)
             pthread_cond_signal(&rt->work_cv);
         pthread_mutex_unlock(&rt->mu);
 
-        if (expired) {
-            keel__request_set_error(
-                req, "deadline exceeded after %llu us in queue",
-                (unsigned long long)((req->dispatch_ns - req->submit_ns) / 1000));
-            complete(req, KEEL_ETIMEDOUT, NULL);
-        } else {
-            run_and_complete(req);
-        }
+        keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
+        if (run && b.n == 1)
+            run_and_complete(b.head);
+        else if (run)
+            run_batch(rt, &b);
         pthread_mutex_lock(&rt->mu);
     }
     pthread_mutex_unlock(&rt->mu);

@@ -8,6 +8,11 @@
 #include "runtime/internal.h"
 
 void *keel__worker_main(void *arg); /* a worker thread (started by create) */
+void *keel__timer_main(void *arg);  /* the timer thread (started by create) */
+/* Stops and joins the timer thread (destroy, after the queues were drained). */
+void keel__timer_stop(keel_runtime *rt);
+/* Under rt->mu: copies cfg's queue policies into v (when a generation is published in it). */
+void keel__vslot_set_policy_locked(keel__vslot *v, const keel__model_config *cfg);
 /* Completes every request in the list linked by qnext (already unlinked, state COMPLETING). */
 void keel__complete_list(keel_request *list, keel_err status, const char *why);
 /* Under rt->mu: unlinks every queued request of v into *list (state COMPLETING). */

@@ -310,6 +310,24 @@ static keel_err decode_params(const Inference__ModelInferRequest *m, keel_reques
             return fail(err, errlen, KEEL_EINVAL,
                         "parameters.timeout: expected a non-negative integer (microseconds)");
         }
+        if (strcmp(key, "priority") == 0) {
+            /* Triton's request priority level (1 = highest; 0 = the model's default). */
+            if (p != NULL && ((p->parameter_choice_case ==
+                                   INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM &&
+                               p->int64_param >= 0 && p->int64_param <= UINT32_MAX) ||
+                              (p->parameter_choice_case ==
+                                   INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_UINT64_PARAM &&
+                               p->uint64_param <= UINT32_MAX))) {
+                keel_request_set_priority(
+                    req, p->parameter_choice_case ==
+                                 INFERENCE__INFER_PARAMETER__PARAMETER_CHOICE_INT64_PARAM
+                             ? (uint32_t)p->int64_param
+                             : (uint32_t)p->uint64_param);
+                continue;
+            }
+            return fail(err, errlen, KEEL_EINVAL,
+                        "parameters.priority: expected a non-negative integer (a priority level)");
+        }
         if (strcmp(key, "binary_data_output") == 0)
             continue; /* gRPC answers are always binary (raw_output_contents) */
         if ((e = set_param(req, key, p, err, errlen)) != KEEL_OK)

@@ -11,11 +11,17 @@
  * version), whose JSON answer grpc_codec.c turns into the protobuf message, so metadata,
  * readiness, statistics, index and configuration are one implementation with one set of
  * messages. ModelInfer takes the shared path of serving.c: decode (grpc_codec.c), admit,
- * submit; keel's completion callback (a keel worker thread, or the CQ thread when a cancel
- * completes a queued request at once) encodes the answer and starts the send batch itself
+ * submit with the server's flags (--infer-on-io-thread: a fast model runs right here on the
+ * CQ thread, a slow one is handed off); keel's completion callback (a keel worker thread, or
+ * the CQ thread when the model ran inline or a cancel completes a queued request at once)
+ * encodes the answer and starts the send batch itself
  * (grpc_call_start_batch may be called from any thread; each call has one batch of each
  * kind at a time). Errors map to gRPC codes as Triton maps them (grpc_code()), with the
- * messages HTTP sends.
+ * messages HTTP sends. Every unary call (when its status is handed to gRPC, in call_send) and
+ * every stream message (when its answer is queued, in stream_answer) is observed once through
+ * serving.c's keel__srv_observe, as HTTP's requests are: histograms, responses by gRPC status,
+ * access log, traces; a "traceparent" in the call's metadata is echoed in its initial
+ * metadata with keel's span id.
  *
  * Jobs: a keel request is a gjob (the call's embedded one for ModelInfer, one per message
  * for ModelStreamInfer). A stream reads one message at a time, submits each as it arrives,
@@ -53,6 +59,7 @@
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
+#include <grpc/support/alloc.h>
 #include <grpc/support/log.h>
 #include <grpc/support/time.h>
 #include <inttypes.h>
@@ -132,7 +139,12 @@ struct gjob {
     gcall *c; /* holds a reference on c until the job is finished */
     keel_request *req;
     Inference__ModelInferRequest *msg; /* the requested outputs, for the answer */
-    int64_t version;
+    int64_t version;                   /* asked for; -1 = the server's choice */
+    /* For the observation (observe()): CLOCK_MONOTONIC when the message's call began (a
+     * stream message: when it arrived), it was read, it went to libkeel, its completion
+     * ran; its size. */
+    uint64_t start_ns, recv_end_ns, request_start_ns, request_end_ns;
+    uint64_t bytes_in;
     bool in_flight;       /* under g->mu: submitted, completion not yet run */
     bool cancel_sent;     /* under g->mu: keel_request_cancel called (once) */
     bool cancel_shutdown; /* under g->mu: ... by the drain's exit timeout */
@@ -161,6 +173,15 @@ struct gcall {
     grpc_byte_buffer *send_buf; /* until the send batch completes */
     grpc_slice status_details;
     bool have_details;
+
+    /* W3C trace context from the call's "traceparent" metadata (set once by on_new): echoed
+     * in the initial metadata with keel's span id, and in every observation of the call. */
+    uint64_t start_ns; /* CLOCK_MONOTONIC: the call was accepted (its headers arrived) */
+    bool traced;
+    srv_tracectx trace;
+    char span_id[17];
+    char tp_text[64];
+    grpc_metadata tp_md; /* points into tp_text; c outlives every batch that sends it */
 
     gjob unary; /* ModelInfer */
 
@@ -305,6 +326,115 @@ static grpc_byte_buffer *pack(const ProtobufCMessage *msg)
     return bb;
 }
 
+/* The route label of an RPC (the HTTP route's name where there is one). */
+static const char *rpc_route(rpc_id r)
+{
+    switch (r) {
+    case RPC_LIVE:
+        return "live";
+    case RPC_READY:
+        return "ready";
+    case RPC_MODEL_READY:
+        return "model_ready";
+    case RPC_SERVER_META:
+        return "server_metadata";
+    case RPC_MODEL_META:
+        return "model_metadata";
+    case RPC_INFER:
+        return "infer";
+    case RPC_STREAM:
+        return "stream_infer";
+    case RPC_CONFIG:
+        return "model_config";
+    case RPC_STATS:
+        return "model_stats";
+    case RPC_INDEX:
+        return "repository_index";
+    case RPC_LOAD:
+        return "load";
+    case RPC_UNLOAD:
+        return "unload";
+    case RPC_HEALTH:
+        return "health";
+    case RPC_UNKNOWN:
+        break;
+    }
+    return "unknown";
+}
+
+/* "addr:port" of the call's client (gRPC names it "ipv4:addr:port" or "ipv6:[addr]:port"). */
+static void peer_text(gcall *c, char *out, size_t len)
+{
+    char *p = grpc_call_get_peer(c->call);
+    const char *v = p != NULL ? p : "";
+
+    if (strncmp(v, "ipv4:", 5) == 0 || strncmp(v, "ipv6:", 5) == 0)
+        v += 5;
+    snprintf(out, len, "%s", v);
+    gpr_free(p);
+}
+
+/*
+ * Feeds one finished gRPC request to the shared observation (serving.c's keel__srv_observe:
+ * histograms, responses by code, access log, traces), exactly as HTTP's are: a unary call
+ * once when its status goes out (call_send), a stream message once when its answer is queued
+ * (stream_answer). j is the inference job (NULL for other RPCs), code the gRPC status (a
+ * stream message's: the code its error would have had). Any thread; c and j are alive.
+ */
+static void observe(gcall *c, const gjob *j, grpc_status_code code, size_t bytes_out,
+                    uint64_t send_start)
+{
+    keel_srv *s = c->g->s;
+    srv_obs_event ev;
+    char peer[128];
+    size_t len = GRPC_SLICE_LENGTH(c->details.method);
+    const char *m = (const char *)GRPC_SLICE_START_PTR(c->details.method);
+    const char *slash = len > 0 ? memrchr(m, '/', len) : NULL;
+    char method[64];
+
+    snprintf(method, sizeof(method), "%.*s", slash != NULL ? (int)(m + len - slash - 1) : 0,
+             slash != NULL ? slash + 1 : "");
+    memset(&ev, 0, sizeof(ev));
+    ev.protocol = SRV_PROTO_GRPC;
+    ev.route = rpc_route(c->rpc);
+    ev.method = method;
+    ev.version = -1;
+    ev.status = (unsigned)code;
+    ev.bytes_out = bytes_out;
+    ev.start_ns = c->start_ns;
+    ev.end_ns = mono_ns();
+    ev.send_start_ns = send_start;
+    ev.trace_id = c->traced ? c->trace.trace_id : "";
+    ev.span_id = c->traced ? c->span_id : "";
+    if (j != NULL) {
+        if (j->msg != NULL) {
+            ev.model = j->msg->model_name;
+            ev.request_id = j->msg->id;
+        }
+        ev.version = j->version;
+        ev.bytes_in = j->bytes_in;
+        ev.start_ns = j->start_ns != 0 ? j->start_ns : c->start_ns;
+        ev.recv_end_ns = j->recv_end_ns;
+        ev.request_start_ns = j->request_start_ns;
+        ev.request_end_ns = j->request_end_ns;
+        if (j->req != NULL) {
+            /* Read after the completion ran (or the request never reached libkeel: zeros). */
+            keel_request_timing_get(j->req, &ev.timing);
+            ev.request_id = keel_request_id(j->req);
+            if (ev.timing.complete_ns != 0) {
+                ev.generation = keel_request_generation_id(j->req);
+                if (keel_request_model_version(j->req) >= 0)
+                    ev.version = keel_request_model_version(j->req);
+            }
+        }
+    }
+    if (s->alog != NULL) {
+        peer_text(c, peer, sizeof(peer));
+        ev.peer = peer;
+    }
+    keel__srv_observe(s, &ev);
+}
+
 /*
  * Sends the answer: initial metadata, the message (packed from msg if not NULL) and the
  * status. Consumes nothing of the caller's; any thread. The call keeps one reference for
@@ -314,15 +444,19 @@ static void call_send(gcall *c, const ProtobufCMessage *msg, grpc_status_code co
                       const char *details)
 {
     grpc_op ops[3];
-    size_t n = 0;
+    size_t n = 0, bytes_out = 0;
     grpc_call_error ce;
+    uint64_t send_start = mono_ns();
 
     memset(ops, 0, sizeof(ops));
-    if (msg != NULL && code == GRPC_STATUS_OK)
+    if (msg != NULL && code == GRPC_STATUS_OK) {
         c->send_buf = pack(msg);
+        bytes_out = grpc_byte_buffer_length(c->send_buf);
+    }
     if (!c->sent_initial) { /* a stream's writer may have sent it (no write is running now) */
         ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
-        ops[n].data.send_initial_metadata.count = 0;
+        ops[n].data.send_initial_metadata.count = c->traced ? 1 : 0;
+        ops[n].data.send_initial_metadata.metadata = c->traced ? &c->tp_md : NULL;
         n++;
     }
     if (c->send_buf != NULL) {
@@ -345,6 +479,10 @@ static void call_send(gcall *c, const ProtobufCMessage *msg, grpc_status_code co
                       grpc_call_error_to_string(ce), NULL);
         call_unref(c);
     }
+    /* A unary call ends here, once; a stream is observed per message (stream_answer). The
+     * caller still holds a reference, so c outlives this. */
+    if (c->rpc != RPC_STREAM)
+        observe(c, c->rpc == RPC_INFER ? &c->unary : NULL, code, bytes_out, send_start);
 }
 
 static void call_send_error(gcall *c, grpc_status_code code, const char *fmt, ...)
@@ -772,7 +910,8 @@ static void stream_start_write(gcall *c, grpc_byte_buffer *bb)
     memset(ops, 0, sizeof(ops));
     if (initial) {
         ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
-        ops[n].data.send_initial_metadata.count = 0;
+        ops[n].data.send_initial_metadata.count = c->traced ? 1 : 0;
+        ops[n].data.send_initial_metadata.metadata = c->traced ? &c->tp_md : NULL;
         n++;
     }
     ops[n].op = GRPC_OP_SEND_MESSAGE;
@@ -853,14 +992,25 @@ static void on_write(gcall *c)
     call_unref(c);
 }
 
-/* A stream answer: the result, or error_message (Triton's way: the stream goes on). */
-static void stream_answer(gcall *c, const Inference__ModelInferResponse *resp, const char *error)
+/* A stream answer: the result, or error_message (Triton's way: the stream goes on), for job
+ * j (NULL: a message that never became one); code is the status its error would have had
+ * as a unary call. Observed here, once per message. */
+static void stream_answer(gcall *c, const gjob *j, const Inference__ModelInferResponse *resp,
+                          const char *error, grpc_status_code code)
 {
     Inference__ModelStreamInferResponse a = INFERENCE__MODEL_STREAM_INFER_RESPONSE__INIT;
+    grpc_byte_buffer *bb;
+    uint64_t send_start = mono_ns();
+    size_t len;
 
     a.infer_response = (Inference__ModelInferResponse *)resp;
     a.error_message = (char *)(error != NULL ? error : "");
-    stream_write(c, pack(&a.base));
+    bb = pack(&a.base);
+    len = grpc_byte_buffer_length(bb);
+    /* Before the write: once queued, the write's completion may end the stream and free c
+     * unless the caller holds a reference (every caller does; this only orders the line). */
+    observe(c, j, error != NULL ? code : GRPC_STATUS_OK, len, send_start);
+    stream_write(c, bb);
 }
 
 /* Last step of a job: its storage (a stream's) and its reference on the call. */
@@ -899,6 +1049,7 @@ static void on_job_done(keel_request *req, keel_err status, void *user)
     srv_outcome out;
     keel_err e = KEEL_OK;
 
+    j->request_end_ns = mono_ns();
     pthread_mutex_lock(&g->mu);
     j->in_flight = false;
     cancel_shutdown = j->cancel_shutdown;
@@ -914,8 +1065,9 @@ static void on_job_done(keel_request *req, keel_err status, void *user)
         keel__srv_failed(s, req, status, j->msg->model_name, j->version, cancel_shutdown, &out);
     }
     if (c->rpc == RPC_STREAM)
-        stream_answer(c, status == KEEL_OK && e == KEEL_OK ? &o.resp : NULL,
-                      status == KEEL_OK && e == KEEL_OK ? NULL : out.msg);
+        stream_answer(c, j, status == KEEL_OK && e == KEEL_OK ? &o.resp : NULL,
+                      status == KEEL_OK && e == KEEL_OK ? NULL : out.msg,
+                      status == KEEL_OK && e == KEEL_OK ? GRPC_STATUS_OK : grpc_code(out.err));
     else if (status == KEEL_OK && e == KEEL_OK)
         call_send(c, &o.resp.base, GRPC_STATUS_OK, NULL);
     else
@@ -1028,8 +1180,11 @@ static keel_err job_submit(gcall *c, gjob *j, srv_outcome *out)
     if (c->rpc == RPC_STREAM)
         c->jobs_out++;
     pthread_mutex_unlock(&g->mu);
-    if ((e = keel__srv_submit(s, j->req, m->model_name, j->version, 0, on_job_done, j, out)) !=
-        KEEL_OK) {
+    j->request_start_ns = mono_ns();
+    /* --infer-on-io-thread: a fast model runs right here on the CQ thread (on_job_done then
+     * runs before this returns), a slow one is handed to keel's inference threads. */
+    if ((e = keel__srv_submit(s, j->req, m->model_name, j->version, s->submit_flags, on_job_done, j,
+                              out)) != KEEL_OK) {
         pthread_mutex_lock(&g->mu);
         j->in_flight = false;
         inflight_unlink_locked(g, j);
@@ -1046,10 +1201,12 @@ static void rpc_infer(gcall *c)
 {
     srv_outcome out;
 
+    c->unary.c = c;
+    c->unary.recv_end_ns = mono_ns();
+    c->unary.bytes_in = c->recv_buf != NULL ? grpc_byte_buffer_length(c->recv_buf) : 0;
     if ((c->unary.msg = (Inference__ModelInferRequest *)recv_msg(
              c, &inference__model_infer_request__descriptor)) == NULL)
         return;
-    c->unary.c = c;
     if (job_submit(c, &c->unary, &out) != KEEL_OK)
         call_send(c, NULL, grpc_code(out.err), out.msg);
 }
@@ -1087,24 +1244,28 @@ static void stream_recv(gcall *c, bool ok)
     recv_bytes(c, &sl);
     if ((j = calloc(1, sizeof(*j))) == NULL) {
         grpc_slice_unref(sl);
-        stream_answer(c, NULL, "out of memory");
+        stream_answer(c, NULL, NULL, "out of memory", GRPC_STATUS_INTERNAL);
         stream_read_next(c);
         return;
     }
     j->c = c;
+    j->version = -1;
+    j->start_ns = j->recv_end_ns = mono_ns();
+    j->bytes_in = GRPC_SLICE_LENGTH(sl);
     j->msg = inference__model_infer_request__unpack(NULL, GRPC_SLICE_LENGTH(sl),
                                                     GRPC_SLICE_START_PTR(sl));
     grpc_slice_unref(sl);
     if (j->msg == NULL) {
-        free(j);
-        stream_answer(c, NULL,
+        stream_answer(c, j, NULL,
                       "the request message is not a valid inference.ModelInferRequest "
-                      "(protobuf decoding failed)");
+                      "(protobuf decoding failed)",
+                      GRPC_STATUS_INVALID_ARGUMENT);
+        free(j);
     } else if (job_submit(c, j, &out) != KEEL_OK) {
+        stream_answer(c, j, NULL, out.msg, grpc_code(out.err));
         keel_request_destroy(j->req);
         protobuf_c_message_free_unpacked(&j->msg->base, NULL);
         free(j);
-        stream_answer(c, NULL, out.msg);
     }
     stream_read_next(c);
 }
@@ -1210,6 +1371,31 @@ static bool restricted_refused(gcall *c)
     return true;
 }
 
+/* W3C trace context: a valid "traceparent" in the call's metadata is echoed (initial
+ * metadata) with keel's span id; a malformed one is ignored, never an error. */
+static void call_trace_context(gcall *c)
+{
+    char v[512];
+
+    for (size_t i = 0; i < c->md.count; i++) {
+        const grpc_slice *k = &c->md.metadata[i].key, *val = &c->md.metadata[i].value;
+        size_t vl = GRPC_SLICE_LENGTH(*val);
+        if (GRPC_SLICE_LENGTH(*k) != 11 || memcmp(GRPC_SLICE_START_PTR(*k), "traceparent", 11) != 0)
+            continue;
+        snprintf(v, sizeof(v), "%.*s", (int)(vl < sizeof(v) ? vl : sizeof(v) - 1),
+                 (const char *)GRPC_SLICE_START_PTR(*val));
+        if (!keel__srv_traceparent_parse(v, &c->trace))
+            return;
+        c->traced = true;
+        keel__srv_span_id(c->span_id);
+        snprintf(c->tp_text, sizeof(c->tp_text), "00-%s-%s-%02x", c->trace.trace_id, c->span_id,
+                 c->trace.flags);
+        c->tp_md.key = grpc_slice_from_static_string("traceparent");
+        c->tp_md.value = grpc_slice_from_static_buffer(c->tp_text, strlen(c->tp_text));
+        return;
+    }
+}
+
 static void on_new(gcall *c, bool ok)
 {
     srv_grpc *g = c->g;
@@ -1223,6 +1409,9 @@ static void on_new(gcall *c, bool ok)
         return;
     }
     accept_next(g);
+    c->start_ns = mono_ns();
+    c->unary.start_ns = c->start_ns;
+    call_trace_context(c);
     memset(&op, 0, sizeof(op));
     op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     op.data.recv_close_on_server.cancelled = &c->cancelled;
@@ -1301,6 +1490,7 @@ static void accept_next(srv_grpc *g)
     c->t_close = (gtag){c, TAG_CLOSE};
     c->t_write = (gtag){c, TAG_WRITE};
     atomic_init(&c->refs, 1);
+    c->unary.version = -1;
     grpc_call_details_init(&c->details);
     grpc_metadata_array_init(&c->md);
     atomic_fetch_add(&g->ncalls, 1);

@@ -428,6 +428,40 @@ char *keel__srv_metrics_render(keel_srv *s, size_t *len)
     model_counter(&b, "keel_inference_exec_count_total", "counter",
                   "Backend executions (model runs).", rows, nrows,
                   offsetof(keel_model_stats, execution_count), false);
+    /* Executed batch sizes of batching models (dynamic_batching), from the batch statistics:
+     * buckets are powers of two; the sum is the rows those executions computed. */
+    family(&b, "keel_batch_size", "histogram",
+           "Rows per backend execution of models with dynamic batching.");
+    for (size_t i = 0; i < nrows; i++) {
+        keel_batch_stat bs[128];
+        size_t nbs = 0;
+        uint64_t total = 0, sum = 0;
+        if (keel_model_batch_stats_get(s->rt, rows[i].name, bs, 128, &nbs) != KEEL_OK || nbs == 0)
+            continue;
+        if (nbs > 128)
+            nbs = 128;
+        for (uint64_t le = 1; le <= 32768; le *= 2) {
+            uint64_t cum = 0;
+            for (size_t k = 0; k < nbs; k++)
+                cum += bs[k].batch_size <= le ? bs[k].count : 0;
+            sb_printf(&b, "keel_batch_size_bucket{model=\"");
+            sb_label(&b, rows[i].name);
+            sb_printf(&b, "\",le=\"%" PRIu64 "\"} %" PRIu64 "\n", le, cum);
+        }
+        for (size_t k = 0; k < nbs; k++) {
+            total += bs[k].count;
+            sum += bs[k].count * bs[k].batch_size;
+        }
+        sb_printf(&b, "keel_batch_size_bucket{model=\"");
+        sb_label(&b, rows[i].name);
+        sb_printf(&b, "\",le=\"+Inf\"} %" PRIu64 "\n", total);
+        sb_printf(&b, "keel_batch_size_sum{model=\"");
+        sb_label(&b, rows[i].name);
+        sb_printf(&b, "\"} %" PRIu64 "\n", sum);
+        sb_printf(&b, "keel_batch_size_count{model=\"");
+        sb_label(&b, rows[i].name);
+        sb_printf(&b, "\"} %" PRIu64 "\n", total);
+    }
     model_counter(&b, "keel_inference_queue_duration_seconds_total", "counter",
                   "Total time admitted requests waited in the queue, in seconds.", rows, nrows,
                   offsetof(keel_model_stats, queue_ns), true);

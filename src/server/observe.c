@@ -20,6 +20,7 @@
 #include <sys/random.h>
 #include <time.h>
 
+#include "grpc_codec.h"
 #include "observe.h"
 
 #define NHEADS 256
@@ -185,7 +186,9 @@ void keel__srv_obs_record(srv_obs *o, const srv_obs_event *ev)
     srv_protocol p = ev->protocol < SRV_PROTO_COUNT_ ? ev->protocol : SRV_PROTO_HTTP;
     series *sr;
 
-    if (ev->status > 0 && ev->status < NCODES)
+    if (p == SRV_PROTO_GRPC && ev->status < 17) /* every gRPC call ends with a status; 0 = OK */
+        atomic_fetch_add_explicit(&o->codes[p][ev->status], 1, memory_order_relaxed);
+    else if (p != SRV_PROTO_GRPC && ev->status > 0 && ev->status < NCODES)
         atomic_fetch_add_explicit(&o->codes[p][ev->status], 1, memory_order_relaxed);
     else
         atomic_fetch_add_explicit(&o->no_response[p], 1, memory_order_relaxed);
@@ -301,8 +304,9 @@ char *keel__srv_obs_render(srv_obs *o)
     }
     for (int k = 0; k < H_COUNT_; k++)
         render_hist(f, (hist_kind)k, all, n);
-    fputs("# HELP keel_responses_total Responses sent, by protocol and status code (code 0: "
-          "the connection ended before a response was sent).\n"
+    fputs("# HELP keel_responses_total Responses sent, by protocol and status code (HTTP: the "
+          "status, 0 when the connection ended before a response was sent; gRPC: the status "
+          "name, per unary call and per stream message).\n"
           "# TYPE keel_responses_total counter\n",
           f);
     for (int p = 0; p < SRV_PROTO_COUNT_; p++) {
@@ -310,9 +314,14 @@ char *keel__srv_obs_render(srv_obs *o)
         if (v != 0)
             fprintf(f, "keel_responses_total{protocol=\"%s\",code=\"0\"} %" PRIu64 "\n",
                     keel__srv_protocol_name((srv_protocol)p), v);
-        for (int c = 1; c < NCODES; c++) {
+        for (int c = p == SRV_PROTO_GRPC ? 0 : 1; c < (p == SRV_PROTO_GRPC ? 17 : NCODES); c++) {
             v = atomic_load_explicit(&o->codes[p][c], memory_order_relaxed);
-            if (v != 0)
+            if (v == 0)
+                continue;
+            if (p == SRV_PROTO_GRPC)
+                fprintf(f, "keel_responses_total{protocol=\"grpc\",code=\"%s\"} %" PRIu64 "\n",
+                        keel__grpc_code_name(c), v);
+            else
                 fprintf(f, "keel_responses_total{protocol=\"%s\",code=\"%d\"} %" PRIu64 "\n",
                         keel__srv_protocol_name((srv_protocol)p), c, v);
         }

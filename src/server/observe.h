@@ -1,8 +1,8 @@
 /*
  * observe.h: what every finished request feeds, whatever protocol carried it: latency
  * histograms per model and version, responses by status code, the access log and trace
- * context. Protocol front ends (HTTP now, gRPC later) fill one srv_obs_event per request and
- * call keel__srv_observe() once, when the request is over.
+ * context. Protocol front ends (HTTP: server.c, gRPC: grpc_server.c) fill one srv_obs_event
+ * per request and call keel__srv_observe() (serving.c) once, when the request is over.
  *
  * DESIGN
  * srv_obs (observe.c) owns the histogram series and the per-code response counters. Both are
@@ -14,7 +14,8 @@
  * libkeel, i.e. of models that exist. Rendering (the /metrics scrape) reads the same atomics
  * and never blocks an observation.
  *
- * Threads: keel__srv_observe from any thread (MHD threads today), render from the scrape's
+ * Threads: keel__srv_observe from any thread (MHD threads, the gRPC CQ thread, keel's
+ * completion callbacks), render from the scrape's
  * MHD thread; create before the daemon starts, destroy after it stopped.
  */
 #ifndef KEEL_SERVER_OBSERVE_H
@@ -44,11 +45,13 @@ typedef struct srv_obs_event {
     const char *trace_id;   /* 32 lowercase hex digits of a valid traceparent, or "" */
     const char *span_id;    /* keel's span id (16 hex) when trace_id is set, or "" */
     const char *peer;       /* "addr:port"; only needed when the access log is on */
-    unsigned status;        /* the protocol's status code; 0 = no response was sent */
-    uint64_t bytes_in;      /* request body bytes received */
-    uint64_t bytes_out;     /* response body bytes queued */
-    uint64_t start_ns;      /* CLOCK_MONOTONIC: the request's headers arrived */
-    uint64_t end_ns;        /* CLOCK_MONOTONIC: the response was sent */
+    /* The protocol's status: HTTP's code (0 = no response was sent), or the gRPC status code
+     * (0 = OK; always set: every gRPC call, and every stream message, ends with one). */
+    unsigned status;
+    uint64_t bytes_in;  /* request body bytes received */
+    uint64_t bytes_out; /* response body bytes queued */
+    uint64_t start_ns;  /* CLOCK_MONOTONIC: the request's headers arrived */
+    uint64_t end_ns;    /* CLOCK_MONOTONIC: the response was sent */
     /* For traces (0 = not reached): the request was read, handed to libkeel, its
      * completion reached the front end, its response started going out. */
     uint64_t recv_end_ns, request_start_ns, request_end_ns, send_start_ns;

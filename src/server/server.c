@@ -472,14 +472,6 @@ static const char *route_name(srv_route r)
     return "unknown";
 }
 
-void keel__srv_observe(keel_srv *s, const srv_obs_event *ev)
-{
-    keel__srv_obs_record(s->obs, ev);
-    keel__srv_trace_record(s->trace, ev);
-    if (s->alog != NULL)
-        keel__srv_alog_write(s->alog, ev);
-}
-
 /* Formats the client's address as "addr:port" ("" if unknown). */
 static void peer_text(struct MHD_Connection *mc, char *out, size_t len)
 {

@@ -58,7 +58,8 @@ typedef struct keel_server_opts {
     /* libmicrohttpd's per-connection memory pool (headers and its read buffer; it bounds the
      * header size and is cleared for every request): default 16 KiB. */
     unsigned http_connection_memory;
-    /* Where an infer runs: AUTO (default) on the HTTP thread that parsed it when the model
+    /* Where an infer runs (--infer-on-io-thread, old name --infer-on-http-thread; HTTP and
+     * gRPC): AUTO (default) on the I/O thread that decoded it when the model
      * is fast (keel_runtime_opts.inline_max_us, KEEL_SUBMIT_RUN_IF_FAST), else on an
      * inference thread; ON whenever a context is idle (KEEL_SUBMIT_RUN_HERE); OFF never. */
     keel_server_inline infer_on_http_thread;

@@ -21,12 +21,14 @@
  *   sdnotify.c        systemd notifications (READY, STOPPING, STATUS) and the watchdog
  *                     thread; main thread
  *   observe.c         latency histograms, responses by code, trace context: fed once per
- *                     request (protocol-neutral) from MHD's request-completed callback
+ *                     request (protocol-neutral) through serving.c's keel__srv_observe, from
+ *                     MHD's request-completed callback and from grpc_server.c
  *   access_log.c      --access-log: line formats, buffers and the writer thread
  *   trace.c           Triton's trace extension: settings API and trace files
  *   v2codec.c, fastfloat.c  the KServe V2 JSON codec; any thread
  *   server_log.c      logfmt lines on stderr; any thread
- *   serving.c         the protocol-independent path: admission, submit, outcomes; any thread
+ *   serving.c         the protocol-independent path: admission, submit, outcomes, and the
+ *                     one observation of a finished request (keel__srv_observe); any thread
  *   grpc_server.c     the gRPC front end (its own completion-queue thread, see its DESIGN)
  *   grpc_codec.c      protobuf <-> keel_request, JSON answers -> protobuf; pure functions
  * Each file has its own header (reply.h, server_routes.h, server_control.h, metrics.h,
@@ -168,7 +170,7 @@ struct keel_srv {
     struct MHD_Daemon *mhd;
     keel_redact redact; /* repository paths removed from error replies (server_guard.c) */
     uint64_t start_unix_ms;
-    unsigned submit_flags; /* keel_infer_submit_ex's, from --infer-on-http-thread */
+    unsigned submit_flags; /* keel_infer_submit_ex's, from --infer-on-io-thread (HTTP, gRPC) */
 
     pthread_mutex_t mu;
     pthread_cond_t idle_cv;  /* broadcast when pending drops to 0 */
@@ -216,8 +218,9 @@ struct keel_srv {
     void (*ctl_done)(srv_conn *c, keel_err status);
 };
 
-/* server.c: feeds one finished request to the histograms, traces and access log. Every
- * protocol front end calls it exactly once per request, from any thread, no lock held. */
+/* serving.c: feeds one finished request to the histograms, traces and access log. Every
+ * protocol front end calls it exactly once per request (gRPC: per unary call and per stream
+ * message), from any thread, no lock held. */
 void keel__srv_observe(keel_srv *s, const srv_obs_event *ev);
 
 #endif

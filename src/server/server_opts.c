@@ -107,17 +107,19 @@ void keel_server_print_help(FILE *f)
           "                              k/m/g (default 16k): it holds the request line and\n"
           "                              headers (larger ones get 414/431) and the read\n"
           "                              buffer, and is cleared for every request\n"
-          "  --infer-on-http-thread auto|on|off\n"
-          "                              auto (default): when the model's queue is empty, a\n"
-          "                              context is idle, it needs no preprocessing and its\n"
-          "                              recent run time for that batch size is under\n"
-          "                              --inline-max-us, the HTTP thread runs the inference\n"
-          "                              itself (no thread hand-off); otherwise an inference\n"
-          "                              thread does; on: the HTTP thread runs every request\n"
-          "                              that finds an idle context and an empty queue (other\n"
-          "                              connections of that thread wait meanwhile); off:\n"
-          "                              HTTP threads never compute\n"
-          "  --inline-max-us N           auto: a model runs on the HTTP thread only if its\n"
+          "  --infer-on-io-thread auto|on|off\n"
+          "                              (old name: --infer-on-http-thread) auto (default):\n"
+          "                              when the model's queue is empty, a context is idle,\n"
+          "                              it needs no preprocessing and its recent run time for\n"
+          "                              that batch size is under --inline-max-us, the thread\n"
+          "                              that decoded the request (an HTTP thread, or the gRPC\n"
+          "                              completion-queue thread) runs the inference itself\n"
+          "                              (no thread hand-off); otherwise an inference thread\n"
+          "                              does; on: that thread runs every request that finds an\n"
+          "                              idle context and an empty queue (other connections or\n"
+          "                              calls it serves wait meanwhile); off: I/O threads\n"
+          "                              never compute\n"
+          "  --inline-max-us N           auto: a model runs on the I/O thread only if its\n"
           "                              estimated run time is below N microseconds (default\n"
           "                              200; 0 = never)\n"
           "  --shutdown-grace-secs N     on SIGTERM/SIGINT: not ready but still serving for\n"
@@ -227,7 +229,8 @@ static const struct {
     {"--http-timeout-secs", O_HTTP_TIMEOUT, true},
     {"--max-connections", O_MAX_CONN, true},
     {"--http-connection-memory", O_CONN_MEM, true},
-    {"--infer-on-http-thread", O_INLINE, true},
+    {"--infer-on-io-thread", O_INLINE, true},
+    {"--infer-on-http-thread", O_INLINE, true}, /* the old name, kept working */
     {"--inline-max-us", O_INLINE_MAX, true},
     {"--exit-timeout-secs", O_EXIT_TIMEOUT, true},
     {"--shutdown-grace-secs", O_GRACE, true},
@@ -398,7 +401,7 @@ static int parse_args(int argc, char **argv, keel_server_opts *o)
             else if (strcmp(val, "off") == 0)
                 o->infer_on_http_thread = KEEL_SERVER_INLINE_OFF;
             else
-                return usage("--infer-on-http-thread: '%s' is not auto, on or off", val);
+                return usage("%s: '%s' is not auto, on or off", options[k].name, val);
             break;
         case O_INLINE_MAX:
             if (!parse_u64(val, 0, 1000000, &n))

@@ -349,7 +349,8 @@ static json_t *count_ns(uint64_t count, uint64_t ns)
 }
 
 /* One entry of "model_stats" (Triton's statistics extension). */
-static json_t *stats_entry(const char *name, const char *version, const keel_model_stats *st)
+static json_t *stats_entry(const char *name, const char *version, const keel_model_stats *st,
+                           const keel_batch_stat *bs, size_t nbs)
 {
     uint64_t failed = st->rejected, admitted = st->success;
     json_t *e = NULL, *is = NULL;
@@ -380,8 +381,21 @@ static json_t *stats_entry(const char *name, const char *version, const keel_mod
         goto fail;
     }
     is = NULL;
-    if (!put(e, "batch_stats", json_array()))
-        goto fail;
+    {
+        json_t *arr = json_array();
+        for (size_t i = 0; arr != NULL && i < nbs; i++) {
+            json_t *b = json_pack("{s:I,s:o,s:o,s:o}", "batch_size", (json_int_t)bs[i].batch_size,
+                                  "compute_input", count_ns(bs[i].count, bs[i].input_ns),
+                                  "compute_infer", count_ns(bs[i].count, bs[i].infer_ns),
+                                  "compute_output", count_ns(bs[i].count, bs[i].output_ns));
+            if (b == NULL || json_array_append_new(arr, b) != 0) {
+                json_decref(arr);
+                arr = NULL;
+            }
+        }
+        if (!put(e, "batch_stats", arr))
+            goto fail;
+    }
     /* keel's own (not Triton's): where the requests ran (--infer-on-http-thread). */
     if (!put(e, "keel_runs",
              json_pack("{s:I,s:I}", "inline", (json_int_t)st->runs_inline, "handed_off",
@@ -454,8 +468,14 @@ static void stats(keel_srv *s, const char *name, int64_t version, srv_reply *r)
             newest = version;
         if (newest >= 0)
             snprintf(vbuf, sizeof(vbuf), "%" PRId64, newest);
-        if (!append(arr, stats_entry(list[i].name, vbuf, &st)))
-            goto nomem;
+        {
+            keel_batch_stat bs[128];
+            size_t nbs = 0;
+            if (keel_model_batch_stats_get(s->rt, list[i].name, bs, 128, &nbs) != KEEL_OK)
+                nbs = 0;
+            if (!append(arr, stats_entry(list[i].name, vbuf, &st, bs, nbs < 128 ? nbs : 128)))
+                goto nomem;
+        }
     }
     keel_model_status_free(list, n);
     list = NULL;

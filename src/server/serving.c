@@ -2,6 +2,8 @@
  * serving.c: the protocol-independent serving path (admission, submit, outcomes); see
  * serving.h. Used by server.c (HTTP) and grpc_server.c (gRPC) from their own threads and
  * from keel's completion callbacks. Lock: s->mu, for the drain flag and the pending count.
+ * keel__srv_observe is here too: the one place a finished request of either protocol feeds
+ * the histograms (observe.c), traces (trace.c) and the access log (access_log.c).
  */
 #include <inttypes.h>
 #include <pthread.h>
@@ -9,8 +11,11 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "access_log.h"
+#include "observe.h"
 #include "server_internal.h"
 #include "serving.h"
+#include "trace.h"
 
 void keel__srv_outcome_set(srv_outcome *o, keel_err err, const char *fmt, ...)
 {
@@ -125,4 +130,12 @@ void keel__srv_failed(keel_srv *s, const keel_request *req, keel_err status, con
         return;
     }
     keel__srv_outcome_set(o, status, "%s", msg[0] != '\0' ? msg : keel_strerror(status));
+}
+
+void keel__srv_observe(keel_srv *s, const srv_obs_event *ev)
+{
+    keel__srv_obs_record(s->obs, ev);
+    keel__srv_trace_record(s->trace, ev);
+    if (s->alog != NULL)
+        keel__srv_alog_write(s->alog, ev);
 }

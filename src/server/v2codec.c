@@ -1679,7 +1679,7 @@ static int read_outputs(dec *d)
 }
 
 typedef struct params_ctx {
-    bool seen_timeout, seen_bdo;
+    bool seen_timeout, seen_bdo, seen_priority;
 } params_ctx;
 
 static int param_member(dec *d, void *ctx, size_t klen, const char *raw, size_t rawlen)
@@ -1697,6 +1697,15 @@ static int param_member(dec *d, void *ctx, size_t klen, const char *raw, size_t 
             (st = read_uint(d, UINT64_MAX, &r->info.timeout_us)) != 0)
             return st;
         r->has_timeout = true;
+        pop(d);
+        return 0;
+    }
+    if (key_is(d, klen, "priority")) {
+        uint64_t prio = 0;
+        if ((st = dup_key(d, &c->seen_priority)) != 0 ||
+            (st = read_uint(d, UINT32_MAX, &prio)) != 0)
+            return st;
+        r->info.priority = (uint32_t)prio;
         pop(d);
         return 0;
     }
@@ -1927,6 +1936,8 @@ int keel_v2_decode_infer(keel_request *req, const char *body, size_t body_len, s
     }
     if (r.has_timeout)
         keel_request_set_timeout_us(req, r.info.timeout_us);
+    if (r.info.priority != 0)
+        keel_request_set_priority(req, r.info.priority);
     for (size_t i = 0; i < r.ninputs; i++) {
         keel__v2_tensor *t = &r.inputs[i];
         /* A tensor decoded from JSON is a buffer of its own: the request takes it (no copy).

@@ -40,6 +40,7 @@ typedef struct keel_v2_request_info {
     size_t noutputs;
     bool binary_data_output; /* request parameters.binary_data_output */
     uint64_t timeout_us;     /* request parameters.timeout (Triton, microseconds), or 0 */
+    uint32_t priority;       /* request parameters.priority (Triton: 1 = highest), or 0 */
 } keel_v2_request_info;
 
 /* Frees what decoding put in info and zeroes it. Accepts NULL and an all-zero info. */

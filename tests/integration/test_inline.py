@@ -13,7 +13,12 @@ under --inline-max-us (200 us). So:
   really take long enough for that to show);
 - heart's requests run inline (runs_inline in the statistics and in /metrics), the slow
   model's never do (all handed off);
-- --infer-on-http-thread off runs nothing inline, and the option rejects other values;
+- --infer-on-http-thread off runs nothing inline, and the option rejects other values.
+- gRPC (its one completion-queue thread decodes every call) follows the same setting,
+  --infer-on-io-thread (the new name of the option): under auto a slow model's calls never
+  hold the CQ thread, so batch-1 heart calls over gRPC stay within the bound while the slow
+  model runs, heart runs inline and the slow model never does; under on the same
+  measurement shows the slow runs delaying the fast calls (so the check can fail).
 - the default --http-connection-memory (16 KiB) still takes long and many header fields and
   multi-MiB bodies (Content-Length and chunked), and refuses a header block over it.
 """
@@ -38,6 +43,10 @@ def setup():
     slow = kit.train_slow_model(work)
     kit.add_model(repo, "slow", slow, instances=1, max_queue_size=64,
                   max_batch_size=256 * SLOW_COPIES)
+    # Models with dynamic_batching are never run on the I/O thread (their requests are
+    # queued to be batched): this test is about the models that are not.
+    for m in ("heart", "slow"):
+        kit.edit_config(repo, m, lambda c: c.pop("dynamic_batching", None))
     S["repo"] = repo
     S["slow_body"] = kit.binary_infer_body(kit.heart_rows()[:256] * SLOW_COPIES)
     S["one"] = kit.complete_rows()[:1]
@@ -162,9 +171,94 @@ def test_fast_model_not_delayed_by_slow_one():
         kit.wait_idle(port)
 
 
+def grpc_fast_vs_slow(mode, n_fast=FAST_REQUESTS):
+    """gRPC: a client keeps the slow model busy while batch-1 heart calls are timed, on one
+    server with --infer-on-io-thread mode. Returns (fast p90, slow median, heart runs delta
+    (inline, handed off), number of fast calls, slow model's runs)."""
+    import grpckit
+    st = grpckit.load()
+    grpc, pb, pbg = st.grpc, st.pb, st.pbg
+    slow_msg = grpckit.rows_request(pb, kit.heart_rows()[:256] * SLOW_COPIES, model="slow")
+    one = grpckit.rows_request(pb, S["one"])
+    with kit.running(kit.Server(S["repo"], ["--worker-threads", "2", "--inline-max-us", "5000",
+                                            "--infer-on-io-thread", mode], grpc=True)) as srv:
+        port = srv.port
+        fast_ch = grpc.insecure_channel("127.0.0.1:%d" % srv.grpc_port)
+        slow_ch = grpc.insecure_channel("127.0.0.1:%d" % srv.grpc_port)
+        fast_stub = pbg.GRPCInferenceServiceStub(fast_ch)
+        slow_stub = pbg.GRPCInferenceServiceStub(slow_ch)
+
+        def fast_call():
+            t0 = time.monotonic()
+            r = fast_stub.ModelInfer(one, timeout=300)
+            dt = time.monotonic() - t0
+            kit.assert_f32_equal(grpckit.raw_f32(r), S["one_ref"], "heart batch 1 over gRPC")
+            return dt
+
+        def slow_call():
+            t0 = time.monotonic()
+            slow_stub.ModelInfer(slow_msg, timeout=300)
+            return time.monotonic() - t0
+
+        for _ in range(3):
+            fast_call()
+        slow_call()  # measured once: auto then knows it is slow
+        stop = threading.Event()
+        slow_times = []
+        w = kit.Worker(lambda: slow_times.append(slow_call()), stop)
+        w.start()
+        while not slow_times and w.is_alive():
+            time.sleep(0.01)
+        before = runs(port, "heart")
+        n_slow_before = len(slow_times)
+        lat = []
+        give_up = time.monotonic() + 120
+        while ((len(lat) < n_fast or len(slow_times) - n_slow_before < 2)
+               and time.monotonic() < give_up and w.is_alive()):
+            lat.append(fast_call())
+        stop.set()
+        w.join(300)
+        check(w.error is None, "slow gRPC client failed: %s" % w.error)
+        after = runs(port, "heart")
+        slow_runs = runs(port, "slow")
+        fast_ch.close()
+        slow_ch.close()
+        kit.wait_idle(port)
+    lat.sort()
+    p90 = lat[int(0.9 * (len(lat) - 1))]
+    slow_med = statistics.median(slow_times)
+    kit.log("  gRPC, %s: slow call median %.3fs; fast p50 %.4fs p90 %.4fs max %.4fs (%d calls)"
+            % (mode, slow_med, statistics.median(lat), p90, lat[-1], len(lat)))
+    check(slow_med >= 3 * FAST_BOUND_S, "the slow calls took only %.3fs: too short to show "
+          "whether they delay the fast ones" % slow_med)
+    return (p90, slow_med, (after[0] - before[0], after[1] - before[1]), len(lat), slow_runs,
+            len(slow_times) + 1)
+
+
+def test_grpc_fast_model_not_delayed_by_slow_one():
+    p90, slow_med, heart, n_fast, slow_runs, n_slow = grpc_fast_vs_slow("auto")
+    check(p90 <= FAST_BOUND_S,
+          "fast gRPC calls were delayed by the slow model: p90 %.3fs (bound %.3fs), slow calls "
+          "take %.3fs" % (p90, FAST_BOUND_S, slow_med))
+    check(sum(heart) == n_fast and heart[0] >= n_fast * 0.5,
+          "heart over gRPC: %d inline, %d handed off of %d calls" % (heart[0], heart[1], n_fast))
+    check(slow_runs == (0, n_slow), "slow over gRPC: runs %r, want (0 inline, %d handed off)"
+          % (slow_runs, n_slow))
+
+
+def test_grpc_on_runs_slow_model_on_the_cq_thread():
+    # The counter-check: under on the slow model runs on the CQ thread, which then serves
+    # no other call; the same measurement sees the delay.
+    # (A few fast calls suffice: each waits for a slow run of seconds.)
+    p90, slow_med, heart, n_fast, slow_runs, n_slow = grpc_fast_vs_slow("on", n_fast=5)
+    check(slow_runs[0] > 0, "on: the slow model never ran on the CQ thread: %r" % (slow_runs,))
+    check(p90 > FAST_BOUND_S, "on: fast gRPC calls were not delayed (p90 %.3fs) although the "
+          "slow model ran on the CQ thread %d times" % (p90, slow_runs[0]))
+
+
 def test_off_runs_nothing_inline():
     with kit.running(kit.Server(S["repo"], ["--http-threads", "1",
-                                            "--infer-on-http-thread", "off"])) as srv:
+                                            "--infer-on-io-thread", "off"])) as srv:
         for _ in range(5):
             fast_request(srv.port)
         check(runs(srv.port, "heart") == (0, 5),
@@ -252,6 +346,7 @@ def test_connection_memory():
 def test_option_errors():
     for args, what in ((["--http-connection-memory", "2k"], "--http-connection-memory"),
                        (["--infer-on-http-thread", "maybe"], "not auto, on or off"),
+                       (["--infer-on-io-thread", "sometimes"], "--infer-on-io-thread"),
                        (["--inline-max-us", "-1"], "--inline-max-us"),
                        (["--inline-max-us", "2000000"], "--inline-max-us")):
         p = subprocess.run([kit.KEEL, "serve", "--model-repository", S["repo"]] + args,
@@ -263,5 +358,7 @@ def test_option_errors():
 
 if __name__ == "__main__":
     kit.parse_args()
-    kit.run([test_fast_model_not_delayed_by_slow_one, test_off_runs_nothing_inline,
+    kit.run([test_fast_model_not_delayed_by_slow_one,
+             test_grpc_fast_model_not_delayed_by_slow_one,
+             test_grpc_on_runs_slow_model_on_the_cq_thread, test_off_runs_nothing_inline,
              test_on_and_bound_zero, test_connection_memory, test_option_errors], setup=setup)

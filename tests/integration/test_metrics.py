@@ -69,6 +69,7 @@ def test_metrics_under_load_and_exact_counts():
     port = S["port"]
     kit.wait_idle(port)
     S["m0_text"] = kit.scrape(port)
+    S["st0"] = kit.stat_counts(kit.model_stats(port, "heart"))
     m0 = classify(kit.parse_metrics(S["m0_text"])[0])
     jbody = kit.json_infer_body(S["rows"])
     bbody, bhdrs = kit.binary_infer_body(S["rows"])
@@ -142,10 +143,15 @@ def test_metrics_under_load_and_exact_counts():
         check(d == counts["fail"], "%s grew by %g, clients received %d failures (400 from the "
               "model: bad shape, unknown input)" % (key, d, counts["fail"]))
     # Triton-like families, checked when present: rows computed and backend executions
-    # (failed requests fail validation before the backend, and there is no batching).
+    # (failed requests fail validation before the backend; heart batches, so executions are
+    # what the statistics extension counts, and at most one per request).
     before = kit.parse_metrics(S["m0_text"])[0]
+    st1 = kit.stat_counts(kit.model_stats(S["port"], "heart"))
+    d_exec = st1["execution_count"] - S["st0"]["execution_count"]
+    check(1 <= d_exec <= counts["ok"], "statistics: %d executions for %d requests"
+          % (d_exec, counts["ok"]))
     for pattern, want, what in ((r"inference_count", counts["ok"] * len(S["rows"]), "rows"),
-                                (r"exec(ution)?_count", counts["ok"], "executions")):
+                                (r"exec(ution)?_count", d_exec, "executions")):
         names = {n for n, lb, _ in samples if lb.get("model") == "heart" and re.search(pattern, n)
                  and not any(w in n for w in TIME_WORDS)}
         for n in names:

@@ -17,6 +17,12 @@ extension, checked against what the clients sent and received.
 - /v2/trace/setting round trip (global and per model, bad values refused) and the trace file:
   one header and one timestamps entry per traced request, steps in Triton's order, ns
   non-decreasing.
+- gRPC feeds all of it the same way (test_grpc_feeds_observability): unary ModelInfer calls
+  and ModelStreamInfer messages, successes and failures, are counted in the protocol="grpc"
+  histograms (count = the statistics' success + fail), in keel_responses_total{protocol=
+  "grpc",code=<status name>}, have one access log line each (protocol=grpc, status = the gRPC
+  code), one trace each with GRPC_* steps in order, and a traceparent sent as call metadata
+  is echoed in the initial metadata and logged.
 """
 
 import json
@@ -146,7 +152,9 @@ def test_histograms_count_every_request():
             check(types.get(fam) == "histogram", "%s has TYPE %r" % (fam, types.get(fam)))
         for fam, want in (("keel_request_duration_seconds", want_total),
                           ("keel_request_queue_duration_seconds", want_total),
-                          ("keel_request_compute_duration_seconds", st1["execution_count"])):
+                          # per request that reached the backend: every success here (the
+                          # failures fail validation first); batched ones share one call
+                          ("keel_request_compute_duration_seconds", st1["success"])):
             hs = hist(samples, fam)
             check(hs, "no %s series for model=heart" % fam)
             got = 0
@@ -503,6 +511,142 @@ def test_trace_settings_round_trip_and_trace_file():
     check(not os.path.exists(os.path.join(d, "batch.json.2")), "an empty batch was written")
 
 
+GRPC_STEPS = ["GRPC_WAITREAD_START", "GRPC_WAITREAD_END"] + STEPS[2:9] + [
+    "GRPC_SEND_START", "GRPC_SEND_END"]
+
+
+def test_grpc_feeds_observability():
+    import grpckit
+    st = grpckit.load()
+    grpc, pb, pbg = st.grpc, st.pb, st.pbg
+    d = kit.tmpdir("keel-grpc-obs-")
+    path = os.path.join(d, "access.log")
+    srv = kit.Server(kit.example_repo(), ["--preprocess-workers", "0", "--access-log", path,
+                                          "--access-log-format", "logfmt", "--trace-dir", d],
+                     grpc=True)
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    tp = "00-%s-00f067aa0ba902b7-01" % trace
+    with kit.running(srv):
+        port = srv.port
+        r = post_json(port, "/v2/trace/setting", {"trace_level": ["TIMESTAMPS"],
+                                                  "trace_rate": "1", "trace_file": "g.json"})
+        check(r.status == 200, "trace settings: %r" % r)
+        st0 = kit.stat_counts(kit.model_stats(port, "heart"))
+        samples0, _ = kit.parse_metrics(kit.scrape(port))
+
+        def grpc_codes(samples):
+            return {lb["code"]: v for n, lb, v in samples
+                    if n == "keel_responses_total" and lb.get("protocol") == "grpc"}
+        c0 = grpc_codes(samples0)
+        ch = grpc.insecure_channel("127.0.0.1:%d" % srv.grpc_port)
+        stub = pbg.GRPCInferenceServiceStub(ch)
+        expected = []  # (route, status code, request id, model, trace id)
+        # Unary: successes (one with a traceparent), a model failure, an unknown model, a
+        # malformed message.
+        for i in range(3):
+            md = [("traceparent", tp)] if i == 1 else []
+            resp, call = stub.ModelInfer.with_call(
+                grpckit.rows_request(pb, S["rows"], req_id="g%d" % i), metadata=md)
+            check(resp.id == "g%d" % i, "answer id %r" % resp.id)
+            echo = dict(call.initial_metadata()).get("traceparent")
+            if i == 1:
+                m = re.match(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-01$", echo or "")
+                check(m is not None and m.group(1) == trace and m.group(2) != "00f067aa0ba902b7",
+                      "traceparent echoed in the initial metadata: %r" % echo)
+            else:
+                check(echo is None, "traceparent echoed without one sent: %r" % echo)
+            expected.append(("infer", 0, "g%d" % i, "heart", trace if i == 1 else ""))
+        bad = grpckit.rows_request(pb, S["rows"], req_id="bad")
+        bad.inputs[0].shape[1] = 12
+        bad.raw_input_contents[0] = bad.raw_input_contents[0][:12 * 4 * len(S["rows"])]
+        try:
+            stub.ModelInfer(bad)
+            raise kit.TestFailure("a 12-feature request succeeded")
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.INVALID_ARGUMENT, "bad shape: %r" % e.code())
+        expected.append(("infer", 3, "bad", "heart", ""))
+        try:
+            stub.ModelInfer(grpckit.rows_request(pb, S["rows"], model="nosuch", req_id="u"))
+            raise kit.TestFailure("unknown model succeeded")
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.NOT_FOUND, "unknown model: %r" % e.code())
+        expected.append(("infer", 5, None, "nosuch", ""))
+        raw = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        try:
+            raw(b"\xff\xff\xff\xff")
+            raise kit.TestFailure("malformed protobuf succeeded")
+        except grpc.RpcError as e:
+            check(e.code() == grpc.StatusCode.INVALID_ARGUMENT, "malformed: %r" % e.code())
+        expected.append(("infer", 3, "", "", ""))
+        # A stream: two good messages and one for an unknown model.
+        msgs = [grpckit.rows_request(pb, S["rows"], req_id="s0"),
+                grpckit.rows_request(pb, S["rows"], model="nosuch", req_id="s1"),
+                grpckit.rows_request(pb, S["rows"], req_id="s2")]
+        answers = list(stub.ModelStreamInfer(iter(msgs), metadata=[("traceparent", tp)]))
+        check(len(answers) == 3 and sum(1 for a in answers if a.error_message) == 1,
+              "stream answers %r" % answers)
+        expected += [("stream_infer", 0, "s0", "heart", trace),
+                     ("stream_infer", 5, None, "nosuch", trace),
+                     ("stream_infer", 0, "s2", "heart", trace)]
+        ch.close()
+        kit.wait_idle(port)
+        st1 = kit.stat_counts(kit.model_stats(port, "heart"))
+        reached = (st1["success"] + st1["fail"]) - (st0["success"] + st0["fail"])
+        check(reached == 6, "statistics grew by %d, 6 gRPC requests reached heart" % reached)
+        samples, _ = kit.parse_metrics(kit.scrape(port))
+        for fam in ("keel_request_duration_seconds", "keel_request_queue_duration_seconds"):
+            hs = hist(samples, fam)
+            check(("1", "grpc") in hs, "no %s series with protocol=grpc: %r" % (fam, list(hs)))
+            check(hs[("1", "grpc")]["count"] == reached,
+                  "%s{protocol=grpc} counts %r, %d gRPC requests reached heart"
+                  % (fam, hs[("1", "grpc")]["count"], reached))
+        c1 = grpc_codes(samples)
+        for code, n in (("OK", 5), ("INVALID_ARGUMENT", 2), ("NOT_FOUND", 2)):
+            got = c1.get(code, 0) - c0.get(code, 0)
+            check(got == n, "keel_responses_total{protocol=grpc,code=%s} grew by %g, want %d"
+                  % (code, got, n))
+        def grpc_lines():
+            return [ln for ln in read_log(path, "logfmt") if ln.get("protocol") == "grpc"]
+        wait_for(lambda: len(grpc_lines()) >= len(expected), "%d lines" % len(expected))
+        time.sleep(0.3)
+        lines = grpc_lines()
+        check(len(lines) == len(expected), "%d gRPC access log lines for %d requests:\n%s"
+              % (len(lines), len(expected), "\n".join(map(str, lines))))
+        left = [{k: str(v) for k, v in ln.items()} for ln in lines]
+        for want in expected:
+            route, code, rid, model, tid = want
+            match = [i for i, got in enumerate(left)
+                     if got.get("route") == route and got.get("status") == str(code)
+                     and got.get("model") == model and got.get("trace_id") == tid
+                     and (rid is None or got.get("request_id") == rid)]
+            check(match, "no access log line for the request %r; lines:\n%s"
+                  % (want, "\n".join(map(str, lines))))
+            got = left.pop(match[0])
+            check(re.match(r"^127\.0\.0\.1:\d+$", got.get("peer", "")) is not None
+                  and got.get("method") == ("ModelInfer" if route == "infer"
+                                            else "ModelStreamInfer"),
+                  "access log line %r for the request %r" % (got, want))
+            if code == 0:
+                check(int(got["generation"]) > 0 and int(got["bytes_in"]) > 0
+                      and int(got["bytes_out"]) > 0 and int(got["compute_us"]) > 0
+                      and int(got["total_us"]) >= int(got["compute_us"]),
+                      "line %r" % got)
+    with open(os.path.join(d, "g.json")) as f:
+        doc = json.load(f)
+    heads = {e["id"]: e for e in doc if "model_name" in e}
+    stamps = {e["id"]: e["timestamps"] for e in doc if "timestamps" in e}
+    check(len(stamps) == reached and set(heads) == set(stamps),
+          "%d traces, want one per gRPC request that reached heart (%d): %r"
+          % (len(stamps), reached, doc))
+    for tid, ts in stamps.items():
+        names, ns = [t["name"] for t in ts], [t["ns"] for t in ts]
+        if heads[tid]["request_id"] != "bad":
+            check(names == GRPC_STEPS, "gRPC trace steps %r, want %r" % (names, GRPC_STEPS))
+        check([n for n in GRPC_STEPS if n in names] == names and names[0] == GRPC_STEPS[0]
+              and names[-1] == GRPC_STEPS[-1], "gRPC trace steps %r out of order" % names)
+        check(ns == sorted(ns), "gRPC trace timestamps not ordered: %r" % list(zip(names, ns)))
+
+
 def test_tracing_needs_trace_dir():
     srv = kit.Server(kit.example_repo(), ["--preprocess-workers", "0"])
     with kit.running(srv):
@@ -517,4 +661,4 @@ if __name__ == "__main__":
              test_access_log_json_one_line_per_request,
              test_access_log_blocked_writer_drops_and_counts, test_sighup_reopens_the_access_log,
              test_traceparent_valid_and_malformed, test_trace_settings_round_trip_and_trace_file,
-             test_tracing_needs_trace_dir], setup=setup)
+             test_tracing_needs_trace_dir, test_grpc_feeds_observability], setup=setup)

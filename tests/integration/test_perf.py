@@ -5,10 +5,15 @@ requests it reports as successful must equal exactly what the server's statistic
 (and, at batch 4, four inferences per request). A missing model gives only failures, all
 counted under their HTTP status and named with the server's message. The CSV has its
 columns and one row per level, percentiles are ordered, and an open-loop run sends the
-number of requests its schedule says. Usage mistakes exit 2."""
+number of requests its schedule says. Usage mistakes exit 2.
+
+Over gRPC (--protocol grpc, unary and --grpc-stream) the same count check holds against the
+server's statistics, failures are counted by gRPC status name (or stream_error), and a port
+that is not a reachable gRPC server is one clear error."""
 
 import csv
 import os
+import re
 import subprocess
 
 import kit
@@ -21,7 +26,7 @@ COLUMNS = ["mode", "level", "window_s", "requests", "ok", "failed", "throughput_
 
 
 def setup():
-    S["server"] = kit.Server(kit.example_repo()).start()
+    S["server"] = kit.Server(kit.example_repo(), grpc=True).start()
     S["port"] = S["server"].port
     S["dir"] = kit.tmpdir("keel-perf-")
     S["fds"] = S["server"].fd_count()
@@ -33,12 +38,12 @@ def teardown():
     S["server"].stop()
 
 
-def perf(*args, expect_rc=0):
+def perf(*args, expect_rc=0, port=None):
     """Runs keel perf against the test server; returns (stdout, stderr, csv rows)."""
     path = os.path.join(S["dir"], "out.csv")
     if os.path.exists(path):
         os.unlink(path)
-    cmd = [kit.KEEL, "perf", "-u", "127.0.0.1:%d" % S["port"], "--no-progress",
+    cmd = [kit.KEEL, "perf", "-u", "127.0.0.1:%d" % (port or S["port"]), "--no-progress",
            "-f", path] + list(args)
     kit.vlog("running:", " ".join(cmd))
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
@@ -90,9 +95,18 @@ def test_sweep_counts_match_server():
 
 def test_binary_batch_counts_rows():
     before = heart_success()
-    _, _, rows = perf("-m", "heart", "-b", "4", "--input-tensor-format", "binary",
-                      "--concurrency-range", "2", "-d", "0.5", "--warmup", "0")
+    out, _, rows = perf("-m", "heart", "-b", "4", "--input-tensor-format", "binary",
+                        "--concurrency-range", "2", "-d", "0.5", "--warmup", "0")
     after = heart_success()
+    # The server's own count: rows per backend execution over the run (heart batches).
+    m = re.search(r"server: (\d+) rows in (\d+) backend executions, average batch ([0-9.]+)", out)
+    check(m is not None, "no server line in keel perf's output:\n" + out)
+    d_exec = after["execution_count"] - before["execution_count"]
+    check((int(m.group(1)), int(m.group(2))) ==
+          (after["inference_count"] - before["inference_count"], d_exec) and
+          abs(float(m.group(3)) - int(m.group(1)) / max(d_exec, 1)) < 0.01,
+          "keel perf says %s; the statistics %d rows in %d executions"
+          % (m.group(0), after["inference_count"] - before["inference_count"], d_exec))
     check(len(rows) == 1 and int(rows[0]["failed"]) == 0, "rows %r" % rows)
     check_row(rows[0])
     ok = int(rows[0]["ok"])
@@ -152,9 +166,73 @@ def test_static_endpoint():
           "rows %r" % rows)
 
 
+def grpc_counts(*extra):
+    """A gRPC run at concurrency 1 and 3 with no warm-up: every request keel perf counts as
+    successful is one the server's statistics counted, and 4 rows each at batch 4."""
+    before = heart_success()
+    out, _, rows = perf("--protocol", "grpc", "-m", "heart", "-b", "4", "--concurrency-range",
+                        "1:3:2", "-d", "0.5", "--warmup", "0", *extra, port=S["server"].grpc_port)
+    after = heart_success()
+    check([r["level"] for r in rows] == ["1", "3"], "levels %r" % [r["level"] for r in rows])
+    ok = 0
+    for r in rows:
+        check_row(r)
+        check(int(r["failed"]) == 0 and r["errors"] == "" and int(r["ok"]) > 0, "row %r" % r)
+        check(int(r["connections"]) == int(r["level"]), "calls in flight: %r" % r)
+        ok += int(r["ok"])
+    check(after["success"] - before["success"] == ok,
+          "server counted %d successes, keel perf %d" % (after["success"] - before["success"], ok))
+    check(after["inference_count"] - before["inference_count"] == 4 * ok,
+          "server inferred %d rows for %d requests of 4"
+          % (after["inference_count"] - before["inference_count"], ok))
+    check(after["fail"] == before["fail"], "server counted failures")
+    return out
+
+
+def test_grpc_unary_counts_match_server():
+    out = grpc_counts()
+    check("gRPC ModelInfer" in out, "protocol not named:\n" + out)
+
+
+def test_grpc_stream_counts_match_server():
+    out = grpc_counts("--grpc-stream", "--grpc-channels", "2")
+    check("gRPC ModelStreamInfer" in out, "protocol not named:\n" + out)
+
+
+def test_grpc_errors_by_status_name():
+    before = heart_success()
+    for extra, kind in (([], "NOT_FOUND"), (["--grpc-stream"], "stream_error")):
+        out, _, rows = perf("--protocol", "grpc", "-m", "nosuch", "--input", "features:FP32:1x13",
+                            "--concurrency-range", "2", "-d", "0.3", "--warmup", "0", *extra,
+                            expect_rc=1, port=S["server"].grpc_port)
+        check(len(rows) == 1 and int(rows[0]["ok"]) == 0 and int(rows[0]["failed"]) > 0,
+              "rows %r" % rows)
+        check(rows[0]["errors"] == "%s:%s" % (kind, rows[0]["failed"]), "errors column %r"
+              % rows[0]["errors"])
+        check("unknown model 'nosuch'" in out, "failure not named:\n" + out)
+    check(heart_success() == before, "heart was inferred on")
+    # Without --input the metadata call fails: one clear message, status 1.
+    _, err, rows = perf("--protocol", "grpc", "-m", "nosuch", "-d", "0.3", expect_rc=1,
+                        port=S["server"].grpc_port)
+    check("NOT_FOUND" in err and "unknown model" in err and rows == [], "stderr %r" % err)
+
+
+def test_grpc_unreachable_is_one_clear_error():
+    # The HTTP port (not gRPC) and a port nobody listens on; with --input too (no metadata
+    # needed, but the target is still checked first).
+    for port in (S["port"], kit.free_port()):
+        for extra in ([], ["--input", "features:FP32:1x13"]):
+            _, err, rows = perf("--protocol", "grpc", "-m", "heart", "-d", "0.3", *extra,
+                                expect_rc=1, port=port)
+            check("cannot reach a gRPC server at 127.0.0.1:%d" % port in err and rows == [],
+                  "port %d %r: stderr %r rows %r" % (port, extra, err, rows))
+
+
 def test_usage_errors():
     for args in (["--concurrency-range", "0"], ["--input-tensor-format", "xml"], ["--bogus"],
-                 ["-b", "0"], []):
+                 ["-b", "0"], [], ["--protocol", "udp"], ["--grpc-stream"],
+                 ["--protocol", "grpc", "--input-tensor-format", "binary"],
+                 ["--protocol", "grpc", "--endpoint", "/v2"], ["--grpc-channels", "0"]):
         a = list(args)
         if "--bogus" not in a and a != []:
             a = ["-m", "heart"] + a
@@ -168,4 +246,7 @@ if __name__ == "__main__":
     kit.parse_args()
     kit.run([test_sweep_counts_match_server, test_binary_batch_counts_rows, test_input_data_file,
              test_missing_model_errors_by_status, test_open_loop_follows_schedule,
-             test_static_endpoint, test_usage_errors], setup=setup, teardown=teardown)
+             test_static_endpoint, test_grpc_unary_counts_match_server,
+             test_grpc_stream_counts_match_server, test_grpc_errors_by_status_name,
+             test_grpc_unreachable_is_one_clear_error, test_usage_errors],
+            setup=setup, teardown=teardown)

@@ -36,6 +36,40 @@ typedef struct mock_ctx {
 
 static _Atomic long run_us; /* mock_set_run_us */
 
+/* The call log (mock_calls): runs other than warm-ups, in the order they started. */
+#define MAX_CALLS 4096
+static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+static mock_call call_log[MAX_CALLS];
+static size_t ncalls;
+
+size_t mock_calls(mock_call *out, size_t max)
+{
+    size_t n;
+
+    pthread_mutex_lock(&log_mu);
+    n = ncalls < max ? ncalls : max;
+    memcpy(out, call_log, n * sizeof(*out));
+    pthread_mutex_unlock(&log_mu);
+    return n;
+}
+
+static void log_call(const keel_tensor_view *x)
+{
+    struct timespec ts;
+    mock_call c = {0};
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    c.t_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    c.rows = x->ndim > 0 ? x->shape[0] : 1;
+    c.cols = x->ndim > 1 ? x->shape[1] : 1;
+    for (int64_t r = 0; r < c.rows && r < MOCK_CALL_ROWS; r++)
+        c.first[r] = ((const float *)x->data)[r * c.cols];
+    pthread_mutex_lock(&log_mu);
+    if (ncalls < MAX_CALLS)
+        call_log[ncalls++] = c;
+    pthread_mutex_unlock(&log_mu);
+}
+
 void mock_reset(void)
 {
     atomic_store(&run_us, 0);
@@ -46,6 +80,9 @@ void mock_reset(void)
     atomic_store(&mock.runs, 0);
     atomic_store(&mock.double_frees, 0);
     atomic_store(&mock.destroyed_ctx_used, 0);
+    pthread_mutex_lock(&log_mu);
+    ncalls = 0;
+    pthread_mutex_unlock(&log_mu);
 }
 
 void mock_gate_close(void)
@@ -164,8 +201,10 @@ static keel_err mock_run(void *ctxp, keel__run_io *io)
     const keel_tensor_view *x = &io->inputs[0];
     size_t n = x->bytes / sizeof(float);
 
-    if (n == 0 || ((const float *)x->data)[0] != 0.0f)
+    if (n == 0 || ((const float *)x->data)[0] != 0.0f) {
         atomic_fetch_add(&mock.runs, 1); /* warm-ups are not counted */
+        log_call(x);
+    }
     if (mock_ctx_destroyed(c->id))
         atomic_fetch_add(&mock.destroyed_ctx_used, 1);
     atomic_store(&last_run_ctx, c->id);
@@ -177,6 +216,12 @@ static keel_err mock_run(void *ctxp, keel__run_io *io)
         pthread_cond_wait(&gate_cv, &gate_mu);
     gate_blocked--;
     pthread_mutex_unlock(&gate_mu);
+    if (!warmup && ((const float *)x->data)[0] >= MOCK_SLOW) {
+        /* A row that asks for a slow run: value - MOCK_SLOW milliseconds. */
+        long ms = (long)(((const float *)x->data)[0] - MOCK_SLOW);
+        struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
     if (!warmup && atomic_load(&run_us) > 0) {
         long us = atomic_load(&run_us);
         struct timespec ts = {us / 1000000, (us % 1000000) * 1000L};
@@ -189,8 +234,13 @@ static keel_err mock_run(void *ctxp, keel__run_io *io)
         c->out = p;
         c->cap = n;
     }
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
+        if (((const float *)x->data)[i] == MOCK_POISON) {
+            snprintf(io->errbuf, io->errlen, "mock: poisoned value in row %zu", i);
+            return KEEL_EBACKEND;
+        }
         c->out[i] = ((const float *)x->data)[i] * (float)c->model->k;
+    }
     return io->emit(io, "y", KEEL_TYPE_FP32, x->shape, x->ndim, c->out, n * sizeof(float));
 }
 
@@ -237,6 +287,23 @@ void mock_write_model(const char *repo, const char *name, int instances, int max
                       long default_timeout_us)
 {
     mock_write_model_keel(repo, name, instances, max_queue, default_timeout_us, "{}");
+}
+
+void mock_write_model_batching(const char *repo, const char *name, int instances,
+                               int max_batch_size, const char *dynamic_batching)
+{
+    char *path = tu_strf("%s/%s/config.json", repo, name);
+    char *text = tu_strf("{\"name\":\"%s\",\"backend\":\"mock\",\"max_batch_size\":%d,"
+                         "\"input\":[{\"name\":\"x\",\"data_type\":\"TYPE_FP32\",\"dims\":[-1]}],"
+                         "\"output\":[{\"name\":\"y\",\"data_type\":\"TYPE_FP32\",\"dims\":[-1]}],"
+                         "\"instance_group\":[{\"count\":%d,\"kind\":\"KIND_CPU\"}]%s%s}",
+                         name, max_batch_size, instances,
+                         dynamic_batching != NULL ? ",\"dynamic_batching\":" : "",
+                         dynamic_batching != NULL ? dynamic_batching : "");
+
+    tu_write_file(path, text, (size_t)-1);
+    free(path);
+    free(text);
 }
 
 void mock_write_model_keel(const char *repo, const char *name, int instances, int max_queue,

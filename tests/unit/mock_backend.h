@@ -10,6 +10,8 @@
 
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
 
 #include "backends/backend.h"
 
@@ -21,6 +23,21 @@ typedef struct mock_stats {
 } mock_stats;
 
 extern mock_stats mock;
+
+/* One backend call (warm-ups excepted): when it started, its input's rows and columns, and
+ * the first value of each of its first MOCK_CALL_ROWS rows. */
+#define MOCK_CALL_ROWS 16
+typedef struct mock_call {
+    uint64_t t_ns; /* CLOCK_MONOTONIC */
+    int64_t rows, cols;
+    float first[MOCK_CALL_ROWS];
+} mock_call;
+/* Copies up to max calls of the log (cleared by mock_reset); returns how many. */
+size_t mock_calls(mock_call *out, size_t max);
+/* An input value that makes the run fail with KEEL_EBACKEND. */
+#define MOCK_POISON (-7.0f)
+/* A first input value of MOCK_SLOW + n makes the run take n more milliseconds. */
+#define MOCK_SLOW 1000000.0f
 
 void mock_reset(void);
 /* While closed, runs wait at the gate. */
@@ -45,6 +62,9 @@ void mock_write_model(const char *repo, const char *name, int instances, int max
 /* The same with config.json's "keel" object set to keel_json (e.g. {"pinned":true}). */
 void mock_write_model_keel(const char *repo, const char *name, int instances, int max_queue,
                            long default_timeout_us, const char *keel_json);
+/* The same with max_batch_size and a "dynamic_batching" section (JSON text; NULL = none). */
+void mock_write_model_batching(const char *repo, const char *name, int instances,
+                               int max_batch_size, const char *dynamic_batching);
 /* Writes <repo>/<name>/<version>/model.txt with factor k. */
 void mock_write_version(const char *repo, const char *name, long version, double k);
 /* The same, with the memory the model claims (memory_estimate; 0 = its own size) and a load

@@ -233,7 +233,7 @@ static void test_normalised_json(void **state)
 static void test_defaults(void **state)
 {
     keel__model_config *cfg = parse_ok(min_config);
-    json_t *j, *qp, *vp;
+    json_t *j, *vp;
 
     (void)state;
 
@@ -256,14 +256,63 @@ static void test_defaults(void **state)
     assert_int_equal(json_integer_value(json_object_get(j, "max_batch_size")), 0);
     vp = json_object_get(json_object_get(j, "version_policy"), "latest");
     assert_int_equal(json_integer_value(json_object_get(vp, "num_versions")), 1);
-    qp = json_object_get(json_object_get(j, "dynamic_batching"), "default_queue_policy");
-    assert_int_equal(json_integer_value(json_object_get(qp, "max_queue_size")),
-                     KEEL__DEFAULT_MAX_QUEUE_SIZE);
+    /* No dynamic_batching in the file: batching is off and the section is not served, and
+     * the queue bound is keel's default. */
+    assert_null(json_object_get(j, "dynamic_batching"));
+    assert_false(cfg->batching);
+    assert_int_equal(cfg->max_queue_size, KEEL__DEFAULT_MAX_QUEUE_SIZE);
     assert_int_equal(json_integer_value(json_object_get(
                          json_array_get(json_object_get(j, "instance_group"), 0), "count")),
                      KEEL__DEFAULT_INSTANCE_COUNT);
     assert_true(json_is_object(json_object_get(j, "parameters")));
     assert_null(json_object_get(j, "default_model_filename"));
+    json_decref(j);
+    keel__config_destroy(cfg);
+}
+
+/* Every dynamic_batching field, uint64 values as numbers or strings (Triton writes both). */
+static void test_dynamic_batching(void **state)
+{
+    keel__model_config *cfg;
+    json_t *j, *db;
+
+    (void)state;
+    cfg =
+        parse_ok("{\"name\": \"heart\", \"backend\": \"xgboost\", \"max_batch_size\": 64,"
+                 " \"dynamic_batching\": {\"preferred_batch_size\": [16, 4, 16],"
+                 "  \"max_queue_delay_microseconds\": \"250\", \"preserve_ordering\": true,"
+                 "  \"priority_levels\": \"3\", \"default_priority_level\": 2,"
+                 "  \"default_queue_policy\": {\"max_queue_size\": 50,"
+                 "    \"default_timeout_microseconds\": \"1000\"},"
+                 "  \"priority_queue_policy\": {\"1\": {\"timeout_action\": \"DELAY\","
+                 "    \"default_timeout_microseconds\": 7, \"allow_timeout_override\": true,"
+                 "    \"max_queue_size\": 3}}},"
+                 " \"input\": [{\"name\": \"x\", \"data_type\": \"TYPE_FP32\", \"dims\": [1]}],"
+                 " \"output\": [{\"name\": \"y\", \"data_type\": \"TYPE_FP32\", \"dims\": [1]}]}");
+    assert_true(cfg->batching);
+    assert_int_equal(cfg->npreferred, 2); /* sorted, duplicates merged */
+    assert_int_equal(cfg->preferred[0], 4);
+    assert_int_equal(cfg->preferred[1], 16);
+    assert_int_equal(cfg->max_queue_delay_us, 250);
+    assert_true(cfg->preserve_ordering);
+    assert_int_equal(cfg->priority_levels, 3);
+    assert_int_equal(cfg->default_priority_level, 2);
+    assert_int_equal(cfg->max_queue_size, 50);
+    assert_int_equal(cfg->default_timeout_us, 1000);
+    assert_int_equal(cfg->qpolicy[1].timeout_action, KEEL__TIMEOUT_DELAY);
+    assert_int_equal(cfg->qpolicy[1].default_timeout_us, 7);
+    assert_true(cfg->qpolicy[1].allow_timeout_override);
+    assert_int_equal(cfg->qpolicy[1].max_queue_size, 3);
+    /* Levels without a policy of their own take the default one. */
+    assert_int_equal(cfg->qpolicy[2].default_timeout_us, 1000);
+    assert_int_equal(cfg->qpolicy[3].timeout_action, KEEL__TIMEOUT_REJECT);
+    j = json_loads(cfg->json, 0, NULL);
+    db = json_object_get(j, "dynamic_batching");
+    assert_int_equal(json_array_size(json_object_get(db, "preferred_batch_size")), 2);
+    assert_string_equal(
+        json_string_value(json_object_get(
+            json_object_get(json_object_get(db, "priority_queue_policy"), "1"), "timeout_action")),
+        "DELAY");
     json_decref(j);
     keel__config_destroy(cfg);
 }
@@ -444,6 +493,33 @@ static const struct {
     {WITH("\"dynamic_batching\": {\"default_queue_policy\": "
           "{\"default_timeout_microseconds\": \"-1\"}}"),
      "dynamic_batching.default_queue_policy.default_timeout_microseconds: expected", "got \"-1\""},
+    {WITH("\"max_batch_size\": 8, \"dynamic_batching\": {\"preferred_batch_size\": [4, 9]}"),
+     "dynamic_batching.preferred_batch_size[1]: expected an integer from 1 to 8", "got 9"},
+    {WITH("\"dynamic_batching\": {\"preferred_batch_size\": [1]}"),
+     "dynamic_batching.preferred_batch_size: needs max_batch_size > 0", NULL},
+    {WITH("\"dynamic_batching\": {\"priority_levels\": 3}"),
+     "dynamic_batching.default_priority_level: required when priority_levels is set", NULL},
+    {WITH("\"dynamic_batching\": {\"priority_levels\": 3, \"default_priority_level\": 4}"),
+     "dynamic_batching.default_priority_level: expected an integer from 1 to 3", "got 4"},
+    {WITH("\"dynamic_batching\": {\"priority_levels\": 17, \"default_priority_level\": 1}"),
+     "dynamic_batching.priority_levels: expected an integer from 0 to 16", "got 17"},
+    {WITH("\"dynamic_batching\": {\"default_priority_level\": 1}"),
+     "dynamic_batching.default_priority_level: expected an integer from 0 to 0", NULL},
+    {WITH("\"dynamic_batching\": {\"priority_levels\": 2, \"default_priority_level\": 1,"
+          " \"priority_queue_policy\": {\"3\": {}}}"),
+     "dynamic_batching.priority_queue_policy.3: expected an integer from 1 to 2", NULL},
+    {WITH("\"dynamic_batching\": {\"priority_queue_policy\": {\"1\": {}}}"),
+     "dynamic_batching.priority_queue_policy.1: needs priority_levels > 0", NULL},
+    {WITH("\"dynamic_batching\": {\"default_queue_policy\": {\"timeout_action\": \"DROP\"}}"),
+     "dynamic_batching.default_queue_policy.timeout_action: expected \"REJECT\" or \"DELAY\"",
+     "got \"DROP\""},
+    {WITH("\"dynamic_batching\": {\"priority_levels\": 2, \"default_priority_level\": 1,"
+          " \"priority_queue_policy\": {\"2\": {\"max_queue_sise\": 3}}}"),
+     "dynamic_batching.priority_queue_policy.2.max_queue_sise: unknown field", NULL},
+    {WITH("\"dynamic_batching\": {\"max_queue_delay_microseconds\": -1}"),
+     "dynamic_batching.max_queue_delay_microseconds: expected an integer from 0", "got -1"},
+    {WITH("\"dynamic_batching\": {\"preserve_ordering\": 1}"),
+     "dynamic_batching.preserve_ordering: expected true or false", "got 1"},
     {WITH("\"parameters\": [1]"), "parameters: expected an object", NULL},
     {WITH("\"parameters\": {\"k\": \"v\"}"), "parameters.k: expected an object", "got \"v\""},
     {WITH("\"parameters\": {\"k\": {}}"), "parameters.k.string_value: required", NULL},
@@ -832,10 +908,15 @@ static void test_alloc_failures(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_full_config),     cmocka_unit_test(test_normalised_json),
-        cmocka_unit_test(test_defaults),        cmocka_unit_test(test_variants),
-        cmocka_unit_test(test_bad_configs),     cmocka_unit_test(test_bad_json),
-        cmocka_unit_test(test_mutations),       cmocka_unit_test(test_load),
+        cmocka_unit_test(test_full_config),
+        cmocka_unit_test(test_normalised_json),
+        cmocka_unit_test(test_defaults),
+        cmocka_unit_test(test_variants),
+        cmocka_unit_test(test_dynamic_batching),
+        cmocka_unit_test(test_bad_configs),
+        cmocka_unit_test(test_bad_json),
+        cmocka_unit_test(test_mutations),
+        cmocka_unit_test(test_load),
         cmocka_unit_test(test_select_versions),
 #ifdef KEEL_FAULT_INJECTION
         cmocka_unit_test(test_alloc_failures),

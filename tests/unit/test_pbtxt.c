@@ -210,7 +210,11 @@ static void test_same_as_json(void **state)
         "output [ { name: \"y\" data_type: TYPE_FP32 dims: [ 1 ] } ]\n"
         "instance_group [ { count: 2 kind: KIND_CPU }, { count: 1 } ]\n"
         "dynamic_batching { default_queue_policy { max_queue_size: 100 "
-        "default_timeout_microseconds: 2500 } }\n"
+        "default_timeout_microseconds: 2500 }\n"
+        "  preferred_batch_size: [ 4, 8 ] max_queue_delay_microseconds: 100\n"
+        "  priority_levels: 2 default_priority_level: 2\n"
+        "  priority_queue_policy { key: 1 value: { timeout_action: DELAY "
+        "default_timeout_microseconds: 50 allow_timeout_override: true } } }\n"
         "parameters: { key: \"threshold\" value: { string_value: \"0.25\" } }\n"
         "parameters: { key: \"output_class\" value: { string_value: \"true\" } }\n";
     static const char js[] =
@@ -220,7 +224,11 @@ static void test_same_as_json(void **state)
         " \"output\": [{\"name\": \"y\", \"data_type\": \"TYPE_FP32\", \"dims\": [1]}],"
         " \"instance_group\": [{\"count\": 2, \"kind\": \"KIND_CPU\"}, {\"count\": 1}],"
         " \"dynamic_batching\": {\"default_queue_policy\": {\"max_queue_size\": 100,"
-        "   \"default_timeout_microseconds\": 2500}},"
+        "   \"default_timeout_microseconds\": 2500},"
+        "   \"preferred_batch_size\": [4, 8], \"max_queue_delay_microseconds\": 100,"
+        "   \"priority_levels\": 2, \"default_priority_level\": 2,"
+        "   \"priority_queue_policy\": {\"1\": {\"timeout_action\": \"DELAY\","
+        "     \"default_timeout_microseconds\": \"50\", \"allow_timeout_override\": true}}},"
         " \"parameters\": {\"threshold\": {\"string_value\": \"0.25\"},"
         "                \"output_class\": {\"string_value\": \"true\"}}}";
     keel__model_config *p, *j;
@@ -230,6 +238,9 @@ static void test_same_as_json(void **state)
     j = parse(false, js, strlen(js));
     assert_string_equal(p->json, j->json);
     assert_int_equal(p->instance_count, 3);
+    assert_int_equal(p->qpolicy[1].timeout_action, KEEL__TIMEOUT_DELAY);
+    assert_int_equal(p->qpolicy[1].default_timeout_us, 50);
+    assert_int_equal(p->npreferred, 2);
     keel__config_destroy(p);
     keel__config_destroy(j);
 }
@@ -404,11 +415,11 @@ static void test_strict_json(void **state)
     parse_bad(false, far, strlen(far),
               JS ": colour: unknown field \"colour\" (not a field of Triton's ModelConfig)");
     cfg = parse(false, warm, strlen(warm));
-    assert_string_equal(cfg->warnings, JS
-                        ": model_warmup: ignored: keel's backends warm a model up themselves "
-                        "before it serves\n" JS ": dynamic_batching.max_queue_delay_microseconds: "
-                        "ignored: keel runs each request as it comes, without waiting to "
-                        "merge requests\n");
+    assert_string_equal(cfg->warnings,
+                        JS ": model_warmup: ignored: keel's backends warm a model up themselves "
+                           "before it serves\n");
+    assert_true(cfg->batching);
+    assert_int_equal(cfg->max_queue_delay_us, 100);
     keel__config_destroy(cfg);
 }
 

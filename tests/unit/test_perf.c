@@ -14,9 +14,12 @@
 
 #include <cmocka.h>
 
+#include "keel_inference.pb-c.h"
 #include "perf_bodies.h"
+#include "perf_grpc.h"
 #include "perf_hist.h"
 #include "perf_http.h"
+#include "perf_load.h"
 
 /* Every bucket's lowest value maps back to it, buckets are contiguous and increasing. */
 static void test_hist_buckets(void **state)
@@ -149,13 +152,69 @@ static void test_input_spec(void **state)
     assert_false(perf_input_spec_parse("features:FP32:3y4", &s));
 }
 
+/* A packed gRPC request decodes back to the model, version, id, inputs and raw bytes. */
+static void test_grpc_pack(void **state)
+{
+    perf_workload w;
+    static const float a[3] = {1.5f, -2.0f, 0.25f};
+    static const uint8_t b[2] = {1, 0};
+    const void *raw[2] = {a, b};
+    size_t lens[2] = {sizeof(a), sizeof(b)};
+    unsigned char *msg = NULL;
+    size_t len = 0;
+    Inference__ModelInferRequest *m;
+
+    (void)state;
+    memset(&w, 0, sizeof(w));
+    w.model = "heart";
+    w.version = "3";
+    assert_true(perf_input_spec_parse("x:FP32:1x3", &w.inputs[0]));
+    assert_true(perf_input_spec_parse("flag:BOOL:2", &w.inputs[1]));
+    w.ninputs = 2;
+    assert_true(perf_grpc_pack_infer(&w, "perf-7", raw, lens, &msg, &len));
+    m = inference__model_infer_request__unpack(NULL, len, msg);
+    assert_non_null(m);
+    assert_string_equal(m->model_name, "heart");
+    assert_string_equal(m->model_version, "3");
+    assert_string_equal(m->id, "perf-7");
+    assert_int_equal(m->n_inputs, 2);
+    assert_string_equal(m->inputs[0]->name, "x");
+    assert_string_equal(m->inputs[0]->datatype, "FP32");
+    assert_int_equal(m->inputs[0]->n_shape, 2);
+    assert_int_equal(m->inputs[0]->shape[1], 3);
+    assert_string_equal(m->inputs[1]->datatype, "BOOL");
+    assert_int_equal(m->n_raw_input_contents, 2);
+    assert_int_equal(m->raw_input_contents[0].len, sizeof(a));
+    assert_memory_equal(m->raw_input_contents[0].data, a, sizeof(a));
+    assert_memory_equal(m->raw_input_contents[1].data, b, sizeof(b));
+    inference__model_infer_request__free_unpacked(m, NULL);
+    free(msg);
+}
+
+/* gRPC failures are named by status, streams' error answers as stream_error. */
+static void test_grpc_errors_column(void **state)
+{
+    perf_result r;
+    char buf[256];
+
+    (void)state;
+    assert_true(perf_result_init(&r));
+    r.grpc_status[5] = 12;
+    r.grpc_status[14] = 3;
+    r.stream_errors = 2;
+    perf_result_errors(&r, buf, sizeof(buf));
+    assert_string_equal(buf, "NOT_FOUND:12;UNAVAILABLE:3;stream_error:2");
+    assert_string_equal(perf_grpc_code_name(4), "DEADLINE_EXCEEDED");
+    assert_string_equal(perf_grpc_code_name(99), "UNKNOWN");
+    perf_result_fini(&r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_hist_buckets),
-        cmocka_unit_test(test_hist_quantiles),
-        cmocka_unit_test(test_http_framing),
-        cmocka_unit_test(test_input_spec),
+        cmocka_unit_test(test_hist_buckets), cmocka_unit_test(test_hist_quantiles),
+        cmocka_unit_test(test_http_framing), cmocka_unit_test(test_input_spec),
+        cmocka_unit_test(test_grpc_pack),    cmocka_unit_test(test_grpc_errors_column),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

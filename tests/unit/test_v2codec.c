@@ -1247,7 +1247,7 @@ static int teardown_keel(void **state)
 static void test_end_to_end_json(void **state)
 {
     fixture *f = *state;
-    const char *body = "{\"id\":\"r1\",\"parameters\":{\"timeout\":5000000,\"priority\":2},"
+    const char *body = "{\"id\":\"r1\",\"parameters\":{\"timeout\":5000000,\"priority\":1},"
                        "\"inputs\":[{\"name\":\"x\",\"shape\":[2,3],\"datatype\":\"FP32\","
                        "\"data\":[[0.708333,-0.320755,1],[-1,1.5e-3,3.4028235e38]]}],"
                        "\"outputs\":[{\"name\":\"y\"}]}";
@@ -1263,7 +1263,9 @@ static void test_end_to_end_json(void **state)
     assert_string_equal(info.id, "r1");
     assert_int_equal(info.timeout_us, 5000000);
     assert_string_equal(keel_request_id(req), "r1");
-    assert_string_equal(keel_request_parameter(req, "priority"), "2");
+    /* timeout and priority are Triton's scheduling parameters: read, not passed on. */
+    assert_int_equal(info.priority, 1);
+    assert_null(keel_request_parameter(req, "priority"));
     assert_null(keel_request_parameter(req, "timeout"));
     assert_int_equal(keel_infer(req), KEEL_OK);
     assert_int_equal(keel_v2_encode_infer(req, "m", &info, &resp, err, sizeof(err)), 0);
