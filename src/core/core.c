@@ -131,13 +131,21 @@ const char *keel_datatype_name(keel_datatype dt)
 
 keel_datatype keel_datatype_from_name(const char *name)
 {
+    bool triton;
+
     if (name == NULL)
         return KEEL_TYPE_INVALID;
+    /* One comparison per candidate, and a strcmp only when the first letter matches: this
+     * runs for every tensor of every request (issue 11). */
+    triton = strncmp(name, "TYPE_", 5) == 0;
+    if (triton)
+        name += 5;
     for (int i = 1; i < KEEL_TYPE_COUNT_; i++) {
-        if (strcmp(name, dtypes[i].name) == 0 || strcmp(name, dtypes[i].triton) == 0)
+        const char *cand = triton ? dtypes[i].triton + 5 : dtypes[i].name;
+        if (cand[0] == name[0] && strcmp(name, cand) == 0)
             return (keel_datatype)i;
     }
-    if (strcmp(name, "TYPE_BYTES") == 0)
+    if (triton && strcmp(name, "BYTES") == 0)
         return KEEL_TYPE_BYTES;
     return KEEL_TYPE_INVALID;
 }

@@ -56,7 +56,7 @@ typedef struct keel_server_opts {
     unsigned http_timeout_secs;    /* idle connection timeout; default 30 */
     unsigned max_connections;      /* default 1024 */
     /* libmicrohttpd's per-connection memory pool (headers and its read buffer; it bounds the
-     * header size and is cleared for every request): default 64 KiB. */
+     * header size and is cleared for every request): default 16 KiB. */
     unsigned http_connection_memory;
     /* Where an infer runs (--infer-on-io-thread, old name --infer-on-http-thread; HTTP and
      * gRPC): AUTO (default) on the I/O thread that decoded it when the model

@@ -132,6 +132,7 @@ struct srv_conn {
     char *body;
     size_t body_len, body_cap;
     size_t body_limit;  /* bytes kept for this route (0: the body is discarded) */
+    size_t body_expect; /* Content-Length (within the limit), 0 if unknown or none */
     uint64_t discarded; /* bytes over the limit thrown away */
     bool too_large;
 

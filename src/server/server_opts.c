@@ -30,7 +30,10 @@ void keel_server_opts_init(keel_server_opts *opts)
     opts->max_request_bytes = 64u << 20;
     opts->http_timeout_secs = 30;
     opts->max_connections = 1024;
-    opts->http_connection_memory = 64u << 10;
+    /* 16 KiB: headers up to ~15.5 KiB (Node.js's default limit is 16 KiB, nginx's one line
+     * 8 KiB); libmicrohttpd clears the pool for every request, so its size is paid per
+     * request (docs/PERFORMANCE.md, issue 11). */
+    opts->http_connection_memory = 16u << 10;
     opts->infer_on_http_thread = KEEL_SERVER_INLINE_AUTO;
     opts->inline_max_us = 200;
     opts->exit_timeout_secs = 30;
@@ -101,9 +104,9 @@ void keel_server_print_help(FILE *f)
           "                              0 = never)\n"
           "  --max-connections N         concurrent connections (default 1024)\n"
           "  --http-connection-memory N  bytes of libmicrohttpd's per-connection pool, suffix\n"
-          "                              k/m/g (default 64k): it holds the headers (larger\n"
-          "                              ones get 431) and the read buffer, and is cleared\n"
-          "                              for every request\n"
+          "                              k/m/g (default 16k): it holds the request line and\n"
+          "                              headers (larger ones get 414/431) and the read\n"
+          "                              buffer, and is cleared for every request\n"
           "  --infer-on-io-thread auto|on|off\n"
           "                              (old name: --infer-on-http-thread) auto (default):\n"
           "                              when the model's queue is empty, a context is idle,\n"

@@ -946,9 +946,36 @@ static void test_version_change_keeps_queued_latest(void **state)
     tu_assert_counters(f->rt, &idle_one_gen);
 }
 
+/* Datatype names: KServe's ("FP32"), Triton's config names ("TYPE_FP32", "TYPE_STRING" for
+ * BYTES, and "TYPE_BYTES"), and nothing else (case, prefixes, INVALID). */
+static void test_datatype_names(void **state)
+{
+    (void)state;
+    for (int i = 1; i < KEEL_TYPE_COUNT_; i++) {
+        keel_datatype dt = (keel_datatype)i;
+        char triton[32];
+        assert_int_equal(keel_datatype_from_name(keel_datatype_name(dt)), dt);
+        snprintf(triton, sizeof(triton), "TYPE_%s",
+                 dt == KEEL_TYPE_BYTES ? "STRING" : keel_datatype_name(dt));
+        assert_int_equal(keel_datatype_from_name(triton), dt);
+    }
+    assert_int_equal(keel_datatype_from_name("TYPE_BYTES"), KEEL_TYPE_BYTES);
+    assert_int_equal(keel_datatype_from_name("FP3"), KEEL_TYPE_INVALID);
+    assert_int_equal(keel_datatype_from_name("FP322"), KEEL_TYPE_INVALID);
+    assert_int_equal(keel_datatype_from_name("fp32"), KEEL_TYPE_INVALID);
+    assert_int_equal(keel_datatype_from_name("STRING"), KEEL_TYPE_INVALID);
+    assert_int_equal(keel_datatype_from_name("TYPE_"), KEEL_TYPE_INVALID);
+    assert_int_equal(keel_datatype_from_name("TYPE_TYPE_FP32"), KEEL_TYPE_INVALID);
+    assert_int_equal(keel_datatype_from_name("INVALID"), KEEL_TYPE_INVALID);
+    assert_int_equal(keel_datatype_from_name("TYPE_INVALID"), KEEL_TYPE_INVALID);
+    assert_int_equal(keel_datatype_from_name(""), KEEL_TYPE_INVALID);
+    assert_int_equal(keel_datatype_from_name(NULL), KEEL_TYPE_INVALID);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_datatype_names),
         cmocka_unit_test_setup_teardown(test_sync_and_async, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_inputs_then_good, setup, teardown),
         cmocka_unit_test_setup_teardown(test_submit_run_here, setup, teardown),
