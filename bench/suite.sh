@@ -120,7 +120,7 @@ start_keel() {
         sleep 0.05
     done
     port=$(grep -v protocol=grpc "$pf" | sed -n 's/.*port=\([0-9]*\).*/\1/p' | head -n1)
-    gport=$(grep protocol=grpc "$pf" | sed -n 's/.*port=\([0-9]*\).*/\1/p' | head -n1)
+    gport=$( (grep protocol=grpc "$pf" || true) | sed -n 's/.*port=\([0-9]*\).*/\1/p' | head -n1)
     rm -f "$pf"
     [[ -n "$port" ]] || { echo "suite: keel serve did not start" >&2; exit 1; }
 }
