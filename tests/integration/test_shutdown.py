@@ -32,6 +32,9 @@ def setup():
     repo = kit.copy_repo()
     kit.add_model(repo, "slow", kit.train_slow_model(kit.tmpdir("keel-train-")), instances=1,
                   max_queue_size=64, max_batch_size=256 * BLOCKER_COPIES)
+    # One request per backend run (no dynamic_batching): the long request must wait behind
+    # the other clients' slow requests, not be merged with them.
+    kit.edit_config(repo, "slow", lambda c: c.pop("dynamic_batching", None))
     S["slow_repo"] = repo
     S["slow_rows"] = kit.heart_rows()[:256]
     S["slow_ref"] = kit.keel_reference(repo, "slow", S["slow_rows"])
