@@ -133,8 +133,8 @@ keel_err keel__batch_emit(keel__run_io *io, const char *name, keel_datatype dt,
             len = per_row_elems * (size_t)r->rows * esize;
             if (len > bytes - off) {
                 keel__errf(io->errbuf, io->errlen,
-                           "output '%s': %zu bytes do not hold the %lld rows its shape says",
-                           name, bytes, (long long)b->rows);
+                           "output '%s': %zu bytes do not hold the %lld rows its shape says", name,
+                           bytes, (long long)b->rows);
                 return KEEL_EBACKEND;
             }
         }
