@@ -78,28 +78,6 @@ keel_err keel__batch_inputs_merge(const keel__model_config *cfg, keel_request *l
     return KEEL_OK;
 }
 
-/* Byte offset of element `elem` in BYTES data of n elements (elements are <u32 len><bytes>;
- * the framing was checked when the tensor was made or by the backend's emit). */
-static bool bytes_offset(const unsigned char *p, size_t len, size_t from_off, size_t count,
-                         size_t *out)
-{
-    size_t off = from_off;
-
-    for (size_t i = 0; i < count; i++) {
-        uint32_t l;
-        if (len - off < 4)
-            return false;
-        l = (uint32_t)p[off] | (uint32_t)p[off + 1] << 8 | (uint32_t)p[off + 2] << 16 |
-            (uint32_t)p[off + 3] << 24;
-        off += 4;
-        if (len - off < l)
-            return false;
-        off += l;
-    }
-    *out = off;
-    return true;
-}
-
 keel_err keel__batch_emit(keel__run_io *io, const char *name, keel_datatype dt,
                           const int64_t *shape, size_t ndim, const void *data, size_t bytes)
 {
@@ -124,7 +102,7 @@ keel_err keel__batch_emit(keel__run_io *io, const char *name, keel_datatype dt,
         sub[0] = r->rows;
         if (dt == KEEL_TYPE_BYTES) {
             size_t end;
-            if (!bytes_offset(data, bytes, off, per_row_elems * (size_t)r->rows, &end)) {
+            if (!keel__bytes_skip(data, bytes, off, per_row_elems * (size_t)r->rows, &end)) {
                 keel__errf(io->errbuf, io->errlen, "output '%s': malformed BYTES data", name);
                 return KEEL_EBACKEND;
             }

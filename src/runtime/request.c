@@ -180,12 +180,11 @@ static bool element_count(const int64_t *shape, size_t ndim, size_t *out)
     return true;
 }
 
-/* Checks BYTES framing: exactly n elements of <u32 little-endian length><bytes>. */
-static bool bytes_framing_ok(const unsigned char *p, size_t len, size_t n)
+bool keel__bytes_skip(const unsigned char *p, size_t len, size_t from, size_t count, size_t *out)
 {
-    size_t off = 0;
+    size_t off = from;
 
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; i < count; i++) {
         uint32_t l;
         if (len - off < 4)
             return false;
@@ -196,7 +195,16 @@ static bool bytes_framing_ok(const unsigned char *p, size_t len, size_t n)
             return false;
         off += l;
     }
-    return off == len;
+    *out = off;
+    return true;
+}
+
+/* Checks BYTES framing: exactly n elements of <u32 little-endian length><bytes>. */
+static bool bytes_framing_ok(const unsigned char *p, size_t len, size_t n)
+{
+    size_t end;
+
+    return keel__bytes_skip(p, len, 0, n, &end) && end == len;
 }
 
 /* keel_request_add_input and keel_request_add_input_owned: owned != NULL is data, taken. */

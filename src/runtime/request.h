@@ -18,6 +18,9 @@ keel_err keel__request_emit(keel__run_io *io, const char *name, keel_datatype dt
 keel_err keel__request_emit_to(keel_request *req, const char *name, keel_datatype dt,
                                const int64_t *shape, size_t ndim, const void *data, size_t bytes,
                                char *errbuf, size_t errlen);
+/* Walks count BYTES elements (<u32 little-endian length><bytes>) of p[0..len) from byte
+ * offset from; *out is the offset after them. False if they do not fit. */
+bool keel__bytes_skip(const unsigned char *p, size_t len, size_t from, size_t count, size_t *out);
 void keel__request_set_error(keel_request *req, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
