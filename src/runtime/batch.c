@@ -36,11 +36,10 @@ bool keel__batch_compatible(const keel_request *a, const keel_request *b)
     return true;
 }
 
-void keel__batch_inputs_free(keel_tensor_view *views, void **bufs, size_t n)
+void keel__batch_inputs_free(void **bufs, size_t n)
 {
     for (size_t j = 0; j < n; j++)
         free(bufs[j]);
-    (void)views;
 }
 
 keel_err keel__batch_inputs_merge(const keel__model_config *cfg, keel_request *list, int64_t rows,
@@ -59,7 +58,7 @@ keel_err keel__batch_inputs_merge(const keel__model_config *cfg, keel_request *l
         if ((buf = keel__malloc(bytes > 0 ? bytes : 1)) == NULL) {
             keel__errf(errbuf, errlen, "out of memory merging input '%s' of a batch (%zu bytes)",
                        first->name, bytes);
-            keel__batch_inputs_free(views, bufs, j);
+            keel__batch_inputs_free(bufs, j);
             return KEEL_ENOMEM;
         }
         for (keel_request *r = list; r != NULL; r = r->qnext) {

@@ -21,7 +21,7 @@ bool keel__batch_compatible(const keel_request *a, const keel_request *b);
 keel_err keel__batch_inputs_merge(const keel__model_config *cfg, keel_request *list, int64_t rows,
                                   int64_t (*shapes)[KEEL__MAX_DIMS + 1], keel_tensor_view *views,
                                   void **bufs, char *errbuf, size_t errlen);
-void keel__batch_inputs_free(keel_tensor_view *views, void **bufs, size_t n);
+void keel__batch_inputs_free(void **bufs, size_t n);
 /* keel__run_io.emit of a batched run: splits the output by rows into each request. */
 keel_err keel__batch_emit(keel__run_io *io, const char *name, keel_datatype dt,
                           const int64_t *shape, size_t ndim, const void *data, size_t bytes);

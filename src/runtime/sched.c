@@ -1011,14 +1011,14 @@ static void run_batch(keel_runtime *rt, batch *b)
         if (err == KEEL_OK && keel__fault_hit(KEEL__FAULT_BACKEND_RUN)) {
             keel__errf(errbuf, sizeof(errbuf), "injected backend run fault");
             err = KEEL_EBACKEND;
-            keel__batch_inputs_free(views, bufs, cfg->ninputs);
+            keel__batch_inputs_free(bufs, cfg->ninputs);
         } else if (err == KEEL_OK) {
             t_run = keel__now_ns();
             for (keel_request *req = ok; req != NULL; req = req->qnext)
                 req->input_end_ns = t_run;
             err = g->backend->run(g->ctxs[b->ctx], &io);
             t_out = keel__now_ns();
-            keel__batch_inputs_free(views, bufs, cfg->ninputs);
+            keel__batch_inputs_free(bufs, cfg->ninputs);
             atomic_fetch_add_explicit(&g->entry->stats.compute_ns, t_out - t_run,
                                       memory_order_relaxed);
             atomic_fetch_add_explicit(&g->entry->stats.execution_count, 1, memory_order_relaxed);
