@@ -19,7 +19,7 @@ from kit import check
 
 GRACE = 1.0
 CLIENTS = 8
-BLOCKER_COPIES = 64  # 64 x 256 rows of the slow model: well over half a second of backend time
+BLOCKER_COPIES = 128  # 128 x 256 rows of the slow model: about a second of backend time
 S = {}
 
 
