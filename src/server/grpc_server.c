@@ -193,6 +193,7 @@ struct gcall {
     bool reads_done;             /* the client half-closed (or the read failed) */
     size_t jobs_out;             /* jobs not finished */
     bool finished;               /* the status is being sent */
+    bool busy;                   /* jobs_out > 0 || writing: counted in g->nbusy_streams */
 };
 
 struct srv_grpc {
@@ -214,6 +215,7 @@ struct srv_grpc {
     bool accepting;         /* CQ thread only: a request_call is outstanding */
     atomic_size_t ncalls;   /* calls alive (accepted, not freed) */
     atomic_size_t nstreams; /* of which ModelStreamInfer calls */
+    size_t nbusy_streams;   /* under mu: streams with a job or a write not finished */
     size_t max_calls;
 };
 
@@ -879,6 +881,23 @@ static void inflight_unlink_locked(srv_grpc *g, gjob *j)
         pthread_cond_broadcast(&g->cv);
 }
 
+/* Keeps c->busy and g->nbusy_streams true after jobs_out or writing changed. A stream
+ * stops being busy only once its last answer left, so the shutdown does not cancel a stream
+ * whose answers are still queued (the drain answered them; they must reach the client). */
+static void stream_busy_locked(srv_grpc *g, gcall *c)
+{
+    bool busy = c->jobs_out > 0 || c->writing;
+
+    if (busy == c->busy)
+        return;
+    c->busy = busy;
+    if (busy) {
+        g->nbusy_streams++;
+    } else if (--g->nbusy_streams == 0) {
+        pthread_cond_broadcast(&g->cv);
+    }
+}
+
 static bool stream_should_finish_locked(gcall *c)
 {
     if (c->finished || !c->reads_done || c->jobs_out > 0 || c->writing)
@@ -934,6 +953,7 @@ static void stream_write(gcall *c, grpc_byte_buffer *bb)
     pthread_mutex_lock(&g->mu);
     if (!c->writing) {
         c->writing = true;
+        stream_busy_locked(g, c);
         pthread_mutex_unlock(&g->mu);
         stream_start_write(c, bb);
         return;
@@ -948,6 +968,7 @@ static void stream_write(gcall *c, grpc_byte_buffer *bb)
     pthread_mutex_lock(&g->mu);
     if (!c->writing) { /* the write finished meanwhile */
         c->writing = true;
+        stream_busy_locked(g, c);
         pthread_mutex_unlock(&g->mu);
         free(w);
         stream_start_write(c, bb);
@@ -978,6 +999,7 @@ static void on_write(gcall *c)
             c->wq_tail = NULL;
     } else {
         c->writing = false;
+        stream_busy_locked(g, c);
         finish = stream_should_finish_locked(c);
     }
     pthread_mutex_unlock(&g->mu);
@@ -1027,6 +1049,7 @@ static void job_finish(gjob *j)
         free(j);
         pthread_mutex_lock(&g->mu);
         c->jobs_out--;
+        stream_busy_locked(g, c);
         finish = stream_should_finish_locked(c);
         pthread_mutex_unlock(&g->mu);
     }
@@ -1177,8 +1200,10 @@ static keel_err job_submit(gcall *c, gjob *j, srv_outcome *out)
         g->inflight->prev = j;
     g->inflight = j;
     g->ninflight++;
-    if (c->rpc == RPC_STREAM)
+    if (c->rpc == RPC_STREAM) {
         c->jobs_out++;
+        stream_busy_locked(g, c);
+    }
     pthread_mutex_unlock(&g->mu);
     j->request_start_ns = mono_ns();
     /* --infer-on-io-thread: a fast model runs right here on the CQ thread (on_job_done then
@@ -1188,8 +1213,10 @@ static keel_err job_submit(gcall *c, gjob *j, srv_outcome *out)
         pthread_mutex_lock(&g->mu);
         j->in_flight = false;
         inflight_unlink_locked(g, j);
-        if (c->rpc == RPC_STREAM)
+        if (c->rpc == RPC_STREAM) {
             c->jobs_out--;
+            stream_busy_locked(g, c);
+        }
         pthread_mutex_unlock(&g->mu);
         call_unref(c); /* not the last: the caller's event holds one */
         return e;
@@ -1717,10 +1744,12 @@ static bool shut_down(srv_grpc *g)
     return g->shutdown_done;
 }
 
-/* Only streams are left open (idle ones stay open until cancelled), or nothing is. */
+/* Only idle streams are left open (they stay open until cancelled), or nothing is: every
+ * answer of every stream has been written. */
 static bool only_streams(srv_grpc *g)
 {
-    return g->shutdown_done || atomic_load(&g->ncalls) <= atomic_load(&g->nstreams);
+    return g->shutdown_done ||
+           (atomic_load(&g->ncalls) <= atomic_load(&g->nstreams) && g->nbusy_streams == 0);
 }
 
 void keel__grpc_stop(keel_srv *s)
