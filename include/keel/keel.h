@@ -436,7 +436,24 @@ enum {
      * whose runs keep the estimate current. A thread serving many clients (an HTTP thread)
      * thus runs fast models itself and never computes a slow one. */
     KEEL_SUBMIT_RUN_IF_FAST = 1u << 1,
+    /* For a model version with dynamic batching: queue the request without waking an
+     * inference thread for it. The caller promises to call keel_runtime_run_gathered soon
+     * from this thread (an I/O thread: once it has read every request that arrived
+     * together), which forms batches from what is queued and runs them on the calling thread
+     * when the model is fast, so that requests arriving together run as one backend call
+     * with no thread hand-off. Ignored for a model without dynamic batching (combine it with
+     * KEEL_SUBMIT_RUN_IF_FAST for those). */
+    KEEL_SUBMIT_GATHER = 1u << 2,
 };
+
+/*
+ * Dispatches the batches that are ready now (see KEEL_SUBMIT_GATHER), one per model version
+ * at most: a batch of a fast model (no preprocessing, its estimated run time for a batch of
+ * that size known and below inline_max_us) runs on the calling thread and its callbacks run
+ * before this returns; the others are handed to the inference threads. Never waits for a
+ * context: a model whose contexts are busy is dispatched when one frees. Any thread.
+ */
+KEEL_EXTERN void keel_runtime_run_gathered(keel_runtime *rt);
 
 /* keel_infer_submit with flags (0 = the same as keel_infer_submit). Same contract: KEEL_OK
  * means cb runs exactly once (with KEEL_SUBMIT_RUN_HERE possibly before this returns). */

@@ -11,8 +11,13 @@
  *   narenas:2          one arena per core of the target machine instead of four per CPU, so
  *                      the garbage of a model load is not spread over arenas that serve
  *                      nothing else afterwards;
- *   dirty_decay_ms:0   freed pages go back to the OS at once (madvise), so a retired
- *   muzzy_decay_ms:0   generation's memory leaves RSS when the reaper frees it.
+ *   dirty_decay_ms:1000 pages freed while serving go back to the OS after about a second
+ *   muzzy_decay_ms:0    idle, not at once: with 0, the madvise of every freed large block
+ *                       (a batch's merged input, a body buffer) and the page faults of its
+ *                       reuse cost 14 % of the HTTP thread's time and halved batched
+ *                       throughput (docs/PERFORMANCE.md, issue 12). A retired generation's
+ *                       memory still leaves RSS when the reaper frees it: keel__heap_trim
+ *                       purges every arena explicitly then (core/heap.c).
  * No state, no threads: a constant read by the allocator.
  */
 #include "cli_alloc.h"

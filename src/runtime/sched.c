@@ -75,6 +75,18 @@
  * place in the order. Where each request ran is
  * counted per model (stats.runs_inline / runs_handed_off).
  *
+ * Gather (KEEL_SUBMIT_GATHER, keel_runtime_run_gathered: an event loop's turn): a batching
+ * model's request is queued and its vslot put on the ready list *without* waking a worker.
+ * The loop, at the end of its turn, calls keel_runtime_run_gathered: every vslot on the
+ * ready list at that moment is popped once; one that can dispatch and whose model is fast
+ * for the batch it would form now (no preprocessing; the estimate of the size class of
+ * min(queued rows, max_batch_size) known and below inline_max_ns) has its batch formed and
+ * run on the calling thread (counted inline); the others go back with a worker woken. So
+ * the requests one turn read run as one backend call with no hand-off, and a model whose
+ * batches are slow, or whose contexts are busy, is dispatched as before (context_return
+ * wakes a worker when one frees). A worker that happens to be awake may take a gathered
+ * vslot first: that is only a hand-off, never a lost request.
+ *
  * Locks: rt->mu only (internal.h's order); per request, submit takes it once, and a batch of
  * n requests takes it once to form and once to complete (docs/PERFORMANCE.md has the
  * counts). Layer: calls registry.c, request.c, batch.c, preprocess.c (the run path),
@@ -114,7 +126,15 @@ static bool vslot_can_dispatch(const keel__vslot *v)
            v->queued_rows >= (uint64_t)batch_target(v->current->cfg);
 }
 
-void keel__vslot_kick_locked(keel_runtime *rt, keel__vslot *v)
+/* Does v's current generation batch (dynamic_batching with a batch dimension)? */
+static bool vslot_batches(const keel__vslot *v)
+{
+    return v->current != NULL && v->current->cfg->batching && v->current->cfg->max_batch_size > 0;
+}
+
+/* Appends v to the ready list if it can dispatch and is not there; wake: signal a worker
+ * (false: a caller of keel_runtime_run_gathered will dispatch it). */
+static void ready_push_locked(keel_runtime *rt, keel__vslot *v, bool wake)
 {
     if (v->in_ready || v->removed || !vslot_can_dispatch(v))
         return;
@@ -125,7 +145,13 @@ void keel__vslot_kick_locked(keel_runtime *rt, keel__vslot *v)
     else
         rt->ready_head = v;
     rt->ready_tail = v;
-    pthread_cond_signal(&rt->work_cv);
+    if (wake)
+        pthread_cond_signal(&rt->work_cv);
+}
+
+void keel__vslot_kick_locked(keel_runtime *rt, keel__vslot *v)
+{
+    ready_push_locked(rt, v, true);
 }
 
 static keel__vslot *ready_pop_locked(keel_runtime *rt)
@@ -531,7 +557,9 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
     }
     queue_push_locked(rt, v, req, level - 1);
     timer_note_locked(rt, req->deadline_ns);
-    keel__vslot_kick_locked(rt, v);
+    /* KEEL_SUBMIT_GATHER: no worker is woken for a batching model's request; the caller's
+     * keel_runtime_run_gathered dispatches it with whatever else arrived meanwhile. */
+    ready_push_locked(rt, v, (flags & KEEL_SUBMIT_GATHER) == 0 || !vslot_batches(v));
     pthread_mutex_unlock(&rt->mu);
     return KEEL_OK;
 
@@ -550,7 +578,8 @@ keel_err keel_infer_submit_ex(keel_request *req, unsigned flags, keel_infer_cb c
     bool run_here;
     keel_err err;
 
-    if ((flags & ~(unsigned)(KEEL_SUBMIT_RUN_HERE | KEEL_SUBMIT_RUN_IF_FAST)) != 0)
+    if ((flags &
+         ~(unsigned)(KEEL_SUBMIT_RUN_HERE | KEEL_SUBMIT_RUN_IF_FAST | KEEL_SUBMIT_GATHER)) != 0)
         return KEEL_EINVAL;
     err = submit(req, cb, user, flags, &run_here);
     if (err == KEEL_OK && run_here)
@@ -933,7 +962,6 @@ static bool form_batch_locked(keel_runtime *rt, keel__vslot *v, uint64_t now, ba
     }
     if (cfg->preserve_ordering)
         v->seq_next++;
-    atomic_fetch_add_explicit(&v->entry->stats.runs_handed_off, b->n, memory_order_relaxed);
     return true;
 }
 
@@ -1136,6 +1164,19 @@ void keel__timer_stop(keel_runtime *rt)
 
 /* ---- the worker threads */
 
+/* Runs a batch formed by form_batch_locked (no lock held) and completes it; here: on the
+ * thread of keel_runtime_run_gathered rather than an inference thread (counted). */
+static void run_formed(keel_runtime *rt, batch *b, bool here)
+{
+    atomic_fetch_add_explicit(here ? &b->vslot->entry->stats.runs_inline
+                                   : &b->vslot->entry->stats.runs_handed_off,
+                              b->n, memory_order_relaxed);
+    if (b->n == 1)
+        run_and_complete(b->head);
+    else
+        run_batch(rt, b);
+}
+
 void *keel__worker_main(void *arg)
 {
     keel_runtime *rt = arg;
@@ -1160,14 +1201,64 @@ void *keel__worker_main(void *arg)
         pthread_mutex_unlock(&rt->mu);
 
         keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
-        if (run && b.n == 1)
-            run_and_complete(b.head);
-        else if (run)
-            run_batch(rt, &b);
+        if (run)
+            run_formed(rt, &b, false);
         pthread_mutex_lock(&rt->mu);
     }
     pthread_mutex_unlock(&rt->mu);
     return NULL;
+}
+
+/* Under rt->mu: may v's next batch run on the thread of keel_runtime_run_gathered? A
+ * batching model without preprocessing whose estimate for the size class of the batch it
+ * would form now is known and below inline_max_ns (the rule of KEEL_SUBMIT_RUN_IF_FAST). */
+static bool vslot_batch_is_fast(const keel_runtime *rt, const keel__vslot *v)
+{
+    const keel__model_config *cfg = v->current->cfg;
+    int64_t rows;
+    uint64_t est;
+
+    if (!vslot_batches(v) || cfg->preprocess != NULL)
+        return false;
+    rows = v->queued_rows < (uint64_t)cfg->max_batch_size ? (int64_t)v->queued_rows
+                                                          : cfg->max_batch_size;
+    est =
+        atomic_load_explicit(&v->current->est_run_ns[keel__est_class(rows)], memory_order_relaxed);
+    return keel__est_is_fast(est, rt->inline_max_ns);
+}
+
+void keel_runtime_run_gathered(keel_runtime *rt)
+{
+    size_t budget = 0;
+
+    pthread_mutex_lock(&rt->mu);
+    /* Each vslot ready now is looked at once: one batch each, so that a thread serving
+     * connections goes back to them after at most one batch per model. */
+    for (const keel__vslot *v = rt->ready_head; v != NULL; v = v->ready_next)
+        budget++;
+    while (budget-- > 0 && rt->ready_head != NULL) {
+        keel_request *expired = NULL, *expired_tail = NULL;
+        keel__vslot *v = ready_pop_locked(rt);
+        batch b;
+        bool run;
+
+        if (!vslot_can_dispatch(v))
+            continue; /* a context frees: context_return_locked makes it ready again */
+        if (!vslot_batch_is_fast(rt, v)) {
+            ready_push_locked(rt, v, true); /* an inference thread runs it */
+            continue;
+        }
+        run = form_batch_locked(rt, v, keel__now_ns(), &b, &expired, &expired_tail);
+        keel__vslot_kick_locked(rt, v); /* more than one batch queued, another context idle */
+        pthread_mutex_unlock(&rt->mu);
+        keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
+        if (run)
+            run_formed(rt, &b, true);
+        pthread_mutex_lock(&rt->mu);
+    }
+    if (rt->ready_head != NULL)
+        pthread_cond_signal(&rt->work_cv); /* left for the inference threads */
+    pthread_mutex_unlock(&rt->mu);
 }
 
 keel_err keel_request_cancel(keel_request *req)

@@ -3,12 +3,16 @@
  * hang-up watcher.
  *
  * DESIGN
- * HTTP runs on libmicrohttpd (MHD) with an internal thread pool (--http-threads) and
- * MHD_ALLOW_SUSPEND_RESUME, so no HTTP thread ever waits for an inference or a model load:
- * the handler submits the work, suspends the connection, and the completion resumes it.
- * The pool uses poll(2), not epoll: in our tests of MHD 0.9.75's epoll mode a worker that had
- * answered a request early (413 before the body) stopped picking up its new connections until
- * its next timeout, which stalled every other client it was given.
+ * HTTP runs on libmicrohttpd (MHD) in keel's own event loops (http_loop.c: one daemon per
+ * --http-threads in MHD's external epoll mode) with MHD_ALLOW_SUSPEND_RESUME, so no HTTP
+ * thread ever waits for an inference or a model load: the handler submits the work, suspends
+ * the connection, and the completion resumes it (and wakes the loop). (MHD's internal
+ * epoll thread pool is not used: in our tests of 0.9.75 a worker that had answered a request
+ * early, 413 before the body, stopped picking up its new connections until its next timeout.)
+ * A request of a batching model is not suspended in its handler: it stays GATHERED until the
+ * end of the loop turn, when keel_runtime_run_gathered has run the turn's batch on this
+ * thread; after_turn then marks it RESUMED (answered in the next turn, MHD still polls it)
+ * or suspends it like any other (its batch went to an inference thread).
  *
  * Per-connection state machine (srv_conn, one per HTTP request; a keep-alive connection
  * gets a fresh one for each request):
@@ -19,6 +23,9 @@
  *                                       discarded and the request answered 413)
  *     READING --final call, synchronous endpoint or error--> ANSWERED
  *     READING --final call, infer/load/unload: pending++, submit ok--> SUBMITTED
+ *     SUBMITTED --infer with KEEL_SUBMIT_GATHER, not done--> GATHERED (the loop thread's
+ *        tl_gathered list); after_turn: done --> RESUMED (pending--; the handler answers
+ *        in the next turn), else --> SUSPENDING as below
  *     SUBMITTED --completion already recorded--> RESUMED (never suspended; answered now)
  *     SUBMITTED --MHD_suspend_connection--> SUSPENDING --> PARKED (listed in s->parked)
  *        (a completion that lands while SUSPENDING is noticed right after the suspend,
@@ -28,7 +35,8 @@
  *     PARKED --watcher pins it, keel_request_cancel, completion, unpin--> RESUMED (the
  *        watcher resumes it: the pin keeps the request alive while it is being cancelled)
  *     RESUMED --MHD calls the handler again--> ANSWERED (response built from the outcome)
- *     any state but SUBMITTED/SUSPENDING/PARKED --MHD request-completed callback--> freed;
+ *     any state but SUBMITTED/GATHERED/SUSPENDING/PARKED --MHD request-completed callback-->
+ *        freed;
  *        the keel_request is destroyed there, so exactly once and only after its
  *        callback ran (MHD cannot complete a connection that is not resumed).
  *
@@ -80,6 +88,7 @@
 #include <unistd.h>
 
 #include "grpc_server.h"
+#include "http_loop.h"
 #include "reply.h"
 #include "sdnotify.h"
 #include "server_control.h"
@@ -419,7 +428,8 @@ static void conn_free(srv_conn *c)
         return;
     /* MHD completes only connections it is running, and a submitted one is suspended
      * until its completion ran; anything else would destroy an in-flight request. */
-    if (c->state == CONN_SUBMITTED || c->state == CONN_SUSPENDING || c->state == CONN_PARKED) {
+    if (c->state == CONN_SUBMITTED || c->state == CONN_GATHERED || c->state == CONN_SUSPENDING ||
+        c->state == CONN_PARKED) {
         keel__srv_log(KEEL_LOG_ERROR, "BUG: connection completed while its request is in flight",
                       NULL);
         abort();
@@ -586,6 +596,7 @@ static void conn_complete(srv_conn *c, keel_err status)
 {
     keel_srv *s = c->s;
     struct MHD_Connection *mc = c->mhd;
+    srv_http_loop *loop = c->loop;
     bool resume = false;
 
     pthread_mutex_lock(&s->mu);
@@ -599,7 +610,7 @@ static void conn_complete(srv_conn *c, keel_err status)
     pthread_mutex_unlock(&s->mu);
     /* From here on c may be freed by an MHD thread as soon as it is resumed. */
     if (resume) {
-        MHD_resume_connection(mc);
+        keel__http_resume(loop, mc);
         pending_done(s);
     }
 }
@@ -617,30 +628,22 @@ static void on_infer_done(keel_request *req, keel_err status, void *user)
 static enum MHD_Result answer_resumed(srv_conn *c);
 
 /*
- * Called by the handler right after a successful submit (state SUBMITTED, counted in
- * pending): suspends the connection unless the completion has already been recorded.
+ * Suspends a submitted connection (on its loop thread; s->mu held on entry, released) whose
+ * completion has not been recorded: SUSPENDING, then PARKED, or RESUMED at once if the
+ * completion landed meanwhile.
  */
-static enum MHD_Result park(srv_conn *c)
+static void suspend_locked(srv_conn *c)
 {
     keel_srv *s = c->s;
     const union MHD_ConnectionInfo *ci;
     bool resume = false;
     int fd = -1;
 
+    c->state = CONN_SUSPENDING;
+    pthread_mutex_unlock(&s->mu);
     ci = MHD_get_connection_info(c->mhd, MHD_CONNECTION_INFO_CONNECTION_FD);
     if (ci != NULL)
         fd = ci->connect_fd;
-
-    pthread_mutex_lock(&s->mu);
-    if (c->done) {
-        c->state = CONN_RESUMED;
-        pthread_mutex_unlock(&s->mu);
-        pending_done(s);
-        return answer_resumed(c);
-    }
-    c->state = CONN_SUSPENDING;
-    pthread_mutex_unlock(&s->mu);
-
     MHD_suspend_connection(c->mhd);
 
     pthread_mutex_lock(&s->mu);
@@ -656,14 +659,64 @@ static enum MHD_Result park(srv_conn *c)
             s->parked->prev = c;
         s->parked = c;
         s->nparked++;
-        pthread_cond_signal(&s->watch_cv);
+        if (s->watch_idle)
+            pthread_cond_signal(&s->watch_cv);
     }
     pthread_mutex_unlock(&s->mu);
     if (resume) {
-        MHD_resume_connection(c->mhd);
+        keel__http_resume(c->loop, c->mhd);
         pending_done(s);
     }
+}
+
+/*
+ * Called by the handler right after a successful submit (state SUBMITTED, counted in
+ * pending): answers at once if the completion has already been recorded (the request ran
+ * on this thread), else suspends the connection.
+ */
+static enum MHD_Result park(srv_conn *c)
+{
+    keel_srv *s = c->s;
+
+    pthread_mutex_lock(&s->mu);
+    if (c->done) {
+        c->state = CONN_RESUMED;
+        pthread_mutex_unlock(&s->mu);
+        pending_done(s);
+        return answer_resumed(c);
+    }
+    suspend_locked(c);
     return MHD_YES;
+}
+
+/* Infer connections submitted by this loop thread in the current turn (CONN_GATHERED). */
+static _Thread_local srv_conn *tl_gathered;
+
+/*
+ * The end of a loop turn (http_loop.c, after keel_runtime_run_gathered ran the batches of
+ * the requests gathered in it): a connection whose request completed becomes RESUMED and
+ * MHD calls its handler in the next turn to answer it (it never left MHD's ready list: no
+ * suspend, no resume, no wake-up); the others are suspended like any submitted connection.
+ * Until then MHD may call a GATHERED connection's handler again; it does nothing (on_request)
+ * because only this function may move the connection on: it still holds it in its list.
+ */
+static void after_turn(void *cls)
+{
+    keel_srv *s = cls;
+    srv_conn *c;
+
+    while ((c = tl_gathered) != NULL) {
+        tl_gathered = c->gnext;
+        c->gnext = NULL;
+        pthread_mutex_lock(&s->mu);
+        if (c->done) {
+            c->state = CONN_RESUMED;
+            pthread_mutex_unlock(&s->mu);
+            pending_done(s);
+        } else {
+            suspend_locked(c);
+        }
+    }
 }
 
 /* ---------------------------------------------------------------- infer */
@@ -742,11 +795,25 @@ static enum MHD_Result infer_start(srv_conn *c)
      * The HTTP thread never waits for a context; under auto it never computes a slow model,
      * so its other connections wait at most about --inline-max-us. */
     c->request_start_ns = now_ns();
-    kerr = keel__srv_submit(s, c->req, c->model, c->version, s->submit_flags, on_infer_done, c, &o);
+    kerr = keel__srv_submit(s, c->req, c->model, c->version, s->http_submit_flags, on_infer_done, c,
+                            &o);
     if (kerr != KEEL_OK) {
         /* The callback will never run and the admission is over: answer now. */
         c->state = CONN_READING;
         return send_error(c, keel__srv_http_status(o.err), "%s", o.msg);
+    }
+    if (c->loop != NULL && (s->http_submit_flags & KEEL_SUBMIT_GATHER) != 0) {
+        /* Not suspended yet: the batch it joined most likely runs on this thread at the end
+         * of the turn (after_turn settles it). */
+        pthread_mutex_lock(&s->mu);
+        if (!c->done) {
+            c->state = CONN_GATHERED;
+            pthread_mutex_unlock(&s->mu);
+            c->gnext = tl_gathered;
+            tl_gathered = c;
+            return MHD_YES;
+        }
+        pthread_mutex_unlock(&s->mu);
     }
     return park(c);
 }
@@ -941,6 +1008,7 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *mc)
     if (c == NULL)
         return NULL;
     c->s = cls;
+    c->loop = keel__http_current(); /* MHD calls this on the connection's loop thread */
     c->fd = -1;
     c->version = -1;
     c->state = CONN_READING;
@@ -1151,7 +1219,7 @@ static void cancel_batch(keel_srv *s, srv_conn **batch, size_t n, bool shutdown)
     }
     pthread_mutex_unlock(&s->mu);
     for (size_t i = 0; i < nresume; i++) {
-        MHD_resume_connection(batch[i]->mhd);
+        keel__http_resume(batch[i]->loop, batch[i]->mhd);
         pending_done(s);
     }
 }
@@ -1169,7 +1237,9 @@ static void *watcher_loop(void *arg)
         bool all = s->cancel_all;
 
         if (s->nparked == 0) {
+            s->watch_idle = true; /* the next park wakes us (a timed wait needs no signal) */
             pthread_cond_wait(&s->watch_cv, &s->mu);
+            s->watch_idle = false;
             continue;
         }
         for (srv_conn *c = s->parked; c != NULL && n < cap; c = c->next) {
@@ -1292,33 +1362,24 @@ static bool addr_parse(const char *text, int port, srv_addr *a, bool *v6)
     return false;
 }
 
-static struct MHD_Daemon *mhd_start(keel_srv *s, const srv_addr *addr, bool v6)
+/* Opens the listening socket and starts the HTTP loops (http_loop.c). */
+static srv_http *http_start(keel_srv *s, const srv_addr *addr, bool v6, unsigned *port, char *err,
+                            size_t errlen)
 {
     const keel_server_opts *o = s->opts;
-    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL | MHD_ALLOW_SUSPEND_RESUME |
-                     MHD_USE_ERROR_LOG | (v6 ? MHD_USE_IPv6 : 0);
-    struct MHD_OptionItem items[] = {
-        {MHD_OPTION_CONNECTION_TIMEOUT, (intptr_t)o->http_timeout_secs, NULL},
-        {MHD_OPTION_CONNECTION_LIMIT, (intptr_t)o->max_connections, NULL},
-        /* Headers and MHD's read buffer live in this per-connection pool; bodies are
-         * copied out of it chunk by chunk, so it bounds header size, not body size. */
-        {MHD_OPTION_CONNECTION_MEMORY_LIMIT, (intptr_t)o->http_connection_memory, NULL},
-        {MHD_OPTION_SIGPIPE_HANDLED_BY_APP, 1, NULL},
-        {MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024, NULL},
-        {MHD_OPTION_STRICT_FOR_CLIENT, STRICTNESS, NULL},
-        /* The request target as received, and the srv_conn of each request (on_uri). */
-        {MHD_OPTION_URI_LOG_CALLBACK, (intptr_t)on_uri, s},
-        /* Last: with one thread there is no pool, and END ends the array here. */
-        {o->http_threads > 1 ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END,
-         (intptr_t)o->http_threads, NULL},
-        {MHD_OPTION_END, 0, NULL},
+    srv_http_opts ho = {
+        .addr = &addr->sa,
+        .addrlen = v6 ? sizeof(addr->v6) : sizeof(addr->v4),
+        .threads = o->http_threads,
+        .max_connections = o->max_connections,
+        .timeout_secs = o->http_timeout_secs,
+        .connection_memory = o->http_connection_memory,
+        .strictness = STRICTNESS,
+        .rt = s->rt,
     };
+    srv_http_cbs cbs = {on_request, on_completed, on_uri, mhd_log, after_turn, s};
 
-    /* The logger comes first so that MHD reports option errors through it. */
-    return MHD_start_daemon(flags, (uint16_t)o->http_port, NULL, NULL, on_request, s,
-                            MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_SOCK_ADDR, &addr->sa,
-                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_ARRAY, items,
-                            MHD_OPTION_END);
+    return keel__http_start(&ho, &cbs, port, err, errlen);
 }
 
 /* Waits up to timeout_ms (-1 = forever) for SIGTERM/SIGINT. Returns the signal, or 0.
@@ -1435,14 +1496,10 @@ static void stop_accepting(keel_srv *s, bool hurry)
     uint64_t t0 = now_ns(), quiet_since = t0;
 
     atomic_store(&s->conn_close, true);
-    s->listen_fd = MHD_quiesce_daemon(s->mhd);
-    if (s->listen_fd != MHD_INVALID_SOCKET)
-        shutdown(s->listen_fd, SHUT_RDWR);
+    keel__http_quiesce(s->http);
     while (!hurry && now_ns() - t0 < (uint64_t)CLOSE_WAIT_MS * 1000000u) {
-        const union MHD_DaemonInfo *di =
-            MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_CURRENT_CONNECTIONS);
         uint64_t now = now_ns();
-        if (di == NULL || di->num_connections == 0)
+        if (keel__http_connections(s->http) == 0)
             break;
         if (atomic_load(&s->http_open) > 0)
             quiet_since = now;
@@ -1537,7 +1594,8 @@ int keel_server_run(const keel_server_opts *o)
     int sig;
     bool locks = false;
     keel_err err;
-    const union MHD_DaemonInfo *di;
+    unsigned port = 0;
+    char herr[256];
     char addrtext[INET6_ADDRSTRLEN];
     char pbuf[16];
     char status[160];
@@ -1566,7 +1624,6 @@ int keel_server_run(const keel_server_opts *o)
         goto nomem;
     s->opts = o;
     s->start_unix_ms = unix_ms();
-    s->listen_fd = MHD_INVALID_SOCKET;
     if (!keel__redact_init(&s->redact, o->model_repository))
         goto nomem;
     if (pthread_mutex_init(&s->mu, NULL) != 0)
@@ -1623,6 +1680,9 @@ int keel_server_run(const keel_server_opts *o)
     s->submit_flags = o->infer_on_http_thread == KEEL_SERVER_INLINE_ON     ? KEEL_SUBMIT_RUN_HERE
                       : o->infer_on_http_thread == KEEL_SERVER_INLINE_AUTO ? KEEL_SUBMIT_RUN_IF_FAST
                                                                            : 0;
+    /* The HTTP loops also gather batching models' requests and run the batches at the end
+     * of each turn (http_loop.c); gRPC's completion-queue thread has no such turn. */
+    s->http_submit_flags = s->submit_flags | (s->submit_flags != 0 ? KEEL_SUBMIT_GATHER : 0);
     ro.log_fn = keel__srv_log_keel;
     ro.log_user = NULL;
     ro.log_level = o->log_level;
@@ -1664,31 +1724,26 @@ int keel_server_run(const keel_server_opts *o)
     /* gRPC starts its threads here, long after the runtime forked its fork server. */
     if (o->grpc_port >= 0 && keel__grpc_start(s) != KEEL_OK)
         goto done;
-    if ((s->mhd = mhd_start(s, &addr, v6)) == NULL) {
+    if ((s->http = http_start(s, &addr, v6, &port, herr, sizeof(herr))) == NULL) {
         keel__srv_log(KEEL_LOG_ERROR, "cannot listen", "address", o->http_address, "port",
-                      keel__srv_fmt(pbuf, sizeof(pbuf), "%d", o->http_port), NULL);
+                      keel__srv_fmt(pbuf, sizeof(pbuf), "%d", o->http_port), "reason", herr, NULL);
         goto done;
     }
     atomic_store(&s->listening, true);
-    di = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_BIND_PORT);
-    if (di == NULL || di->port == 0) {
-        keel__srv_log(KEEL_LOG_ERROR, "cannot read the port the server listens on", NULL);
-        goto done;
-    }
     if (inet_ntop(v6 ? AF_INET6 : AF_INET,
                   v6 ? (void *)&addr.v6.sin6_addr : (void *)&addr.v4.sin_addr, addrtext,
                   sizeof(addrtext)) == NULL)
         snprintf(addrtext, sizeof(addrtext), "%s", o->http_address);
     /* The contract with scripts and tests: exactly this line on stdout, once. */
-    printf("level=info msg=listening address=%s port=%u\n", addrtext, (unsigned)di->port);
+    printf("level=info msg=listening address=%s port=%u\n", addrtext, port);
     fflush(stdout);
     keel__srv_log(KEEL_LOG_INFO, "listening", "address", addrtext, "port",
-                  keel__srv_fmt(pbuf, sizeof(pbuf), "%u", (unsigned)di->port), NULL);
+                  keel__srv_fmt(pbuf, sizeof(pbuf), "%u", port), NULL);
     keel__grpc_print_listening(s);
     /* systemd (Type=notify): the start set is loaded and the port answers. */
-    snprintf(status, sizeof(status), "serving on %s port %u", addrtext, (unsigned)di->port);
+    snprintf(status, sizeof(status), "serving on %s port %u", addrtext, port);
     keel__srv_notify("READY=1", status);
-    if (keel__srv_watchdog_start(v6, (unsigned)di->port, &wd) != KEEL_OK) {
+    if (keel__srv_watchdog_start(v6, port, &wd) != KEEL_OK) {
         keel__srv_log(KEEL_LOG_ERROR, "cannot start the systemd watchdog thread", NULL);
         goto done;
     }
@@ -1716,11 +1771,8 @@ done:
             keel__srv_control_stop(s);
             watcher_stop(s);
         }
-        keel__grpc_stop(s); /* nothing in flight is left after drain(); NULL-safe */
-        if (s->mhd != NULL)
-            MHD_stop_daemon(s->mhd);
-        if (s->listen_fd != MHD_INVALID_SOCKET)
-            close(s->listen_fd); /* quiesced: ours, and only now unused by MHD */
+        keel__grpc_stop(s);       /* nothing in flight is left after drain(); NULL-safe */
+        keel__http_stop(s->http); /* NULL-safe */
         /* No request can be observed any more: the daemon has stopped. */
         keel__srv_alog_close(s->alog);
         keel__srv_trace_destroy(s->trace);

@@ -60,6 +60,7 @@
 
 #include "access_log.h"
 #include "edge.h"
+#include "http_loop.h"
 #include "keel/keel.h"
 #include "observe.h"
 #include "restrict.h"
@@ -91,6 +92,7 @@ typedef enum srv_route {
 typedef enum srv_conn_state {
     CONN_READING = 0, /* headers seen, body being buffered (MHD thread only) */
     CONN_SUBMITTED,   /* handed to keel or to the control thread; not yet suspended */
+    CONN_GATHERED,    /* submitted in this loop turn, not suspended; settled after the turn */
     CONN_SUSPENDING,  /* the handler is calling MHD_suspend_connection */
     CONN_PARKED,      /* suspended and listed in s->parked, waiting for its completion */
     CONN_RESUMED,     /* completion recorded and resume requested; MHD will call again */
@@ -103,6 +105,7 @@ typedef struct srv_conn srv_conn;
 struct srv_conn {
     keel_srv *s;
     struct MHD_Connection *mhd;
+    srv_http_loop *loop; /* the HTTP loop that serves it (http_loop.c) */
     bool begun; /* the handler's first call ran (the conn is made by the URI log callback) */
     /* The request target as received (server_guard.c): its length up to the first NUL, and
      * the verdict of keel__edge_check_target (0, or 400 with target_msg). */
@@ -143,6 +146,7 @@ struct srv_conn {
     bool cancelled;        /* keel_request_cancel was called (once per request) */
     bool cancel_shutdown;  /* ... because of the exit timeout, not a hang-up */
     srv_conn *prev, *next; /* s->parked list while CONN_PARKED */
+    srv_conn *gnext;       /* the loop thread's list while CONN_GATHERED (server.c) */
     int fd;                /* the client socket, read only while CONN_PARKED */
 
     /* Infer: the request (destroyed only in the completed callback) and its outcome. */
@@ -167,10 +171,11 @@ struct srv_conn {
 struct keel_srv {
     const keel_server_opts *opts;
     keel_runtime *rt;
-    struct MHD_Daemon *mhd;
+    srv_http *http;     /* the listening socket and the HTTP loops (http_loop.c) */
     keel_redact redact; /* repository paths removed from error replies (server_guard.c) */
     uint64_t start_unix_ms;
-    unsigned submit_flags; /* keel_infer_submit_ex's, from --infer-on-io-thread (HTTP, gRPC) */
+    unsigned submit_flags;      /* keel_infer_submit_ex's, from --infer-on-io-thread (HTTP, gRPC) */
+    unsigned http_submit_flags; /* the same plus KEEL_SUBMIT_GATHER (HTTP loops) */
 
     pthread_mutex_t mu;
     pthread_cond_t idle_cv;  /* broadcast when pending drops to 0 */
@@ -181,6 +186,7 @@ struct keel_srv {
     bool draining;   /* new infer/load/unload answered 503 */
     bool cancel_all; /* shutdown: the watcher cancels every parked infer */
     bool watch_stop;
+    bool watch_idle; /* the watcher waits for a first parked connection (no timeout) */
     pthread_t watcher;
     bool watcher_started;
     struct pollfd *watch_pfd; /* the watcher's scratch arrays, watch_cap entries each */
@@ -191,7 +197,6 @@ struct keel_srv {
     _Atomic bool listening;           /* the daemon is up (MHD's messages become debug) */
     _Atomic bool conn_close;          /* shutting down: every response says Connection: close */
     _Atomic int64_t http_open;        /* requests whose headers arrived and that are not answered */
-    MHD_socket listen_fd;             /* after MHD_quiesce_daemon: ours to close after the stop */
     _Atomic uint64_t canceled_hangup; /* requests cancelled because the client left */
     _Atomic uint64_t canceled_shutdown; /* requests cancelled at the drain deadline */
     _Atomic uint64_t http_responses[6]; /* by status class: [1] 1xx ... [5] 5xx */

@@ -48,7 +48,9 @@ def setup():
         kit.write_config(repo, name + "_b", cfg)
     S["rows"] = kit.heart_rows()
     S["ref"] = kit.keel_reference(repo, "heart", S["rows"])
-    S["server"] = kit.Server(repo).start()
+    # A wide fast bound: under ASan on a busy machine heart's batches can take hundreds of
+    # microseconds, and this test checks where batches run, not the bound.
+    S["server"] = kit.Server(repo, args=["--inline-max-us", "5000"]).start()
     S["port"] = S["server"].port
 
 
@@ -59,7 +61,8 @@ def teardown():
 
 def test_bit_identical_and_batched():
     port = S["port"]
-    before = kit.stat_counts(kit.model_stats(port, "heart_b"))
+    first = kit.model_stats(port, "heart_b")[0]
+    before = kit.stat_counts([first])
     answers = {"heart_b": {}, "heart_u": {}}
     lock = threading.Lock()
     nrows = len(S["rows"])
@@ -101,8 +104,12 @@ def test_bit_identical_and_batched():
     check(sum(sizes.values()) == after["execution_count"], "batch_stats count %d executions, "
           "execution_count %d" % (sum(sizes.values()), after["execution_count"]))
     kit.log("  %d one-row requests ran as %d executions; sizes %s" % (nrows, d_exec, sizes))
-    check(int(entry["keel_runs"]["inline"]) == 0, "heart_b ran requests on the HTTP thread "
-          "(they cannot batch there): %r" % entry["keel_runs"])
+    # Batches run on the HTTP loop that gathered them (KEEL_SUBMIT_GATHER) or on an
+    # inference thread (a size class not yet measured, contexts busy): each request once.
+    runs = {k: int(entry["keel_runs"][k]) - int(first["keel_runs"][k])
+            for k in ("inline", "handed_off")}
+    check(runs["inline"] + runs["handed_off"] == nrows, "runs %r for %d requests" % (runs, nrows))
+    check(runs["inline"] > 0, "no batch ran on an HTTP thread: %r" % runs)
     u = kit.model_stats(port, "heart_u")[0]
     check(u["batch_stats"] == [] and int(u["execution_count"]) == int(u["inference_count"]),
           "the unbatched model merged requests: %r" % u)

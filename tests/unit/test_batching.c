@@ -206,6 +206,87 @@ static void test_preferred_sizes(void **state)
     stop(&f);
 }
 
+/* KEEL_SUBMIT_GATHER + keel_runtime_run_gathered (an HTTP loop's turn): gathered requests
+ * wake no inference thread; run_gathered runs them as one batch on the calling thread, whose
+ * callbacks have all run when it returns; a batch size whose run time was never measured is
+ * handed to the inference threads instead. */
+static pthread_t cb_threads[8];
+static tally *cb_tally;
+
+static void thread_cb(keel_request *req, keel_err status, void *user)
+{
+    cb_threads[(intptr_t)user] = pthread_self();
+    tally_cb(req, status, cb_tally);
+}
+
+static void test_gather(void **state)
+{
+    fixture f;
+    tally t;
+    keel_request *r[8], *w;
+    mock_call c[64];
+    keel_model_stats a, b;
+
+    (void)state;
+    tally_init(&t);
+    cb_tally = &t;
+    start(&f, 8, "{}");
+    /* Measure batch sizes 2-3 (one size class): a 2-row request through a worker. */
+    w = req_rows(f.rt, 1.0f, 2, 1);
+    assert_int_equal(keel_infer(w), KEEL_OK);
+    keel_request_destroy(w);
+    assert_int_equal(keel_model_stats_get(f.rt, "m", &a), KEEL_OK);
+
+    for (int i = 0; i < 3; i++) {
+        r[i] = req_rows(f.rt, (float)(10 * (i + 1)), 1, 1);
+        assert_int_equal(
+            keel_infer_submit_ex(r[i], KEEL_SUBMIT_GATHER, thread_cb, (void *)(intptr_t)i),
+            KEEL_OK);
+    }
+    usleep(50 * 1000); /* a woken worker would have run them by now */
+    assert_int_equal(tally_get(&t, KEEL_ERR_COUNT_), 0);
+    assert_int_equal(calls(c), 1);
+    keel_runtime_run_gathered(f.rt);
+    assert_int_equal(tally_get(&t, KEEL_OK), 3); /* before it returned */
+    assert_int_equal(calls(c), 2);
+    assert_int_equal(c[1].rows, 3);
+    for (int i = 0; i < 3; i++) {
+        assert_true(pthread_equal(cb_threads[i], pthread_self()));
+        check_answer(r[i], (float)(10 * (i + 1)), 1, 1);
+    }
+    assert_int_equal(keel_model_stats_get(f.rt, "m", &b), KEEL_OK);
+    assert_int_equal(b.runs_inline - a.runs_inline, 3);
+    assert_int_equal(b.runs_handed_off, a.runs_handed_off);
+
+    for (int i = 0; i < 3; i++)
+        keel_request_destroy(r[i]);
+    /* Five rows: a size class never measured, so an inference thread runs it. */
+    for (int i = 0; i < 5; i++) {
+        r[i] = req_rows(f.rt, (float)(100 + i), 1, 1);
+        assert_int_equal(
+            keel_infer_submit_ex(r[i], KEEL_SUBMIT_GATHER, thread_cb, (void *)(intptr_t)i),
+            KEEL_OK);
+    }
+    keel_runtime_run_gathered(f.rt);
+    tally_wait(&t, 8);
+    assert_int_equal(calls(c), 3);
+    assert_int_equal(c[2].rows, 5);
+    for (int i = 0; i < 5; i++) {
+        assert_false(pthread_equal(cb_threads[i], pthread_self()));
+        check_answer(r[i], (float)(100 + i), 1, 1);
+        keel_request_destroy(r[i]);
+    }
+    assert_int_equal(keel_model_stats_get(f.rt, "m", &a), KEEL_OK);
+    assert_int_equal(a.runs_handed_off - b.runs_handed_off, 5);
+    assert_int_equal(a.runs_inline, b.runs_inline);
+    /* Unknown flags are refused. */
+    w = req_rows(f.rt, 1.0f, 1, 1);
+    assert_int_equal(keel_infer_submit_ex(w, 1u << 7, thread_cb, NULL), KEEL_EINVAL);
+    keel_request_destroy(w);
+    tu_assert_counters(f.rt, &idle_one_gen);
+    stop(&f);
+}
+
 /* Multi-row requests: rows of each request stay together, the batch never passes
  * max_batch_size, and a request whose columns differ closes the batch. */
 static void test_rows_and_shapes(void **state)
@@ -803,17 +884,12 @@ static void test_hotswap_batched(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_preferred_sizes),
-        cmocka_unit_test(test_rows_and_shapes),
-        cmocka_unit_test(test_delay),
-        cmocka_unit_test(test_priorities),
-        cmocka_unit_test(test_reject_while_waiting),
-        cmocka_unit_test(test_delay_policy),
-        cmocka_unit_test(test_timeout_override),
-        cmocka_unit_test(test_cancel_pending),
-        cmocka_unit_test(test_errors),
-        cmocka_unit_test(test_preserve_ordering),
-        cmocka_unit_test(test_property_random_clients),
+        cmocka_unit_test(test_preferred_sizes),   cmocka_unit_test(test_gather),
+        cmocka_unit_test(test_rows_and_shapes),   cmocka_unit_test(test_delay),
+        cmocka_unit_test(test_priorities),        cmocka_unit_test(test_reject_while_waiting),
+        cmocka_unit_test(test_delay_policy),      cmocka_unit_test(test_timeout_override),
+        cmocka_unit_test(test_cancel_pending),    cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_preserve_ordering), cmocka_unit_test(test_property_random_clients),
         cmocka_unit_test(test_hotswap_batched),
     };
 
