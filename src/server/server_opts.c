@@ -95,7 +95,7 @@ void keel_server_print_help(FILE *f)
           "                              pinned, which load again on their next request\n"
           "  --load-model NAME           explicit mode: load NAME at start (repeatable);\n"
           "                              '*' loads every model of the repository\n"
-          "  --http-threads N            HTTP threads (default 2)\n"
+          "  --http-threads N            HTTP event loops, one thread each (default 2)\n"
           "  --worker-threads N          inference threads (default 0 = number of CPUs)\n"
           "  --max-request-bytes N       largest request body, suffix k/m/g allowed\n"
           "                              (default 64m); larger bodies get 413, larger gRPC\n"
