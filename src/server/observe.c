@@ -194,6 +194,9 @@ void keel__srv_obs_record(srv_obs *o, const srv_obs_event *ev)
         atomic_fetch_add_explicit(&o->no_response[p], 1, memory_order_relaxed);
     if (t->complete_ns == 0 || ev->model == NULL)
         return;
+#ifdef KEEL_BENCH_NO_HISTOGRAMS
+    return; /* a benchmark build (CMake option): the A/B of the histograms' cost */
+#endif
     if ((sr = series_get(o, ev->model, ev->version, p)) == NULL)
         return; /* out of memory: this one observation is lost, nothing else */
     hist_observe(&sr->h[H_REQUEST], ev->end_ns > ev->start_ns ? ev->end_ns - ev->start_ns : 0);
