@@ -236,6 +236,9 @@ static void test_gather(void **state)
     assert_int_equal(keel_infer(w), KEEL_OK);
     keel_request_destroy(w);
     assert_int_equal(keel_model_stats_get(f.rt, "m", &a), KEEL_OK);
+    /* A worker woken earlier (the load's dispatch check) may still be on its way back to
+     * sleep, and an awake worker may take a gathered batch (legitimately): let it settle. */
+    usleep(200 * 1000);
 
     for (int i = 0; i < 3; i++) {
         r[i] = req_rows(f.rt, (float)(10 * (i + 1)), 1, 1);
