@@ -5,7 +5,8 @@
  *
  * DESIGN
  * Why our own loops and not MHD's thread pool: a turn of a loop is one MHD_run_wait (poll,
- * then every ready connection read, handled and written), then keel_runtime_run_gathered.
+ * then every ready connection read, handled and written), then server.c's after_turn, which
+ * calls keel_runtime_run_gathered if the turn gathered a request.
  * Requests of a model with dynamic batching are submitted with KEEL_SUBMIT_GATHER (queued,
  * no inference thread woken), so the requests that arrived together in one turn run as one
  * batch on this thread right after it, and their connections are resumed and answered in
@@ -75,7 +76,6 @@ static _Thread_local http_loop *tl_loop; /* the loop this thread runs */
 
 struct srv_http {
     int fd; /* the listening socket, ours */
-    keel_runtime *rt;
     void (*after_turn)(void *cls);
     void *cls;
     _Atomic bool stop;
@@ -96,8 +96,7 @@ static void *loop_main(void *arg)
             uint64_t v;
             (void)!read(l->efd, &v, sizeof(v)); /* non-blocking; EAGAIN is fine */
         }
-        /* The batches of the requests this turn read (and any other ready fast batch). */
-        keel_runtime_run_gathered(h->rt);
+        /* server.c: the batches of the requests this turn gathered, then their answers. */
         h->after_turn(h->cls);
     }
     return NULL;
@@ -207,7 +206,6 @@ srv_http *keel__http_start(const srv_http_opts *o, const srv_http_cbs *cbs, unsi
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
-    h->rt = o->rt;
     h->after_turn = cbs->after_turn;
     h->cls = cbs->cls;
     h->n = n;

@@ -11,8 +11,6 @@
 #include <stddef.h>
 #include <sys/socket.h>
 
-#include "keel/keel.h"
-
 typedef struct srv_http srv_http;
 typedef struct srv_http_loop srv_http_loop;
 
@@ -23,7 +21,7 @@ typedef struct srv_http_cbs {
     MHD_RequestCompletedCallback on_completed;
     void *(*on_uri)(void *cls, const char *uri, struct MHD_Connection *mc);
     MHD_LogCallback log;
-    /* Called by a loop thread after each turn, after keel_runtime_run_gathered. */
+    /* Called by a loop thread after each turn (server.c runs the gathered batches). */
     void (*after_turn)(void *cls);
     void *cls;
 } srv_http_cbs;
@@ -37,7 +35,6 @@ typedef struct srv_http_opts {
     unsigned timeout_secs;    /* idle connections are closed after this; 0 = never */
     size_t connection_memory; /* MHD's per-connection pool */
     int strictness;           /* MHD_OPTION_STRICT_FOR_CLIENT */
-    keel_runtime *rt;         /* keel_runtime_run_gathered after each turn */
 } srv_http_opts;
 
 /* Opens the listening socket, starts the daemons and their threads. On failure returns NULL

@@ -693,8 +693,8 @@ static enum MHD_Result park(srv_conn *c)
 static _Thread_local srv_conn *tl_gathered;
 
 /*
- * The end of a loop turn (http_loop.c, after keel_runtime_run_gathered ran the batches of
- * the requests gathered in it): a connection whose request completed becomes RESUMED and
+ * The end of a loop turn (http_loop.c): keel_runtime_run_gathered runs the batches of the
+ * requests gathered in it, then a connection whose request completed becomes RESUMED and
  * MHD calls its handler in the next turn to answer it (it never left MHD's ready list: no
  * suspend, no resume, no wake-up); the others are suspended like any submitted connection.
  * Until then MHD may call a GATHERED connection's handler again; it does nothing (on_request)
@@ -705,6 +705,9 @@ static void after_turn(void *cls)
     keel_srv *s = cls;
     srv_conn *c;
 
+    if (tl_gathered == NULL)
+        return; /* nothing gathered: other loops run their own turns' batches */
+    keel_runtime_run_gathered(s->rt);
     while ((c = tl_gathered) != NULL) {
         tl_gathered = c->gnext;
         c->gnext = NULL;
@@ -1375,7 +1378,6 @@ static srv_http *http_start(keel_srv *s, const srv_addr *addr, bool v6, unsigned
         .timeout_secs = o->http_timeout_secs,
         .connection_memory = o->http_connection_memory,
         .strictness = STRICTNESS,
-        .rt = s->rt,
     };
     srv_http_cbs cbs = {on_request, on_completed, on_uri, mhd_log, after_turn, s};
 
