@@ -11,8 +11,15 @@
  *   narenas:2          one arena per core of the target machine instead of four per CPU, so
  *                      the garbage of a model load is not spread over arenas that serve
  *                      nothing else afterwards;
- *   dirty_decay_ms:0   freed pages go back to the OS at once (madvise), so a retired
- *   muzzy_decay_ms:0   generation's memory leaves RSS when the reaper frees it.
+ *   dirty_decay_ms:250 freed pages go back to the OS within a quarter of a second
+ *   muzzy_decay_ms:0   (madvise), not at once: a server reuses what it freed microseconds
+ *                      ago. With 0, every slab that emptied was unmapped and faulted in again
+ *                      by the next allocation: under gRPC load (a ~13 KB arena per call, 32
+ *                      calls in flight) page faults and the TLB shootdowns of the madvise calls
+ *                      took a quarter of the server's CPU (issue 13). A retired generation's
+ *                      memory still leaves RSS when the reaper frees it: keel__heap_trim
+ *                      (src/core/heap.c) flushes the thread cache and purges every arena then,
+ *                      whatever the decay.
  * No state, no threads: a constant read by the allocator.
  */
 #include "cli_alloc.h"
