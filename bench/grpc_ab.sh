@@ -8,12 +8,13 @@
 # --http-threads 1 --worker-threads 1, pinned to CPU $SERVER_CPU like bench/suite.sh), serving
 # ref_i1 of build-bench/bench-models (bench/train-reference.sh makes it). Each round measures,
 # for every build in turn and every batch size and concurrency, keel perf over HTTP (V2 JSON)
-# and over gRPC (unary ModelInfer) against that build's server, with that build's keel perf
-# pinned to CPU $GEN_CPU. Rounds are interleaved, so the drifts of a shared machine hit both
-# builds and both protocols alike; the table gives per build the median and the spread
-# (min..max) over the rounds of the per-round gRPC/HTTP req/s ratio (the issue's measure), of
-# both req/s, and of the server's CPU time per request (us, all threads; robust on a busy
-# machine, where throughput is not). Rows go to $OUT/grpc_ab.tsv.
+# and over gRPC (unary ModelInfer, and ModelStreamInfer streams) against that build's server,
+# with that build's keel perf pinned to CPU $GEN_CPU. Rounds are interleaved, so the drifts of
+# a shared machine hit both builds and all protocols alike; the table gives per build the
+# median and the spread
+# (min..max) over the rounds of the per-round gRPC/HTTP req/s ratios (the issue's measure;
+# unary and stream), of the req/s, and of the server's CPU time per request (us, all threads;
+# robust on a busy machine, where throughput is not). Rows go to $OUT/grpc_ab.tsv.
 #
 # Usage: bench/grpc_ab.sh BEFORE_DIR AFTER_DIR
 # Environment: ROUNDS (5), SECS (3, per measurement), CONCS ("8"), BATCHES ("1 64"),
@@ -103,15 +104,16 @@ cpu_of() { # CPU seconds (user + system, all threads) of process $1 so far
 }
 
 # keel perf of build $1 against its server: prints "rps cpu_us_per_request".
-measure() { # build protocol batch concurrency duration
-    local i=$1 proto=$2 b=$3 c=$4 d=$5 port c0 c1
+measure() { # build http|grpc|grpcstream batch concurrency duration
+    local i=$1 proto=$2 b=$3 c=$4 d=$5 port c0 c1 extra=()
     port=${hport[$i]}
-    [[ "$proto" == grpc ]] && port=${gport[$i]}
+    [[ "$proto" == grpc* ]] && port=${gport[$i]}
+    [[ "$proto" == grpcstream ]] && extra=(--grpc-stream) && proto=grpc
     rm -f "$out/perf.csv"
     c0=$(cpu_of "${spid[$i]}")
     taskset -c "$gcpu" "${dirs[$i]}/keel" perf -u "127.0.0.1:$port" -m ref_i1 -b "$b" \
         --input-data "$out/rows.txt" --concurrency-range "$c" -d "$d" --warmup 0 --no-progress \
-        --protocol "$proto" -f "$out/perf.csv" >"$out/perf.log" 2>&1 || true
+        --protocol "$proto" "${extra[@]}" -f "$out/perf.csv" >"$out/perf.log" 2>&1 || true
     c1=$(cpu_of "${spid[$i]}")
     [[ -s "$out/perf.csv" ]] || { echo "grpc_ab: keel perf failed:" >&2; cat "$out/perf.log" >&2; exit 1; }
     awk -F, -v cpu="$(awk -v a="$c0" -v b="$c1" 'BEGIN { print b - a }')" 'NR == 2 {
@@ -122,7 +124,7 @@ measure() { # build protocol batch concurrency duration
 
 for i in 0 1; do
     start "$i"
-    for p in http grpc; do
+    for p in http grpc grpcstream; do
         measure "$i" "$p" 1 8 1 >/dev/null # warm-up: models loaded, estimates measured
     done
 done
@@ -132,8 +134,9 @@ for r in $(seq "$rounds"); do
             for i in 0 1; do
                 read -r hr hc < <(measure "$i" http "$b" "$c" "$secs")
                 read -r gr gc < <(measure "$i" grpc "$b" "$c" "$secs")
-                printf '%s\t%s\tb%s\tc%s\t%s\t%s\t%s\t%s\n' "${names[$i]}" "$r" "$b" "$c" "$hr" \
-                    "$gr" "$hc" "$gc" | tee -a "$results"
+                read -r sr sc < <(measure "$i" grpcstream "$b" "$c" "$secs")
+                printf '%s\t%s\tb%s\tc%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "${names[$i]}" "$r" "$b" "$c" \
+                    "$hr" "$gr" "$sr" "$hc" "$gc" "$sc" | tee -a "$results"
             done
         done
     done
@@ -144,16 +147,20 @@ done
 import statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
-    name, rnd, b, c, hr, gr, hc, gc = line.split("\t")
-    rows.setdefault((b, c, name), []).append((float(hr), float(gr), float(hc), float(gc)))
+    name, rnd, b, c, hr, gr, sr, hc, gc, sc = line.split("\t")
+    rows.setdefault((b, c, name), []).append(tuple(float(x) for x in (hr, gr, sr, hc, gc, sc)))
 def cell(xs, fmt):
     return (fmt + " (" + fmt + ".." + fmt + ")") % (statistics.median(xs), min(xs), max(xs))
-print("| batch | conc | build | gRPC/HTTP req/s | HTTP req/s | gRPC req/s | HTTP us/req | gRPC us/req |")
-print("|---|---|---|---|---|---|---|---|")
+print("| batch | conc | build | gRPC/HTTP req/s | stream/HTTP req/s | HTTP req/s | gRPC req/s "
+      "| stream req/s | HTTP us/req | gRPC us/req | stream us/req |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for (b, c, name), v in sorted(rows.items(), key=lambda kv: (int(kv[0][0][1:]), int(kv[0][1][1:]),
                                                             kv[0][2] != "before")):
-    print("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
-        b[1:], c[1:], name, cell([g / h if h > 0 else 0 for h, g, _, _ in v], "%.2f"),
-        cell([x[0] for x in v], "%.0f"), cell([x[1] for x in v], "%.0f"),
-        cell([x[2] for x in v], "%.1f"), cell([x[3] for x in v], "%.1f")))
+    def ratio(k):
+        return cell([x[k] / x[0] if x[0] > 0 else 0 for x in v], "%.2f")
+    def col(k, f):
+        return cell([x[k] for x in v], f)
+    print("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        b[1:], c[1:], name, ratio(1), ratio(2), col(0, "%.0f"), col(1, "%.0f"), col(2, "%.0f"),
+        col(3, "%.1f"), col(4, "%.1f"), col(5, "%.1f")))
 PY
