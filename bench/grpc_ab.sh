@@ -11,10 +11,10 @@
 # and over gRPC (unary ModelInfer, and ModelStreamInfer streams) against that build's server,
 # with that build's keel perf pinned to CPU $GEN_CPU. Rounds are interleaved, so the drifts of
 # a shared machine hit both builds and all protocols alike; the table gives per build the
-# median and the spread
-# (min..max) over the rounds of the per-round gRPC/HTTP req/s ratios (the measure;
-# unary and stream), of the req/s, and of the server's CPU time per request (us, all threads;
-# robust on a busy machine, where throughput is not). Rows go to $OUT/grpc_ab.tsv.
+# median and the spread (min..max) over the rounds of the per-round gRPC/HTTP req/s ratios
+# (the measure; unary and stream), of the req/s, and of the server's CPU time per
+# request (us, all threads; robust on a busy machine, where throughput is not). Rows go to
+# $OUT/grpc_ab.tsv.
 #
 # Usage: bench/grpc_ab.sh BEFORE_DIR AFTER_DIR
 # Environment: ROUNDS (5), SECS (3, per measurement), CONCS ("8"), BATCHES ("1 64"),
