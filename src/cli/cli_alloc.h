@@ -7,7 +7,7 @@
 #ifndef KEEL_CLI_ALLOC_H
 #define KEEL_CLI_ALLOC_H
 
-#define KEEL_JEMALLOC_CONF "narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:0"
+#define KEEL_JEMALLOC_CONF "narenas:2,dirty_decay_ms:250,muzzy_decay_ms:0"
 
 extern const char *malloc_conf;
 

@@ -11,13 +11,17 @@
  *   narenas:2          one arena per core of the target machine instead of four per CPU, so
  *                      the garbage of a model load is not spread over arenas that serve
  *                      nothing else afterwards;
- *   dirty_decay_ms:1000 pages freed while serving go back to the OS after about a second
- *   muzzy_decay_ms:0    idle, not at once: with 0, the madvise of every freed large block
- *                       (a batch's merged input, a body buffer) and the page faults of its
- *                       reuse cost 14 % of the HTTP thread's time and halved batched
- *                       throughput (docs/PERFORMANCE.md, issue 12). A retired generation's
- *                       memory still leaves RSS when the reaper frees it: keel__heap_trim
- *                       purges every arena explicitly then (core/heap.c).
+ *   dirty_decay_ms:250 freed pages go back to the OS within a quarter of a second
+ *   muzzy_decay_ms:0   (madvise), not at once: a server reuses what it freed microseconds
+ *                      ago. With 0, every slab that emptied was unmapped and faulted in again
+ *                      by the next allocation: under gRPC load (a ~13 KB arena per call, 32
+ *                      calls in flight) page faults and the TLB shootdowns of the madvise calls
+ *                      took a quarter of the server's CPU (issue 13), and under batched HTTP
+ *                      load (a batch's merged input, body buffers) 14 % of the HTTP thread's
+ *                      (issue 12). A retired generation's
+ *                      memory still leaves RSS when the reaper frees it: keel__heap_trim
+ *                      (src/core/heap.c) flushes the thread cache and purges every arena then,
+ *                      whatever the decay.
  * No state, no threads: a constant read by the allocator.
  */
 #include "cli_alloc.h"

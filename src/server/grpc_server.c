@@ -6,7 +6,10 @@
  * DESIGN
  * One completion queue and one thread of ours (the CQ thread) drive every call; gRPC's own
  * threads do the I/O. The CQ thread accepts calls (one grpc_server_request_call always
- * outstanding), reads their message, and answers the synchronous RPCs itself: those go
+ * outstanding for every method but ModelInfer, and one grpc_server_request_registered_call
+ * for ModelInfer, registered with GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER so that its
+ * message comes with the call: a batch and a queue event less per inference), reads the
+ * other calls' message, and answers the synchronous RPCs itself: those go
  * through the HTTP routes of server_routes.c (a stack srv_conn naming route, model and
  * version), whose JSON answer grpc_codec.c turns into the protobuf message, so metadata,
  * readiness, statistics, index and configuration are one implementation with one set of
@@ -86,6 +89,7 @@
 #define POLL_MS 50        /* the CQ thread checks s->cancel_all this often when idle */
 #define STOP_WAIT_MS 5000 /* at stop: longest wait for calls to end before cancelling them */
 #define ERRLEN SRV_MSG_LEN
+#define INFER_PATH "/inference.GRPCInferenceService/ModelInfer"
 
 typedef enum rpc_id {
     RPC_UNKNOWN = 0,
@@ -113,7 +117,7 @@ static const struct {
     {"/inference.GRPCInferenceService/ModelReady", RPC_MODEL_READY},
     {"/inference.GRPCInferenceService/ServerMetadata", RPC_SERVER_META},
     {"/inference.GRPCInferenceService/ModelMetadata", RPC_MODEL_META},
-    {"/inference.GRPCInferenceService/ModelInfer", RPC_INFER},
+    {INFER_PATH, RPC_INFER},
     {"/inference.GRPCInferenceService/ModelStreamInfer", RPC_STREAM},
     {"/inference.GRPCInferenceService/ModelConfig", RPC_CONFIG},
     {"/inference.GRPCInferenceService/ModelStatistics", RPC_STATS},
@@ -168,6 +172,7 @@ struct gcall {
     atomic_int refs;
     rpc_id rpc;
     grpc_byte_buffer *recv_buf;
+    bool registered;            /* accepted as a registered ModelInfer call, message included */
     int cancelled;              /* RECV_CLOSE_ON_SERVER's answer */
     bool closed;                /* CQ thread: that batch completed */
     grpc_byte_buffer *send_buf; /* until the send batch completes */
@@ -212,7 +217,9 @@ struct srv_grpc {
     size_t ninflight;
     bool stopping;          /* keel__grpc_stop began: cancel whatever is in flight */
     bool shutdown_done;     /* the shutdown tag arrived */
+    void *infer_method;     /* ModelInfer, registered: its message comes with the call */
     bool accepting;         /* CQ thread only: a request_call is outstanding */
+    bool accepting_infer;   /* CQ thread only: a request_registered_call is outstanding */
     atomic_size_t ncalls;   /* calls alive (accepted, not freed) */
     atomic_size_t nstreams; /* of which ModelStreamInfer calls */
     size_t nbusy_streams;   /* under mu: streams with a job or a write not finished */
@@ -1429,7 +1436,10 @@ static void on_new(gcall *c, bool ok)
     grpc_op op;
     size_t alive;
 
-    g->accepting = false;
+    if (c->registered)
+        g->accepting_infer = false;
+    else
+        g->accepting = false;
     if (!ok) {
         /* The server is shutting down: no call came. */
         call_unref(c);
@@ -1445,10 +1455,11 @@ static void on_new(gcall *c, bool ok)
     atomic_fetch_add(&c->refs, 1);
     if (grpc_call_start_batch(c->call, &op, 1, &c->t_close, NULL) != GRPC_CALL_OK)
         call_unref(c);
-    c->rpc = rpc_of(&c->details.method);
+    c->rpc = c->registered ? RPC_INFER : rpc_of(&c->details.method);
     if (c->rpc == RPC_STREAM)
         atomic_fetch_add(&g->nstreams, 1);
-    alive = atomic_load(&g->ncalls);
+    /* ncalls counts the outstanding accepts' calls too (re-armed above). */
+    alive = atomic_load(&g->ncalls) - (g->accepting ? 1 : 0) - (g->accepting_infer ? 1 : 0);
     if (c->rpc == RPC_UNKNOWN) {
         char path[160];
         size_t len = GRPC_SLICE_LENGTH(c->details.method);
@@ -1457,13 +1468,16 @@ static void on_new(gcall *c, bool ok)
         call_send_error(c, GRPC_STATUS_UNIMPLEMENTED, "keel does not implement %s", path);
     } else if (restricted_refused(c)) {
         /* answered UNAVAILABLE, like Triton */
-    } else if (alive - 1 > g->max_calls) {
-        /* alive counts the next accept's call too. */
+    } else if (alive > g->max_calls) {
         call_send_error(c, GRPC_STATUS_UNAVAILABLE,
-                        "too many calls in progress (%zu; --max-connections %zu)", alive - 1,
+                        "too many calls in progress (%zu; --max-connections %zu)", alive,
                         g->max_calls);
     } else if (c->rpc == RPC_STREAM) {
         stream_read_next(c);
+    } else if (c->registered) {
+        /* The message came with the call (NULL if the client sent none): one batch and one
+         * completion-queue event less per call than reading it. */
+        rpc_infer(c);
     } else {
         memset(&op, 0, sizeof(op));
         op.op = GRPC_OP_RECV_MESSAGE;
@@ -1498,17 +1512,14 @@ static void on_close(gcall *c)
     call_unref(c);
 }
 
-/* Keeps one grpc_server_request_call outstanding (CQ thread; and once at start). */
-static void accept_next(srv_grpc *g)
+/* A call to be accepted (its accept's reference); NULL when out of memory. */
+static gcall *call_new(srv_grpc *g)
 {
-    gcall *c;
-    grpc_call_error ce;
+    gcall *c = calloc(1, sizeof(*c));
 
-    if (g->accepting)
-        return;
-    if ((c = calloc(1, sizeof(*c))) == NULL) {
+    if (c == NULL) {
         keel__srv_log(KEEL_LOG_ERROR, "gRPC: out of memory: cannot accept calls", NULL);
-        return;
+        return NULL;
     }
     c->g = g;
     c->t_new = (gtag){c, TAG_NEW};
@@ -1521,15 +1532,46 @@ static void accept_next(srv_grpc *g)
     grpc_call_details_init(&c->details);
     grpc_metadata_array_init(&c->md);
     atomic_fetch_add(&g->ncalls, 1);
-    ce =
-        grpc_server_request_call(g->server, &c->call, &c->details, &c->md, g->cq, g->cq, &c->t_new);
-    if (ce != GRPC_CALL_OK) {
-        keel__srv_log(KEEL_LOG_ERROR, "gRPC: cannot accept calls", "error",
-                      grpc_call_error_to_string(ce), NULL);
-        call_unref(c);
-        return;
+    return c;
+}
+
+/*
+ * Keeps one grpc_server_request_call (every method but ModelInfer) and one
+ * grpc_server_request_registered_call (ModelInfer, its message read with the call)
+ * outstanding. CQ thread; and once at start.
+ */
+static void accept_next(srv_grpc *g)
+{
+    gcall *c;
+    grpc_call_error ce;
+
+    if (!g->accepting && (c = call_new(g)) != NULL) {
+        ce = grpc_server_request_call(g->server, &c->call, &c->details, &c->md, g->cq, g->cq,
+                                      &c->t_new);
+        if (ce != GRPC_CALL_OK) {
+            keel__srv_log(KEEL_LOG_ERROR, "gRPC: cannot accept calls", "error",
+                          grpc_call_error_to_string(ce), NULL);
+            call_unref(c);
+        } else {
+            g->accepting = true;
+        }
     }
-    g->accepting = true;
+    if (g->infer_method != NULL && !g->accepting_infer && (c = call_new(g)) != NULL) {
+        c->registered = true;
+        /* The method's name for the observation and --http-restricted-api, as a generic
+         * call's details carry it (a static slice: unref is a no-op). */
+        c->details.method = grpc_slice_from_static_string(INFER_PATH);
+        ce = grpc_server_request_registered_call(g->server, g->infer_method, &c->call,
+                                                 &c->details.deadline, &c->md, &c->recv_buf, g->cq,
+                                                 g->cq, &c->t_new);
+        if (ce != GRPC_CALL_OK) {
+            keel__srv_log(KEEL_LOG_ERROR, "gRPC: cannot accept ModelInfer calls", "error",
+                          grpc_call_error_to_string(ce), NULL);
+            call_unref(c);
+        } else {
+            g->accepting_infer = true;
+        }
+    }
 }
 
 static void *cq_main(void *arg)
@@ -1675,6 +1717,9 @@ keel_err keel__grpc_start(keel_srv *s)
     g->cq = grpc_completion_queue_create_for_next(NULL);
     g->server = grpc_server_create(&cargs, NULL);
     grpc_server_register_completion_queue(g->server, g->cq, NULL);
+    /* NULL (not expected): ModelInfer calls come through grpc_server_request_call too. */
+    g->infer_method = grpc_server_register_method(g->server, INFER_PATH, NULL,
+                                                  GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
     snprintf(target, sizeof(target), v6 ? "[%s]:%d" : "%s:%d", addr, o->grpc_port);
     creds = grpc_insecure_server_credentials_create();
     g->port = grpc_server_add_http2_port(g->server, target, creds);
