@@ -48,6 +48,40 @@
  * context is busy (parked vslots' too: "waiting for model to load"), DELAY-expired ones move
  * behind the others, and vslots whose delay passed are made ready (flush).
  *
+ * Deadline and cancel while running: a run group (struct batch: one request run by
+ * run_and_complete, or a batch run by run_batch) owns everything its backend call touches.
+ * Each request of it has a keel__run_slot (request.h) on the runner's stack or heap: the
+ * sink its outputs are emitted into, the requested-output names, and room for its inputs.
+ * A running request's phase, in its slot (atomic) and req->run_slot:
+ *   PREP (run_slot NULL: preprocess, bind, merge; the runner owns the request)
+ *     --runner publishes run_slot (release), phase BACKEND--> BACKEND (the runner touches
+ *       only the slot and the group's own buffers, never the request, until it returns)
+ *     --backend returns, runner CAS BACKEND->RETURNED--> RETURNED (the request is the
+ *       runner's again: outputs move from the sink into it; end_group ends it as before)
+ *     --deadline (timer) or keel_request_cancel, under rt->mu, CAS BACKEND->DETACHED-->
+ *       DETACHED: detach_locked moves the request's inputs, views and requested names into
+ *       the slot, moves its generation reference to the group (b->ndetached), marks the
+ *       group's context stuck (b->stuck; g->nstuck, v->nstuck, counter contexts_stuck) and
+ *       answers the request (KEEL_ETIMEDOUT / KEEL_ECANCELED, "... while running") through
+ *       complete() after unlocking: its admission slot is dropped, its callback runs. The
+ *       backend keeps running on the context; whatever it emits lands in the slot.
+ * When the backend returns, the runner (end_group, one rt->mu acquisition as before) returns
+ * the context (unstuck; to its own generation, which frees it with itself if it was retired),
+ * ends the members that returned, then after unlocking releases one generation reference per
+ * detached member and frees the slots (keel__run_slot_fini). The timer finds running requests
+ * in rt->running (linked at lease, unlinked when ended, detached or held for ordering); one
+ * whose deadline passed or that was cancelled while still in PREP (or RETURNED, not yet
+ * ended) is retried every millisecond (preprocessing is bounded by the same deadline). A
+ * vslot is freed only when it is removed, no request holds a slot (inflight) and no run with
+ * detached members is still in the backend (nstuck). An ordered group whose members were all
+ * detached still takes its turn: if an earlier group still runs it holds a marker request
+ * (rt == NULL) in v->held. A generation whose every usable context is stuck
+ * (nstuck >= max_in_use) is not ready (keel_model_is_ready); new requests queue or are
+ * rejected by the normal admission rules. A request run on the submitting thread (run here)
+ * is answered at its deadline the same way, but that thread stays in the backend.
+ * Lock order: unchanged, rt->mu only; the slot's phase is an atomic that only the runner
+ * (without the lock) and a detach (under rt->mu) change, by compare-and-swap.
+ *
  * preserve_ordering: each batch dispatched from a vslot takes the next sequence number; a
  * batch that ends before an earlier one (another context was slower) is held, unanswered,
  * until that one ends (end_group), so responses leave in the order batches were formed.
