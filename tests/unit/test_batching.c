@@ -28,7 +28,7 @@ typedef struct fixture {
     keel_runtime *rt;
 } fixture;
 
-static const keel_counters idle_one_gen = {0, 0, 0, 1, 1, 0};
+static const keel_counters idle_one_gen = {0, 0, 0, 1, 1, 0, 0};
 
 /* Loads model "m" (one context, factor 2) with the given max_batch_size and batching JSON. */
 static void start(fixture *f, int max_batch, const char *db)

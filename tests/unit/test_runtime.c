@@ -23,7 +23,7 @@ typedef struct fixture {
     keel_runtime *rt;
 } fixture;
 
-static const keel_counters idle_one_gen = {0, 0, 0, 1, 1, 0};
+static const keel_counters idle_one_gen = {0, 0, 0, 1, 1, 0, 0};
 
 static keel_runtime *start_runtime(const char *repo, int workers)
 {
@@ -656,7 +656,7 @@ static void test_unload_and_shutdown_with_queue(void **state)
     mock_gate_open();
     wait_calls(&t, 3);
     assert_int_equal(atomic_load(&t.by_status[KEEL_OK]), 1);
-    keel_counters zero = {1, 0, 0, 0, 0, 0}; /* 'late' still exists */
+    keel_counters zero = {1, 0, 0, 0, 0, 0, 0}; /* 'late' still exists */
     tu_assert_counters(f->rt, &zero);
     keel_request_destroy(late);
 
