@@ -71,7 +71,9 @@
  * detached member and frees the slots (keel__run_slot_fini). The timer finds running requests
  * in rt->running (linked at lease, unlinked when ended, detached or held for ordering); one
  * whose deadline passed or that was cancelled while still in PREP (or RETURNED, not yet
- * ended) is retried every millisecond (preprocessing is bounded by the same deadline). A
+ * ended) is retried every millisecond (preprocessing is bounded by the same deadline). Under
+ * a DELAY policy the deadline bounds only the queue: a running request is never failed for
+ * time (it is still answered at a cancel). A
  * vslot is freed only when it is removed, no request holds a slot (inflight) and no run with
  * detached members is still in the backend (nstuck). An ordered group whose members were all
  * detached still takes its turn: if an earlier group still runs it holds a marker request
@@ -608,6 +610,13 @@ typedef struct batch {
     uint32_t ndetached; /* rt->mu: generation references of detached requests, to release */
 } batch;
 
+/* The deadline of a running request (0 = none): a DELAY policy never fails a request for
+ * time, so it bounds only the wait in the queue. */
+static uint64_t run_deadline(const keel_request *req)
+{
+    return req->timeout_action == KEEL__TIMEOUT_DELAY ? 0 : req->deadline_ns;
+}
+
 /* Under rt->mu: links a request that starts running into rt->running, the timer's list, and
  * lowers the timer's wake-up to its deadline. */
 static void running_link_locked(keel_runtime *rt, keel_request *req)
@@ -618,7 +627,7 @@ static void running_link_locked(keel_runtime *rt, keel_request *req)
         rt->running->run_prev = req;
     rt->running = req;
     req->in_running = true;
-    timer_note_locked(rt, req->deadline_ns);
+    timer_note_locked(rt, run_deadline(req));
 }
 
 static void running_unlink_locked(keel_runtime *rt, keel_request *req)
@@ -1260,7 +1269,8 @@ static uint64_t timer_scan_locked(keel_runtime *rt, uint64_t now, keel_request *
     uint64_t next = 0;
 
     for (keel_request *req = rt->running, *rn; req != NULL; req = rn) {
-        bool due = req->deadline_ns != 0 && req->deadline_ns <= now;
+        uint64_t dl = run_deadline(req);
+        bool due = dl != 0 && dl <= now;
         rn = req->run_next;
         if (due || req->cancel_requested) {
             if (detach_locked(rt, req, req->cancel_requested ? KEEL_ECANCELED : KEEL_ETIMEDOUT,
@@ -1268,8 +1278,8 @@ static uint64_t timer_scan_locked(keel_runtime *rt, uint64_t now, keel_request *
                 list_append(detached, &dtail, req);
             else if (next == 0 || now + 1000000u < next)
                 next = now + 1000000u; /* not in the backend yet (or any more): retry */
-        } else if (req->deadline_ns != 0 && (next == 0 || req->deadline_ns < next)) {
-            next = req->deadline_ns;
+        } else if (dl != 0 && (next == 0 || dl < next)) {
+            next = dl;
         }
     }
 
