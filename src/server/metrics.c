@@ -515,6 +515,10 @@ char *keel__srv_metrics_render(keel_srv *s, size_t *len)
     sb_printf(&b, "keel_live_contexts %" PRId64 "\n", c.contexts);
     family(&b, "keel_live_contexts_in_use", "gauge", "Execution contexts running a request.");
     sb_printf(&b, "keel_live_contexts_in_use %" PRId64 "\n", c.contexts_in_use);
+    family(&b, "keel_live_contexts_stuck", "gauge",
+           "Execution contexts whose request was answered (deadline or cancel) while the "
+           "backend still runs it; not reused until it returns.");
+    sb_printf(&b, "keel_live_contexts_stuck %" PRId64 "\n", c.contexts_stuck);
 
     pthread_mutex_lock(&s->mu);
     v = (uint64_t)s->pending;
