@@ -1447,7 +1447,10 @@ keel_err keel_infer(keel_request *req)
     pthread_mutex_lock(&req->wait_mu);
     req->wait_done = false;
     pthread_mutex_unlock(&req->wait_mu);
-    if ((err = submit(req, sync_done, NULL, KEEL_SUBMIT_RUN_HERE, &run_here)) != KEEL_OK)
+    /* A request with a timeout runs on a worker: run here, this thread could not return at
+     * the deadline of a backend call that hangs (the answer would come, the call not end). */
+    if ((err = submit(req, sync_done, NULL, req->timeout_us != 0 ? 0 : KEEL_SUBMIT_RUN_HERE,
+                      &run_here)) != KEEL_OK)
         return err;
     if (run_here)
         run_and_complete(req); /* sync_done runs here, before the wait below */

@@ -1088,6 +1088,37 @@ static void test_deadline_while_running(void **state)
     assert_int_equal(c.contexts_stuck, 0);
 }
 
+static void *open_gate_later(void *arg)
+{
+    (void)arg;
+    usleep(3000 * 1000);
+    mock_gate_open();
+    return NULL;
+}
+
+/* keel_infer with a timeout returns at the deadline of a backend call that hangs. */
+static void test_sync_deadline_while_running(void **state)
+{
+    fixture *f = *state;
+    keel_request *r = make_req(f->rt, "m", 1.0f);
+    pthread_t opener;
+    uint64_t t0, dt;
+
+    mock_gate_close();
+    /* Should keel_infer hang in the backend, the gate opens after 3 s. */
+    assert_int_equal(pthread_create(&opener, NULL, open_gate_later, NULL), 0);
+    keel_request_set_timeout_us(r, 100000);
+    t0 = mono_ns();
+    assert_int_equal(keel_infer(r), KEEL_ETIMEDOUT);
+    dt = mono_ns() - t0;
+    assert_non_null(strstr(keel_request_error(r), "while running"));
+    assert_true(dt >= 100000000u && dt < 1500000000u);
+    keel_request_destroy(r);
+    pthread_join(opener, NULL);
+    wait_unstuck(f->rt);
+    tu_assert_counters(f->rt, &idle_one_gen);
+}
+
 /* keel_request_cancel on a running request answers it at once; the context is stuck until
  * the backend returns. */
 static void test_cancel_while_running(void **state)
@@ -1246,6 +1277,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_cancel, setup, teardown),
         cmocka_unit_test_setup_teardown(test_deadline_while_running, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cancel_while_running, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_sync_deadline_while_running, setup, teardown),
         cmocka_unit_test_setup_teardown(test_batch_member_deadline, setup, teardown),
         cmocka_unit_test_setup_teardown(test_unload_while_stuck, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ordered_detached_batch, setup, teardown),
