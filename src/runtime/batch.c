@@ -14,8 +14,9 @@
  * malloc'd buffer per input, freed when the run ends (keel__batch_inputs_free). An output
  * whose first dimension is not the batch's row count cannot be split: the backend call fails
  * for the whole batch with a message saying so. Outputs go to each request's run slot (never
- * to the request itself: it may have been answered meanwhile, sched.c). BYTES tensors are split element by element
- * (each element is a little-endian u32 length and its bytes). Layer: calls request.c only.
+ * to the request itself: it may have been answered meanwhile, sched.c). BYTES tensors are split
+ * element by element (each element is a little-endian u32 length and its bytes). Layer: calls
+ * request.c only.
  */
 #include <string.h>
 

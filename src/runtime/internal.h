@@ -350,7 +350,7 @@ struct keel_request {
     bool in_running;                     /* rt->mu */
     /* Its run slot while the backend runs (sched.c's DESIGN); NULL before and after. */
     struct keel__run_slot *_Atomic run_slot;
-    keel_infer_cb done_cb;               /* a batch's completion: cb between lock and call */
+    keel_infer_cb done_cb; /* a batch's completion: cb between lock and call */
     void *done_user;
     uint64_t submit_ns, dispatch_ns, deadline_ns;
     /* Timing of the current run (keel_request_timing): 0 until reached; reset at submit. */

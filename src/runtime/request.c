@@ -613,8 +613,8 @@ keel_err keel__request_emit_to(keel__run_slot *s, const char *name, keel_datatyp
         keel__errf(errbuf, errlen, "output '%s': injected completion fault", name);
         return KEEL_ENOMEM;
     }
-    if ((err = grow((void **)&s->outputs, &s->cap_outputs, s->noutputs + 1,
-                    sizeof(*s->outputs))) != KEEL_OK)
+    if ((err = grow((void **)&s->outputs, &s->cap_outputs, s->noutputs + 1, sizeof(*s->outputs))) !=
+        KEEL_OK)
         goto nomem;
     if (tensor_copy(&t, name, dt, shape, ndim, data, NULL, bytes) != KEEL_OK)
         goto nomem;
@@ -628,7 +628,7 @@ nomem:
 }
 
 keel_err keel__run_slot_emit(keel__run_io *io, const char *name, keel_datatype dt,
-                            const int64_t *shape, size_t ndim, const void *data, size_t bytes)
+                             const int64_t *shape, size_t ndim, const void *data, size_t bytes)
 {
     return keel__request_emit_to(io->sink, name, dt, shape, ndim, data, bytes, io->errbuf,
                                  io->errlen);

@@ -656,10 +656,9 @@ static bool detach_locked(keel_runtime *rt, keel_request *req, keel_err status, 
     int expect = KEEL__RUN_BACKEND;
     batch *b;
 
-    if (s == NULL || !atomic_compare_exchange_strong_explicit(&s->phase, &expect,
-                                                              KEEL__RUN_DETACHED,
-                                                              memory_order_acq_rel,
-                                                              memory_order_acquire))
+    if (s == NULL ||
+        !atomic_compare_exchange_strong_explicit(&s->phase, &expect, KEEL__RUN_DETACHED,
+                                                 memory_order_acq_rel, memory_order_acquire))
         return false;
     b = s->group;
     keel__run_slot_take(s, req);
@@ -858,7 +857,11 @@ static void end_group(keel_runtime *rt, batch *b)
  * successful submit. status is what happened; msg (may be NULL) overrides the message. */
 static void complete(keel_request *req, keel_err status, const char *msg)
 {
-    batch b = {.head = req, .tail = req, .n = 1, .gen = req->gen, .vslot = req->vslot,
+    batch b = {.head = req,
+               .tail = req,
+               .n = 1,
+               .gen = req->gen,
+               .vslot = req->vslot,
                .ctx = req->gen != NULL ? req->ctx_index : -1};
 
     if (msg != NULL)
@@ -973,8 +976,14 @@ static void lease_locked(keel_runtime *rt, keel__vslot *v, keel_request *req)
 /* Runs a leased request and completes it (worker thread, or keel_infer's caller). */
 static void run_and_complete(keel_request *req)
 {
-    batch b = {.head = req, .tail = req, .n = 1, .gen = req->gen, .vslot = req->vslot,
-               .ctx = req->ctx_index, .ordered = req->ordered, .seq = req->order_seq};
+    batch b = {.head = req,
+               .tail = req,
+               .n = 1,
+               .gen = req->gen,
+               .vslot = req->vslot,
+               .ctx = req->ctx_index,
+               .ordered = req->ordered,
+               .seq = req->order_seq};
     keel__run_slot s = {0};
     int64_t rows = 0;
     keel__prep_swap sw;
