@@ -83,6 +83,10 @@ def test_deadline_of_a_running_request():
         # The backend call goes on: its context is stuck, the slot is back, not ready.
         text = kit.scrape(port)
         stuck = kit.metric_values(text, "keel_live_contexts_stuck")
+        samples, _ = kit.parse_metrics(text)
+        per_model = [v for n, lab, v in samples
+                     if n == "keel_inference_contexts_stuck" and lab.get("model") == "slow"]
+        check(per_model == [1.0], "keel_inference_contexts_stuck{model=slow} is %r" % per_model)
         in_use = kit.metric_values(text, "keel_live_contexts_in_use")
         leases = kit.metric_values(text, "keel_live_leases")
         check(stuck == [1.0] and in_use == [1.0] and leases == [0.0],
