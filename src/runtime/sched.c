@@ -70,8 +70,10 @@
  * ends the members that returned, then after unlocking releases one generation reference per
  * detached member and frees the slots (keel__run_slot_fini). The timer finds running requests
  * in rt->running (linked at lease, unlinked when ended, detached or held for ordering); one
- * whose deadline passed or that was cancelled while still in PREP (or RETURNED, not yet
- * ended) is retried every millisecond (preprocessing is bounded by the same deadline). Under
+ * whose deadline passed or that was cancelled while still in PREP (run_slot NULL) is retried
+ * every millisecond (preprocessing is bounded by the same deadline); one whose call returned
+ * already (RETURNED; a batch's request that failed before the call has a RETURNED slot of
+ * its own, slot_not_run) is left to its runner, which ends it at once. Under
  * a DELAY policy the deadline bounds only the queue: a running request is never failed for
  * time (it is still answered at a cancel). A
  * vslot is freed only when it is removed, no request holds a slot (inflight) and no run with
@@ -892,6 +894,10 @@ static void estimate_update(keel__generation *g, int64_t size, uint64_t ns)
                           memory_order_relaxed);
 }
 
+/* The run slot of a batch's request that failed before the call: never in the backend, so
+ * never detached, and the timer need not retry it (sched.c's DESIGN). */
+static keel__run_slot slot_not_run = {.phase = KEEL__RUN_RETURNED};
+
 /* Runner, after the backend call: takes the request back (phase BACKEND -> RETURNED); false
  * if it was detached meanwhile (it is no longer the runner's). */
 static bool slot_returned(keel__run_slot *s)
@@ -1216,6 +1222,8 @@ static void run_batch(keel_runtime *rt, batch *b)
                 req->input_end_ns = t_run;
                 atomic_store_explicit(&req->run_slot, &slots[nok++], memory_order_release);
             }
+            for (keel_request *req = failed; req != NULL; req = req->qnext)
+                atomic_store_explicit(&req->run_slot, &slot_not_run, memory_order_release);
             err = g->backend->run(g->ctxs[b->ctx], &io);
             t_out = keel__now_ns();
             keel__batch_inputs_free(bufs, cfg->ninputs);
@@ -1285,8 +1293,9 @@ static uint64_t timer_scan_locked(keel_runtime *rt, uint64_t now, keel_request *
             if (detach_locked(rt, req, req->cancel_requested ? KEEL_ECANCELED : KEEL_ETIMEDOUT,
                               now))
                 list_append(detached, &dtail, req);
-            else if (next == 0 || now + 1000000u < next)
-                next = now + 1000000u; /* not in the backend yet (or any more): retry */
+            else if (atomic_load_explicit(&req->run_slot, memory_order_relaxed) == NULL &&
+                     (next == 0 || now + 1000000u < next))
+                next = now + 1000000u; /* not in the backend yet: retry */
         } else if (dl != 0 && (next == 0 || dl < next)) {
             next = dl;
         }
