@@ -1218,7 +1218,8 @@ static void run_batch(keel_runtime *rt, batch *b)
         } else if (err == KEEL_OK) {
             t_run = keel__now_ns();
             nok = 0;
-            for (keel_request *req = ok; req != NULL; req = req->qnext) {
+            for (keel_request *req = ok, *next; req != NULL; req = next) {
+                next = req->qnext; /* req may be detached once published */
                 req->input_end_ns = t_run;
                 atomic_store_explicit(&req->run_slot, &slots[nok++], memory_order_release);
             }
