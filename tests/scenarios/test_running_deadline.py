@@ -13,6 +13,10 @@ BLOCKER_COPIES x 256 rows, whose run takes seconds, carries the request paramete
     and gets 503 at its deadline ("in queue"): it does not hang;
   - once the backend returns: keel_live_contexts_stuck 0, the model ready again, and a one-row
     request gets 200 with the answer keel gives in process; counters back to idle.
+Over gRPC (second test): a blocker with Triton's "timeout" parameter and no client deadline
+gets DEADLINE_EXCEEDED "... while running" at its deadline; a blocker whose client cancels the
+call while it runs leaves its context stuck with its slot released (keel_live_leases 0) at
+once, and everything is back to idle after the call returns.
 How it was checked to fail: with detach_locked in src/runtime/sched.c made to return false
 (running requests never detached), the blocker is answered only when its call returns, 200,
 seconds after its deadline, and keel_live_contexts_stuck stays 0.
@@ -60,6 +64,13 @@ def live(port, name):
     return sum(kit.metric_values(kit.scrape(port), name))
 
 
+def wait_unstuck(port, timeout=300):
+    deadline = time.monotonic() + timeout
+    while live(port, "keel_live_contexts_stuck") != 0:
+        check(time.monotonic() < deadline, "the stuck context never came back")
+        time.sleep(0.05)
+
+
 def test_deadline_of_a_running_request():
     srv = kit.Server(S["repo"]).start()
     port = srv.port
@@ -105,10 +116,7 @@ def test_deadline_of_a_running_request():
         check(live(port, "keel_live_contexts_stuck") == 1,
               "test setup: the blocker's backend call returned already; make it longer")
         # The call returns: the context serves again.
-        deadline = time.monotonic() + 300
-        while live(port, "keel_live_contexts_stuck") != 0:
-            check(time.monotonic() < deadline, "the stuck context never came back")
-            time.sleep(0.05)
+        wait_unstuck(port)
         kit.log("  the backend call returned %.2fs after the blocker was sent"
                 % (time.monotonic() - t_send))
         check(kit.get(port, "/v2/models/slow/ready").status == 200,
@@ -121,7 +129,54 @@ def test_deadline_of_a_running_request():
         kit.wait_idle(port, names=("keel_live_leases", "keel_live_requests",
                                    "keel_live_contexts_in_use", "keel_live_contexts_stuck"))
         srv.stop()
-        srv.check_exit(0)
+    except BaseException:
+        srv.kill()
+        raise
+
+
+def test_grpc_deadline_and_cancel_of_a_running_request():
+    import grpckit
+    g = grpckit.load()
+    srv = kit.Server(S["repo"], grpc=True).start()
+    port = srv.port
+    try:
+        ch = g.grpc.insecure_channel("127.0.0.1:%d" % srv.grpc_port)
+        stub = g.pbg.GRPCInferenceServiceStub(ch)
+        req = grpckit.rows_request(g.pb, S["rows"] * BLOCKER_COPIES, model="slow")
+        req.parameters["timeout"].int64_param = TIMEOUT_US
+        t0 = time.monotonic()
+        try:
+            stub.ModelInfer(req, timeout=300)
+            raise kit.TestFailure("the gRPC blocker with a timeout succeeded")
+        except g.grpc.RpcError as e:
+            dt = time.monotonic() - t0
+            kit.log("  gRPC blocker: %s %r after %.2fs" % (e.code(), e.details(), dt))
+            check(e.code() == g.grpc.StatusCode.DEADLINE_EXCEEDED and
+                  "while running" in (e.details() or ""),
+                  "the gRPC blocker got %s %r" % (e.code(), e.details()))
+            check(dt < TIMEOUT_US / 1e6 + 1.5, "answered %.2fs after it was sent" % dt)
+        check(live(port, "keel_live_contexts_stuck") == 1,
+              "test setup: the gRPC blocker's call returned already")
+        wait_unstuck(port)
+        # A client that cancels a running call: answered (slot back) at once, context stuck.
+        req = grpckit.rows_request(g.pb, S["rows"] * BLOCKER_COPIES, model="slow")
+        fut = stub.ModelInfer.future(req, timeout=300)
+        deadline = time.monotonic() + 60
+        while live(port, "keel_live_contexts_in_use") < 1:
+            check(time.monotonic() < deadline, "the cancelled blocker never ran")
+            time.sleep(0.005)
+        check(fut.cancel(), "the running call could not be cancelled")
+        t_cancel = time.monotonic()
+        while live(port, "keel_live_leases") != 0 or live(port, "keel_live_contexts_stuck") != 1:
+            check(time.monotonic() - t_cancel < 1.5, "1.5 s after the cancel: leases %s, "
+                  "contexts_stuck %s" % (live(port, "keel_live_leases"),
+                                         live(port, "keel_live_contexts_stuck")))
+            time.sleep(0.01)
+        wait_unstuck(port)
+        kit.wait_idle(port, names=("keel_live_leases", "keel_live_requests",
+                                   "keel_live_contexts_in_use", "keel_live_contexts_stuck"))
+        ch.close()
+        srv.stop()
     except BaseException:
         srv.kill()
         raise
@@ -129,4 +184,5 @@ def test_deadline_of_a_running_request():
 
 if __name__ == "__main__":
     kit.parse_args()
-    kit.run([test_deadline_of_a_running_request], setup=setup)
+    kit.run([test_deadline_of_a_running_request,
+             test_grpc_deadline_and_cancel_of_a_running_request], setup=setup)
