@@ -82,7 +82,10 @@
  * (rt == NULL) in v->held. A generation whose every usable context is stuck
  * (nstuck >= max_in_use) is not ready (keel_model_is_ready); new requests queue or are
  * rejected by the normal admission rules. A request run on the submitting thread (run here)
- * is answered at its deadline the same way, but that thread stays in the backend.
+ * is answered at its deadline the same way, but that thread stays in the backend: keel_infer
+ * therefore hands a request with its own timeout to a worker. Open point: a deadline that
+ * comes only from the queue policy (or an async RUN_IF_FAST on a server's I/O thread) still
+ * runs here; excluding every request with a deadline from run-here belongs in submit().
  * Lock order: unchanged, rt->mu only; the slot's phase is an atomic that only the runner
  * (without the lock) and a detach (under rt->mu) change, by compare-and-swap.
  *
