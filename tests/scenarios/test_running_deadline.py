@@ -5,7 +5,8 @@ The slow model (2000 deep trees) gets one execution context. A blocker request o
 BLOCKER_COPIES x 256 rows, whose run takes seconds, carries the request parameter "timeout"
 (TIMEOUT_US). Checked:
   - the blocker is answered 503 "deadline exceeded ... while running" at its deadline, long
-    before the backend call returns (bounded: within TIMEOUT + 1.5 s of sending it);
+    before the backend call returns (bounded: within TIMEOUT + 5 s of starting to send its 6.8 MB, which takes
+    seconds under ThreadSanitizer; the stuck check below proves it came during the call);
   - right after, while the call still runs: keel_live_contexts_stuck 1,
     keel_live_contexts_in_use 1, keel_live_leases 0 (its admission slot is back), and
     GET /v2/models/slow/ready is not 200 (its only context is stuck);
@@ -89,7 +90,9 @@ def test_deadline_of_a_running_request():
                 % (dt, TIMEOUT_US / 1e6, r.status, kit.short(r.body, 200)))
         check(r.status == 503 and b"deadline exceeded" in r.body and b"while running" in r.body,
               "the blocker got %r, not 503 'deadline exceeded ... while running'" % r)
-        check(dt < TIMEOUT_US / 1e6 + 1.5, "the blocker was answered %.2fs after it was sent, "
+        # Bounded (sending and decoding 6.8 MB counts too: slow under ThreadSanitizer); that
+        # it came while the call still ran is the contexts_stuck check below.
+        check(dt < TIMEOUT_US / 1e6 + 5, "the blocker was answered %.2fs after it was sent, "
               "not at its deadline" % dt)
         # The backend call goes on: its context is stuck, the slot is back, not ready.
         text = kit.scrape(port)
@@ -154,7 +157,7 @@ def test_grpc_deadline_and_cancel_of_a_running_request():
             check(e.code() == g.grpc.StatusCode.DEADLINE_EXCEEDED and
                   "while running" in (e.details() or ""),
                   "the gRPC blocker got %s %r" % (e.code(), e.details()))
-            check(dt < TIMEOUT_US / 1e6 + 1.5, "answered %.2fs after it was sent" % dt)
+            check(dt < TIMEOUT_US / 1e6 + 5, "answered %.2fs after it was sent" % dt)
         check(live(port, "keel_live_contexts_stuck") == 1,
               "test setup: the gRPC blocker's call returned already")
         wait_unstuck(port)
