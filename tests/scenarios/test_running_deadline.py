@@ -5,8 +5,9 @@ The slow model (2000 deep trees) gets one execution context. A blocker request o
 BLOCKER_COPIES x 256 rows, whose run takes seconds, carries the request parameter "timeout"
 (TIMEOUT_US). Checked:
   - the blocker is answered 503 "deadline exceeded ... while running" at its deadline, long
-    before the backend call returns (bounded: within TIMEOUT + 5 s of starting to send its 6.8 MB, which takes
-    seconds under ThreadSanitizer; the stuck check below proves it came during the call);
+    before the backend call returns (bounded: within TIMEOUT + 5 s of starting to send its
+    6.8 MB, which takes seconds under ThreadSanitizer; the stuck check below proves that it
+    came during the call);
   - right after, while the call still runs: keel_live_contexts_stuck 1,
     keel_live_contexts_in_use 1, keel_live_leases 0 (its admission slot is back), and
     GET /v2/models/slow/ready is not 200 (its only context is stuck);
