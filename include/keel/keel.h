@@ -328,6 +328,9 @@ typedef struct keel_counters {
     int64_t generations;     /* generations alive (serving, retiring, or awaiting the reaper) */
     int64_t contexts;        /* execution contexts alive */
     int64_t contexts_in_use; /* contexts currently running a request */
+    /* Of those, contexts whose request was answered (deadline or cancel) while the backend
+     * still runs it: not reused until the backend returns. */
+    int64_t contexts_stuck;
 } keel_counters;
 
 /* Totals over the runtime. */

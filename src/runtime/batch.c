@@ -13,8 +13,10 @@
  * still runs, keel__request_bind_inputs, before its rows are merged). Merged inputs are one
  * malloc'd buffer per input, freed when the run ends (keel__batch_inputs_free). An output
  * whose first dimension is not the batch's row count cannot be split: the backend call fails
- * for the whole batch with a message saying so. BYTES tensors are split element by element
- * (each element is a little-endian u32 length and its bytes). Layer: calls request.c only.
+ * for the whole batch with a message saying so. Outputs go to each request's run slot (never
+ * to the request itself: it may have been answered meanwhile, sched.c). BYTES tensors are split
+ * element by element (each element is a little-endian u32 length and its bytes). Layer: calls
+ * request.c only.
  */
 #include <string.h>
 
@@ -95,7 +97,8 @@ keel_err keel__batch_emit(keel__run_io *io, const char *name, keel_datatype dt,
     for (size_t d = 1; d < ndim; d++)
         per_row_elems *= (size_t)shape[d];
     memcpy(sub, shape, sizeof(int64_t) * ndim);
-    for (keel_request *r = b->list; r != NULL; r = r->qnext) {
+    for (size_t i = 0; i < b->nreqs; i++) {
+        keel__run_slot *r = &b->slots[i];
         size_t len;
         keel_err err;
         sub[0] = r->rows;

@@ -6,10 +6,11 @@
 #define KEEL_RUNTIME_BATCH_H
 
 #include "runtime/internal.h"
+#include "runtime/request.h"
 
 /* The sink of a batched run: io->sink while the backend runs (keel__batch_emit). */
 typedef struct keel__batch_sink {
-    keel_request *list; /* the requests whose rows were merged, in row order (qnext) */
+    keel__run_slot *slots; /* of the requests whose rows were merged, in row order */
     size_t nreqs;
     int64_t rows;
 } keel__batch_sink;

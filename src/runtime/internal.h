@@ -61,6 +61,8 @@
  *                      |  \--expired (timer or dispatch; REJECT) / cancel / unload /
  *                      |      shutdown--> (complete) --> IDLE
  *                      \--expired under DELAY--> QUEUED (delayed FIFO, no deadline)
+ *   RUNNING --deadline or cancel while the backend runs (detach)--> (complete) --> IDLE; the
+ *     backend call goes on with what the request lent it (sched.c's DESIGN).
  *   end_group() (complete() for one request) is the only way out of QUEUED or RUNNING: it
  *   returns the context to its own generation (a batch holds one context for all its
  *   requests; a request run alone holds it itself), drops each admission slot, releases each
@@ -119,6 +121,7 @@ typedef struct keel__counters {
     _Atomic int64_t generations;
     _Atomic int64_t contexts;
     _Atomic int64_t contexts_in_use;
+    _Atomic int64_t contexts_stuck;
 } keel__counters;
 
 /* Executed batch sizes of one model (Triton's batch_stats): a small open-addressed table,
@@ -164,6 +167,7 @@ struct keel__generation {
     int in_use;      /* rt->mu */
     int max_in_use;  /* nctx, or 1 if the backend cannot run one model concurrently */
     bool retired;    /* rt->mu */
+    int nstuck;      /* rt->mu: contexts whose answered run is still in the backend */
     size_t memory_estimate;
     int64_t mem_rss;      /* VmRSS change across the build */
     int64_t mem_pss;      /* smaps_rollup Pss change; -1 if unavailable */
@@ -201,6 +205,7 @@ struct keel__vslot {
      * next, and batches that ended early, unfinished (heads linked by held_next). */
     uint64_t seq_next, seq_done;
     keel_request *held;
+    uint32_t nstuck;         /* rt->mu: runs with detached requests still in the backend */
     bool in_ready;           /* rt->mu */
     bool removed;            /* rt->mu: unlinked; freed when inflight drops to 0 */
     keel__vslot *next;       /* entry's version list, ascending */
@@ -242,6 +247,7 @@ struct keel_runtime {
     pthread_cond_t work_cv;
     keel__model_entry *models;            /* mu */
     keel__vslot *ready_head, *ready_tail; /* mu */
+    keel_request *running;                /* mu: running requests (sched.c), by run_next */
     bool shutting_down;                   /* mu: submits refused */
     bool stopping;                        /* mu: workers and the timer exit when idle */
     int nworkers;
@@ -340,7 +346,11 @@ struct keel_request {
     bool ordered;                        /* rt->mu: dispatched under preserve_ordering */
     uint64_t order_seq;                  /* rt->mu: its batch's sequence number */
     keel_request *held_next;             /* rt->mu: its vslot's held batches */
-    keel_infer_cb done_cb;               /* a batch's completion: cb between lock and call */
+    keel_request *run_next, *run_prev;   /* rt->mu: rt->running, while in_running */
+    bool in_running;                     /* rt->mu */
+    /* Its run slot while the backend runs (sched.c's DESIGN); NULL before and after. */
+    struct keel__run_slot *_Atomic run_slot;
+    keel_infer_cb done_cb; /* a batch's completion: cb between lock and call */
     void *done_user;
     uint64_t submit_ns, dispatch_ns, deadline_ns;
     /* Timing of the current run (keel_request_timing): 0 until reached; reset at submit. */

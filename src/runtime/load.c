@@ -98,8 +98,9 @@ keel__vslot *keel__vslot_remove_locked(keel_runtime *rt, keel__vslot *v, keel__g
     v->current = NULL;
     keel__vslot_drain_locked(rt, v, drained);
     v->removed = true;
-    /* Drained requests still hold their slots; complete() frees v when the last goes. */
-    return v->inflight == 0 ? v : NULL;
+    /* Drained requests still hold their slots, and a run whose requests were answered while
+     * it ran (nstuck) still uses v; the last of them frees v (sched.c: end_group). */
+    return v->inflight == 0 && v->nstuck == 0 ? v : NULL;
 }
 
 /* Waits (bounded) until every generation of e has been freed: the resource-preserving swap

@@ -158,6 +158,16 @@ void keel__preprocess_end(keel_request *req, keel__prep_swap *sw)
     sw->active = false;
 }
 
+void keel__preprocess_drop(keel__prep_swap *sw)
+{
+    if (!sw->active)
+        return;
+    free(sw->original.name);
+    free(sw->original.shape);
+    free(sw->original.data);
+    sw->active = false;
+}
+
 bool keel__preprocess_ready(keel_runtime *rt, const keel__model_config *cfg)
 {
     if (rt->prep == NULL || (cfg != NULL && cfg->preprocess == NULL))

@@ -19,6 +19,9 @@ typedef struct keel__prep_swap {
 keel_err keel__preprocess_begin(keel_request *req, keel__prep_swap *sw);
 /* Restores the request's own input after the run (always call after begin). */
 void keel__preprocess_end(keel_request *req, keel__prep_swap *sw);
+/* Instead of end, for a request answered while its backend ran (its inputs, with the decoded
+ * tensor, went to its run slot): frees the saved input, which nothing else holds. */
+void keel__preprocess_drop(keel__prep_swap *sw);
 /* Under no lock: false if g's model needs the pool and the pool is unhealthy. */
 bool keel__preprocess_ready(keel_runtime *rt, const keel__model_config *cfg);
 

@@ -353,6 +353,7 @@ static void counters_read(const keel__counters *c, keel_counters *out)
     out->generations = atomic_load(&c->generations);
     out->contexts = atomic_load(&c->contexts);
     out->contexts_in_use = atomic_load(&c->contexts_in_use);
+    out->contexts_stuck = atomic_load(&c->contexts_stuck);
 }
 
 void keel_counters_get(keel_runtime *rt, keel_counters *out)

@@ -8,8 +8,11 @@
  * by submit). Inputs are validated twice: structurally when added (shape, element count,
  * byte size, BYTES framing, duplicate names), and against the generation's config when the
  * request is dispatched (keel__request_bind_inputs), because only then is it known which
- * generation, and so which config, the request runs on. Layer: calls registry.c (counters)
- * only.
+ * generation, and so which config, the request runs on. While the backend runs, outputs go
+ * to the request's run slot (request.h), which hands them over when the backend returns; a
+ * request answered before that (sched.c: a deadline or cancel while running) gives its
+ * inputs, views and requested names to the slot and keeps none (a resubmit must add its
+ * inputs again). Layer: calls registry.c (counters) only.
  */
 #include <string.h>
 
@@ -535,28 +538,87 @@ keel_err keel__request_bind_inputs(keel_request *req, const keel__model_config *
     return KEEL_OK;
 }
 
-keel_err keel__request_emit_to(keel_request *req, const char *name, keel_datatype dt,
+void keel__run_slot_begin(keel__run_slot *s, keel_request *req, void *group, int64_t rows)
+{
+    memset(s, 0, sizeof(*s));
+    atomic_init(&s->phase, KEEL__RUN_BACKEND);
+    s->group = group;
+    s->req = req;
+    s->rows = rows;
+    keel__request_clear_outputs(req);
+    s->outputs = req->outputs;
+    s->cap_outputs = req->cap_outputs;
+    req->outputs = NULL;
+    req->cap_outputs = 0;
+    s->requested = req->requested;
+    s->nrequested = req->nrequested;
+}
+
+void keel__run_slot_end(keel__run_slot *s, keel_request *req)
+{
+    KEEL__ASSERT(req->outputs == NULL);
+    req->outputs = s->outputs;
+    req->noutputs = s->noutputs;
+    req->cap_outputs = s->cap_outputs;
+    s->outputs = NULL;
+    s->noutputs = s->cap_outputs = 0;
+    s->requested = NULL;
+    s->nrequested = 0;
+}
+
+void keel__run_slot_take(keel__run_slot *s, keel_request *req)
+{
+    s->inputs = req->inputs;
+    s->ninputs = req->ninputs;
+    s->views = req->views;
+    s->cap_requested = req->cap_requested;
+    req->inputs = NULL;
+    req->ninputs = req->cap_inputs = 0;
+    req->views = NULL;
+    req->cap_views = 0;
+    req->requested = NULL;
+    req->nrequested = req->cap_requested = 0;
+}
+
+void keel__run_slot_fini(keel__run_slot *s)
+{
+    for (size_t i = 0; i < s->noutputs; i++)
+        tensor_fini(&s->outputs[i]);
+    free(s->outputs);
+    for (size_t i = 0; i < s->ninputs; i++)
+        tensor_fini(&s->inputs[i]);
+    free(s->inputs);
+    free(s->views);
+    if (s->cap_requested > 0) { /* owned: taken from a detached request */
+        for (size_t i = 0; i < s->nrequested; i++)
+            free(s->requested[i]);
+        free(s->requested);
+    }
+    memset(s, 0, sizeof(*s));
+}
+
+keel_err keel__request_emit_to(keel__run_slot *s, const char *name, keel_datatype dt,
                                const int64_t *shape, size_t ndim, const void *data, size_t bytes,
                                char *errbuf, size_t errlen)
 {
     keel__tensor t = {0};
-    bool wanted = req->nrequested == 0;
+    bool wanted = s->nrequested == 0;
     keel_err err;
 
-    for (size_t i = 0; i < req->nrequested && !wanted; i++)
-        wanted = strcmp(req->requested[i], name) == 0;
+    for (size_t i = 0; i < s->nrequested && !wanted; i++)
+        wanted = strcmp(s->requested[i], name) == 0;
     if (!wanted)
         return KEEL_OK;
     if (keel__fault_hit(KEEL__FAULT_COMPLETION)) {
         keel__errf(errbuf, errlen, "output '%s': injected completion fault", name);
         return KEEL_ENOMEM;
     }
-    if ((err = grow((void **)&req->outputs, &req->cap_outputs, req->noutputs + 1,
-                    sizeof(*req->outputs))) != KEEL_OK)
+    if ((err = grow((void **)&s->outputs, &s->cap_outputs, s->noutputs + 1, sizeof(*s->outputs))) !=
+        KEEL_OK)
         goto nomem;
     if (tensor_copy(&t, name, dt, shape, ndim, data, NULL, bytes) != KEEL_OK)
         goto nomem;
-    req->outputs[req->noutputs++] = t;
+    s->outputs[s->noutputs++] = t;
     return KEEL_OK;
 
 nomem:
@@ -565,8 +627,8 @@ nomem:
     return KEEL_ENOMEM;
 }
 
-keel_err keel__request_emit(keel__run_io *io, const char *name, keel_datatype dt,
-                            const int64_t *shape, size_t ndim, const void *data, size_t bytes)
+keel_err keel__run_slot_emit(keel__run_io *io, const char *name, keel_datatype dt,
+                             const int64_t *shape, size_t ndim, const void *data, size_t bytes)
 {
     return keel__request_emit_to(io->sink, name, dt, shape, ndim, data, bytes, io->errbuf,
                                  io->errlen);

@@ -61,9 +61,12 @@ bool keel_model_is_ready(keel_runtime *rt, const char *name, int64_t version)
     pthread_mutex_lock(&rt->mu);
     if ((e = keel__entry_find_locked(rt, name)) != NULL) {
         for (keel__vslot *v = e->versions; v != NULL; v = v->next) {
-            /* Image models also need live preprocessing workers. */
+            /* Image models also need live preprocessing workers; a generation whose usable
+             * contexts are all stuck in backend calls that were answered already can run
+             * nothing until one returns (sched.c). */
             if (v->current != NULL && (version == -1 || version == v->version))
-                ready |= v->current->cfg->preprocess == NULL || prep_ok;
+                ready |= (v->current->cfg->preprocess == NULL || prep_ok) &&
+                         v->current->nstuck < v->current->max_in_use;
         }
     }
     pthread_mutex_unlock(&rt->mu);

@@ -40,13 +40,54 @@
  * configured input, runs the backend once, and splits each output back by rows (batch.c).
  * A backend error fails exactly the requests of that batch, each with the message. One
  * lock acquisition returns the batch's context and ends every request of it
- * (complete_batch); the callbacks run after unlocking.
+ * (end_group); the callbacks run after unlocking.
  *
  * Timer thread: sleeps until the earliest deadline of a queued request or batching delay
  * (timer_next, lowered by submit and by a vslot that starts waiting), then scans the vslots:
  * REJECT-expired requests are answered KEEL_ETIMEDOUT at their deadline even while every
  * context is busy (parked vslots' too: "waiting for model to load"), DELAY-expired ones move
  * behind the others, and vslots whose delay passed are made ready (flush).
+ *
+ * Deadline and cancel while running: a run group (struct batch: one request run by
+ * run_and_complete, or a batch run by run_batch) owns everything its backend call touches.
+ * Each request of it has a keel__run_slot (request.h) on the runner's stack or heap: the
+ * sink its outputs are emitted into, the requested-output names, and room for its inputs.
+ * A running request's phase, in its slot (atomic) and req->run_slot:
+ *   PREP (run_slot NULL: preprocess, bind, merge; the runner owns the request)
+ *     --runner publishes run_slot (release), phase BACKEND--> BACKEND (the runner touches
+ *       only the slot and the group's own buffers, never the request, until it returns)
+ *     --backend returns, runner CAS BACKEND->RETURNED--> RETURNED (the request is the
+ *       runner's again: outputs move from the sink into it; end_group ends it as before)
+ *     --deadline (timer) or keel_request_cancel, under rt->mu, CAS BACKEND->DETACHED-->
+ *       DETACHED: detach_locked moves the request's inputs, views and requested names into
+ *       the slot, moves its generation reference to the group (b->ndetached), marks the
+ *       group's context stuck (b->stuck; g->nstuck, v->nstuck, counter contexts_stuck) and
+ *       answers the request (KEEL_ETIMEDOUT / KEEL_ECANCELED, "... while running") through
+ *       complete() after unlocking: its admission slot is dropped, its callback runs. The
+ *       backend keeps running on the context; whatever it emits lands in the slot.
+ * When the backend returns, the runner (end_group, one rt->mu acquisition as before) returns
+ * the context (unstuck; to its own generation, which frees it with itself if it was retired),
+ * ends the members that returned, then after unlocking releases one generation reference per
+ * detached member and frees the slots (keel__run_slot_fini). The timer finds running requests
+ * in rt->running (linked at lease, unlinked when ended, detached or held for ordering); one
+ * whose deadline passed or that was cancelled while still in PREP (run_slot NULL) is retried
+ * every millisecond (preprocessing is bounded by the same deadline); one whose call returned
+ * already (RETURNED; a batch's request that failed before the call has a RETURNED slot of
+ * its own, slot_not_run) is left to its runner, which ends it at once. Under
+ * a DELAY policy the deadline bounds only the queue: a running request is never failed for
+ * time (it is still answered at a cancel). A
+ * vslot is freed only when it is removed, no request holds a slot (inflight) and no run with
+ * detached members is still in the backend (nstuck). An ordered group whose members were all
+ * detached still takes its turn: if an earlier group still runs it holds a marker request
+ * (rt == NULL) in v->held. A generation whose every usable context is stuck
+ * (nstuck >= max_in_use) is not ready (keel_model_is_ready); new requests queue or are
+ * rejected by the normal admission rules. A request run on the submitting thread (run here)
+ * is answered at its deadline the same way, but that thread stays in the backend: keel_infer
+ * therefore hands a request with its own timeout to a worker. Open point: a deadline that
+ * comes only from the queue policy (or an async RUN_IF_FAST on a server's I/O thread) still
+ * runs here; excluding every request with a deadline from run-here belongs in submit().
+ * Lock order: unchanged, rt->mu only; the slot's phase is an atomic that only the runner
+ * (without the lock) and a detach (under rt->mu) change, by compare-and-swap.
  *
  * preserve_ordering: each batch dispatched from a vslot takes the next sequence number; a
  * batch that ends before an earlier one (another context was slower) is held, unanswered,
@@ -587,6 +628,101 @@ keel_err keel_infer_submit_ex(keel_request *req, unsigned flags, keel_infer_cb c
     return err;
 }
 
+/* A run group (a batch formed under rt->mu, or one request run alone): its requests (qnext),
+ * one generation and one context, its place under preserve_ordering, and what detaching
+ * requests while its backend runs left to it (rt->mu; sched.c's DESIGN). */
+typedef struct batch {
+    keel_request *head, *tail;
+    size_t n;
+    int64_t rows;
+    keel__generation *gen;
+    keel__vslot *vslot;
+    int ctx;
+    bool ordered;
+    uint64_t seq;
+    bool stuck;         /* rt->mu: a request was detached; the context is stuck */
+    uint32_t ndetached; /* rt->mu: generation references of detached requests, to release */
+} batch;
+
+/* The deadline of a running request (0 = none): a DELAY policy never fails a request for
+ * time, so it bounds only the wait in the queue. */
+static uint64_t run_deadline(const keel_request *req)
+{
+    return req->timeout_action == KEEL__TIMEOUT_DELAY ? 0 : req->deadline_ns;
+}
+
+/* Under rt->mu: links a request that starts running into rt->running, the timer's list, and
+ * lowers the timer's wake-up to its deadline. */
+static void running_link_locked(keel_runtime *rt, keel_request *req)
+{
+    req->run_prev = NULL;
+    req->run_next = rt->running;
+    if (rt->running != NULL)
+        rt->running->run_prev = req;
+    rt->running = req;
+    req->in_running = true;
+    timer_note_locked(rt, run_deadline(req));
+}
+
+static void running_unlink_locked(keel_runtime *rt, keel_request *req)
+{
+    if (!req->in_running)
+        return;
+    if (req->run_prev != NULL)
+        req->run_prev->run_next = req->run_next;
+    else
+        rt->running = req->run_next;
+    if (req->run_next != NULL)
+        req->run_next->run_prev = req->run_prev;
+    req->run_next = req->run_prev = NULL;
+    req->in_running = false;
+    atomic_store_explicit(&req->run_slot, NULL, memory_order_relaxed);
+}
+
+/* Under rt->mu: answers a running request now if its backend call has started (its slot's
+ * phase goes BACKEND -> DETACHED; see the DESIGN): what it lent the backend moves to its
+ * slot, its generation reference to the group, the group's context is counted stuck. The
+ * caller then completes it with status after unlocking. False (nothing done) while the
+ * request is not in the backend: before the call, or after it returned. */
+static bool detach_locked(keel_runtime *rt, keel_request *req, keel_err status, uint64_t now)
+{
+    keel__run_slot *s = atomic_load_explicit(&req->run_slot, memory_order_acquire);
+    int expect = KEEL__RUN_BACKEND;
+    batch *b;
+
+    if (s == NULL ||
+        !atomic_compare_exchange_strong_explicit(&s->phase, &expect, KEEL__RUN_DETACHED,
+                                                 memory_order_acq_rel, memory_order_acquire))
+        return false;
+    b = s->group;
+    keel__run_slot_take(s, req);
+    running_unlink_locked(rt, req);
+    if (!b->stuck) {
+        b->stuck = true;
+        b->gen->nstuck++;
+        b->vslot->nstuck++;
+        keel__counter_add(rt, b->gen->entry, KEEL__CNT(contexts_stuck), 1);
+    }
+    b->ndetached++;
+    if (status == KEEL_ETIMEDOUT)
+        keel__request_set_error(req,
+                                "deadline exceeded after %llu us, while running in model '%s' "
+                                "version %lld (the backend has not returned)",
+                                (unsigned long long)((now - req->submit_ns) / 1000),
+                                b->gen->cfg->name, (long long)b->gen->version);
+    else
+        keel__request_set_error(req,
+                                "request cancelled while running in model '%s' version %lld "
+                                "(the backend has not returned)",
+                                b->gen->cfg->name, (long long)b->gen->version);
+    req->status = status;
+    req->gen = NULL; /* the group's now */
+    req->ctx_index = -1;
+    req->ordered = false;
+    req->state = KEEL__REQ_COMPLETING;
+    return true;
+}
+
 /* Under rt->mu: the part of ending req that needs the lock (its context, if it holds one,
  * is returned by the caller): drops the slot, moves the callback to done_cb, sets the
  * result. Returns the vslot to free after unlocking, or NULL. */
@@ -600,6 +736,7 @@ static keel__vslot *finish_locked(keel_runtime *rt, keel_request *req, keel_err 
         keel__request_set_error(req, "request cancelled while running");
     }
     KEEL__ASSERT(v->inflight > 0);
+    running_unlink_locked(rt, req);
     v->inflight--;
     keel__counter_add(rt, req->entry, KEEL__CNT(leases), -1);
     req->done_cb = req->cb;
@@ -611,7 +748,7 @@ static keel__vslot *finish_locked(keel_runtime *rt, keel_request *req, keel_err 
     req->status = status;
     req->complete_ns = now;
     req->state = KEEL__REQ_IDLE;
-    return v->removed && v->inflight == 0 ? v : NULL;
+    return v->removed && v->inflight == 0 && v->nstuck == 0 ? v : NULL;
 }
 
 /* After finish_locked, no lock held: releases what req held, counts it, runs the callback.
@@ -660,35 +797,56 @@ static void context_return_locked(keel_runtime *rt, keel__generation *g, int ctx
 }
 
 /*
- * Ends a group of requests that ran together (one request, or a batch linked by qnext; each
- * request's outcome in req->status) under one lock acquisition: returns the context the group
- * held (ctx >= 0) to g, then finishes every request. Under preserve_ordering (req->ordered),
- * a group that ends before a group dispatched earlier is held on its vslot, unfinished (its
- * requests keep their slots and references), and finished by the group it waited for, in
- * dispatch order. The callbacks run after unlocking.
+ * Ends a group of requests that ran together (b->head: one request, or a batch linked by
+ * qnext; each request's outcome in req->status; requests detached while it ran are no longer
+ * in it) under one lock acquisition: returns the context the group held (b->ctx >= 0) to
+ * b->gen, then finishes every request. Under preserve_ordering (b->ordered), a group that
+ * ends before a group dispatched earlier is held on its vslot, unfinished (its requests keep
+ * their slots and references; a group left empty by detaching holds a marker, rt == NULL),
+ * and finished by the group it waited for, in dispatch order. The callbacks, and the release
+ * of the generation references of detached requests, run after unlocking.
  */
-static void end_group(keel_runtime *rt, keel_request *head, keel__generation *g, int ctx)
+static void end_group(keel_runtime *rt, batch *b)
 {
-    keel__vslot *v = head->vslot, *free_vslot = NULL;
-    keel_request *done = NULL, *done_tail = NULL, *free_at = NULL;
+    keel__vslot *v = b->vslot, *free_vslot = NULL;
+    keel_request *head = b->head, *done = NULL, *done_tail = NULL, *free_at = NULL;
+    keel_request *marker = NULL, *markers = NULL;
     uint64_t now = keel__now_ns();
 
+    while (head == NULL && b->ordered && (marker = keel__calloc(1, sizeof(*marker))) == NULL)
+        nanosleep(&(struct timespec){0, 1000000}, NULL); /* the order must not be lost */
     pthread_mutex_lock(&rt->mu);
-    if (ctx >= 0)
-        context_return_locked(rt, g, ctx, v);
-    if (head->ordered && head->order_seq != v->seq_done) {
+    if (b->stuck) {
+        b->gen->nstuck--;
+        v->nstuck--;
+        keel__counter_add(rt, b->gen->entry, KEEL__CNT(contexts_stuck), -1);
+    }
+    if (b->ctx >= 0)
+        context_return_locked(rt, b->gen, b->ctx, v);
+    for (keel_request *req = head; req != NULL; req = req->qnext)
+        running_unlink_locked(rt, req); /* held or ended: nothing left to detach */
+    if (head == NULL && marker != NULL) {
+        marker->ordered = true;
+        marker->order_seq = b->seq;
+        head = marker;
+        marker = NULL;
+    }
+    if (b->ordered && b->seq != v->seq_done) {
         head->held_next = v->held; /* an earlier group still runs: wait for it */
         v->held = head;
-        pthread_mutex_unlock(&rt->mu);
-        return;
+        head = NULL;
     }
     for (keel_request *grp = head; grp != NULL;) {
         bool ordered = grp->ordered;
-        if (done_tail != NULL)
+        if (grp->rt == NULL) { /* a marker: its group's requests were answered already */
+            grp->qnext = markers;
+            markers = grp;
+        } else if (done_tail != NULL) {
             done_tail->qnext = grp;
-        else
+        } else {
             done = grp;
-        for (keel_request *req = grp; req != NULL; req = req->qnext) {
+        }
+        for (keel_request *req = grp; req != NULL && req->rt != NULL; req = req->qnext) {
             keel__vslot *f = finish_locked(rt, req, req->status, now);
             if (f != NULL) {
                 free_vslot = f; /* the last request of a removed vslot */
@@ -709,23 +867,42 @@ static void end_group(keel_runtime *rt, keel_request *head, keel__generation *g,
             }
         }
     }
+    if (b->stuck && free_at == NULL && v->removed && v->inflight == 0 && v->nstuck == 0)
+        free_vslot = v; /* the last stuck run of a removed vslot, after its requests */
     pthread_mutex_unlock(&rt->mu);
     for (keel_request *req = done, *next; req != NULL; req = next) {
         next = req->qnext;
         req->qnext = NULL;
         finish_unlocked(req, req->entry, req->gen, req == free_at ? free_vslot : NULL, now);
     }
+    for (uint32_t i = 0; i < b->ndetached; i++)
+        keel__generation_release(b->gen);
+    while (markers != NULL) {
+        keel_request *next = markers->qnext;
+        free(markers);
+        markers = next;
+    }
+    free(marker);
+    if (free_at == NULL)
+        free(free_vslot);
 }
 
 /* Ends a request: see the file's DESIGN. Called with no lock held, exactly once per
  * successful submit. status is what happened; msg (may be NULL) overrides the message. */
 static void complete(keel_request *req, keel_err status, const char *msg)
 {
+    batch b = {.head = req,
+               .tail = req,
+               .n = 1,
+               .gen = req->gen,
+               .vslot = req->vslot,
+               .ctx = req->gen != NULL ? req->ctx_index : -1};
+
     if (msg != NULL)
         keel__request_set_error(req, "%s", msg);
     req->status = status;
     req->qnext = NULL;
-    end_group(req->rt, req, req->gen, req->gen != NULL ? req->ctx_index : -1);
+    end_group(req->rt, &b);
 }
 
 void keel__complete_list(keel_request *list, keel_err status, const char *why)
@@ -738,24 +915,39 @@ void keel__complete_list(keel_request *list, keel_err status, const char *why)
     }
 }
 
-/* Updates g's run-time estimate of a batch of `batch` rows with one sample. */
-static void estimate_update(keel__generation *g, int64_t batch, uint64_t ns)
+/* Updates g's run-time estimate of a batch of `size` rows with one sample. */
+static void estimate_update(keel__generation *g, int64_t size, uint64_t ns)
 {
     /* Racing updates of one class may lose a sample: an estimate needs no more. */
-    _Atomic uint64_t *est = &g->est_run_ns[keel__est_class(batch)];
+    _Atomic uint64_t *est = &g->est_run_ns[keel__est_class(size)];
 
     atomic_store_explicit(est,
                           keel__est_update(atomic_load_explicit(est, memory_order_relaxed), ns),
                           memory_order_relaxed);
 }
 
-/* Runs a leased request on its context (worker thread, no lock held). */
-static keel_err run_leased(keel_request *req, int64_t *batch_out)
+/* The run slot of a batch's request that failed before the call: never in the backend, so
+ * never detached, and the timer need not retry it (sched.c's DESIGN). */
+static keel__run_slot slot_not_run = {.phase = KEEL__RUN_RETURNED};
+
+/* Runner, after the backend call: takes the request back (phase BACKEND -> RETURNED); false
+ * if it was detached meanwhile (it is no longer the runner's). */
+static bool slot_returned(keel__run_slot *s)
+{
+    int expect = KEEL__RUN_BACKEND;
+
+    return atomic_compare_exchange_strong_explicit(&s->phase, &expect, KEEL__RUN_RETURNED,
+                                                   memory_order_acq_rel, memory_order_acquire);
+}
+
+/* Runs a leased request on its context (worker thread, no lock held), its outputs into slot
+ * s of group b. If it is detached while the backend runs, returns without touching it. */
+static keel_err run_leased(keel_request *req, keel__run_slot *s, batch *b, int64_t *batch_out)
 {
     keel__generation *g = req->gen;
     char errbuf[KEEL__ERRLEN];
     keel__run_io io;
-    uint64_t t0;
+    uint64_t t0, t1;
     keel_err err;
 
     errbuf[0] = '\0';
@@ -767,25 +959,33 @@ static keel_err run_leased(keel_request *req, int64_t *batch_out)
     io.inputs = req->views;
     io.ninputs = g->cfg->ninputs;
     io.batch = *batch_out;
-    io.emit = keel__request_emit;
-    io.sink = req;
+    io.emit = keel__run_slot_emit;
+    io.sink = s;
     io.errbuf = errbuf;
     io.errlen = sizeof(errbuf);
     if (keel__fault_hit(KEEL__FAULT_BACKEND_RUN)) {
         keel__request_set_error(req, "model '%s': injected backend run fault", g->cfg->name);
         return KEEL_EBACKEND;
     }
+    keel__run_slot_begin(s, req, b, *batch_out);
     t0 = keel__now_ns();
     req->input_end_ns = t0;
-    err = g->backend->run(g->ctxs[req->ctx_index], &io);
-    req->output_start_ns = keel__now_ns();
-    t0 = req->output_start_ns - t0;
+    atomic_store_explicit(&req->run_slot, s, memory_order_release); /* detachable from now */
+    err = g->backend->run(g->ctxs[b->ctx], &io);
+    t1 = keel__now_ns();
+    if (slot_returned(s)) {
+        keel__run_slot_end(s, req);
+        req->output_start_ns = t1;
+    } else {
+        req = NULL; /* answered at its deadline or cancel: not ours any more */
+    }
+    t0 = t1 - t0;
     atomic_fetch_add_explicit(&g->entry->stats.compute_ns, t0, memory_order_relaxed);
     estimate_update(g, *batch_out, t0);
     atomic_fetch_add_explicit(&g->entry->stats.execution_count, 1, memory_order_relaxed);
     if (g->cfg->batching && g->cfg->max_batch_size > 0)
         keel__batch_stats_record(&g->entry->stats, *batch_out, 0, t0, 0);
-    if (err != KEEL_OK) {
+    if (err != KEEL_OK && req != NULL) {
         keel__request_set_error(req, "model '%s' version %lld: %s", g->cfg->name,
                                 (long long)g->version,
                                 errbuf[0] != '\0' ? errbuf : keel_strerror(err));
@@ -808,13 +1008,24 @@ static void lease_locked(keel_runtime *rt, keel__vslot *v, keel_request *req)
     req->generation_id = g->id;
     req->ran_version = g->version;
     req->state = KEEL__REQ_RUNNING;
+    running_link_locked(rt, req);
 }
 
 /* Runs a leased request and completes it (worker thread, or keel_infer's caller). */
 static void run_and_complete(keel_request *req)
 {
-    int64_t batch = 0;
+    batch b = {.head = req,
+               .tail = req,
+               .n = 1,
+               .gen = req->gen,
+               .vslot = req->vslot,
+               .ctx = req->ctx_index,
+               .ordered = req->ordered,
+               .seq = req->order_seq};
+    keel__run_slot s = {0};
+    int64_t rows = 0;
     keel__prep_swap sw;
+    keel_runtime *rt = req->rt;
     uint64_t t0 = req->gen->cfg->preprocess != NULL ? keel__now_ns() : 0;
     keel_err err = keel__preprocess_begin(req, &sw); /* image models: decode in a worker */
 
@@ -822,26 +1033,24 @@ static void run_and_complete(keel_request *req)
         req->preprocess_ns = keel__now_ns() - t0;
 
     if (err == KEEL_OK)
-        err = run_leased(req, &batch);
-    keel__preprocess_end(req, &sw);
-
-    if (err == KEEL_OK)
-        atomic_fetch_add_explicit(&req->gen->entry->stats.inference_count, (uint64_t)batch,
-                                  memory_order_relaxed);
-    complete(req, err, NULL);
+        err = run_leased(req, &s, &b, &rows);
+    if (atomic_load_explicit(&s.phase, memory_order_relaxed) == KEEL__RUN_DETACHED) {
+        keel__preprocess_drop(&sw); /* req went with its inputs; the client's image is ours */
+        b.head = b.tail = NULL;
+        b.n = 0;
+    } else {
+        keel__preprocess_end(req, &sw);
+        if (err == KEEL_OK)
+            atomic_fetch_add_explicit(&b.gen->entry->stats.inference_count, (uint64_t)rows,
+                                      memory_order_relaxed);
+        req->status = err;
+        req->qnext = NULL;
+    }
+    end_group(rt, &b);
+    keel__run_slot_fini(&s);
 }
 
 /* ---- batches */
-
-/* A batch formed under rt->mu: its requests (qnext), one generation and one context. */
-typedef struct batch {
-    keel_request *head, *tail;
-    size_t n;
-    int64_t rows;
-    keel__generation *gen;
-    keel__vslot *vslot;
-    int ctx;
-} batch;
 
 /* Under rt->mu: takes req out of its queue because its deadline passed: into *expired
  * (REJECT) or to the end of the delayed queue with no deadline (DELAY). */
@@ -936,6 +1145,8 @@ static bool form_batch_locked(keel_runtime *rt, keel__vslot *v, uint64_t now, ba
     b->vslot = v;
     b->rows = cut_rows;
     b->ctx = -1;
+    b->ordered = cfg->preserve_ordering;
+    b->seq = v->seq_next;
     if (cut > 1) {
         b->ctx = g->free_stack[--g->nfree];
         g->in_use++;
@@ -955,6 +1166,7 @@ static bool form_batch_locked(keel_runtime *rt, keel__vslot *v, uint64_t now, ba
             req->generation_id = g->id;
             req->ran_version = g->version;
             req->state = KEEL__REQ_RUNNING;
+            running_link_locked(rt, req);
         }
         req->dispatch_ns = now;
         list_append(&b->head, &b->tail, req);
@@ -965,13 +1177,6 @@ static bool form_batch_locked(keel_runtime *rt, keel__vslot *v, uint64_t now, ba
     return true;
 }
 
-/* Ends every request of a batch and returns its context (end_group; no lock held on
- * entry). Each request's status is in req->status. */
-static void complete_batch(keel_runtime *rt, batch *b)
-{
-    end_group(rt, b->head, b->gen, b->ctx);
-}
-
 /* Runs a batch of two or more requests (worker thread, no lock held) and completes it. */
 static void run_batch(keel_runtime *rt, batch *b)
 {
@@ -979,17 +1184,18 @@ static void run_batch(keel_runtime *rt, batch *b)
     const keel__model_config *cfg = g->cfg;
     keel_request *ok = NULL, *ok_tail = NULL, *failed = NULL, *failed_tail = NULL;
     keel__prep_swap *sw = keel__calloc(b->n, sizeof(*sw));
+    keel__run_slot *slots = keel__calloc(b->n, sizeof(*slots));
     int64_t(*shapes)[KEEL__MAX_DIMS + 1] = keel__calloc(cfg->ninputs + 1, sizeof(*shapes));
     keel_tensor_view *views = keel__calloc(cfg->ninputs + 1, sizeof(*views));
     void **bufs = keel__calloc(cfg->ninputs + 1, sizeof(*bufs));
     char errbuf[KEEL__ERRLEN];
     keel__batch_sink sink = {0};
-    uint64_t t_in, t_run, t_out;
+    uint64_t t_in, t_run, t_out = 0;
     keel_err err = KEEL_OK;
     size_t nok = 0;
 
     errbuf[0] = '\0';
-    if (sw == NULL || shapes == NULL || views == NULL || bufs == NULL) {
+    if (sw == NULL || slots == NULL || shapes == NULL || views == NULL || bufs == NULL) {
         keel__errf(errbuf, sizeof(errbuf), "out of memory forming a batch of %zu requests", b->n);
         err = KEEL_ENOMEM;
     }
@@ -1025,10 +1231,10 @@ static void run_batch(keel_runtime *rt, batch *b)
             list_append(&failed, &failed_tail, req);
         }
     }
-    /* The requests that passed, merged into one call. */
-    sink.list = ok;
+    /* The requests that passed, merged into one call; their outputs go to their slots. */
+    sink.slots = slots;
     for (keel_request *req = ok; req != NULL; req = req->qnext) {
-        sink.nreqs++;
+        keel__run_slot_begin(&slots[sink.nreqs++], req, b, req->rows);
         sink.rows += req->rows;
     }
     if (ok != NULL) {
@@ -1042,8 +1248,14 @@ static void run_batch(keel_runtime *rt, batch *b)
             keel__batch_inputs_free(bufs, cfg->ninputs);
         } else if (err == KEEL_OK) {
             t_run = keel__now_ns();
-            for (keel_request *req = ok; req != NULL; req = req->qnext)
+            nok = 0;
+            for (keel_request *req = ok, *next; req != NULL; req = next) {
+                next = req->qnext; /* req may be detached once published */
                 req->input_end_ns = t_run;
+                atomic_store_explicit(&req->run_slot, &slots[nok++], memory_order_release);
+            }
+            for (keel_request *req = failed; req != NULL; req = req->qnext)
+                atomic_store_explicit(&req->run_slot, &slot_not_run, memory_order_release);
             err = g->backend->run(g->ctxs[b->ctx], &io);
             t_out = keel__now_ns();
             keel__batch_inputs_free(bufs, cfg->ninputs);
@@ -1051,25 +1263,33 @@ static void run_batch(keel_runtime *rt, batch *b)
                                       memory_order_relaxed);
             atomic_fetch_add_explicit(&g->entry->stats.execution_count, 1, memory_order_relaxed);
             estimate_update(g, sink.rows, t_out - t_run);
-            for (keel_request *req = ok; req != NULL; req = req->qnext)
-                req->output_start_ns = t_out;
             keel__batch_stats_record(&g->entry->stats, sink.rows, t_run - t_in, t_out - t_run,
                                      keel__now_ns() - t_out);
-        }
-        for (keel_request *req = ok; req != NULL; req = req->qnext) {
-            req->status = err;
-            if (err != KEEL_OK)
-                keel__request_set_error(req, "model '%s' version %lld: %s", cfg->name,
-                                        (long long)g->version,
-                                        errbuf[0] != '\0' ? errbuf : keel_strerror(err));
         }
         if (err == KEEL_OK)
             atomic_fetch_add_explicit(&g->entry->stats.inference_count, (uint64_t)sink.rows,
                                       memory_order_relaxed);
     }
-    nok = 0;
-    for (keel_request *req = ok; req != NULL; req = req->qnext)
-        keel__preprocess_end(req, &sw[nok++]);
+    /* Take back the requests not detached while the backend ran (their slots say which: a
+     * detached request's own fields, qnext included, are not ours any more). */
+    ok = ok_tail = NULL;
+    for (size_t i = 0; i < sink.nreqs; i++) {
+        keel_request *req = slots[i].req;
+        if (!slot_returned(&slots[i])) {
+            keel__preprocess_drop(&sw[i]);
+            continue;
+        }
+        keel__run_slot_end(&slots[i], req);
+        keel__preprocess_end(req, &sw[i]);
+        if (t_out != 0)
+            req->output_start_ns = t_out;
+        req->status = err;
+        if (err != KEEL_OK)
+            keel__request_set_error(req, "model '%s' version %lld: %s", cfg->name,
+                                    (long long)g->version,
+                                    errbuf[0] != '\0' ? errbuf : keel_strerror(err));
+        list_append(&ok, &ok_tail, req);
+    }
     /* Requests of one batch complete together; their order among them is not promised. */
     if (ok_tail != NULL)
         ok_tail->qnext = failed;
@@ -1079,18 +1299,39 @@ static void run_batch(keel_runtime *rt, batch *b)
     free(shapes);
     free(views);
     free(bufs);
-    complete_batch(rt, b);
+    end_group(rt, b);
+    for (size_t i = 0; i < sink.nreqs; i++)
+        keel__run_slot_fini(&slots[i]);
+    free(slots);
 }
 
 /* ---- the timer thread */
 
 /* Under rt->mu: expires the queued requests whose deadline passed (into *expired, or behind
- * the others under DELAY) and flushes vslots whose batching delay passed. Returns the
- * earliest deadline or delay still ahead, 0 if none. */
-static uint64_t timer_scan_locked(keel_runtime *rt, uint64_t now, keel_request **expired)
+ * the others under DELAY), detaches the running ones whose deadline passed or that were
+ * cancelled (into *detached, status set), and flushes vslots whose batching delay passed.
+ * Returns the earliest deadline or delay still ahead, 0 if none. */
+static uint64_t timer_scan_locked(keel_runtime *rt, uint64_t now, keel_request **expired,
+                                  keel_request **detached)
 {
-    keel_request *tail = NULL;
+    keel_request *tail = NULL, *dtail = NULL;
     uint64_t next = 0;
+
+    for (keel_request *req = rt->running, *rn; req != NULL; req = rn) {
+        uint64_t dl = run_deadline(req);
+        bool due = dl != 0 && dl <= now;
+        rn = req->run_next;
+        if (due || req->cancel_requested) {
+            if (detach_locked(rt, req, req->cancel_requested ? KEEL_ECANCELED : KEEL_ETIMEDOUT,
+                              now))
+                list_append(detached, &dtail, req);
+            else if (atomic_load_explicit(&req->run_slot, memory_order_relaxed) == NULL &&
+                     (next == 0 || now + 1000000u < next))
+                next = now + 1000000u; /* not in the backend yet: retry */
+        } else if (dl != 0 && (next == 0 || dl < next)) {
+            next = dl;
+        }
+    }
 
     for (keel__model_entry *e = rt->models; e != NULL; e = e->next) {
         for (keel__vslot *v = e->versions; v != NULL; v = v->next) {
@@ -1124,7 +1365,7 @@ void *keel__timer_main(void *arg)
 
     pthread_mutex_lock(&rt->mu);
     while (!rt->stopping) {
-        keel_request *expired = NULL;
+        keel_request *expired = NULL, *detached = NULL;
         uint64_t now = keel__now_ns(), next;
         struct timespec ts;
 
@@ -1138,11 +1379,16 @@ void *keel__timer_main(void *arg)
             pthread_cond_wait(&rt->timer_cv, &rt->mu);
             continue;
         }
-        next = timer_scan_locked(rt, now, &expired);
+        next = timer_scan_locked(rt, now, &expired, &detached);
         rt->timer_next = next;
-        if (expired != NULL) {
+        if (expired != NULL || detached != NULL) {
             pthread_mutex_unlock(&rt->mu);
             keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
+            while (detached != NULL) {
+                keel_request *dn = detached->qnext;
+                complete(detached, detached->status, NULL);
+                detached = dn;
+            }
             pthread_mutex_lock(&rt->mu);
         }
     }
@@ -1280,6 +1526,12 @@ keel_err keel_request_cancel(keel_request *req)
         return KEEL_OK; /* req may already be destroyed by its callback */
     case KEEL__REQ_RUNNING:
         req->cancel_requested = true;
+        if (detach_locked(rt, req, KEEL_ECANCELED, keel__now_ns())) {
+            pthread_mutex_unlock(&rt->mu);
+            complete(req, KEEL_ECANCELED, NULL); /* the backend call goes on without it */
+            return KEEL_OK;
+        }
+        timer_note_locked(rt, keel__now_ns() + 1000000u); /* detached once the call starts */
         pthread_mutex_unlock(&rt->mu);
         return KEEL_OK;
     default:
@@ -1308,7 +1560,10 @@ keel_err keel_infer(keel_request *req)
     pthread_mutex_lock(&req->wait_mu);
     req->wait_done = false;
     pthread_mutex_unlock(&req->wait_mu);
-    if ((err = submit(req, sync_done, NULL, KEEL_SUBMIT_RUN_HERE, &run_here)) != KEEL_OK)
+    /* A request with a timeout runs on a worker: run here, this thread could not return at
+     * the deadline of a backend call that hangs (the answer would come, the call not end). */
+    if ((err = submit(req, sync_done, NULL, req->timeout_us != 0 ? 0 : KEEL_SUBMIT_RUN_HERE,
+                      &run_here)) != KEEL_OK)
         return err;
     if (run_here)
         run_and_complete(req); /* sync_done runs here, before the wait below */

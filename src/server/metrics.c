@@ -483,6 +483,14 @@ char *keel__srv_metrics_render(keel_srv *s, size_t *len)
         sb_label(&b, rows[i].name);
         sb_printf(&b, "\"} %" PRId64 "\n", rows[i].cnt.leases);
     }
+    family(&b, "keel_inference_contexts_stuck", "gauge",
+           "Execution contexts of the model whose request was answered (deadline or cancel) "
+           "while the backend still runs it.");
+    for (size_t i = 0; i < nrows; i++) {
+        sb_printf(&b, "keel_inference_contexts_stuck{model=\"");
+        sb_label(&b, rows[i].name);
+        sb_printf(&b, "\"} %" PRId64 "\n", rows[i].cnt.contexts_stuck);
+    }
 
     family(&b, "keel_model_ready", "gauge",
            "1 if the model version is loaded and ready, else 0 (version \"\" if none is).");
@@ -515,6 +523,10 @@ char *keel__srv_metrics_render(keel_srv *s, size_t *len)
     sb_printf(&b, "keel_live_contexts %" PRId64 "\n", c.contexts);
     family(&b, "keel_live_contexts_in_use", "gauge", "Execution contexts running a request.");
     sb_printf(&b, "keel_live_contexts_in_use %" PRId64 "\n", c.contexts_in_use);
+    family(&b, "keel_live_contexts_stuck", "gauge",
+           "Execution contexts whose request was answered (deadline or cancel) while the "
+           "backend still runs it; not reused until it returns.");
+    sb_printf(&b, "keel_live_contexts_stuck %" PRId64 "\n", c.contexts_stuck);
 
     pthread_mutex_lock(&s->mu);
     v = (uint64_t)s->pending;

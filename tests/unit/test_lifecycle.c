@@ -134,7 +134,7 @@ static void test_budget_lru_reload_and_pinned(void **state)
     const char *names[3] = {"a", "b", "c"};
     keel_runtime *rt;
     keel_memory_stats ms;
-    keel_counters want = {0, 0, 0, 2, 2, 0};
+    keel_counters want = {0, 0, 0, 2, 2, 0, 0};
     char err[512];
     float y;
     uint64_t gen_a = 0, g;
@@ -201,7 +201,7 @@ static void test_budget_deadline_and_no_room(void **state)
 {
     char *repo = tu_mkdtemp("budget2");
     keel_runtime *rt;
-    keel_counters want = {0, 0, 0, 2, 2, 0};
+    keel_counters want = {0, 0, 0, 2, 2, 0, 0};
     char err[512];
     float y;
 
@@ -281,7 +281,7 @@ static void test_resource_preserving_swap(void **state)
     keel_runtime *rt;
     swap_load *c = calloc(1, sizeof(*c));
     pthread_t th[2];
-    keel_counters want = {0, 0, 0, 1, 1, 0};
+    keel_counters want = {0, 0, 0, 1, 1, 0, 0};
     char err[512];
 
     (void)state;
@@ -467,7 +467,7 @@ static void test_failed_loads_under_traffic(void **state)
     heart_load *c = calloc(1, sizeof(*c));
     pthread_t th[4];
     keel_runtime *rt;
-    keel_counters want = {0, 0, 0, 1, 2, 0}, now;
+    keel_counters want = {0, 0, 0, 1, 2, 0, 0}, now;
     uint64_t gen0, attempts0;
     char err[512], *text;
     size_t len;
@@ -717,7 +717,7 @@ static void test_poll_half_copied_and_rename(void **state)
     }
     wait_for(rt, "the removed model to be unloaded", heart_gone);
     {
-        keel_counters want = {0, 0, 0, 0, 0, 0};
+        keel_counters want = {0, 0, 0, 0, 0, 0, 0};
         tu_assert_counters(rt, &want);
     }
     keel_runtime_destroy(rt);

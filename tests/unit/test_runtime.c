@@ -23,7 +23,7 @@ typedef struct fixture {
     keel_runtime *rt;
 } fixture;
 
-static const keel_counters idle_one_gen = {0, 0, 0, 1, 1, 0};
+static const keel_counters idle_one_gen = {0, 0, 0, 1, 1, 0, 0};
 
 static keel_runtime *start_runtime(const char *repo, int workers)
 {
@@ -125,6 +125,20 @@ static void tally_cb(keel_request *req, keel_err status, void *user)
     atomic_fetch_add(&t->destroyed, 1);
     atomic_fetch_add(&t->by_status[status], 1);
     atomic_fetch_add(&t->calls, 1);
+}
+
+/* Waits until no context is stuck in a backend call whose request was answered already. */
+static void wait_unstuck(keel_runtime *rt)
+{
+    keel_counters c;
+
+    for (int i = 0; i < 10000; i++) {
+        keel_counters_get(rt, &c);
+        if (c.contexts_stuck == 0)
+            return;
+        usleep(1000);
+    }
+    fail_msg("a context is still stuck after 10 s");
 }
 
 static void wait_calls(tally *t, long n)
@@ -612,6 +626,7 @@ static void test_cancel(void **state)
     mock_gate_open();
     wait_calls(&t, 2);
     assert_int_equal(atomic_load(&t.by_status[KEEL_ECANCELED]), 2);
+    wait_unstuck(f->rt); /* answered before its backend call returned */
     tu_assert_counters(f->rt, &idle_one_gen);
 }
 
@@ -656,7 +671,7 @@ static void test_unload_and_shutdown_with_queue(void **state)
     mock_gate_open();
     wait_calls(&t, 3);
     assert_int_equal(atomic_load(&t.by_status[KEEL_OK]), 1);
-    keel_counters zero = {1, 0, 0, 0, 0, 0}; /* 'late' still exists */
+    keel_counters zero = {1, 0, 0, 0, 0, 0, 0}; /* 'late' still exists */
     tu_assert_counters(f->rt, &zero);
     keel_request_destroy(late);
 
@@ -972,6 +987,283 @@ static void test_datatype_names(void **state)
     assert_int_equal(keel_datatype_from_name(NULL), KEEL_TYPE_INVALID);
 }
 
+/* ---- deadlines and cancel while the backend runs (issue 14, item 2) */
+
+/* One answer, recorded by its callback (which leaves the request to the test). */
+typedef struct probe {
+    _Atomic int done;
+    keel_err status;
+    uint64_t t_ns;
+    char msg[512];
+} probe;
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void probe_cb(keel_request *req, keel_err status, void *user)
+{
+    probe *p = user;
+
+    p->status = status;
+    p->t_ns = mono_ns();
+    snprintf(p->msg, sizeof(p->msg), "%s", keel_request_error(req));
+    atomic_store(&p->done, 1); /* last: the test may destroy req from here on */
+}
+
+/* Waits up to ms for the answer; whether it came. */
+static bool probe_wait(probe *p, int ms)
+{
+    for (int i = 0; i < ms * 2 && !atomic_load(&p->done); i++)
+        usleep(500);
+    return atomic_load(&p->done) != 0;
+}
+
+static void submit_probe(keel_request *req, probe *p)
+{
+    assert_int_equal(keel_infer_submit(req, probe_cb, p), KEEL_OK);
+}
+
+static keel_counters model_counters(keel_runtime *rt, const char *model)
+{
+    keel_counters c;
+
+    assert_int_equal(keel_model_counters_get(rt, model, &c), KEEL_OK);
+    return c;
+}
+
+/* A request whose deadline passes while its backend call hangs is answered at the deadline;
+ * its admission slot comes back at once, its context stays out of use (stuck, the model not
+ * ready) until the backend returns, and then serves again. */
+static void test_deadline_while_running(void **state)
+{
+    fixture *f = *state;
+    const keel_counters idle2 = {0, 0, 0, 2, 2, 0, 0};
+    keel_request *r1, *r2;
+    probe p1 = {0}, p2 = {0};
+    keel_counters c;
+    uint64_t t0;
+
+    /* "one": one context and a queue of one request (the running one holds it). */
+    mock_write_model(f->repo, "one", 1, 1, 0);
+    mock_write_version(f->repo, "one", 1, 3.0);
+    assert_int_equal(keel_model_load(f->rt, "one", NULL, 0), KEEL_OK);
+    r1 = make_req(f->rt, "one", 1.0f);
+    r2 = make_req(f->rt, "one", 2.0f);
+    mock_gate_close();
+    keel_request_set_timeout_us(r1, 200000);
+    t0 = mono_ns();
+    submit_probe(r1, &p1);
+    mock_wait_blocked(1);
+    assert_true(probe_wait(&p1, 5000));
+    assert_int_equal(p1.status, KEEL_ETIMEDOUT);
+    assert_non_null(strstr(p1.msg, "while running"));
+    assert_true(p1.t_ns - t0 >= 200000000u);
+    assert_true(p1.t_ns - t0 < 1500000000u); /* at the deadline, not when the backend returns */
+    /* The backend still has it: its inputs went with the run (the request keeps none). */
+    assert_int_equal(keel__request_input_count(r1), 0);
+    c = model_counters(f->rt, "one");
+    assert_int_equal(c.contexts_stuck, 1);
+    assert_int_equal(c.contexts_in_use, 1);
+    assert_int_equal(c.leases, 0);
+    assert_false(keel_model_is_ready(f->rt, "one", -1));
+    assert_true(keel_model_is_ready(f->rt, "m", -1));
+    /* Its slot came back: the queue of one admits another request, which waits. */
+    submit_probe(r2, &p2);
+    keel_request_destroy(r1); /* while the backend still reads what was its input */
+    usleep(20000);
+    assert_false(atomic_load(&p2.done));
+    mock_gate_open();
+    assert_true(probe_wait(&p2, 5000));
+    assert_int_equal(p2.status, KEEL_OK);
+    assert_true(output0(r2) == 6.0f);
+    keel_request_destroy(r2);
+    tu_assert_counters(f->rt, &idle2);
+    assert_true(keel_model_is_ready(f->rt, "one", -1));
+    c = model_counters(f->rt, "one");
+    assert_int_equal(c.contexts_stuck, 0);
+}
+
+static void *open_gate_later(void *arg)
+{
+    (void)arg;
+    usleep(3000 * 1000);
+    mock_gate_open();
+    return NULL;
+}
+
+/* keel_infer with a timeout returns at the deadline of a backend call that hangs. */
+static void test_sync_deadline_while_running(void **state)
+{
+    fixture *f = *state;
+    keel_request *r = make_req(f->rt, "m", 1.0f);
+    pthread_t opener;
+    uint64_t t0, dt;
+
+    mock_gate_close();
+    /* Should keel_infer hang in the backend, the gate opens after 3 s. */
+    assert_int_equal(pthread_create(&opener, NULL, open_gate_later, NULL), 0);
+    keel_request_set_timeout_us(r, 100000);
+    t0 = mono_ns();
+    assert_int_equal(keel_infer(r), KEEL_ETIMEDOUT);
+    dt = mono_ns() - t0;
+    assert_non_null(strstr(keel_request_error(r), "while running"));
+    assert_true(dt >= 100000000u && dt < 1500000000u);
+    keel_request_destroy(r);
+    pthread_join(opener, NULL);
+    wait_unstuck(f->rt);
+    tu_assert_counters(f->rt, &idle_one_gen);
+}
+
+/* keel_request_cancel on a running request answers it at once; the context is stuck until
+ * the backend returns. */
+static void test_cancel_while_running(void **state)
+{
+    fixture *f = *state;
+    keel_request *r = make_req(f->rt, "m", 1.0f);
+    probe p = {0};
+    keel_counters c;
+
+    mock_gate_close();
+    submit_probe(r, &p);
+    mock_wait_blocked(1);
+    assert_int_equal(keel_request_cancel(r), KEEL_OK);
+    assert_true(probe_wait(&p, 1000));
+    assert_int_equal(p.status, KEEL_ECANCELED);
+    assert_non_null(strstr(p.msg, "cancelled while running"));
+    assert_int_equal(keel_request_cancel(r), KEEL_EINVAL); /* answered: nothing to cancel */
+    keel_request_destroy(r);
+    keel_counters_get(f->rt, &c);
+    assert_int_equal(c.contexts_stuck, 1);
+    assert_int_equal(c.leases, 0);
+    assert_int_equal(c.requests, 0);
+    assert_false(keel_model_is_ready(f->rt, "m", -1));
+    mock_gate_open();
+    wait_unstuck(f->rt);
+    tu_assert_counters(f->rt, &idle_one_gen);
+    assert_true(keel_model_is_ready(f->rt, "m", -1));
+    /* The context serves again. */
+    r = make_req(f->rt, "m", 4.0f);
+    assert_int_equal(keel_infer(r), KEEL_OK);
+    assert_true(output0(r) == 8.0f);
+    keel_request_destroy(r);
+}
+
+/* In a batch, the request whose deadline passes while the batch runs is answered alone; the
+ * others get their outputs when the backend returns. */
+static void test_batch_member_deadline(void **state)
+{
+    fixture *f = *state;
+    const keel_counters idle2 = {0, 0, 0, 2, 2, 0, 0};
+    keel_request *r[3];
+    probe p[3] = {{0}};
+    mock_call calls[8];
+    uint64_t t0;
+    size_t n0, n;
+
+    mock_write_model_batching(f->repo, "b", 1, 8, "{\"max_queue_delay_microseconds\":100000}");
+    mock_write_version(f->repo, "b", 1, 2.0);
+    assert_int_equal(keel_model_load(f->rt, "b", NULL, 0), KEEL_OK);
+    n0 = mock_calls(calls, 8);
+    r[0] = make_req(f->rt, "b", MOCK_SLOW + 1500.0f); /* its row makes the call take 1.5 s */
+    r[1] = make_req(f->rt, "b", 2.0f);
+    r[2] = make_req(f->rt, "b", 3.0f);
+    keel_request_set_timeout_us(r[0], 500000);
+    t0 = mono_ns();
+    for (int i = 0; i < 3; i++)
+        submit_probe(r[i], &p[i]);
+    assert_true(probe_wait(&p[0], 5000));
+    assert_int_equal(p[0].status, KEEL_ETIMEDOUT);
+    assert_non_null(strstr(p[0].msg, "while running"));
+    assert_true(p[0].t_ns - t0 < 1200000000u);
+    assert_false(atomic_load(&p[1].done) || atomic_load(&p[2].done)); /* still running */
+    assert_int_equal(model_counters(f->rt, "b").contexts_stuck, 1);
+    keel_request_destroy(r[0]);
+    for (int i = 1; i < 3; i++) {
+        assert_true(probe_wait(&p[i], 10000));
+        assert_int_equal(p[i].status, KEEL_OK);
+        assert_true(output0(r[i]) == 2.0f * (float)(i + 1));
+        assert_true(p[i].t_ns - t0 >= 1500000000u);
+        keel_request_destroy(r[i]);
+    }
+    n = mock_calls(calls, 8);
+    assert_int_equal(n, n0 + 1); /* the three ran as one batch */
+    assert_int_equal(calls[n - 1].rows, 3);
+    tu_assert_counters(f->rt, &idle2);
+}
+
+/* The model is unloaded while a detached run is stuck: the generation waits for the backend,
+ * then goes with its context (the teardown checks every model and context was freed once,
+ * none used after its free; ASan that the detached request's inputs and the vslot were). */
+static void test_unload_while_stuck(void **state)
+{
+    fixture *f = *state;
+    const keel_counters gone = {0, 0, 0, 0, 0, 0, 0};
+    keel_request *r = make_req(f->rt, "m", 1.0f);
+    probe p = {0};
+    keel_counters c;
+
+    mock_gate_close();
+    keel_request_set_timeout_us(r, 50000);
+    submit_probe(r, &p);
+    mock_wait_blocked(1);
+    assert_true(probe_wait(&p, 5000));
+    assert_int_equal(p.status, KEEL_ETIMEDOUT);
+    keel_request_destroy(r);
+    assert_int_equal(keel_model_unload(f->rt, "m"), KEEL_OK);
+    keel_runtime_quiesce(f->rt);
+    keel_counters_get(f->rt, &c);
+    assert_int_equal(c.generations, 1); /* held by the stuck run */
+    assert_int_equal(c.contexts_stuck, 1);
+    assert_int_equal(atomic_load(&mock.model_frees), 0);
+    mock_gate_open();
+    for (int i = 0; i < 5000 && atomic_load(&mock.model_frees) == 0; i++)
+        usleep(1000);
+    tu_assert_counters(f->rt, &gone);
+    assert_int_equal(atomic_load(&mock.model_frees), 1);
+}
+
+/* preserve_ordering: a batch whose requests were all answered while it ran still takes its
+ * turn, so the batches after it are not held for ever. */
+static void test_ordered_detached_batch(void **state)
+{
+    fixture *f = *state;
+    keel_request *a, *b, *c;
+    probe pa = {0}, pb = {0}, pc = {0};
+    long runs0;
+
+    mock_write_model_batching(f->repo, "o", 2, 8, "{\"preserve_ordering\":true}");
+    mock_write_version(f->repo, "o", 1, 2.0);
+    assert_int_equal(keel_model_load(f->rt, "o", NULL, 0), KEEL_OK);
+    runs0 = atomic_load(&mock.runs);
+    a = make_req(f->rt, "o", MOCK_SLOW + 1500.0f);
+    submit_probe(a, &pa);
+    for (int i = 0; i < 5000 && atomic_load(&mock.runs) == runs0; i++)
+        usleep(1000);
+    assert_int_equal(atomic_load(&mock.runs), runs0 + 1); /* a runs, alone */
+    b = make_req(f->rt, "o", MOCK_SLOW + 300.0f);
+    keel_request_set_timeout_us(b, 100000);
+    submit_probe(b, &pb);
+    assert_true(probe_wait(&pb, 5000));
+    assert_int_equal(pb.status, KEEL_ETIMEDOUT);
+    keel_request_destroy(b);
+    assert_true(probe_wait(&pa, 10000)); /* b's call returned before a's */
+    assert_int_equal(pa.status, KEEL_OK);
+    keel_request_destroy(a);
+    c = make_req(f->rt, "o", 5.0f);
+    submit_probe(c, &pc);
+    assert_true(probe_wait(&pc, 5000));
+    assert_int_equal(pc.status, KEEL_OK);
+    assert_true(output0(c) == 10.0f);
+    keel_request_destroy(c);
+    wait_unstuck(f->rt);
+    tu_assert_counters(f->rt, &(keel_counters){0, 0, 0, 2, 3, 0, 0});
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -983,6 +1275,12 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_return_after_swap, setup, teardown),
         cmocka_unit_test_setup_teardown(test_overload_and_deadline, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cancel, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_deadline_while_running, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_cancel_while_running, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_sync_deadline_while_running, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_batch_member_deadline, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unload_while_stuck, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_ordered_detached_batch, setup, teardown),
         cmocka_unit_test_setup_teardown(test_unload_and_shutdown_with_queue, setup, teardown),
         cmocka_unit_test_setup_teardown(test_failed_reload_keeps_old, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fault_points, setup, teardown),

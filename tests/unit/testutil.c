@@ -174,14 +174,17 @@ void tu_assert_counters(keel_runtime *rt, const keel_counters *want)
     keel_counters_get(rt, &got);
     if (got.requests != want->requests || got.leases != want->leases ||
         got.queued != want->queued || got.generations != want->generations ||
-        got.contexts != want->contexts || got.contexts_in_use != want->contexts_in_use) {
+        got.contexts != want->contexts || got.contexts_in_use != want->contexts_in_use ||
+        got.contexts_stuck != want->contexts_stuck) {
         fail_msg("counters: requests %lld/%lld leases %lld/%lld queued %lld/%lld "
-                 "generations %lld/%lld contexts %lld/%lld in_use %lld/%lld (got/want)",
+                 "generations %lld/%lld contexts %lld/%lld in_use %lld/%lld stuck %lld/%lld "
+                 "(got/want)",
                  (long long)got.requests, (long long)want->requests, (long long)got.leases,
                  (long long)want->leases, (long long)got.queued, (long long)want->queued,
                  (long long)got.generations, (long long)want->generations, (long long)got.contexts,
                  (long long)want->contexts, (long long)got.contexts_in_use,
-                 (long long)want->contexts_in_use);
+                 (long long)want->contexts_in_use, (long long)got.contexts_stuck,
+                 (long long)want->contexts_stuck);
     }
 }
 
