@@ -48,7 +48,8 @@
  * Hang-up watcher: MHD does not poll suspended sockets, so a thread polls the sockets of
  * PARKED infer connections every 10 ms (POLLRDHUP/POLLHUP/POLLERR) and cancels the
  * request of a client that has gone: a queued request then completes KEEL_ECANCELED at
- * once and never reaches the backend; a running one is discarded when the backend returns.
+ * once and never reaches the backend; a running one is answered at once too (its backend
+ * call runs on, its context counted stuck until it returns).
  * fds are only read under s->mu while their connection is PARKED, so MHD cannot have closed
  * (and the kernel reused) them. At shutdown the same thread cancels every parked infer.
  *
@@ -1561,8 +1562,8 @@ static void drain(keel_srv *s, int sfd)
     }
     left = s->pending;
     if (left > 0) {
-        /* Cancel the rest. Queued requests complete at once; running ones when their
-         * backend call returns. The watcher keeps cancelling late parkers. */
+        /* Cancel the rest. Queued and running requests complete at once (a running one's
+         * backend call runs on). The watcher keeps cancelling late parkers. */
         s->cancel_all = true;
         pthread_cond_broadcast(&s->watch_cv);
         pthread_mutex_unlock(&s->mu);
