@@ -15,8 +15,11 @@
  * readiness, statistics, index and configuration are one implementation with one set of
  * messages. ModelInfer takes the shared path of serving.c: decode (grpc_codec.c), admit,
  * submit with the server's flags (--infer-on-io-thread: a fast model runs right here on the
- * CQ thread, a slow one is handed off); keel's completion callback (a keel worker thread, or
- * the CQ thread when the model ran inline or a cancel completes a queued request at once)
+ * CQ thread, a slow one is handed off; a batching model's request is gathered with
+ * KEEL_SUBMIT_GATHER and, once the queue has nothing ready, cq_main runs the batches of
+ * what it gathered with keel_runtime_run_gathered on the CQ thread, like an HTTP loop at
+ * the end of its turn); keel's completion callback (a keel worker thread, or the CQ thread
+ * when the model ran inline or a cancel completes a queued request at once)
  * encodes the answer and starts the send batch itself
  * (grpc_call_start_batch may be called from any thread; each call has one batch of each
  * kind at a time). Errors map to gRPC codes as Triton maps them (grpc_code()), with the
@@ -87,6 +90,7 @@
 #include "serving.h"
 
 #define POLL_MS 50        /* the CQ thread checks s->cancel_all this often when idle */
+#define GATHER_MAX 256    /* gathered requests after which the CQ thread runs their batches */
 #define STOP_WAIT_MS 5000 /* at stop: longest wait for calls to end before cancelling them */
 #define ERRLEN SRV_MSG_LEN
 #define INFER_PATH "/inference.GRPCInferenceService/ModelInfer"
@@ -224,6 +228,7 @@ struct srv_grpc {
     atomic_size_t nstreams; /* of which ModelStreamInfer calls */
     size_t nbusy_streams;   /* under mu: streams with a job or a write not finished */
     size_t max_calls;
+    unsigned gathered; /* CQ thread only: KEEL_SUBMIT_GATHER submits since the last run */
 };
 
 /* ---------------------------------------------------------------- helpers */
@@ -1215,8 +1220,8 @@ static keel_err job_submit(gcall *c, gjob *j, srv_outcome *out)
     j->request_start_ns = mono_ns();
     /* --infer-on-io-thread: a fast model runs right here on the CQ thread (on_job_done then
      * runs before this returns), a slow one is handed to keel's inference threads. */
-    if ((e = keel__srv_submit(s, j->req, m->model_name, j->version, s->submit_flags, on_job_done, j,
-                              out)) != KEEL_OK) {
+    if ((e = keel__srv_submit(s, j->req, m->model_name, j->version, s->io_submit_flags, on_job_done,
+                              j, out)) != KEEL_OK) {
         pthread_mutex_lock(&g->mu);
         j->in_flight = false;
         inflight_unlink_locked(g, j);
@@ -1228,6 +1233,8 @@ static keel_err job_submit(gcall *c, gjob *j, srv_outcome *out)
         call_unref(c); /* not the last: the caller's event holds one */
         return e;
     }
+    if ((s->io_submit_flags & KEEL_SUBMIT_GATHER) != 0)
+        g->gathered++; /* cq_main runs the batch once the queue has nothing ready */
     return KEEL_OK;
 }
 
@@ -1581,13 +1588,23 @@ static void *cq_main(void *arg)
     uint64_t last_check = 0;
 
     for (;;) {
-        gpr_timespec dl =
-            gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(POLL_MS, GPR_TIMESPAN));
+        /* A turn: while requests are gathered, take only what is ready; once nothing is
+         * (or after GATHER_MAX of them), run their batches here (keel_runtime_run_gathered:
+         * a batching model's requests that arrived together run as one backend call on this
+         * thread, as on the HTTP loops). */
+        gpr_timespec dl = g->gathered > 0
+                              ? gpr_inf_past(GPR_CLOCK_MONOTONIC)
+                              : gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                             gpr_time_from_millis(POLL_MS, GPR_TIMESPAN));
         grpc_event ev = grpc_completion_queue_next(g->cq, dl, NULL);
         uint64_t now;
 
         if (ev.type == GRPC_QUEUE_SHUTDOWN)
             break;
+        if (g->gathered > 0 && (ev.type == GRPC_QUEUE_TIMEOUT || g->gathered >= GATHER_MAX)) {
+            g->gathered = 0;
+            keel_runtime_run_gathered(g->s->rt);
+        }
         if (ev.type == GRPC_OP_COMPLETE) {
             if (ev.tag == &g->shutdown_tag) {
                 pthread_mutex_lock(&g->mu);

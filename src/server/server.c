@@ -799,14 +799,14 @@ static enum MHD_Result infer_start(srv_conn *c)
      * The HTTP thread never waits for a context; under auto it never computes a slow model,
      * so its other connections wait at most about --inline-max-us. */
     c->request_start_ns = now_ns();
-    kerr = keel__srv_submit(s, c->req, c->model, c->version, s->http_submit_flags, on_infer_done, c,
-                            &o);
+    kerr =
+        keel__srv_submit(s, c->req, c->model, c->version, s->io_submit_flags, on_infer_done, c, &o);
     if (kerr != KEEL_OK) {
         /* The callback will never run and the admission is over: answer now. */
         c->state = CONN_READING;
         return send_error(c, keel__srv_http_status(o.err), "%s", o.msg);
     }
-    if (c->loop != NULL && (s->http_submit_flags & KEEL_SUBMIT_GATHER) != 0) {
+    if (c->loop != NULL && (s->io_submit_flags & KEEL_SUBMIT_GATHER) != 0) {
         /* Not suspended yet: the batch it joined most likely runs on this thread at the end
          * of the turn (after_turn settles it). */
         pthread_mutex_lock(&s->mu);
@@ -1683,9 +1683,9 @@ int keel_server_run(const keel_server_opts *o)
     s->submit_flags = o->infer_on_http_thread == KEEL_SERVER_INLINE_ON     ? KEEL_SUBMIT_RUN_HERE
                       : o->infer_on_http_thread == KEEL_SERVER_INLINE_AUTO ? KEEL_SUBMIT_RUN_IF_FAST
                                                                            : 0;
-    /* The HTTP loops also gather batching models' requests and run the batches at the end
-     * of each turn (http_loop.c); gRPC's completion-queue thread has no such turn. */
-    s->http_submit_flags = s->submit_flags | (s->submit_flags != 0 ? KEEL_SUBMIT_GATHER : 0);
+    /* The HTTP loops and gRPC's completion-queue thread also gather batching models'
+     * requests and run the batches at the end of each turn (http_loop.c, grpc_server.c). */
+    s->io_submit_flags = s->submit_flags | (s->submit_flags != 0 ? KEEL_SUBMIT_GATHER : 0);
     ro.log_fn = keel__srv_log_keel;
     ro.log_user = NULL;
     ro.log_level = o->log_level;

@@ -174,8 +174,8 @@ struct keel_srv {
     srv_http *http;     /* the listening socket and the HTTP loops (http_loop.c) */
     keel_redact redact; /* repository paths removed from error replies (server_guard.c) */
     uint64_t start_unix_ms;
-    unsigned submit_flags;      /* keel_infer_submit_ex's, from --infer-on-io-thread (HTTP, gRPC) */
-    unsigned http_submit_flags; /* the same plus KEEL_SUBMIT_GATHER (HTTP loops) */
+    unsigned submit_flags;    /* keel_infer_submit_ex's, from --infer-on-io-thread (HTTP, gRPC) */
+    unsigned io_submit_flags; /* the same plus KEEL_SUBMIT_GATHER (HTTP loops, gRPC's CQ) */
 
     pthread_mutex_t mu;
     pthread_cond_t idle_cv;  /* broadcast when pending drops to 0 */
