@@ -93,7 +93,9 @@ def setup():
     S["rows"] = kit.heart_rows()[:64]
     S["one"] = kit.complete_rows()[:1]
     S["ref"] = kit.keel_reference(repo, "heart", S["rows"])
-    S["server"] = kit.Server(repo, grpc=True).start()
+    # A wide fast bound: under ASan heart's batches can take hundreds of microseconds, and
+    # test_batches_on_the_cq_thread checks where batches run, not the bound.
+    S["server"] = kit.Server(repo, grpc=True, args=["--inline-max-us", "5000"]).start()
     S["port"] = S["server"].port
     S["gport"] = S["server"].grpc_port
     S["ch"] = channel(S["gport"])
@@ -219,6 +221,29 @@ def test_infer_raw_and_typed_bit_identical_to_http():
         S["one"], outputs=[{"name": "nope"}]), {"Content-Type": "application/json"})
     check_same_error(rpc_error(st.ModelInfer, rows_request(S["one"], outputs=["nope"])),
                      hs, hm, "unknown requested output")
+
+
+def test_batches_on_the_cq_thread():
+    """heart has dynamic_batching: 400 one-row ModelInfer calls in flight together each get
+    their own row's answer (bit-identical to keel's reference), every request is counted
+    once in keel_runs, and batches ran on the completion-queue thread (KEEL_SUBMIT_GATHER +
+    keel_runtime_run_gathered) rather than all on inference threads."""
+    st = stub()
+    n = 400
+    before = kit.model_stats(S["port"], "heart")[0]
+    futs = [st.ModelInfer.future(rows_request([S["rows"][i % len(S["rows"])]]), timeout=60)
+            for i in range(n)]
+    for i, f in enumerate(futs):
+        kit.assert_f32_equal(raw_f32(f.result(timeout=60)), [S["ref"][i % len(S["rows"])]],
+                             "call %d" % i)
+    after = kit.model_stats(S["port"], "heart")[0]
+    runs = {k: int(after["keel_runs"][k]) - int(before["keel_runs"][k])
+            for k in ("inline", "handed_off")}
+    execs = int(after["execution_count"]) - int(before["execution_count"])
+    kit.log("  %d calls: runs %r, %d executions" % (n, runs, execs))
+    check(runs["inline"] + runs["handed_off"] == n, "runs %r for %d calls" % (runs, n))
+    check(runs["inline"] > 0, "no batch ran on the CQ thread: %r" % runs)
+    check(execs < n, "%d executions for %d calls: nothing batched" % (execs, n))
 
 
 def typed_input(dt, n, values):
@@ -602,7 +627,8 @@ def test_sigterm_with_open_calls():
 if __name__ == "__main__":
     kit.parse_args()
     kit.run([test_health_and_metadata_match_http, test_statistics_match_http,
-             test_infer_raw_and_typed_bit_identical_to_http, test_datatypes_reach_keel_like_http,
+             test_infer_raw_and_typed_bit_identical_to_http, test_batches_on_the_cq_thread,
+             test_datatypes_reach_keel_like_http,
              test_unknown_model_and_version_like_http, test_malformed_protobuf_and_unknown_method,
              test_stream_interleaved_requests_and_errors, test_stream_cancel_while_queued,
              test_deadline_exceeded_while_queued, test_cancel_while_queued, test_oversize_message,
