@@ -385,6 +385,21 @@ def post(port, path, body=b"", **kw):
     return http(port, "POST", path, body=body, **kw)
 
 
+def post_in_thread(port, path, body, headers, out, key, timeout=600):
+    """POSTs from a daemon thread: out[key] gets the response, or the exception (the caller's
+    checks report it), and out[key + "_t"] the monotonic time it came. Returns the thread."""
+    def run():
+        try:
+            out[key] = post(port, path, body, headers=headers, timeout=timeout)
+        except Exception as e:  # reported by the caller
+            out[key] = e
+        out[key + "_t"] = time.monotonic()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
 def connect(port, timeout=10):
     s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -25,7 +25,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
@@ -50,16 +49,7 @@ def setup():
 
 
 def post_in_thread(port, body, hdrs, out, key):
-    def run():
-        try:
-            out[key] = kit.post(port, kit.infer_path("slow"), body, headers=hdrs, timeout=600)
-        except Exception as e:  # reported by the test
-            out[key] = e
-        out[key + "_t"] = time.monotonic()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
+    return kit.post_in_thread(port, kit.infer_path("slow"), body, hdrs, out, key)
 
 
 def log_field(text, msg, field):
