@@ -1287,7 +1287,7 @@ static void *watcher_loop(void *arg)
 
 static keel_err watcher_start(keel_srv *s)
 {
-    /* MHD enforces the connection limit per pool thread, rounding up: leave room. */
+    /* The connection limit is split between the HTTP loops, at least 1 each: leave room. */
     size_t cap = (size_t)s->opts->max_connections + s->opts->http_threads + 64;
 
     s->watch_cap = cap;
