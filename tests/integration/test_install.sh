@@ -61,7 +61,10 @@ export KEEL_MODEL_CHECK="$prefix/bin/keel-model-check"
 # shellcheck disable=SC2046
 cc -std=c11 -Wall -Werror -o "$work/embed" "$src/tests/install/embed.c" \
     $(pkg-config --cflags --libs keel) -Wl,-rpath,"$libdir" || fail "embed.c did not build against keel.pc"
-ldd "$work/embed" | grep -q "$libdir/$soname" || fail "embed is not linked against the installed $soname"
+# ldd's output is read whole first: with pipefail, `ldd | grep -q` fails at random when grep
+# quits at its match and ldd dies of SIGPIPE.
+libs=$(ldd "$work/embed")
+grep -q "$libdir/$soname" <<<"$libs" || fail "embed is not linked against the installed $soname"
 # shellcheck disable=SC2086
 got=$("$work/embed" "$src/examples/models" heart features $values) || fail "embed (shared) failed"
 [ "$got" = "$want" ] || fail "embed (shared) answered $got, keel infer $want"
@@ -73,7 +76,8 @@ libs=${libs/-lkeel/-Wl,-Bstatic -lkeel -Wl,-Bdynamic}
 # shellcheck disable=SC2046,SC2086
 cc -std=c11 -Wall -Werror -o "$work/embed_static" "$src/tests/install/embed.c" \
     $(pkg-config --cflags keel) $libs || fail "embed.c did not build against libkeel.a (pkg-config --static)"
-ldd "$work/embed_static" | grep -q libkeel && fail "embed_static is linked against libkeel.so"
+libs=$(ldd "$work/embed_static")
+grep -q libkeel <<<"$libs" && fail "embed_static is linked against libkeel.so"
 # shellcheck disable=SC2086
 got=$("$work/embed_static" "$src/examples/models" heart features $values) || fail "embed (static) failed"
 [ "$got" = "$want" ] || fail "embed (static) answered $got, keel infer $want"
