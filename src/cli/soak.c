@@ -25,7 +25,9 @@
  * the minimum of the first quarter. A series GROWS when both exceed its tolerance: RSS
  * --rss-tolerance (default 512 KiB), gauges that move with the requests in flight (live
  * requests, leases, queued, contexts in use, HTTP in flight) the number of requests the load
- * can have in flight, every other count 0.5 (one more object). Requiring both keeps a
+ * can have in flight, generations and contexts the two generations a reload in flight holds
+ * (the new one being built, the old one until it is reaped; contexts per generation from the
+ * idle baseline), every other count 0.5 (one more object). Requiring both keeps a
  * transient spike at the end (fit) or one noisy sample (floor) from passing for a leak. Then
  * the idle check: after the load and swaps stop, every count series must come back to its
  * value in the idle baseline taken before the load (RSS is exempt: allocators keep memory).
@@ -69,19 +71,30 @@ static const struct {
     const char *name;   /* CSV column and verdict name */
     const char *metric; /* /metrics sample name, or NULL for /proc */
     bool inflight;      /* moves with the requests in flight */
+    bool per_swap;      /* moves with the swap in flight (generations and their contexts) */
 } series[S_COUNT_] = {
-    [S_RSS] = {"rss_bytes", NULL, false},
-    [S_THREADS] = {"threads", NULL, false},
-    [S_FDS] = {"fds", NULL, false},
-    [S_MEMFDS] = {"memfds", NULL, false},
-    [S_CHILDREN] = {"children", NULL, false},
-    [S_LIVE_REQUESTS] = {"live_requests", "keel_live_requests", true},
-    [S_LIVE_LEASES] = {"live_leases", "keel_live_leases", true},
-    [S_LIVE_QUEUED] = {"live_queued", "keel_live_queued", true},
-    [S_LIVE_GENERATIONS] = {"live_generations", "keel_live_generations", false},
-    [S_LIVE_CONTEXTS] = {"live_contexts", "keel_live_contexts", false},
-    [S_LIVE_CONTEXTS_IN_USE] = {"live_contexts_in_use", "keel_live_contexts_in_use", true},
-    [S_HTTP_INFLIGHT] = {"http_inflight", "keel_http_inflight_requests", true},
+    [S_RSS] = {.name = "rss_bytes", .metric = NULL, .inflight = false},
+    [S_THREADS] = {.name = "threads", .metric = NULL, .inflight = false},
+    [S_FDS] = {.name = "fds", .metric = NULL, .inflight = false},
+    [S_MEMFDS] = {.name = "memfds", .metric = NULL, .inflight = false},
+    [S_CHILDREN] = {.name = "children", .metric = NULL, .inflight = false},
+    [S_LIVE_REQUESTS] = {.name = "live_requests", .metric = "keel_live_requests", .inflight = true},
+    [S_LIVE_LEASES] = {.name = "live_leases", .metric = "keel_live_leases", .inflight = true},
+    [S_LIVE_QUEUED] = {.name = "live_queued", .metric = "keel_live_queued", .inflight = true},
+    [S_LIVE_GENERATIONS] = {.name = "live_generations",
+                            .metric = "keel_live_generations",
+                            .inflight = false,
+                            .per_swap = true},
+    [S_LIVE_CONTEXTS] = {.name = "live_contexts",
+                         .metric = "keel_live_contexts",
+                         .inflight = false,
+                         .per_swap = true},
+    [S_LIVE_CONTEXTS_IN_USE] = {.name = "live_contexts_in_use",
+                                .metric = "keel_live_contexts_in_use",
+                                .inflight = true},
+    [S_HTTP_INFLIGHT] = {.name = "http_inflight",
+                         .metric = "keel_http_inflight_requests",
+                         .inflight = true},
 };
 
 enum { PH_BASELINE, PH_STEADY, PH_SWAP, PH_IDLE };
@@ -176,7 +189,8 @@ static void soak_help(FILE *f)
           "A series grows when both its least-squares growth over the window and the rise of\n"
           "its floor (minimum of the last quarter minus minimum of the first) exceed its\n"
           "tolerance: --rss-tolerance for RSS, the requests in flight for the gauges that\n"
-          "follow them, 0.5 (one object) for every other count.\n"
+          "follow them, the two generations a reload holds (and their contexts) for\n"
+          "live_generations and live_contexts, 0.5 (one object) for every other count.\n"
           "exit status: 0 flat and nothing failed, 1 error, 2 usage, 3 a series grew, a count\n"
           "did not return to idle, too few samples to judge, or requests or swaps failed\n",
           f);
@@ -580,6 +594,8 @@ static void judge(const soak *s, verdict v[S_COUNT_], double *win_start, double 
     double t_start = 0, t_end = 0;
     const sample *base = NULL, *idle = NULL;
     unsigned inflight = s->lo.rate > 0 ? s->lo.max_connections : s->lo.concurrency;
+    const double swap_generations = 2;
+    double per_gen = 1;
 
     for (size_t i = 0; i < s->nsamples; i++) {
         if (s->samples[i].phase == PH_BASELINE)
@@ -587,6 +603,17 @@ static void judge(const soak *s, verdict v[S_COUNT_], double *win_start, double 
         if (s->samples[i].phase == PH_IDLE)
             idle = &s->samples[i];
     }
+    /* The swapper runs one reload at a time, and while it runs two generations more than at
+     * idle can be alive: the one being built and the one it retires, until its last lease is
+     * returned and the reaper frees it. When loads take about as long as the swap interval,
+     * that is most of the time, and the floor of the last quarter can sit one generation (and
+     * its contexts) above the first quarter's without anything leaking. A leak grows by one
+     * per swap, dozens over the window. Contexts per generation from the idle baseline. */
+    if (base != NULL && !isnan(base->v[S_LIVE_CONTEXTS]) && !isnan(base->v[S_LIVE_GENERATIONS]) &&
+        base->v[S_LIVE_GENERATIONS] > 0)
+        per_gen = ceil(base->v[S_LIVE_CONTEXTS] / base->v[S_LIVE_GENERATIONS]);
+    if (per_gen < 1)
+        per_gen = 1;
     while (a < s->nsamples && s->samples[a].phase != PH_SWAP)
         a++;
     for (b = a; b < s->nsamples && s->samples[b].phase == PH_SWAP;)
@@ -609,7 +636,11 @@ static void judge(const soak *s, verdict v[S_COUNT_], double *win_start, double 
             if (!isnan(s->samples[i].v[k]))
                 cnt++;
         }
-        r->tolerance = k == S_RSS ? s->rss_tolerance : series[k].inflight ? inflight : 0.5;
+        r->tolerance = k == S_RSS           ? s->rss_tolerance
+                       : series[k].inflight ? inflight
+                       : series[k].per_swap
+                           ? swap_generations * (k == S_LIVE_CONTEXTS ? per_gen : 1)
+                           : 0.5;
         if (base != NULL && idle != NULL && k != S_RSS && !isnan(base->v[k]) &&
             !isnan(idle->v[k])) {
             r->idle_before = base->v[k];
