@@ -318,6 +318,18 @@ void *keel__calloc(size_t n, size_t size)
     return calloc(n, size);
 }
 
+void *keel__calloc_lines(size_t size)
+{
+    size_t n = (size + KEEL__CACHELINE - 1) / KEEL__CACHELINE * KEEL__CACHELINE;
+    void *p;
+
+    if (keel__fault_hit(KEEL__FAULT_ALLOC))
+        return NULL;
+    if ((p = aligned_alloc(KEEL__CACHELINE, n > 0 ? n : KEEL__CACHELINE)) != NULL)
+        memset(p, 0, n > 0 ? n : KEEL__CACHELINE);
+    return p;
+}
+
 void *keel__realloc(void *p, size_t n)
 {
     if (keel__fault_hit(KEEL__FAULT_ALLOC))

@@ -72,8 +72,13 @@ void keel__fault_leak_on_publish(void);
 
 /* ---- allocation (returns NULL on failure or injected fault) */
 
+#define KEEL__CACHELINE 64
+
 void *keel__malloc(size_t n);
 void *keel__calloc(size_t n, size_t size);
+/* Zeroed memory aligned to KEEL__CACHELINE, for objects with per-thread shards (_Alignas);
+ * released with free(). */
+void *keel__calloc_lines(size_t size);
 void *keel__realloc(void *p, size_t n);
 char *keel__strdup(const char *s);
 char *keel__strndup(const char *s, size_t n);

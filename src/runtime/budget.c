@@ -227,11 +227,11 @@ void keel_memory_stats_get(keel_runtime *rt, keel_memory_stats *out)
     memset(out, 0, sizeof(*out));
     if (rt == NULL)
         return;
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     out->limit_bytes = rt->mem_limit;
     for (keel__model_entry *e = rt->models; e != NULL; e = e->next)
         out->charged_bytes += keel__charge_locked(e);
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     out->evictions = atomic_load(&rt->evictions);
     out->reloads = atomic_load(&rt->reloads);
     out->trims = atomic_load(&rt->trims);

@@ -113,9 +113,18 @@ typedef struct keel__model_entry keel__model_entry;
 typedef struct keel__vslot keel__vslot;
 typedef struct keel__generation keel__generation;
 
-/* Live-object counters (atomics). */
+/* Per-thread shards. Counters and the statistics every request writes are kept in
+ * KEEL__SHARDS shards of one cache line each (rt->counters, e->counters, e->stats.shard); a
+ * thread writes only the shard of its index (keel__shard(), registry.h: assigned round-robin
+ * at the thread's first use), so two threads serving one model do not pass those lines back
+ * and forth on every request; readers sum the shards (registry.c). A sum read while requests
+ * move between threads is off by the changes in flight (a live count read mid-request may
+ * show one more or one fewer; it is never shown below 0); at rest it is exact. */
+#define KEEL__SHARDS 8
+
+/* Live-object counters (atomics): one shard (above). */
 typedef struct keel__counters {
-    _Atomic int64_t requests;
+    _Alignas(KEEL__CACHELINE) _Atomic int64_t requests;
     _Atomic int64_t leases;
     _Atomic int64_t queued;
     _Atomic int64_t generations;
@@ -133,10 +142,10 @@ typedef struct keel__batch_slot {
     _Atomic uint64_t count, input_ns, infer_ns, output_ns;
 } keel__batch_slot;
 
-typedef struct keel__stats {
-    _Atomic uint64_t success;
-    _Atomic uint64_t failure[KEEL_ERR_COUNT_];
-    _Atomic uint64_t rejected;
+/* The statistics every request writes: one shard (above). last_inference_unix_ms is the
+ * latest of the shards'. */
+typedef struct keel__stat_shard {
+    _Alignas(KEEL__CACHELINE) _Atomic uint64_t success;
     _Atomic uint64_t inference_count;
     _Atomic uint64_t execution_count;
     _Atomic uint64_t queue_ns;
@@ -144,6 +153,12 @@ typedef struct keel__stats {
     _Atomic uint64_t last_inference_unix_ms;
     _Atomic uint64_t runs_inline;
     _Atomic uint64_t runs_handed_off;
+} keel__stat_shard;
+
+typedef struct keel__stats {
+    keel__stat_shard shard[KEEL__SHARDS];
+    _Atomic uint64_t failure[KEEL_ERR_COUNT_];
+    _Atomic uint64_t rejected;
     _Atomic uint64_t batch_overflow; /* executions whose size found batch_slots full */
     keel__batch_slot batch_slots[KEEL__BATCH_SLOTS];
 } keel__stats;
@@ -152,7 +167,7 @@ typedef struct keel__stats {
 #define KEEL__EST_CLASSES 16
 
 struct keel__generation {
-    _Atomic int64_t refs;
+    /* Read-mostly (fixed after publish), read by every request. */
     uint64_t id;
     int64_t version;
     keel_runtime *rt;
@@ -162,16 +177,20 @@ struct keel__generation {
     void *model;
     void **ctxs; /* all contexts, destroyed with the generation */
     int nctx;
-    int *free_stack; /* rt->mu: indices of idle contexts */
-    int nfree;       /* rt->mu */
-    int in_use;      /* rt->mu */
     int max_in_use;  /* nctx, or 1 if the backend cannot run one model concurrently */
-    bool retired;    /* rt->mu */
-    int nstuck;      /* rt->mu: contexts whose answered run is still in the backend */
+    int *free_stack; /* rt->mu: indices of idle contexts (the array; its contents change) */
     size_t memory_estimate;
     int64_t mem_rss;      /* VmRSS change across the build */
     int64_t mem_pss;      /* smaps_rollup Pss change; -1 if unavailable */
     uint64_t mem_charged; /* max(mem_rss, memory_estimate), what the budget counts */
+    /* Written per request, kept off the lines above: the reference count (every lease), the
+     * context stack's state (rt->mu) and the run-time estimate (every run). */
+    char gap_[KEEL__CACHELINE];
+    _Atomic int64_t refs;
+    int nfree;    /* rt->mu */
+    int in_use;   /* rt->mu */
+    bool retired; /* rt->mu */
+    int nstuck;   /* rt->mu: contexts whose answered run is still in the backend */
     /* Moving estimate of the backend's run time, ns, per batch size class; 0 = not measured
      * yet. Written after every run, read by submit (sched.c); atomics, no lock. */
     _Atomic uint64_t est_run_ns[KEEL__EST_CLASSES];
@@ -234,7 +253,7 @@ struct keel__model_entry {
     bool pinned;                       /* rt->mu: from the last config read */
     char *config_json;                 /* rt->mu */
     keel__stats stats;
-    keel__counters counters;
+    keel__counters counters[KEEL__SHARDS];
     keel__model_entry *next;
 };
 
@@ -244,6 +263,9 @@ struct keel_runtime {
     keel__logger log;
 
     pthread_mutex_t mu;
+#ifdef KEEL_BENCH_LOCK_STATS
+    uint64_t mu_since_ns; /* mu: when the holder took it */
+#endif
     pthread_cond_t work_cv;
     keel__model_entry *models;            /* mu */
     keel__vslot *ready_head, *ready_tail; /* mu */
@@ -271,7 +293,7 @@ struct keel_runtime {
     int nbackends;
 
     _Atomic uint64_t next_gen_id;
-    keel__counters counters;
+    keel__counters counters[KEEL__SHARDS];
 
     /* Model lifecycle (lifecycle.c) and memory budget (budget.c). */
     pthread_mutex_t build_mu;
@@ -367,5 +389,22 @@ struct keel_request {
     pthread_cond_t wait_cv;
     bool wait_done;
 };
+
+/* rt->mu is taken and released through these. A benchmark build (CMake option
+ * KEEL_BENCH_LOCK_STATS) counts every acquisition, those that found the lock taken, and how
+ * long it was held (registry.c; printed to stderr at exit, bench/lockstat.sh); every other
+ * build takes the mutex directly. A condition wait on rt->mu is bracketed by
+ * keel__rt_wait_begin / keel__rt_wait_end so that the wait is not counted as holding it. */
+#ifdef KEEL_BENCH_LOCK_STATS
+void keel__rt_lock(keel_runtime *rt);
+void keel__rt_unlock(keel_runtime *rt);
+void keel__rt_wait_begin(keel_runtime *rt);
+void keel__rt_wait_end(keel_runtime *rt);
+#else
+#define keel__rt_lock(rt) pthread_mutex_lock(&(rt)->mu)
+#define keel__rt_unlock(rt) pthread_mutex_unlock(&(rt)->mu)
+#define keel__rt_wait_begin(rt) ((void)(rt))
+#define keel__rt_wait_end(rt) ((void)(rt))
+#endif
 
 #endif

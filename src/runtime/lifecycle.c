@@ -230,9 +230,9 @@ static void run_loads(keel_runtime *rt, pending_load *list, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
         bool stop;
-        pthread_mutex_lock(&rt->mu);
+        keel__rt_lock(rt);
         stop = rt->life_stop;
-        pthread_mutex_unlock(&rt->mu);
+        keel__rt_unlock(rt);
         if (stop) { /* destroy waits for us: skip the rest */
             free(list[i].name);
             continue;
@@ -269,10 +269,10 @@ static size_t settle_loads(keel_runtime *rt, uint64_t now, uint64_t *wake)
         if ((name = keel__strdup(w->name)) == NULL)
             continue;
         /* New files: the backoff of the old ones no longer applies. */
-        pthread_mutex_lock(&rt->mu);
+        keel__rt_lock(rt);
         if ((e = keel__entry_find_locked(rt, name)) != NULL)
             e->load_failures = 0;
-        pthread_mutex_unlock(&rt->mu);
+        keel__rt_unlock(rt);
         KEEL__LOG(&rt->log, KEEL_LOG_INFO, "model %s: files changed and settled; loading", name);
         (void)keel__model_load(rt, name, false, NULL, 0);
         free(name);
@@ -308,14 +308,14 @@ static void *life_main(void *arg)
         size_t n;
         int timeout_ms;
 
-        pthread_mutex_lock(&rt->mu);
+        keel__rt_lock(rt);
         if (rt->life_stop) {
-            pthread_mutex_unlock(&rt->mu);
+            keel__rt_unlock(rt);
             break;
         }
         now = keel__now_ns();
         n = collect_locked(rt, now, list, sizeof(list) / sizeof(list[0]), &wake);
-        pthread_mutex_unlock(&rt->mu);
+        keel__rt_unlock(rt);
         if (n > 0) {
             run_loads(rt, list, n);
             continue;
@@ -378,9 +378,9 @@ keel_err keel__life_start(keel_runtime *rt)
 
 void keel__life_stop(keel_runtime *rt)
 {
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     rt->life_stop = true;
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     if (rt->life_started) {
         keel__life_wake(rt);
         pthread_join(rt->life, NULL); /* waits for a load in progress */

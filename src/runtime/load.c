@@ -111,7 +111,7 @@ static void wait_generations_freed(keel_runtime *rt, keel__model_entry *e)
     uint64_t until = keel__now_ns() + 10000000000ull;
 
     keel_runtime_quiesce(rt);
-    while (atomic_load(&e->counters.generations) > 0 && keel__now_ns() < until) {
+    while (keel__counter_sum(e->counters, KEEL__CNT(generations)) > 0 && keel__now_ns() < until) {
         usleep(1000);
         keel_runtime_quiesce(rt);
     }
@@ -190,11 +190,11 @@ static bool load_begin(load_job *j, keel_err *err, char *errbuf, size_t errlen)
         return false;
     e = j->e;
     pthread_mutex_lock(&e->load_mu);
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     if (rt->shutting_down || (j->evicted_reload && !e->evicted)) {
         /* A reload a request asked for: loaded or unloaded by someone else since. */
         *err = rt->shutting_down ? KEEL_ESHUTDOWN : KEEL_OK;
-        pthread_mutex_unlock(&rt->mu);
+        keel__rt_unlock(rt);
         pthread_mutex_unlock(&e->load_mu);
         if (*err != KEEL_OK)
             keel__errf(errbuf, errlen, "the runtime is shutting down");
@@ -205,7 +205,7 @@ static bool load_begin(load_job *j, keel_err *err, char *errbuf, size_t errlen)
     e->loading = true;
     if (e->state != KEEL_MODEL_READY)
         e->state = KEEL_MODEL_LOADING;
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     return true;
 }
 
@@ -287,9 +287,9 @@ static keel_err load_prepare(load_job *j)
     if ((err = load_read(j)) != KEEL_OK)
         return err;
     predicted = keel__repo_version_bytes(j->dir, j->versions, j->nversions);
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     err = prepare_locked(j, predicted);
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     if (err != KEEL_OK || j->retire.n == 0)
         return err;
     retire_release(rt, &j->retire);
@@ -432,9 +432,9 @@ static keel_err load_publish(load_job *j)
     keel_runtime *rt = j->rt;
     keel_err err;
 
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     err = publish_locked(j);
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     if (err != KEEL_OK)
         return err;
     pthread_mutex_unlock(&j->e->load_mu);
@@ -462,7 +462,7 @@ static void load_fail(load_job *j, keel_err err, char *errbuf, size_t errlen)
     keel_runtime *rt = j->rt;
     keel__model_entry *e = j->e;
 
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     if (j->tofree == NULL) {
         size_t nv = 0;
         for (keel__vslot *v = e->versions; v != NULL; v = v->next)
@@ -477,7 +477,7 @@ static void load_fail(load_job *j, keel_err err, char *errbuf, size_t errlen)
     e->load_failures++;
     record_result_locked(e, err, j->msg);
     retry_schedule_locked(rt, e);
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     pthread_mutex_unlock(&e->load_mu);
     keel__errf(errbuf, errlen, "%s", j->msg);
     KEEL__LOG(&rt->log, KEEL_LOG_ERROR, "model %s: load failed: %s", j->name, j->msg);
@@ -553,7 +553,7 @@ keel_err keel_model_unload(keel_runtime *rt, const char *name)
         return KEEL_ENOTFOUND;
 
     pthread_mutex_lock(&e->load_mu);
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     /* An unloaded model is not retried or reloaded by keel itself. */
     e->evicted = e->want_load = false;
     e->next_retry_ns = e->next_retry_unix_ms = 0;
@@ -561,7 +561,7 @@ keel_err keel_model_unload(keel_runtime *rt, const char *name)
     for (keel__vslot *v = e->versions; v != NULL; v = v->next)
         n++;
     if (n == 0) {
-        pthread_mutex_unlock(&rt->mu);
+        keel__rt_unlock(rt);
         pthread_mutex_unlock(&e->load_mu);
         return KEEL_ENOTFOUND;
     }
@@ -569,7 +569,7 @@ keel_err keel_model_unload(keel_runtime *rt, const char *name)
     olds = keel__calloc(n, sizeof(*olds));
     tofree = keel__calloc(n, sizeof(*tofree));
     if (olds == NULL || tofree == NULL) {
-        pthread_mutex_unlock(&rt->mu);
+        keel__rt_unlock(rt);
         pthread_mutex_unlock(&e->load_mu);
         free(olds);
         free(tofree);
@@ -581,7 +581,7 @@ keel_err keel_model_unload(keel_runtime *rt, const char *name)
             tofree[ntofree++] = f;
     }
     e->state = KEEL_MODEL_UNAVAILABLE;
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     pthread_mutex_unlock(&e->load_mu);
 
     KEEL__LOG(&rt->log, KEEL_LOG_INFO, "model %s: unloaded", name);

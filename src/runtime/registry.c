@@ -13,6 +13,7 @@
  * calls nothing else in the runtime. Lock order and object lifetimes: see internal.h.
  */
 #include <dirent.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,14 +22,103 @@
 #include "repository/scan.h"
 #include "runtime/registry.h"
 
+_Thread_local unsigned keel__tl_shard;
+
+#ifdef KEEL_BENCH_LOCK_STATS
+/* rt->mu's counts, process-wide (internal.h): written only by the holder of some runtime's
+ * mu, so atomics (several runtimes may exist). Printed to stderr at exit. */
+static _Atomic uint64_t ls_acquired, ls_contended, ls_held_ns, ls_max_ns, ls_hist[8];
+
+void keel__rt_lock(keel_runtime *rt)
+{
+    if (pthread_mutex_trylock(&rt->mu) != 0) {
+        atomic_fetch_add_explicit(&ls_contended, 1, memory_order_relaxed);
+        pthread_mutex_lock(&rt->mu);
+    }
+    atomic_fetch_add_explicit(&ls_acquired, 1, memory_order_relaxed);
+    rt->mu_since_ns = keel__now_ns();
+}
+
+static void ls_held_until_now(keel_runtime *rt)
+{
+    uint64_t held = keel__now_ns() - rt->mu_since_ns;
+    uint64_t max = atomic_load_explicit(&ls_max_ns, memory_order_relaxed);
+    unsigned b = 0;
+
+    atomic_fetch_add_explicit(&ls_held_ns, held, memory_order_relaxed);
+    while (held > max && !atomic_compare_exchange_weak_explicit(
+                             &ls_max_ns, &max, held, memory_order_relaxed, memory_order_relaxed))
+        ;
+    for (uint64_t lim = 100; b < 7 && held >= lim; lim *= 4) /* < 100 ns, < 400 ns, ... */
+        b++;
+    atomic_fetch_add_explicit(&ls_hist[b], 1, memory_order_relaxed);
+}
+
+void keel__rt_unlock(keel_runtime *rt)
+{
+    ls_held_until_now(rt);
+    pthread_mutex_unlock(&rt->mu);
+}
+
+void keel__rt_wait_begin(keel_runtime *rt)
+{
+    ls_held_until_now(rt);
+}
+
+void keel__rt_wait_end(keel_runtime *rt)
+{
+    atomic_fetch_add_explicit(&ls_acquired, 1, memory_order_relaxed);
+    rt->mu_since_ns = keel__now_ns();
+}
+
+__attribute__((destructor)) static void ls_print(void)
+{
+    uint64_t n = atomic_load(&ls_acquired), t0 = keel__now_ns(), clock_ns;
+
+    for (int i = 0; i < 999; i++)
+        (void)keel__now_ns();
+    clock_ns = (keel__now_ns() - t0) / 1000; /* what one clock read adds to each hold */
+    fprintf(stderr,
+            "keel lockstat: rt->mu acquisitions %" PRIu64 " contended %" PRIu64
+            " held_ns_total %" PRIu64 " held_ns_max %" PRIu64 " clock_read_ns %" PRIu64
+            " hist(<100,<400,<1.6k,<6.4k,<25.6k,<102k,<410k,more ns)",
+            n, atomic_load(&ls_contended), atomic_load(&ls_held_ns), atomic_load(&ls_max_ns),
+            clock_ns);
+    for (int i = 0; i < 8; i++)
+        fprintf(stderr, " %" PRIu64, atomic_load(&ls_hist[i]));
+    fputc('\n', stderr);
+}
+#endif
+
+unsigned keel__shard_assign(void)
+{
+    static _Atomic unsigned next;
+    unsigned s = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed) % KEEL__SHARDS;
+
+    keel__tl_shard = s + 1;
+    return s;
+}
+
 void keel__counter_add(keel_runtime *rt, keel__model_entry *e, size_t field_offset, int64_t d)
 {
+    unsigned s = keel__shard();
+
     if (rt != NULL)
-        atomic_fetch_add_explicit((_Atomic int64_t *)((char *)&rt->counters + field_offset), d,
+        atomic_fetch_add_explicit((_Atomic int64_t *)((char *)&rt->counters[s] + field_offset), d,
                                   memory_order_relaxed);
     if (e != NULL)
-        atomic_fetch_add_explicit((_Atomic int64_t *)((char *)&e->counters + field_offset), d,
+        atomic_fetch_add_explicit((_Atomic int64_t *)((char *)&e->counters[s] + field_offset), d,
                                   memory_order_relaxed);
+}
+
+int64_t keel__counter_sum(const keel__counters c[KEEL__SHARDS], size_t field_offset)
+{
+    int64_t sum = 0;
+
+    for (unsigned s = 0; s < KEEL__SHARDS; s++)
+        sum += atomic_load_explicit((const _Atomic int64_t *)((const char *)&c[s] + field_offset),
+                                    memory_order_relaxed);
+    return sum > 0 ? sum : 0;
 }
 
 const char *keel_model_state_name(keel_model_state st)
@@ -61,9 +151,9 @@ keel__model_entry *keel__entry_lookup(keel_runtime *rt, const char *name)
 {
     keel__model_entry *e;
 
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     e = keel__entry_find_locked(rt, name);
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     return e;
 }
 
@@ -105,7 +195,7 @@ keel_err keel__entry_get(keel_runtime *rt, const char *name, keel__model_entry *
         return KEEL_ENOTFOUND;
     }
     free(dir);
-    if ((fresh = keel__calloc(1, sizeof(*fresh))) == NULL ||
+    if ((fresh = keel__calloc_lines(sizeof(*fresh))) == NULL ||
         (fresh->name = keel__strdup(name)) == NULL) {
         free(fresh);
         keel__errf(errbuf, errlen, "out of memory");
@@ -113,14 +203,14 @@ keel_err keel__entry_get(keel_runtime *rt, const char *name, keel__model_entry *
     }
     pthread_mutex_init(&fresh->load_mu, NULL);
     fresh->state = KEEL_MODEL_UNAVAILABLE;
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     if ((e = keel__entry_find_locked(rt, name)) == NULL) {
         fresh->next = rt->models;
         rt->models = fresh;
         e = fresh;
         fresh = NULL;
     }
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     keel__entry_free(fresh); /* lost a race with another creator */
     *out = e;
     return KEEL_OK;
@@ -192,7 +282,7 @@ keel_err keel_model_list(keel_runtime *rt, keel_model_status **out, size_t *coun
         *count = 0;
     if (rt == NULL || out == NULL || count == NULL)
         return KEEL_EINVAL;
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     for (keel__model_entry *e = rt->models; e != NULL && ok; e = e->next) {
         keel_model_status row = {0};
         row.name = e->name;
@@ -224,7 +314,7 @@ keel_err keel_model_list(keel_runtime *rt, keel_model_status **out, size_t *coun
             ok = status_push(&list, &n, &cap, &row);
         }
     }
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     /* Models in the repository that were never loaded. */
     if (ok && (d = opendir(rt->repo)) != NULL) {
         while (ok && (de = readdir(d)) != NULL) {
@@ -269,7 +359,7 @@ keel_err keel_model_config_json(keel_runtime *rt, const char *name, char **out)
         *out = NULL;
     if (rt == NULL || name == NULL || out == NULL)
         return KEEL_EINVAL;
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     e = keel__entry_find_locked(rt, name);
     if (e == NULL)
         err = KEEL_ENOTFOUND;
@@ -277,7 +367,7 @@ keel_err keel_model_config_json(keel_runtime *rt, const char *name, char **out)
         err = KEEL_EUNAVAILABLE;
     else if ((*out = keel__strdup(e->config_json)) == NULL)
         err = KEEL_ENOMEM;
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     return err;
 }
 
@@ -331,29 +421,34 @@ keel_err keel_model_stats_get(keel_runtime *rt, const char *name, keel_model_sta
         return KEEL_ENOTFOUND;
     /* Entries live until the runtime is destroyed, and the fields are atomics. */
     s = &e->stats;
-    out->success = atomic_load(&s->success);
+    for (unsigned i = 0; i < KEEL__SHARDS; i++) {
+        const keel__stat_shard *sh = &s->shard[i];
+        uint64_t last = atomic_load(&sh->last_inference_unix_ms);
+        out->success += atomic_load(&sh->success);
+        out->inference_count += atomic_load(&sh->inference_count);
+        out->execution_count += atomic_load(&sh->execution_count);
+        out->queue_ns += atomic_load(&sh->queue_ns);
+        out->compute_ns += atomic_load(&sh->compute_ns);
+        out->runs_inline += atomic_load(&sh->runs_inline);
+        out->runs_handed_off += atomic_load(&sh->runs_handed_off);
+        if (last > out->last_inference_unix_ms)
+            out->last_inference_unix_ms = last;
+    }
     for (int i = 0; i < KEEL_ERR_COUNT_; i++)
         out->failure[i] = atomic_load(&s->failure[i]);
     out->rejected = atomic_load(&s->rejected);
-    out->inference_count = atomic_load(&s->inference_count);
-    out->execution_count = atomic_load(&s->execution_count);
-    out->queue_ns = atomic_load(&s->queue_ns);
-    out->compute_ns = atomic_load(&s->compute_ns);
-    out->last_inference_unix_ms = atomic_load(&s->last_inference_unix_ms);
-    out->runs_inline = atomic_load(&s->runs_inline);
-    out->runs_handed_off = atomic_load(&s->runs_handed_off);
     return KEEL_OK;
 }
 
-static void counters_read(const keel__counters *c, keel_counters *out)
+static void counters_read(const keel__counters c[KEEL__SHARDS], keel_counters *out)
 {
-    out->requests = atomic_load(&c->requests);
-    out->leases = atomic_load(&c->leases);
-    out->queued = atomic_load(&c->queued);
-    out->generations = atomic_load(&c->generations);
-    out->contexts = atomic_load(&c->contexts);
-    out->contexts_in_use = atomic_load(&c->contexts_in_use);
-    out->contexts_stuck = atomic_load(&c->contexts_stuck);
+    out->requests = keel__counter_sum(c, KEEL__CNT(requests));
+    out->leases = keel__counter_sum(c, KEEL__CNT(leases));
+    out->queued = keel__counter_sum(c, KEEL__CNT(queued));
+    out->generations = keel__counter_sum(c, KEEL__CNT(generations));
+    out->contexts = keel__counter_sum(c, KEEL__CNT(contexts));
+    out->contexts_in_use = keel__counter_sum(c, KEEL__CNT(contexts_in_use));
+    out->contexts_stuck = keel__counter_sum(c, KEEL__CNT(contexts_stuck));
 }
 
 void keel_counters_get(keel_runtime *rt, keel_counters *out)
@@ -362,7 +457,7 @@ void keel_counters_get(keel_runtime *rt, keel_counters *out)
         return;
     memset(out, 0, sizeof(*out));
     if (rt != NULL)
-        counters_read(&rt->counters, out);
+        counters_read(rt->counters, out);
 }
 
 keel_err keel_model_counters_get(keel_runtime *rt, const char *name, keel_counters *out)
@@ -376,7 +471,7 @@ keel_err keel_model_counters_get(keel_runtime *rt, const char *name, keel_counte
     e = keel__entry_lookup(rt, name);
     if (e == NULL)
         return KEEL_ENOTFOUND;
-    counters_read(&e->counters, out);
+    counters_read(e->counters, out);
     out->requests = out->leases; /* per model: requests in flight */
     return KEEL_OK;
 }

@@ -9,9 +9,28 @@
 
 #include "runtime/internal.h"
 
-/* Adds d to one live-object counter of rt and of e (either may be NULL); any thread. */
+/* The calling thread's shard index (internal.h: per-thread shards), assigned round-robin
+ * at its first call. */
+extern _Thread_local unsigned keel__tl_shard; /* index + 1; 0 = not assigned yet */
+unsigned keel__shard_assign(void);
+static inline unsigned keel__shard(void)
+{
+    unsigned s = keel__tl_shard;
+
+    return s != 0 ? s - 1 : keel__shard_assign();
+}
+/* The calling thread's shard of e's statistics. */
+static inline keel__stat_shard *keel__stats_mine(keel__model_entry *e)
+{
+    return &e->stats.shard[keel__shard()];
+}
+
+/* Adds d to one live-object counter of rt and of e (either may be NULL), in the calling
+ * thread's shard; any thread. */
 void keel__counter_add(keel_runtime *rt, keel__model_entry *e, size_t field_offset, int64_t d);
 #define KEEL__CNT(field) offsetof(keel__counters, field)
+/* The sum of one counter's shards (internal.h: exact at rest, never below 0). */
+int64_t keel__counter_sum(const keel__counters c[KEEL__SHARDS], size_t field_offset);
 
 /* Under rt->mu: the entry named name, or NULL. */
 keel__model_entry *keel__entry_find_locked(keel_runtime *rt, const char *name);

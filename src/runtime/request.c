@@ -94,9 +94,9 @@ void keel_request_destroy(keel_request *req)
     if (req == NULL)
         return;
     /* The state is written under rt->mu by other threads; read it the same way. */
-    pthread_mutex_lock(&req->rt->mu);
+    keel__rt_lock(req->rt);
     keel__req_state st = req->state;
-    pthread_mutex_unlock(&req->rt->mu);
+    keel__rt_unlock(req->rt);
     KEEL__ASSERT(st == KEEL__REQ_IDLE); /* destroying an in-flight request */
     for (size_t i = 0; i < req->ninputs; i++)
         tensor_fini(&req->inputs[i]);

@@ -58,7 +58,7 @@ bool keel_model_is_ready(keel_runtime *rt, const char *name, int64_t version)
     if (rt == NULL || name == NULL)
         return false;
     prep_ok = keel__preprocess_ready(rt, NULL); /* before rt->mu: it polls the pool */
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     if ((e = keel__entry_find_locked(rt, name)) != NULL) {
         for (keel__vslot *v = e->versions; v != NULL; v = v->next) {
             /* Image models also need live preprocessing workers; a generation whose usable
@@ -69,7 +69,7 @@ bool keel_model_is_ready(keel_runtime *rt, const char *name, int64_t version)
                          v->current->nstuck < v->current->max_in_use;
         }
     }
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     return ready;
 }
 
@@ -127,7 +127,7 @@ keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_runtime **out)
         return KEEL_EINVAL;
     if (stat(opts->model_repository, &st) != 0 || !S_ISDIR(st.st_mode))
         return KEEL_ENOTFOUND;
-    if ((rt = keel__calloc(1, sizeof(*rt))) == NULL)
+    if ((rt = keel__calloc_lines(sizeof(*rt))) == NULL)
         return KEEL_ENOMEM;
     if ((rt->repo = keel__strdup(opts->model_repository)) == NULL) {
         free(rt);
@@ -228,21 +228,21 @@ void keel_runtime_destroy(keel_runtime *rt)
     keel__life_stop(rt);
 
     /* Stage 1: refuse new work; answer everything still queued. */
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     rt->shutting_down = true;
     for (keel__model_entry *e = rt->models; e != NULL; e = e->next) {
         for (keel__vslot *v = e->versions; v != NULL; v = v->next)
             keel__vslot_drain_locked(rt, v, &drained);
     }
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     keel__complete_list(drained, KEEL_ESHUTDOWN, "the runtime is shutting down");
     drained = NULL; /* consumed: the callbacks may have destroyed those requests */
 
     /* Stage 2: running requests finish; workers exit. */
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     rt->stopping = true;
     pthread_cond_broadcast(&rt->work_cv);
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     for (int i = 0; i < rt->nworkers; i++)
         pthread_join(rt->workers[i], NULL);
     keel__timer_stop(rt);
@@ -254,13 +254,13 @@ void keel_runtime_destroy(keel_runtime *rt)
         for (;;) {
             keel__generation *old = NULL;
             keel__vslot *f;
-            pthread_mutex_lock(&rt->mu);
+            keel__rt_lock(rt);
             if (e->versions == NULL) {
-                pthread_mutex_unlock(&rt->mu);
+                keel__rt_unlock(rt);
                 break;
             }
             f = keel__vslot_remove_locked(rt, e->versions, &old, &drained);
-            pthread_mutex_unlock(&rt->mu);
+            keel__rt_unlock(rt);
             KEEL__ASSERT(f != NULL && drained == NULL);
             keel__generation_release(old);
             free(f);

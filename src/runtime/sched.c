@@ -510,9 +510,9 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
     if (req == NULL || cb == NULL)
         return KEEL_EINVAL;
     rt = req->rt;
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     if (req->state != KEEL__REQ_IDLE) {
-        pthread_mutex_unlock(&rt->mu);
+        keel__rt_unlock(rt);
         return KEEL_EBUSY; /* do not touch errmsg: the request belongs to the runtime */
     }
     /* The request is ours now (IDLE, under the lock): results of a previous run go. */
@@ -591,9 +591,9 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
         ((flags & KEEL_SUBMIT_RUN_IF_FAST) == 0 || vslot_is_fast_for(rt, v, req))) {
         req->dispatch_ns = req->submit_ns;
         lease_locked(rt, v, req);
-        atomic_fetch_add_explicit(&e->stats.runs_inline, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&keel__stats_mine(e)->runs_inline, 1, memory_order_relaxed);
         *run_here = true;
-        pthread_mutex_unlock(&rt->mu);
+        keel__rt_unlock(rt);
         return KEEL_OK;
     }
     queue_push_locked(rt, v, req, level - 1);
@@ -601,11 +601,11 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
     /* KEEL_SUBMIT_GATHER: no worker is woken for a batching model's request; the caller's
      * keel_runtime_run_gathered dispatches it with whatever else arrived meanwhile. */
     ready_push_locked(rt, v, (flags & KEEL_SUBMIT_GATHER) == 0 || !vslot_batches(v));
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     return KEEL_OK;
 
 fail:
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     return err;
 }
 
@@ -759,6 +759,7 @@ static void finish_unlocked(keel_request *req, keel__model_entry *e, keel__gener
     keel_err status = req->status;
     keel_infer_cb cb = req->done_cb;
     void *user = req->done_user;
+    keel__stat_shard *sh;
 
     req->gen = NULL;
     req->entry = NULL;
@@ -772,14 +773,15 @@ static void finish_unlocked(keel_request *req, keel__model_entry *e, keel__gener
     if (status != KEEL_OK)
         keel__request_clear_outputs(req);
 
+    sh = keel__stats_mine(e);
     if (status == KEEL_OK)
-        atomic_fetch_add_explicit(&e->stats.success, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&sh->success, 1, memory_order_relaxed);
     else
         atomic_fetch_add_explicit(&e->stats.failure[status], 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(&e->stats.queue_ns,
+    atomic_fetch_add_explicit(&sh->queue_ns,
                               (req->dispatch_ns != 0 ? req->dispatch_ns : now) - req->submit_ns,
                               memory_order_relaxed);
-    atomic_store_explicit(&e->stats.last_inference_unix_ms, keel__unix_ms(), memory_order_relaxed);
+    atomic_store_explicit(&sh->last_inference_unix_ms, keel__unix_ms(), memory_order_relaxed);
 
     KEEL__ASSERT(cb != NULL);
     cb(req, status, user); /* req may be destroyed or resubmitted from here on */
@@ -815,7 +817,7 @@ static void end_group(keel_runtime *rt, batch *b)
 
     while (head == NULL && b->ordered && (marker = keel__calloc(1, sizeof(*marker))) == NULL)
         nanosleep(&(struct timespec){0, 1000000}, NULL); /* the order must not be lost */
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     if (b->stuck) {
         b->gen->nstuck--;
         v->nstuck--;
@@ -869,7 +871,7 @@ static void end_group(keel_runtime *rt, batch *b)
     }
     if (b->stuck && free_at == NULL && v->removed && v->inflight == 0 && v->nstuck == 0)
         free_vslot = v; /* the last stuck run of a removed vslot, after its requests */
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     for (keel_request *req = done, *next; req != NULL; req = next) {
         next = req->qnext;
         req->qnext = NULL;
@@ -947,6 +949,7 @@ static keel_err run_leased(keel_request *req, keel__run_slot *s, batch *b, int64
     keel__generation *g = req->gen;
     char errbuf[KEEL__ERRLEN];
     keel__run_io io;
+    keel__stat_shard *sh;
     uint64_t t0, t1;
     keel_err err;
 
@@ -980,9 +983,10 @@ static keel_err run_leased(keel_request *req, keel__run_slot *s, batch *b, int64
         req = NULL; /* answered at its deadline or cancel: not ours any more */
     }
     t0 = t1 - t0;
-    atomic_fetch_add_explicit(&g->entry->stats.compute_ns, t0, memory_order_relaxed);
+    sh = keel__stats_mine(g->entry);
+    atomic_fetch_add_explicit(&sh->compute_ns, t0, memory_order_relaxed);
     estimate_update(g, *batch_out, t0);
-    atomic_fetch_add_explicit(&g->entry->stats.execution_count, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&sh->execution_count, 1, memory_order_relaxed);
     if (g->cfg->batching && g->cfg->max_batch_size > 0)
         keel__batch_stats_record(&g->entry->stats, *batch_out, 0, t0, 0);
     if (err != KEEL_OK && req != NULL) {
@@ -1041,8 +1045,8 @@ static void run_and_complete(keel_request *req)
     } else {
         keel__preprocess_end(req, &sw);
         if (err == KEEL_OK)
-            atomic_fetch_add_explicit(&b.gen->entry->stats.inference_count, (uint64_t)rows,
-                                      memory_order_relaxed);
+            atomic_fetch_add_explicit(&keel__stats_mine(b.gen->entry)->inference_count,
+                                      (uint64_t)rows, memory_order_relaxed);
         req->status = err;
         req->qnext = NULL;
     }
@@ -1259,16 +1263,17 @@ static void run_batch(keel_runtime *rt, batch *b)
             err = g->backend->run(g->ctxs[b->ctx], &io);
             t_out = keel__now_ns();
             keel__batch_inputs_free(bufs, cfg->ninputs);
-            atomic_fetch_add_explicit(&g->entry->stats.compute_ns, t_out - t_run,
+            atomic_fetch_add_explicit(&keel__stats_mine(g->entry)->compute_ns, t_out - t_run,
                                       memory_order_relaxed);
-            atomic_fetch_add_explicit(&g->entry->stats.execution_count, 1, memory_order_relaxed);
+            atomic_fetch_add_explicit(&keel__stats_mine(g->entry)->execution_count, 1,
+                                      memory_order_relaxed);
             estimate_update(g, sink.rows, t_out - t_run);
             keel__batch_stats_record(&g->entry->stats, sink.rows, t_run - t_in, t_out - t_run,
                                      keel__now_ns() - t_out);
         }
         if (err == KEEL_OK)
-            atomic_fetch_add_explicit(&g->entry->stats.inference_count, (uint64_t)sink.rows,
-                                      memory_order_relaxed);
+            atomic_fetch_add_explicit(&keel__stats_mine(g->entry)->inference_count,
+                                      (uint64_t)sink.rows, memory_order_relaxed);
     }
     /* Take back the requests not detached while the backend ran (their slots say which: a
      * detached request's own fields, qnext included, are not ours any more). */
@@ -1363,7 +1368,7 @@ void *keel__timer_main(void *arg)
 {
     keel_runtime *rt = arg;
 
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     while (!rt->stopping) {
         keel_request *expired = NULL, *detached = NULL;
         uint64_t now = keel__now_ns(), next;
@@ -1372,27 +1377,31 @@ void *keel__timer_main(void *arg)
         if (rt->timer_next != 0 && rt->timer_next > now) {
             ts.tv_sec = (time_t)(rt->timer_next / 1000000000u);
             ts.tv_nsec = (long)(rt->timer_next % 1000000000u);
+            keel__rt_wait_begin(rt);
             pthread_cond_timedwait(&rt->timer_cv, &rt->mu, &ts); /* CLOCK_MONOTONIC */
+            keel__rt_wait_end(rt);
             continue;
         }
         if (rt->timer_next == 0) {
+            keel__rt_wait_begin(rt);
             pthread_cond_wait(&rt->timer_cv, &rt->mu);
+            keel__rt_wait_end(rt);
             continue;
         }
         next = timer_scan_locked(rt, now, &expired, &detached);
         rt->timer_next = next;
         if (expired != NULL || detached != NULL) {
-            pthread_mutex_unlock(&rt->mu);
+            keel__rt_unlock(rt);
             keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
             while (detached != NULL) {
                 keel_request *dn = detached->qnext;
                 complete(detached, detached->status, NULL);
                 detached = dn;
             }
-            pthread_mutex_lock(&rt->mu);
+            keel__rt_lock(rt);
         }
     }
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     return NULL;
 }
 
@@ -1400,10 +1409,10 @@ void keel__timer_stop(keel_runtime *rt)
 {
     if (!rt->timer_started)
         return;
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     rt->stopping = true;
     pthread_cond_signal(&rt->timer_cv);
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     pthread_join(rt->timer, NULL);
     rt->timer_started = false;
 }
@@ -1414,9 +1423,10 @@ void keel__timer_stop(keel_runtime *rt)
  * thread of keel_runtime_run_gathered rather than an inference thread (counted). */
 static void run_formed(keel_runtime *rt, batch *b, bool here)
 {
-    atomic_fetch_add_explicit(here ? &b->vslot->entry->stats.runs_inline
-                                   : &b->vslot->entry->stats.runs_handed_off,
-                              b->n, memory_order_relaxed);
+    keel__stat_shard *sh = keel__stats_mine(b->vslot->entry);
+
+    atomic_fetch_add_explicit(here ? &sh->runs_inline : &sh->runs_handed_off, b->n,
+                              memory_order_relaxed);
     if (b->n == 1)
         run_and_complete(b->head);
     else
@@ -1427,15 +1437,18 @@ void *keel__worker_main(void *arg)
 {
     keel_runtime *rt = arg;
 
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     for (;;) {
         keel_request *expired = NULL, *expired_tail = NULL;
         keel__vslot *v;
         batch b;
         bool run;
 
-        while (!rt->stopping && rt->ready_head == NULL)
+        while (!rt->stopping && rt->ready_head == NULL) {
+            keel__rt_wait_begin(rt);
             pthread_cond_wait(&rt->work_cv, &rt->mu);
+            keel__rt_wait_end(rt);
+        }
         if ((v = ready_pop_locked(rt)) == NULL)
             break; /* stopping and nothing left to dispatch */
         if (!vslot_can_dispatch(v))
@@ -1444,14 +1457,14 @@ void *keel__worker_main(void *arg)
         keel__vslot_kick_locked(rt, v);
         if (rt->ready_head != NULL)
             pthread_cond_signal(&rt->work_cv);
-        pthread_mutex_unlock(&rt->mu);
+        keel__rt_unlock(rt);
 
         keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
         if (run)
             run_formed(rt, &b, false);
-        pthread_mutex_lock(&rt->mu);
+        keel__rt_lock(rt);
     }
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
     return NULL;
 }
 
@@ -1477,7 +1490,7 @@ void keel_runtime_run_gathered(keel_runtime *rt)
 {
     size_t budget = 0;
 
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     /* Each vslot ready now is looked at once: one batch each, so that a thread serving
      * connections goes back to them after at most one batch per model. */
     for (const keel__vslot *v = rt->ready_head; v != NULL; v = v->ready_next)
@@ -1496,15 +1509,15 @@ void keel_runtime_run_gathered(keel_runtime *rt)
         }
         run = form_batch_locked(rt, v, keel__now_ns(), &b, &expired, &expired_tail);
         keel__vslot_kick_locked(rt, v); /* more than one batch queued, another context idle */
-        pthread_mutex_unlock(&rt->mu);
+        keel__rt_unlock(rt);
         keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
         if (run)
             run_formed(rt, &b, true);
-        pthread_mutex_lock(&rt->mu);
+        keel__rt_lock(rt);
     }
     if (rt->ready_head != NULL)
         pthread_cond_signal(&rt->work_cv); /* left for the inference threads */
-    pthread_mutex_unlock(&rt->mu);
+    keel__rt_unlock(rt);
 }
 
 keel_err keel_request_cancel(keel_request *req)
@@ -1515,27 +1528,27 @@ keel_err keel_request_cancel(keel_request *req)
     if (req == NULL)
         return KEEL_EINVAL;
     rt = req->rt;
-    pthread_mutex_lock(&rt->mu);
+    keel__rt_lock(rt);
     switch (req->state) {
     case KEEL__REQ_QUEUED:
         v = req->vslot;
         queue_unlink_locked(rt, v, req);
         req->state = KEEL__REQ_COMPLETING;
-        pthread_mutex_unlock(&rt->mu);
+        keel__rt_unlock(rt);
         complete(req, KEEL_ECANCELED, "request cancelled while queued");
         return KEEL_OK; /* req may already be destroyed by its callback */
     case KEEL__REQ_RUNNING:
         req->cancel_requested = true;
         if (detach_locked(rt, req, KEEL_ECANCELED, keel__now_ns())) {
-            pthread_mutex_unlock(&rt->mu);
+            keel__rt_unlock(rt);
             complete(req, KEEL_ECANCELED, NULL); /* the backend call goes on without it */
             return KEEL_OK;
         }
         timer_note_locked(rt, keel__now_ns() + 1000000u); /* detached once the call starts */
-        pthread_mutex_unlock(&rt->mu);
+        keel__rt_unlock(rt);
         return KEEL_OK;
     default:
-        pthread_mutex_unlock(&rt->mu);
+        keel__rt_unlock(rt);
         return KEEL_EINVAL;
     }
 }
