@@ -31,7 +31,7 @@ cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEEL_BUILD_BENCH=ON
 ninja -C "$build" bench_infer >/dev/null
 [[ -f "$repo/ref_i1/1/model.json" ]] || OUT="$repo" sh bench/train-reference.sh "$repo" >/dev/null
 
-printf '| mode | calls | acquisitions/call | contended/acquisition | mean hold ns | max hold ns | holds <100 / <400 / <1.6k / <6.4k / more ns |\n'
+printf '| mode | calls | acquisitions/call | contended/acquisition | mean hold ns (of it: clock read) | max hold ns | holds <100 / <400 / <1.6k / <6.4k / more ns |\n'
 printf '|---|---:|---:|---:|---:|---:|---|\n'
 for spec in "sync 1" "async 1" "async 2"; do
     read -r mode inst <<<"$spec"
@@ -52,8 +52,8 @@ calls = warm + short + iters
 acq, cont, held, mx = (int(ls.group(i)) for i in range(1, 5))
 h = [int(x) for x in ls.group(6).split()]
 label = "%s %s" % (mode, "w%s/i%s" % (inst, inst) + (" d%s" % depth if mode == "async" else ""))
-print("| %s | %d | %.2f | %.4f | %.0f | %d | %s |" % (
-    label, calls, acq / calls, cont / acq if acq else 0, held / acq if acq else 0, mx,
+print("| %s | %d | %.2f | %.4f | %.0f (%s) | %d | %s |" % (
+    label, calls, acq / calls, cont / acq if acq else 0, held / acq if acq else 0, ls.group(5), mx,
     " / ".join(str(x) for x in h[:4] + [sum(h[4:])])))
 PY
 done

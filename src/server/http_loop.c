@@ -10,7 +10,12 @@
  * Requests of a model with dynamic batching are submitted with KEEL_SUBMIT_GATHER (queued,
  * no inference thread woken), so the requests that arrived together in one turn run as one
  * batch on this thread right after it, and their connections are resumed and answered in
- * the next turn: no thread hand-off and one backend call for the lot. MHD's internal threads
+ * the next turn: no thread hand-off and one backend call for the lot. A turn that gathered
+ * requests polls again without waiting (MHD_run_wait with 0), up to EXTRA_PASSES times while
+ * each pass gathers more, before it runs them: with few connections the clients' next
+ * requests come one by one, the first wakes the loop, and the others arrive while it reads
+ * that one; the extra pass lets them join its batch rather than start the next one (one
+ * epoll_wait per turn when nothing came). MHD's internal threads
  * have no hook at the end of a turn; with them every batched request went to an inference
  * thread and back (docs/PERFORMANCE.md, issue 12: 7 futex calls and an eventfd write per
  * request, 0.36-0.45 of raw XGBoost at 64 connections). A slow model's batches, and any
@@ -77,11 +82,15 @@ static _Thread_local http_loop *tl_loop; /* the loop this thread runs */
 struct srv_http {
     int fd; /* the listening socket, ours */
     void (*after_turn)(void *cls);
+    unsigned (*gathered)(void *cls);
     void *cls;
     _Atomic bool stop;
     unsigned n;
     http_loop loops[];
 };
+
+/* Non-blocking passes a turn that gathered requests may add before running them. */
+#define EXTRA_PASSES 2
 
 static void *loop_main(void *arg)
 {
@@ -95,6 +104,14 @@ static void *loop_main(void *arg)
         if (atomic_exchange_explicit(&l->woken, false, memory_order_acq_rel)) {
             uint64_t v;
             (void)!read(l->efd, &v, sizeof(v)); /* non-blocking; EAGAIN is fine */
+        }
+        /* Requests that arrived while this turn read the others join its batches: up to
+         * EXTRA_PASSES non-blocking passes, while each brings more (see the DESIGN). */
+        for (unsigned pass = 0, n = h->gathered(h->cls); n > 0 && pass < EXTRA_PASSES; pass++) {
+            unsigned before = n;
+            (void)MHD_run_wait(l->d, 0);
+            if ((n = h->gathered(h->cls)) == before)
+                break;
         }
         /* server.c: the batches of the requests this turn gathered, then their answers. */
         h->after_turn(h->cls);
@@ -207,6 +224,7 @@ srv_http *keel__http_start(const srv_http_opts *o, const srv_http_cbs *cbs, unsi
         return NULL;
     }
     h->after_turn = cbs->after_turn;
+    h->gathered = cbs->gathered;
     h->cls = cbs->cls;
     h->n = n;
     atomic_init(&h->stop, false);

@@ -23,6 +23,8 @@ typedef struct srv_http_cbs {
     MHD_LogCallback log;
     /* Called by a loop thread after each turn (server.c runs the gathered batches). */
     void (*after_turn)(void *cls);
+    /* On a loop thread: requests it gathered in the current turn, not yet run. */
+    unsigned (*gathered)(void *cls);
     void *cls;
 } srv_http_cbs;
 

@@ -690,8 +690,16 @@ static enum MHD_Result park(srv_conn *c)
     return MHD_YES;
 }
 
-/* Infer connections submitted by this loop thread in the current turn (CONN_GATHERED). */
+/* Infer connections submitted by this loop thread in the current turn (CONN_GATHERED), and
+ * how many. */
 static _Thread_local srv_conn *tl_gathered;
+static _Thread_local unsigned tl_ngathered;
+
+static unsigned gathered(void *cls)
+{
+    (void)cls;
+    return tl_ngathered;
+}
 
 /*
  * The end of a loop turn (http_loop.c): keel_runtime_run_gathered runs the batches of the
@@ -708,6 +716,7 @@ static void after_turn(void *cls)
 
     if (tl_gathered == NULL)
         return; /* nothing gathered: other loops run their own turns' batches */
+    tl_ngathered = 0;
     keel_runtime_run_gathered(s->rt);
     while ((c = tl_gathered) != NULL) {
         tl_gathered = c->gnext;
@@ -815,6 +824,7 @@ static enum MHD_Result infer_start(srv_conn *c)
             pthread_mutex_unlock(&s->mu);
             c->gnext = tl_gathered;
             tl_gathered = c;
+            tl_ngathered++;
             return MHD_YES;
         }
         pthread_mutex_unlock(&s->mu);
@@ -1380,7 +1390,7 @@ static srv_http *http_start(keel_srv *s, const srv_addr *addr, bool v6, unsigned
         .connection_memory = o->http_connection_memory,
         .strictness = STRICTNESS,
     };
-    srv_http_cbs cbs = {on_request, on_completed, on_uri, mhd_log, after_turn, s};
+    srv_http_cbs cbs = {on_request, on_completed, on_uri, mhd_log, after_turn, gathered, s};
 
     return keel__http_start(&ho, &cbs, port, err, errlen);
 }
