@@ -32,7 +32,12 @@
  * while the model is busy run together and a request that finds the model idle runs alone
  * at once. A batch takes one lease: a reference on the generation per request and one idle
  * context for the batch. The vslot goes back on the ready list's tail if it can still
- * dispatch, which round-robins workers across models.
+ * dispatch, which round-robins workers across models. A worker whose batch ends while no
+ * vslot waits on the ready list goes on with the same vslot: end_group forms its next batch
+ * under the lock acquisition that ended the last one (the context just returned is leased
+ * again), so a model with a standing queue costs one acquisition per batch to end-and-form
+ * and none of the ready list's pushes, pops and wake-ups; as soon as another vslot waits,
+ * the worker goes back to the ready list and the round robin.
  *
  * Run: a batch of one runs as before (run_leased). A larger batch (run_batch) preprocesses
  * and validates each request against the generation's config (a request that fails is
@@ -129,9 +134,10 @@
  * vslot first: that is only a hand-off, never a lost request.
  *
  * Locks: rt->mu only (internal.h's order); per request, submit takes it once, and a batch of
- * n requests takes it once to form and once to complete (docs/PERFORMANCE.md has the
- * counts). Layer: calls registry.c, request.c, batch.c, preprocess.c (the run path),
- * budget.c (want_load) and generation.c only.
+ * n requests takes it once to complete and, unless a worker goes on with the same vslot,
+ * once to form (docs/PERFORMANCE.md has the counts, bench/lockstat.sh measures them). Layer: calls
+ * registry.c, request.c, batch.c, preprocess.c (the run path), budget.c (want_load) and
+ * generation.c only.
  */
 #include <string.h>
 #include <time.h>
@@ -406,15 +412,32 @@ static keel_err pick_vslot_locked(keel_request *req, keel__model_entry *e, keel_
     return KEEL_EUNAVAILABLE;
 }
 
-static void lease_locked(keel_runtime *rt, keel__vslot *v, keel_request *req);
-static void run_and_complete(keel_request *req);
+/* A run group (a batch formed under rt->mu, or one request run alone): its requests (qnext),
+ * one generation and one context, its place under preserve_ordering, and what detaching
+ * requests while its backend runs left to it (rt->mu; sched.c's DESIGN). */
+typedef struct batch {
+    keel_request *head, *tail;
+    size_t n;
+    int64_t rows;
+    keel__generation *gen;
+    keel__vslot *vslot;
+    int ctx;
+    bool ordered;
+    uint64_t seq;
+    bool stuck;         /* rt->mu: a request was detached; the context is stuck */
+    uint32_t ndetached; /* rt->mu: generation references of detached requests, to release */
+} batch;
 
-int keel__est_class(int64_t batch)
+static void run_and_complete(keel_request *req, batch *follow);
+
+static void lease_locked(keel_runtime *rt, keel__vslot *v, keel_request *req);
+
+int keel__est_class(int64_t rows)
 {
     int c = 0;
 
-    while (batch > 1 && c < KEEL__EST_CLASSES - 1) {
-        batch >>= 1;
+    while (rows > 1 && c < KEEL__EST_CLASSES - 1) {
+        rows >>= 1;
         c++;
     }
     return c;
@@ -624,25 +647,9 @@ keel_err keel_infer_submit_ex(keel_request *req, unsigned flags, keel_infer_cb c
         return KEEL_EINVAL;
     err = submit(req, cb, user, flags, &run_here);
     if (err == KEEL_OK && run_here)
-        run_and_complete(req); /* cb runs here; req may be gone afterwards */
+        run_and_complete(req, NULL); /* cb runs here; req may be gone afterwards */
     return err;
 }
-
-/* A run group (a batch formed under rt->mu, or one request run alone): its requests (qnext),
- * one generation and one context, its place under preserve_ordering, and what detaching
- * requests while its backend runs left to it (rt->mu; sched.c's DESIGN). */
-typedef struct batch {
-    keel_request *head, *tail;
-    size_t n;
-    int64_t rows;
-    keel__generation *gen;
-    keel__vslot *vslot;
-    int ctx;
-    bool ordered;
-    uint64_t seq;
-    bool stuck;         /* rt->mu: a request was detached; the context is stuck */
-    uint32_t ndetached; /* rt->mu: generation references of detached requests, to release */
-} batch;
 
 /* The deadline of a running request (0 = none): a DELAY policy never fails a request for
  * time, so it bounds only the wait in the queue. */
@@ -787,16 +794,21 @@ static void finish_unlocked(keel_request *req, keel__model_entry *e, keel__gener
     cb(req, status, user); /* req may be destroyed or resubmitted from here on */
 }
 
-/* Under rt->mu: gives context ctx back to g (it came from g). */
-static void context_return_locked(keel_runtime *rt, keel__generation *g, int ctx, keel__vslot *v)
+/* Under rt->mu: gives context ctx back to g (it came from g); kick: make v ready for it (the
+ * caller that passes false kicks v itself, after it formed its next batch). */
+static void context_return_locked(keel_runtime *rt, keel__generation *g, int ctx, keel__vslot *v,
+                                  bool kick)
 {
     KEEL__ASSERT(ctx >= 0 && ctx < g->nctx);
     g->free_stack[g->nfree++] = ctx; /* back to its own generation */
     g->in_use--;
     keel__counter_add(rt, g->entry, KEEL__CNT(contexts_in_use), -1);
-    if (!g->retired)
+    if (kick && !g->retired)
         keel__vslot_kick_locked(rt, v);
 }
+
+static bool form_batch_locked(keel_runtime *rt, keel__vslot *v, uint64_t now, batch *b,
+                              keel_request **expired, keel_request **expired_tail);
 
 /*
  * Ends a group of requests that ran together (b->head: one request, or a batch linked by
@@ -807,12 +819,17 @@ static void context_return_locked(keel_runtime *rt, keel__generation *g, int ctx
  * their slots and references; a group left empty by detaching holds a marker, rt == NULL),
  * and finished by the group it waited for, in dispatch order. The callbacks, and the release
  * of the generation references of detached requests, run after unlocking.
+ * follow (an inference thread's run, else NULL): under the same lock acquisition, if no
+ * other vslot waits on the ready list and v can dispatch, v's next batch is formed into
+ * *follow (follow->n > 0; the caller runs it), most likely on the context just returned: a worker
+ * goes on with the model it serves while its queue lasts, without the ready list, a wake-up or a
+ * second acquisition per request (sched.c's DESIGN, "Dispatch").
  */
-static void end_group(keel_runtime *rt, batch *b)
+static void end_group(keel_runtime *rt, batch *b, batch *follow)
 {
     keel__vslot *v = b->vslot, *free_vslot = NULL;
     keel_request *head = b->head, *done = NULL, *done_tail = NULL, *free_at = NULL;
-    keel_request *marker = NULL, *markers = NULL;
+    keel_request *marker = NULL, *markers = NULL, *expired = NULL, *expired_tail = NULL;
     uint64_t now = keel__now_ns();
 
     while (head == NULL && b->ordered && (marker = keel__calloc(1, sizeof(*marker))) == NULL)
@@ -823,8 +840,10 @@ static void end_group(keel_runtime *rt, batch *b)
         v->nstuck--;
         keel__counter_add(rt, b->gen->entry, KEEL__CNT(contexts_stuck), -1);
     }
+    if (follow != NULL)
+        follow->n = 0;
     if (b->ctx >= 0)
-        context_return_locked(rt, b->gen, b->ctx, v);
+        context_return_locked(rt, b->gen, b->ctx, v, follow == NULL);
     for (keel_request *req = head; req != NULL; req = req->qnext)
         running_unlink_locked(rt, req); /* held or ended: nothing left to detach */
     if (head == NULL && marker != NULL) {
@@ -871,7 +890,15 @@ static void end_group(keel_runtime *rt, batch *b)
     }
     if (b->stuck && free_at == NULL && v->removed && v->inflight == 0 && v->nstuck == 0)
         free_vslot = v; /* the last stuck run of a removed vslot, after its requests */
+    if (follow != NULL && free_vslot == NULL) {
+        if (rt->ready_head == NULL && !rt->stopping && !v->removed && !v->in_ready &&
+            vslot_can_dispatch(v) &&
+            !form_batch_locked(rt, v, now, follow, &expired, &expired_tail))
+            follow->n = 0;
+        keel__vslot_kick_locked(rt, v); /* what is left for the other threads */
+    }
     keel__rt_unlock(rt);
+    keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
     for (keel_request *req = done, *next; req != NULL; req = next) {
         next = req->qnext;
         req->qnext = NULL;
@@ -904,7 +931,7 @@ static void complete(keel_request *req, keel_err status, const char *msg)
         keel__request_set_error(req, "%s", msg);
     req->status = status;
     req->qnext = NULL;
-    end_group(req->rt, &b);
+    end_group(req->rt, &b, NULL);
 }
 
 void keel__complete_list(keel_request *list, keel_err status, const char *why)
@@ -1015,8 +1042,9 @@ static void lease_locked(keel_runtime *rt, keel__vslot *v, keel_request *req)
     running_link_locked(rt, req);
 }
 
-/* Runs a leased request and completes it (worker thread, or keel_infer's caller). */
-static void run_and_complete(keel_request *req)
+/* Runs a leased request and completes it (worker thread, or keel_infer's caller); follow as
+ * end_group's. */
+static void run_and_complete(keel_request *req, batch *follow)
 {
     batch b = {.head = req,
                .tail = req,
@@ -1050,7 +1078,7 @@ static void run_and_complete(keel_request *req)
         req->status = err;
         req->qnext = NULL;
     }
-    end_group(rt, &b);
+    end_group(rt, &b, follow);
     keel__run_slot_fini(&s);
 }
 
@@ -1181,8 +1209,9 @@ static bool form_batch_locked(keel_runtime *rt, keel__vslot *v, uint64_t now, ba
     return true;
 }
 
-/* Runs a batch of two or more requests (worker thread, no lock held) and completes it. */
-static void run_batch(keel_runtime *rt, batch *b)
+/* Runs a batch of two or more requests (worker thread, no lock held) and completes it; follow
+ * as end_group's. */
+static void run_batch(keel_runtime *rt, batch *b, batch *follow)
 {
     keel__generation *g = b->gen;
     const keel__model_config *cfg = g->cfg;
@@ -1304,7 +1333,7 @@ static void run_batch(keel_runtime *rt, batch *b)
     free(shapes);
     free(views);
     free(bufs);
-    end_group(rt, b);
+    end_group(rt, b, follow);
     for (size_t i = 0; i < sink.nreqs; i++)
         keel__run_slot_fini(&slots[i]);
     free(slots);
@@ -1420,17 +1449,18 @@ void keel__timer_stop(keel_runtime *rt)
 /* ---- the worker threads */
 
 /* Runs a batch formed by form_batch_locked (no lock held) and completes it; here: on the
- * thread of keel_runtime_run_gathered rather than an inference thread (counted). */
-static void run_formed(keel_runtime *rt, batch *b, bool here)
+ * thread of keel_runtime_run_gathered rather than an inference thread (counted); follow
+ * as end_group's (NULL on that thread). */
+static void run_formed(keel_runtime *rt, batch *b, bool here, batch *follow)
 {
     keel__stat_shard *sh = keel__stats_mine(b->vslot->entry);
 
     atomic_fetch_add_explicit(here ? &sh->runs_inline : &sh->runs_handed_off, b->n,
                               memory_order_relaxed);
     if (b->n == 1)
-        run_and_complete(b->head);
+        run_and_complete(b->head, follow);
     else
-        run_batch(rt, b);
+        run_batch(rt, b, follow);
 }
 
 void *keel__worker_main(void *arg)
@@ -1460,8 +1490,14 @@ void *keel__worker_main(void *arg)
         keel__rt_unlock(rt);
 
         keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
-        if (run)
-            run_formed(rt, &b, false);
+        /* Each run ends with the next batch of the same vslot when nothing else waits
+         * (end_group). */
+        while (run) {
+            batch next;
+            run_formed(rt, &b, false, &next);
+            b = next;
+            run = b.n > 0;
+        }
         keel__rt_lock(rt);
     }
     keel__rt_unlock(rt);
@@ -1512,7 +1548,7 @@ void keel_runtime_run_gathered(keel_runtime *rt)
         keel__rt_unlock(rt);
         keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
         if (run)
-            run_formed(rt, &b, true);
+            run_formed(rt, &b, true, NULL);
         keel__rt_lock(rt);
     }
     if (rt->ready_head != NULL)
@@ -1579,7 +1615,7 @@ keel_err keel_infer(keel_request *req)
                       &run_here)) != KEEL_OK)
         return err;
     if (run_here)
-        run_and_complete(req); /* sync_done runs here, before the wait below */
+        run_and_complete(req, NULL); /* sync_done runs here, before the wait below */
     pthread_mutex_lock(&req->wait_mu);
     while (!req->wait_done)
         pthread_cond_wait(&req->wait_cv, &req->wait_mu);
