@@ -10,7 +10,9 @@
 # with its spread (min..max) and p99, and the median of the per-round ratios B/A. Used to show
 # that a refactoring (issue 17) left the serving path as fast as before.
 # Usage: bench/ab.sh KEEL_A KEEL_B   Environment: ROUNDS (5), SECS (3), CONNS (8),
-#   SERVER_CPU (0), GEN_CPU (1). Needs wrk, xgboost (for the reference model), /usr/bin/python3.
+#   SERVER_CPU (0), GEN_CPU (1), MODEL (ref_i1; ref_b0 is its copy with dynamic_batching,
+#   made by `bench/suite.sh batching`), BATCHES ("1 64").
+#   Needs wrk, xgboost (for the reference model), /usr/bin/python3.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,11 +23,14 @@ secs=${SECS:-3}
 conns=${CONNS:-8}
 scpu=${SERVER_CPU:-0}
 gcpu=${GEN_CPU:-1}
+model=${MODEL:-ref_i1}
+read -r -a batches <<<"${BATCHES:-1 64}"
 repo=build-bench/bench-models
 out=$(mktemp -d)
 trap 'rm -rf "$out"; [[ -n "${spid:-}" ]] && kill "$spid" 2>/dev/null || true' EXIT
 [[ -f "$repo/ref_i1/1/model.json" ]] || OUT="$repo" sh bench/train-reference.sh "$repo" >/dev/null
-for b in 1 64; do
+[[ -d "$repo/$model" ]] || { echo "ab: no model $model in $repo" >&2; exit 1; }
+for b in "${batches[@]}"; do
     /usr/bin/python3 - "$repo/train.libsvm" "$b" "$out/body_b$b.json" <<'PY'
 import json, sys
 path, batch, body = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -66,7 +71,7 @@ start() { # binary -> sets port, spid
 
 wrk_run() { # port batch secs -> "rps p99_us"
     taskset -c "$gcpu" wrk -t1 -c"$conns" -d"$3s" --latency -s "$out/b$2.lua" \
-        "http://127.0.0.1:$1/v2/models/ref_i1/infer" | awk '
+        "http://127.0.0.1:$1/v2/models/$model/infer" | awk '
         /Requests\/sec/ { rps = $2 }
         $1 == "99%" { v = $2; u = 1
             if (v ~ /us$/) u = 1; else if (v ~ /ms$/) u = 1000; else if (v ~ /s$/) u = 1e6
@@ -77,7 +82,7 @@ wrk_run() { # port batch secs -> "rps p99_us"
 for r in $(seq 1 "$rounds"); do
     for i in 0 1; do
         start "${bins[$i]}"
-        for b in 1 64; do
+        for b in "${batches[@]}"; do
             wrk_run "$port" "$b" 1 >/dev/null
             echo "$r $i $b $(wrk_run "$port" "$b" "$secs")" >>"$out/rows"
         done
@@ -89,11 +94,11 @@ done
 
 echo "A = ${bins[0]}"
 echo "B = ${bins[1]}"
-echo "rounds $rounds x ${secs}s, $conns connections, server CPU $scpu, wrk CPU $gcpu"
+echo "model $model, rounds $rounds x ${secs}s, $conns connections, server CPU $scpu, wrk CPU $gcpu"
 echo
 echo "| batch | build | req/s median (min..max) | p99 us median | B/A median (min..max) |"
 echo "|---:|---|---:|---:|---:|"
-for b in 1 64; do
+for b in "${batches[@]}"; do
     for i in 0 1; do
         awk -v b="$b" -v i="$i" -v rounds="$rounds" '
             $3 == b && $2 == i { rps[n + 0] = $4; p99[n + 0] = $5; n++ }
