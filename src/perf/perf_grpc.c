@@ -35,6 +35,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include "cliutil.h"
 #include "keel_inference.pb-c.h"
 #include "perf_bodies.h"
 #include "perf_grpc.h"
@@ -165,6 +166,7 @@ bool perf_grpc_model_metadata(const perf_target *t, const char *model, const cha
     send = grpc_raw_byte_buffer_create(&sl, 1);
     grpc_slice_unref(sl);
 
+    keel__cli_absl_release_mode();
     grpc_init();
     cq = grpc_completion_queue_create_for_next(NULL);
     ch = channel_open(t);
@@ -694,6 +696,7 @@ bool perf_grpc_load_run(const perf_workload *w, const perf_load_opts *o, perf_re
         perf_errf(errbuf, errlen, "out of memory");
         return false;
     }
+    keel__cli_absl_release_mode();
     grpc_init();
     L.cq = grpc_completion_queue_create_for_next(NULL);
     for (size_t i = 0; i < L.nchans; i++) {
