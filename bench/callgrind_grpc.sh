@@ -122,7 +122,11 @@ annotate() { # dump name
     callgrind_annotate --threshold=100 "$1" >"$out/$tag-$2.self.txt"
 }
 
-total_of() { awk '/^totals:/ { gsub(",", "", $2); print $2; exit }' "$1"; }
+# The dump's "summary:" (every event since the counters were zeroed: the PROGRAM TOTALS of
+# callgrind_annotate). Its "totals:" line, which bench/callgrind_http.sh reads, is a few
+# million larger per dump whatever the load (seen here: 0.6 to 5 M), which inflates rows with
+# few requests; on a busy machine a row may hold only a few hundred.
+total_of() { awk '/^summary:/ { gsub(",", "", $2); print $2; exit }' "$1"; }
 
 declare -a serve_extra=("$@")
 

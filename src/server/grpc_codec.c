@@ -499,9 +499,12 @@ keel_err keel__grpc_decode_infer(const Inference__ModelInferRequest *m, keel_req
 
 void keel__grpc_infer_out_fini(grpc_infer_out *o)
 {
-    free(o->tensors);
-    free(o->ptrs);
-    free(o->raw);
+    if (o->tensors != o->tensors_in)
+        free(o->tensors);
+    if (o->ptrs != o->ptrs_in)
+        free(o->ptrs);
+    if (o->raw != o->raw_in)
+        free(o->raw);
     o->tensors = NULL;
     o->ptrs = NULL;
     o->raw = NULL;
@@ -521,9 +524,13 @@ keel_err keel__grpc_infer_out_fill(grpc_infer_out *o, const keel_request *req, c
     o->resp.model_name = (char *)model;
     o->resp.model_version = o->version;
     o->resp.id = (char *)keel_request_id(req);
-    if (n > 0 && ((o->tensors = calloc(n, sizeof(*o->tensors))) == NULL ||
-                  (o->ptrs = calloc(n, sizeof(*o->ptrs))) == NULL ||
-                  (o->raw = calloc(n, sizeof(*o->raw))) == NULL)) {
+    if (n <= GRPC_OUT_INLINE) {
+        o->tensors = o->tensors_in;
+        o->ptrs = o->ptrs_in;
+        o->raw = o->raw_in;
+    } else if ((o->tensors = calloc(n, sizeof(*o->tensors))) == NULL ||
+               (o->ptrs = calloc(n, sizeof(*o->ptrs))) == NULL ||
+               (o->raw = calloc(n, sizeof(*o->raw))) == NULL) {
         keel__grpc_infer_out_fini(o);
         return fail(err, errlen, KEEL_ENOMEM, "out of memory while encoding the response");
     }

@@ -544,16 +544,26 @@ static void call_send_error(gcall *c, grpc_status_code code, const char *fmt, ..
     call_send(c, NULL, code, msg);
 }
 
-/* Reads the received message into one contiguous slice; false if there is none. */
+/* The received message as one contiguous slice (the caller unrefs it); false if there is
+ * none. A message that arrived uncompressed in one slice (a small one, as most are) is
+ * that slice, referenced, not copied. */
 static bool recv_bytes(gcall *c, grpc_slice *out)
 {
+    grpc_byte_buffer *bb = c->recv_buf;
     grpc_byte_buffer_reader rd;
 
-    if (c->recv_buf == NULL || !grpc_byte_buffer_reader_init(&rd, c->recv_buf))
+    if (bb == NULL)
         return false;
-    *out = grpc_byte_buffer_reader_readall(&rd);
-    grpc_byte_buffer_reader_destroy(&rd);
-    grpc_byte_buffer_destroy(c->recv_buf);
+    if (bb->type == GRPC_BB_RAW && bb->data.raw.compression == GRPC_COMPRESS_NONE &&
+        bb->data.raw.slice_buffer.count == 1) {
+        *out = grpc_slice_ref(bb->data.raw.slice_buffer.slices[0]);
+    } else {
+        if (!grpc_byte_buffer_reader_init(&rd, bb))
+            return false;
+        *out = grpc_byte_buffer_reader_readall(&rd);
+        grpc_byte_buffer_reader_destroy(&rd);
+    }
+    grpc_byte_buffer_destroy(bb);
     c->recv_buf = NULL;
     return true;
 }
