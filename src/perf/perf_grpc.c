@@ -9,13 +9,15 @@
  * most one request (closed loop: `concurrency` slots each sending the next request when the
  * answer arrived; open loop: requests due at t0 + k / rate take idle slots out of
  * max_connections, latency from the due time). A unary slot makes one call per request (the
- * whole call in one batch, the request's deadline as the call's); a stream slot opens one
- * ModelStreamInfer call and sends each request as one message, read back as one answer (a
- * request timing out cancels its stream, which the slot reopens). The calls share
- * `grpc_channels` channels (each its own HTTP/2 connection: a local subchannel pool), slot i
- * on channel i mod channels. A slot may be reused only once every batch started on its call
- * has completed (ops == 0): the tags point into it. Failures are counted by gRPC status name,
- * and stream answers carrying an error_message as stream_error.
+ * whole call in one batch, the request's deadline sent as the call's); a stream slot opens
+ * one ModelStreamInfer call and sends each request as one message, read back as one answer.
+ * A request not answered within the timeout has its call cancelled by the loop (a stream's:
+ * the slot reopens it); the channels have no deadline filter. The calls share
+ * `grpc_channels` direct channels (channel_open_direct: each on its own TCP connection, no
+ * reconnect), slot i on channel i mod channels; the metadata call uses a normal channel. A
+ * slot may be reused only once every batch started on its call has completed (ops == 0): the
+ * tags point into it. Failures are counted by gRPC status name, and stream answers carrying
+ * an error_message as stream_error.
  *
  * The request messages are built once (perf_bodies.c, through perf_grpc_pack_infer) and sent
  * from static slices: the workload outlives every call. gRPC is initialised per run
