@@ -14,6 +14,10 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* Prints "<prog>: <why>" and "Try '<prog> --help'." on stderr; returns code (the command's
  * usage exit status). */
 int keel__cli_usage_error(const char *prog, int code, const char *fmt, ...)
@@ -26,5 +30,13 @@ bool keel__cli_parse_double(const char *s, double min, double max, double *out);
 /* A whole byte count (digits only) with an optional binary suffix k, m or g (either case),
  * in [min, max]. */
 bool keel__cli_parse_bytes(const char *s, uint64_t min, uint64_t max, uint64_t *out);
+
+/* Turns off Abseil's debug-mode deadlock detection in gRPC's mutexes, as in Abseil's release
+ * builds (absl_mode.cpp). Call once before grpc_init; any thread, idempotent. */
+void keel__cli_absl_release_mode(void);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

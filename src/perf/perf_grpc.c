@@ -9,22 +9,26 @@
  * most one request (closed loop: `concurrency` slots each sending the next request when the
  * answer arrived; open loop: requests due at t0 + k / rate take idle slots out of
  * max_connections, latency from the due time). A unary slot makes one call per request (the
- * whole call in one batch, the request's deadline as the call's); a stream slot opens one
- * ModelStreamInfer call and sends each request as one message, read back as one answer (a
- * request timing out cancels its stream, which the slot reopens). The calls share
- * `grpc_channels` channels (each its own HTTP/2 connection: a local subchannel pool), slot i
- * on channel i mod channels. A slot may be reused only once every batch started on its call
- * has completed (ops == 0): the tags point into it. Failures are counted by gRPC status name,
- * and stream answers carrying an error_message as stream_error.
+ * whole call in one batch, the request's deadline sent as the call's); a stream slot opens
+ * one ModelStreamInfer call and sends each request as one message, read back as one answer.
+ * A request not answered within the timeout has its call cancelled by the loop (a stream's:
+ * the slot reopens it); the channels have no deadline filter. The calls share
+ * `grpc_channels` direct channels (channel_open_direct: each on its own TCP connection, no
+ * reconnect), slot i on channel i mod channels; the metadata call uses a normal channel. A
+ * slot may be reused only once every batch started on its call has completed (ops == 0): the
+ * tags point into it. Failures are counted by gRPC status name, and stream answers carrying
+ * an error_message as stream_error.
  *
  * The request messages are built once (perf_bodies.c, through perf_grpc_pack_infer) and sent
  * from static slices: the workload outlives every call. gRPC is initialised per run
  * (grpc_init / grpc_shutdown), and everything of the run (calls, channels, queue) is
  * destroyed before it returns. Calls perf_hist.c and perf_util.c only.
  */
+#include <errno.h>
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
+#include <grpc/grpc_posix.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
 #include <grpc/support/time.h>
@@ -35,6 +39,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include "cliutil.h"
 #include "keel_inference.pb-c.h"
 #include "perf_bodies.h"
 #include "perf_grpc.h"
@@ -110,6 +115,49 @@ static grpc_channel *channel_open(const perf_target *t)
     return ch;
 }
 
+/*
+ * The load loop's channel: a direct channel over a TCP connection of our own
+ * (grpc_channel_create_from_fd), not a client channel. A client channel runs every call
+ * through name resolution's config selector, a load-balancing pick and a subchannel call:
+ * about a quarter of keel perf's instructions per unary call (bench/callgrind_grpc.sh),
+ * which a load generator on one target needs none of. The price: the channel does not
+ * reconnect; if the server closes the connection, the rest of the run's calls on it fail
+ * (counted as UNAVAILABLE). Minimal stack: no deadline filter either (perf_grpc_load_run
+ * cancels a call that outlives --timeout). NULL with errbuf set if the connection fails.
+ */
+static grpc_channel *channel_open_direct(const perf_target *t, char *errbuf, size_t errlen)
+{
+    grpc_arg args[2];
+    grpc_channel_args cargs;
+    grpc_channel_credentials *creds;
+    grpc_channel *ch;
+    char target[300];
+    int fd;
+
+    target_text(t, target, sizeof(target));
+    if ((fd = perf_target_connect(t, false)) < 0) {
+        perf_errf(errbuf, errlen, "cannot connect to the gRPC server at %s: %s", target,
+                  strerror(errno));
+        return NULL;
+    }
+    memset(args, 0, sizeof(args));
+    args[0].type = GRPC_ARG_INTEGER;
+    args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
+    args[0].value.integer = -1; /* answers are as large as the model makes them */
+    /* No deadline filter (its timer per call): the loop enforces --timeout itself. */
+    args[1].type = GRPC_ARG_INTEGER;
+    args[1].key = GRPC_ARG_MINIMAL_STACK;
+    args[1].value.integer = 1;
+    cargs.num_args = 2;
+    cargs.args = args;
+    creds = grpc_insecure_credentials_create();
+    ch = grpc_channel_create_from_fd(target, fd, creds, &cargs); /* owns fd from here */
+    grpc_channel_credentials_release(creds);
+    if (ch == NULL)
+        perf_errf(errbuf, errlen, "cannot open a gRPC channel to %s", target);
+    return ch;
+}
+
 /* The bytes of a received message (owned by the caller: grpc_slice_unref). */
 static grpc_slice buffer_bytes(grpc_byte_buffer *bb)
 {
@@ -165,6 +213,7 @@ bool perf_grpc_model_metadata(const perf_target *t, const char *model, const cha
     send = grpc_raw_byte_buffer_create(&sl, 1);
     grpc_slice_unref(sl);
 
+    keel__cli_absl_release_mode();
     grpc_init();
     cq = grpc_completion_queue_create_for_next(NULL);
     ch = channel_open(t);
@@ -665,7 +714,7 @@ bool perf_grpc_load_run(const perf_workload *w, const perf_load_opts *o, perf_re
                         char *errbuf, size_t errlen)
 {
     gloop L;
-    uint64_t t0, next_progress, interval = 0, timeout_ns, k_issued = 0;
+    uint64_t t0, next_progress, next_timeout_scan = 0, interval = 0, timeout_ns, k_issued = 0;
     double cpu0;
     bool open_loop = o->rate > 0, stopping = false, issuing = true, ok = false;
     bool show = o->progress && isatty(2);
@@ -694,10 +743,21 @@ bool perf_grpc_load_run(const perf_workload *w, const perf_load_opts *o, perf_re
         perf_errf(errbuf, errlen, "out of memory");
         return false;
     }
+    keel__cli_absl_release_mode();
     grpc_init();
     L.cq = grpc_completion_queue_create_for_next(NULL);
     for (size_t i = 0; i < L.nchans; i++) {
-        L.chans[i] = channel_open(&w->target);
+        if ((L.chans[i] = channel_open_direct(&w->target, errbuf, errlen)) == NULL) {
+            while (i-- > 0)
+                grpc_channel_destroy(L.chans[i]);
+            cq_destroy(L.cq);
+            grpc_shutdown();
+            free(L.slots);
+            free(L.idle);
+            free(L.chans);
+            free(L.handles);
+            return false;
+        }
         L.handles[i] =
             grpc_channel_register_call(L.chans[i], w->stream ? M_STREAM : M_INFER, NULL, NULL);
     }
@@ -731,13 +791,18 @@ bool perf_grpc_load_run(const perf_workload *w, const perf_load_opts *o, perf_re
             if (L.t_end == UINT64_MAX || now < L.t_end)
                 L.t_end = now;
         }
-        /* A stream request without an answer in time: cancel its stream (unary calls carry
-         * the timeout as their deadline). */
-        for (size_t i = 0; w->stream && i < n; i++) {
-            gslot *s = &L.slots[i];
-            if (s->state == GS_BUSY && s->call != NULL && now - s->t_sent > timeout_ns)
-                grpc_call_cancel_with_status(s->call, GRPC_STATUS_DEADLINE_EXCEEDED,
-                                             "keel perf: no answer within --timeout", NULL);
+        /* A request without an answer in time: cancel its call (a stream's: the slot
+         * reopens it). The channel has no deadline filter (minimal stack), so this is what
+         * enforces --timeout; a unary call also carries it to the server as its deadline.
+         * Every 10 ms at most: the scan is over every slot. */
+        if (now >= next_timeout_scan) {
+            next_timeout_scan = now + 10000000u;
+            for (size_t i = 0; i < n; i++) {
+                gslot *s = &L.slots[i];
+                if (s->state == GS_BUSY && s->call != NULL && now - s->t_sent > timeout_ns)
+                    grpc_call_cancel_with_status(s->call, GRPC_STATUS_DEADLINE_EXCEEDED,
+                                                 "keel perf: no answer within --timeout", NULL);
+            }
         }
         if (issuing) {
             /* Streams to (re)open: every slot of a closed loop, the pool of an open one as

@@ -46,7 +46,8 @@ bool keel__grpc_parse_version(const char *s, int64_t *out)
     return true;
 }
 
-/* "[2,3]" into buf. */
+/* "[2,3]" into buf (for error messages only: snprintf costs more than a whole call's
+ * decoding, so the hot path never formats a shape). */
 static const char *fmt_shape(char *buf, size_t len, const int64_t *shape, size_t n)
 {
     size_t o = 0;
@@ -57,6 +58,24 @@ static const char *fmt_shape(char *buf, size_t len, const int64_t *shape, size_t
     if (o < len)
         snprintf(buf + o, len - o, "]");
     return buf;
+}
+
+/* v in decimal into buf (at least 21 bytes): snprintf's cost, once per answer, is not. */
+static void fmt_i64(char *buf, int64_t v)
+{
+    char tmp[24];
+    size_t n = 0, o = 0;
+    uint64_t u = v < 0 ? 0 - (uint64_t)v : (uint64_t)v;
+
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u != 0);
+    if (v < 0)
+        buf[o++] = '-';
+    while (n > 0)
+        buf[o++] = tmp[--n];
+    buf[o] = '\0';
 }
 
 /* The element count of the shape, false on overflow. */
@@ -94,12 +113,13 @@ static bool bytes_well_formed(const uint8_t *p, size_t len, size_t count)
 
 /* The typed contents of input i as keel's raw little-endian bytes; *data malloc'd. */
 static keel_err typed_data(size_t i, keel_datatype dt, const Inference__InferTensorContents *c,
-                           size_t count, const char *shape, uint8_t **data, size_t *bytes,
-                           char *err, size_t errlen)
+                           size_t count, const int64_t *shape, size_t ndim, uint8_t **data,
+                           size_t *bytes, char *err, size_t errlen)
 {
     size_t have = 0, esz = keel_datatype_size(dt), total = 0;
     const char *field = "";
     uint8_t *buf = NULL;
+    char sh[256];
 
     *data = NULL;
     *bytes = 0;
@@ -143,7 +163,7 @@ static keel_err typed_data(size_t i, keel_datatype dt, const Inference__InferTen
     if (have != count)
         return fail(err, errlen, KEEL_EINVAL,
                     "inputs[%zu].contents.%s: %zu elements given, shape %s needs %zu", i, field,
-                    have, shape, count);
+                    have, fmt_shape(sh, sizeof(sh), shape, ndim), count);
     if (dt == KEEL_TYPE_BYTES) {
         for (size_t k = 0; k < count; k++) {
             if (c->bytes_contents[k].len > UINT32_MAX ||
@@ -390,7 +410,6 @@ keel_err keel__grpc_decode_infer(const Inference__ModelInferRequest *m, keel_req
         if (!elem_count(t->shape, t->n_shape, &count))
             return fail(err, errlen, KEEL_EINVAL,
                         "inputs[%zu].shape: the element count of the shape overflows", i);
-        fmt_shape(shape, sizeof(shape), t->shape, t->n_shape);
         if (nraw > 0) {
             const ProtobufCBinaryData *r = &m->raw_input_contents[i];
             size_t esz = keel_datatype_size(dt);
@@ -407,7 +426,8 @@ keel_err keel__grpc_decode_infer(const Inference__ModelInferRequest *m, keel_req
             } else if (count > SIZE_MAX / esz || r->len != count * esz) {
                 return fail(err, errlen, KEEL_EINVAL,
                             "raw_input_contents[%zu]: %zu bytes, shape %s of %s needs %zu", i,
-                            r->len, shape, t->datatype, count > SIZE_MAX / esz ? 0 : count * esz);
+                            r->len, fmt_shape(shape, sizeof(shape), t->shape, t->n_shape),
+                            t->datatype, count > SIZE_MAX / esz ? 0 : count * esz);
             }
         } else {
             if (t->contents == NULL)
@@ -452,11 +472,9 @@ keel_err keel__grpc_decode_infer(const Inference__ModelInferRequest *m, keel_req
             bytes = m->raw_input_contents[i].len;
         } else {
             size_t count = 0; /* elem_count succeeded in the first pass */
-            char shape[256];
             elem_count(t->shape, t->n_shape, &count);
-            fmt_shape(shape, sizeof(shape), t->shape, t->n_shape);
-            if ((e = typed_data(i, dt, t->contents, count, shape, &owned, &bytes, err, errlen)) !=
-                KEEL_OK)
+            if ((e = typed_data(i, dt, t->contents, count, t->shape, t->n_shape, &owned, &bytes,
+                                err, errlen)) != KEEL_OK)
                 return e;
             data = owned;
         }
@@ -481,9 +499,12 @@ keel_err keel__grpc_decode_infer(const Inference__ModelInferRequest *m, keel_req
 
 void keel__grpc_infer_out_fini(grpc_infer_out *o)
 {
-    free(o->tensors);
-    free(o->ptrs);
-    free(o->raw);
+    if (o->tensors != o->tensors_in)
+        free(o->tensors);
+    if (o->ptrs != o->ptrs_in)
+        free(o->ptrs);
+    if (o->raw != o->raw_in)
+        free(o->raw);
     o->tensors = NULL;
     o->ptrs = NULL;
     o->raw = NULL;
@@ -499,13 +520,17 @@ keel_err keel__grpc_infer_out_fill(grpc_infer_out *o, const keel_request *req, c
 
     memset(o, 0, sizeof(*o));
     o->resp = init;
-    snprintf(o->version, sizeof(o->version), "%" PRId64, keel_request_model_version(req));
+    fmt_i64(o->version, keel_request_model_version(req));
     o->resp.model_name = (char *)model;
     o->resp.model_version = o->version;
     o->resp.id = (char *)keel_request_id(req);
-    if (n > 0 && ((o->tensors = calloc(n, sizeof(*o->tensors))) == NULL ||
-                  (o->ptrs = calloc(n, sizeof(*o->ptrs))) == NULL ||
-                  (o->raw = calloc(n, sizeof(*o->raw))) == NULL)) {
+    if (n <= GRPC_OUT_INLINE) {
+        o->tensors = o->tensors_in;
+        o->ptrs = o->ptrs_in;
+        o->raw = o->raw_in;
+    } else if ((o->tensors = calloc(n, sizeof(*o->tensors))) == NULL ||
+               (o->ptrs = calloc(n, sizeof(*o->ptrs))) == NULL ||
+               (o->raw = calloc(n, sizeof(*o->raw))) == NULL) {
         keel__grpc_infer_out_fini(o);
         return fail(err, errlen, KEEL_ENOMEM, "out of memory while encoding the response");
     }

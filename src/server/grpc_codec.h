@@ -38,13 +38,18 @@ bool keel__grpc_parse_version(const char *text, int64_t *out);
 keel_err keel__grpc_decode_infer(const Inference__ModelInferRequest *m, keel_request *req,
                                  uint64_t *timeout_us, char *err, size_t errlen);
 
+#define GRPC_OUT_INLINE 4 /* outputs described without an allocation */
+
 /* A ModelInferResponse that borrows the request's output tensors (valid while the request
- * is); fini frees only what fill allocated. */
+ * is); fini frees only what fill allocated (nothing for up to GRPC_OUT_INLINE outputs). */
 typedef struct grpc_infer_out {
     Inference__ModelInferResponse resp;
     Inference__ModelInferResponse__InferOutputTensor *tensors;
     Inference__ModelInferResponse__InferOutputTensor **ptrs;
     ProtobufCBinaryData *raw;
+    Inference__ModelInferResponse__InferOutputTensor tensors_in[GRPC_OUT_INLINE];
+    Inference__ModelInferResponse__InferOutputTensor *ptrs_in[GRPC_OUT_INLINE];
+    ProtobufCBinaryData raw_in[GRPC_OUT_INLINE];
     char version[24];
 } grpc_infer_out;
 

@@ -39,10 +39,15 @@
  *
  * A call (gcall) is counted: one reference per batch in flight (accept, receive, send,
  * write, close) plus one per job in flight; whoever drops the last frees it (the CQ thread,
- * or a completion callback). The close batch (RECV_CLOSE_ON_SERVER) completes when the call
- * ends; if the client cancelled it or its deadline passed, the call's jobs are cancelled: a
- * queued request completes KEEL_ECANCELED at once and never reaches the backend. A job being
- * cancelled is pinned (its completion, which may run meanwhile, leaves the job's release to
+ * or a completion callback). The close batch (RECV_CLOSE_ON_SERVER, close_watch) completes
+ * when the call ends; if the client cancelled it or its deadline passed, the call's jobs are
+ * cancelled: a queued request completes KEEL_ECANCELED at once and never reaches the
+ * backend. Only a call with something to cancel has one: a stream from its start, a unary
+ * call once its job is in flight; every other call (a model that ran inline, an error, the
+ * synchronous RPCs) receives its close inside the send batch of its answer (call_send), so
+ * the common ModelInfer takes two batches (accept with its message, answer) and two queue
+ * events. Whichever of close_watch and call_send comes first takes the op (close_claimed). A job
+ * being cancelled is pinned (its completion, which may run meanwhile, leaves the job's release to
  * the canceller). The client's deadline also becomes the request's timeout, so a request
  * still queued at its deadline is answered DEADLINE_EXCEEDED.
  *
@@ -69,6 +74,7 @@
 #include <grpc/support/log.h>
 #include <grpc/support/time.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -77,6 +83,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "cliutil.h"
 #include "grpc_codec.h"
 #include "grpc_server.h"
 #include "keel_health.pb-c.h"
@@ -89,9 +96,10 @@
 #include "server_routes.h"
 #include "serving.h"
 
-#define POLL_MS 50        /* the CQ thread checks s->cancel_all this often when idle */
-#define GATHER_MAX 256    /* gathered requests after which the CQ thread runs their batches */
-#define STOP_WAIT_MS 5000 /* at stop: longest wait for calls to end before cancelling them */
+#define POLL_MS 50         /* the CQ thread checks s->cancel_all this often when idle */
+#define GATHER_MAX 256     /* gathered requests after which the CQ thread runs their batches */
+#define STOP_WAIT_MS 5000  /* at stop: longest wait for calls to end before cancelling them */
+#define STREAM_HEADROOM 16 /* HTTP/2 streams per connection beyond --max-connections */
 #define ERRLEN SRV_MSG_LEN
 #define INFER_PATH "/inference.GRPCInferenceService/ModelInfer"
 
@@ -178,7 +186,8 @@ struct gcall {
     grpc_byte_buffer *recv_buf;
     bool registered;            /* accepted as a registered ModelInfer call, message included */
     int cancelled;              /* RECV_CLOSE_ON_SERVER's answer */
-    bool closed;                /* CQ thread: that batch completed */
+    bool closed;                /* CQ thread: the close batch completed */
+    atomic_bool close_claimed;  /* RECV_CLOSE_ON_SERVER was started (close_watch, call_send) */
     grpc_byte_buffer *send_buf; /* until the send batch completes */
     grpc_slice status_details;
     bool have_details;
@@ -376,6 +385,24 @@ static const char *rpc_route(rpc_id r)
     return "unknown";
 }
 
+/* The method's name (the path after its last '/'): a known RPC's from rpcs[], without
+ * formatting (once per call); an unknown one's copied from the call into buf. */
+static const char *rpc_method(const gcall *c, char *buf, size_t len)
+{
+    size_t n = GRPC_SLICE_LENGTH(c->details.method);
+    const char *m = (const char *)GRPC_SLICE_START_PTR(c->details.method);
+    const char *slash;
+
+    for (size_t i = 0; c->rpc != RPC_UNKNOWN && i < sizeof(rpcs) / sizeof(rpcs[0]); i++) {
+        if (rpcs[i].id == c->rpc)
+            return strrchr(rpcs[i].path, '/') + 1;
+    }
+    slash = n > 0 ? memrchr(m, '/', n) : NULL;
+    snprintf(buf, len, "%.*s", slash != NULL ? (int)(m + n - slash - 1) : 0,
+             slash != NULL ? slash + 1 : "");
+    return buf;
+}
+
 /* "addr:port" of the call's client (gRPC names it "ipv4:addr:port" or "ipv6:[addr]:port"). */
 static void peer_text(gcall *c, char *out, size_t len)
 {
@@ -401,17 +428,12 @@ static void observe(gcall *c, const gjob *j, grpc_status_code code, size_t bytes
     keel_srv *s = c->g->s;
     srv_obs_event ev;
     char peer[128];
-    size_t len = GRPC_SLICE_LENGTH(c->details.method);
-    const char *m = (const char *)GRPC_SLICE_START_PTR(c->details.method);
-    const char *slash = len > 0 ? memrchr(m, '/', len) : NULL;
     char method[64];
 
-    snprintf(method, sizeof(method), "%.*s", slash != NULL ? (int)(m + len - slash - 1) : 0,
-             slash != NULL ? slash + 1 : "");
     memset(&ev, 0, sizeof(ev));
     ev.protocol = SRV_PROTO_GRPC;
     ev.route = rpc_route(c->rpc);
-    ev.method = method;
+    ev.method = rpc_method(c, method, sizeof(method));
     ev.version = -1;
     ev.status = (unsigned)code;
     ev.bytes_out = bytes_out;
@@ -451,13 +473,14 @@ static void observe(gcall *c, const gjob *j, grpc_status_code code, size_t bytes
 
 /*
  * Sends the answer: initial metadata, the message (packed from msg if not NULL) and the
- * status. Consumes nothing of the caller's; any thread. The call keeps one reference for
+ * status, and the call's close (RECV_CLOSE_ON_SERVER) unless close_watch started that
+ * already. Consumes nothing of the caller's; any thread. The call keeps one reference for
  * the batch.
  */
 static void call_send(gcall *c, const ProtobufCMessage *msg, grpc_status_code code,
                       const char *details)
 {
-    grpc_op ops[3];
+    grpc_op ops[4];
     size_t n = 0, bytes_out = 0;
     grpc_call_error ce;
     uint64_t send_start = mono_ns();
@@ -485,6 +508,13 @@ static void call_send(gcall *c, const ProtobufCMessage *msg, grpc_status_code co
     ops[n].data.send_status_from_server.status = code;
     ops[n].data.send_status_from_server.status_details = &c->status_details;
     n++;
+    if (!atomic_exchange(&c->close_claimed, true)) {
+        /* Nothing of the call runs any more that a cancel could stop: its close needs no
+         * batch of its own (a batch and a queue event less per call). */
+        ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+        ops[n].data.recv_close_on_server.cancelled = &c->cancelled;
+        n++;
+    }
     if ((unsigned)code < 17)
         atomic_fetch_add_explicit(&c->g->s->grpc_status[code], 1, memory_order_relaxed);
     atomic_fetch_add(&c->refs, 1);
@@ -514,16 +544,26 @@ static void call_send_error(gcall *c, grpc_status_code code, const char *fmt, ..
     call_send(c, NULL, code, msg);
 }
 
-/* Reads the received message into one contiguous slice; false if there is none. */
+/* The received message as one contiguous slice (the caller unrefs it); false if there is
+ * none. A message that arrived uncompressed in one slice (a small one, as most are) is
+ * that slice, referenced, not copied. */
 static bool recv_bytes(gcall *c, grpc_slice *out)
 {
+    grpc_byte_buffer *bb = c->recv_buf;
     grpc_byte_buffer_reader rd;
 
-    if (c->recv_buf == NULL || !grpc_byte_buffer_reader_init(&rd, c->recv_buf))
+    if (bb == NULL)
         return false;
-    *out = grpc_byte_buffer_reader_readall(&rd);
-    grpc_byte_buffer_reader_destroy(&rd);
-    grpc_byte_buffer_destroy(c->recv_buf);
+    if (bb->type == GRPC_BB_RAW && bb->data.raw.compression == GRPC_COMPRESS_NONE &&
+        bb->data.raw.slice_buffer.count == 1) {
+        *out = grpc_slice_ref(bb->data.raw.slice_buffer.slices[0]);
+    } else {
+        if (!grpc_byte_buffer_reader_init(&rd, bb))
+            return false;
+        *out = grpc_byte_buffer_reader_readall(&rd);
+        grpc_byte_buffer_reader_destroy(&rd);
+    }
+    grpc_byte_buffer_destroy(bb);
     c->recv_buf = NULL;
     return true;
 }
@@ -1118,6 +1158,28 @@ static void on_job_done(keel_request *req, keel_err status, void *user)
         job_finish(j);
 }
 
+/*
+ * Starts the call's close batch (RECV_CLOSE_ON_SERVER, TAG_CLOSE: on_close cancels the
+ * call's jobs if the client cancelled the call or its deadline passed) unless it was started
+ * already, by itself or inside call_send's answer. A stream watches from its start; a unary
+ * call only once its job is in flight, so a call answered at once (a model that ran inline
+ * on this thread, an error) has no close batch of its own. Any thread; the caller holds a
+ * reference on c.
+ */
+static void close_watch(gcall *c)
+{
+    grpc_op op;
+
+    if (atomic_exchange(&c->close_claimed, true))
+        return;
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    op.data.recv_close_on_server.cancelled = &c->cancelled;
+    atomic_fetch_add(&c->refs, 1);
+    if (grpc_call_start_batch(c->call, &op, 1, &c->t_close, NULL) != GRPC_CALL_OK)
+        call_unref(c); /* not the last: the caller holds one */
+}
+
 /* The time left until the call's deadline in microseconds; 0 = no deadline; -1 = passed. */
 static int64_t deadline_left_us(const gcall *c)
 {
@@ -1235,6 +1297,9 @@ static keel_err job_submit(gcall *c, gjob *j, srv_outcome *out)
     }
     if ((s->io_submit_flags & KEEL_SUBMIT_GATHER) != 0)
         g->gathered++; /* cq_main runs the batch once the queue has nothing ready */
+    /* A unary call's job may still be queued: watch for the client's cancel (a no-op when
+     * the answer went out already, the model having run inline). */
+    close_watch(c);
     return KEEL_OK;
 }
 
@@ -1456,12 +1521,6 @@ static void on_new(gcall *c, bool ok)
     c->start_ns = mono_ns();
     c->unary.start_ns = c->start_ns;
     call_trace_context(c);
-    memset(&op, 0, sizeof(op));
-    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-    op.data.recv_close_on_server.cancelled = &c->cancelled;
-    atomic_fetch_add(&c->refs, 1);
-    if (grpc_call_start_batch(c->call, &op, 1, &c->t_close, NULL) != GRPC_CALL_OK)
-        call_unref(c);
     c->rpc = c->registered ? RPC_INFER : rpc_of(&c->details.method);
     if (c->rpc == RPC_STREAM)
         atomic_fetch_add(&g->nstreams, 1);
@@ -1480,6 +1539,7 @@ static void on_new(gcall *c, bool ok)
                         "too many calls in progress (%zu; --max-connections %zu)", alive,
                         g->max_calls);
     } else if (c->rpc == RPC_STREAM) {
+        close_watch(c); /* a cancelled stream cancels its jobs */
         stream_read_next(c);
     } else if (c->registered) {
         /* The message came with the call (NULL if the client sent none): one batch and one
@@ -1535,6 +1595,7 @@ static gcall *call_new(srv_grpc *g)
     c->t_close = (gtag){c, TAG_CLOSE};
     c->t_write = (gtag){c, TAG_WRITE};
     atomic_init(&c->refs, 1);
+    atomic_init(&c->close_claimed, false);
     c->unary.version = -1;
     grpc_call_details_init(&c->details);
     grpc_metadata_array_init(&c->md);
@@ -1679,7 +1740,7 @@ keel_err keel__grpc_start(keel_srv *s)
     const keel_server_opts *o = s->opts;
     const char *addr = o->grpc_address != NULL ? o->grpc_address : o->http_address;
     srv_grpc *g;
-    grpc_arg args[4];
+    grpc_arg args[5];
     grpc_channel_args cargs;
     grpc_server_credentials *creds;
     char target[INET6_ADDRSTRLEN + 16];
@@ -1715,6 +1776,7 @@ keel_err keel__grpc_start(keel_srv *s)
     gpr_set_log_function(grpc_log);
     gpr_set_log_verbosity(keel__srv_log_on(KEEL_LOG_DEBUG) ? GPR_LOG_SEVERITY_INFO
                                                            : GPR_LOG_SEVERITY_ERROR);
+    keel__cli_absl_release_mode();
     grpc_init();
     memset(args, 0, sizeof(args));
     args[0].type = GRPC_ARG_INTEGER;
@@ -1726,10 +1788,21 @@ keel_err keel__grpc_start(keel_srv *s)
     args[2].type = GRPC_ARG_INTEGER;
     args[2].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
     args[2].value.integer = -1; /* answers are as large as the model makes them */
+    /* Above keel's own limit (on_new refuses a call beyond --max-connections at once with
+     * UNAVAILABLE): at HTTP/2's limit a client queues its call without sending it, so a
+     * per-connection limit equal to keel's made the call of a client whose connection
+     * held the limit's streams wait for its deadline (DEADLINE_EXCEEDED) instead. The
+     * headroom lets refused calls reach keel while earlier refusals are still closing. */
     args[3].type = GRPC_ARG_INTEGER;
     args[3].key = GRPC_ARG_MAX_CONCURRENT_STREAMS;
-    args[3].value.integer = (int)(o->max_connections > 0 ? o->max_connections : 1);
-    cargs.num_args = 4;
+    args[3].value.integer =
+        (int)(o->max_connections < INT_MAX - STREAM_HEADROOM ? o->max_connections + STREAM_HEADROOM
+                                                             : INT_MAX);
+    /* keel serves no channelz service: gRPC need not keep per-call channelz counts. */
+    args[4].type = GRPC_ARG_INTEGER;
+    args[4].key = GRPC_ARG_ENABLE_CHANNELZ;
+    args[4].value.integer = 0;
+    cargs.num_args = 5;
     cargs.args = args;
     g->cq = grpc_completion_queue_create_for_next(NULL);
     g->server = grpc_server_create(&cargs, NULL);

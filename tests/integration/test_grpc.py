@@ -527,6 +527,46 @@ def test_oversize_message():
         ch.close()
 
 
+def test_max_connections_answers_unavailable():
+    """--max-connections 2 with two streams open: a third call is refused at once with
+    UNAVAILABLE (as HTTP answers 503), on the streams' own connection as on a new one, never
+    left to wait for its deadline; once the streams end, calls succeed again."""
+    with kit.running(kit.Server(S["repo"], grpc=True,
+                                args=["--max-connections", "2"])) as srv:
+        ch = channel(srv.grpc_port)
+        # A connection of its own (grpcio shares one per target unless told otherwise).
+        ch2 = grpc.insecure_channel("127.0.0.1:%d" % srv.grpc_port,
+                                    options=[("grpc.use_local_subchannel_pool", 1)])
+        st, st2 = pbg.GRPCInferenceServiceStub(ch), pbg.GRPCInferenceServiceStub(ch2)
+        hold = threading.Event()
+
+        def gen():
+            yield rows_request(S["rows"][:1])
+            hold.wait(60)
+
+        try:
+            streams = [st.ModelStreamInfer(gen(), timeout=60) for _ in range(2)]
+            for s in streams:
+                a = next(s)
+                check(a.error_message == "", "stream answer: %r" % a.error_message)
+            for name, stub_ in (("same connection", st), ("new connection", st2)):
+                t0 = time.monotonic()
+                e = rpc_error(stub_.ModelInfer, rows_request(S["rows"][:1]), timeout=20)
+                took = time.monotonic() - t0
+                check(e.code() == grpc.StatusCode.UNAVAILABLE and
+                      "too many calls in progress" in e.details(),
+                      "%s: a third call got %s %r" % (name, e.code(), e.details()))
+                check(took < 10, "%s: UNAVAILABLE took %.1f s" % (name, took))
+        finally:
+            hold.set()
+        for s in streams:
+            check(list(s) == [], "the streams end without further answers")
+        r = st.ModelInfer(rows_request(S["rows"][:2]), timeout=30)
+        kit.assert_f32_equal(raw_f32(r), S["ref"][:2], "after the streams ended")
+        ch.close()
+        ch2.close()
+
+
 def test_repository_load_unload():
     """Explicit mode: RepositoryModelLoad / Unload through the same control thread as HTTP,
     with HTTP's messages for refusals; in mode none they are refused like HTTP's."""
@@ -632,6 +672,6 @@ if __name__ == "__main__":
              test_unknown_model_and_version_like_http, test_malformed_protobuf_and_unknown_method,
              test_stream_interleaved_requests_and_errors, test_stream_cancel_while_queued,
              test_deadline_exceeded_while_queued, test_cancel_while_queued, test_oversize_message,
-             test_repository_load_unload, test_busy_port_is_an_error,
+             test_max_connections_answers_unavailable, test_repository_load_unload, test_busy_port_is_an_error,
              test_sigterm_with_open_calls],
             setup=setup, teardown=teardown)

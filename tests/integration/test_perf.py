@@ -217,6 +217,55 @@ def test_grpc_errors_by_status_name():
     check("NOT_FOUND" in err and "unknown model" in err and rows == [], "stderr %r" % err)
 
 
+def test_grpc_timeout_enforced_by_perf():
+    """keel perf's gRPC channel has no deadline filter: its loop must end a call that gets no
+    answer within --timeout. A grpcio server that answers ModelMetadata but never ModelInfer,
+    with its own deadline checking off, so that nothing but keel perf ends the calls."""
+    import threading
+    from concurrent import futures
+
+    import grpckit
+    st = grpckit.load()
+    release = threading.Event()
+
+    class Svc(st.pbg.GRPCInferenceServiceServicer):
+        def ModelMetadata(self, request, context):
+            r = st.pb.ModelMetadataResponse(name=request.name)
+            t = r.inputs.add()
+            t.name, t.datatype = "features", "FP32"
+            t.shape.extend([-1, 13])
+            return r
+
+        def ModelInfer(self, request, context):
+            release.wait(60)
+            context.abort(st.grpc.StatusCode.INTERNAL, "released")
+
+        def ModelStreamInfer(self, request_iterator, context):
+            next(request_iterator)
+            release.wait(60)
+            context.abort(st.grpc.StatusCode.INTERNAL, "released")
+
+    srv = st.grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                         options=[("grpc.enable_deadline_checking", 0)])
+    st.pbg.add_GRPCInferenceServiceServicer_to_server(Svc(), srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    try:
+        for extra in ([], ["--grpc-stream"]):
+            out, _, rows = perf("--protocol", "grpc", "-m", "heart", "--concurrency-range", "2",
+                                "-d", "0.3", "--warmup", "0", "--timeout", "0.5", *extra,
+                                expect_rc=1, port=port)
+            check(len(rows) == 1 and int(rows[0]["ok"]) == 0 and int(rows[0]["failed"]) >= 2,
+                  "%r: rows %r" % (extra, rows))
+            check(rows[0]["errors"] == "DEADLINE_EXCEEDED:%s" % rows[0]["failed"],
+                  "%r: errors column %r" % (extra, rows[0]["errors"]))
+            check("no answer within --timeout" in out, "%r: failure not named:\n%s"
+                  % (extra, out))
+    finally:
+        release.set()
+        srv.stop(0)
+
+
 def test_grpc_unreachable_is_one_clear_error():
     # The HTTP port (not gRPC) and a port nobody listens on; with --input too (no metadata
     # needed, but the target is still checked first).
@@ -248,5 +297,6 @@ if __name__ == "__main__":
              test_missing_model_errors_by_status, test_open_loop_follows_schedule,
              test_static_endpoint, test_grpc_unary_counts_match_server,
              test_grpc_stream_counts_match_server, test_grpc_errors_by_status_name,
+             test_grpc_timeout_enforced_by_perf,
              test_grpc_unreachable_is_one_clear_error, test_usage_errors],
             setup=setup, teardown=teardown)
