@@ -8,7 +8,7 @@
 # which also carries a fixed excess of callgrind's own), then makes exactly N calls and dumps
 # them (CALLGRIND_DUMP_STATS_AT), so the part file <out>.2 holds those N calls from every thread
 # (callgrind sums threads by default) and nothing of model loading or teardown. Its
-# "totals:" line divided by N is the instruction count per call; keel's overhead per request
+# "summary:" line divided by N is the instruction count per call; keel's overhead per request
 # is keel's count minus raw's. OMP_WAIT_POLICY=PASSIVE keeps the OpenMP pool threads that
 # XGBoost's model load starts from spinning (counted instructions that are no call's cost). Callgrind counts user-space instructions only: the time keel
 # spends waking threads (futex system calls, the scheduler, an idle CPU coming back) is not
@@ -60,7 +60,7 @@ count() {
         exit 1
     }
     callgrind_annotate --inclusive=yes --threshold=100 "$base.2" >"$OUT/$mode-b$batch.annotate.txt"
-    awk -v n="$iters" '/^totals:/ { printf "%.0f\n", $2 / n; exit }' "$base.2"
+    awk -v n="$iters" '/^summary:/ { printf "%.0f\n", $2 / n; exit }' "$base.2"
 }
 
 echo "instructions per call (callgrind, user space, all threads), files in $OUT"

@@ -123,7 +123,7 @@ annotate() { # dump name
 }
 
 # The dump's "summary:" (every event since the counters were zeroed: the PROGRAM TOTALS of
-# callgrind_annotate). Its "totals:" line, which bench/callgrind_http.sh reads, is a few
+# callgrind_annotate). Its "totals:" line, which bench/callgrind_http.sh read until 2026-12-05, is a few
 # million larger per dump whatever the load (seen here: 0.6 to 5 M), which inflates rows with
 # few requests; on a busy machine a row may hold only a few hundred.
 total_of() { awk '/^summary:/ { gsub(",", "", $2); print $2; exit }' "$1"; }

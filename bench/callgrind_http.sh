@@ -7,7 +7,9 @@
 # valgrind 3.19 lacks pidfd_open, which they need) under valgrind --tool=callgrind with the
 # extra server arguments given, warms it up with keel perf at concurrency 1, zeroes the
 # counters (callgrind_control -z), runs keel perf at concurrency 1 for SECS seconds, dumps
-# (callgrind_control -d) and divides the dump's total by the requests the server counted
+# (callgrind_control -d) and divides the dump's total (its "summary:" line, every event since
+# the zeroing; the "totals:" line carries a fixed few million more per dump, which weighs on
+# runs with few requests) by the requests the server counted
 # (the model's success count from /stats; for GET /v2/health/live, keel perf's count). The
 # total is user-space instructions of every server thread, so it is independent of the load
 # on the machine: unlike wall-clock numbers it can be taken on a busy machine. It is the same
@@ -77,7 +79,7 @@ measure() { # name perf-args...
     mv "$(ls "$cg".* | head -n1)" "$dump"
     callgrind_annotate --inclusive=yes --threshold=100 "$dump" >"$out/$tag-$name.incl.txt"
     callgrind_annotate --threshold=100 "$dump" >"$out/$tag-$name.self.txt"
-    total=$(awk '/^totals:/ { print $2; exit }' "$dump")
+    total=$(awk '/^summary:/ { print $2; exit }' "$dump")
     echo "${total//,/}"
 }
 

@@ -461,7 +461,7 @@ PY
             OMP_WAIT_POLICY=PASSIVE valgrind --tool=callgrind --callgrind-out-file="$base" \
                 "$build/bench_infer" --model-repository "$repo" --callgrind raw --batch "$b" \
                 --iterations "$iters" >/dev/null 2>&1
-            raw_ir=$(awk -v n="$iters" '/^totals:/ { printf "%.0f", $2 / n; exit }' "$base.2")
+            raw_ir=$(awk -v n="$iters" '/^summary:/ { printf "%.0f", $2 / n; exit }' "$base.2")
             for mode in auto off on; do
                 pf=$(mktemp)
                 cg="$out/serve-$mode-b$b.cg"
@@ -492,7 +492,7 @@ PY
                 n1=$(curl -s "http://127.0.0.1:$port/v2/models/ref_i1/stats" |
                     /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["model_stats"][0]["inference_stats"]["success"]["count"])')
                 dump=$(ls "$cg".* | sort -t. -k3 -n | head -n1)
-                total=$(awk '/^totals:/ { print $2; exit }' "$dump")
+                total=$(awk '/^summary:/ { print $2; exit }' "$dump")
                 # The stats request between zero and dump is counted too; it is negligible.
                 row ir 1 "serve_${mode}_b$b" "$total" "$((n1 - n0))" "$raw_ir"
                 if [[ $b == 1 && $mode == auto ]]; then
@@ -505,7 +505,7 @@ PY
                         >/dev/null
                     callgrind_control -d "$vpid" >/dev/null
                     dump=$(ls "$cg".* | sort -t. -k3 -n | head -n1)
-                    total=$(awk '/^totals:/ { print $2; exit }' "$dump")
+                    total=$(awk '/^summary:/ { print $2; exit }' "$dump")
                     row ir 1 "live_${mode}_b0" "$total" \
                         "$(awk -F, 'NR == 2 { print $5 + $6 }' "$out/live.csv")" "$raw_ir"
                 fi
