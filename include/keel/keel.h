@@ -320,6 +320,13 @@ typedef struct keel_memory_stats {
 
 KEEL_EXTERN void keel_memory_stats_get(keel_runtime *rt, keel_memory_stats *out);
 
+/* Tells the process's allocator that the calling thread goes to sleep after work: the
+ * memory its per-thread cache holds is given back (jemalloc's "thread.idle"; nothing with
+ * glibc's malloc, whose per-thread cache is small). Any thread. It costs microseconds and the
+ * next allocations refill the cache, so call it when a thread has been idle for a while (keel's
+ * own threads do after a second), not per request. */
+KEEL_EXTERN void keel_heap_thread_idle(void);
+
 /* Live objects. All return to their idle values when nothing is in flight. */
 typedef struct keel_counters {
     int64_t requests;        /* keel_request objects alive (created, not destroyed) */

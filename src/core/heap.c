@@ -180,6 +180,27 @@ static void build_arena_retire(mallctl_fn ctl)
     (void)ctl(name, NULL, NULL, NULL, 0);
 }
 
+void keel__heap_thread_idle(void)
+{
+    mallctl_fn ctl = jemalloc();
+    unsigned ind;
+    size_t len = sizeof(ind);
+    char name[64];
+
+    if (ctl == NULL)
+        return;
+    /* "thread.idle" (jemalloc 5.3) flushes the caller's cache and purges its arena only by
+     * a heuristic; an older jemalloc has only the flush. Then the thread's arena is purged:
+     * without jemalloc's background thread, decay runs only when an arena allocates, so the
+     * pages the flush emptied would stay resident while everything sleeps. */
+    if (ctl("thread.idle", NULL, NULL, NULL, 0) != 0)
+        (void)ctl("thread.tcache.flush", NULL, NULL, NULL, 0);
+    if (ctl("thread.arena", &ind, &len, NULL, 0) == 0) {
+        snprintf(name, sizeof(name), "arena.%u.purge", ind);
+        (void)ctl(name, NULL, NULL, NULL, 0);
+    }
+}
+
 void keel__heap_trim(void)
 {
     mallctl_fn ctl = jemalloc();

@@ -29,6 +29,11 @@ void keel__heap_stats_get(keel__heap_stats *out);
  * destroyed if nothing in it is allocated any more). */
 void keel__heap_trim(void);
 
+/* The calling thread is about to sleep after work: it gives back what its allocator cache
+ * holds (jemalloc: "thread.idle"; nothing with glibc). Costs microseconds: call it when a
+ * thread has been idle a while, not per request. */
+void keel__heap_thread_idle(void);
+
 /* A model parse's binding of its thread to the build arena (caller's storage, zeroed or set
  * by begin). */
 typedef struct keel__heap_build {

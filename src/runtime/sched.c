@@ -133,9 +133,11 @@
  * counts). Layer: calls registry.c, request.c, batch.c, preprocess.c (the run path),
  * budget.c (want_load) and generation.c only.
  */
+#include <errno.h>
 #include <string.h>
 #include <time.h>
 
+#include "core/heap.h"
 #include "runtime/batch.h"
 #include "runtime/budget.h"
 #include "runtime/generation.h"
@@ -1426,6 +1428,7 @@ static void run_formed(keel_runtime *rt, batch *b, bool here)
 void *keel__worker_main(void *arg)
 {
     keel_runtime *rt = arg;
+    bool worked = false; /* since the thread's last keel__heap_thread_idle */
 
     pthread_mutex_lock(&rt->mu);
     for (;;) {
@@ -1434,8 +1437,25 @@ void *keel__worker_main(void *arg)
         batch b;
         bool run;
 
-        while (!rt->stopping && rt->ready_head == NULL)
-            pthread_cond_wait(&rt->work_cv, &rt->mu);
+        while (!rt->stopping && rt->ready_head == NULL) {
+            if (!worked) {
+                pthread_cond_wait(&rt->work_cv, &rt->mu);
+                continue;
+            }
+            /* After a second with nothing to do, the thread's allocator cache goes back
+             * (core/heap.h): idle threads would otherwise hold it for good. work_cv uses the
+             * realtime clock; a clock step only moves when the hint comes. */
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 1;
+            if (pthread_cond_timedwait(&rt->work_cv, &rt->mu, &ts) == ETIMEDOUT) {
+                worked = false;
+                pthread_mutex_unlock(&rt->mu);
+                keel__heap_thread_idle();
+                pthread_mutex_lock(&rt->mu);
+            }
+        }
+        worked = true;
         if ((v = ready_pop_locked(rt)) == NULL)
             break; /* stopping and nothing left to dispatch */
         if (!vslot_can_dispatch(v))
