@@ -182,6 +182,11 @@ KEEL_EXTERN keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_run
  * KEEL_ESHUTDOWN (their callbacks run on this thread), running requests finish, then every
  * generation, context and thread is released. The caller must not destroy requests that are
  * still in flight before their callbacks have run. Accepts NULL.
+ * A backend call in progress is waited for, however long it takes: a model cannot be freed
+ * while a backend thread is inside it, so a call that never returns makes this never return.
+ * To bound a shutdown, cancel what is running first (keel_request_cancel answers a running
+ * request at once and leaves its context stuck) and give up on destroy after a bound of your
+ * own, ending the process without it: `keel serve` does so (--stuck-exit-secs, exit status 3).
  */
 KEEL_EXTERN void keel_runtime_destroy(keel_runtime *rt);
 

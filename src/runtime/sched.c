@@ -973,6 +973,7 @@ static keel_err run_leased(keel_request *req, keel__run_slot *s, batch *b, int64
     t0 = keel__now_ns();
     req->input_end_ns = t0;
     atomic_store_explicit(&req->run_slot, s, memory_order_release); /* detachable from now */
+    keel__fault_hang();
     err = g->backend->run(g->ctxs[b->ctx], &io);
     t1 = keel__now_ns();
     if (slot_returned(s)) {
@@ -1258,6 +1259,7 @@ static void run_batch(keel_runtime *rt, batch *b)
             }
             for (keel_request *req = failed; req != NULL; req = req->qnext)
                 atomic_store_explicit(&req->run_slot, &slot_not_run, memory_order_release);
+            keel__fault_hang();
             err = g->backend->run(g->ctxs[b->ctx], &io);
             t_out = keel__now_ns();
             keel__batch_inputs_free(bufs, cfg->ninputs);
