@@ -182,6 +182,11 @@ KEEL_EXTERN keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_run
  * KEEL_ESHUTDOWN (their callbacks run on this thread), running requests finish, then every
  * generation, context and thread is released. The caller must not destroy requests that are
  * still in flight before their callbacks have run. Accepts NULL.
+ * A backend call in progress is waited for, however long it takes: a model cannot be freed
+ * while a backend thread is inside it, so a call that never returns makes this never return.
+ * To bound a shutdown, cancel what is running first (keel_request_cancel answers a running
+ * request at once and leaves its context stuck) and give up on destroy after a bound of your
+ * own, ending the process without it: `keel serve` does so (--stuck-exit-secs, exit status 3).
  */
 KEEL_EXTERN void keel_runtime_destroy(keel_runtime *rt);
 
@@ -319,6 +324,13 @@ typedef struct keel_memory_stats {
 } keel_memory_stats;
 
 KEEL_EXTERN void keel_memory_stats_get(keel_runtime *rt, keel_memory_stats *out);
+
+/* Tells the process's allocator that the calling thread goes to sleep after work: the
+ * memory its per-thread cache holds is given back (jemalloc's "thread.idle"; nothing with
+ * glibc's malloc, whose per-thread cache is small). Any thread. It costs microseconds and the
+ * next allocations refill the cache, so call it when a thread has been idle for a while (keel's
+ * own threads do after a second), not per request. */
+KEEL_EXTERN void keel_heap_thread_idle(void);
 
 /* Live objects. All return to their idle values when nothing is in flight. */
 typedef struct keel_counters {

@@ -60,6 +60,7 @@
 #include "backends/model_check.h"
 #include "backends/xgboost.h"
 #include "core/core.h"
+#include "core/heap.h"
 
 /* Large enough for the array interface with 20-digit integers; checked at every format. */
 #define ARRAY_IFACE_LEN 160
@@ -116,6 +117,43 @@ static void quiet_this_thread(void)
         (void)XGBSetGlobalConfig("{\"verbosity\":0}");
         quiet = true;
     }
+}
+
+/* A model of one leaf (1 feature), as the xgboost 1.7.4 CLI writes it: loading it walks the
+ * same path as a real load, with nothing to parse to speak of. */
+static const char tiny_model[] =
+    "{\"learner\":{\"attributes\":{},\"feature_names\":[],\"feature_types\":[],"
+    "\"gradient_booster\":{\"model\":{\"gbtree_model_param\":{\"num_parallel_tree\":\"1\","
+    "\"num_trees\":\"1\",\"size_leaf_vector\":\"0\"},\"tree_info\":[0],\"trees\":[{"
+    "\"base_weights\":[-0E0],\"categories\":[],\"categories_nodes\":[],"
+    "\"categories_segments\":[],\"categories_sizes\":[],\"default_left\":[0],\"id\":0,"
+    "\"left_children\":[-1],\"loss_changes\":[0E0],\"parents\":[2147483647],"
+    "\"right_children\":[-1],\"split_conditions\":[-0E0],\"split_indices\":[0],"
+    "\"split_type\":[0],\"sum_hessian\":[1E0],\"tree_param\":{\"num_deleted\":\"0\","
+    "\"num_feature\":\"1\",\"num_nodes\":\"1\",\"size_leaf_vector\":\"0\"}}]},"
+    "\"name\":\"gbtree\"},\"learner_model_param\":{\"base_score\":\"5E-1\","
+    "\"boost_from_average\":\"1\",\"num_class\":\"0\",\"num_feature\":\"1\","
+    "\"num_target\":\"1\"},\"objective\":{\"name\":\"binary:logistic\","
+    "\"reg_loss_param\":{\"scale_pos_weight\":\"1\"}}},\"version\":[1,7,4]}";
+
+/* The first parse on a thread leaves state behind that lives as long as the thread: C++
+ * thread-locals of XGBoost's learner (and their destructor registrations), and libgomp's
+ * thread pool of the thread that starts a parallel region (LoadModel runs one). Loading and
+ * freeing the tiny model once per thread creates all of it here, outside the build arena
+ * (see xgb_model_load), where it would pin the arena forever. Failure only means the arena
+ * may be kept (heap.c checks before destroying it); nothing to report. */
+static void prepare_this_thread(void)
+{
+    static _Thread_local bool prepared;
+    BoosterHandle b = NULL;
+
+    if (prepared)
+        return;
+    prepared = true;
+    if (XGBoosterCreate(NULL, 0, &b) == 0)
+        (void)XGBoosterLoadModelFromBuffer(b, tiny_model, (bst_ulong)(sizeof(tiny_model) - 1));
+    if (b != NULL)
+        XGBoosterFree(b);
 }
 
 /* XGBoost's last error on this thread, without its "[hh:mm:ss] " prefix and the stack trace
@@ -664,6 +702,7 @@ static keel_err xgb_model_load(const keel__model_config *cfg, const char *versio
     int64_t want_feat, want_out, m_nraw = 0;
     xgb_output m_mode = XGB_RAW;
     float m_threshold = 0.5f;
+    keel__heap_build hb = {0};
     int len;
     keel_err err;
 
@@ -683,6 +722,13 @@ static keel_err xgb_model_load(const keel__model_config *cfg, const char *versio
     if ((err = check_in_child(path, bytes, nbytes, want_feat, errbuf, errlen)) != KEEL_OK)
         goto fail;
 
+    /* The parse runs in the build arena (core/heap.h): the trees, and the far larger garbage
+     * of parsing them, share pages only with each other, and the extent metadata the
+     * parse's peak needed goes back when the arena is destroyed after the last model is
+     * freed. Only the parse: XGBoost keeps a thread-local entry per learner on the thread
+     * that created it (at XGBoosterCreate, and at the warm prediction below) and erases it
+     * only on the thread that frees the learner (the reaper), so those must stay out of it. */
+    prepare_this_thread();
     if (XGBoosterCreate(NULL, 0, &booster) != 0 ||
         XGBoosterSetParam(booster, "nthread", "1") != 0) {
         len = xgb_error(&xmsg);
@@ -690,12 +736,14 @@ static keel_err xgb_model_load(const keel__model_config *cfg, const char *versio
         err = KEEL_ELOAD;
         goto fail;
     }
+    keel__heap_build_begin(&hb);
     if (XGBoosterLoadModelFromBuffer(booster, bytes + skip, (bst_ulong)(nbytes - skip)) != 0) {
         len = xgb_error(&xmsg);
         keel__errf(errbuf, errlen, "%s: XGBoost cannot load the model: %.*s", path, len, xmsg);
         err = KEEL_ELOAD;
         goto fail;
     }
+    keel__heap_build_end(&hb);
     free(bytes);
     bytes = NULL;
 
@@ -798,6 +846,7 @@ static keel_err xgb_model_load(const keel__model_config *cfg, const char *versio
     return KEEL_OK;
 
 fail:
+    keel__heap_build_end(&hb);
     free(zeros);
     if (proxy != NULL)
         XGDMatrixFree(proxy);

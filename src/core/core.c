@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <unistd.h>
 
 _Noreturn void keel__panic(const char *file, int line, const char *what)
 {
@@ -167,6 +168,7 @@ static const char *const fault_names[KEEL__FAULT_ALL_] = {
     [KEEL__FAULT_BACKEND_RUN] = "backend_run",
     [KEEL__FAULT_COMPLETION] = "completion",
     [KEEL__FAULT_LEAK_PER_SWAP] = "leak_per_swap",
+    [KEEL__FAULT_BACKEND_HANG] = "backend_hang",
 };
 
 const char *keel__fault_name(keel__fault_point p)
@@ -280,6 +282,14 @@ void keel__fault_leak_on_publish(void)
         pthread_mutex_unlock(&leaked_mu);
     }
     (void)memfd_create("keel-fault-leak", MFD_CLOEXEC); /* never closed */
+}
+
+void keel__fault_hang(void)
+{
+    if (!keel__fault_hit(KEEL__FAULT_BACKEND_HANG))
+        return;
+    for (;;)
+        pause(); /* no handler is installed for the signals that could end it */
 }
 
 /* KEEL_FAULT=name[,name...]: arms those points to fire on every call, at load time, so that

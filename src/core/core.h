@@ -42,6 +42,8 @@ typedef enum keel__fault_point {
     /* Not a failure (so outside the range tests iterate over to fail calls): each published
      * model load leaks on purpose, see keel__fault_leak_on_publish. */
     KEEL__FAULT_LEAK_PER_SWAP = KEEL__FAULT_COUNT_,
+    /* Not a failure either: a request's backend run never returns (keel__fault_hang). */
+    KEEL__FAULT_BACKEND_HANG,
     KEEL__FAULT_ALL_
 } keel__fault_point;
 
@@ -65,9 +67,14 @@ uint64_t keel__fault_fired(keel__fault_point p);
  * (names as keel__fault_name) makes each fire on every call; only in fault-injection builds.
  */
 void keel__fault_leak_on_publish(void);
+/* Called right before a request's backend run. When KEEL__FAULT_BACKEND_HANG fires the
+ * calling thread blocks for good, as in a backend call that never returns (the scenario of
+ * a shutdown with a hung backend). */
+void keel__fault_hang(void);
 #else
 #define keel__fault_hit(p) ((void)(p), false)
 #define keel__fault_leak_on_publish() ((void)0)
+#define keel__fault_hang() ((void)0)
 #endif
 
 /* ---- allocation (returns NULL on failure or injected fault) */

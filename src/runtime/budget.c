@@ -220,6 +220,11 @@ void keel__want_load_locked(keel_runtime *rt, keel__model_entry *e)
     keel__life_wake(rt);
 }
 
+void keel_heap_thread_idle(void)
+{
+    keel__heap_thread_idle();
+}
+
 void keel_memory_stats_get(keel_runtime *rt, keel_memory_stats *out)
 {
     if (out == NULL)

@@ -139,9 +139,11 @@
  * registry.c, request.c, batch.c, preprocess.c (the run path), budget.c (want_load) and
  * generation.c only.
  */
+#include <errno.h>
 #include <string.h>
 #include <time.h>
 
+#include "core/heap.h"
 #include "runtime/batch.h"
 #include "runtime/budget.h"
 #include "runtime/generation.h"
@@ -1001,6 +1003,7 @@ static keel_err run_leased(keel_request *req, keel__run_slot *s, batch *b, int64
     t0 = keel__now_ns();
     req->input_end_ns = t0;
     atomic_store_explicit(&req->run_slot, s, memory_order_release); /* detachable from now */
+    keel__fault_hang();
     err = g->backend->run(g->ctxs[b->ctx], &io);
     t1 = keel__now_ns();
     if (slot_returned(s)) {
@@ -1289,6 +1292,7 @@ static void run_batch(keel_runtime *rt, batch *b, batch *follow)
             }
             for (keel_request *req = failed; req != NULL; req = req->qnext)
                 atomic_store_explicit(&req->run_slot, &slot_not_run, memory_order_release);
+            keel__fault_hang();
             err = g->backend->run(g->ctxs[b->ctx], &io);
             t_out = keel__now_ns();
             keel__batch_inputs_free(bufs, cfg->ninputs);
@@ -1466,6 +1470,7 @@ static void run_formed(keel_runtime *rt, batch *b, bool here, batch *follow)
 void *keel__worker_main(void *arg)
 {
     keel_runtime *rt = arg;
+    bool worked = false; /* since the thread's last keel__heap_thread_idle */
 
     keel__rt_lock(rt);
     for (;;) {
@@ -1475,10 +1480,30 @@ void *keel__worker_main(void *arg)
         bool run;
 
         while (!rt->stopping && rt->ready_head == NULL) {
+            int rc;
+            if (!worked) {
+                keel__rt_wait_begin(rt);
+                pthread_cond_wait(&rt->work_cv, &rt->mu);
+                keel__rt_wait_end(rt);
+                continue;
+            }
+            /* After a second with nothing to do, the thread's allocator cache goes back
+             * (core/heap.h): idle threads would otherwise hold it for good. work_cv uses the
+             * realtime clock; a clock step only moves when the hint comes. */
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 1;
             keel__rt_wait_begin(rt);
-            pthread_cond_wait(&rt->work_cv, &rt->mu);
+            rc = pthread_cond_timedwait(&rt->work_cv, &rt->mu, &ts);
             keel__rt_wait_end(rt);
+            if (rc == ETIMEDOUT) {
+                worked = false;
+                keel__rt_unlock(rt);
+                keel__heap_thread_idle();
+                keel__rt_lock(rt);
+            }
         }
+        worked = true;
         if ((v = ready_pop_locked(rt)) == NULL)
             break; /* stopping and nothing left to dispatch */
         if (!vslot_can_dispatch(v))

@@ -62,9 +62,11 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "http_loop.h"
+#include "keel/keel.h"
 
 struct srv_http_loop {
     srv_http *h;
@@ -91,16 +93,40 @@ struct srv_http {
 
 /* Non-blocking passes a turn that gathered requests may add before running them. */
 #define EXTRA_PASSES 2
+#define IDLE_MS 1000
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
 
 static void *loop_main(void *arg)
 {
     http_loop *l = arg;
     srv_http *h = l->h;
 
+    bool worked = false; /* since the last keel_heap_thread_idle */
+
     tl_loop = l;
     while (!atomic_load_explicit(&h->stop, memory_order_acquire)) {
-        /* Blocks until network activity, MHD's next connection timeout or a wake-up. */
-        (void)MHD_run_wait(l->d, -1);
+        /* Blocks until network activity, MHD's next connection timeout or a wake-up; after
+         * work, for at most IDLE_MS: a turn that waited that long found the loop idle, and
+         * the thread's allocator cache goes back (keel_heap_thread_idle), which an idle
+         * thread would otherwise hold for good. Two clock reads per turn. */
+        if (worked) {
+            uint64_t t0 = now_ms();
+            (void)MHD_run_wait(l->d, IDLE_MS);
+            if (now_ms() - t0 >= IDLE_MS) {
+                keel_heap_thread_idle();
+                worked = false;
+            }
+        } else {
+            (void)MHD_run_wait(l->d, -1);
+            worked = true;
+        }
         if (atomic_exchange_explicit(&l->woken, false, memory_order_acq_rel)) {
             uint64_t v;
             (void)!read(l->efd, &v, sizeof(v)); /* non-blocking; EAGAIN is fine */

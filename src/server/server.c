@@ -69,7 +69,9 @@
  * down, so connects are refused) and requests already being received get their answer;
  * then the watcher stops, MHD_stop_daemon closes every connection, and keel_runtime_destroy
  * runs last. A second signal skips the waits (requests still in flight are cancelled,
- * never abandoned).
+ * never abandoned). From the exit timeout on, the stuck-call guard bounds the rest by
+ * --stuck-exit-secs: a model call that never returns ends the process with exit status 3
+ * instead of holding it forever (stuck_guard, below).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -1522,11 +1524,107 @@ static void stop_accepting(keel_srv *s, bool hurry)
     }
 }
 
+/* The stuck-call guard. When the drain's exit timeout has passed, every request still in
+ * flight is cancelled and answered, but the rest of the shutdown (the wait for a request
+ * running on an I/O thread, the HTTP loops, gRPC, keel_runtime_destroy) still waits for model
+ * calls in progress: a cancelled request's call runs on, and its generation cannot be freed
+ * while a backend is inside it. A call that never returns would keep the process alive
+ * forever, holding its port and telling the orchestrator nothing. So a thread started at the
+ * exit timeout waits up to --stuck-exit-secs for keel_server_run to finish; if it has not, it
+ * logs what is stuck and ends the process with _exit(KEEL_SERVER_EXIT_STUCK): no destructor,
+ * no free of memory a backend thread may still be using. It reads only the server (freed
+ * after the guard is joined), never the runtime (freed by the teardown it watches): the
+ * contexts stuck are a snapshot keel_server_run takes after the drain. mu guards done and
+ * stuck; s->mu is taken after it is unlocked, never under it. */
+typedef struct stuck_guard {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* CLOCK_MONOTONIC (cond_init) */
+    bool done;
+    unsigned secs;
+    int64_t stuck; /* contexts stuck when the drain ended; -1: it did not end */
+    keel_srv *s;
+} stuck_guard;
+
+static void *stuck_guard_main(void *arg)
+{
+    stuck_guard *g = arg;
+    struct timespec dl = deadline_in_ms((uint64_t)g->secs * 1000u);
+    int64_t stuck, pending;
+    bool done;
+    char b1[24], b2[24], b3[24];
+
+    pthread_mutex_lock(&g->mu);
+    while (!g->done && pthread_cond_timedwait(&g->cv, &g->mu, &dl) != ETIMEDOUT)
+        ;
+    done = g->done;
+    stuck = g->stuck;
+    pthread_mutex_unlock(&g->mu);
+    if (done)
+        return NULL;
+    pthread_mutex_lock(&g->s->mu);
+    pending = g->s->pending;
+    pthread_mutex_unlock(&g->s->mu);
+    keel__srv_log(KEEL_LOG_ERROR,
+                  "stuck exit: model calls still running after the exit timeout; exiting "
+                  "without waiting for them or freeing the runtime",
+                  "contexts_stuck", keel__srv_fmt(b1, sizeof(b1), "%" PRId64, stuck), "in_flight",
+                  keel__srv_fmt(b2, sizeof(b2), "%" PRId64, pending), "waited_secs",
+                  keel__srv_fmt(b3, sizeof(b3), "%u", g->secs), NULL);
+    _exit(KEEL_SERVER_EXIT_STUCK);
+}
+
+/* Starts the guard; false (and nothing started) if it cannot: the shutdown then waits as
+ * before, which it logs. */
+static bool stuck_guard_start(stuck_guard *g, keel_srv *s, unsigned secs)
+{
+    g->done = false;
+    g->secs = secs;
+    g->stuck = -1;
+    g->s = s;
+    if (pthread_mutex_init(&g->mu, NULL) != 0)
+        goto fail;
+    if (cond_init(&g->cv) != 0) {
+        pthread_mutex_destroy(&g->mu);
+        goto fail;
+    }
+    if (pthread_create(&g->thread, NULL, stuck_guard_main, g) != 0) {
+        pthread_cond_destroy(&g->cv);
+        pthread_mutex_destroy(&g->mu);
+        goto fail;
+    }
+    return true;
+fail:
+    keel__srv_log(KEEL_LOG_WARN,
+                  "cannot start the stuck-call guard; the shutdown waits for model calls "
+                  "however long they run",
+                  NULL);
+    return false;
+}
+
+static void stuck_guard_set_stuck(stuck_guard *g, int64_t stuck)
+{
+    pthread_mutex_lock(&g->mu);
+    g->stuck = stuck;
+    pthread_mutex_unlock(&g->mu);
+}
+
+static void stuck_guard_stop(stuck_guard *g)
+{
+    pthread_mutex_lock(&g->mu);
+    g->done = true;
+    pthread_cond_signal(&g->cv);
+    pthread_mutex_unlock(&g->mu);
+    pthread_join(g->thread, NULL);
+    pthread_cond_destroy(&g->cv);
+    pthread_mutex_destroy(&g->mu);
+}
+
 /*
  * The staged shutdown after the first signal (see the DESIGN at the top). Returns when
  * nothing is in flight and no new connection is accepted; MHD and the runtime are still up.
  */
-static void drain(keel_srv *s, int sfd)
+static void drain(keel_srv *s, int sfd, stuck_guard *guard, bool *guarded)
 {
     const keel_server_opts *o = s->opts;
     bool hurry = false;
@@ -1571,6 +1669,10 @@ static void drain(keel_srv *s, int sfd)
         }
     }
     left = s->pending;
+    pthread_mutex_unlock(&s->mu);
+    /* From here the shutdown is bounded by --stuck-exit-secs (stuck_guard). */
+    *guarded = stuck_guard_start(guard, s, s->opts->stuck_exit_secs);
+    pthread_mutex_lock(&s->mu);
     if (left > 0) {
         /* Cancel the rest. Queued and running requests complete at once (a running one's
          * backend call runs on). The watcher keeps cancelling late parkers. */
@@ -1613,6 +1715,8 @@ int keel_server_run(const keel_server_opts *o)
     char pbuf[16];
     char status[160];
     keel__srv_watchdog *wd = NULL;
+    stuck_guard guard;
+    bool guarded = false;
 
     keel__srv_log_init(o->log_level);
     if (!addr_parse(o->http_address, o->http_port, &addr, &v6)) {
@@ -1769,8 +1873,13 @@ int keel_server_run(const keel_server_opts *o)
     wd = NULL;
     snprintf(status, sizeof(status), "draining after %s", signal_name(sig));
     keel__srv_notify("STOPPING=1", status);
-    drain(s, sfd);
+    drain(s, sfd, &guard, &guarded);
     rc = KEEL_SERVER_EXIT_OK;
+    if (guarded) {
+        keel_counters c;
+        keel_counters_get(s->rt, &c);
+        stuck_guard_set_stuck(&guard, c.contexts_stuck);
+    }
     goto done;
 
 nomem:
@@ -1791,6 +1900,8 @@ done:
         keel__srv_trace_destroy(s->trace);
         keel__srv_obs_destroy(s->obs);
         keel_runtime_destroy(s->rt);
+        if (guarded)
+            stuck_guard_stop(&guard); /* the teardown finished in time */
         if (locks) {
             pthread_cond_destroy(&s->ctl_cv);
             pthread_mutex_destroy(&s->ctl_mu);

@@ -23,7 +23,15 @@
 #include "keel/keel.h"
 #include "restrict.h"
 
-enum { KEEL_SERVER_EXIT_OK = 0, KEEL_SERVER_EXIT_RUNTIME = 1, KEEL_SERVER_EXIT_USAGE = 2 };
+/* KEEL_SERVER_EXIT_STUCK: shut down, but model calls still running after the drain outlasted
+ * --stuck-exit-secs, so the process exited without waiting for them or freeing the runtime
+ * (the process's exit frees everything; the cause is logged). */
+enum {
+    KEEL_SERVER_EXIT_OK = 0,
+    KEEL_SERVER_EXIT_RUNTIME = 1,
+    KEEL_SERVER_EXIT_USAGE = 2,
+    KEEL_SERVER_EXIT_STUCK = 3
+};
 
 typedef enum keel_server_control {
     KEEL_SERVER_CONTROL_NONE = 0, /* load every model at start; load/unload API refused */
@@ -65,6 +73,7 @@ typedef struct keel_server_opts {
     keel_server_inline infer_on_http_thread;
     unsigned inline_max_us;       /* AUTO's bound on a model's estimated run time; default 200 */
     unsigned exit_timeout_secs;   /* drain bound at shutdown; default 30 */
+    unsigned stuck_exit_secs;     /* then bound on waiting for running model calls; default 30 */
     unsigned shutdown_grace_secs; /* not-ready-but-serving time at shutdown; default 1 */
     keel_log_level log_level;     /* default KEEL_LOG_INFO */
     /* Image preprocessing processes (default 2; 0 = none), the deadline of one request's

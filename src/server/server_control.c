@@ -112,6 +112,10 @@ static void *control_main(void *arg)
         c->job_next = NULL;
         pthread_mutex_unlock(&s->ctl_mu);
         run_job(s, c);
+        /* Jobs are loads and unloads: rare, and milliseconds to seconds each. What the job
+         * left in this thread's allocator cache goes back now instead of staying with a
+         * thread that may sleep for days (keel.h). */
+        keel_heap_thread_idle();
         pthread_mutex_lock(&s->ctl_mu);
     }
     pthread_mutex_unlock(&s->ctl_mu);

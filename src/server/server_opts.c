@@ -37,6 +37,7 @@ void keel_server_opts_init(keel_server_opts *opts)
     opts->infer_on_http_thread = KEEL_SERVER_INLINE_AUTO;
     opts->inline_max_us = 200;
     opts->exit_timeout_secs = 30;
+    opts->stuck_exit_secs = 30;
     opts->shutdown_grace_secs = 1;
     opts->log_level = KEEL_LOG_INFO;
     opts->preprocess_workers = 2;
@@ -126,6 +127,10 @@ void keel_server_print_help(FILE *f)
           "                              N seconds (default 1)\n"
           "  --exit-timeout-secs N       then wait up to N seconds for requests in flight\n"
           "                              before cancelling them (default 30)\n"
+          "  --stuck-exit-secs N         then wait up to N seconds for model calls still\n"
+          "                              running (answered, but their backend has not\n"
+          "                              returned); after that exit with status 3 without\n"
+          "                              freeing them (default 30)\n"
           "  --preprocess-workers N      worker processes decoding images for models with a\n"
           "                              \"preprocess\" section (default 2; 0 = none, such\n"
           "                              models then fail to load)\n"
@@ -192,6 +197,7 @@ typedef enum opt_id {
     O_INLINE,
     O_INLINE_MAX,
     O_EXIT_TIMEOUT,
+    O_STUCK_EXIT,
     O_GRACE,
     O_LOG_LEVEL,
     O_LOG_FORMAT,
@@ -233,6 +239,7 @@ static const struct {
     {"--infer-on-http-thread", O_INLINE, true}, /* the old name, kept working */
     {"--inline-max-us", O_INLINE_MAX, true},
     {"--exit-timeout-secs", O_EXIT_TIMEOUT, true},
+    {"--stuck-exit-secs", O_STUCK_EXIT, true},
     {"--shutdown-grace-secs", O_GRACE, true},
     {"--log-level", O_LOG_LEVEL, true},
     {"--log-format", O_LOG_FORMAT, true},
@@ -413,6 +420,11 @@ static int parse_args(int argc, char **argv, keel_server_opts *o)
             if (!parse_u64(val, 0, 86400, &n))
                 return usage("--exit-timeout-secs: '%s' is not a number of seconds (0-86400)", val);
             o->exit_timeout_secs = (unsigned)n;
+            break;
+        case O_STUCK_EXIT:
+            if (!parse_u64(val, 0, 86400, &n))
+                return usage("--stuck-exit-secs: '%s' is not a number of seconds (0-86400)", val);
+            o->stuck_exit_secs = (unsigned)n;
             break;
         case O_GRACE:
             if (!parse_u64(val, 0, 3600, &n))

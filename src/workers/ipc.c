@@ -96,6 +96,11 @@ ssize_t keel__prep_recv(int sock, void *buf, size_t len, int *fds, int maxfds, i
         for (int i = 0; i < kept; i++)
             close(fds[i]);
         *nfds = 0;
+        /* The message whole but its descriptors cut: our buffer holds more than any peer
+         * sends, so the kernel could not install them (this process is at its fd limit) and
+         * closed them. The bytes in buf are valid. */
+        if ((mh.msg_flags & MSG_TRUNC) == 0 && maxfds > 0)
+            return -EMFILE;
         return -EMSGSIZE;
     }
     return n;

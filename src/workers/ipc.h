@@ -23,7 +23,9 @@ void keel__close_fds_from(int from);
 int keel__prep_send(int sock, const void *buf, size_t len, const int *fds, int nfds);
 /* Receives one message of at most len bytes and up to maxfds descriptors (close-on-exec;
  * extra ones are closed, *nfds says how many were kept). Returns the message length, 0 at
- * end of stream, or -errno. A truncated message is -EMSGSIZE. */
+ * end of stream, or -errno. A truncated message is -EMSGSIZE. -EMFILE: the message arrived
+ * whole (buf holds it) but its descriptors were lost because this process is out of file
+ * descriptors (the kernel closed them; none is returned). */
 ssize_t keel__prep_recv(int sock, void *buf, size_t len, int *fds, int maxfds, int *nfds);
 /* A new close-on-exec memfd named name holding len bytes of data, sealed with
  * KEEL__MEMFD_SEALS and F_SEAL_SEAL unless seal is false (a fault-injection test). Returns

@@ -40,6 +40,13 @@
  * conversations with the fork server (one request, one reply). The two are never held
  * together, and no I/O with a worker runs under either. Counters are atomics.
  *
+ * Out of file descriptors: a spawn whose reply keel cannot take the descriptors of (keel at
+ * its fd limit: the kernel closes them, MSG_CTRUNC) fails that spawn only, with EMFILE: the
+ * fork server did answer and stays; the worker it forked exits (its socket's peer is gone)
+ * and is REAPed at once. A task whose result memfd is lost the same way fails with EMFILE
+ * and its worker stays. A task that finds no running worker at its deadline names the last
+ * spawn's error. (tests/scenarios/test_fd_exhaustion.py)
+ *
  * Health: the pool is unhealthy when the fork server is gone (it is never restarted: forking
  * a new one from a process that now holds models and threads is what this design avoids) or
  * when no worker is alive and the last spawn failed.
@@ -87,6 +94,7 @@ struct keel__prep_pool {
     uint64_t bytes_in_flight;         /* mu */
     uint64_t next_spawn_ns;           /* mu: after a failed spawn, not before this */
     bool last_spawn_failed;           /* mu */
+    int last_spawn_errno;             /* mu: why the last failed spawn failed */
     bool stopping;                    /* mu */
     pthread_t supervisor;             /* spawns replacements for EMPTY slots */
     bool supervisor_started;
@@ -172,6 +180,8 @@ static int fs_call_locked(keel__prep_pool *p, const keel__fs_req *q, keel__fs_re
         goto dead;
     }
     n = keel__prep_recv(p->fs_sock, r, sizeof(*r), fds, 2, nfds);
+    if (n == -EMFILE && r->magic == KEEL__PREP_MAGIC)
+        return EMFILE; /* the fork server answered; we could not take its descriptors */
     if (n != (ssize_t)sizeof(*r) || r->magic != KEEL__PREP_MAGIC) {
         for (int i = 0; i < *nfds; i++)
             close(fds[i]);
@@ -201,6 +211,33 @@ static bool await_hello(int sock)
            m.status == KEEL_OK;
 }
 
+/* A worker was forked but its socket and pidfd never reached us (we were out of fds: the
+ * kernel closed them in flight). With its socket's peer closed it exits at once (its hello
+ * or its first read fails); the fork server keeps its status until asked, so ask until it
+ * has exited, for at most FS_REPLY_MS. */
+static void forget_lost_worker(keel__prep_pool *p, pid_t pid)
+{
+    keel__fs_req q = {.magic = KEEL__PREP_MAGIC, .op = KEEL__FS_REAP, .pid = pid};
+
+    for (int waited = 0; waited < FS_REPLY_MS; waited += 2) {
+        keel__fs_reply r;
+        int fds[2], nfds = 0, e;
+
+        pthread_mutex_lock(&p->fs_mu);
+        e = fs_call_locked(p, &q, &r, fds, &nfds);
+        pthread_mutex_unlock(&p->fs_mu);
+        for (int k = 0; k < nfds; k++)
+            close(fds[k]);
+        if (e != 0 || r.err != EBUSY)
+            return;
+        usleep(2000);
+    }
+    KEEL__LOG(&p->o.log, KEEL_LOG_ERROR,
+              "preprocessing worker %d, spawned while keel was out of file descriptors, has "
+              "not exited",
+              (int)pid);
+}
+
 /* Spawns a worker into slot i (state SPAWNING, owned by the caller). */
 static keel_err spawn_into(keel__prep_pool *p, int i)
 {
@@ -213,6 +250,8 @@ static keel_err spawn_into(keel__prep_pool *p, int i)
     pthread_mutex_lock(&p->fs_mu);
     e = fs_call_locked(p, &q, &r, fds, &nfds);
     pthread_mutex_unlock(&p->fs_mu);
+    if (e == EMFILE && r.err == 0 && r.pid > 0)
+        forget_lost_worker(p, r.pid);
     ok = e == 0 && r.err == 0 && nfds == 2 && r.pid > 0;
     if (ok && !await_hello(fds[0])) {
         /* Never came up: kill it, and collect its status so the fork server forgets it. */
@@ -245,6 +284,8 @@ static keel_err spawn_into(keel__prep_pool *p, int i)
     w->pid = ok ? r.pid : -1; /* written under mu: keel__prep_worker_pids reads it */
     w->st = ok ? W_IDLE : W_EMPTY;
     p->last_spawn_failed = !ok;
+    if (!ok)
+        p->last_spawn_errno = e != 0 ? e : r.err != 0 ? r.err : EPROTO;
     p->next_spawn_ns = ok ? 0 : keel__now_ns() + SPAWN_BACKOFF_NS;
     pthread_cond_broadcast(&p->cv);
     pthread_mutex_unlock(&p->mu);
@@ -567,6 +608,11 @@ static outcome exchange(keel__prep_pool *p, worker *w, uint32_t type, const void
             return O_DEAD;
     }
     n = keel__prep_recv(w->sock, &r, sizeof(r), &rfd, 1, &nfds);
+    if (n == -EMFILE) {
+        /* The worker answered and waits for its next task; only we cannot take the result. */
+        keel__errf(errbuf, errlen, "cannot receive the worker's result: %s", strerror(EMFILE));
+        return O_LOCAL;
+    }
     if (n == 0 || (n < 0 && n != -EMSGSIZE))
         return O_DEAD; /* end of stream, or ECONNRESET: it died before reading the task */
     if (nfds == 1)
@@ -604,7 +650,7 @@ static keel_err acquire(keel__prep_pool *p, uint64_t need, uint64_t deadline, in
 
     pthread_mutex_lock(&p->mu);
     for (;;) {
-        int idle = -1, empty = -1, live = 0;
+        int idle = -1, empty = -1, live = 0, running = 0;
         uint64_t now = keel__now_ns(), wake = deadline;
         struct timespec ts;
 
@@ -620,6 +666,8 @@ static keel_err acquire(keel__prep_pool *p, uint64_t need, uint64_t deadline, in
                 empty = i;
             if (p->w[i].st != W_EMPTY)
                 live++;
+            if (p->w[i].st == W_IDLE || p->w[i].st == W_BUSY)
+                running++;
         }
         if (idle >= 0 && p->bytes_in_flight + need <= p->o.max_total_bytes) {
             p->w[idle].st = W_BUSY;
@@ -640,10 +688,16 @@ static keel_err acquire(keel__prep_pool *p, uint64_t need, uint64_t deadline, in
             break;
         }
         if (now >= deadline) {
-            keel__errf(errbuf, errlen,
-                       "no preprocessing worker became free before the deadline "
-                       "(%d workers, %llu bytes in flight)",
-                       p->o.workers, (unsigned long long)p->bytes_in_flight);
+            if (running == 0 && p->last_spawn_failed)
+                keel__errf(errbuf, errlen,
+                           "no preprocessing worker is running before the deadline: the last "
+                           "spawn failed: %s",
+                           strerror(p->last_spawn_errno));
+            else
+                keel__errf(errbuf, errlen,
+                           "no preprocessing worker became free before the deadline "
+                           "(%d workers, %llu bytes in flight)",
+                           p->o.workers, (unsigned long long)p->bytes_in_flight);
             err = KEEL_ETIMEDOUT;
             break;
         }

@@ -13,10 +13,25 @@ How it was checked to fail: with the load's error message replaced by a fixed "l
 in src/runtime/load.c (load_fail), step 2 fails on the message. Step 1 guards libmicrohttpd's
 accept loop, not keel code: it was checked only against its precondition (with the fd limit
 raised to 4096 the server never reaches the limit and the test says so).
-Not covered: EMFILE at a preprocessing worker's spawn (the fork server's own fd limit).
+  3. At a preprocessing worker's spawn, on each side (test_emfile_at_worker_spawn, its own
+     server with an image model): both workers are killed while (a) keel or (b) the fork
+     server may open no descriptor (RLIMIT_NOFILE lowered on the running process with
+     prlimit(2), below every fd in use: deterministic, no race with accepts). (a) The
+     fork server's reply carries the new worker's socket and pidfd, which the kernel cannot
+     install in keel (MSG_CTRUNC); (b) the fork server's socketpair fails. An image request
+     over a connection opened before gets an error naming "Too many open files" within its
+     deadline; the fork server is the same process afterwards (it is not declared lost);
+     once the limit is back the workers are respawned, the next image request is answered
+     and fds, memfds, workers and zombies are back at their baseline.
+How it was checked to fail (3): with keel__prep_recv returning -EMSGSIZE for a cut control
+message again (the code before this test), (a) fails: keel declared the fork server lost
+and killed it, so no worker ever came back ("no preprocessing worker can run: the fork
+server is gone").
 """
 
 import os
+import resource
+import signal
 import socket
 import sys
 import time
@@ -148,6 +163,76 @@ def test_emfile_at_model_load():
     infer_ok()
 
 
+def image_request(sock, pp, images):
+    body = pp.json_images(images)
+    req = ("POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           "Content-Length: %d\r\n\r\n" % (kit.infer_path("digits"), len(body))).encode()
+    sock.sendall(req + body)
+    return kit.read_response(sock, timeout=30, method="POST")
+
+
+def wait_for(what, cond, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        check(time.monotonic() < deadline, "timed out waiting for " + what)
+        time.sleep(0.05)
+
+
+def test_emfile_at_worker_spawn():
+    import test_preprocess_http as pp  # its image model, images and /proc helpers
+
+    d = kit.tmpdir("keel-fdpp-")
+    repo = os.path.join(d, "models")
+    os.makedirs(repo)
+    pp.add(repo, "digits", pp.train(d), True)
+    images = pp.make_images(d)
+    img = [images[sorted(images)[0]]]
+    srv = kit.Server(repo, ["--preprocess-timeout-ms", "2000", "--http-threads", "1"]).start()
+    try:
+        pid = srv.proc.pid
+        ok = pp.probs(kit.post(srv.port, kit.infer_path("digits"), pp.json_images(img)))
+        fs = pp.forkserver_pid(pid)
+        wait_for("2 workers", lambda: len(pp.workers(pid)) == 2)
+        fds, memfds = srv.fd_count(), pp.memfds(pid)
+        for side, target in (("keel", pid), ("fork server", fs)):
+            ctl = kit.connect(srv.port, timeout=60)
+            ctl.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            r = kit.read_response(ctl, timeout=10)
+            check(r is not None and r.status == 200, "live: %r" % r)
+            limit = resource.prlimit(target, resource.RLIMIT_NOFILE)
+            resource.prlimit(target, resource.RLIMIT_NOFILE, (3, limit[1]))  # no new fd at all
+            try:
+                for w in pp.workers(pid):
+                    os.kill(w, signal.SIGKILL)
+                wait_for("the killed workers gone", lambda: len(pp.workers(pid)) == 0)
+                t0 = time.monotonic()
+                r = image_request(ctl, pp, img)
+                took = time.monotonic() - t0
+                kit.log("  %s at its fd limit: %d in %.2f s: %r" % (side, r.status if r else 0,
+                                                                   took, r.body if r else r))
+                check(r is not None and r.status >= 500, "%s at the fd limit: %r" % (side, r))
+                check(b"Too many open files" in r.body,
+                      "%s at the fd limit: the error does not name the cause: %r" % (side, r))
+                check(took < 10, "%s at the fd limit: the request took %.1f s" % (side, took))
+            finally:
+                resource.prlimit(target, resource.RLIMIT_NOFILE, limit)
+                ctl.close()
+            check(srv.alive(), "the server died:\n" + srv.stderr_tail())
+            check(pp.forkserver_pid(pid) == fs, "the fork server was replaced or lost")
+            wait_for("2 workers respawned", lambda: len(pp.workers(pid)) == 2)
+            r = kit.post(srv.port, kit.infer_path("digits"), pp.json_images(img))
+            check(pp.probs(r) == ok, "the image request after the limit was lifted: %r" % r)
+            kit.wait_idle(srv.port)
+            srv.wait_fds(fds, timeout=20)
+            wait_for("memfds back to %d" % memfds, lambda: pp.memfds(pid) <= memfds)
+            check(pp.zombies(pid) == [], "zombies: %r" % pp.zombies(pid))
+        check("fork server lost" not in srv.stderr_text(),
+              "keel declared the fork server lost:\n" + srv.stderr_tail())
+    finally:
+        srv.stop()
+
+
 if __name__ == "__main__":
     kit.parse_args()
-    kit.run([test_emfile_at_accept, test_emfile_at_model_load], setup=setup, teardown=teardown)
+    kit.run([test_emfile_at_accept, test_emfile_at_model_load, test_emfile_at_worker_spawn],
+            setup=setup, teardown=teardown)

@@ -5,18 +5,23 @@ keel serve in explicit mode with nothing loaded; its anonymous resident memory (
 heap, stacks and allocator caches; file-backed pages are library code, clean and shared) is
 read after start-up. Then the slow model (2000 deep trees: tens of MiB once loaded) is
 loaded, answers requests, is reloaded RELOADS times under requests, and unloaded; once the
-reaper has freed the last generation (keel_live_generations 0) RssAnon must be within
-BOUND (6 MiB) of its value before the first load, and the live counters idle. One generation
-of this model is about 10.7 MiB, so a single one not given back fails; the issue's goal of
-1 MiB is NOT met yet (measured here: +3.4 to +4.0 MiB of heap, of which about 3 MiB is
-jemalloc's free-held pages: docs/PERFORMANCE.md, "RSS after unloading everything"). VmRSS
-is logged too: it also counts the pages of libxgboost's and libgomp's code that the first
-load touched.
-Under a sanitizer RSS measures the sanitizer's allocator (quarantine, shadow memory), so
-there the bound is not asserted (the test says so in its output): LeakSanitizer checks for
-leaks, and the counters are checked in every build.
+reaper has freed the last generation (keel_live_generations 0) and the threads that worked
+have gone idle (their allocator caches go back after a second idle: IDLE_WAIT), RssAnon must
+be within BOUND (1 MiB, the goal of issue 14) of its value before the first load, and the
+live counters idle. Measured: +0.76 to +0.86 MiB (docs/PERFORMANCE.md, "RSS after unloading
+everything"); one generation of this model is about 10.7 MiB, and the build arena's extent
+metadata that was not given back before this goal was met is about 3 MiB. VmRSS is logged
+too: it also counts the pages of libxgboost's, libgomp's and libcrypto's code that the first
+load touched (about 2.5 MiB, file-backed and clean: not the heap, not asserted).
+Under a sanitizer RSS measures the sanitizer's allocator (quarantine, shadow memory), and
+keel is not linked with jemalloc there, so the bound is asserted only in the plain build (the
+test says so in its output): LeakSanitizer checks for leaks, and the counters are checked in
+every build.
 How it was checked to fail: with xgb_model_free in src/backends/xgboost.c not freeing the
-booster (a leaked model), RssAnon stays 123 MiB above its start and the bound fails.
+booster (a leaked model), RssAnon stays 123 MiB above its start and the bound fails; without
+the build arena (keel__heap_build_begin a no-op) it is +3.6 MiB and fails; without the idle
+flush of the HTTP, inference and control threads it was +1.00 to +1.12 MiB over four runs:
+at or over the bound.
 """
 
 import os
@@ -30,7 +35,9 @@ from kit import check  # noqa: E402
 S = {}
 RELOADS = 10
 MIB = 1048576.0
-BOUND = 6 * MIB
+BOUND = 1 * MIB
+IDLE_WAIT = 2.5  # s: threads give their allocator caches back after 1 s idle
+SETTLE_SECS = 15
 
 
 def sanitized():
@@ -77,7 +84,7 @@ def test_rss_back_after_unloading_everything():
         S["port"] = port = srv.port
         time.sleep(1.0)  # start-up allocations settled
         kit.scrape(port)  # the first /metrics builds its buffers: before the baseline
-        time.sleep(0.5)
+        time.sleep(IDLE_WAIT)  # and the thread that answered it gives its cache back
         before = status(srv.proc.pid, port)
         for i in range(RELOADS + 1):
             r = kit.post(port, "/v2/repository/models/slow/load", b"")
@@ -88,8 +95,16 @@ def test_rss_back_after_unloading_everything():
         check(r.status == 200, "unload: %r" % r)
         kit.wait_idle(port, names=("keel_live_leases", "keel_live_requests", "keel_live_queued",
                                    "keel_live_generations", "keel_live_contexts"), timeout=30)
-        time.sleep(1.0)  # the reaper's trim after the last free
-        after = status(srv.proc.pid, port)
+        # The reaper's trim after the last free, then the idle threads' caches: after
+        # IDLE_WAIT on an idle machine; on a loaded one the threads may run late, so the
+        # sample is repeated for up to SETTLE_SECS (memory that never comes back still fails).
+        time.sleep(IDLE_WAIT)
+        settle = time.monotonic() + SETTLE_SECS
+        while True:
+            after = status(srv.proc.pid, port)
+            if after["RssAnon"] - before["RssAnon"] <= BOUND or time.monotonic() > settle:
+                break
+            time.sleep(0.5)
     d = {k: after[k] - before[k] for k in before}
     kit.log("  before %s" % ", ".join("%s %.2f MiB" % (k, v / MIB) for k, v in before.items()))
     kit.log("  after  %s" % ", ".join("%s %.2f MiB" % (k, v / MIB) for k, v in after.items()))
