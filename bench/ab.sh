@@ -57,7 +57,7 @@ done
 
 start() { # binary -> sets port, spid
     local log="$out/serve.log"
-    taskset -c "$scpu" "$1" serve --model-repository "$repo" --http-port 0 --http-threads 1 \
+    taskset -c "$scpu" "$1" serve --model-repository "$repo" --http-port 0 --grpc-port -1 --http-threads 1 \
         >"$log" 2>/dev/null &
     spid=$!
     port=""
