@@ -12,6 +12,9 @@
  *   sync   keel_infer() on one reused request from a single caller thread.
  *   async  depth requests in flight through keel_infer_submit(); each callback resubmits its
  *          request until the round ends.
+ *   split  two runtimes of one worker each ("2 rt w1/i1"), half the depth on each, at once:
+ *          keel's 2-thread async rate when its threads share no scheduler state, the upper
+ *          bound of per-worker queues and contexts for "async w2/i2" (issue 12, item 5).
  * keel runs in two runtimes: 1 worker thread serving ref_i1 (one context), and 2 worker
  * threads serving ref_i2 (two contexts). Each (batch, keel mode) pair is measured as
  * rounds of raw, keel, raw, keel, ... of about --seconds each, so slow drifts of the machine
@@ -612,6 +615,42 @@ static sample round_async(keel_request **reqs, int depth, double seconds)
     return s;
 }
 
+/* Two async runs at once, each on its own runtime (MODE_SPLIT): depth requests of reqs[0..depth)
+ * on the first runtime and as many of reqs2 on the second; calls/s is their sum. */
+static sample round_async_split(keel_request **reqs, keel_request **reqs2, int depth,
+                                double seconds)
+{
+    async_run a[2];
+    keel_request **sets[2] = {reqs, reqs2};
+    sample s = {0};
+    uint64_t c0 = 0, c1 = 0;
+    window w;
+    int started[2];
+
+    memset(a, 0, sizeof(a));
+    for (int i = 0; i < 2; i++) {
+        pthread_mutex_init(&a[i].mu, NULL);
+        pthread_cond_init(&a[i].cv, NULL);
+        started[i] = async_start(&a[i], sets[i], depth, INT64_MAX);
+    }
+    if (started[0] == depth && started[1] == depth) {
+        c0 = completed_sum(&a[0]) + completed_sum(&a[1]);
+        w = window_open();
+        sleep_s(seconds);
+        c1 = completed_sum(&a[0]) + completed_sum(&a[1]);
+        s = window_close(w, c1 - c0);
+    }
+    for (int i = 0; i < 2; i++) {
+        atomic_store(&a[i].stop, true);
+        async_wait(&a[i]);
+        if (atomic_load(&a[i].failures) > 0 || started[i] != depth)
+            s.ok = false;
+        pthread_mutex_destroy(&a[i].mu);
+        pthread_cond_destroy(&a[i].cv);
+    }
+    return s;
+}
+
 /* ---------------------------------------------------------------- statistics and table */
 
 static int cmp_double(const void *a, const void *b)
@@ -637,7 +676,10 @@ static summary summarise(const double *v, int n)
     return s;
 }
 
-typedef enum mode { MODE_SYNC, MODE_ASYNC } mode;
+/* MODE_SPLIT: two runtimes of one worker and one instance each (sides[0] and sides[2]), half
+ * the depth on each: keel with no scheduler state shared between the two threads, the upper
+ * bound of a per-worker design for MODE_ASYNC w2/i2 (issue 12, item 5). */
+typedef enum mode { MODE_SYNC, MODE_ASYNC, MODE_SPLIT } mode;
 
 typedef struct row_spec {
     mode m;
@@ -646,11 +688,19 @@ typedef struct row_spec {
 } row_spec;
 
 static const row_spec row_specs[] = {
-    {MODE_SYNC, 1, 1},
-    {MODE_SYNC, 2, 1},
-    {MODE_ASYNC, 1, 1},
-    {MODE_ASYNC, 2, 2},
+    {MODE_SYNC, 1, 1},  {MODE_SYNC, 2, 1},  {MODE_ASYNC, 1, 1},
+    {MODE_ASYNC, 2, 2}, {MODE_SPLIT, 1, 2},
 };
+
+static sample round_keel(mode m, keel_request **reqs, keel_request **reqs2, int nreqs, int batch,
+                         double seconds)
+{
+    if (m == MODE_SYNC)
+        return round_sync(reqs[0], batch, seconds);
+    if (m == MODE_ASYNC)
+        return round_async(reqs, nreqs, seconds);
+    return round_async_split(reqs, reqs2, nreqs, seconds);
+}
 
 /* Measures one table row: rounds of raw then keel. Returns 0, or -1 if anything failed. */
 static int measure_row(const options *o, BoosterHandle booster, keel_side *sides, const float *x,
@@ -658,7 +708,8 @@ static int measure_row(const options *o, BoosterHandle booster, keel_side *sides
 {
     keel_side *k = &sides[spec->instances - 1];
     keel_request *reqs[MAX_DEPTH] = {0};
-    int nreqs = spec->m == MODE_SYNC ? 1 : o->depth;
+    keel_request *reqs2[MAX_DEPTH] = {0};
+    int nreqs = spec->m == MODE_SYNC ? 1 : spec->m == MODE_SPLIT ? o->depth / 2 : o->depth;
     double kc[MAX_ROUNDS], rc[MAX_ROUNDS], ratio[MAX_ROUNDS];
     double kcpu[MAX_ROUNDS], rcpu[MAX_ROUNDS], kcsw[MAX_ROUNDS];
     summary sk, sr, sq, skcpu, srcpu, skcsw;
@@ -668,18 +719,17 @@ static int measure_row(const options *o, BoosterHandle booster, keel_side *sides
     for (int i = 0; i < nreqs; i++) {
         if ((reqs[i] = make_request(k, x, batch)) == NULL)
             goto done;
+        if (spec->m == MODE_SPLIT && (reqs2[i] = make_request(&sides[2], x, batch)) == NULL)
+            goto done;
     }
     /* One untimed warm-up of each side. */
     if (!round_raw(booster, x, batch, spec->raw_threads, o->seconds / 10).ok)
         goto done;
-    if (!(spec->m == MODE_SYNC ? round_sync(reqs[0], batch, o->seconds / 10)
-                               : round_async(reqs, nreqs, o->seconds / 10))
-             .ok)
+    if (!round_keel(spec->m, reqs, reqs2, nreqs, batch, o->seconds / 10).ok)
         goto done;
     for (int r = 0; r < o->rounds; r++) {
         sample raw_s = round_raw(booster, x, batch, spec->raw_threads, o->seconds);
-        sample keel_s = spec->m == MODE_SYNC ? round_sync(reqs[0], batch, o->seconds)
-                                             : round_async(reqs, nreqs, o->seconds);
+        sample keel_s = round_keel(spec->m, reqs, reqs2, nreqs, batch, o->seconds);
 
         if (!raw_s.ok || !keel_s.ok)
             goto done;
@@ -698,9 +748,11 @@ static int measure_row(const options *o, BoosterHandle booster, keel_side *sides
     skcsw = summarise(kcsw, o->rounds);
     if (spec->m == MODE_SYNC)
         snprintf(label, sizeof(label), "sync w%d/i%d", spec->instances, spec->instances);
-    else
+    else if (spec->m == MODE_ASYNC)
         snprintf(label, sizeof(label), "async w%d/i%d d%d", spec->instances, spec->instances,
                  nreqs);
+    else
+        snprintf(label, sizeof(label), "2 rt w1/i1 d%d+%d", nreqs, nreqs);
     snprintf(rawlabel, sizeof(rawlabel), "raw %dT", spec->raw_threads);
     printf("| %5d | %-16s | %9.0f (%.0f..%.0f) | %10.0f | %-6s | %9.0f (%.0f..%.0f) | %10.0f "
            "| %.3f (%.3f..%.3f) | %6.2f | %6.2f | %5.2f |\n",
@@ -711,8 +763,10 @@ static int measure_row(const options *o, BoosterHandle booster, keel_side *sides
     result = 0;
 
 done:
-    for (int i = 0; i < nreqs; i++)
+    for (int i = 0; i < nreqs; i++) {
         keel_request_destroy(reqs[i]);
+        keel_request_destroy(reqs2[i]);
+    }
     return result;
 }
 
@@ -982,7 +1036,7 @@ int main(int argc, char **argv)
 {
     options o;
     BoosterHandle booster = NULL;
-    keel_side sides[2] = {{0}, {0}};
+    keel_side sides[3] = {{0}, {0}, {0}}; /* i1, i2, and a second i1 runtime (MODE_SPLIT) */
     float *x = NULL;
     char path[4096];
     int rc = 1;
@@ -1006,7 +1060,8 @@ int main(int argc, char **argv)
         goto done;
     }
 
-    if (keel_side_open(&sides[0], o.repo, 1) != 0 || keel_side_open(&sides[1], o.repo, 2) != 0)
+    if (keel_side_open(&sides[0], o.repo, 1) != 0 || keel_side_open(&sides[1], o.repo, 2) != 0 ||
+        keel_side_open(&sides[2], o.repo, 1) != 0)
         goto done;
     for (int b = 0; b < o.nbatches; b++) {
         if (check_agreement(booster, &sides[0], x, o.batches[b]) != 0 ||
@@ -1018,6 +1073,7 @@ int main(int argc, char **argv)
 done:
     keel_runtime_destroy(sides[0].rt);
     keel_runtime_destroy(sides[1].rt);
+    keel_runtime_destroy(sides[2].rt);
     if (booster != NULL)
         XGBoosterFree(booster);
     free(x);
