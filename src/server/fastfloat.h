@@ -317,6 +317,137 @@ static inline bool keel__ff_fast_f32(uint64_t m, int64_t e, float *out)
     return false;
 }
 
+/*
+ * Which vector path the decoder uses: 0 = none (the scalar code above), 1 = AVX2 with BMI1,
+ * BMI2 and POPCNT (x86-64-v3: Intel since 2013, AMD since 2015). Detected once (cpuid, through
+ * __builtin_cpu_supports, which also checks that the OS saves the AVX state) and cached;
+ * keel__ff_simd_force() overrides it for tests and benchmarks (-1: detect again).
+ */
+int keel__ff_simd_level(void);
+void keel__ff_simd_force(int level);
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define KEEL__FF_HAVE_AVX2 1
+#include <immintrin.h>
+
+#define KEEL__FF_AVX2_TARGET __attribute__((target("avx2,bmi,bmi2,popcnt")))
+
+/* What the vector path needs to know about a number of len bytes (after the sign) with its
+ * first non-digit at dp (the point, or dp == len: no point). See fastfloat.c. */
+typedef struct keel__ff_shape {
+    uint8_t gather[16]; /* pshufb control: the digits without the point, right-aligned */
+    double scale;       /* 10^-(fraction digits), rounded to nearest */
+    uint64_t mmin;      /* m below this is invalid: a leading zero ("01"), or UINT64_MAX when
+                           the shape itself is ("", ".5", "5.", 16 digits) */
+} keel__ff_shape;
+
+extern const keel__ff_shape keel__ff_shapes[17][17];
+/* '0', 9 and '.' in every byte (loaded from memory: gcc otherwise rebuilds them per number). */
+extern const uint8_t keel__ff_vconst[3][16];
+
+/*
+ * The FP32 vector path for the common shape of tensor data: -?D+(.D+)? with at most 16 bytes
+ * after the sign and at most 15 digits, no exponent, whose end e is already known (v2codec.c
+ * finds the separators first, so no number waits for the previous one to end). One 16-byte
+ * load and no branch per digit or per shape: the bytes are classified as digits and points
+ * at once; the number is valid iff its first non-digit that is not its first point is at e
+ * (one comparison), its shape (len, dp) is one the table allows and m is not below the
+ * table's minimum (no leading zero); the point is squeezed out and the digits right-aligned
+ * by one pshufb, and three multiply-adds make m (< 10^15 < 2^53, exact in double). Then value
+ * = m * 10^-nf is d = m * (10^-nf rounded to double), rounded to float, with the midpoint guard
+ * of keel__ff_fast_f32 (see DESIGN; an integer, nf == 0, is exact in d, so one rounding).
+ * Returns false, storing nothing, when [p, e) is not exactly such a number (another shape,
+ * invalid JSON, whitespace before e) or d lies near a float midpoint; the caller then takes
+ * keel__ff_scan_fast + keel__ff_to_f32, which gives the exact float or the exact error.
+ * Reads the 17 bytes at p whatever e is: the caller guarantees them readable.
+ * with_exponent (a constant at each call site) also takes an exponent part of 1 to 3 digits
+ * ("1.5e-3"), converted by keel__ff_fast_f32's exact paths: v2codec.c's hot loop calls this
+ * without it and retries a declined number with it out of line, so that the hot loop stays
+ * small enough for the registers (spilled loop variables cost more than the whole number).
+ * Call only from code compiled with KEEL__FF_AVX2_TARGET, when keel__ff_simd_level() >= 1.
+ */
+KEEL__FF_AVX2_TARGET __attribute__((always_inline)) static inline bool
+keel__ff_f32_avx2(const char *p, const char *e, float *out, bool with_exponent)
+{
+    /* 1 for '-', else 0, computed on the whole register: a setcc here would write only its
+     * low byte and so wait for that register's previous value, the float of the previous
+     * number, chaining every number to the one before it (measured: 4x slower). */
+    const uint32_t neg = (((uint32_t)(unsigned char)*p ^ 0x2Du) - 1u) >> 31;
+    const char *s = p + neg;
+    const __m128i v = _mm_loadu_si128((const __m128i *)(const void *)s);
+    const __m128i dd =
+        _mm_sub_epi8(v, _mm_set1_epi8('0'));
+    /* Bits 16..31 set too, so both counts below are at most 16. */
+    const uint32_t nondig = ~(uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(
+        _mm_min_epu8(dd, _mm_set1_epi8(9)), dd));
+    const uint32_t dot = (uint32_t)_mm_movemask_epi8(
+        _mm_cmpeq_epi8(v, _mm_set1_epi8('.')));
+    const uint32_t dp = (uint32_t)__builtin_ctz(nondig);
+    /* The first non-digit left out if it is a point: what remains must start at e. */
+    const uint32_t len = (uint32_t)__builtin_ctz(nondig ^ (nondig & (0u - nondig) & dot));
+    const keel__ff_shape *sh = &keel__ff_shapes[len][dp];
+    int32_t ex = 0; /* the exponent part's value, when there is one */
+    __m128i x;
+    uint64_t hl, m, bits;
+    double d;
+    float f;
+    uint32_t fb;
+
+    if (__builtin_expect(s + len != e, 0)) {
+        if (!with_exponent)
+            return false;
+        /* An exponent part ("1.5e-3") of one to three digits, then e; else not ours. */
+        const char *q = s + len + 1;
+        uint32_t eneg;
+        ptrdiff_t nx;
+
+        if (((unsigned char)s[len] | 0x20u) != 'e' || q >= e)
+            return false;
+        eneg = *q == '-';
+        q += *q == '-' || *q == '+';
+        nx = e - q;
+        if (nx < 1 || nx > 3)
+            return false;
+        for (; q < e; q++) {
+            if ((unsigned)(*q - '0') >= 10u)
+                return false;
+            ex = ex * 10 + (*q - '0');
+        }
+        ex = eneg ? -ex : ex;
+    }
+    x = _mm_shuffle_epi8(dd, _mm_load_si128((const __m128i *)(const void *)sh->gather));
+    x = _mm_maddubs_epi16(x, _mm_setr_epi8(10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1));
+    x = _mm_madd_epi16(x, _mm_setr_epi16(100, 1, 100, 1, 100, 1, 100, 1));
+    x = _mm_madd_epi16(_mm_packs_epi32(x, x),
+                       _mm_setr_epi16(10000, 1, 10000, 1, 10000, 1, 10000, 1));
+    hl = (uint64_t)_mm_cvtsi128_si64(x);
+    m = (hl & 0xFFFFFFFFu) * 100000000u + (hl >> 32);
+    if (__builtin_expect(m < sh->mmin, 0))
+        return false;
+    if (__builtin_expect(ex != 0, 0)) {
+        /* With an exponent: m * 10^(ex - fraction digits), by the exact paths of
+         * keel__ff_fast_f32 (m == 0 is handled there too: 0 * anything in range). */
+        const int64_t e10 = (int64_t)ex - (dp < len ? (int64_t)(len - 1 - dp) : 0);
+        if (m == 0)
+            f = 0.0f;
+        else if (!keel__ff_fast_f32(m, e10, &f))
+            return false;
+    } else {
+        d = (double)(int64_t)m * sh->scale;
+        memcpy(&bits, &d, sizeof(bits));
+        /* Near a midpoint between two floats: the exact paths decide (see
+         * keel__ff_fast_f32). */
+        if (__builtin_expect((bits & UINT64_C(0x1FFFFFFF)) - UINT64_C(0x10000000) + 8 <= 16, 0))
+            return false;
+        f = (float)d;
+    }
+    memcpy(&fb, &f, sizeof(fb));
+    fb |= neg << 31;
+    memcpy(out, &fb, sizeof(fb));
+    return true;
+}
+#endif
+
 /* Converts a scanned number (text is its text, used by the fallback) to float. */
 static inline int keel__ff_to_f32(const keel__ff_num *n, const char *text, size_t len, float *out)
 {

@@ -1113,16 +1113,14 @@ eof:
  * the start and reports errors exactly. Kept apart from decode_elems because the per-element
  * bookkeeping of nesting and error paths costs as much as the number itself.
  */
-static inline __attribute__((always_inline)) bool decode_flat(dec *d, const keel__v2_tensor *t,
-                                                              keel_datatype dt, unsigned char *out)
+static inline __attribute__((always_inline)) bool decode_flat_from(dec *d, const keel__v2_tensor *t,
+                                                                   keel_datatype dt,
+                                                                   unsigned char *out,
+                                                                   const char *p, size_t count)
 {
     const char *end = d->end;
-    const char *p = ws(d->p + 1, end);
     const size_t n = t->count;
-    size_t count = 0;
 
-    if (n == 0)
-        return false;
     for (;;) {
         keel__ff_num num;
         const char *q = keel__ff_scan_fast(p, end, &num);
@@ -1155,6 +1153,136 @@ static inline __attribute__((always_inline)) bool decode_flat(dec *d, const keel
         return false;
     }
 }
+
+static inline __attribute__((always_inline)) bool decode_flat(dec *d, const keel__v2_tensor *t,
+                                                              keel_datatype dt, unsigned char *out)
+{
+    if (t->count == 0)
+        return false;
+    return decode_flat_from(d, t, dt, out, ws(d->p + 1, d->end), 0);
+}
+
+#ifdef KEEL__FF_HAVE_AVX2
+/*
+ * decode_flat for FP32 with the vector number path, in chunks of two passes. Pass 1 finds the
+ * separators (',' and the first ']') of up to FLAT_CHUNK numbers, 64 bytes per step, and
+ * writes their offsets without a branch per separator (8 written per step whether or not they
+ * exist, a second 8 when there are more, a loop past 16). Pass 2 converts each number between
+ * two separators with keel__ff_f32_avx2: every number's ends are known before it is
+ * converted, so numbers do not wait for each other and no branch depends on the digits. A
+ * number the vector path declines (an exponent, more than 15 digits, whitespace before its
+ * separator, a near-midpoint value, invalid text) is read by the scalar scanner, which must
+ * end at that separator (after whitespace). Pass 1 steps only while 80 bytes remain, so every
+ * load of pass 2 (17 bytes from a number's start, which lies before its separator) stays
+ * inside the JSON; the rest of the array is left to decode_flat_from. So this accepts exactly
+ * the arrays decode_flat accepts and gives the same floats; on false decode_elems decodes the
+ * array again and reports the error.
+ */
+enum { FLAT_CHUNK = 256 };
+
+KEEL__FF_AVX2_TARGET static inline void flat_sep_write(uint32_t *sep, uint32_t off, uint64_t *c)
+{
+    for (int r = 0; r < 8; r++) {
+        sep[r] = off + (uint32_t)_tzcnt_u64(*c); /* 64 when none is left: written, not counted */
+        *c = _blsr_u64(*c);
+    }
+}
+
+/* A number keel__ff_f32_avx2 declined: the vector path with an exponent part, else the scalar
+ * scanner, which must end at e (after whitespace). Out of line to keep the hot loop small. */
+KEEL__FF_AVX2_TARGET __attribute__((noinline)) static bool
+flat_slow_f32(const char *s, const char *e, const char *end, float *out)
+{
+    keel__ff_num num;
+    const char *q;
+
+    if (keel__ff_f32_avx2(s, e, out, true))
+        return true;
+    q = keel__ff_scan_fast(s, end, &num);
+    return q != NULL && ws(q, end) == e &&
+           keel__ff_to_f32(&num, s, (size_t)(q - s), out) == KEEL__FF_OK;
+}
+
+KEEL__FF_AVX2_TARGET static bool decode_flat_f32_avx2(dec *d, const keel__v2_tensor *t,
+                                                      unsigned char *out)
+{
+    const char *end = d->end;
+    const char *p = ws(d->p + 1, end);
+    const size_t n = t->count;
+    size_t count = 0;
+    uint32_t sep[FLAT_CHUNK + 64];
+
+    if (n == 0)
+        return false;
+    while (end - p >= 80) {
+        const char *pos = p;
+        const char *close = NULL;
+        size_t k = 0;
+
+        /* Pass 1: separator offsets from p. */
+        while (k < FLAT_CHUNK && end - pos >= 80) {
+            const __m256i a = _mm256_loadu_si256((const __m256i *)(const void *)pos);
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(const void *)(pos + 32));
+            const __m256i comma = _mm256_set1_epi8(',');
+            const __m256i rbr = _mm256_set1_epi8(']');
+            uint64_t c = (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(a, comma)) |
+                         (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(b, comma))
+                             << 32;
+            const uint64_t stop =
+                (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(a, rbr)) |
+                (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(b, rbr)) << 32;
+            const uint32_t off = (uint32_t)(pos - p);
+            size_t cnt;
+
+            c &= _blsmsk_u64(stop); /* only the commas before a ']' (all when none) */
+            cnt = (size_t)_mm_popcnt_u64(c);
+            flat_sep_write(sep + k, off, &c);
+            if (cnt > 8) {
+                flat_sep_write(sep + k + 8, off, &c);
+                for (size_t r = 16; r < cnt; r++) {
+                    sep[k + r] = off + (uint32_t)_tzcnt_u64(c);
+                    c = _blsr_u64(c);
+                }
+            }
+            k += cnt;
+            if (stop != 0) {
+                close = pos + _tzcnt_u64(stop);
+                sep[k++] = (uint32_t)(close - p);
+                break;
+            }
+            pos += 64;
+        }
+        if (k == 0)
+            break;
+        if (k > n - count)
+            return false; /* more numbers than the shape has: decode_elems says so */
+        /* Pass 2: the numbers that end at those separators. */
+        {
+            const char *s = p;
+            float *o = (float *)(void *)out + count;
+
+            for (size_t i = 0; i < k; i++) {
+                const char *e = p + sep[i];
+
+                if ((unsigned char)*s <= ' ')
+                    s = ws(s, e);
+                if (!keel__ff_f32_avx2(s, e, o + i, false) && !flat_slow_f32(s, e, end, o + i))
+                    return false;
+                s = e + 1;
+            }
+            count += k;
+            p = s;
+        }
+        if (close != NULL) {
+            if (count != n)
+                return false;
+            d->p = p;
+            return true;
+        }
+    }
+    return decode_flat_from(d, t, KEEL_TYPE_FP32, out, ws(p, end), count);
+}
+#endif
 
 /* Decodes the value at d->p as t's data (shape and datatype are known). Path: ...data. */
 static int decode_data(dec *d, keel__v2_tensor *t, int depth)
@@ -1189,7 +1317,13 @@ static int decode_data(dec *d, keel__v2_tensor *t, int depth)
         if (__builtin_mul_overflow(t->count, esize, &nbytes) || (out = malloc(nbytes)) == NULL)
             return fail_nomem(d);
     }
-    if (t->datatype == KEEL_TYPE_FP32 && decode_flat(d, t, KEEL_TYPE_FP32, out))
+#ifdef KEEL__FF_HAVE_AVX2
+    if (t->datatype == KEEL_TYPE_FP32 && keel__ff_simd_level() >= 1) {
+        if (decode_flat_f32_avx2(d, t, out))
+            goto done;
+    } else
+#endif
+        if (t->datatype == KEEL_TYPE_FP32 && decode_flat(d, t, KEEL_TYPE_FP32, out))
         goto done;
     if (t->datatype == KEEL_TYPE_FP64 && decode_flat(d, t, KEEL_TYPE_FP64, out))
         goto done;
