@@ -98,6 +98,7 @@ void keel__ff_simd_force(int level)
 #define SH_J(len, dp, i) ((i) - (16 - SH_ND(len, dp)))
 #define SH_LANE(len, dp, i)                                                                        \
     (SH_J(len, dp, i) < 0 ? 0x80 : SH_J(len, dp, i) + (SH_J(len, dp, i) >= (dp)))
+/* 10^-k, 0 <= k <= 15, as the compiler rounds the literal (to nearest). */
 #define SH_P10INV(k)                                                                               \
     ((k) == 0    ? 1e0                                                                             \
      : (k) == 1  ? 1e-1                                                                            \
@@ -116,24 +117,24 @@ void keel__ff_simd_force(int level)
      : (k) == 14 ? 1e-14                                                                           \
                  : 1e-15)
 /* 10^(k-1) for k digits, k >= 1: the smallest m without a leading zero. */
-#define SH_P10U(k)                                                                                 \
-    ((k) <= 1    ? UINT64_C(1)                                                                     \
-     : (k) == 2  ? UINT64_C(10)                                                                    \
-     : (k) == 3  ? UINT64_C(100)                                                                   \
-     : (k) == 4  ? UINT64_C(1000)                                                                  \
-     : (k) == 5  ? UINT64_C(10000)                                                                 \
-     : (k) == 6  ? UINT64_C(100000)                                                                \
-     : (k) == 7  ? UINT64_C(1000000)                                                               \
-     : (k) == 8  ? UINT64_C(10000000)                                                              \
-     : (k) == 9  ? UINT64_C(100000000)                                                             \
-     : (k) == 10 ? UINT64_C(1000000000)                                                            \
-     : (k) == 11 ? UINT64_C(10000000000)                                                           \
-     : (k) == 12 ? UINT64_C(100000000000)                                                          \
-     : (k) == 13 ? UINT64_C(1000000000000)                                                         \
-     : (k) == 14 ? UINT64_C(10000000000000)                                                        \
-                 : UINT64_C(100000000000000))
+#define SH_P10M(k)                                                                                 \
+    ((k) <= 1    ? 1e0                                                                             \
+     : (k) == 2  ? 1e1                                                                             \
+     : (k) == 3  ? 1e2                                                                             \
+     : (k) == 4  ? 1e3                                                                             \
+     : (k) == 5  ? 1e4                                                                             \
+     : (k) == 6  ? 1e5                                                                             \
+     : (k) == 7  ? 1e6                                                                             \
+     : (k) == 8  ? 1e7                                                                             \
+     : (k) == 9  ? 1e8                                                                             \
+     : (k) == 10 ? 1e9                                                                             \
+     : (k) == 11 ? 1e10                                                                            \
+     : (k) == 12 ? 1e11                                                                            \
+     : (k) == 13 ? 1e12                                                                            \
+     : (k) == 14 ? 1e13                                                                            \
+                 : 1e14)
 /* More than one integer digit (dp > 1) means the first may not be 0. */
-#define SH_MMIN(len, dp) (SH_BAD(len, dp) ? UINT64_MAX : (dp) > 1 ? SH_P10U(SH_ND(len, dp)) : 0)
+#define SH_MMIN(len, dp) (SH_BAD(len, dp) ? 1e300 : (dp) > 1 ? SH_P10M(SH_ND(len, dp)) : 0.0)
 #define SH(len, dp)                                                                                \
     {                                                                                              \
         {SH_LANE(len, dp, 0),  SH_LANE(len, dp, 1),  SH_LANE(len, dp, 2),  SH_LANE(len, dp, 3),    \
@@ -149,10 +150,12 @@ void keel__ff_simd_force(int level)
             SH(len, 13), SH(len, 14), SH(len, 15), SH(len, 16)                                     \
     }
 
-_Alignas(16) const uint8_t keel__ff_vconst[3][16] = {
-    {'0', '0', '0', '0', '0', '0', '0', '0', '0', '0', '0', '0', '0', '0', '0', '0'},
-    {9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9},
-    {'.', '.', '.', '.', '.', '.', '.', '.', '.', '.', '.', '.', '.', '.', '.', '.'}};
+/* The compiler converts each literal correctly rounded. */
+const double keel__ff_p10s[45] = {1e-22, 1e-21, 1e-20, 1e-19, 1e-18, 1e-17, 1e-16, 1e-15, 1e-14,
+                                  1e-13, 1e-12, 1e-11, 1e-10, 1e-9,  1e-8,  1e-7,  1e-6,  1e-5,
+                                  1e-4,  1e-3,  1e-2,  1e-1,  1e0,   1e1,   1e2,   1e3,   1e4,
+                                  1e5,   1e6,   1e7,   1e8,   1e9,   1e10,  1e11,  1e12,  1e13,
+                                  1e14,  1e15,  1e16,  1e17,  1e18,  1e19,  1e20,  1e21,  1e22};
 
 _Alignas(64) const keel__ff_shape keel__ff_shapes[17][17] = {
     SH_LEN(0),  SH_LEN(1),  SH_LEN(2),  SH_LEN(3),  SH_LEN(4),  SH_LEN(5),

@@ -337,110 +337,202 @@ void keel__ff_simd_force(int level);
 typedef struct keel__ff_shape {
     uint8_t gather[16]; /* pshufb control: the digits without the point, right-aligned */
     double scale;       /* 10^-(fraction digits), rounded to nearest */
-    uint64_t mmin;      /* m below this is invalid: a leading zero ("01"), or UINT64_MAX when
-                           the shape itself is ("", ".5", "5.", 16 digits) */
+    double mmin;        /* m below this is invalid: a leading zero ("01"); 1e300 when the shape
+                           itself is ("", ".5", "5.", 16 digits) */
 } keel__ff_shape;
 
 extern const keel__ff_shape keel__ff_shapes[17][17];
-/* '0', 9 and '.' in every byte (loaded from memory: gcc otherwise rebuilds them per number). */
-extern const uint8_t keel__ff_vconst[3][16];
+/* keel__ff_p10s[22 + k] = 10^k rounded to nearest, -22 <= k <= 22. */
+extern const double keel__ff_p10s[45];
+
+/* One number's scalar half of the vector path: its shape's pshufb control, (10^k, minimum m)
+ * and whether it is of the vector path's shape at all. */
+typedef struct keel__ff_vnum {
+    __m128i gather;
+    __m128d sm;
+    uint32_t bad;
+} keel__ff_vnum;
+
+/* The value of an exponent part "e" [+-] 1 to 3 digits spanning [q, e); a value that makes
+ * every index into keel__ff_p10s invalid (1000) when [q, e) is not that. Taken only by
+ * numbers with something after their digits. */
+static inline int32_t keel__ff_exp_part(const char *q, const char *e)
+{
+    const ptrdiff_t n = e - q;
+    uint32_t neg, d0, d1, d2;
+
+    /* "e" or "E", an optional sign, 1 to 3 digits: 2 to 5 bytes. */
+    if (n < 2 || n > 5 || ((unsigned char)q[0] | 0x20u) != 'e')
+        return 1000;
+    neg = q[1] == '-';
+    q += 1 + (q[1] == '-' || q[1] == '+');
+    d0 = (uint32_t)((unsigned char)q[0] - '0');
+    switch (e - q) {
+    case 1:
+        return d0 > 9 ? 1000 : neg ? -(int32_t)d0 : (int32_t)d0;
+    case 2:
+        d1 = (uint32_t)((unsigned char)q[1] - '0');
+        if (d0 > 9 || d1 > 9)
+            return 1000;
+        return neg ? -(int32_t)(d0 * 10 + d1) : (int32_t)(d0 * 10 + d1);
+    case 3:
+        d1 = (uint32_t)((unsigned char)q[1] - '0');
+        d2 = (uint32_t)((unsigned char)q[2] - '0');
+        if (d0 > 9 || d1 > 9 || d2 > 9)
+            return 1000;
+        return neg ? -(int32_t)(d0 * 100 + d1 * 10 + d2) : (int32_t)(d0 * 100 + d1 * 10 + d2);
+    default:
+        return 1000;
+    }
+}
+
+/* The scalar half for the number [s, e) (s after the sign) whose 16 bytes gave the digit mask
+ * dig and point mask dot (bits 0..15). Valid iff its first non-digit that is not its first
+ * point is at e or starts an exponent part ending at e, the shape (len, dp) is one the table
+ * allows, and (checked later, on m) m is not below the table's minimum. */
+KEEL__FF_AVX2_TARGET __attribute__((always_inline)) static inline void
+keel__ff_vnum_shape(keel__ff_vnum *v, const char *s, const char *e, uint32_t dig, uint32_t dot)
+{
+    /* Bits 16..63 set too, so both counts are at most 16. */
+    const uint64_t nondig = ~(uint64_t)(dig & 0xFFFFu);
+    const uint64_t dp = _tzcnt_u64(nondig);
+    const uint64_t len = _tzcnt_u64(nondig ^ (_blsi_u64(nondig) & (uint64_t)(dot & 0xFFFFu)));
+    const keel__ff_shape *sh = &keel__ff_shapes[len][dp];
+
+    v->gather = _mm_load_si128((const __m128i *)(const void *)sh->gather);
+    if (__builtin_expect(s + len == e, 1)) {
+        v->sm = _mm_load_pd(&sh->scale); /* (scale, mmin) */
+        v->bad = 0;
+    } else {
+        /* An exponent part, or not a number of this shape. */
+        const uint32_t k =
+            (uint32_t)(22 + keel__ff_exp_part(s + len, e) - (int32_t)(dp < len ? len - 1 - dp : 0));
+        v->bad = k > 44;
+        v->sm = _mm_setr_pd(keel__ff_p10s[k > 44 ? 22 : k], sh->mmin);
+    }
+}
 
 /*
- * The FP32 vector path for the common shape of tensor data: -?D+(.D+)? with at most 16 bytes
- * after the sign and at most 15 digits, no exponent, whose end e is already known (v2codec.c
- * finds the separators first, so no number waits for the previous one to end). One 16-byte
- * load and no branch per digit or per shape: the bytes are classified as digits and points
- * at once; the number is valid iff its first non-digit that is not its first point is at e
- * (one comparison), its shape (len, dp) is one the table allows and m is not below the
- * table's minimum (no leading zero); the point is squeezed out and the digits right-aligned
- * by one pshufb, and three multiply-adds make m (< 10^15 < 2^53, exact in double). Then value
- * = m * 10^-nf is d = m * (10^-nf rounded to double), rounded to float, with the midpoint guard
- * of keel__ff_fast_f32 (see DESIGN; an integer, nf == 0, is exact in d, so one rounding).
- * Returns false, storing nothing, when [p, e) is not exactly such a number (another shape,
- * invalid JSON, whitespace before e) or d lies near a float midpoint; the caller then takes
- * keel__ff_scan_fast + keel__ff_to_f32, which gives the exact float or the exact error.
- * Reads the 17 bytes at p whatever e is: the caller guarantees them readable.
- * with_exponent (a constant at each call site) also takes an exponent part of 1 to 3 digits
- * ("1.5e-3"), converted by keel__ff_fast_f32's exact paths: v2codec.c's hot loop calls this
- * without it and retries a declined number with it out of line, so that the hot loop stays
- * small enough for the registers (spilled loop variables cost more than the whole number).
- * Call only from code compiled with KEEL__FF_AVX2_TARGET, when keel__ff_simd_level() >= 1.
+ * The FP32 vector path for the common shape of tensor data: -?D+(.D+)?([eE][+-]?D{1,3})? with
+ * at most 16 bytes before the exponent part (after the sign), at most 15 digits and a power
+ * of ten 10^(exponent - fraction digits) within 10^-22..10^22, whose end e is already known
+ * (v2codec.c finds the separators first, so no number waits for the previous one to end).
+ * Two numbers at once (a and b, written to out[0] and out[1]), one 16-byte load each and no
+ * branch per digit or per shape: the bytes are classified as digits and points at once, the
+ * validity of each number is a few mask operations and a table lookup by its shape (length,
+ * point), the point is squeezed out and the digits right-aligned by one pshufb, three
+ * multiply-adds and one multiply-add in 64 bits make m (< 10^15 < 2^53, so exact in double).
+ * The value m * 10^k is d = m * (10^k rounded to double): two roundings, within 2^-52 of the
+ * exact value, so d rounded to float is the correctly rounded float (strtof's) unless d lies
+ * within 8 units (of its last place) of a midpoint between two floats; |k| <= 22 and
+ * m <= 10^15 keep d a normal float. Those few near-midpoint numbers, and any number of
+ * another shape or invalid (whitespace before e, an exponent of 4 digits, "01", "1."), make
+ * this return false, storing nothing: the caller then takes the numbers one by one through
+ * keel__ff_f32_avx2, then keel__ff_scan_fast + keel__ff_to_f32, which give the exact float or
+ * the exact error. Reads the 17 bytes at each number's start whatever e is: the caller
+ * guarantees them readable. Call only from code compiled with KEEL__FF_AVX2_TARGET, when
+ * keel__ff_simd_level() >= 1.
  */
 KEEL__FF_AVX2_TARGET __attribute__((always_inline)) static inline bool
-keel__ff_f32_avx2(const char *p, const char *e, float *out, bool with_exponent)
+keel__ff_f32x2_avx2(const char *pa, const char *ea, const char *pb, const char *eb, float *out)
 {
     /* 1 for '-', else 0, computed on the whole register: a setcc here would write only its
-     * low byte and so wait for that register's previous value, the float of the previous
-     * number, chaining every number to the one before it (measured: 4x slower). */
+     * low byte and so wait for that register's previous value, often the float of the
+     * previous number, chaining every number to the one before it (measured: 4x slower). */
+    const uint32_t nega = (((uint32_t)(unsigned char)*pa ^ 0x2Du) - 1u) >> 31;
+    const uint32_t negb = (((uint32_t)(unsigned char)*pb ^ 0x2Du) - 1u) >> 31;
+    const char *sa = pa + nega;
+    const char *sb = pb + negb;
+    const uint64_t signs = (uint64_t)negb << 63 | (uint64_t)nega << 31;
+    const __m256i v = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)sa)),
+        _mm_loadu_si128((const __m128i *)(const void *)sb), 1);
+    const __m256i dd = _mm256_sub_epi8(v, _mm256_set1_epi8('0'));
+    const uint32_t dig = (uint32_t)_mm256_movemask_epi8(
+        _mm256_cmpeq_epi8(_mm256_min_epu8(dd, _mm256_set1_epi8(9)), dd));
+    const uint32_t dot =
+        (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_set1_epi8('.')));
+    keel__ff_vnum a, b;
+    __m256i x, m;
+    __m256d dm, sm, d;
+    __m128 f;
+    uint32_t bad;
+
+    keel__ff_vnum_shape(&a, sa, ea, dig, dot);
+    keel__ff_vnum_shape(&b, sb, eb, dig >> 16, dot >> 16);
+    x = _mm256_shuffle_epi8(dd,
+                            _mm256_inserti128_si256(_mm256_castsi128_si256(a.gather), b.gather, 1));
+    x = _mm256_maddubs_epi16(x, _mm256_set1_epi16(0x010A) /* (10, 1) byte pairs */);
+    x = _mm256_madd_epi16(x, _mm256_set1_epi32(0x00010064) /* (100, 1) */);
+    x = _mm256_madd_epi16(_mm256_packs_epi32(x, x), _mm256_set1_epi32(0x00012710) /* (10000, 1) */);
+    /* Per 128-bit lane, 32-bit elements (high 8 digits, low 8 digits, ...): m in 64 bits. */
+    m = _mm256_add_epi64(_mm256_mul_epu32(x, _mm256_set1_epi64x(100000000)),
+                         _mm256_srli_epi64(x, 32));
+    /* m < 2^52 as a double: its bits under the exponent of 2^52, less 2^52 (exact). */
+    dm = _mm256_sub_pd(
+        _mm256_castsi256_pd(_mm256_or_si256(m, _mm256_set1_epi64x(0x4330000000000000))),
+        _mm256_set1_pd(0x1p52));
+    /* (10^k of a, minimum m of a, 10^k of b, minimum m of b) */
+    sm = _mm256_insertf128_pd(_mm256_castpd128_pd256(a.sm), b.sm, 1);
+    bad = a.bad | b.bad | ((uint32_t)_mm256_movemask_pd(_mm256_cmp_pd(dm, sm, _CMP_LT_OQ)) & 0xAu);
+    d = _mm256_blend_pd(_mm256_mul_pd(dm, sm), _mm256_setzero_pd(), 0xA);
+    {
+        /* |low 29 bits of d - 2^28| <= 8: near a float midpoint (see keel__ff_fast_f32). */
+        const __m256i t = _mm256_abs_epi32(_mm256_sub_epi32(
+            _mm256_and_si256(_mm256_castpd_si256(d), _mm256_set1_epi64x(0x1FFFFFFF)),
+            _mm256_set1_epi64x(0x10000000)));
+        bad |= (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(
+            _mm256_cmpgt_epi32(_mm256_set1_epi64x((int64_t)((uint64_t)INT32_MIN << 32 | 9u)), t)));
+    }
+    if (__builtin_expect(bad != 0, 0))
+        return false;
+    f = _mm256_cvtpd_ps(d); /* (a, 0, b, 0) */
+    f = _mm_castsi128_ps(
+        _mm_or_si128(_mm_shuffle_epi32(_mm_castps_si128(f), _MM_SHUFFLE(3, 1, 2, 0)),
+                     _mm_cvtsi64_si128((int64_t)signs)));
+    _mm_storel_epi64((__m128i *)(void *)out, _mm_castps_si128(f));
+    return true;
+}
+
+/*
+ * The same for one number (the last of an odd count, and the numbers of a pair that
+ * keel__ff_f32x2_avx2 declined): true and *out set, or false and nothing stored.
+ */
+KEEL__FF_AVX2_TARGET __attribute__((always_inline)) static inline bool
+keel__ff_f32_avx2(const char *p, const char *e, float *out)
+{
     const uint32_t neg = (((uint32_t)(unsigned char)*p ^ 0x2Du) - 1u) >> 31;
     const char *s = p + neg;
     const __m128i v = _mm_loadu_si128((const __m128i *)(const void *)s);
-    const __m128i dd =
-        _mm_sub_epi8(v, _mm_set1_epi8('0'));
-    /* Bits 16..31 set too, so both counts below are at most 16. */
-    const uint32_t nondig = ~(uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(
-        _mm_min_epu8(dd, _mm_set1_epi8(9)), dd));
-    const uint32_t dot = (uint32_t)_mm_movemask_epi8(
-        _mm_cmpeq_epi8(v, _mm_set1_epi8('.')));
-    const uint32_t dp = (uint32_t)__builtin_ctz(nondig);
-    /* The first non-digit left out if it is a point: what remains must start at e. */
-    const uint32_t len = (uint32_t)__builtin_ctz(nondig ^ (nondig & (0u - nondig) & dot));
-    const keel__ff_shape *sh = &keel__ff_shapes[len][dp];
-    int32_t ex = 0; /* the exponent part's value, when there is one */
+    const __m128i dd = _mm_sub_epi8(v, _mm_set1_epi8('0'));
+    const uint32_t dig =
+        (uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(dd, _mm_set1_epi8(9)), dd));
+    const uint32_t dot = (uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8('.')));
+    keel__ff_vnum a;
     __m128i x;
     uint64_t hl, m, bits;
-    double d;
+    double dm, d;
     float f;
     uint32_t fb;
 
-    if (__builtin_expect(s + len != e, 0)) {
-        if (!with_exponent)
-            return false;
-        /* An exponent part ("1.5e-3") of one to three digits, then e; else not ours. */
-        const char *q = s + len + 1;
-        uint32_t eneg;
-        ptrdiff_t nx;
-
-        if (((unsigned char)s[len] | 0x20u) != 'e' || q >= e)
-            return false;
-        eneg = *q == '-';
-        q += *q == '-' || *q == '+';
-        nx = e - q;
-        if (nx < 1 || nx > 3)
-            return false;
-        for (; q < e; q++) {
-            if ((unsigned)(*q - '0') >= 10u)
-                return false;
-            ex = ex * 10 + (*q - '0');
-        }
-        ex = eneg ? -ex : ex;
-    }
-    x = _mm_shuffle_epi8(dd, _mm_load_si128((const __m128i *)(const void *)sh->gather));
+    keel__ff_vnum_shape(&a, s, e, dig, dot);
+    if (a.bad)
+        return false;
+    x = _mm_shuffle_epi8(dd, a.gather);
     x = _mm_maddubs_epi16(x, _mm_setr_epi8(10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1));
     x = _mm_madd_epi16(x, _mm_setr_epi16(100, 1, 100, 1, 100, 1, 100, 1));
     x = _mm_madd_epi16(_mm_packs_epi32(x, x),
                        _mm_setr_epi16(10000, 1, 10000, 1, 10000, 1, 10000, 1));
     hl = (uint64_t)_mm_cvtsi128_si64(x);
     m = (hl & 0xFFFFFFFFu) * 100000000u + (hl >> 32);
-    if (__builtin_expect(m < sh->mmin, 0))
+    dm = (double)(int64_t)m;
+    if (dm < _mm_cvtsd_f64(_mm_unpackhi_pd(a.sm, a.sm)))
         return false;
-    if (__builtin_expect(ex != 0, 0)) {
-        /* With an exponent: m * 10^(ex - fraction digits), by the exact paths of
-         * keel__ff_fast_f32 (m == 0 is handled there too: 0 * anything in range). */
-        const int64_t e10 = (int64_t)ex - (dp < len ? (int64_t)(len - 1 - dp) : 0);
-        if (m == 0)
-            f = 0.0f;
-        else if (!keel__ff_fast_f32(m, e10, &f))
-            return false;
-    } else {
-        d = (double)(int64_t)m * sh->scale;
-        memcpy(&bits, &d, sizeof(bits));
-        /* Near a midpoint between two floats: the exact paths decide (see
-         * keel__ff_fast_f32). */
-        if (__builtin_expect((bits & UINT64_C(0x1FFFFFFF)) - UINT64_C(0x10000000) + 8 <= 16, 0))
-            return false;
-        f = (float)d;
-    }
+    d = dm * _mm_cvtsd_f64(a.sm);
+    memcpy(&bits, &d, sizeof(bits));
+    if ((bits & UINT64_C(0x1FFFFFFF)) - UINT64_C(0x10000000) + 8 <= 16)
+        return false;
+    f = (float)d;
     memcpy(&fb, &f, sizeof(fb));
     fb |= neg << 31;
     memcpy(out, &fb, sizeof(fb));

@@ -1166,7 +1166,7 @@ static inline __attribute__((always_inline)) bool decode_flat(dec *d, const keel
 /*
  * decode_flat for FP32 with the vector number path, in chunks of two passes. Pass 1 finds the
  * separators (',' and the first ']') of up to FLAT_CHUNK numbers, 64 bytes per step, and
- * writes their offsets without a branch per separator (8 written per step whether or not they
+ * writes their addresses without a branch per separator (8 written per step whether or not they
  * exist, a second 8 when there are more, a loop past 16). Pass 2 converts each number between
  * two separators with keel__ff_f32_avx2: every number's ends are known before it is
  * converted, so numbers do not wait for each other and no branch depends on the digits. A
@@ -1180,27 +1180,62 @@ static inline __attribute__((always_inline)) bool decode_flat(dec *d, const keel
  */
 enum { FLAT_CHUNK = 256 };
 
-KEEL__FF_AVX2_TARGET static inline void flat_sep_write(uint32_t *sep, uint32_t off, uint64_t *c)
+KEEL__FF_AVX2_TARGET static inline void flat_sep_write(const char **sep, const char *pos,
+                                                       uint64_t *c)
 {
     for (int r = 0; r < 8; r++) {
-        sep[r] = off + (uint32_t)_tzcnt_u64(*c); /* 64 when none is left: written, not counted */
+        sep[r] = pos + _tzcnt_u64(*c); /* pos + 64 when none is left: written, not counted */
         *c = _blsr_u64(*c);
     }
 }
 
-/* A number keel__ff_f32_avx2 declined: the vector path with an exponent part, else the scalar
- * scanner, which must end at e (after whitespace). Out of line to keep the hot loop small. */
+/* One number, [s, e) (s after any whitespace): the vector path, else the scalar scanner,
+ * which must end at e (after whitespace). Out of line to keep the hot loop small. */
 KEEL__FF_AVX2_TARGET __attribute__((noinline)) static bool
-flat_slow_f32(const char *s, const char *e, const char *end, float *out)
+flat_one_f32(const char *s, const char *e, const char *end, float *out)
 {
     keel__ff_num num;
     const char *q;
 
-    if (keel__ff_f32_avx2(s, e, out, true))
+    if (keel__ff_f32_avx2(s, e, out))
         return true;
     q = keel__ff_scan_fast(s, end, &num);
     return q != NULL && ws(q, end) == e &&
            keel__ff_to_f32(&num, s, (size_t)(q - s), out) == KEEL__FF_OK;
+}
+
+/* Pass 2 (see below): the k numbers ending at sep[0..k), the first starting at s (perhaps
+ * after whitespace), into o[0..k). Returns where the next number starts, or NULL when one is
+ * not a number that ends at its separator. Its own function, so that the few loop variables
+ * stay in registers. */
+KEEL__FF_AVX2_TARGET __attribute__((noinline)) static const char *
+flat_pass2(const char *const *sep, size_t k, const char *s, float *o, const char *end)
+{
+    const char *const *q = sep;
+    const char *const *qend = sep + (k & ~(size_t)1);
+
+    for (; q < qend; q += 2, o += 2) {
+        const char *ea = q[0];
+        const char *eb = q[1];
+        const char *sb = ea + 1;
+
+        if ((unsigned char)*s <= ' ')
+            s = ws(s, ea);
+        if ((unsigned char)*sb <= ' ')
+            sb = ws(sb, eb);
+        if (!keel__ff_f32x2_avx2(s, ea, sb, eb, o) &&
+            (!flat_one_f32(s, ea, end, o) || !flat_one_f32(sb, eb, end, o + 1)))
+            return NULL;
+        s = eb + 1;
+    }
+    if (k & 1) {
+        if ((unsigned char)*s <= ' ')
+            s = ws(s, q[0]);
+        if (!flat_one_f32(s, q[0], end, o))
+            return NULL;
+        s = q[0] + 1;
+    }
+    return s;
 }
 
 KEEL__FF_AVX2_TARGET static bool decode_flat_f32_avx2(dec *d, const keel__v2_tensor *t,
@@ -1210,7 +1245,7 @@ KEEL__FF_AVX2_TARGET static bool decode_flat_f32_avx2(dec *d, const keel__v2_ten
     const char *p = ws(d->p + 1, end);
     const size_t n = t->count;
     size_t count = 0;
-    uint32_t sep[FLAT_CHUNK + 64];
+    const char *sep[FLAT_CHUNK + 64];
 
     if (n == 0)
         return false;
@@ -1231,23 +1266,22 @@ KEEL__FF_AVX2_TARGET static bool decode_flat_f32_avx2(dec *d, const keel__v2_ten
             const uint64_t stop =
                 (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(a, rbr)) |
                 (uint64_t)(uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(b, rbr)) << 32;
-            const uint32_t off = (uint32_t)(pos - p);
             size_t cnt;
 
             c &= _blsmsk_u64(stop); /* only the commas before a ']' (all when none) */
             cnt = (size_t)_mm_popcnt_u64(c);
-            flat_sep_write(sep + k, off, &c);
+            flat_sep_write(sep + k, pos, &c);
             if (cnt > 8) {
-                flat_sep_write(sep + k + 8, off, &c);
+                flat_sep_write(sep + k + 8, pos, &c);
                 for (size_t r = 16; r < cnt; r++) {
-                    sep[k + r] = off + (uint32_t)_tzcnt_u64(c);
+                    sep[k + r] = pos + _tzcnt_u64(c);
                     c = _blsr_u64(c);
                 }
             }
             k += cnt;
             if (stop != 0) {
                 close = pos + _tzcnt_u64(stop);
-                sep[k++] = (uint32_t)(close - p);
+                sep[k++] = close;
                 break;
             }
             pos += 64;
@@ -1257,22 +1291,9 @@ KEEL__FF_AVX2_TARGET static bool decode_flat_f32_avx2(dec *d, const keel__v2_ten
         if (k > n - count)
             return false; /* more numbers than the shape has: decode_elems says so */
         /* Pass 2: the numbers that end at those separators. */
-        {
-            const char *s = p;
-            float *o = (float *)(void *)out + count;
-
-            for (size_t i = 0; i < k; i++) {
-                const char *e = p + sep[i];
-
-                if ((unsigned char)*s <= ' ')
-                    s = ws(s, e);
-                if (!keel__ff_f32_avx2(s, e, o + i, false) && !flat_slow_f32(s, e, end, o + i))
-                    return false;
-                s = e + 1;
-            }
-            count += k;
-            p = s;
-        }
+        if ((p = flat_pass2(sep, k, p, (float *)(void *)out + count, end)) == NULL)
+            return false;
+        count += k;
         if (close != NULL) {
             if (count != n)
                 return false;
