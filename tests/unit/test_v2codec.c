@@ -1293,7 +1293,12 @@ static void test_flat_fp32_paths_agree(void **state)
                 injected = true;
             }
             want[i] = strtof(t, NULL);
-            o += (size_t)snprintf(data + o, cap - o, "%s%s", i == 0 ? "" : seps[round % 5], t);
+            /* One separator throughout, or (every 6th body) any of them at each place. */
+            o += (size_t)snprintf(data + o, cap - o, "%s%s",
+                                  i == 0           ? ""
+                                  : round % 6 == 5 ? seps[rnd() % 5]
+                                                   : seps[round % 5],
+                                  t);
         }
         if (rnd() % 10 == 0)
             data[o++] = ' ';
