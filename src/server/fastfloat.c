@@ -157,7 +157,7 @@ const double keel__ff_p10s[45] = {1e-22, 1e-21, 1e-20, 1e-19, 1e-18, 1e-17, 1e-1
                                   1e5,   1e6,   1e7,   1e8,   1e9,   1e10,  1e11,  1e12,  1e13,
                                   1e14,  1e15,  1e16,  1e17,  1e18,  1e19,  1e20,  1e21,  1e22};
 
-_Alignas(64) const keel__ff_shape keel__ff_shapes[17][17] = {
+_Alignas(64) const keel__ff_shape keel__ff_shapes[17][32] = {
     SH_LEN(0),  SH_LEN(1),  SH_LEN(2),  SH_LEN(3),  SH_LEN(4),  SH_LEN(5),
     SH_LEN(6),  SH_LEN(7),  SH_LEN(8),  SH_LEN(9),  SH_LEN(10), SH_LEN(11),
     SH_LEN(12), SH_LEN(13), SH_LEN(14), SH_LEN(15), SH_LEN(16)};

@@ -359,7 +359,8 @@ typedef struct keel__ff_shape {
                            itself is ("", ".5", "5.", 16 digits) */
 } keel__ff_shape;
 
-extern const keel__ff_shape keel__ff_shapes[17][17];
+/* Rows of 32 (17 used) so that the index is two shifts. */
+extern const keel__ff_shape keel__ff_shapes[17][32];
 /* keel__ff_p10s[22 + k] = 10^k rounded to nearest, -22 <= k <= 22. */
 extern const double keel__ff_p10s[45];
 

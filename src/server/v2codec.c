@@ -1172,7 +1172,7 @@ static inline __attribute__((always_inline)) bool decode_flat(dec *d, const keel
  * decode_flat for FP32 with the vector number path, in chunks of two passes. Pass 1 finds the
  * separators (',' and the first ']') of up to FLAT_CHUNK numbers, 64 bytes per step, and
  * writes their addresses without a branch per separator (8 written per step whether or not they
- * exist, a second 8 when there are more, a loop past 16). Pass 2 converts each number between
+ * exist, 4 more when there are more, a loop past 12). Pass 2 converts each number between
  * two separators with keel__ff_f32_avx2: every number's ends are known before it is
  * converted, so numbers do not wait for each other and no branch depends on the digits. A
  * number the vector path declines (an exponent, more than 15 digits, whitespace before its
@@ -1186,9 +1186,9 @@ static inline __attribute__((always_inline)) bool decode_flat(dec *d, const keel
 enum { FLAT_CHUNK = 256 };
 
 KEEL__FF_AVX2_TARGET static inline void flat_sep_write(const char **sep, const char *pos,
-                                                       uint64_t *c)
+                                                       uint64_t *c, int w)
 {
-    for (int r = 0; r < 8; r++) {
+    for (int r = 0; r < w; r++) {
         sep[r] = pos + _tzcnt_u64(*c); /* pos + 64 when none is left: written, not counted */
         *c = _blsr_u64(*c);
     }
@@ -1288,10 +1288,10 @@ KEEL__FF_AVX2_TARGET static bool decode_flat_f32_avx2(dec *d, const keel__v2_ten
 
             c &= _blsmsk_u64(stop); /* only the commas before a ']' (all when none) */
             cnt = (size_t)_mm_popcnt_u64(c);
-            flat_sep_write(sep + k, pos, &c);
+            flat_sep_write(sep + k, pos, &c, 8);
             if (cnt > 8) {
-                flat_sep_write(sep + k + 8, pos, &c);
-                for (size_t r = 16; r < cnt; r++) {
+                flat_sep_write(sep + k + 8, pos, &c, 4);
+                for (size_t r = 12; r < cnt; r++) {
                     sep[k + r] = pos + _tzcnt_u64(c);
                     c = _blsr_u64(c);
                 }
