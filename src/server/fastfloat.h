@@ -455,32 +455,35 @@ keel__ff_vnum_shape(keel__ff_vnum *v, const char *s, const char *e, uint32_t dig
 KEEL__FF_AVX2_TARGET __attribute__((always_inline)) static inline bool
 keel__ff_f32x2_avx2(const char *pa, const char *ea, const char *pb, const char *eb, float *out)
 {
-    /* 1 for '-', else 0, computed on the whole register: a setcc here would write only its
-     * low byte and so wait for that register's previous value, often the float of the
-     * previous number, chaining every number to the one before it (measured: 4x slower). */
-    const uint32_t nega = (((uint32_t)(unsigned char)*pa ^ 0x2Du) - 1u) >> 31;
-    const uint32_t negb = (((uint32_t)(unsigned char)*pb ^ 0x2Du) - 1u) >> 31;
-    const char *sa = pa + nega;
-    const char *sb = pb + negb;
-    const uint64_t signs = (uint64_t)negb << 63 | (uint64_t)nega << 31;
+    /* 16 bytes from each number's first byte, its sign included: the loads wait for
+     * nothing, and the sign shifts the masks (a negative number has 15 bytes for the rest,
+     * so one of 16 more bytes is declined) and the pshufb control by one byte. */
     const __m256i v = _mm256_inserti128_si256(
-        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)sa)),
-        _mm_loadu_si128((const __m128i *)(const void *)sb), 1);
+        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)pa)),
+        _mm_loadu_si128((const __m128i *)(const void *)pb), 1);
     const __m256i dd = _mm256_sub_epi8(v, _mm256_set1_epi8('0'));
+    const __m256i minus = _mm256_cmpeq_epi8(v, _mm256_set1_epi8('-'));
+    const uint32_t mm = (uint32_t)_mm256_movemask_epi8(minus);
+    const uint32_t nega = mm & 1u;
+    const uint32_t negb = (mm >> 16) & 1u;
     const uint32_t dig = (uint32_t)_mm256_movemask_epi8(
         _mm256_cmpeq_epi8(_mm256_min_epu8(dd, _mm256_set1_epi8(9)), dd));
     const uint32_t dot =
         (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_set1_epi8('.')));
+    const uint64_t signs = (uint64_t)negb << 63 | (uint64_t)nega << 31;
     keel__ff_vnum a, b;
     __m256i x, m;
     __m256d dm, sm, d;
     __m128 f;
     uint32_t bad;
 
-    keel__ff_vnum_shape(&a, sa, ea, dig, dot);
-    keel__ff_vnum_shape(&b, sb, eb, dig >> 16, dot >> 16);
-    x = _mm256_shuffle_epi8(dd,
-                            _mm256_inserti128_si256(_mm256_castsi128_si256(a.gather), b.gather, 1));
+    keel__ff_vnum_shape(&a, pa + nega, ea, (dig & 0xFFFFu) >> nega, (dot & 0xFFFFu) >> nega);
+    keel__ff_vnum_shape(&b, pb + negb, eb, dig >> 16 >> negb, dot >> 16 >> negb);
+    /* Each lane's control, one byte on for a sign (minus's byte 0, -1 or 0, in every byte of
+     * its lane, subtracted; zeroing lanes stay >= 0x80). */
+    x = _mm256_shuffle_epi8(
+        dd, _mm256_sub_epi8(_mm256_inserti128_si256(_mm256_castsi128_si256(a.gather), b.gather, 1),
+                            _mm256_shuffle_epi8(minus, _mm256_setzero_si256())));
     x = _mm256_maddubs_epi16(x, _mm256_set1_epi16(0x010A) /* (10, 1) byte pairs */);
     x = _mm256_madd_epi16(x, _mm256_set1_epi32(0x00010064) /* (100, 1) */);
     x = _mm256_madd_epi16(_mm256_packs_epi32(x, x), _mm256_set1_epi32(0x00012710) /* (10000, 1) */);
