@@ -433,7 +433,7 @@ keel__ff_vnum_shape(keel__ff_vnum *v, const char *s, const char *e, uint32_t dig
 
 /*
  * The FP32 vector path for the common shape of tensor data: -?D+(.D+)?([eE][+-]?D{1,3})? with
- * at most 16 bytes before the exponent part (after the sign), at most 15 digits and a power
+ * at most 16 bytes before the exponent part counting the sign, at most 15 digits and a power
  * of ten 10^(exponent - fraction digits) within 10^-22..10^22, whose end e is already known
  * (v2codec.c finds the separators first, so no number waits for the previous one to end).
  * Two numbers at once (a and b, written to out[0] and out[1]), one 16-byte load each and no
