@@ -452,8 +452,18 @@ keel__ff_vnum_shape(keel__ff_vnum *v, const char *s, const char *e, uint32_t dig
  * guarantees them readable. Call only from code compiled with KEEL__FF_AVX2_TARGET, when
  * keel__ff_simd_level() >= 1.
  */
-KEEL__FF_AVX2_TARGET __attribute__((always_inline)) static inline bool
-keel__ff_f32x2_avx2(const char *pa, const char *ea, const char *pb, const char *eb, float *out)
+/* A pair between the two halves of keel__ff_f32x2_avx2 (a loop may start the next pair's
+ * first half before this pair's second half, so the two chains overlap). */
+typedef struct keel__ff_x2 {
+    __m256i digits; /* right-aligned digits of a (lane 0) and b (lane 1) */
+    __m256d sm;     /* (10^k of a, minimum m of a, 10^k of b, minimum m of b) */
+    uint64_t signs; /* the two floats' sign bits */
+    uint32_t bad;
+} keel__ff_x2;
+
+/* First half: loads, masks, shapes, the digits gathered. */
+KEEL__FF_AVX2_TARGET __attribute__((always_inline)) static inline void
+keel__ff_x2_front(keel__ff_x2 *st, const char *pa, const char *ea, const char *pb, const char *eb)
 {
     /* 16 bytes from each number's first byte, its sign included: the loads wait for
      * nothing, and the sign shifts the masks (a negative number has 15 bytes for the rest,
@@ -470,21 +480,30 @@ keel__ff_f32x2_avx2(const char *pa, const char *ea, const char *pb, const char *
         _mm256_cmpeq_epi8(_mm256_min_epu8(dd, _mm256_set1_epi8(9)), dd));
     const uint32_t dot =
         (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_set1_epi8('.')));
-    const uint64_t signs = (uint64_t)negb << 63 | (uint64_t)nega << 31;
     keel__ff_vnum a, b;
-    __m256i x, m;
-    __m256d dm, sm, d;
-    __m128 f;
-    uint32_t bad;
 
     keel__ff_vnum_shape(&a, pa + nega, ea, (dig & 0xFFFFu) >> nega, (dot & 0xFFFFu) >> nega);
     keel__ff_vnum_shape(&b, pb + negb, eb, dig >> 16 >> negb, dot >> 16 >> negb);
     /* Each lane's control, one byte on for a sign (minus's byte 0, -1 or 0, in every byte of
      * its lane, subtracted; zeroing lanes stay >= 0x80). */
-    x = _mm256_shuffle_epi8(
+    st->digits = _mm256_shuffle_epi8(
         dd, _mm256_sub_epi8(_mm256_inserti128_si256(_mm256_castsi128_si256(a.gather), b.gather, 1),
                             _mm256_shuffle_epi8(minus, _mm256_setzero_si256())));
-    x = _mm256_maddubs_epi16(x, _mm256_set1_epi16(0x010A) /* (10, 1) byte pairs */);
+    st->sm = _mm256_insertf128_pd(_mm256_castpd128_pd256(a.sm), b.sm, 1);
+    st->signs = (uint64_t)negb << 63 | (uint64_t)nega << 31;
+    st->bad = a.bad | b.bad;
+}
+
+/* Second half: m, the double, the checks, the two floats. */
+KEEL__FF_AVX2_TARGET __attribute__((always_inline)) static inline bool
+keel__ff_x2_back(const keel__ff_x2 *st, float *out)
+{
+    __m256i x, m;
+    __m256d dm, d;
+    __m128 f;
+    uint32_t bad;
+
+    x = _mm256_maddubs_epi16(st->digits, _mm256_set1_epi16(0x010A) /* (10, 1) byte pairs */);
     x = _mm256_madd_epi16(x, _mm256_set1_epi32(0x00010064) /* (100, 1) */);
     x = _mm256_madd_epi16(_mm256_packs_epi32(x, x), _mm256_set1_epi32(0x00012710) /* (10000, 1) */);
     /* Per 128-bit lane, 32-bit elements (high 8 digits, low 8 digits, ...): m in 64 bits. */
@@ -494,10 +513,8 @@ keel__ff_f32x2_avx2(const char *pa, const char *ea, const char *pb, const char *
     dm = _mm256_sub_pd(
         _mm256_castsi256_pd(_mm256_or_si256(m, _mm256_set1_epi64x(0x4330000000000000))),
         _mm256_set1_pd(0x1p52));
-    /* (10^k of a, minimum m of a, 10^k of b, minimum m of b) */
-    sm = _mm256_insertf128_pd(_mm256_castpd128_pd256(a.sm), b.sm, 1);
-    bad = a.bad | b.bad | ((uint32_t)_mm256_movemask_pd(_mm256_cmp_pd(dm, sm, _CMP_LT_OQ)) & 0xAu);
-    d = _mm256_blend_pd(_mm256_mul_pd(dm, sm), _mm256_setzero_pd(), 0xA);
+    bad = st->bad | ((uint32_t)_mm256_movemask_pd(_mm256_cmp_pd(dm, st->sm, _CMP_LT_OQ)) & 0xAu);
+    d = _mm256_blend_pd(_mm256_mul_pd(dm, st->sm), _mm256_setzero_pd(), 0xA);
     {
         /* |low 29 bits of d - 2^28| <= 8: near a float midpoint (see keel__ff_fast_f32). */
         const __m256i t = _mm256_abs_epi32(_mm256_sub_epi32(
@@ -511,9 +528,18 @@ keel__ff_f32x2_avx2(const char *pa, const char *ea, const char *pb, const char *
     f = _mm256_cvtpd_ps(d); /* (a, 0, b, 0) */
     f = _mm_castsi128_ps(
         _mm_or_si128(_mm_shuffle_epi32(_mm_castps_si128(f), _MM_SHUFFLE(3, 1, 2, 0)),
-                     _mm_cvtsi64_si128((int64_t)signs)));
+                     _mm_cvtsi64_si128((int64_t)st->signs)));
     _mm_storel_epi64((__m128i *)(void *)out, _mm_castps_si128(f));
     return true;
+}
+
+KEEL__FF_AVX2_TARGET __attribute__((always_inline)) static inline bool
+keel__ff_f32x2_avx2(const char *pa, const char *ea, const char *pb, const char *eb, float *out)
+{
+    keel__ff_x2 st;
+
+    keel__ff_x2_front(&st, pa, ea, pb, eb);
+    return keel__ff_x2_back(&st, out);
 }
 
 /*

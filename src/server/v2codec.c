@@ -1220,21 +1220,45 @@ flat_pass2_gap(const char *const *sep, size_t k, const char *s, float *o, const 
     const char *const *q = sep;
     const char *const *qend = sep + (k & ~(size_t)1);
 
-    for (; q < qend; q += 2, o += 2) {
-        const char *ea = q[0];
-        const char *eb = q[1];
-        const char *sb = ea + 1;
+    if (q < qend) {
+        /* Software-pipelined: the first half of pair i + 1 is issued before the second half
+         * of pair i, so that the two halves' chains overlap (the reorder buffer, not the
+         * execution units, bounds this loop). */
+        keel__ff_x2 cur, nxt;
+        const char *ca = s, *cea = q[0], *cb = q[0] + 1, *ceb = q[1];
 
-        /* One space more, if it is one: a branch (predicted, so the loads below need not wait
-         * for this byte), not arithmetic on it. */
-        if (gap == 2 && __builtin_expect(*sb == ' ', 1))
-            sb++;
-        if (!keel__ff_f32x2_avx2(s, ea, sb, eb, o) &&
-            (!flat_one_f32(s, ea, end, o) || !flat_one_f32(sb, eb, end, o + 1)))
-            return NULL;
-        s = eb + 1;
+        /* One space more, if it is one: a branch (predicted, so the loads need not wait for
+         * this byte), not arithmetic on it. */
+        if (gap == 2 && __builtin_expect(*cb == ' ', 1))
+            cb++;
+        keel__ff_x2_front(&cur, ca, cea, cb, ceb);
+        s = ceb + 1;
         if (gap == 2 && __builtin_expect(*s == ' ', 1))
             s++;
+        for (q += 2; q < qend; q += 2, o += 2) {
+            const char *ea = q[0];
+            const char *eb = q[1];
+            const char *sb = ea + 1;
+
+            if (gap == 2 && __builtin_expect(*sb == ' ', 1))
+                sb++;
+            keel__ff_x2_front(&nxt, s, ea, sb, eb);
+            if (!keel__ff_x2_back(&cur, o) &&
+                (!flat_one_f32(ca, cea, end, o) || !flat_one_f32(cb, ceb, end, o + 1)))
+                return NULL;
+            cur = nxt;
+            ca = s;
+            cea = ea;
+            cb = sb;
+            ceb = eb;
+            s = eb + 1;
+            if (gap == 2 && __builtin_expect(*s == ' ', 1))
+                s++;
+        }
+        if (!keel__ff_x2_back(&cur, o) &&
+            (!flat_one_f32(ca, cea, end, o) || !flat_one_f32(cb, ceb, end, o + 1)))
+            return NULL;
+        o += 2;
     }
     if (k & 1) {
         if (!flat_one_f32(s, q[0], end, o))
