@@ -52,7 +52,7 @@
  * units of a float midpoint); both floats rounded and signed at once. Anything else (more
  * than 15 digits, |k| > 22, whitespace before the separator, invalid text, a near-midpoint
  * d) is declined and goes through keel__ff_scan_fast + keel__ff_to_f32, so the vector path
- * can only be faster, never different. Measured (docs/PERFORMANCE.md): about 4.5 to 5 ns per
+ * can only be faster, never different. Measured (docs/PERFORMANCE.md): about 3.9 to 4.4 ns per
  * number against 6.4 to 15 for the scalar path.
  *
  * Printing. keel__ff_format_f32() returns exactly what the loop "for P in 6..9: snprintf

@@ -12,13 +12,13 @@
  * is decoded straight into the tensor buffer by a loop specialised per datatype, with the
  * number conversions of fastfloat.h. A flat FP32 array, the common case, goes through
  * decode_flat_f32_avx2 on CPUs with AVX2 (two passes per chunk of 256 numbers: the separators
- * found 64 bytes at a time, then the numbers converted two at a time by the vector path, about
- * 4.5 to 5 ns per number on the benchmark's bodies) and through decode_flat's scalar loop
- * elsewhere (6.4 to 15 ns); any array either fast loop does not take whole (nesting, an error,
- * a count mismatch) is decoded again by decode_elems, which reports the error. Splicing a library
- * parser around a hand-written array scanner would still need a full JSON lexer to find where the
- * arrays end, so the whole header is parsed here; keys the schema does not use are checked and
- * skipped.
+ * found 64 bytes at a time, then the numbers converted two at a time by the vector path,
+ * software-pipelined; about 3.9 to 4.4 ns per number on the benchmark's bodies) and through
+ * decode_flat's scalar loop elsewhere (6.4 to 15 ns); any array either fast loop does not take
+ * whole (nesting, an error, a count mismatch) is decoded again by decode_elems, which reports the
+ * error. Splicing a library parser around a hand-written array scanner would still need a full JSON
+ * lexer to find where the arrays end, so the whole header is parsed here; keys the schema does not
+ * use are checked and skipped.
  *
  * Order of work, so that a hostile body costs no more than its size: an input's "data" is
  * decoded only once its "shape" and "datatype" are known (if "data" comes first, its text is
@@ -1172,16 +1172,19 @@ static inline __attribute__((always_inline)) bool decode_flat(dec *d, const keel
  * decode_flat for FP32 with the vector number path, in chunks of two passes. Pass 1 finds the
  * separators (',' and the first ']') of up to FLAT_CHUNK numbers, 64 bytes per step, and
  * writes their addresses without a branch per separator (8 written per step whether or not they
- * exist, 4 more when there are more, a loop past 12). Pass 2 converts each number between
- * two separators with keel__ff_f32_avx2: every number's ends are known before it is
- * converted, so numbers do not wait for each other and no branch depends on the digits. A
- * number the vector path declines (an exponent, more than 15 digits, whitespace before its
- * separator, a near-midpoint value, invalid text) is read by the scalar scanner, which must
- * end at that separator (after whitespace). Pass 1 steps only while 80 bytes remain, so every
- * load of pass 2 (17 bytes from a number's start, which lies before its separator) stays
- * inside the JSON; the rest of the array is left to decode_flat_from. So this accepts exactly
- * the arrays decode_flat accepts and gives the same floats; on false decode_elems decodes the
- * array again and reports the error.
+ * exist, 4 more when there are more, a loop past 12). Pass 2 converts the numbers between
+ * the separators two at a time with keel__ff_f32x2_avx2's two halves, the next pair's first
+ * half issued before this pair's second (software pipelining: the loop is bound by the
+ * latency of a pair's chain and the reorder buffer, so overlapping two chains is what pays):
+ * every number's ends are known before it is converted, so numbers do not wait for each
+ * other and no branch depends on the digits. A pair the vector path declines (more than 15
+ * digits, an exponent of 4 digits, whitespace before a separator, a near-midpoint value,
+ * invalid text) is done one number at a time by flat_one_f32: the one-number vector path,
+ * then the scalar scanner, which must end at that separator (after whitespace). Pass 1 steps only
+ * while 80 bytes remain, so every load of pass 2 (17 bytes from a number's start, which lies before
+ * its separator) stays inside the JSON; the rest of the array is left to decode_flat_from. So this
+ * accepts exactly the arrays decode_flat accepts and gives the same floats; on false decode_elems
+ * decodes the array again and reports the error.
  */
 enum { FLAT_CHUNK = 256 };
 
