@@ -29,11 +29,13 @@
  * Every decoder's floats are checked against strtof and the program exits non-zero on a
  * mismatch; a benchmark measures, it never fails on a time.
  *
- * Usage: bench_decode [--numbers N] [--rounds R]
+ * Usage: bench_decode [--numbers N] [--rounds R] [--quick]
+ * (--quick: only the keel decode and fastfloat rows, for iterating on the decoder).
  */
 #include <inttypes.h>
 #include <jansson.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -289,6 +291,7 @@ int main(int argc, char **argv)
 {
     size_t n = 1000000;
     int rounds = 7;
+    bool quick = false;
     static const char *style_name[STYLE_COUNT] = {"listed", "features", "spaced", "shortest"};
 
     for (int i = 1; i < argc; i++) {
@@ -296,8 +299,10 @@ int main(int argc, char **argv)
             n = strtoull(argv[++i], NULL, 10);
         else if (strcmp(argv[i], "--rounds") == 0 && i + 1 < argc)
             rounds = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--quick") == 0)
+            quick = true;
         else
-            die("usage: bench_decode [--numbers N] [--rounds R]");
+            die("usage: bench_decode [--numbers N] [--rounds R] [--quick]");
     }
     if (n < 64 || rounds < 1)
         die("need --numbers >= 64 and --rounds >= 1");
@@ -316,6 +321,11 @@ int main(int argc, char **argv)
         measure(label, run_keel_decode, &b, rounds, (double)n, "ns/number");
         snprintf(label, sizeof(label), "fastfloat only (%s)", style_name[style]);
         measure(label, run_fastfloat, &b, rounds, (double)n, "ns/number");
+        if (quick) {
+            free(b.text);
+            free(b.want);
+            continue;
+        }
         snprintf(label, sizeof(label), "strtof only (%s)", style_name[style]);
         measure(label, run_strtof, &b, rounds, (double)n, "ns/number");
         snprintf(label, sizeof(label), "yajl tokenizer only (%s)", style_name[style]);

@@ -22,6 +22,9 @@
  *   - round trip: the decoded inputs, encoded as response outputs (binary ones in the binary
  *     section) and turned back into a request by renaming "outputs" to "inputs", decode to
  *     the same tensors byte for byte;
+ *   - the vector path of FP32 arrays (fastfloat.h, on CPUs that have it) and the scalar path
+ *     give the same status, message and tensors (decoded a second time with the vector path
+ *     off);
  *   - keel accepts what the codec accepts: keel_v2_decode_infer on a real keel_request (a
  *     runtime on an empty repository, made once) returns 200, or a 400 only for more
  *     dimensions than keel allows.
@@ -34,6 +37,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fastfloat.h"
 #include "v2codec.h"
 #include "v2codec_internal.h"
 
@@ -178,6 +182,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     st = keel__v2_decode(body, len, header_len, &r, err, sizeof(err));
     check(st == 200 || st == 400, "unexpected status", err);
     check(memchr(err, '\0', sizeof(err)) != NULL, "message not NUL-terminated", NULL);
+    if (keel__ff_simd_level() >= 1) {
+        keel__v2_request rs;
+        char errs[512];
+        int sts;
+
+        keel__ff_simd_force(0);
+        sts = keel__v2_decode(body, len, header_len, &rs, errs, sizeof(errs));
+        keel__ff_simd_force(-1);
+        check(sts == st, "the scalar path gives another status", st == 200 ? errs : err);
+        check(st == 200 || strcmp(err, errs) == 0, "the scalar path gives another message", errs);
+        if (st == 200) {
+            check(rs.ninputs == r.ninputs, "the scalar path gives other inputs", NULL);
+            for (size_t i = 0; i < r.ninputs; i++)
+                check(rs.inputs[i].bytes == r.inputs[i].bytes &&
+                          (r.inputs[i].bytes == 0 ||
+                           memcmp(rs.inputs[i].data, r.inputs[i].data, r.inputs[i].bytes) == 0),
+                      "the scalar path decodes other values", r.inputs[i].name);
+            keel__v2_request_fini(&rs);
+        }
+    }
     if (st != 200) {
         char *ej = keel_v2_error_json(err);
         check(err[0] != '\0', "empty error message", NULL);

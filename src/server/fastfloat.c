@@ -14,6 +14,7 @@
 
 #include <inttypes.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -50,6 +51,117 @@ const uint64_t keel__ff_p10u[20] = {UINT64_C(1),
                                     UINT64_C(10000000000000000000)};
 
 #define p10u keel__ff_p10u
+
+/* The vector path's level, detected on first use: -1 until then. A relaxed atomic: every
+ * thread computes the same value, so a race only repeats the detection. */
+static _Atomic int simd_level = -1;
+
+int keel__ff_simd_level(void)
+{
+    int l = atomic_load_explicit(&simd_level, memory_order_relaxed);
+
+    if (l < 0) {
+#ifdef KEEL__FF_HAVE_AVX2
+        l = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi") &&
+                    __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt")
+                ? 1
+                : 0;
+#else
+        l = 0;
+#endif
+        atomic_store_explicit(&simd_level, l, memory_order_relaxed);
+    }
+    return l;
+}
+
+void keel__ff_simd_force(int level)
+{
+#ifndef KEEL__FF_HAVE_AVX2
+    if (level > 0)
+        level = 0;
+#endif
+    atomic_store_explicit(&simd_level, level, memory_order_relaxed);
+}
+
+#ifdef KEEL__FF_HAVE_AVX2
+/*
+ * keel__ff_shapes[len][dp], built by the preprocessor. nd = digits (len, less the point if
+ * dp < len); nf = fraction digits. gather lane i holds digit j = i - (16 - nd), read from
+ * byte j, or j + 1 once past the point; lanes with j < 0 select zero (0x80). Invalid shapes:
+ * len 0, a point first or last, 16 digits (m could pass 2^53), dp > len (never looked up).
+ */
+#define SH_ND(len, dp) ((len) - ((dp) < (len)))
+#define SH_NF(len, dp) ((dp) < (len) ? (len)-1 - (dp) : 0)
+#define SH_BAD(len, dp)                                                                            \
+    ((len) == 0 || (dp) > (len) || ((dp) < (len) && ((dp) == 0 || (dp) == (len)-1)) ||             \
+     SH_ND(len, dp) > 15)
+#define SH_J(len, dp, i) ((i) - (16 - SH_ND(len, dp)))
+#define SH_LANE(len, dp, i)                                                                        \
+    (SH_J(len, dp, i) < 0 ? 0x80 : SH_J(len, dp, i) + (SH_J(len, dp, i) >= (dp)))
+/* 10^-k, 0 <= k <= 15, as the compiler rounds the literal (to nearest). */
+#define SH_P10INV(k)                                                                               \
+    ((k) == 0    ? 1e0                                                                             \
+     : (k) == 1  ? 1e-1                                                                            \
+     : (k) == 2  ? 1e-2                                                                            \
+     : (k) == 3  ? 1e-3                                                                            \
+     : (k) == 4  ? 1e-4                                                                            \
+     : (k) == 5  ? 1e-5                                                                            \
+     : (k) == 6  ? 1e-6                                                                            \
+     : (k) == 7  ? 1e-7                                                                            \
+     : (k) == 8  ? 1e-8                                                                            \
+     : (k) == 9  ? 1e-9                                                                            \
+     : (k) == 10 ? 1e-10                                                                           \
+     : (k) == 11 ? 1e-11                                                                           \
+     : (k) == 12 ? 1e-12                                                                           \
+     : (k) == 13 ? 1e-13                                                                           \
+     : (k) == 14 ? 1e-14                                                                           \
+                 : 1e-15)
+/* 10^(k-1) for k digits, k >= 1: the smallest m without a leading zero. */
+#define SH_P10M(k)                                                                                 \
+    ((k) <= 1    ? 1e0                                                                             \
+     : (k) == 2  ? 1e1                                                                             \
+     : (k) == 3  ? 1e2                                                                             \
+     : (k) == 4  ? 1e3                                                                             \
+     : (k) == 5  ? 1e4                                                                             \
+     : (k) == 6  ? 1e5                                                                             \
+     : (k) == 7  ? 1e6                                                                             \
+     : (k) == 8  ? 1e7                                                                             \
+     : (k) == 9  ? 1e8                                                                             \
+     : (k) == 10 ? 1e9                                                                             \
+     : (k) == 11 ? 1e10                                                                            \
+     : (k) == 12 ? 1e11                                                                            \
+     : (k) == 13 ? 1e12                                                                            \
+     : (k) == 14 ? 1e13                                                                            \
+                 : 1e14)
+/* More than one integer digit (dp > 1) means the first may not be 0. */
+#define SH_MMIN(len, dp) (SH_BAD(len, dp) ? 1e300 : (dp) > 1 ? SH_P10M(SH_ND(len, dp)) : 0.0)
+#define SH(len, dp)                                                                                \
+    {                                                                                              \
+        {SH_LANE(len, dp, 0),  SH_LANE(len, dp, 1),  SH_LANE(len, dp, 2),  SH_LANE(len, dp, 3),    \
+         SH_LANE(len, dp, 4),  SH_LANE(len, dp, 5),  SH_LANE(len, dp, 6),  SH_LANE(len, dp, 7),    \
+         SH_LANE(len, dp, 8),  SH_LANE(len, dp, 9),  SH_LANE(len, dp, 10), SH_LANE(len, dp, 11),   \
+         SH_LANE(len, dp, 12), SH_LANE(len, dp, 13), SH_LANE(len, dp, 14), SH_LANE(len, dp, 15)},  \
+            SH_P10INV(SH_NF(len, dp)), SH_MMIN(len, dp)                                            \
+    }
+#define SH_LEN(len)                                                                                \
+    {                                                                                              \
+        SH(len, 0), SH(len, 1), SH(len, 2), SH(len, 3), SH(len, 4), SH(len, 5), SH(len, 6),        \
+            SH(len, 7), SH(len, 8), SH(len, 9), SH(len, 10), SH(len, 11), SH(len, 12),             \
+            SH(len, 13), SH(len, 14), SH(len, 15), SH(len, 16)                                     \
+    }
+
+/* The compiler converts each literal correctly rounded. */
+const double keel__ff_p10s[45] = {1e-22, 1e-21, 1e-20, 1e-19, 1e-18, 1e-17, 1e-16, 1e-15, 1e-14,
+                                  1e-13, 1e-12, 1e-11, 1e-10, 1e-9,  1e-8,  1e-7,  1e-6,  1e-5,
+                                  1e-4,  1e-3,  1e-2,  1e-1,  1e0,   1e1,   1e2,   1e3,   1e4,
+                                  1e5,   1e6,   1e7,   1e8,   1e9,   1e10,  1e11,  1e12,  1e13,
+                                  1e14,  1e15,  1e16,  1e17,  1e18,  1e19,  1e20,  1e21,  1e22};
+
+_Alignas(64) const keel__ff_shape keel__ff_shapes[17][32] = {
+    SH_LEN(0),  SH_LEN(1),  SH_LEN(2),  SH_LEN(3),  SH_LEN(4),  SH_LEN(5),
+    SH_LEN(6),  SH_LEN(7),  SH_LEN(8),  SH_LEN(9),  SH_LEN(10), SH_LEN(11),
+    SH_LEN(12), SH_LEN(13), SH_LEN(14), SH_LEN(15), SH_LEN(16)};
+#endif
 
 const char *keel__ff_scan_slow(const char *p, const char *end, keel__ff_num *n)
 {

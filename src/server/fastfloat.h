@@ -37,6 +37,24 @@
  *
  * The text is read 8 digits at a time (SWAR, keel__ff_scan_fast) when 32 bytes follow it.
  *
+ * The vector path (x86-64 with AVX2, BMI1, BMI2 and POPCNT, checked at run time and cached in
+ * keel__ff_simd_level; everything else takes the scalar code above). For FP32 arrays v2codec.c
+ * finds the separators first, so every number's end is known before it is converted and no
+ * number waits for the previous one. keel__ff_f32x2_avx2 then converts two numbers per
+ * instruction: one 16-byte load each; digit and point masks; the shape (length, point) checked
+ * by mask arithmetic and one lookup in keel__ff_shapes, which also holds the pshufb control
+ * that squeezes the point out and right-aligns the digits, 10^-(fraction digits) and the
+ * smallest m without a leading zero; three multiply-adds and one 64-bit multiply-add make
+ * m < 10^15; m exact in double; d = m * (10^k rounded to double), k = exponent - fraction
+ * digits in -22..22 (an exponent part of up to 3 digits is parsed by scalar code, only for
+ * numbers that have one); the same midpoint guard as the FP32 reciprocal path above (two
+ * roundings, so within 2^-52 relative; rounding to float is correct unless d is within 8
+ * units of a float midpoint); both floats rounded and signed at once. Anything else (more
+ * than 15 digits, |k| > 22, whitespace before the separator, invalid text, a near-midpoint
+ * d) is declined and goes through keel__ff_scan_fast + keel__ff_to_f32, so the vector path
+ * can only be faster, never different. Measured (docs/PERFORMANCE.md): about 3.9 to 4.4 ns per
+ * number against 6.4 to 15 for the scalar path.
+ *
  * Printing. keel__ff_format_f32() returns exactly what the loop "for P in 6..9: snprintf
  * %.Pg; stop when strtof gives the float back" returns (the shortest round-trip form, except
  * for subnormals, which get at least 6 digits, and the rare floats whose shortest form is not
@@ -316,6 +334,259 @@ static inline bool keel__ff_fast_f32(uint64_t m, int64_t e, float *out)
     }
     return false;
 }
+
+/*
+ * Which vector path the decoder uses: 0 = none (the scalar code above), 1 = AVX2 with BMI1,
+ * BMI2 and POPCNT (x86-64-v3: Intel since 2013, AMD since 2015). Detected once (cpuid, through
+ * __builtin_cpu_supports, which also checks that the OS saves the AVX state) and cached;
+ * keel__ff_simd_force() overrides it for tests and benchmarks (-1: detect again).
+ */
+int keel__ff_simd_level(void);
+void keel__ff_simd_force(int level);
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define KEEL__FF_HAVE_AVX2 1
+#include <immintrin.h>
+
+#define KEEL__FF_AVX2_TARGET __attribute__((target("avx2,bmi,bmi2,popcnt")))
+
+/* What the vector path needs to know about a number of len bytes (after the sign) with its
+ * first non-digit at dp (the point, or dp == len: no point). See fastfloat.c. */
+typedef struct keel__ff_shape {
+    uint8_t gather[16]; /* pshufb control: the digits without the point, right-aligned */
+    double scale;       /* 10^-(fraction digits), rounded to nearest */
+    double mmin;        /* m below this is invalid: a leading zero ("01"); 1e300 when the shape
+                           itself is ("", ".5", "5.", 16 digits) */
+} keel__ff_shape;
+
+/* Rows of 32 (17 used) so that the index is two shifts. */
+extern const keel__ff_shape keel__ff_shapes[17][32];
+/* keel__ff_p10s[22 + k] = 10^k rounded to nearest, -22 <= k <= 22. */
+extern const double keel__ff_p10s[45];
+
+/* One number's scalar half of the vector path: its shape's pshufb control, (10^k, minimum m)
+ * and whether it is of the vector path's shape at all. */
+typedef struct keel__ff_vnum {
+    __m128i gather;
+    __m128d sm;
+    uint32_t bad;
+} keel__ff_vnum;
+
+/* The value of an exponent part "e" [+-] 1 to 3 digits spanning [q, e); a value that makes
+ * every index into keel__ff_p10s invalid (1000) when [q, e) is not that. Taken only by
+ * numbers with something after their digits. */
+static inline int32_t keel__ff_exp_part(const char *q, const char *e)
+{
+    const ptrdiff_t n = e - q;
+    uint32_t neg, d0, d1, d2;
+
+    /* "e" or "E", an optional sign, 1 to 3 digits: 2 to 5 bytes. */
+    if (n < 2 || n > 5 || ((unsigned char)q[0] | 0x20u) != 'e')
+        return 1000;
+    neg = q[1] == '-';
+    q += 1 + (q[1] == '-' || q[1] == '+');
+    d0 = (uint32_t)((unsigned char)q[0] - '0');
+    switch (e - q) {
+    case 1:
+        return d0 > 9 ? 1000 : neg ? -(int32_t)d0 : (int32_t)d0;
+    case 2:
+        d1 = (uint32_t)((unsigned char)q[1] - '0');
+        if (d0 > 9 || d1 > 9)
+            return 1000;
+        return neg ? -(int32_t)(d0 * 10 + d1) : (int32_t)(d0 * 10 + d1);
+    case 3:
+        d1 = (uint32_t)((unsigned char)q[1] - '0');
+        d2 = (uint32_t)((unsigned char)q[2] - '0');
+        if (d0 > 9 || d1 > 9 || d2 > 9)
+            return 1000;
+        return neg ? -(int32_t)(d0 * 100 + d1 * 10 + d2) : (int32_t)(d0 * 100 + d1 * 10 + d2);
+    default:
+        return 1000;
+    }
+}
+
+/* The scalar half for the number [s, e) (s after the sign) whose 16 bytes gave the digit mask
+ * dig and point mask dot (bits 0..15). Valid iff its first non-digit that is not its first
+ * point is at e or starts an exponent part ending at e, the shape (len, dp) is one the table
+ * allows, and (checked later, on m) m is not below the table's minimum. */
+KEEL__FF_AVX2_TARGET __attribute__((always_inline)) static inline void
+keel__ff_vnum_shape(keel__ff_vnum *v, const char *s, const char *e, uint32_t dig, uint32_t dot)
+{
+    /* Bits 16..63 set too, so both counts are at most 16. */
+    const uint64_t nondig = ~(uint64_t)(dig & 0xFFFFu);
+    const uint64_t dp = _tzcnt_u64(nondig);
+    const uint64_t len = _tzcnt_u64(nondig ^ (_blsi_u64(nondig) & (uint64_t)(dot & 0xFFFFu)));
+    const keel__ff_shape *sh = &keel__ff_shapes[len][dp];
+
+    v->gather = _mm_load_si128((const __m128i *)(const void *)sh->gather);
+    if (__builtin_expect(s + len == e, 1)) {
+        v->sm = _mm_load_pd(&sh->scale); /* (scale, mmin) */
+        v->bad = 0;
+    } else {
+        /* An exponent part, or not a number of this shape. */
+        const uint32_t k =
+            (uint32_t)(22 + keel__ff_exp_part(s + len, e) - (int32_t)(dp < len ? len - 1 - dp : 0));
+        v->bad = k > 44;
+        v->sm = _mm_setr_pd(keel__ff_p10s[k > 44 ? 22 : k], sh->mmin);
+    }
+}
+
+/*
+ * The FP32 vector path for the common shape of tensor data: -?D+(.D+)?([eE][+-]?D{1,3})? with
+ * at most 16 bytes before the exponent part counting the sign, at most 15 digits and a power
+ * of ten 10^(exponent - fraction digits) within 10^-22..10^22, whose end e is already known
+ * (v2codec.c finds the separators first, so no number waits for the previous one to end).
+ * Two numbers at once (a and b, written to out[0] and out[1]), one 16-byte load each and no
+ * branch per digit or per shape: the bytes are classified as digits and points at once, the
+ * validity of each number is a few mask operations and a table lookup by its shape (length,
+ * point), the point is squeezed out and the digits right-aligned by one pshufb, three
+ * multiply-adds and one multiply-add in 64 bits make m (< 10^15 < 2^53, so exact in double).
+ * The value m * 10^k is d = m * (10^k rounded to double): two roundings, within 2^-52 of the
+ * exact value, so d rounded to float is the correctly rounded float (strtof's) unless d lies
+ * within 8 units (of its last place) of a midpoint between two floats; |k| <= 22 and
+ * m <= 10^15 keep d a normal float. Those few near-midpoint numbers, and any number of
+ * another shape or invalid (whitespace before e, an exponent of 4 digits, "01", "1."), make
+ * this return false, storing nothing: the caller then takes the numbers one by one through
+ * keel__ff_f32_avx2, then keel__ff_scan_fast + keel__ff_to_f32, which give the exact float or
+ * the exact error. Reads the 17 bytes at each number's start whatever e is: the caller
+ * guarantees them readable. Call only from code compiled with KEEL__FF_AVX2_TARGET, when
+ * keel__ff_simd_level() >= 1.
+ */
+/* A pair between the two halves of keel__ff_f32x2_avx2 (a loop may start the next pair's
+ * first half before this pair's second half, so the two chains overlap). */
+typedef struct keel__ff_x2 {
+    __m256i digits; /* right-aligned digits of a (lane 0) and b (lane 1) */
+    __m256d sm;     /* (10^k of a, minimum m of a, 10^k of b, minimum m of b) */
+    uint64_t signs; /* the two floats' sign bits */
+    uint32_t bad;
+} keel__ff_x2;
+
+/* First half: loads, masks, shapes, the digits gathered. */
+KEEL__FF_AVX2_TARGET __attribute__((always_inline)) static inline void
+keel__ff_x2_front(keel__ff_x2 *st, const char *pa, const char *ea, const char *pb, const char *eb)
+{
+    /* 16 bytes from each number's first byte, its sign included: the loads wait for
+     * nothing, and the sign shifts the masks (a negative number has 15 bytes for the rest,
+     * so one of 16 more bytes is declined) and the pshufb control by one byte. */
+    const __m256i v = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(const void *)pa)),
+        _mm_loadu_si128((const __m128i *)(const void *)pb), 1);
+    const __m256i dd = _mm256_sub_epi8(v, _mm256_set1_epi8('0'));
+    const __m256i minus = _mm256_cmpeq_epi8(v, _mm256_set1_epi8('-'));
+    const uint32_t mm = (uint32_t)_mm256_movemask_epi8(minus);
+    const uint32_t nega = mm & 1u;
+    const uint32_t negb = (mm >> 16) & 1u;
+    const uint32_t dig = (uint32_t)_mm256_movemask_epi8(
+        _mm256_cmpeq_epi8(_mm256_min_epu8(dd, _mm256_set1_epi8(9)), dd));
+    const uint32_t dot =
+        (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_set1_epi8('.')));
+    keel__ff_vnum a, b;
+
+    keel__ff_vnum_shape(&a, pa + nega, ea, (dig & 0xFFFFu) >> nega, (dot & 0xFFFFu) >> nega);
+    keel__ff_vnum_shape(&b, pb + negb, eb, dig >> 16 >> negb, dot >> 16 >> negb);
+    /* Each lane's control, one byte on for a sign (minus's byte 0, -1 or 0, in every byte of
+     * its lane, subtracted; zeroing lanes stay >= 0x80). */
+    st->digits = _mm256_shuffle_epi8(
+        dd, _mm256_sub_epi8(_mm256_inserti128_si256(_mm256_castsi128_si256(a.gather), b.gather, 1),
+                            _mm256_shuffle_epi8(minus, _mm256_setzero_si256())));
+    st->sm = _mm256_insertf128_pd(_mm256_castpd128_pd256(a.sm), b.sm, 1);
+    st->signs = (uint64_t)negb << 63 | (uint64_t)nega << 31;
+    st->bad = a.bad | b.bad;
+}
+
+/* Second half: m, the double, the checks, the two floats. */
+KEEL__FF_AVX2_TARGET __attribute__((always_inline)) static inline bool
+keel__ff_x2_back(const keel__ff_x2 *st, float *out)
+{
+    __m256i x, m;
+    __m256d dm, d;
+    __m128 f;
+    uint32_t bad;
+
+    x = _mm256_maddubs_epi16(st->digits, _mm256_set1_epi16(0x010A) /* (10, 1) byte pairs */);
+    x = _mm256_madd_epi16(x, _mm256_set1_epi32(0x00010064) /* (100, 1) */);
+    x = _mm256_madd_epi16(_mm256_packs_epi32(x, x), _mm256_set1_epi32(0x00012710) /* (10000, 1) */);
+    /* Per 128-bit lane, 32-bit elements (high 8 digits, low 8 digits, ...): m in 64 bits. */
+    m = _mm256_add_epi64(_mm256_mul_epu32(x, _mm256_set1_epi64x(100000000)),
+                         _mm256_srli_epi64(x, 32));
+    /* m < 2^52 as a double: its bits under the exponent of 2^52, less 2^52 (exact). */
+    dm = _mm256_sub_pd(
+        _mm256_castsi256_pd(_mm256_or_si256(m, _mm256_set1_epi64x(0x4330000000000000))),
+        _mm256_set1_pd(0x1p52));
+    bad = st->bad | ((uint32_t)_mm256_movemask_pd(_mm256_cmp_pd(dm, st->sm, _CMP_LT_OQ)) & 0xAu);
+    d = _mm256_blend_pd(_mm256_mul_pd(dm, st->sm), _mm256_setzero_pd(), 0xA);
+    {
+        /* |low 29 bits of d - 2^28| <= 8: near a float midpoint (see keel__ff_fast_f32). */
+        const __m256i t = _mm256_abs_epi32(_mm256_sub_epi32(
+            _mm256_and_si256(_mm256_castpd_si256(d), _mm256_set1_epi64x(0x1FFFFFFF)),
+            _mm256_set1_epi64x(0x10000000)));
+        bad |= (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(
+            _mm256_cmpgt_epi32(_mm256_set1_epi64x((int64_t)((uint64_t)INT32_MIN << 32 | 9u)), t)));
+    }
+    if (__builtin_expect(bad != 0, 0))
+        return false;
+    f = _mm256_cvtpd_ps(d); /* (a, 0, b, 0) */
+    f = _mm_castsi128_ps(
+        _mm_or_si128(_mm_shuffle_epi32(_mm_castps_si128(f), _MM_SHUFFLE(3, 1, 2, 0)),
+                     _mm_cvtsi64_si128((int64_t)st->signs)));
+    _mm_storel_epi64((__m128i *)(void *)out, _mm_castps_si128(f));
+    return true;
+}
+
+KEEL__FF_AVX2_TARGET __attribute__((always_inline)) static inline bool
+keel__ff_f32x2_avx2(const char *pa, const char *ea, const char *pb, const char *eb, float *out)
+{
+    keel__ff_x2 st;
+
+    keel__ff_x2_front(&st, pa, ea, pb, eb);
+    return keel__ff_x2_back(&st, out);
+}
+
+/*
+ * The same for one number (the last of an odd count, and the numbers of a pair that
+ * keel__ff_f32x2_avx2 declined): true and *out set, or false and nothing stored.
+ */
+KEEL__FF_AVX2_TARGET __attribute__((always_inline)) static inline bool
+keel__ff_f32_avx2(const char *p, const char *e, float *out)
+{
+    const uint32_t neg = (((uint32_t)(unsigned char)*p ^ 0x2Du) - 1u) >> 31;
+    const char *s = p + neg;
+    const __m128i v = _mm_loadu_si128((const __m128i *)(const void *)s);
+    const __m128i dd = _mm_sub_epi8(v, _mm_set1_epi8('0'));
+    const uint32_t dig =
+        (uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(_mm_min_epu8(dd, _mm_set1_epi8(9)), dd));
+    const uint32_t dot = (uint32_t)_mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8('.')));
+    keel__ff_vnum a;
+    __m128i x;
+    uint64_t hl, m, bits;
+    double dm, d;
+    float f;
+    uint32_t fb;
+
+    keel__ff_vnum_shape(&a, s, e, dig, dot);
+    if (a.bad)
+        return false;
+    x = _mm_shuffle_epi8(dd, a.gather);
+    x = _mm_maddubs_epi16(x, _mm_setr_epi8(10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1, 10, 1));
+    x = _mm_madd_epi16(x, _mm_setr_epi16(100, 1, 100, 1, 100, 1, 100, 1));
+    x = _mm_madd_epi16(_mm_packs_epi32(x, x),
+                       _mm_setr_epi16(10000, 1, 10000, 1, 10000, 1, 10000, 1));
+    hl = (uint64_t)_mm_cvtsi128_si64(x);
+    m = (hl & 0xFFFFFFFFu) * 100000000u + (hl >> 32);
+    dm = (double)(int64_t)m;
+    if (dm < _mm_cvtsd_f64(_mm_unpackhi_pd(a.sm, a.sm)))
+        return false;
+    d = dm * _mm_cvtsd_f64(a.sm);
+    memcpy(&bits, &d, sizeof(bits));
+    if ((bits & UINT64_C(0x1FFFFFFF)) - UINT64_C(0x10000000) + 8 <= 16)
+        return false;
+    f = (float)d;
+    memcpy(&fb, &f, sizeof(fb));
+    fb |= neg << 31;
+    memcpy(out, &fb, sizeof(fb));
+    return true;
+}
+#endif
 
 /* Converts a scanned number (text is its text, used by the fallback) to float. */
 static inline int keel__ff_to_f32(const keel__ff_num *n, const char *text, size_t len, float *out)

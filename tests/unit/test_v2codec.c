@@ -952,6 +952,50 @@ static void random_decimal(char *t)
                 (int)(rnd() % 50));
 }
 
+#ifdef KEEL__FF_HAVE_AVX2
+/* The vector paths on t (the one-number path, and the pair path with t first and with t
+ * second, next to "0.5"), each followed by a comma and padding as in a body. Each must either
+ * decline or give exactly want (and want_ok must then hold). Returns how many of the three took
+ * t. */
+KEEL__FF_AVX2_TARGET static int vector_check(const char *t, float want, bool want_ok)
+{
+    char buf[192];
+    size_t len = strlen(t);
+    float f[2], g = 0.0f;
+    int took = 0;
+
+    assert_true(len + 64 < sizeof(buf));
+    /* t,0.5, then spaces */
+    memset(buf, ' ', sizeof(buf));
+    memcpy(buf, t, len);
+    memcpy(buf + len, ",0.5,", 5);
+    if (keel__ff_f32_avx2(buf, buf + len, &g)) {
+        if (!want_ok || memcmp(&g, &want, 4) != 0)
+            fail_msg("'%s': vector path gives %a, strtof %a%s", t, (double)g, (double)want,
+                     want_ok ? "" : " (should decline)");
+        took++;
+    }
+    if (keel__ff_f32x2_avx2(buf, buf + len, buf + len + 1, buf + len + 4, f)) {
+        if (!want_ok || memcmp(&f[0], &want, 4) != 0 || f[1] != 0.5f)
+            fail_msg("'%s' (first of a pair): vector path gives %a, strtof %a%s", t, (double)f[0],
+                     (double)want, want_ok ? "" : " (should decline)");
+        took++;
+    }
+    /* 0.5,t, then spaces */
+    memset(buf, ' ', sizeof(buf));
+    memcpy(buf, "0.5,", 4);
+    memcpy(buf + 4, t, len);
+    buf[4 + len] = ',';
+    if (keel__ff_f32x2_avx2(buf, buf + 3, buf + 4, buf + 4 + len, f)) {
+        if (!want_ok || memcmp(&f[1], &want, 4) != 0 || f[0] != 0.5f)
+            fail_msg("'%s' (second of a pair): vector path gives %a, strtof %a%s", t, (double)f[1],
+                     (double)want, want_ok ? "" : " (should decline)");
+        took++;
+    }
+    return took;
+}
+#endif
+
 static void check_parse(const char *t)
 {
     size_t len = strlen(t);
@@ -986,6 +1030,10 @@ static void check_parse(const char *t)
     } else if (st != KEEL__FF_OK || memcmp(&f, &wf, 4) != 0) {
         fail_msg("FP32 %s: got %a, strtof %a", t, (double)f, (double)wf);
     }
+#ifdef KEEL__FF_HAVE_AVX2
+    if (keel__ff_simd_level() >= 1)
+        (void)vector_check(t, wf, !isinf(wf));
+#endif
     wd = strtod(t, NULL);
     st = keel__ff_to_f64(&n, t, len, &d);
     if (isinf(wd)) {
@@ -1130,6 +1178,162 @@ static void test_scanners_agree_on_invalid(void **state)
                      pa ? pa - padded : -1, pb ? pb - padded : -1);
         if (pa != NULL && !a.many)
             assert_true(a.m == b.m && a.e == b.e && a.neg == b.neg && a.integer == b.integer);
+    }
+}
+
+/* The vector path takes the common shapes (so a path that always declined would fail here)
+ * and declines everything that is not a JSON number of its shape, leaving it to the scalar
+ * scanner: text that is not JSON, whitespace before the separator, four-digit exponents, 16
+ * digits, powers of ten beyond 10^22, values near a float midpoint. */
+static void test_vector_path(void **state)
+{
+    static const char *takes[] = {"0.708333", "-0.320755", "1",           "-1",
+                                  "1.5e-3",   "0",         "-0",          "0.70833296",
+                                  "-1E+05",   "2e0",       "0.0",         "123456789012345",
+                                  "1.5E-21",  "12e22",     "-0.00012345", "65504.25"};
+    static const char *declines[] = {"01",
+                                     "-01",
+                                     "00",
+                                     ".5",
+                                     "1.",
+                                     "1.e5",
+                                     "1e",
+                                     "1e+",
+                                     "1E-",
+                                     "--1",
+                                     "- 1",
+                                     "1 ",
+                                     " 1",
+                                     "1.5.5",
+                                     "0x10",
+                                     "1e1234",
+                                     "1e-0001",
+                                     "-",
+                                     "",
+                                     "+1",
+                                     "1e5.5",
+                                     "\"1\"",
+                                     "[1]",
+                                     "true",
+                                     "NaN",
+                                     "1e23",
+                                     "1234567890123456",
+                                     "0.1234567890123456",
+                                     "1.5e-30",
+                                     "1ee5",
+                                     "1e--5",
+                                     "1,5"};
+
+    (void)state;
+    if (keel__ff_simd_level() < 1) {
+        print_message("no vector path on this CPU (AVX2, BMI1, BMI2, POPCNT)\n");
+        skip();
+    }
+#ifdef KEEL__FF_HAVE_AVX2
+    for (size_t i = 0; i < sizeof(takes) / sizeof(takes[0]); i++) {
+        if (vector_check(takes[i], strtof(takes[i], NULL), true) != 3)
+            fail_msg("'%s': the vector path declines it", takes[i]);
+    }
+    for (size_t i = 0; i < sizeof(declines) / sizeof(declines[0]); i++)
+        (void)vector_check(declines[i], 0.0f, false);
+    /* Near a midpoint: 16777217 (2^24 + 1) is exactly halfway between two floats; the vector
+     * path must leave it (and its neighbours in the window) to the exact paths. */
+    (void)vector_check("16777217", 0.0f, false);
+    (void)vector_check("0.500000029802322387", 0.0f, false); /* 18 digits */
+#endif
+}
+
+/* keel__v2_decode gives the same floats, statuses and messages with the vector path as with
+ * the scalar path, on bodies of random numbers, separators and whitespace, with a wrong
+ * element, a wrong count or a nested array now and then. */
+static void test_flat_fp32_paths_agree(void **state)
+{
+    static const char *seps[] = {",", ", ", " , ", ",\n  ", ",\t"};
+    static const char *wrong[] = {"01",       "1.",   "\"x\"", "[1]", "",   "1e",   "nan", "-",
+                                  "1e-99999", "3e38", "4e38",  "1 2", "{}", "0.5]", "true"};
+    char t[80];
+
+    (void)state;
+    for (int round = 0; round < 600; round++) {
+        size_t n = 1 + rnd() % (round % 3 == 0 ? 600 : 60);
+        size_t shape_n = n;
+        char *data = NULL;
+        size_t cap = n * 48 + 64, o = 0;
+        char shape[48];
+        char *body;
+        keel__v2_request r0, r1;
+        int st0, st1;
+        char err0[512];
+        float *want = malloc(n * sizeof(float));
+        bool injected = false;
+
+        assert_non_null(data = malloc(cap));
+        assert_non_null(want);
+        data[o++] = '[';
+        if (rnd() % 8 == 0)
+            data[o++] = ' ';
+        for (size_t i = 0; i < n; i++) {
+            switch (rnd() % 4) {
+            case 0:
+                random_decimal(t);
+                break;
+            case 1: {
+                static const char *fixed[] = {"0.708333", "-0.320755", "1", "-1", "1.5e-3"};
+                snprintf(t, sizeof(t), "%s", fixed[rnd() % 5]);
+                break;
+            }
+            default: {
+                float x = (float)((double)(rnd() % 2000001) / 1e6 - 1.0);
+                keel__ff_format_f32(x, t);
+                break;
+            }
+            }
+            if (rnd() % 400 == 0) {
+                snprintf(t, sizeof(t), "%s", wrong[rnd() % (sizeof(wrong) / sizeof(wrong[0]))]);
+                injected = true;
+            }
+            want[i] = strtof(t, NULL);
+            /* One separator throughout, or (every 6th body) any of them at each place. */
+            o += (size_t)snprintf(data + o, cap - o, "%s%s",
+                                  i == 0           ? ""
+                                  : round % 6 == 5 ? seps[rnd() % 5]
+                                                   : seps[round % 5],
+                                  t);
+        }
+        if (rnd() % 10 == 0)
+            data[o++] = ' ';
+        data[o++] = ']';
+        data[o] = '\0';
+        if (rnd() % 50 == 0) {
+            shape_n = n + (rnd() & 1 ? 1 : (size_t)-1);
+            injected = true;
+        }
+        snprintf(shape, sizeof(shape), "[%zu]", shape_n);
+        body = one_input("FP32", shape, data);
+
+        keel__ff_simd_force(0);
+        st0 = keel__v2_decode(body, strlen(body), NOHDR, &r0, err0, sizeof(err0));
+        keel__ff_simd_force(-1);
+        st1 = keel__v2_decode(body, strlen(body), NOHDR, &r1, errbuf, sizeof(errbuf));
+        if (st0 != st1 || (st0 != 200 && strcmp(err0, errbuf) != 0))
+            fail_msg("scalar %d '%s', vector %d '%s'\nbody: %s", st0, st0 == 200 ? "" : err0, st1,
+                     st1 == 200 ? "" : errbuf, body);
+        if (st0 == 200) {
+            assert_int_equal(r0.inputs[0].bytes, r1.inputs[0].bytes);
+            if (memcmp(r0.inputs[0].data, r1.inputs[0].data, r0.inputs[0].bytes) != 0)
+                fail_msg("the paths decode different floats\nbody: %s", body);
+            if (!injected && memcmp(r1.inputs[0].data, want, n * sizeof(float)) != 0)
+                fail_msg("differs from strtof\nbody: %s", body);
+            keel__v2_request_fini(&r0);
+            keel__v2_request_fini(&r1);
+        } else if (!injected) {
+            /* Only a number out of FP32's range may fail a body built without a wrong element. */
+            if (strstr(errbuf, "range") == NULL && strstr(errbuf, "FP32") == NULL)
+                fail_msg("unexpected error %d '%s'\nbody: %s", st1, errbuf, body);
+        }
+        free(body);
+        free(data);
+        free(want);
     }
 }
 
@@ -1361,6 +1565,8 @@ int main(void)
         cmocka_unit_test(test_roundtrip_all_types),
         cmocka_unit_test(test_fp32_bit_identity),
         cmocka_unit_test(test_scanners_agree_on_invalid),
+        cmocka_unit_test(test_vector_path),
+        cmocka_unit_test(test_flat_fp32_paths_agree),
         cmocka_unit_test(test_fp32_format),
         cmocka_unit_test(test_fp16_all),
         cmocka_unit_test_setup_teardown(test_end_to_end_json, setup_keel, teardown_keel),
