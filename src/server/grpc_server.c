@@ -907,7 +907,7 @@ static void rpc_control(gcall *c)
         goto done;
     }
     atomic_fetch_add(&c->refs, 1); /* the job's */
-    if (!keel__srv_control_enqueue(s, fc)) {
+    if (!keel__srv_jobq_enqueue(&s->ctlq, fc)) {
         free(fc->model);
         free(fc);
         keel__srv_done(s);

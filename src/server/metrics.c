@@ -2,10 +2,11 @@
  * metrics.c: GET /metrics, in the Prometheus text exposition format (version 0.0.4).
  *
  * DESIGN
- * Rendered on demand on the MHD thread that serves the scrape, from libkeel's statistics
- * and counters (atomics read without locks) and from /proc/self. Nothing is cached and
- * nothing is held between scrapes. Every family has # HELP and # TYPE lines and is written
- * in one block; label values are escaped as the format requires; the output passes
+ * Rendered on demand on the scrape thread (server_control.c; never on an HTTP loop, where a
+ * render of 100 models' series, 15-25 ms, held up the loop's other connections), from
+ * libkeel's statistics and counters (atomics read without locks) and from /proc/self. Nothing is
+ * cached and nothing is held between scrapes. Every family has # HELP and # TYPE lines and is
+ * written in one block; label values are escaped as the format requires; the output passes
  * `promtool check metrics` (which is why durations are in seconds: promtool rejects
  * abbreviated units such as _us in names). Per-model families list every model keel has
  * loaded at some point (statistics survive reloads and unloads). The latency histograms and
@@ -18,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "grpc_codec.h"
@@ -376,6 +378,27 @@ static void memory_metrics(sbuf *b, keel_srv *s, const keel_model_status *list, 
            ms.heap_free_bytes);
 }
 
+#ifdef KEEL_FAULT_INJECTION
+/* Test hook (fault-injection builds only, like libkeel's KEEL_FAULT points):
+ * KEEL_FAULT_SCRAPE_DELAY_MS=N makes every render N ms slower, so that a test can show that a
+ * slow scrape holds up no inference (tests/integration/test_observability.py). */
+static void scrape_test_delay(void)
+{
+    const char *env = getenv("KEEL_FAULT_SCRAPE_DELAY_MS");
+    long ms = env != NULL ? strtol(env, NULL, 10) : 0;
+    struct timespec ts;
+
+    if (ms <= 0 || ms > 60000)
+        return;
+    ts.tv_sec = ms / 1000;
+    ts.tv_nsec = (ms % 1000) * 1000000L;
+    while (nanosleep(&ts, &ts) != 0)
+        ;
+}
+#else
+#define scrape_test_delay() ((void)0)
+#endif
+
 char *keel__srv_metrics_render(keel_srv *s, size_t *len)
 {
     sbuf b = {NULL, 0, 0, false};
@@ -387,6 +410,7 @@ char *keel__srv_metrics_render(keel_srv *s, size_t *len)
     struct rusage ru;
     struct rlimit rl;
 
+    scrape_test_delay();
     *len = 0;
     if (keel_model_list(s->rt, &list, &n) != KEEL_OK)
         return NULL;

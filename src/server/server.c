@@ -40,10 +40,11 @@
  *        the keel_request is destroyed there, so exactly once and only after its
  *        callback ran (MHD cannot complete a connection that is not resumed).
  *
- * Lock order: s->mu and s->ctl_mu never nest, and neither is held while calling libkeel
- * or MHD (keel_request_cancel may run the completion, which takes s->mu, on the caller's
- * thread; MHD takes its own locks in suspend/resume). The completion callback runs on a
- * keel worker thread, on the watcher (cancel), or on the control thread (jobs).
+ * Lock order: s->mu and a job queue's lock (s->ctlq.mu, s->scrapeq.mu) never nest, and
+ * none is held while calling libkeel or MHD (keel_request_cancel may run the completion,
+ * which takes s->mu, on the caller's thread; MHD takes its own locks in suspend/resume). The
+ * completion callback runs on a keel worker thread, on the watcher (cancel), or on a job
+ * thread (model control, scrapes: server_control.c).
  *
  * Hang-up watcher: MHD does not poll suspended sockets, so a thread polls the sockets of
  * PARKED infer connections every 10 ms (POLLRDHUP/POLLHUP/POLLERR) and cancels the
@@ -445,6 +446,7 @@ static void conn_free(srv_conn *c)
     free(c->body);
     free(c->model);
     free(c->ctl_msg);
+    free(c->ctl_body);
     free(c);
 }
 
@@ -928,7 +930,23 @@ static enum MHD_Result control_start(srv_conn *c)
         return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
     c->state = CONN_SUBMITTED; /* the control queue's lock orders it before the completion */
 
-    if (!keel__srv_control_enqueue(s, c)) {
+    if (!keel__srv_jobq_enqueue(&s->ctlq, c)) {
+        c->state = CONN_READING;
+        pending_done(s);
+        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
+    }
+    return park(c);
+}
+
+/* GET /metrics: rendered on the scrape thread (server_control.c), never on this loop. */
+static enum MHD_Result scrape_start(srv_conn *c)
+{
+    keel_srv *s = c->s;
+
+    if (!keel__srv_admit(s))
+        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
+    c->state = CONN_SUBMITTED; /* the queue's lock orders it before the completion */
+    if (!keel__srv_jobq_enqueue(&s->scrapeq, c)) {
         c->state = CONN_READING;
         pending_done(s);
         return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
@@ -942,6 +960,14 @@ static enum MHD_Result answer_resumed(srv_conn *c)
 
     if (c->route == ROUTE_INFER)
         return infer_answer(c);
+    if (c->route == ROUTE_METRICS && c->ctl_status == MHD_HTTP_OK && c->ctl_body != NULL) {
+        r.status = MHD_HTTP_OK;
+        r.body = c->ctl_body; /* the response owns it from here */
+        r.len = c->ctl_body_len;
+        r.ctype = "text/plain; version=0.0.4; charset=utf-8";
+        c->ctl_body = NULL;
+        return send_reply(c, &r, NULL, NULL, false);
+    }
     /* A control job: its outcome is ctl_status and ctl_msg. */
     if (c->ctl_status == MHD_HTTP_OK) {
         keel__srv_reply_empty(&r, MHD_HTTP_OK);
@@ -1159,6 +1185,8 @@ static enum MHD_Result final_call(srv_conn *c)
     case ROUTE_REPO_LOAD:
     case ROUTE_REPO_UNLOAD:
         return control_start(c);
+    case ROUTE_METRICS:
+        return scrape_start(c);
     case ROUTE_TRACE_SETTING: {
         char *json = NULL;
         unsigned st =
@@ -1651,7 +1679,8 @@ static void drain(keel_srv *s, int sfd, stuck_guard *guard, bool *guarded)
     pthread_mutex_unlock(&s->mu);
     keel__srv_log(KEEL_LOG_INFO, "draining", "in_flight",
                   keel__srv_fmt(b1, sizeof(b1), "%" PRId64, left), NULL);
-    keel__srv_control_stop(s);
+    keel__srv_jobq_stop(&s->ctlq);
+    keel__srv_jobq_stop(&s->scrapeq);
 
     /* Let in-flight requests finish, up to the exit timeout. */
     deadline = now_ns() + (uint64_t)o->exit_timeout_secs * 1000000000u;
@@ -1754,14 +1783,14 @@ int keel_server_run(const keel_server_opts *o)
         pthread_mutex_destroy(&s->mu);
         goto nomem;
     }
-    if (pthread_mutex_init(&s->ctl_mu, NULL) != 0) {
+    if (keel__srv_jobq_init(&s->ctlq, s, "control") != 0) {
         pthread_cond_destroy(&s->watch_cv);
         pthread_cond_destroy(&s->idle_cv);
         pthread_mutex_destroy(&s->mu);
         goto nomem;
     }
-    if (cond_init(&s->ctl_cv) != 0) {
-        pthread_mutex_destroy(&s->ctl_mu);
+    if (keel__srv_jobq_init(&s->scrapeq, s, "scrape") != 0) {
+        keel__srv_jobq_fini(&s->ctlq);
         pthread_cond_destroy(&s->watch_cv);
         pthread_cond_destroy(&s->idle_cv);
         pthread_mutex_destroy(&s->mu);
@@ -1830,8 +1859,12 @@ int keel_server_run(const keel_server_opts *o)
     }
 
     if (o->control == KEEL_SERVER_CONTROL_EXPLICIT &&
-        keel__srv_control_start(s, conn_complete) != KEEL_OK) {
+        keel__srv_jobq_start(&s->ctlq, conn_complete) != KEEL_OK) {
         keel__srv_log(KEEL_LOG_ERROR, "cannot start the model control thread", NULL);
+        goto done;
+    }
+    if (keel__srv_jobq_start(&s->scrapeq, conn_complete) != KEEL_OK) {
+        keel__srv_log(KEEL_LOG_ERROR, "cannot start the scrape thread", NULL);
         goto done;
     }
     if (watcher_start(s) != KEEL_OK) {
@@ -1890,7 +1923,8 @@ done:
         if (locks) {
             /* Also the error paths: no connection can be in flight unless MHD started,
              * and then drain() has run or nothing was ever submitted. */
-            keel__srv_control_stop(s);
+            keel__srv_jobq_stop(&s->ctlq);
+            keel__srv_jobq_stop(&s->scrapeq);
             watcher_stop(s);
         }
         keel__grpc_stop(s);       /* nothing in flight is left after drain(); NULL-safe */
@@ -1903,8 +1937,8 @@ done:
         if (guarded)
             stuck_guard_stop(&guard); /* the teardown finished in time */
         if (locks) {
-            pthread_cond_destroy(&s->ctl_cv);
-            pthread_mutex_destroy(&s->ctl_mu);
+            keel__srv_jobq_fini(&s->scrapeq);
+            keel__srv_jobq_fini(&s->ctlq);
             pthread_cond_destroy(&s->watch_cv);
             pthread_cond_destroy(&s->idle_cv);
             pthread_mutex_destroy(&s->mu);

@@ -1,18 +1,26 @@
 /*
- * server_control.c: the model-control thread of `keel serve` (explicit mode).
+ * server_control.c: the job threads of `keel serve`: model control and scrapes.
  *
  * DESIGN
- * keel_model_load blocks for as long as a model takes to load, so no HTTP thread runs it.
- * In explicit mode one control thread runs the repository API's load and unload requests,
- * one at a time: POST /v2/repository/models/{m}/load and /unload are queued here as jobs
- * (the connection is parked meanwhile, see server.c) and answered when done. Poll mode needs
- * no thread here: libkeel's lifecycle thread watches the repository (runtime/lifecycle.c).
+ * Work that takes milliseconds to seconds never runs on an HTTP loop (a loop serves many
+ * connections, and each would wait for it) nor on gRPC's completion-queue thread. Such a
+ * request becomes a job: its connection is parked (server.c), a job thread runs it and
+ * answers it through s->ctl_done, the completion server.c hands down at start (this file
+ * sits below server.c and never calls it by name). Two job threads, each with its FIFO
+ * (srv_jobq), so that a scrape never waits behind a model load:
+ *   control  (explicit mode) POST /v2/repository/models/{m}/load and /unload, and gRPC's
+ *            RepositoryModelLoad/Unload: keel_model_load blocks for as long as a model takes
+ *            to load. Poll mode needs no thread here: libkeel's lifecycle thread watches the
+ *            repository (runtime/lifecycle.c).
+ *   scrape   (always) GET /metrics: rendering a scrape costs ~0.15 ms per loaded model
+ *            (docs/PERFORMANCE.md), 15-25 ms with 100 models, which on a loop thread held
+ *            up every other request of that loop for as long.
+ * A job's outcome: ctl_status, and ctl_msg (an error) or ctl_body (a scrape's text), owned
+ * by the connection.
  *
- * A finished job is answered through s->ctl_done, the completion server.c hands down at
- * keel__srv_control_start: this file sits below server.c and never calls it by name.
- *
- * Locks: s->ctl_mu protects the job queue, ctl_stop and ctl_started; it is never held while
- * calling libkeel or completing a connection.
+ * Locks: q->mu protects a queue's FIFO, stop and started flags; it is never held while
+ * running a job, calling libkeel or completing a connection, and the two queues' locks
+ * never nest.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -21,6 +29,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "metrics.h"
 #include "reply.h"
 #include "server_control.h"
 #include "server_log.h"
@@ -50,7 +59,7 @@ static bool model_known(keel_srv *s, const char *name)
     return known;
 }
 
-static void run_job(keel_srv *s, srv_conn *c)
+static void run_control_job(keel_srv *s, srv_conn *c)
 {
     char msg[1024];
     char text[1200];
@@ -92,86 +101,134 @@ static void run_job(keel_srv *s, srv_conn *c)
     job_complete(c, err);
 }
 
-/* ---------------------------------------------------------------- the thread */
-
-static void *control_main(void *arg)
+static void run_scrape_job(keel_srv *s, srv_conn *c)
 {
-    keel_srv *s = arg;
+    size_t len = 0;
 
-    pthread_mutex_lock(&s->ctl_mu);
-    while (!s->ctl_stop) {
-        srv_conn *c = s->jobs_head;
+    if ((c->ctl_body = keel__srv_metrics_render(s, &len)) == NULL) {
+        c->ctl_status = 500;
+        c->ctl_msg = strdup("out of memory");
+        job_complete(c, KEEL_ENOMEM);
+        return;
+    }
+    c->ctl_body_len = len;
+    c->ctl_status = 200;
+    job_complete(c, KEEL_OK);
+}
+
+static void run_job(keel_srv *s, srv_conn *c)
+{
+    if (c->route == ROUTE_METRICS)
+        run_scrape_job(s, c);
+    else
+        run_control_job(s, c);
+}
+
+/* ---------------------------------------------------------------- the threads */
+
+static void *jobq_main(void *arg)
+{
+    srv_jobq *q = arg;
+
+    pthread_mutex_lock(&q->mu);
+    while (!q->stop) {
+        srv_conn *c = q->head;
 
         if (c == NULL) {
-            pthread_cond_wait(&s->ctl_cv, &s->ctl_mu);
+            pthread_cond_wait(&q->cv, &q->mu);
             continue;
         }
-        s->jobs_head = c->job_next;
-        if (s->jobs_head == NULL)
-            s->jobs_tail = NULL;
+        q->head = c->job_next;
+        if (q->head == NULL)
+            q->tail = NULL;
         c->job_next = NULL;
-        pthread_mutex_unlock(&s->ctl_mu);
-        run_job(s, c);
-        /* Jobs are loads and unloads: rare, and milliseconds to seconds each. What the job
+        pthread_mutex_unlock(&q->mu);
+        run_job(q->s, c);
+        /* Jobs are loads, unloads and scrapes: seconds apart at most rates. What the job
          * left in this thread's allocator cache goes back now instead of staying with a
          * thread that may sleep for days (keel.h). */
         keel_heap_thread_idle();
-        pthread_mutex_lock(&s->ctl_mu);
+        pthread_mutex_lock(&q->mu);
     }
-    pthread_mutex_unlock(&s->ctl_mu);
+    pthread_mutex_unlock(&q->mu);
     return NULL;
 }
 
-keel_err keel__srv_control_start(keel_srv *s, void (*done)(srv_conn *c, keel_err status))
+int keel__srv_jobq_init(srv_jobq *q, keel_srv *s, const char *name)
 {
-    s->ctl_done = done; /* written before the thread starts, read-only after */
-    pthread_mutex_lock(&s->ctl_mu);
-    s->ctl_stop = false;
-    pthread_mutex_unlock(&s->ctl_mu);
-    if (pthread_create(&s->ctl, NULL, control_main, s) != 0)
+    pthread_condattr_t ca;
+    int rc;
+
+    memset(q, 0, sizeof(*q));
+    q->s = s;
+    q->name = name;
+    if ((rc = pthread_mutex_init(&q->mu, NULL)) != 0)
+        return rc;
+    if ((rc = pthread_condattr_init(&ca)) == 0) {
+        rc = pthread_cond_init(&q->cv, &ca);
+        pthread_condattr_destroy(&ca);
+    }
+    if (rc != 0)
+        pthread_mutex_destroy(&q->mu);
+    return rc;
+}
+
+void keel__srv_jobq_fini(srv_jobq *q)
+{
+    pthread_cond_destroy(&q->cv);
+    pthread_mutex_destroy(&q->mu);
+}
+
+keel_err keel__srv_jobq_start(srv_jobq *q, void (*done)(srv_conn *c, keel_err status))
+{
+    q->s->ctl_done = done; /* written before the thread starts, read-only after */
+    pthread_mutex_lock(&q->mu);
+    q->stop = false;
+    pthread_mutex_unlock(&q->mu);
+    if (pthread_create(&q->thread, NULL, jobq_main, q) != 0)
         return KEEL_ENOMEM;
-    pthread_mutex_lock(&s->ctl_mu);
-    s->ctl_started = true;
-    pthread_mutex_unlock(&s->ctl_mu);
+    pthread_mutex_lock(&q->mu);
+    q->started = true;
+    pthread_mutex_unlock(&q->mu);
     return KEEL_OK;
 }
 
-bool keel__srv_control_enqueue(keel_srv *s, srv_conn *c)
+bool keel__srv_jobq_enqueue(srv_jobq *q, srv_conn *c)
 {
-    pthread_mutex_lock(&s->ctl_mu);
-    if (s->ctl_stop || !s->ctl_started) {
-        pthread_mutex_unlock(&s->ctl_mu);
+    pthread_mutex_lock(&q->mu);
+    if (q->stop || !q->started) {
+        pthread_mutex_unlock(&q->mu);
         return false;
     }
     c->job_next = NULL;
-    if (s->jobs_tail != NULL)
-        s->jobs_tail->job_next = c;
+    if (q->tail != NULL)
+        q->tail->job_next = c;
     else
-        s->jobs_head = c;
-    s->jobs_tail = c;
-    pthread_cond_signal(&s->ctl_cv);
-    pthread_mutex_unlock(&s->ctl_mu);
+        q->head = c;
+    q->tail = c;
+    pthread_cond_signal(&q->cv);
+    pthread_mutex_unlock(&q->mu);
     return true;
 }
 
-void keel__srv_control_stop(keel_srv *s)
+void keel__srv_jobq_stop(srv_jobq *q)
 {
     srv_conn *jobs;
     bool started;
 
-    pthread_mutex_lock(&s->ctl_mu);
-    s->ctl_stop = true;
-    started = s->ctl_started;
-    pthread_cond_broadcast(&s->ctl_cv);
-    pthread_mutex_unlock(&s->ctl_mu);
+    pthread_mutex_lock(&q->mu);
+    q->stop = true;
+    started = q->started;
+    pthread_cond_broadcast(&q->cv);
+    pthread_mutex_unlock(&q->mu);
     if (started)
-        pthread_join(s->ctl, NULL); /* waits for the job or scan in progress */
+        pthread_join(q->thread, NULL); /* waits for the job in progress */
 
-    pthread_mutex_lock(&s->ctl_mu);
-    s->ctl_started = false;
-    jobs = s->jobs_head;
-    s->jobs_head = s->jobs_tail = NULL;
-    pthread_mutex_unlock(&s->ctl_mu);
+    pthread_mutex_lock(&q->mu);
+    q->started = false;
+    jobs = q->head;
+    q->head = q->tail = NULL;
+    pthread_mutex_unlock(&q->mu);
     /* Jobs that never started are answered, so their connections resume. */
     while (jobs != NULL) {
         srv_conn *c = jobs;

@@ -10,12 +10,13 @@
  *                     thread
  *   server.c          lifecycle, signals, the libmicrohttpd (MHD) access handler and the
  *                     per-connection state machine, infer, the hang-up watcher thread
- *   server_control.c  the model-control thread: API load/unload jobs (explicit mode); poll
- *                     mode is libkeel's lifecycle thread. It answers a job through the
+ *   server_control.c  the job threads: model control (API load/unload jobs, explicit mode;
+ *                     poll mode is libkeel's lifecycle thread) and scrapes (GET /metrics is
+ *                     rendered there, never on an HTTP loop). A job is answered through the
  *                     completion server.c hands down (s->ctl_done), not by calling server.c.
  *   server_routes.c   the synchronous endpoints (metadata, health, stats, index, config);
  *                     MHD threads
- *   metrics.c         GET /metrics, Prometheus text; MHD threads
+ *   metrics.c         GET /metrics, Prometheus text; the scrape thread
  *   reply.c           replies before they are sent, keel_err -> HTTP status, the 404/503 of a
  *                     model that is not served; any thread
  *   sdnotify.c        systemd notifications (READY, STOPPING, STATUS) and the watchdog
@@ -38,7 +39,7 @@
  *   s->mu      connection states from SUBMITTED on, the parked list, s->pending, s->draining,
  *              the watcher's flags. Held for pointer and counter updates (and one poll(2)
  *              with a zero timeout in the watcher).
- *   s->ctl_mu  the control thread's job queue and stop flag.
+ *   q->mu      a job thread's queue and stop flag (s->ctlq, s->scrapeq).
  * Everything else in keel_srv is written before the threads start and read-only after, or
  * atomic.
  *
@@ -159,7 +160,9 @@ struct srv_conn {
      * completes the connection). */
     srv_conn *job_next;
     unsigned ctl_status;
-    char *ctl_msg; /* owned; NULL = empty 200 body */
+    char *ctl_msg;  /* owned; NULL = empty 200 body */
+    char *ctl_body; /* owned: a scrape's rendered text (ctl_status 200), else NULL */
+    size_t ctl_body_len;
     /* Set by a front end other than HTTP's (gRPC): called instead of keel__srv_conn_complete
      * when the job is done, with no lock held; it owns c from then on. */
     void (*job_done)(srv_conn *c, keel_err status);
@@ -167,6 +170,19 @@ struct srv_conn {
 };
 
 /* ---------------------------------------------------------------- the server */
+
+/* One job thread and its FIFO (server_control.c). mu protects head, tail, stop and started;
+ * it is never held while a job runs or a connection is completed. */
+typedef struct srv_jobq {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    srv_conn *head, *tail;
+    bool stop;
+    bool started;
+    pthread_t thread;
+    keel_srv *s;
+    const char *name; /* "control" or "scrape", for the logs */
+} srv_jobq;
 
 struct keel_srv {
     const keel_server_opts *opts;
@@ -211,15 +227,11 @@ struct keel_srv {
     _Atomic uint64_t grpc_status[17];  /* calls answered, by gRPC status code (0 OK ... 16) */
     _Atomic uint64_t grpc_canceled[2]; /* [0] by the client (cancel, deadline), [1] shutdown */
 
-    /* The model-control thread (server_control.c). */
-    pthread_mutex_t ctl_mu;
-    pthread_cond_t ctl_cv;
-    srv_conn *jobs_head, *jobs_tail;
-    bool ctl_stop;
-    pthread_t ctl;
-    bool ctl_started;
-    /* server.c's completion, handed down at keel__srv_control_start: the control thread
-     * answers a job through it, so server_control.c never calls server.c by name. */
+    /* The job threads (server_control.c): model control (explicit mode: API loads and
+     * unloads) and scrapes (GET /metrics, rendered off the HTTP loops). */
+    srv_jobq ctlq, scrapeq;
+    /* server.c's completion, handed down at keel__srv_jobq_start: a job thread answers a
+     * job through it, so server_control.c never calls server.c by name. */
     void (*ctl_done)(srv_conn *c, keel_err status);
 };
 

@@ -1,6 +1,7 @@
 /*
  * server_routes.c: the synchronous endpoints of `keel serve`: server metadata, health,
- * model metadata/ready/config, statistics, the repository index and /metrics.
+ * model metadata/ready/config, statistics and the repository index (GET /metrics is rendered
+ * on the scrape thread: server_control.c).
  *
  * DESIGN
  * Each endpoint runs on the MHD thread that received the request, calls libkeel functions
@@ -19,7 +20,6 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "metrics.h"
 #include "reply.h"
 #include "server_routes.h"
 
@@ -604,9 +604,6 @@ nomem:
 
 void keel__srv_route_sync(keel_srv *s, srv_conn *c, srv_reply *r)
 {
-    size_t len = 0;
-    char *text;
-
     switch (c->route) {
     case ROUTE_SERVER_META:
         server_metadata(r);
@@ -634,17 +631,6 @@ void keel__srv_route_sync(keel_srv *s, srv_conn *c, srv_reply *r)
         return;
     case ROUTE_REPO_INDEX:
         repo_index(s, c, r);
-        return;
-    case ROUTE_METRICS:
-        if ((text = keel__srv_metrics_render(s, &len)) == NULL) {
-            keel__srv_reply_error(r, 500, "out of memory");
-            return;
-        }
-        free(r->body);
-        r->status = 200;
-        r->body = text;
-        r->len = len;
-        r->ctype = "text/plain; version=0.0.4; charset=utf-8";
         return;
     default:
         keel__srv_reply_error(r, 500, "internal error: no synchronous handler for this route");

@@ -655,10 +655,55 @@ def test_tracing_needs_trace_dir():
               "tracing without --trace-dir: %r" % r)
 
 
+def test_slow_scrape_holds_up_no_inference():
+    """GET /metrics is rendered on the scrape thread, not on an HTTP loop: with one loop and
+    every render made 3 s slower (KEEL_FAULT_SCRAPE_DELAY_MS, a hook of fault-injection
+    builds), inferences sent on other connections after the scrape are all answered before
+    the scrape's answer comes, and the scrape then answers in full. (Rendered on the loop, as
+    before, the inferences waited behind the render and came after it.)"""
+    env = dict(os.environ, KEEL_FAULT_SCRAPE_DELAY_MS="3000")
+    srv = kit.Server(kit.example_repo(), ["--preprocess-workers", "0", "--http-threads", "1"],
+                     env=env)
+    with kit.running(srv):
+        r = infer_ok(srv.port)
+        check(r.status == 200, "warm-up inference: %r" % r)
+        out = {}
+
+        def scrape():
+            try:
+                out["r"] = kit.get(srv.port, "/metrics", timeout=60)
+            except Exception as e:  # reported below
+                out["r"] = e
+            out["t"] = time.monotonic()
+
+        t = threading.Thread(target=scrape, daemon=True)
+        t.start()
+        time.sleep(0.3)  # the scrape is being rendered (or queued to be)
+        answered = []
+        for i in range(5):
+            r = infer_ok(srv.port, req_id="during-scrape-%d" % i)
+            check(r.status == 200, "inference during a scrape: %r" % r)
+            answered.append(time.monotonic())
+        t.join(60)
+        check(not t.is_alive(), "the scrape never answered")
+        r = out.get("r")
+        check(isinstance(r, kit.Response) and r.status == 200,
+              "the slow scrape: %r" % (r,))
+        text = r.body.decode("utf-8")
+        check("keel_inference_request_success_total{" in text,
+              "the scrape's text lacks keel's families: %r" % text[:300])
+        check(r.header("Content-Type", "").startswith("text/plain; version=0.0.4"),
+              "scrape content type %r" % r.header("Content-Type"))
+        check(max(answered) < out["t"],
+              "an inference on the scrape's HTTP loop was answered %.3f s after the scrape: the "
+              "render held up the loop" % (max(answered) - out["t"]))
+
+
 if __name__ == "__main__":
     kit.parse_args()
     kit.run([test_histograms_count_every_request, test_access_log_logfmt_one_line_per_request,
              test_access_log_json_one_line_per_request,
              test_access_log_blocked_writer_drops_and_counts, test_sighup_reopens_the_access_log,
              test_traceparent_valid_and_malformed, test_trace_settings_round_trip_and_trace_file,
-             test_tracing_needs_trace_dir, test_grpc_feeds_observability], setup=setup)
+             test_tracing_needs_trace_dir, test_grpc_feeds_observability,
+             test_slow_scrape_holds_up_no_inference], setup=setup)
