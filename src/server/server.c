@@ -766,10 +766,47 @@ static bool header_length(struct MHD_Connection *mc, size_t *out)
     return true;
 }
 
+/* A request body lent to the binary tensors that read it in place: freed with the last
+ * reference (the decoder's, dropped after decoding, and one per borrowed input, dropped by
+ * libkeel when the request, or the run it was detached into, is done with it). */
+typedef struct body_holder {
+    _Atomic unsigned refs;
+    char *buf;
+} body_holder;
+
+static void body_retain(void *arg)
+{
+    atomic_fetch_add_explicit(&((body_holder *)arg)->refs, 1, memory_order_relaxed);
+}
+
+static void body_release(void *arg)
+{
+    body_holder *h = arg;
+
+    if (atomic_fetch_sub_explicit(&h->refs, 1, memory_order_acq_rel) == 1) {
+        free(h->buf);
+        free(h);
+    }
+}
+
+/* A holder for buf with the caller's one reference (it then owns buf), or NULL (out of
+ * memory: the caller keeps buf and copies). */
+static body_holder *body_lend(char *buf)
+{
+    body_holder *h = malloc(sizeof(*h));
+
+    if (h == NULL)
+        return NULL;
+    atomic_init(&h->refs, 1);
+    h->buf = buf;
+    return h;
+}
+
 static enum MHD_Result infer_start(srv_conn *c)
 {
     keel_srv *s = c->s;
     char err[ERRMSG_LEN];
+    body_holder *lent;
     size_t hlen;
     int st;
     keel_err kerr;
@@ -789,15 +826,25 @@ static enum MHD_Result infer_start(srv_conn *c)
         return send_error(c, keel__srv_http_status(kerr), "creating the request: %s",
                           keel_strerror(kerr));
     err[0] = '\0';
-    st = keel_v2_decode_infer(c->req, c->body != NULL ? c->body : "", c->body_len, hlen, &c->info,
-                              err, sizeof(err));
+    if (hlen != (size_t)-1 && c->body != NULL && (lent = body_lend(c->body)) != NULL) {
+        /* Binary tensors are read in place: the body goes to a holder that the request's
+         * borrowed inputs reference (keel_v2_decode_infer_lent); ours is dropped below. */
+        keel_v2_body_lender lender = {body_retain, body_release, lent};
+        c->body = NULL;
+        st = keel_v2_decode_infer_lent(c->req, lent->buf, c->body_len, hlen, &lender, &c->info, err,
+                                       sizeof(err));
+        body_release(lent);
+    } else {
+        st = keel_v2_decode_infer(c->req, c->body != NULL ? c->body : "", c->body_len, hlen,
+                                  &c->info, err, sizeof(err));
+        /* The request holds copies of the tensors; the body is not needed any more. */
+        free(c->body);
+        c->body = NULL;
+    }
     if (st != MHD_HTTP_OK)
         return send_error(c, st >= 400 && st < 600 ? (unsigned)st : MHD_HTTP_BAD_REQUEST, "%s",
                           err[0] != '\0' ? err : "invalid infer request");
     c->have_info = true;
-    /* The request holds copies of the tensors; the body is not needed any more. */
-    free(c->body);
-    c->body = NULL;
     c->body_cap = 0;
 
     if (!keel__srv_admit(s))
