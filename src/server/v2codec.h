@@ -66,7 +66,8 @@ int keel_v2_decode_infer(keel_request *req, const char *body, size_t body_len, s
                          keel_v2_request_info *info, char *err, size_t errlen);
 
 /* How a caller lends its body to the request: binary tensors whose data is aligned for their
- * datatype are borrowed (keel_request_add_input_borrowed), each taking one reference with
+ * datatype (keel serve pads its body buffers so that the binary section starts 16-aligned)
+ * are borrowed (keel_request_add_input_borrowed), each taking one reference with
  * retain(arg) and giving it back with release(arg) when the request no longer needs it; the
  * others are copied. retain and release may run on any thread. */
 typedef struct keel_v2_body_lender {

@@ -370,8 +370,8 @@ def test_infer_binary_in_binary_out():
 
 
 def test_infer_binary_every_alignment():
-    # The binary section starts at the JSON header's length into the body: keel reads an
-    # FP32 tensor in place when that offset is a multiple of 4 and copies it otherwise.
+    # The binary section starts at the JSON header's length into the body; keel pads its
+    # body buffer so that the section lands 16-aligned and reads the tensor in place.
     # Trailing spaces in the header shift it through every remainder; the answers must not
     # change (and under ASan nothing may be read after the body is gone).
     rows, ref = S["all"][:64], S["ref_all"][:64]
