@@ -966,6 +966,22 @@ done:
     return rc;
 }
 
+/* Queues c on job thread q (server_control.c) and parks it until the job answers it. */
+static enum MHD_Result job_start(srv_conn *c, srv_jobq *q)
+{
+    keel_srv *s = c->s;
+
+    if (!keel__srv_admit(s))
+        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
+    c->state = CONN_SUBMITTED; /* the queue's lock orders it before the completion */
+    if (!keel__srv_jobq_enqueue(q, c)) {
+        c->state = CONN_READING;
+        pending_done(s);
+        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
+    }
+    return park(c);
+}
+
 static enum MHD_Result control_start(srv_conn *c)
 {
     keel_srv *s = c->s;
@@ -979,33 +995,7 @@ static enum MHD_Result control_start(srv_conn *c)
                           s->opts->control == KEEL_SERVER_CONTROL_POLL ? "poll" : "none");
     if ((rc = check_control_body(c, msg, sizeof(msg))) != 0)
         return send_error(c, rc, "%s", msg);
-
-    if (!keel__srv_admit(s))
-        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
-    c->state = CONN_SUBMITTED; /* the control queue's lock orders it before the completion */
-
-    if (!keel__srv_jobq_enqueue(&s->ctlq, c)) {
-        c->state = CONN_READING;
-        pending_done(s);
-        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
-    }
-    return park(c);
-}
-
-/* GET /metrics: rendered on the scrape thread (server_control.c), never on this loop. */
-static enum MHD_Result scrape_start(srv_conn *c)
-{
-    keel_srv *s = c->s;
-
-    if (!keel__srv_admit(s))
-        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
-    c->state = CONN_SUBMITTED; /* the queue's lock orders it before the completion */
-    if (!keel__srv_jobq_enqueue(&s->scrapeq, c)) {
-        c->state = CONN_READING;
-        pending_done(s);
-        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
-    }
-    return park(c);
+    return job_start(c, &s->ctlq);
 }
 
 static enum MHD_Result answer_resumed(srv_conn *c)
@@ -1249,8 +1239,8 @@ static enum MHD_Result final_call(srv_conn *c)
     case ROUTE_REPO_LOAD:
     case ROUTE_REPO_UNLOAD:
         return control_start(c);
-    case ROUTE_METRICS:
-        return scrape_start(c);
+    case ROUTE_METRICS: /* rendered on the scrape thread, never on this loop */
+        return job_start(c, &c->s->scrapeq);
     case ROUTE_TRACE_SETTING: {
         char *json = NULL;
         unsigned st =
