@@ -402,6 +402,19 @@ KEEL_EXTERN keel_err keel_request_add_input_owned(keel_request *req, const char 
                                                   keel_datatype dt, const int64_t *shape,
                                                   size_t ndim, void *data, size_t bytes);
 
+/* As keel_request_add_input, but borrows data: no copy; the request reads it in place and
+ * calls release(arg) exactly once when it no longer needs it (at keel_request_destroy, or,
+ * for a request answered at its deadline or cancel while its backend call still runs, when
+ * that call returns: a resubmit must add its inputs again). Until then data must stay valid
+ * and unchanged. release may run on any thread, with no keel lock held. On any return other
+ * than KEEL_OK release is not called and the caller keeps data. For callers whose buffers
+ * outlive the request anyway, or that count references (keel serve: a request body's binary
+ * tensors). */
+KEEL_EXTERN keel_err keel_request_add_input_borrowed(keel_request *req, const char *name,
+                                                     keel_datatype dt, const int64_t *shape,
+                                                     size_t ndim, const void *data, size_t bytes,
+                                                     void (*release)(void *arg), void *arg);
+
 /* Asks for one output by name. With no requested outputs, all of the model's are returned. */
 KEEL_EXTERN keel_err keel_request_add_output(keel_request *req, const char *name);
 

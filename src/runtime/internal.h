@@ -327,6 +327,11 @@ typedef struct keel__tensor {
     size_t ndim;
     void *data;
     size_t bytes;
+    /* NULL: data is the tensor's own (malloc'd). Else data is borrowed
+     * (keel_request_add_input_borrowed): release(release_arg) is called once instead of free,
+     * by whoever finalises the tensor (the request, or the run slot it moved to). */
+    void (*release)(void *arg);
+    void *release_arg;
 } keel__tensor;
 
 typedef struct keel__param {

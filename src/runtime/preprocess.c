@@ -151,9 +151,7 @@ void keel__preprocess_end(keel_request *req, keel__prep_swap *sw)
     if (!sw->active)
         return;
     t = &req->inputs[sw->index];
-    free(t->name);
-    free(t->shape);
-    free(t->data);
+    keel__tensor_fini(t);
     *t = sw->original;
     sw->active = false;
 }
@@ -162,9 +160,7 @@ void keel__preprocess_drop(keel__prep_swap *sw)
 {
     if (!sw->active)
         return;
-    free(sw->original.name);
-    free(sw->original.shape);
-    free(sw->original.data);
+    keel__tensor_fini(&sw->original); /* the request's input: borrowed data is released */
     sw->active = false;
 }
 

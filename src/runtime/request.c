@@ -49,36 +49,57 @@ nomem:
     return KEEL_ENOMEM;
 }
 
-static void tensor_fini(keel__tensor *t)
+void keel__tensor_fini(keel__tensor *t)
 {
     free(t->name);
     free(t->shape);
-    free(t->data);
+    if (t->release != NULL)
+        t->release(t->release_arg); /* borrowed: handed back exactly once */
+    else
+        free(t->data);
+    t->release = NULL;
 }
 
-/* Fills t with copies of name, shape and data (with owned != NULL: t takes owned, which
- * holds the data, instead of copying it); on failure frees what it made, never owned. */
+#define tensor_fini keel__tensor_fini
+
+/* How an input's data comes: copied, taken (owned: malloc'd, freed by the tensor) or
+ * borrowed (release called once when the tensor is finalised). */
+typedef struct data_src {
+    void *owned;
+    void (*release)(void *arg);
+    void *release_arg;
+} data_src;
+
+/* Fills t with copies of name, shape and data (or takes src's data, owned or borrowed,
+ * instead of copying it); on failure frees what it made, never src's data. */
 static keel_err tensor_copy(keel__tensor *t, const char *name, keel_datatype dt,
-                            const int64_t *shape, size_t ndim, const void *data, void *owned,
-                            size_t bytes)
+                            const int64_t *shape, size_t ndim, const void *data,
+                            const data_src *src, size_t bytes)
 {
+    bool take = src != NULL && (src->owned != NULL || src->release != NULL);
+
     memset(t, 0, sizeof(*t));
     t->datatype = dt;
     t->ndim = ndim;
     t->bytes = bytes;
     if ((t->name = keel__strdup(name)) == NULL ||
         (t->shape = keel__malloc(sizeof(int64_t) * (ndim ? ndim : 1))) == NULL ||
-        (owned == NULL && (t->data = keel__malloc(bytes)) == NULL)) {
+        (!take && (t->data = keel__malloc(bytes)) == NULL)) {
         tensor_fini(t);
         memset(t, 0, sizeof(*t));
         return KEEL_ENOMEM;
     }
     if (ndim > 0)
         memcpy(t->shape, shape, sizeof(int64_t) * ndim);
-    if (owned != NULL)
-        t->data = owned;
-    else if (bytes > 0)
+    if (take && src->release != NULL) {
+        t->data = (void *)data;
+        t->release = src->release;
+        t->release_arg = src->release_arg;
+    } else if (take) {
+        t->data = src->owned;
+    } else if (bytes > 0) {
         memcpy(t->data, data, bytes);
+    }
     return KEEL_OK;
 }
 
@@ -210,9 +231,9 @@ static bool bytes_framing_ok(const unsigned char *p, size_t len, size_t n)
     return keel__bytes_skip(p, len, 0, n, &end) && end == len;
 }
 
-/* keel_request_add_input and keel_request_add_input_owned: owned != NULL is data, taken. */
+/* keel_request_add_input, _owned and _borrowed: src (NULL: copy) says how data is taken. */
 static keel_err add_input(keel_request *req, const char *name, keel_datatype dt,
-                          const int64_t *shape, size_t ndim, const void *data, void *owned,
+                          const int64_t *shape, size_t ndim, const void *data, const data_src *src,
                           size_t bytes)
 {
     keel__tensor t = {0};
@@ -268,7 +289,7 @@ static keel_err add_input(keel_request *req, const char *name, keel_datatype dt,
     if ((err = grow((void **)&req->inputs, &req->cap_inputs, req->ninputs + 1,
                     sizeof(*req->inputs))) != KEEL_OK)
         return err;
-    if ((err = tensor_copy(&t, name, dt, shape, ndim, data, owned, bytes)) != KEEL_OK)
+    if ((err = tensor_copy(&t, name, dt, shape, ndim, data, src, bytes)) != KEEL_OK)
         return err;
     req->inputs[req->ninputs++] = t;
     return KEEL_OK;
@@ -283,15 +304,33 @@ keel_err keel_request_add_input(keel_request *req, const char *name, keel_dataty
 keel_err keel_request_add_input_owned(keel_request *req, const char *name, keel_datatype dt,
                                       const int64_t *shape, size_t ndim, void *data, size_t bytes)
 {
+    data_src src = {data, NULL, NULL};
     keel_err err;
 
     if (bytes == 0 || data == NULL) /* nothing worth taking: the copying path, then free */
         err = add_input(req, name, dt, shape, ndim, data, NULL, bytes);
     else
-        err = add_input(req, name, dt, shape, ndim, data, data, bytes);
+        err = add_input(req, name, dt, shape, ndim, data, &src, bytes);
     if (err == KEEL_OK && (bytes == 0 || data == NULL))
         free(data);
     return err;
+}
+
+keel_err keel_request_add_input_borrowed(keel_request *req, const char *name, keel_datatype dt,
+                                         const int64_t *shape, size_t ndim, const void *data,
+                                         size_t bytes, void (*release)(void *arg), void *arg)
+{
+    data_src src = {NULL, release, arg};
+
+    if (release == NULL)
+        return KEEL_EINVAL;
+    if (bytes == 0 || data == NULL) { /* nothing to borrow: copy (nothing), then release */
+        keel_err err = add_input(req, name, dt, shape, ndim, data, NULL, bytes);
+        if (err == KEEL_OK)
+            release(arg);
+        return err;
+    }
+    return add_input(req, name, dt, shape, ndim, data, &src, bytes);
 }
 
 keel_err keel_request_add_output(keel_request *req, const char *name)

@@ -42,6 +42,8 @@ keel_err keel__run_slot_emit(keel__run_io *io, const char *name, keel_datatype d
                              const int64_t *shape, size_t ndim, const void *data, size_t bytes);
 
 void keel__request_clear_outputs(keel_request *req);
+/* Frees a tensor's name and shape, and its data (free, or release once when borrowed). */
+void keel__tensor_fini(keel__tensor *t);
 /* Validates req's inputs against cfg and fills req->views (config order) and *batch. */
 keel_err keel__request_bind_inputs(keel_request *req, const keel__model_config *cfg,
                                    uint32_t accepted_types, int64_t *batch);

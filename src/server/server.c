@@ -426,6 +426,12 @@ static bool route_is_post(srv_route r)
 
 /* ---------------------------------------------------------------- connection life */
 
+/* The allocation c->body lives in (NULL if none). */
+static char *body_base(const srv_conn *c)
+{
+    return c->body != NULL ? c->body - c->body_pad : NULL;
+}
+
 static void conn_free(srv_conn *c)
 {
     if (c == NULL)
@@ -443,7 +449,7 @@ static void conn_free(srv_conn *c)
     keel_request_destroy(c->req);
     if (c->have_info)
         keel_v2_request_info_fini(&c->info);
-    free(c->body);
+    free(body_base(c));
     free(c->model);
     free(c->ctl_msg);
     free(c->ctl_body);
@@ -766,10 +772,47 @@ static bool header_length(struct MHD_Connection *mc, size_t *out)
     return true;
 }
 
+/* A request body lent to the binary tensors that read it in place: freed with the last
+ * reference (the decoder's, dropped after decoding, and one per borrowed input, dropped by
+ * libkeel when the request, or the run it was detached into, is done with it). */
+typedef struct body_holder {
+    _Atomic unsigned refs;
+    char *buf;
+} body_holder;
+
+static void body_retain(void *arg)
+{
+    atomic_fetch_add_explicit(&((body_holder *)arg)->refs, 1, memory_order_relaxed);
+}
+
+static void body_release(void *arg)
+{
+    body_holder *h = arg;
+
+    if (atomic_fetch_sub_explicit(&h->refs, 1, memory_order_acq_rel) == 1) {
+        free(h->buf);
+        free(h);
+    }
+}
+
+/* A holder for buf with the caller's one reference (it then owns buf), or NULL (out of
+ * memory: the caller keeps buf and copies). */
+static body_holder *body_lend(char *buf)
+{
+    body_holder *h = malloc(sizeof(*h));
+
+    if (h == NULL)
+        return NULL;
+    atomic_init(&h->refs, 1);
+    h->buf = buf;
+    return h;
+}
+
 static enum MHD_Result infer_start(srv_conn *c)
 {
     keel_srv *s = c->s;
     char err[ERRMSG_LEN];
+    body_holder *lent;
     size_t hlen;
     int st;
     keel_err kerr;
@@ -789,15 +832,26 @@ static enum MHD_Result infer_start(srv_conn *c)
         return send_error(c, keel__srv_http_status(kerr), "creating the request: %s",
                           keel_strerror(kerr));
     err[0] = '\0';
-    st = keel_v2_decode_infer(c->req, c->body != NULL ? c->body : "", c->body_len, hlen, &c->info,
-                              err, sizeof(err));
+    if (hlen != (size_t)-1 && c->body != NULL && (lent = body_lend(body_base(c))) != NULL) {
+        /* Binary tensors are read in place: the body goes to a holder that the request's
+         * borrowed inputs reference (keel_v2_decode_infer_lent); ours is dropped below. */
+        keel_v2_body_lender lender = {body_retain, body_release, lent};
+        const char *body = c->body;
+        c->body = NULL;
+        st = keel_v2_decode_infer_lent(c->req, body, c->body_len, hlen, &lender, &c->info, err,
+                                       sizeof(err));
+        body_release(lent);
+    } else {
+        st = keel_v2_decode_infer(c->req, c->body != NULL ? c->body : "", c->body_len, hlen,
+                                  &c->info, err, sizeof(err));
+        /* The request holds copies of the tensors; the body is not needed any more. */
+        free(body_base(c));
+        c->body = NULL;
+    }
     if (st != MHD_HTTP_OK)
         return send_error(c, st >= 400 && st < 600 ? (unsigned)st : MHD_HTTP_BAD_REQUEST, "%s",
                           err[0] != '\0' ? err : "invalid infer request");
     c->have_info = true;
-    /* The request holds copies of the tensors; the body is not needed any more. */
-    free(c->body);
-    c->body = NULL;
     c->body_cap = 0;
 
     if (!keel__srv_admit(s))
@@ -912,6 +966,22 @@ done:
     return rc;
 }
 
+/* Queues c on job thread q (server_control.c) and parks it until the job answers it. */
+static enum MHD_Result job_start(srv_conn *c, srv_jobq *q)
+{
+    keel_srv *s = c->s;
+
+    if (!keel__srv_admit(s))
+        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
+    c->state = CONN_SUBMITTED; /* the queue's lock orders it before the completion */
+    if (!keel__srv_jobq_enqueue(q, c)) {
+        c->state = CONN_READING;
+        pending_done(s);
+        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
+    }
+    return park(c);
+}
+
 static enum MHD_Result control_start(srv_conn *c)
 {
     keel_srv *s = c->s;
@@ -925,33 +995,7 @@ static enum MHD_Result control_start(srv_conn *c)
                           s->opts->control == KEEL_SERVER_CONTROL_POLL ? "poll" : "none");
     if ((rc = check_control_body(c, msg, sizeof(msg))) != 0)
         return send_error(c, rc, "%s", msg);
-
-    if (!keel__srv_admit(s))
-        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
-    c->state = CONN_SUBMITTED; /* the control queue's lock orders it before the completion */
-
-    if (!keel__srv_jobq_enqueue(&s->ctlq, c)) {
-        c->state = CONN_READING;
-        pending_done(s);
-        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
-    }
-    return park(c);
-}
-
-/* GET /metrics: rendered on the scrape thread (server_control.c), never on this loop. */
-static enum MHD_Result scrape_start(srv_conn *c)
-{
-    keel_srv *s = c->s;
-
-    if (!keel__srv_admit(s))
-        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
-    c->state = CONN_SUBMITTED; /* the queue's lock orders it before the completion */
-    if (!keel__srv_jobq_enqueue(&s->scrapeq, c)) {
-        c->state = CONN_READING;
-        pending_done(s);
-        return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
-    }
-    return park(c);
+    return job_start(c, &s->ctlq);
 }
 
 static enum MHD_Result answer_resumed(srv_conn *c)
@@ -985,7 +1029,7 @@ static void take_body(srv_conn *c, const char *data, size_t n)
     if (c->too_large || n > c->body_limit - c->body_len) {
         if (c->body_limit > 0 && !c->too_large) {
             c->too_large = true;
-            free(c->body); /* nothing of it will be used */
+            free(body_base(c)); /* nothing of it will be used */
             c->body = NULL;
             c->body_cap = 0;
         }
@@ -1000,16 +1044,16 @@ static void take_body(srv_conn *c, const char *data, size_t n)
         /* A body of known length never gets more than it needs. */
         if (c->body_expect >= c->body_len + n && ncap > c->body_expect)
             ncap = c->body_expect;
-        if ((nb = realloc(c->body, ncap + 1)) == NULL) {
+        if ((nb = realloc(body_base(c), c->body_pad + ncap + 1)) == NULL) {
             /* Treated as too large: the answer is 413 either way, and no memory is held. */
             c->too_large = true;
-            free(c->body);
+            free(body_base(c));
             c->body = NULL;
             c->body_cap = 0;
             c->discarded += n;
             return;
         }
-        c->body = nb;
+        c->body = nb + c->body_pad;
         c->body_cap = ncap;
     }
     memcpy(c->body + c->body_len, data, n);
@@ -1126,6 +1170,14 @@ static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const 
         if (keel__srv_guard(s, c, url, http_version, &r) != 0)
             return send_reply(c, &r, NULL, NULL, true);
     }
+    {
+        /* A binary-extension body: pad its buffer so that the binary section starts on a
+         * 16-byte boundary (malloc's blocks are 16-aligned), where its tensors can be read
+         * in place. A bad header is refused later, by infer_start. */
+        size_t hl;
+        if (c->route == ROUTE_INFER && header_length(mc, &hl) && hl != (size_t)-1)
+            c->body_pad = (16 - hl % 16) % 16;
+    }
     cl = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
     if (cl != NULL) {
         uint64_t limit = c->body_limit > 0 ? c->body_limit : s->opts->max_request_bytes;
@@ -1144,7 +1196,9 @@ static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const 
          * that announces a large body and sends nothing holds 64 KiB, not the limit. */
         if (errno == 0 && end != cl && n > 0 && c->body_limit > 0 && rc == 0) {
             c->body_expect = (size_t)n;
-            if ((c->body = malloc((n < BODY_PRESIZE_MAX ? n : BODY_PRESIZE_MAX) + 1)) != NULL) {
+            char *base = malloc(c->body_pad + (n < BODY_PRESIZE_MAX ? n : BODY_PRESIZE_MAX) + 1);
+            if (base != NULL) {
+                c->body = base + c->body_pad;
                 c->body_cap = n < BODY_PRESIZE_MAX ? n : BODY_PRESIZE_MAX;
                 c->body[0] = '\0';
             }
@@ -1185,8 +1239,8 @@ static enum MHD_Result final_call(srv_conn *c)
     case ROUTE_REPO_LOAD:
     case ROUTE_REPO_UNLOAD:
         return control_start(c);
-    case ROUTE_METRICS:
-        return scrape_start(c);
+    case ROUTE_METRICS: /* rendered on the scrape thread, never on this loop */
+        return job_start(c, &c->s->scrapeq);
     case ROUTE_TRACE_SETTING: {
         char *json = NULL;
         unsigned st =

@@ -132,8 +132,11 @@ struct srv_conn {
      * by the completion before it records done under s->mu. */
     uint64_t recv_end_ns, request_start_ns, request_end_ns, send_start_ns;
 
-    /* Body buffering (MHD thread only). */
+    /* Body buffering (MHD thread only). body points body_pad bytes into its allocation
+     * (free body - body_pad): the pad puts a binary-extension body's binary section on a
+     * 16-byte boundary, so that its tensors can be read in place (server.c's infer_start). */
     char *body;
+    size_t body_pad;
     size_t body_len, body_cap;
     size_t body_limit;  /* bytes kept for this route (0: the body is discarded) */
     size_t body_expect; /* Content-Length (within the limit), 0 if unknown or none */

@@ -25,9 +25,11 @@
  * checked and skipped and decoded after the object's closing brace); the element count is
  * checked for overflow and against the bytes left in the JSON (every element takes at least
  * two) before the tensor buffer is allocated, so "shape": [1000000000000] is refused without
- * an allocation. Binary inputs are not copied: the decoded tensor points into the body, and
- * keel_request_add_input makes the one copy. Nothing touches the keel_request until the
- * whole body has been validated.
+ * an allocation. Binary inputs are not copied: the decoded tensor points into the body; the
+ * request then borrows it when the caller lends its body (keel_v2_decode_infer_lent, one
+ * reference per input) and the data is aligned for its datatype, else keel_request_add_input
+ * makes the one copy. Nothing touches the keel_request until the whole body has been
+ * validated.
  *
  * Encoding appends to one growing buffer: the JSON, then the binary sections in output order.
  * Every allocation failure becomes a 500 and frees what was built. No locks, no globals
@@ -2117,6 +2119,22 @@ int keel__v2_decode(const char *body, size_t body_len, size_t header_len, keel__
 int keel_v2_decode_infer(keel_request *req, const char *body, size_t body_len, size_t header_len,
                          keel_v2_request_info *info, char *err, size_t errlen)
 {
+    return keel_v2_decode_infer_lent(req, body, body_len, header_len, NULL, info, err, errlen);
+}
+
+/* Whether a binary tensor's data may be read in place: aligned for its elements (BYTES are
+ * read byte by byte). */
+static bool lendable(const keel__v2_tensor *t)
+{
+    size_t a = t->datatype == KEEL_TYPE_BYTES ? 1 : keel_datatype_size(t->datatype);
+
+    return a > 0 && ((uintptr_t)t->data % a) == 0;
+}
+
+int keel_v2_decode_infer_lent(keel_request *req, const char *body, size_t body_len,
+                              size_t header_len, const keel_v2_body_lender *lender,
+                              keel_v2_request_info *info, char *err, size_t errlen)
+{
     keel__v2_request r;
     keel_err e = KEEL_OK;
     int st;
@@ -2141,7 +2159,8 @@ int keel_v2_decode_infer(keel_request *req, const char *body, size_t body_len, s
     for (size_t i = 0; i < r.ninputs; i++) {
         keel__v2_tensor *t = &r.inputs[i];
         /* A tensor decoded from JSON is a buffer of its own: the request takes it (no copy).
-         * A binary one points into the body, which the caller frees: that one is copied. */
+         * A binary one points into the body: borrowed when the caller lends the body and the
+         * data is aligned (one reference per input), else copied. */
         if (t->owned && t->data != NULL) {
             e = keel_request_add_input_owned(req, t->name, t->datatype, t->shape, t->ndim,
                                              (void *)t->data, t->bytes);
@@ -2149,6 +2168,12 @@ int keel_v2_decode_infer(keel_request *req, const char *body, size_t body_len, s
                 t->data = NULL;
                 t->owned = false;
             }
+        } else if (lender != NULL && t->binary && t->data != NULL && t->bytes > 0 && lendable(t)) {
+            lender->retain(lender->arg);
+            e = keel_request_add_input_borrowed(req, t->name, t->datatype, t->shape, t->ndim,
+                                                t->data, t->bytes, lender->release, lender->arg);
+            if (e != KEEL_OK)
+                lender->release(lender->arg); /* not taken: the reference goes back */
         } else {
             e = keel_request_add_input(req, t->name, t->datatype, t->shape, t->ndim, t->data,
                                        t->bytes);

@@ -65,6 +65,23 @@ void keel_v2_request_info_fini(keel_v2_request_info *info);
 int keel_v2_decode_infer(keel_request *req, const char *body, size_t body_len, size_t header_len,
                          keel_v2_request_info *info, char *err, size_t errlen);
 
+/* How a caller lends its body to the request: binary tensors whose data is aligned for their
+ * datatype (keel serve pads its body buffers so that the binary section starts 16-aligned)
+ * are borrowed (keel_request_add_input_borrowed), each taking one reference with
+ * retain(arg) and giving it back with release(arg) when the request no longer needs it; the
+ * others are copied. retain and release may run on any thread. */
+typedef struct keel_v2_body_lender {
+    void (*retain)(void *arg);
+    void (*release)(void *arg);
+    void *arg;
+} keel_v2_body_lender;
+
+/* keel_v2_decode_infer, with binary tensors borrowed from the body through lender (NULL: all
+ * copied, as keel_v2_decode_infer does). */
+int keel_v2_decode_infer_lent(keel_request *req, const char *body, size_t body_len,
+                              size_t header_len, const keel_v2_body_lender *lender,
+                              keel_v2_request_info *info, char *err, size_t errlen);
+
 /* An encoded response: body = json (json_len bytes) followed by the binary section. */
 typedef struct keel_v2_response {
     char *body; /* malloc'd; the caller frees it; body[body_len] is a NUL (not sent) */

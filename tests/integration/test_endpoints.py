@@ -369,6 +369,23 @@ def test_infer_binary_in_binary_out():
                                  % (len(rows), params, outs))
 
 
+def test_infer_binary_every_alignment():
+    # The binary section starts at the JSON header's length into the body; keel pads its
+    # body buffer so that the section lands 16-aligned and reads the tensor in place.
+    # Trailing spaces in the header shift it through every remainder; the answers must not
+    # change (and under ASan nothing may be read after the body is gone).
+    rows, ref = S["all"][:64], S["ref_all"][:64]
+    for pad in range(4):
+        body, hdrs = kit.binary_infer_body(rows)
+        n = int(hdrs["Inference-Header-Content-Length"])
+        body = body[:n] + b" " * pad + body[n:]
+        hdrs["Inference-Header-Content-Length"] = str(n + pad)
+        r = kit.post(port(), kit.infer_path(), body, headers=hdrs)
+        json_only(r)
+        _, o, vals = infer_values(r, len(rows))
+        kit.assert_f32_equal(vals, ref, "binary in, header %d mod 4" % ((n + pad) % 4))
+
+
 def test_metrics_endpoint():
     r = kit.get(port(), "/metrics")
     check(r.status == 200, "GET /metrics: %r" % r)
@@ -518,7 +535,7 @@ if __name__ == "__main__":
         test_infer_json_requested_output,
         test_infer_binary_in_json_out,
         test_infer_json_in_binary_out,
-        test_infer_binary_in_binary_out,
+        test_infer_binary_in_binary_out, test_infer_binary_every_alignment,
         test_metrics_endpoint,
         test_explicit_load_unload,
         test_explicit_load_model_star,

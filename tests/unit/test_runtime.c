@@ -1088,6 +1088,88 @@ static void test_deadline_while_running(void **state)
     assert_int_equal(c.contexts_stuck, 0);
 }
 
+/* ---- borrowed inputs (keel_request_add_input_borrowed: keel serve's binary tensors) */
+
+typedef struct lend {
+    _Atomic int released;
+    float x[2];
+} lend;
+
+static void lend_release(void *arg)
+{
+    atomic_fetch_add(&((lend *)arg)->released, 1);
+}
+
+/* The request reads the caller's buffer in place and hands it back exactly once, at destroy;
+ * a refused add leaves it with the caller (no release). */
+static void test_add_input_borrowed(void **state)
+{
+    fixture *f = *state;
+    keel_request *req = NULL;
+    int64_t shape[2] = {1, 2}, bad[2] = {1, 3};
+    lend l = {0, {3.0f, 5.0f}};
+    keel_tensor_view v;
+
+    assert_int_equal(keel_request_create(f->rt, "m", -1, &req), KEEL_OK);
+    assert_int_equal(
+        keel_request_add_input_borrowed(req, "x", KEEL_TYPE_FP32, bad, 2, l.x, 8, lend_release, &l),
+        KEEL_EINVAL); /* 3 elements need 12 bytes */
+    assert_int_equal(
+        keel_request_add_input_borrowed(req, "x", KEEL_TYPE_FP32, shape, 2, l.x, 8, NULL, &l),
+        KEEL_EINVAL); /* no release function */
+    assert_int_equal(atomic_load(&l.released), 0);
+    assert_int_equal(keel_request_add_input_borrowed(req, "x", KEEL_TYPE_FP32, shape, 2, l.x, 8,
+                                                     lend_release, &l),
+                     KEEL_OK);
+    assert_int_equal(keel__request_input(req, 0, &v), KEEL_OK);
+    assert_ptr_equal(v.data, l.x); /* read in place, not copied */
+    assert_int_equal(keel_infer(req), KEEL_OK);
+    assert_int_equal(keel_request_output_by_name(req, "y", &v), KEEL_OK);
+    assert_int_equal(v.bytes, 2 * sizeof(float));
+    assert_true(((const float *)v.data)[0] == 6.0f && ((const float *)v.data)[1] == 10.0f);
+    assert_int_equal(atomic_load(&l.released), 0); /* still the request's input */
+    keel_request_destroy(req);
+    assert_int_equal(atomic_load(&l.released), 1);
+}
+
+/* A request answered at its deadline while its backend call still runs gives its borrowed
+ * input to the run: the buffer is released once, when the backend returns, not at the answer
+ * nor at the request's destroy. */
+static void test_borrowed_input_outlives_detached_request(void **state)
+{
+    fixture *f = *state;
+    const keel_counters idle2 = {0, 0, 0, 2, 2, 0, 0};
+    keel_request *r1 = NULL;
+    int64_t shape[2] = {1, 1};
+    lend l = {0, {1.0f, 0.0f}};
+    probe p1 = {0};
+    keel_counters c;
+
+    mock_write_model(f->repo, "one", 1, 1, 0);
+    mock_write_version(f->repo, "one", 1, 3.0);
+    assert_int_equal(keel_model_load(f->rt, "one", NULL, 0), KEEL_OK);
+    assert_int_equal(keel_request_create(f->rt, "one", -1, &r1), KEEL_OK);
+    assert_int_equal(keel_request_add_input_borrowed(r1, "x", KEEL_TYPE_FP32, shape, 2, l.x,
+                                                     sizeof(float), lend_release, &l),
+                     KEEL_OK);
+    mock_gate_close();
+    keel_request_set_timeout_us(r1, 100000);
+    submit_probe(r1, &p1);
+    mock_wait_blocked(1);
+    assert_true(probe_wait(&p1, 5000));
+    assert_int_equal(p1.status, KEEL_ETIMEDOUT);
+    keel_request_destroy(r1); /* the backend still reads l.x */
+    usleep(20000);
+    assert_int_equal(atomic_load(&l.released), 0);
+    c = model_counters(f->rt, "one");
+    assert_int_equal(c.contexts_stuck, 1);
+    mock_gate_open();
+    for (int i = 0; i < 10000 && atomic_load(&l.released) == 0; i++)
+        usleep(500);
+    assert_int_equal(atomic_load(&l.released), 1);
+    tu_assert_counters(f->rt, &idle2);
+}
+
 static void *open_gate_later(void *arg)
 {
     (void)arg;
@@ -1288,6 +1370,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_versions, setup, teardown),
         cmocka_unit_test(test_exec_estimate),
         cmocka_unit_test_setup_teardown(test_add_input_owned, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_add_input_borrowed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_borrowed_input_outlives_detached_request, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_submit_run_if_fast, setup, teardown),
         cmocka_unit_test_setup_teardown(test_run_if_fast_bound_zero, setup, teardown),
         cmocka_unit_test_setup_teardown(test_version_change_keeps_queued_latest, setup, teardown),
