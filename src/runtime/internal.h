@@ -274,6 +274,7 @@ struct keel_runtime {
     bool stopping;                        /* mu: workers and the timer exit when idle */
     int nworkers;
     pthread_t workers[KEEL__MAX_WORKERS];
+    _Atomic int worker_seq; /* hands each worker thread its index (sched.c) */
     /* The timer thread (sched.c): queue deadlines and batching delays. */
     pthread_cond_t timer_cv; /* CLOCK_MONOTONIC */
     uint64_t timer_next;     /* mu: when the timer wakes next; 0 = when signalled */
@@ -332,6 +333,9 @@ typedef struct keel__tensor {
      * by whoever finalises the tensor (the request, or the run slot it moved to). */
     void (*release)(void *arg);
     void *release_arg;
+    /* An output's allocations, kept for the request's next run (request.c, "Outputs are
+     * recycled"): data holds cap_bytes, shape cap_dims elements. */
+    size_t cap_bytes, cap_dims;
 } keel__tensor;
 
 typedef struct keel__param {
@@ -352,6 +356,7 @@ struct keel_request {
     size_t nparams, cap_params;
     keel__tensor *outputs;
     size_t noutputs, cap_outputs;
+    size_t kept_outputs; /* outputs[0..kept_outputs) hold allocations (>= noutputs) */
     keel_tensor_view *views; /* scratch for run: inputs in config order */
     size_t cap_views;
     uint64_t timeout_us;

@@ -12,7 +12,20 @@
  * to the request's run slot (request.h), which hands them over when the backend returns; a
  * request answered before that (sched.c: a deadline or cancel while running) gives its
  * inputs, views and requested names to the slot and keeps none (a resubmit must add its
- * inputs again). Layer: calls registry.c (counters) only.
+ * inputs again).
+ *
+ * Outputs are recycled: clearing a request's outputs (before each run, on failure) keeps
+ * their allocations (name, shape, data) in req->outputs[noutputs..kept_outputs), and the next
+ * run's outputs are written into them when they fit (emit_to). A request resubmitted in a
+ * loop therefore allocates and frees nothing for its outputs after its first run. That
+ * matters beyond the allocator's own cost: with glibc's allocator, a buffer allocated by one
+ * worker thread and freed by another (a request run by a different worker each time) moves
+ * chunks between the threads' caches on every request, and the slow paths it forces (arena
+ * locks taken by both threads) slowed the backend's own allocations on two workers by about
+ * 1.4 us per request (docs/PERFORMANCE.md, "Session 6"). A kept buffer is replaced when it is
+ * too small, or more than twice the size needed plus 64 KiB (a request that once got a large
+ * output does not keep it for small ones); everything is freed with the request, or with
+ * the run slot of a detached request. Layer: calls registry.c (counters) only.
  */
 #include <string.h>
 
@@ -91,6 +104,8 @@ static keel_err tensor_copy(keel__tensor *t, const char *name, keel_datatype dt,
     }
     if (ndim > 0)
         memcpy(t->shape, shape, sizeof(int64_t) * ndim);
+    t->cap_dims = ndim ? ndim : 1;
+    t->cap_bytes = take ? 0 : bytes;
     if (take && src->release != NULL) {
         t->data = (void *)data;
         t->release = src->release;
@@ -103,11 +118,58 @@ static keel_err tensor_copy(keel__tensor *t, const char *name, keel_datatype dt,
     return KEEL_OK;
 }
 
+/* Refills t, an output kept from an earlier run (see the DESIGN: outputs are recycled), with
+ * a copy of the given one, reusing its allocations where they fit. On failure t keeps valid
+ * (old) allocations, so it can still be finalised. */
+static keel_err tensor_refill(keel__tensor *t, const char *name, keel_datatype dt,
+                              const int64_t *shape, size_t ndim, const void *data, size_t bytes)
+{
+    size_t dims = ndim ? ndim : 1;
+
+    if (strcmp(t->name, name) != 0) {
+        char *n = keel__strdup(name);
+        if (n == NULL)
+            return KEEL_ENOMEM;
+        free(t->name);
+        t->name = n;
+    }
+    if (t->cap_dims < dims) {
+        int64_t *p = keel__malloc(sizeof(int64_t) * dims);
+        if (p == NULL)
+            return KEEL_ENOMEM;
+        free(t->shape);
+        t->shape = p;
+        t->cap_dims = dims;
+    }
+    if (bytes > t->cap_bytes || t->cap_bytes / 2 > bytes + 32768) {
+        void *p = keel__malloc(bytes);
+        if (p == NULL && bytes > 0)
+            return KEEL_ENOMEM;
+        free(t->data);
+        t->data = p;
+        t->cap_bytes = bytes;
+    }
+    t->datatype = dt;
+    t->ndim = ndim;
+    t->bytes = bytes;
+    if (ndim > 0)
+        memcpy(t->shape, shape, sizeof(int64_t) * ndim);
+    if (bytes > 0)
+        memcpy(t->data, data, bytes);
+    return KEEL_OK;
+}
+
 void keel__request_clear_outputs(keel_request *req)
 {
-    for (size_t i = 0; i < req->noutputs; i++)
-        tensor_fini(&req->outputs[i]);
-    req->noutputs = 0;
+    req->noutputs = 0; /* recycled: outputs[0..kept_outputs) keep their allocations */
+}
+
+/* Frees the kept outputs outputs[0..kept) and the array. */
+static void outputs_free(keel__tensor *outputs, size_t kept)
+{
+    for (size_t i = 0; i < kept; i++)
+        tensor_fini(&outputs[i]);
+    free(outputs);
 }
 
 void keel_request_destroy(keel_request *req)
@@ -122,8 +184,7 @@ void keel_request_destroy(keel_request *req)
     for (size_t i = 0; i < req->ninputs; i++)
         tensor_fini(&req->inputs[i]);
     free(req->inputs);
-    keel__request_clear_outputs(req);
-    free(req->outputs);
+    outputs_free(req->outputs, req->kept_outputs);
     for (size_t i = 0; i < req->nrequested; i++)
         free(req->requested[i]);
     free(req->requested);
@@ -587,8 +648,9 @@ void keel__run_slot_begin(keel__run_slot *s, keel_request *req, void *group, int
     keel__request_clear_outputs(req);
     s->outputs = req->outputs;
     s->cap_outputs = req->cap_outputs;
+    s->kept_outputs = req->kept_outputs;
     req->outputs = NULL;
-    req->cap_outputs = 0;
+    req->cap_outputs = req->kept_outputs = 0;
     s->requested = req->requested;
     s->nrequested = req->nrequested;
 }
@@ -599,8 +661,9 @@ void keel__run_slot_end(keel__run_slot *s, keel_request *req)
     req->outputs = s->outputs;
     req->noutputs = s->noutputs;
     req->cap_outputs = s->cap_outputs;
+    req->kept_outputs = s->kept_outputs;
     s->outputs = NULL;
-    s->noutputs = s->cap_outputs = 0;
+    s->noutputs = s->cap_outputs = s->kept_outputs = 0;
     s->requested = NULL;
     s->nrequested = 0;
 }
@@ -621,9 +684,7 @@ void keel__run_slot_take(keel__run_slot *s, keel_request *req)
 
 void keel__run_slot_fini(keel__run_slot *s)
 {
-    for (size_t i = 0; i < s->noutputs; i++)
-        tensor_fini(&s->outputs[i]);
-    free(s->outputs);
+    outputs_free(s->outputs, s->kept_outputs);
     for (size_t i = 0; i < s->ninputs; i++)
         tensor_fini(&s->inputs[i]);
     free(s->inputs);
@@ -655,9 +716,16 @@ keel_err keel__request_emit_to(keel__run_slot *s, const char *name, keel_datatyp
     if ((err = grow((void **)&s->outputs, &s->cap_outputs, s->noutputs + 1, sizeof(*s->outputs))) !=
         KEEL_OK)
         goto nomem;
+    if (s->noutputs < s->kept_outputs) { /* recycled (the DESIGN) */
+        if (tensor_refill(&s->outputs[s->noutputs], name, dt, shape, ndim, data, bytes) != KEEL_OK)
+            goto nomem;
+        s->noutputs++;
+        return KEEL_OK;
+    }
     if (tensor_copy(&t, name, dt, shape, ndim, data, NULL, bytes) != KEEL_OK)
         goto nomem;
     s->outputs[s->noutputs++] = t;
+    s->kept_outputs = s->noutputs;
     return KEEL_OK;
 
 nomem:

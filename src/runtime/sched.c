@@ -31,9 +31,12 @@
  * With delay 0 a batch is whatever is queued when a context frees, so requests that pile up
  * while the model is busy run together and a request that finds the model idle runs alone
  * at once. A batch takes one lease: a reference on the generation per request and one idle
- * context for the batch. The vslot goes back on the ready list's tail if it can still
- * dispatch, which round-robins workers across models. A worker whose batch ends while no
- * vslot waits on the ready list goes on with the same vslot: end_group forms its next batch
+ * context for the batch: the worker's own context when it is idle (worker i of the runtime
+ * owns context i mod nctx), else the one returned last, so that a worker keeps running on
+ * one context and the backend's per-context state (XGBoost's proxy matrix and buffers) stays
+ * in one core's cache and one thread's allocator. The vslot goes back on the ready list's tail if
+ * it can still dispatch, which round-robins workers across models. A worker whose batch ends while
+ * no vslot waits on the ready list goes on with the same vslot: end_group forms its next batch
  * under the lock acquisition that ended the last one (the context just returned is leased
  * again), so a model with a standing queue costs one acquisition per batch to end-and-form
  * and none of the ready list's pushes, pops and wake-ups; as soon as another vslot waits,
@@ -151,6 +154,27 @@
 #include "runtime/registry.h"
 #include "runtime/request.h"
 #include "runtime/sched.h"
+
+/* The calling thread's runtime and index if it is a worker thread (keel__worker_main). */
+static _Thread_local const keel_runtime *tl_worker_rt;
+static _Thread_local int tl_worker_index;
+
+/* Under rt->mu: takes an idle context of g: the calling worker's own (index i of its
+ * runtime: context i mod nctx) if that one is idle, else the one returned last (DESIGN,
+ * "Dispatch"). */
+static int context_take_locked(keel__generation *g)
+{
+    if (tl_worker_rt == g->rt && g->nfree > 1) {
+        int want = tl_worker_index % g->nctx;
+        for (int i = 0; i < g->nfree - 1; i++)
+            if (g->free_stack[i] == want) {
+                g->free_stack[i] = g->free_stack[g->nfree - 1];
+                g->free_stack[g->nfree - 1] = want;
+                break;
+            }
+    }
+    return g->free_stack[--g->nfree];
+}
 
 static bool vslot_has_idle_context(const keel__vslot *v)
 {
@@ -1036,7 +1060,7 @@ static void lease_locked(keel_runtime *rt, keel__vslot *v, keel_request *req)
 
     keel__generation_acquire(g);
     req->gen = g;
-    req->ctx_index = g->free_stack[--g->nfree];
+    req->ctx_index = context_take_locked(g);
     g->in_use++;
     keel__counter_add(rt, v->entry, KEEL__CNT(contexts_in_use), 1);
     req->generation_id = g->id;
@@ -1183,7 +1207,7 @@ static bool form_batch_locked(keel_runtime *rt, keel__vslot *v, uint64_t now, ba
     b->ordered = cfg->preserve_ordering;
     b->seq = v->seq_next;
     if (cut > 1) {
-        b->ctx = g->free_stack[--g->nfree];
+        b->ctx = context_take_locked(g);
         g->in_use++;
         keel__counter_add(rt, v->entry, KEEL__CNT(contexts_in_use), 1);
     }
@@ -1471,6 +1495,9 @@ void *keel__worker_main(void *arg)
 {
     keel_runtime *rt = arg;
     bool worked = false; /* since the thread's last keel__heap_thread_idle */
+
+    tl_worker_rt = rt;
+    tl_worker_index = atomic_fetch_add(&rt->worker_seq, 1);
 
     keel__rt_lock(rt);
     for (;;) {

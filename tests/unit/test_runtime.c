@@ -15,6 +15,7 @@
 
 #include "core/core.h"
 #include "mock_backend.h"
+#include "runtime/request.h"
 #include "runtime/testhook.h"
 #include "testutil.h"
 
@@ -1132,6 +1133,88 @@ static void test_add_input_borrowed(void **state)
     assert_int_equal(atomic_load(&l.released), 1);
 }
 
+/* Outputs are recycled (request.c's DESIGN): a resubmitted request gets its new outputs in
+ * the buffers of its last run, and outputs of another count, name, shape or size are
+ * written right over the kept ones. */
+static void check_output(const keel_request *req, size_t i, const char *name, size_t ndim,
+                         const int64_t *shape, const float *want, size_t n)
+{
+    keel_tensor_view v;
+
+    assert_int_equal(keel_request_output(req, i, &v), KEEL_OK);
+    assert_string_equal(v.name, name);
+    assert_int_equal(v.datatype, KEEL_TYPE_FP32);
+    assert_int_equal(v.ndim, ndim);
+    for (size_t d = 0; d < ndim; d++)
+        assert_int_equal(v.shape[d], shape[d]);
+    assert_int_equal(v.bytes, n * sizeof(float));
+    assert_memory_equal(v.data, want, n * sizeof(float));
+}
+
+static void emit(keel__run_slot *s, const char *name, const int64_t *shape, size_t ndim,
+                 const float *x, size_t n)
+{
+    char err[128];
+
+    assert_int_equal(keel__request_emit_to(s, name, KEEL_TYPE_FP32, shape, ndim, x,
+                                           n * sizeof(float), err, sizeof(err)),
+                     KEEL_OK);
+}
+
+static void test_outputs_recycled(void **state)
+{
+    fixture *f = *state;
+    keel_request *req = make_req(f->rt, "m", 3.0f);
+    const float six = 6.0f, nine = 9.0f, big[6] = {1, 2, 3, 4, 5, 6};
+    const int64_t s11[2] = {1, 1}, s23[2] = {2, 3}, s1[1] = {1};
+    keel__run_slot s;
+    keel_tensor_view v;
+    const void *first;
+
+    assert_int_equal(keel_infer(req), KEEL_OK);
+    check_output(req, 0, "y", 2, s11, &six, 1);
+    assert_int_equal(keel_request_output(req, 0, &v), KEEL_OK);
+    first = v.data;
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(keel_infer(req), KEEL_OK);
+        assert_int_equal(keel_request_output_count(req), 1);
+        check_output(req, 0, "y", 2, s11, &six, 1);
+        assert_int_equal(keel_request_output(req, 0, &v), KEEL_OK);
+        assert_ptr_equal(v.data, first); /* the kept buffer, not a new one */
+    }
+
+    /* Runs emitting other outputs, the way a backend's emit does: more of them, another
+     * name first, a larger shape and size; then fewer and smaller again. */
+    keel__run_slot_begin(&s, req, NULL, 1);
+    assert_int_equal(keel_request_output_count(req), 0);
+    emit(&s, "z", s1, 1, &nine, 1);
+    emit(&s, "y", s23, 2, big, 6);
+    keel__run_slot_end(&s, req);
+    assert_int_equal(keel_request_output_count(req), 2);
+    check_output(req, 0, "z", 1, s1, &nine, 1);
+    check_output(req, 1, "y", 2, s23, big, 6);
+    assert_int_equal(keel_request_output_by_name(req, "y", &v), KEEL_OK);
+    assert_int_equal(v.bytes, sizeof(big));
+
+    keel__run_slot_begin(&s, req, NULL, 1);
+    emit(&s, "y", s1, 1, &nine, 1);
+    keel__run_slot_end(&s, req);
+    assert_int_equal(keel_request_output_count(req), 1);
+    check_output(req, 0, "y", 1, s1, &nine, 1);
+    assert_int_equal(keel_request_output_by_name(req, "z", &v), KEEL_ENOTFOUND);
+
+    /* A run whose request was answered while it ran frees what its slot kept (the sanitizer
+     * builds check the frees); the request starts over with new buffers. */
+    keel__run_slot_begin(&s, req, NULL, 1);
+    emit(&s, "y", s23, 2, big, 6);
+    emit(&s, "z", s1, 1, &nine, 1);
+    keel__run_slot_fini(&s);
+    assert_int_equal(keel_request_output_count(req), 0);
+    assert_int_equal(keel_infer(req), KEEL_OK);
+    check_output(req, 0, "y", 2, s11, &six, 1);
+    keel_request_destroy(req);
+}
+
 /* A request answered at its deadline while its backend call still runs gives its borrowed
  * input to the run: the buffer is released once, when the backend returns, not at the answer
  * nor at the request's destroy. */
@@ -1371,6 +1454,7 @@ int main(void)
         cmocka_unit_test(test_exec_estimate),
         cmocka_unit_test_setup_teardown(test_add_input_owned, setup, teardown),
         cmocka_unit_test_setup_teardown(test_add_input_borrowed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_outputs_recycled, setup, teardown),
         cmocka_unit_test_setup_teardown(test_borrowed_input_outlives_detached_request, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_submit_run_if_fast, setup, teardown),
