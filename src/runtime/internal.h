@@ -356,7 +356,7 @@ struct keel_request {
     size_t nparams, cap_params;
     keel__tensor *outputs;
     size_t noutputs, cap_outputs;
-    size_t kept_outputs; /* outputs[0..kept_outputs) hold allocations (>= noutputs) */
+    size_t kept_outputs;     /* outputs[0..kept_outputs) hold allocations (>= noutputs) */
     keel_tensor_view *views; /* scratch for run: inputs in config order */
     size_t cap_views;
     uint64_t timeout_us;

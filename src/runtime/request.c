@@ -741,6 +741,24 @@ keel_err keel__run_slot_emit(keel__run_io *io, const char *name, keel_datatype d
                                  io->errlen);
 }
 
+keel_err keel__request_emit_run(keel_request *req, const keel_tensor_view *outs, size_t n,
+                                bool detached)
+{
+    keel__run_slot s;
+    char err[KEEL__ERRLEN];
+    keel_err e = KEEL_OK;
+
+    keel__run_slot_begin(&s, req, NULL, 1);
+    for (size_t i = 0; i < n && e == KEEL_OK; i++)
+        e = keel__request_emit_to(&s, outs[i].name, outs[i].datatype, outs[i].shape, outs[i].ndim,
+                                  outs[i].data, outs[i].bytes, err, sizeof(err));
+    if (detached)
+        keel__run_slot_fini(&s);
+    else
+        keel__run_slot_end(&s, req);
+    return e;
+}
+
 size_t keel__request_input_count(const keel_request *req)
 {
     return req->ninputs;

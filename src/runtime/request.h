@@ -21,7 +21,7 @@ typedef struct keel__run_slot {
     keel__tensor *outputs;
     size_t noutputs, cap_outputs;
     size_t kept_outputs; /* as keel_request's: outputs[0..kept_outputs) are allocated */
-    char **requested; /* borrowed from the request; owned once detached */
+    char **requested;    /* borrowed from the request; owned once detached */
     size_t nrequested, cap_requested;
     keel__tensor *inputs; /* the rest: owned once detached, else NULL */
     size_t ninputs;

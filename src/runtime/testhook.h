@@ -6,6 +6,7 @@
 #ifndef KEEL_RUNTIME_TESTHOOK_H
 #define KEEL_RUNTIME_TESTHOOK_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "backends/backend.h"
@@ -21,6 +22,13 @@ void keel__mem_sample(int64_t *rss, int64_t *pss);
  * view borrows from the request. */
 size_t keel__request_input_count(const keel_request *req);
 keel_err keel__request_input(const keel_request *req, size_t i, keel_tensor_view *out);
+/* One backend run's outputs into req as the runtime collects them (request.c): a run slot
+ * begun on req (its earlier outputs cleared, their allocations kept), outs[0..n) emitted into
+ * it, then the slot ended (the outputs are req's), or, with detached, finalised instead (what
+ * happens when the request was answered while its backend call ran). For the tests of output
+ * recycling; KEEL_OK or the emit's error. */
+keel_err keel__request_emit_run(keel_request *req, const keel_tensor_view *outs, size_t n,
+                                bool detached);
 /* The execution-time estimate behind KEEL_SUBMIT_RUN_IF_FAST (sched.c). */
 int keel__est_class(int64_t batch);
 uint64_t keel__est_update(uint64_t est, uint64_t sample_ns);

@@ -62,7 +62,9 @@
  * calls), cancels what is left, waits for the in-flight list to empty, lets unary calls being
  * answered finish, cancels the calls still open (streams, calls that never sent a message),
  * shuts the queue down, joins the CQ thread (which frees every call as its last batch
- * completes) and destroys the server, all before the runtime is destroyed.
+ * completes), waits until no call is left (a keel worker may still be dropping the last
+ * reference of a call it answered: ncalls, decremented as call_free's last touch of g) and
+ * destroys the server, all before the runtime is destroyed.
  */
 #include <arpa/inet.h>
 #include <grpc/byte_buffer.h>
@@ -1879,6 +1881,13 @@ static bool shut_down(srv_grpc *g)
     return g->shutdown_done;
 }
 
+/* Every call was freed: call_free's decrement of ncalls is its last touch of g, so once this
+ * reads 0 (a sequentially consistent load, after that read-modify-write) g may be freed. */
+static bool no_calls(srv_grpc *g)
+{
+    return atomic_load(&g->ncalls) == 0;
+}
+
 /* Only idle streams are left open (they stay open until cancelled), or nothing is: every
  * answer of every stream has been written. */
 static bool only_streams(srv_grpc *g)
@@ -1917,6 +1926,11 @@ void keel__grpc_stop(keel_srv *s)
         }
         grpc_completion_queue_shutdown(g->cq);
         pthread_join(g->thread, NULL);
+        /* A keel worker may still be inside the completion callback of a call whose last
+         * reference it drops (job_finish -> call_free) after gRPC reported the shutdown and
+         * the queue's thread left: g is freed only after that callback's last touch. */
+        while (!wait_until(g, no_calls, 5000))
+            keel__srv_log(KEEL_LOG_WARN, "gRPC: waiting for answered calls to be freed", NULL);
     } else {
         grpc_server_cancel_all_calls(g->server);
         grpc_completion_queue_shutdown(g->cq);

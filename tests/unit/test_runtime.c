@@ -15,7 +15,6 @@
 
 #include "core/core.h"
 #include "mock_backend.h"
-#include "runtime/request.h"
 #include "runtime/testhook.h"
 #include "testutil.h"
 
@@ -1151,14 +1150,11 @@ static void check_output(const keel_request *req, size_t i, const char *name, si
     assert_memory_equal(v.data, want, n * sizeof(float));
 }
 
-static void emit(keel__run_slot *s, const char *name, const int64_t *shape, size_t ndim,
-                 const float *x, size_t n)
+static keel_tensor_view out_view(const char *name, const int64_t *shape, size_t ndim,
+                                 const float *x, size_t n)
 {
-    char err[128];
-
-    assert_int_equal(keel__request_emit_to(s, name, KEEL_TYPE_FP32, shape, ndim, x,
-                                           n * sizeof(float), err, sizeof(err)),
-                     KEEL_OK);
+    keel_tensor_view v = {name, KEEL_TYPE_FP32, shape, ndim, x, n * sizeof(float)};
+    return v;
 }
 
 static void test_outputs_recycled(void **state)
@@ -1167,8 +1163,7 @@ static void test_outputs_recycled(void **state)
     keel_request *req = make_req(f->rt, "m", 3.0f);
     const float six = 6.0f, nine = 9.0f, big[6] = {1, 2, 3, 4, 5, 6};
     const int64_t s11[2] = {1, 1}, s23[2] = {2, 3}, s1[1] = {1};
-    keel__run_slot s;
-    keel_tensor_view v;
+    keel_tensor_view v, one, two[2];
     const void *first;
 
     assert_int_equal(keel_infer(req), KEEL_OK);
@@ -1185,30 +1180,21 @@ static void test_outputs_recycled(void **state)
 
     /* Runs emitting other outputs, the way a backend's emit does: more of them, another
      * name first, a larger shape and size; then fewer and smaller again. */
-    keel__run_slot_begin(&s, req, NULL, 1);
-    assert_int_equal(keel_request_output_count(req), 0);
-    emit(&s, "z", s1, 1, &nine, 1);
-    emit(&s, "y", s23, 2, big, 6);
-    keel__run_slot_end(&s, req);
+    two[0] = out_view("z", s1, 1, &nine, 1);
+    two[1] = out_view("y", s23, 2, big, 6);
+    assert_int_equal(keel__request_emit_run(req, two, 2, false), KEEL_OK);
     assert_int_equal(keel_request_output_count(req), 2);
     check_output(req, 0, "z", 1, s1, &nine, 1);
     check_output(req, 1, "y", 2, s23, big, 6);
-    assert_int_equal(keel_request_output_by_name(req, "y", &v), KEEL_OK);
-    assert_int_equal(v.bytes, sizeof(big));
-
-    keel__run_slot_begin(&s, req, NULL, 1);
-    emit(&s, "y", s1, 1, &nine, 1);
-    keel__run_slot_end(&s, req);
+    one = out_view("y", s1, 1, &nine, 1);
+    assert_int_equal(keel__request_emit_run(req, &one, 1, false), KEEL_OK);
     assert_int_equal(keel_request_output_count(req), 1);
     check_output(req, 0, "y", 1, s1, &nine, 1);
     assert_int_equal(keel_request_output_by_name(req, "z", &v), KEEL_ENOTFOUND);
 
     /* A run whose request was answered while it ran frees what its slot kept (the sanitizer
      * builds check the frees); the request starts over with new buffers. */
-    keel__run_slot_begin(&s, req, NULL, 1);
-    emit(&s, "y", s23, 2, big, 6);
-    emit(&s, "z", s1, 1, &nine, 1);
-    keel__run_slot_fini(&s);
+    assert_int_equal(keel__request_emit_run(req, two, 2, true), KEEL_OK);
     assert_int_equal(keel_request_output_count(req), 0);
     assert_int_equal(keel_infer(req), KEEL_OK);
     check_output(req, 0, "y", 2, s11, &six, 1);
