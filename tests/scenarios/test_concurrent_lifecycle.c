@@ -128,6 +128,22 @@ static void *infer_thread(void *p)
     return NULL;
 }
 
+/* The models' load attempts so far (each model once, even with several version rows). */
+static uint64_t load_attempts(keel_runtime *rt)
+{
+    keel_model_status *st = NULL;
+    uint64_t sum = 0;
+    size_t n = 0;
+
+    assert_int_equal(keel_model_list(rt, &st, &n), KEEL_OK);
+    for (size_t i = 0; i < n; i++) {
+        if (i + 1 == n || strcmp(st[i].name, st[i + 1].name) != 0)
+            sum += st[i].load_attempts;
+    }
+    keel_model_status_free(st, n);
+    return sum;
+}
+
 /* Loads every model through the API in turn, then sends one request to a model that is
  * evicted: its answer must come from an eviction reload. Returns that model's name. */
 static const char *eviction_reload(shared *s)
@@ -412,8 +428,24 @@ static void test_load_unload_evict_poll_race(void **state)
      * through the API in turn (room for two: a load evicts the least recently used), then
      * a request for an evicted one must reload it and be answered. */
     reloads_race = ms.reloads;
-    evicted = eviction_reload(&s);
-    keel_memory_stats_get(s.rt, &ms);
+    /* The poll thread first loads the last file changes it saw (it would bring an evicted
+     * model back itself, no eviction reload): wait until no load is attempted for 500 ms
+     * (its interval is 100 ms, its retries at most 200 ms apart), and try up to three times. */
+    for (uint64_t seen = 0, stable_since = now_ms(), t1 = now_ms();;) {
+        uint64_t a = load_attempts(s.rt);
+        if (a != seen) {
+            seen = a;
+            stable_since = now_ms();
+        } else if (now_ms() - stable_since >= 500 || now_ms() - t1 > 20000) {
+            break;
+        }
+        usleep(20000);
+    }
+    evicted = "none";
+    for (int i = 0; i < 3 && ms.reloads == reloads_race; i++) {
+        evicted = eviction_reload(&s);
+        keel_memory_stats_get(s.rt, &ms);
+    }
     printf("# eviction reloads: %llu in the race, then %s reloaded on purpose (%llu in all)\n",
            (unsigned long long)reloads_race, evicted, (unsigned long long)ms.reloads);
     assert_true(ms.reloads > reloads_race);
