@@ -22,8 +22,8 @@
  * worker thread and freed by another (a request run by a different worker each time) moves
  * chunks between the threads' caches on every request, and the slow paths it forces (arena
  * locks taken by both threads) slowed the backend's own allocations on two workers by about
- * 1.4 us per request (docs/PERFORMANCE.md, "Session 6"). A kept buffer is replaced when it is
- * too small, or more than twice the size needed plus 64 KiB (a request that once got a large
+ * 1.6 us of CPU per request (docs/PERFORMANCE.md, "Session 6"). A kept buffer is replaced when it
+ * is too small, or more than twice the size needed plus 64 KiB (a request that once got a large
  * output does not keep it for small ones); everything is freed with the request, or with
  * the run slot of a detached request. Layer: calls registry.c (counters) only.
  */
