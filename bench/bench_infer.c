@@ -81,6 +81,7 @@ typedef struct options {
     int depth;
     int batches[4];
     int nbatches;
+    bool two_threads;           /* --two-threads: only the rows with two keel threads */
     const char *callgrind_mode; /* NULL: the timed table */
     int cg_batch;
     long cg_iterations;
@@ -841,6 +842,8 @@ static int run_table(const options *o, BoosterHandle booster, keel_side *sides, 
            "----:|\n");
     for (int b = 0; b < o->nbatches; b++) {
         for (size_t i = 0; i < sizeof(row_specs) / sizeof(row_specs[0]); i++) {
+            if (o->two_threads && row_specs[i].raw_threads != 2)
+                continue;
             if (measure_row(o, booster, sides, x, o->batches[b], &row_specs[i]) != 0)
                 return -1;
         }
@@ -953,7 +956,7 @@ done:
 static void usage(FILE *f)
 {
     fprintf(f, "usage: bench_infer --model-repository DIR [--rounds N] [--seconds S] [--depth N]\n"
-               "                   [--batches 1,64]\n"
+               "                   [--batches 1,64] [--two-threads]\n"
                "       bench_infer --model-repository DIR --callgrind raw|sync|async\n"
                "                   [--batch N] [--iterations N] [--instances 1|2] [--depth N]\n"
                "DIR is the repository written by bench/train-reference.sh (models ref_i1, "
@@ -996,6 +999,10 @@ static int parse_args(int argc, char **argv, options *o)
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
             usage(stdout);
             exit(0);
+        }
+        if (strcmp(a, "--two-threads") == 0) {
+            o->two_threads = true;
+            continue;
         }
         if (v == NULL)
             return -1;

@@ -119,7 +119,10 @@ typedef struct keel__generation keel__generation;
  * at the thread's first use), so two threads serving one model do not pass those lines back
  * and forth on every request; readers sum the shards (registry.c). A sum read while requests
  * move between threads is off by the changes in flight (a live count read mid-request may
- * show one more or one fewer; it is never shown below 0); at rest it is exact. */
+ * show one more or one fewer; it is never shown below 0); at rest it is exact. The counters
+ * that only rt->mu's holder changes (leases, queued, contexts_in_use, contexts_stuck:
+ * sched.c) are added with a plain load and store (keel__counter_add_locked, registry.h):
+ * a locked add costs a store-buffer drain, ten per request. */
 #define KEEL__SHARDS 8
 
 /* Live-object counters (atomics): one shard (above). */
@@ -192,8 +195,9 @@ struct keel__generation {
     bool retired; /* rt->mu */
     int nstuck;   /* rt->mu: contexts whose answered run is still in the backend */
     /* Moving estimate of the backend's run time, ns, per batch size class; 0 = not measured
-     * yet. Written after every run, read by submit (sched.c); atomics, no lock. */
-    _Atomic uint64_t est_run_ns[KEEL__EST_CLASSES];
+     * yet. Updated after every run, stored only when it moves (sched.c), read by submit;
+     * atomics, no lock; on a line of its own. */
+    _Alignas(KEEL__CACHELINE) _Atomic uint64_t est_run_ns[KEEL__EST_CLASSES];
     keel__generation *reap_next; /* rt->reap_mu */
 };
 

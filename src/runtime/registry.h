@@ -28,6 +28,21 @@ static inline keel__stat_shard *keel__stats_mine(keel__model_entry *e)
 /* Adds d to one live-object counter of rt and of e (either may be NULL), in the calling
  * thread's shard; any thread. */
 void keel__counter_add(keel_runtime *rt, keel__model_entry *e, size_t field_offset, int64_t d);
+/* The same for a counter that only rt->mu's holder changes (leases, queued, contexts_in_use,
+ * contexts_stuck: sched.c): a plain load and store, no locked instruction (the lock orders
+ * the writers; readers load the atomics as before). */
+static inline void keel__counter_add_locked(keel_runtime *rt, keel__model_entry *e,
+                                            size_t field_offset, int64_t d)
+{
+    unsigned s = keel__shard();
+    _Atomic int64_t *p = (_Atomic int64_t *)((char *)&rt->counters[s] + field_offset);
+
+    atomic_store_explicit(p, atomic_load_explicit(p, memory_order_relaxed) + d,
+                          memory_order_relaxed);
+    p = (_Atomic int64_t *)((char *)&e->counters[s] + field_offset);
+    atomic_store_explicit(p, atomic_load_explicit(p, memory_order_relaxed) + d,
+                          memory_order_relaxed);
+}
 #define KEEL__CNT(field) offsetof(keel__counters, field)
 /* The sum of one counter's shards (internal.h: exact at rest, never below 0). */
 int64_t keel__counter_sum(const keel__counters c[KEEL__SHARDS], size_t field_offset);

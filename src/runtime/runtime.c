@@ -146,7 +146,17 @@ keel_err keel_runtime_create(const keel_runtime_opts *opts, keel_runtime **out)
     rt->mem_limit = opts->model_memory_limit;
     rt->inline_max_ns = (uint64_t)opts->inline_max_us * 1000u;
     rt->life_efd = -1;
-    pthread_mutex_init(&rt->mu, NULL);
+    {
+        /* rt->mu is held for well under a microsecond (docs/PERFORMANCE.md, lock statistics):
+         * a thread that finds it taken spins a little before it sleeps in the kernel, which
+         * with two workers on one model halves the context switches (futex waits and wakes,
+         * bench/lockstat.sh, "Session 7"). */
+        pthread_mutexattr_t ma;
+        pthread_mutexattr_init(&ma);
+        pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_ADAPTIVE_NP);
+        pthread_mutex_init(&rt->mu, &ma);
+        pthread_mutexattr_destroy(&ma);
+    }
     pthread_mutex_init(&rt->build_mu, NULL);
     {
         /* The timer thread waits for deadlines on the monotonic clock (sched.c). */

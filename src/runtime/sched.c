@@ -283,7 +283,7 @@ static void queue_push_locked(keel_runtime *rt, keel__vslot *v, keel_request *re
     v->nqueued_q[q]++;
     v->nqueued++;
     v->queued_rows += (uint64_t)req->rows;
-    keel__counter_add(rt, v->entry, KEEL__CNT(queued), 1);
+    keel__counter_add_locked(rt, v->entry, KEEL__CNT(queued), 1);
 }
 
 /* Unlinks a queued request from its FIFO in v and drops the queued counters. */
@@ -307,7 +307,7 @@ static void queue_unlink_locked(keel_runtime *rt, keel__vslot *v, keel_request *
         v->delay_until_ns = 0; /* nothing left to wait for */
         v->flush = false;
     }
-    keel__counter_add(rt, v->entry, KEEL__CNT(queued), -1);
+    keel__counter_add_locked(rt, v->entry, KEEL__CNT(queued), -1);
 }
 
 /* The first queued request of v in dispatch order, or NULL. */
@@ -600,7 +600,7 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
 
     /* Take the slot. */
     v->inflight++;
-    keel__counter_add(rt, e, KEEL__CNT(leases), 1);
+    keel__counter_add_locked(rt, e, KEEL__CNT(leases), 1);
     req->state = KEEL__REQ_QUEUED;
     req->cancel_requested = false;
     req->ordered = false;
@@ -614,7 +614,10 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
     req->generation_id = 0;
     req->ran_version = -1;
     req->submit_ns = keel__now_ns();
-    e->last_used_ns = req->submit_ns; /* LRU for the memory budget: no second clock read */
+    /* LRU for the memory budget (no second clock read), to 0.1 ms: stored only when
+     * it moved, so that the entry's line is not written by every request. */
+    if (req->submit_ns - e->last_used_ns >= 100000u)
+        e->last_used_ns = req->submit_ns;
     req->dispatch_ns = 0;
     req->input_end_ns = req->output_start_ns = req->complete_ns = req->preprocess_ns = 0;
     req->deadline_ns = deadline_of(req, qp);
@@ -623,7 +626,7 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
     if (keel__fault_hit(KEEL__FAULT_SUBMIT)) {
         /* A failure after the slot was taken: undo everything; the callback never runs. */
         v->inflight--;
-        keel__counter_add(rt, e, KEEL__CNT(leases), -1);
+        keel__counter_add_locked(rt, e, KEEL__CNT(leases), -1);
         req->state = KEEL__REQ_IDLE;
         req->cb = NULL;
         req->user = NULL;
@@ -734,7 +737,7 @@ static bool detach_locked(keel_runtime *rt, keel_request *req, keel_err status, 
         b->stuck = true;
         b->gen->nstuck++;
         b->vslot->nstuck++;
-        keel__counter_add(rt, b->gen->entry, KEEL__CNT(contexts_stuck), 1);
+        keel__counter_add_locked(rt, b->gen->entry, KEEL__CNT(contexts_stuck), 1);
     }
     b->ndetached++;
     if (status == KEEL_ETIMEDOUT)
@@ -771,7 +774,7 @@ static keel__vslot *finish_locked(keel_runtime *rt, keel_request *req, keel_err 
     KEEL__ASSERT(v->inflight > 0);
     running_unlink_locked(rt, req);
     v->inflight--;
-    keel__counter_add(rt, req->entry, KEEL__CNT(leases), -1);
+    keel__counter_add_locked(rt, req->entry, KEEL__CNT(leases), -1);
     req->done_cb = req->cb;
     req->done_user = req->user;
     req->cb = NULL;
@@ -828,7 +831,7 @@ static void context_return_locked(keel_runtime *rt, keel__generation *g, int ctx
     KEEL__ASSERT(ctx >= 0 && ctx < g->nctx);
     g->free_stack[g->nfree++] = ctx; /* back to its own generation */
     g->in_use--;
-    keel__counter_add(rt, g->entry, KEEL__CNT(contexts_in_use), -1);
+    keel__counter_add_locked(rt, g->entry, KEEL__CNT(contexts_in_use), -1);
     if (kick && !g->retired)
         keel__vslot_kick_locked(rt, v);
 }
@@ -864,7 +867,7 @@ static void end_group(keel_runtime *rt, batch *b, batch *follow)
     if (b->stuck) {
         b->gen->nstuck--;
         v->nstuck--;
-        keel__counter_add(rt, b->gen->entry, KEEL__CNT(contexts_stuck), -1);
+        keel__counter_add_locked(rt, b->gen->entry, KEEL__CNT(contexts_stuck), -1);
     }
     if (follow != NULL)
         follow->n = 0;
@@ -973,12 +976,16 @@ void keel__complete_list(keel_request *list, keel_err status, const char *why)
 /* Updates g's run-time estimate of a batch of `size` rows with one sample. */
 static void estimate_update(keel__generation *g, int64_t size, uint64_t ns)
 {
-    /* Racing updates of one class may lose a sample: an estimate needs no more. */
+    /* Racing updates of one class may lose a sample: an estimate needs no more. It is
+     * stored only when it moves by more than 1/64: every worker running the model would
+     * otherwise write its line after every run, and the estimate only decides fast or slow
+     * against inline_max_ns. */
     _Atomic uint64_t *est = &g->est_run_ns[keel__est_class(size)];
+    uint64_t old = atomic_load_explicit(est, memory_order_relaxed);
+    uint64_t next = keel__est_update(old, ns);
 
-    atomic_store_explicit(est,
-                          keel__est_update(atomic_load_explicit(est, memory_order_relaxed), ns),
-                          memory_order_relaxed);
+    if (old == 0 || next > old + old / 64 || next + old / 64 < old)
+        atomic_store_explicit(est, next, memory_order_relaxed);
 }
 
 /* The run slot of a batch's request that failed before the call: never in the backend, so
@@ -1062,7 +1069,7 @@ static void lease_locked(keel_runtime *rt, keel__vslot *v, keel_request *req)
     req->gen = g;
     req->ctx_index = context_take_locked(g);
     g->in_use++;
-    keel__counter_add(rt, v->entry, KEEL__CNT(contexts_in_use), 1);
+    keel__counter_add_locked(rt, v->entry, KEEL__CNT(contexts_in_use), 1);
     req->generation_id = g->id;
     req->ran_version = g->version;
     req->state = KEEL__REQ_RUNNING;
@@ -1209,7 +1216,7 @@ static bool form_batch_locked(keel_runtime *rt, keel__vslot *v, uint64_t now, ba
     if (cut > 1) {
         b->ctx = context_take_locked(g);
         g->in_use++;
-        keel__counter_add(rt, v->entry, KEEL__CNT(contexts_in_use), 1);
+        keel__counter_add_locked(rt, v->entry, KEEL__CNT(contexts_in_use), 1);
     }
     for (size_t i = 0; i < cut; i++) {
         req = queue_first(v);
