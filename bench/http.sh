@@ -61,12 +61,14 @@ port=$(sed -n 's/.*port=\([0-9]*\).*/\1/p' "$port_file")
 [[ -n "$port" ]] || { echo "http.sh: keel serve did not start" >&2; exit 1; }
 
 raw_calls_per_s() { # batch
-    local iters=$((200000 / $1)) t0 t1
-    t0=$(date +%s.%N)
+    # bench_infer's own clock around the measured calls (not the model load, warm-up and
+    # short run a wall clock around the process would add: docs/PERFORMANCE.md "Correction").
+    local iters=$((200000 / $1))
     taskset -c 0 "$build/bench_infer" --model-repository "$repo" --callgrind raw --batch "$1" \
-        --iterations "$iters" >/dev/null
-    t1=$(date +%s.%N)
-    echo "$iters $t0 $t1" | awk '{ printf "%.0f", $1 / ($3 - $2) }'
+        --iterations "$iters" | awk '/^callgrind mode=raw/ {
+            for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+            if (v["seconds"] > 0) { printf "%.0f", v["iterations"] / v["seconds"]; found = 1 } }
+            END { if (!found) exit 1 }'
 }
 
 served() { # batch -> "req/s p50 p99"

@@ -199,16 +199,22 @@ EOF
 }
 
 raw_rate() { # batch -> "calls/s cpu_us_per_call" of raw XGBoost on the server's core
-    local iters=$((300000 / $1)) t0 t1 tf
+    # From bench_infer's own clocks around the measured calls: the process also loads the
+    # model and makes a warm-up and a short run (0.3x the calls), which a wall clock around
+    # the whole process would count as raw's time (before session 7 it did: raw rates 1.3-1.5x
+    # too low, every served/raw ratio that much too high; docs/PERFORMANCE.md "Correction").
+    local iters=$((300000 / $1)) line
     ((iters >= 3000)) || iters=3000
-    tf=$(mktemp)
-    t0=$(date +%s.%N)
-    /usr/bin/time -f "%U %S" -o "$tf" taskset -c "$scpu" "$build/bench_infer" \
-        --model-repository "$repo" --callgrind raw --batch "$1" --iterations "$iters" >/dev/null
-    t1=$(date +%s.%N)
-    read -r u sy <"$tf"
-    rm -f "$tf"
-    echo "$iters $t0 $t1 $u $sy" | awk '{ printf "%.1f %.2f", $1 / ($3 - $2), ($4 + $5) * 1e6 / $1 }'
+    line=$(taskset -c "$scpu" "$build/bench_infer" --model-repository "$repo" --callgrind raw \
+        --batch "$1" --iterations "$iters")
+    echo "$line" | awk '/^callgrind mode=raw/ {
+        for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        if (v["seconds"] > 0) printf "%.1f %.2f", v["iterations"] / v["seconds"],
+            v["cpu_seconds"] * 1e6 / v["iterations"]; found = 1 }
+        END { if (!found) exit 1 }' || {
+        echo "suite: no raw measurement from bench_infer" >&2
+        return 1
+    }
 }
 
 stats_rows() { # port model -> "inference_count execution_count" from the statistics
@@ -356,7 +362,8 @@ PY
             warm_up "$port" "$m" "$b" "${extra[@]}"
         done
         for r in $(seq "$rounds"); do
-            row batching "$r" raw_b1 $(raw_rate 1)
+            rr=$(raw_rate 1)
+            row batching "$r" raw_b1 $rr
             for c in 8 64; do
                 conns=$c
                 for m in ref_i1 ref_b0 ref_bd; do
@@ -383,7 +390,8 @@ PY
             warm_up "$port" ref_i1 1
             for r in $(seq "$rounds"); do
                 for b in 1 64; do
-                    row ratio "$r" "raw_b$b" $(raw_rate "$b")
+                    rr=$(raw_rate "$b")
+                    row ratio "$r" "raw_b$b" $rr
                     row ratio "$r" "keel_${mode}_b$b" $(perf_run "$port" "$spid" ref_i1 "$b")
                 done
             done
@@ -400,7 +408,8 @@ PY
         warm_up "$gport" ref_i1 1 --protocol grpc --grpc-stream
         for r in $(seq "$rounds"); do
             for b in 1 64; do
-                row grpc "$r" "raw_b$b" $(raw_rate "$b")
+                rr=$(raw_rate "$b")
+                row grpc "$r" "raw_b$b" $rr
                 row grpc "$r" "http_b$b" $(perf_run "$port" "$spid" ref_i1 "$b")
                 row grpc "$r" "grpc_b$b" $(perf_run "$gport" "$spid" ref_i1 "$b" --protocol grpc)
                 row grpc "$r" "grpcstream_b$b" \
