@@ -157,7 +157,7 @@ static keel_err build(keel_runtime *rt, keel__model_entry *e, int64_t version,
 
     *out = NULL;
     sub[0] = '\0';
-    if ((g = keel__calloc(1, sizeof(*g))) == NULL ||
+    if ((g = keel__calloc_lines(sizeof(*g))) == NULL || /* est_run_ns is line-aligned */
         asprintf(&dir, "%s/%s", rt->repo, e->name) < 0) {
         dir = NULL;
         err = KEEL_ENOMEM;
