@@ -209,8 +209,10 @@ raw_rate() { # batch -> "calls/s cpu_us_per_call" of raw XGBoost on the server's
         --batch "$1" --iterations "$iters")
     echo "$line" | awk '/^callgrind mode=raw/ {
         for (i = 1; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-        if (v["seconds"] > 0) printf "%.1f %.2f", v["iterations"] / v["seconds"],
-            v["cpu_seconds"] * 1e6 / v["iterations"]; found = 1 }
+        if (v["seconds"] > 0) {
+            printf "%.1f %.2f", v["iterations"] / v["seconds"], v["cpu_seconds"] * 1e6 / v["iterations"]
+            found = 1
+        } }
         END { if (!found) exit 1 }' || {
         echo "suite: no raw measurement from bench_infer" >&2
         return 1
