@@ -25,7 +25,9 @@
 #   e.g. bench/callgrind_http.sh --http-connection-memory 16k
 # Environment: BUILD (build-bench, a Release build with KEEL_BUILD_BENCH=ON), SECS (5),
 #   BATCHES ("1 64"), LIVE (1: also GET /v2/health/live), OUT (BUILD/callgrind-http), TAG
-#   (a name for the files, default "run").
+#   (a name for the files, default "run"), MODEL (ref_i1; ref_b0 is its copy with dynamic
+#   batching that bench/suite.sh batching makes), CONC (1: keel perf's concurrency; with a
+#   batching model and CONC 64 the server forms batches, and Ir/request is the batched path).
 # Needs: valgrind, curl, the reference model (bench/train-reference.sh; bench/suite.sh makes
 #   it and the rows file).
 set -euo pipefail
@@ -38,12 +40,14 @@ batches=${BATCHES:-1 64}
 live=${LIVE:-1}
 out=${OUT:-$build/callgrind-http}
 tag=${TAG:-run}
+model=${MODEL:-ref_i1}
+conc=${CONC:-1}
 keel="$build/keel"
 mkdir -p "$out"
 
 command -v valgrind >/dev/null || { echo "callgrind_http: valgrind not found" >&2; exit 1; }
 [[ -x "$keel" ]] || { echo "callgrind_http: $keel not built" >&2; exit 1; }
-[[ -f "$repo/ref_i1/1/model.json" ]] ||
+[[ -f "$repo/$model/1/model.json" ]] ||
     { echo "callgrind_http: no reference model in $repo (run bench/suite.sh ir once)" >&2; exit 1; }
 rows="$out/rows.txt"
 # Rows of numbers for keel perf's --input-data, from the training data (as bench/suite.sh).
@@ -61,9 +65,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-success() {
-    curl -s "http://127.0.0.1:$port/v2/models/ref_i1/stats" |
-        /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["model_stats"][0]["inference_stats"]["success"]["count"])'
+# The model's success (requests) and execution (backend calls) counts.
+counts() {
+    curl -s "http://127.0.0.1:$port/v2/models/$model/stats" |
+        /usr/bin/python3 -c 'import json,sys; s = json.load(sys.stdin)["model_stats"][0]; print(s["inference_stats"]["success"]["count"], s["execution_count"])'
 }
 
 # Zeroes the counters, runs keel perf with the given args, dumps; prints the dump's total.
@@ -72,7 +77,7 @@ measure() { # name perf-args...
     shift
     rm -f "$cg".*
     callgrind_control -z "$vpid" >/dev/null 2>&1
-    "$keel" perf -u "127.0.0.1:$port" --concurrency-range 1 -d "$secs" --warmup 0 --no-progress \
+    "$keel" perf -u "127.0.0.1:$port" --concurrency-range "$conc" -d "$secs" --warmup 0 --no-progress \
         "$@" >/dev/null
     callgrind_control -d "$vpid" >/dev/null 2>&1
     dump="$out/$tag-$name.cg"
@@ -95,21 +100,24 @@ port=$(sed -n 's/.*port=\([0-9]*\).*/\1/p' "$pf")
 rm -f "$pf"
 [[ -n "$port" ]] || { echo "callgrind_http: keel serve did not start:" >&2; tail "$out/$tag.log" >&2; exit 1; }
 
-echo "| what | requests | Ir/request |"
-echo "|---|---:|---:|"
+echo "| what | requests | requests/execution | Ir/request |"
+echo "|---|---:|---:|---:|"
 for b in $batches; do
-    "$keel" perf -u "127.0.0.1:$port" -m ref_i1 -b "$b" --concurrency-range 1 -d 2 --warmup 0 \
+    "$keel" perf -u "127.0.0.1:$port" -m "$model" -b "$b" --concurrency-range "$conc" -d 2 --warmup 0 \
         --no-progress --input-data "$rows" >/dev/null
-    n0=$(success)
-    total=$(measure "b$b" -m ref_i1 -b "$b" --input-data "$rows")
-    n=$(($(success) - n0))
+    read -r n0 x0 < <(counts)
+    total=$(measure "b$b" -m "$model" -b "$b" --input-data "$rows")
+    read -r n1 x1 < <(counts)
+    n=$((n1 - n0))
     # The stats request between zero and dump is counted too; it is negligible.
-    printf '| batch %s infer | %s | %s |\n' "$b" "$n" "$((total / n))"
+    printf '| batch %s infer, %s, concurrency %s | %s | %s | %s |\n' "$b" "$model" "$conc" "$n" \
+        "$(awk -v n="$n" -v x="$((x1 - x0))" 'BEGIN { printf "%.1f", x > 0 ? n / x : 0 }')" \
+        "$((total / n))"
 done
 if [[ $live == 1 ]]; then
     total=$(measure live --endpoint /v2/health/live -f "$out/$tag-live.csv")
     n=$(awk -F, 'NR == 2 { print $5 + $6 }' "$out/$tag-live.csv")
-    printf '| GET /v2/health/live | %s | %s |\n' "$n" "$((total / n))"
+    printf '| GET /v2/health/live, concurrency %s | %s | - | %s |\n' "$conc" "$n" "$((total / n))"
 fi
 echo
 echo "annotations: $out/$tag-*.incl.txt (inclusive), $out/$tag-*.self.txt (exclusive)"

@@ -315,6 +315,18 @@ def running(server):
     server.stop()
 
 
+def _report_servers():
+    """After a failure, the end of every server's stderr (a sanitizer report, an abort)."""
+    for s in _servers:
+        try:
+            rc = s.proc.poll() if getattr(s, "proc", None) is not None else None
+            log("--- server %s (%s), stderr tail:\n%s" % (
+                " ".join(s.cmd[:1]), "running" if rc is None else "exited %r" % rc,
+                s.stderr_tail(80)))
+        except Exception as e:  # a report must not hide the failure it reports
+            log("--- server stderr unavailable: %r" % e)
+
+
 def _cleanup():
     for s in _servers:
         try:
@@ -1194,6 +1206,8 @@ def run(tests, setup=None, teardown=None):
                 failed += 1
                 log("FAIL teardown\n" + traceback.format_exc())
     finally:
+        if failed:
+            _report_servers()
         _cleanup()
         print("%d passed, %d failed" % (passed, failed), flush=True)
         sys.exit(0 if failed == 0 else 1)
