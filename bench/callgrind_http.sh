@@ -111,7 +111,7 @@ for b in $batches; do
     n=$((n1 - n0))
     # The stats request between zero and dump is counted too; it is negligible.
     printf '| batch %s infer, %s, concurrency %s | %s | %s | %s |\n' "$b" "$model" "$conc" "$n" \
-        "$(awk -v n="$n" -v x="$((x1 - x0))" 'BEGIN { printf "%.1f", x > 0 ? n / x : 0 }')" \
+        "$(awk -v n="$n" -v x="$((x1 - x0))" 'BEGIN { printf "%.1f", (x > 0 ? n / x : 0) }')" \
         "$((total / n))"
 done
 if [[ $live == 1 ]]; then

@@ -40,7 +40,10 @@
 #            to copies with dynamic_batching (ref_b0: max_queue_delay 0; ref_bd: 100 us,
 #            preferred 32), served req/s against raw batch-1 calls/s, the average executed
 #            batch size (the statistics' inference_count / execution_count over the run),
-#            p50/p99; and batch 64 to the ONNX digits example without and with batching
+#            p50/p99; and batch 64 to the ONNX digits example without and with batching.
+#            Each round also measures what bounds the batch-1 rows: GET /v2/health/live at
+#            the same connections (the HTTP exchange alone) and raw batch-64 calls (a
+#            batched row's backend cost)
 # The report opens with issue 11's table: every row of it, from these sections.
 #
 # Usage: bench/suite.sh [SECTION...]   (default: all, in the order above)
@@ -366,8 +369,13 @@ PY
         for r in $(seq "$rounds"); do
             rr=$(raw_rate 1)
             row batching "$r" raw_b1 $rr
+            # The bound of the batch-1 rows: the same server's HTTP exchange alone (GET
+            # /v2/health/live, same generator and connections) and a raw batch-64 call's
+            # per-row cost; a batched request costs at least the one plus the other.
+            row batching "$r" raw_b64 $(raw_rate 64)
             for c in 8 64; do
                 conns=$c
+                row batching "$r" "live_c$c" $(perf_run "$port" "$spid" /v2/health/live 1)
                 for m in ref_i1 ref_b0 ref_bd; do
                     s0=$(stats_rows "$port" "$m")
                     res=$(perf_run "$port" "$spid" "$m" 1 --input-data "$out/rows_b1.txt")

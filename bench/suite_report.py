@@ -138,29 +138,65 @@ def batching(h, rows):
     print("### Dynamic batching (issue 12): batch-1 requests, served/raw batch-1 calls/s\n")
     header(h)
     raw = {}
+    raw64 = {}
+    live = {}  # (round, connections) -> GET /v2/health/live row
     acc = {}
     for r in rows:
         key, vals = r[2], [float(x) for x in r[3:]]
         if key == "raw_b1":
             raw[r[1]] = vals
             continue
-        acc.setdefault(key, []).append((raw.get(r[1]), vals))
+        if key == "raw_b64":
+            raw64[r[1]] = vals
+            continue
+        if key.startswith("live_c"):
+            live[(r[1], key[6:])] = vals
+            continue
+        conns = key.rsplit("_", 1)[1][1:] if key.rsplit("_", 1)[1].startswith("c") else None
+        acc.setdefault(key, []).append((raw.get(r[1]), vals, live.get((r[1], conns))))
+    if live:
+        bound_table(raw, raw64, live)
     names = {"ref_i1": "off (no dynamic_batching)", "ref_b0": "on, delay 0",
              "ref_bd": "on, delay 100 us, preferred 32", "digits": "digits, off",
              "digits_b": "digits, on"}
-    print("| model | connections | batch | keel req/s | served/raw b1 | avg executed batch | "
-          "p50 ms | p99 ms | failed |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | connections | batch | keel req/s | served/raw b1 | served / live | "
+          "avg executed batch | p50 ms | p99 ms | failed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key in sorted(acc, key=lambda k: (k.startswith("digits"), k.split("_")[-1], k)):
         m, tail = key.rsplit("_", 1)
         v = acc[key]
         conns = tail[1:] if tail.startswith("c") else "8"
         batch = "64" if tail == "b64" else "1"
         ratio = (med([x[1][0] / x[0][0] for x in v if x[0]]) if batch == "1" else "-")
-        print("| %s | %s | %s | %s | **%s** | %s | %s | %s | %d |"
+        vs_live = [x[1][0] / x[2][0] for x in v if x[2] and x[2][0] > 0]
+        print("| %s | %s | %s | %s | **%s** | %s | %s | %s | %s | %d |"
               % (names.get(m, m), conns, batch, med([x[1][0] for x in v]), ratio,
+                 med(vs_live) if vs_live else "-",
                  med([x[1][6] for x in v]), fmt(statistics.median(x[1][1] for x in v)),
                  med([x[1][2] for x in v]), sum(int(x[1][3]) for x in v)))
+    print()
+
+
+def bound_table(raw, raw64, live):
+    """What bounds a batch-1 request's rate: its HTTP exchange (the same server's GET
+    /v2/health/live at the same connections) plus a batched row's backend cost (a raw
+    batch-64 call / 64). Per round: bound = 1 / (1/live + 64/raw_b64_calls), over raw b1."""
+    print("What bounds the batch-1 rows (same rounds): the HTTP exchange alone and a batched "
+          "row's backend cost\n")
+    print("| connections | raw b1 calls/s | GET /v2/health/live req/s | live / raw b1 | "
+          "raw b64 rows/s | bound req/s | bound / raw b1 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for conns in sorted({c for _, c in live}, key=int):
+        rs = [rd for rd, c in live if c == conns and rd in raw and rd in raw64]
+        if not rs:
+            continue
+        lv = [live[(rd, conns)][0] for rd in rs]
+        rb = [raw[rd][0] for rd in rs]
+        r64 = [raw64[rd][0] * 64 for rd in rs]
+        bound = [1 / (1 / a + 1 / b) for a, b in zip(lv, r64)]
+        print("| %s | %s | %s | **%s** | %s | %s | **%s** |"
+              % (conns, med(rb), med(lv), med([a / b for a, b in zip(lv, rb)]), med(r64),
+                 med(bound), med([a / b for a, b in zip(bound, rb)])))
     print()
 
 
