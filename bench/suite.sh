@@ -382,6 +382,13 @@ PY
                     s1=$(stats_rows "$port" "$m")
                     row batching "$r" "${m}_c$c" $res $(avg_batch "$s0" "$s1")
                 done
+                # The same requests in Triton's binary tensor extension (perf_analyzer's
+                # default for HTTP): what the JSON text costs.
+                s0=$(stats_rows "$port" ref_b0)
+                res=$(perf_run "$port" "$spid" ref_b0 1 --input-data "$out/rows_b1.txt" \
+                    --input-tensor-format binary)
+                s1=$(stats_rows "$port" ref_b0)
+                row batching "$r" "ref_b0bin_c$c" $res $(avg_batch "$s0" "$s1")
             done
             conns=8
             for m in digits digits_b; do

@@ -157,6 +157,7 @@ def batching(h, rows):
     if live:
         bound_table(raw, raw64, live)
     names = {"ref_i1": "off (no dynamic_batching)", "ref_b0": "on, delay 0",
+             "ref_b0bin": "on, delay 0, binary tensor extension",
              "ref_bd": "on, delay 100 us, preferred 32", "digits": "digits, off",
              "digits_b": "digits, on"}
     print("| model | connections | batch | keel req/s | served/raw b1 | served / live | "
