@@ -67,16 +67,26 @@ start() { # binary -> sets port, spid
         sleep 0.05
     done
     [[ -n "$port" ]] || { echo "ab: $1 did not start" >&2; exit 1; }
+    # A binary copied away from its build directory finds no keel-model-check and serves
+    # every request a 503, which wrk would count as requests: the model must be ready.
+    for _ in $(seq 1 200); do
+        curl -sf "http://127.0.0.1:$port/v2/models/$model/ready" >/dev/null && return 0
+        sleep 0.05
+    done
+    echo "ab: $1: model $model not ready:" >&2
+    tail -n 5 "$log" >&2
+    exit 1
 }
 
-wrk_run() { # port batch secs -> "rps p99_us"
+wrk_run() { # port batch secs -> "rps p99_us"; any non-2xx answer or socket error stops the run
     taskset -c "$gcpu" wrk -t1 -c"$conns" -d"$3s" --latency -s "$out/b$2.lua" \
         "http://127.0.0.1:$1/v2/models/$model/infer" | awk '
+        /Non-2xx or 3xx responses|Socket errors/ { print "ab: wrk: " $0 > "/dev/stderr"; bad = 1 }
         /Requests\/sec/ { rps = $2 }
         $1 == "99%" { v = $2; u = 1
             if (v ~ /us$/) u = 1; else if (v ~ /ms$/) u = 1000; else if (v ~ /s$/) u = 1e6
             sub(/[a-z]+$/, "", v); p99 = v * u }
-        END { printf "%.0f %.0f\n", rps, p99 }'
+        END { if (bad) exit 1; printf "%.0f %.0f\n", rps, p99 }'
 }
 
 for r in $(seq 1 "$rounds"); do
@@ -84,7 +94,8 @@ for r in $(seq 1 "$rounds"); do
         start "${bins[$i]}"
         for b in "${batches[@]}"; do
             wrk_run "$port" "$b" 1 >/dev/null
-            echo "$r $i $b $(wrk_run "$port" "$b" "$secs")" >>"$out/rows"
+            res=$(wrk_run "$port" "$b" "$secs")
+            echo "$r $i $b $res" >>"$out/rows"
         done
         kill "$spid"
         wait "$spid" 2>/dev/null || true
