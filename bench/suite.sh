@@ -372,10 +372,12 @@ PY
             # The bound of the batch-1 rows: the same server's HTTP exchange alone (GET
             # /v2/health/live, same generator and connections) and a raw batch-64 call's
             # per-row cost; a batched request costs at least the one plus the other.
-            row batching "$r" raw_b64 $(raw_rate 64)
+            rr=$(raw_rate 64) # assigned first: a failure inside $(...) in row's arguments
+            row batching "$r" raw_b64 $rr # would not stop the script (set -e)
             for c in 8 64; do
                 conns=$c
-                row batching "$r" "live_c$c" $(perf_run "$port" "$spid" /v2/health/live 1)
+                res=$(perf_run "$port" "$spid" /v2/health/live 1)
+                row batching "$r" "live_c$c" $res
                 for m in ref_i1 ref_b0 ref_bd; do
                     s0=$(stats_rows "$port" "$m")
                     res=$(perf_run "$port" "$spid" "$m" 1 --input-data "$out/rows_b1.txt")

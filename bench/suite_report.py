@@ -152,7 +152,8 @@ def batching(h, rows):
         if key.startswith("live_c"):
             live[(r[1], key[6:])] = vals
             continue
-        conns = key.rsplit("_", 1)[1][1:] if key.rsplit("_", 1)[1].startswith("c") else None
+        tail = key.rsplit("_", 1)[1]
+        conns = tail[1:] if tail.startswith("c") else None
         acc.setdefault(key, []).append((raw.get(r[1]), vals, live.get((r[1], conns))))
     if live:
         bound_table(raw, raw64, live)

@@ -30,7 +30,8 @@ static inline keel__stat_shard *keel__stats_mine(keel__model_entry *e)
 void keel__counter_add(keel_runtime *rt, keel__model_entry *e, size_t field_offset, int64_t d);
 /* The same for a counter that only rt->mu's holder changes (leases, queued, contexts_in_use,
  * contexts_stuck: sched.c): a plain load and store, no locked instruction (the lock orders
- * the writers; readers load the atomics as before). */
+ * the writers; readers load the atomics as before). Unlike keel__counter_add, neither rt
+ * nor e may be NULL (every caller holds a request's, vslot's or generation's entry). */
 static inline void keel__counter_add_locked(keel_runtime *rt, keel__model_entry *e,
                                             size_t field_offset, int64_t d)
 {
