@@ -12,6 +12,7 @@ Malformed protobuf, unknown methods, oversize messages, a busy port and SIGTERM 
 open are covered too."""
 
 import json
+import os
 import random
 import signal
 import struct
@@ -89,6 +90,12 @@ def setup():
     slow = kit.train_slow_model(work)
     kit.add_model(repo, "slow", slow, instances=1, max_queue_size=64,
                   max_batch_size=256 * BLOCKER_COPIES)
+    # heart_b8: heart with batches of 8 that wait (up to 2 s) to fill, so that batching in
+    # test_batches_on_the_cq_thread does not depend on the client outpacing the server.
+    cfg = kit.add_model(repo, "heart_b8", os.path.join(repo, "heart", "1", "model.json"),
+                        max_batch_size=8)
+    cfg["dynamic_batching"].update(preferred_batch_size=[8], max_queue_delay_microseconds=2000000)
+    kit.write_config(repo, "heart_b8", cfg)
     S["repo"] = repo
     S["rows"] = kit.heart_rows()[:64]
     S["one"] = kit.complete_rows()[:1]
@@ -224,21 +231,24 @@ def test_infer_raw_and_typed_bit_identical_to_http():
 
 
 def test_batches_on_the_cq_thread():
-    """heart has dynamic_batching: 240 one-row ModelInfer calls in flight together each get
-    their own row's answer (bit-identical to keel's reference), every request is counted
-    once in keel_runs, and batches ran on the completion-queue thread (KEEL_SUBMIT_GATHER +
-    keel_runtime_run_gathered) rather than all on inference threads. 240 stays under heart's
-    queue bound (max_queue_size 256): with more, a slow build (ThreadSanitizer) may read
-    them all before the first batches end, and the rest are refused as the bound says."""
+    """heart_b8 batches 8 rows and waits for them (max_queue_delay 2 s): 240 one-row
+    ModelInfer calls in flight together each get their own row's answer (bit-identical to
+    keel's reference), every request is counted once in keel_runs, they ran as batches
+    (fewer executions than calls), and the batches ran on the completion-queue thread
+    (KEEL_SUBMIT_GATHER + keel_runtime_run_gathered: the submit that fills a batch readies
+    it without waking a worker) rather than all on inference threads. With heart's own
+    config (no delay) a batch is whatever one read of the CQ brought, and a client slower
+    than the server (CI once) sees every call run alone: correct, but not what this checks."""
     st = stub()
     n = 240
-    before = kit.model_stats(S["port"], "heart")[0]
-    futs = [st.ModelInfer.future(rows_request([S["rows"][i % len(S["rows"])]]), timeout=60)
+    before = kit.model_stats(S["port"], "heart_b8")[0]
+    futs = [st.ModelInfer.future(rows_request([S["rows"][i % len(S["rows"])]], model="heart_b8"),
+                                 timeout=60)
             for i in range(n)]
     for i, f in enumerate(futs):
         kit.assert_f32_equal(raw_f32(f.result(timeout=60)), [S["ref"][i % len(S["rows"])]],
                              "call %d" % i)
-    after = kit.model_stats(S["port"], "heart")[0]
+    after = kit.model_stats(S["port"], "heart_b8")[0]
     runs = {k: int(after["keel_runs"][k]) - int(before["keel_runs"][k])
             for k in ("inline", "handed_off")}
     execs = int(after["execution_count"]) - int(before["execution_count"])
