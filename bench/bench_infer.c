@@ -12,6 +12,10 @@
  *   sync   keel_infer() on one reused request from a single caller thread.
  *   async  depth requests in flight through keel_infer_submit(); each callback resubmits its
  *          request until the round ends.
+ *   sync2  two caller threads, each calling keel_infer() on its own request ("sync 2 callers
+ *          i2", against raw on 2 threads): the run-to-completion path, the one keel serve's
+ *          I/O threads take since issue 11 (a request runs on the thread that read it when
+ *          the model has an idle context); the workers stay idle.
  *   split  two runtimes of one worker each ("2 rt w1/i1"), half the depth on each, at once:
  *          keel's 2-thread async rate when its threads share no scheduler state, the upper
  *          bound of per-worker queues and contexts for "async w2/i2" (issue 12, item 5).
@@ -588,6 +592,78 @@ static sample round_sync(keel_request *req, int batch, double seconds)
     return window_close(w, calls);
 }
 
+/* MODE_SYNC2: two caller threads, each calling keel_infer() on its own request in a loop (the
+ * run-to-completion path keel serve's I/O threads take: the caller runs the request when the
+ * model has an idle context), against raw on 2 threads. */
+typedef struct sync_thread {
+    keel_request *req;
+    _Atomic bool *stop;
+    _Atomic int *ready;
+    _Atomic uint64_t calls;
+    _Atomic bool failed;
+    pthread_t tid;
+    char pad[64]; /* keeps two threads' counters off one cache line */
+} sync_thread;
+
+static void *sync_thread_main(void *arg)
+{
+    sync_thread *t = arg;
+
+    atomic_fetch_add(t->ready, 1);
+    while (!atomic_load_explicit(t->stop, memory_order_relaxed)) {
+        if (keel_infer(t->req) != KEEL_OK) {
+            fprintf(stderr, "bench: keel_infer: %s\n", keel_request_error(t->req));
+            atomic_store(&t->failed, true);
+            break;
+        }
+        atomic_fetch_add_explicit(&t->calls, 1, memory_order_relaxed);
+    }
+    return NULL;
+}
+
+static sample round_sync2(keel_request **reqs, double seconds)
+{
+    sync_thread th[2];
+    _Atomic bool stop = false;
+    _Atomic int ready = 0;
+    uint64_t c0 = 0, c1 = 0;
+    sample s = {0};
+    window w;
+    int started = 0;
+    bool failed = false;
+
+    for (int i = 0; i < 2; i++) {
+        memset(&th[i], 0, sizeof(th[i]));
+        th[i].req = reqs[i];
+        th[i].stop = &stop;
+        th[i].ready = &ready;
+        atomic_init(&th[i].calls, 0);
+        atomic_init(&th[i].failed, false);
+        if (pthread_create(&th[i].tid, NULL, sync_thread_main, &th[i]) != 0)
+            break;
+        started++;
+    }
+    if (started == 2) {
+        while (atomic_load(&ready) < 2)
+            sleep_s(0.001);
+        for (int i = 0; i < 2; i++)
+            c0 += atomic_load(&th[i].calls);
+        w = window_open();
+        sleep_s(seconds);
+        for (int i = 0; i < 2; i++)
+            c1 += atomic_load(&th[i].calls);
+        s = window_close(w, c1 - c0);
+    }
+    atomic_store(&stop, true);
+    for (int i = 0; i < started; i++) {
+        pthread_join(th[i].tid, NULL);
+        failed |= atomic_load(&th[i].failed);
+    }
+    if (failed || started != 2)
+        s.ok = false;
+    return s;
+}
+
 static sample round_async(keel_request **reqs, int depth, double seconds)
 {
     async_run a;
@@ -680,7 +756,7 @@ static summary summarise(const double *v, int n)
 /* MODE_SPLIT: two runtimes of one worker and one instance each (sides[0] and sides[2]), half
  * the depth on each: keel with no scheduler state shared between the two threads, the upper
  * bound of a per-worker design for MODE_ASYNC w2/i2 (issue 12, item 5). */
-typedef enum mode { MODE_SYNC, MODE_ASYNC, MODE_SPLIT } mode;
+typedef enum mode { MODE_SYNC, MODE_SYNC2, MODE_ASYNC, MODE_SPLIT } mode;
 
 typedef struct row_spec {
     mode m;
@@ -690,7 +766,7 @@ typedef struct row_spec {
 
 static const row_spec row_specs[] = {
     {MODE_SYNC, 1, 1},  {MODE_SYNC, 2, 1},  {MODE_ASYNC, 1, 1},
-    {MODE_ASYNC, 2, 2}, {MODE_SPLIT, 1, 2},
+    {MODE_ASYNC, 2, 2}, {MODE_SPLIT, 1, 2}, {MODE_SYNC2, 2, 2},
 };
 
 static sample round_keel(mode m, keel_request **reqs, keel_request **reqs2, int nreqs, int batch,
@@ -698,6 +774,8 @@ static sample round_keel(mode m, keel_request **reqs, keel_request **reqs2, int 
 {
     if (m == MODE_SYNC)
         return round_sync(reqs[0], batch, seconds);
+    if (m == MODE_SYNC2)
+        return round_sync2(reqs, seconds);
     if (m == MODE_ASYNC)
         return round_async(reqs, nreqs, seconds);
     return round_async_split(reqs, reqs2, nreqs, seconds);
@@ -710,7 +788,10 @@ static int measure_row(const options *o, BoosterHandle booster, keel_side *sides
     keel_side *k = &sides[spec->instances - 1];
     keel_request *reqs[MAX_DEPTH] = {0};
     keel_request *reqs2[MAX_DEPTH] = {0};
-    int nreqs = spec->m == MODE_SYNC ? 1 : spec->m == MODE_SPLIT ? o->depth / 2 : o->depth;
+    int nreqs = spec->m == MODE_SYNC    ? 1
+                : spec->m == MODE_SYNC2 ? 2
+                : spec->m == MODE_SPLIT ? o->depth / 2
+                                        : o->depth;
     double kc[MAX_ROUNDS], rc[MAX_ROUNDS], ratio[MAX_ROUNDS];
     double kcpu[MAX_ROUNDS], rcpu[MAX_ROUNDS], kcsw[MAX_ROUNDS];
     summary sk, sr, sq, skcpu, srcpu, skcsw;
@@ -749,6 +830,8 @@ static int measure_row(const options *o, BoosterHandle booster, keel_side *sides
     skcsw = summarise(kcsw, o->rounds);
     if (spec->m == MODE_SYNC)
         snprintf(label, sizeof(label), "sync w%d/i%d", spec->instances, spec->instances);
+    else if (spec->m == MODE_SYNC2)
+        snprintf(label, sizeof(label), "sync 2 callers i%d", spec->instances);
     else if (spec->m == MODE_ASYNC)
         snprintf(label, sizeof(label), "async w%d/i%d d%d", spec->instances, spec->instances,
                  nreqs);
