@@ -16,6 +16,8 @@
  *          i2", against raw on 2 threads): the run-to-completion path, the one keel serve's
  *          I/O threads take since issue 11 (a request runs on the thread that read it when
  *          the model has an idle context); the workers stay idle.
+ *   sync2 split  the same on two runtimes of one instance each, a caller on each ("sync 2
+ *          callers 2 rt"): the run-to-completion path with no scheduler state shared.
  *   split  two runtimes of one worker each ("2 rt w1/i1"), half the depth on each, at once:
  *          keel's 2-thread async rate when its threads share no scheduler state, the upper
  *          bound of per-worker queues and contexts for "async w2/i2" (issue 12, item 5).
@@ -756,7 +758,7 @@ static summary summarise(const double *v, int n)
 /* MODE_SPLIT: two runtimes of one worker and one instance each (sides[0] and sides[2]), half
  * the depth on each: keel with no scheduler state shared between the two threads, the upper
  * bound of a per-worker design for MODE_ASYNC w2/i2 (issue 12, item 5). */
-typedef enum mode { MODE_SYNC, MODE_SYNC2, MODE_ASYNC, MODE_SPLIT } mode;
+typedef enum mode { MODE_SYNC, MODE_SYNC2, MODE_SYNC2_SPLIT, MODE_ASYNC, MODE_SPLIT } mode;
 
 typedef struct row_spec {
     mode m;
@@ -765,8 +767,8 @@ typedef struct row_spec {
 } row_spec;
 
 static const row_spec row_specs[] = {
-    {MODE_SYNC, 1, 1},  {MODE_SYNC, 2, 1},  {MODE_ASYNC, 1, 1},
-    {MODE_ASYNC, 2, 2}, {MODE_SPLIT, 1, 2}, {MODE_SYNC2, 2, 2},
+    {MODE_SYNC, 1, 1},  {MODE_SYNC, 2, 1},  {MODE_ASYNC, 1, 1},       {MODE_ASYNC, 2, 2},
+    {MODE_SPLIT, 1, 2}, {MODE_SYNC2, 2, 2}, {MODE_SYNC2_SPLIT, 1, 2},
 };
 
 static sample round_keel(mode m, keel_request **reqs, keel_request **reqs2, int nreqs, int batch,
@@ -776,6 +778,8 @@ static sample round_keel(mode m, keel_request **reqs, keel_request **reqs2, int 
         return round_sync(reqs[0], batch, seconds);
     if (m == MODE_SYNC2)
         return round_sync2(reqs, seconds);
+    if (m == MODE_SYNC2_SPLIT)
+        return round_sync2((keel_request *[2]){reqs[0], reqs2[0]}, seconds);
     if (m == MODE_ASYNC)
         return round_async(reqs, nreqs, seconds);
     return round_async_split(reqs, reqs2, nreqs, seconds);
@@ -788,10 +792,11 @@ static int measure_row(const options *o, BoosterHandle booster, keel_side *sides
     keel_side *k = &sides[spec->instances - 1];
     keel_request *reqs[MAX_DEPTH] = {0};
     keel_request *reqs2[MAX_DEPTH] = {0};
-    int nreqs = spec->m == MODE_SYNC    ? 1
-                : spec->m == MODE_SYNC2 ? 2
-                : spec->m == MODE_SPLIT ? o->depth / 2
-                                        : o->depth;
+    int nreqs = spec->m == MODE_SYNC          ? 1
+                : spec->m == MODE_SYNC2       ? 2
+                : spec->m == MODE_SYNC2_SPLIT ? 1
+                : spec->m == MODE_SPLIT       ? o->depth / 2
+                                              : o->depth;
     double kc[MAX_ROUNDS], rc[MAX_ROUNDS], ratio[MAX_ROUNDS];
     double kcpu[MAX_ROUNDS], rcpu[MAX_ROUNDS], kcsw[MAX_ROUNDS];
     summary sk, sr, sq, skcpu, srcpu, skcsw;
@@ -801,7 +806,8 @@ static int measure_row(const options *o, BoosterHandle booster, keel_side *sides
     for (int i = 0; i < nreqs; i++) {
         if ((reqs[i] = make_request(k, x, batch)) == NULL)
             goto done;
-        if (spec->m == MODE_SPLIT && (reqs2[i] = make_request(&sides[2], x, batch)) == NULL)
+        if ((spec->m == MODE_SPLIT || spec->m == MODE_SYNC2_SPLIT) &&
+            (reqs2[i] = make_request(&sides[2], x, batch)) == NULL)
             goto done;
     }
     /* One untimed warm-up of each side. */
@@ -832,6 +838,8 @@ static int measure_row(const options *o, BoosterHandle booster, keel_side *sides
         snprintf(label, sizeof(label), "sync w%d/i%d", spec->instances, spec->instances);
     else if (spec->m == MODE_SYNC2)
         snprintf(label, sizeof(label), "sync 2 callers i%d", spec->instances);
+    else if (spec->m == MODE_SYNC2_SPLIT)
+        snprintf(label, sizeof(label), "sync 2 callers 2 rt");
     else if (spec->m == MODE_ASYNC)
         snprintf(label, sizeof(label), "async w%d/i%d d%d", spec->instances, spec->instances,
                  nreqs);
