@@ -32,13 +32,16 @@
  * while the model is busy run together and a request that finds the model idle runs alone
  * at once. A batch takes one lease: a reference on the generation per request and one idle
  * context for the batch: the worker's own context when it is idle (worker i of the runtime
- * owns context i mod nctx), else the one returned last, so that a worker keeps running on
- * one context and the backend's per-context state (XGBoost's proxy matrix and buffers) stays
- * in one core's cache and one thread's allocator. The vslot goes back on the ready list's tail if
- * it can still dispatch, which round-robins workers across models. A worker whose batch ends while
- * no vslot waits on the ready list goes on with the same vslot: end_group forms its next batch
- * under the lock acquisition that ended the last one (the context just returned is leased
- * again), so a model with a standing queue costs one acquisition per batch to end-and-form
+ * owns context i mod nctx), for any other thread (keel_infer's caller, a server's I/O thread
+ * running a request here or a gathered batch) the context it took last if that one is idle,
+ * else the one returned last, so that a thread keeps running on one context and the
+ * backend's per-context state (XGBoost's proxy matrix and buffers) stays in one core's
+ * cache and one thread's allocator (two keel_infer callers taking the one returned last
+ * swapped contexts on most calls: docs/PERFORMANCE.md, session 9). The vslot goes back on the ready
+ * list's tail if it can still dispatch, which round-robins workers across models. A worker whose
+ * batch ends while no vslot waits on the ready list goes on with the same vslot: end_group forms
+ * its next batch under the lock acquisition that ended the last one (the context just returned is
+ * leased again), so a model with a standing queue costs one acquisition per batch to end-and-form
  * and none of the ready list's pushes, pops and wake-ups; as soon as another vslot waits,
  * the worker goes back to the ready list and the round robin.
  *
@@ -158,14 +161,22 @@
 /* The calling thread's runtime and index if it is a worker thread (keel__worker_main). */
 static _Thread_local const keel_runtime *tl_worker_rt;
 static _Thread_local int tl_worker_index;
+/* Any other thread (keel_infer's caller, a server's I/O thread running a request or a
+ * gathered batch): the generation and context it took last. Only ever compared, never
+ * dereferenced: a generation freed since, its address reused, costs a preference at most. */
+static _Thread_local const keel__generation *tl_ctx_gen;
+static _Thread_local int tl_ctx_index;
 
 /* Under rt->mu: takes an idle context of g: the calling worker's own (index i of its
- * runtime: context i mod nctx) if that one is idle, else the one returned last (DESIGN,
- * "Dispatch"). */
+ * runtime: context i mod nctx) if that one is idle, another thread's last one in g if that
+ * one is idle, else the one returned last (DESIGN, "Dispatch"). */
 static int context_take_locked(keel__generation *g)
 {
-    if (tl_worker_rt == g->rt && g->nfree > 1) {
-        int want = tl_worker_index % g->nctx;
+    bool worker = tl_worker_rt == g->rt;
+    int want = worker ? tl_worker_index % g->nctx : tl_ctx_gen == g ? tl_ctx_index : -1;
+    int ctx;
+
+    if (want >= 0 && g->nfree > 1) {
         for (int i = 0; i < g->nfree - 1; i++)
             if (g->free_stack[i] == want) {
                 g->free_stack[i] = g->free_stack[g->nfree - 1];
@@ -173,7 +184,12 @@ static int context_take_locked(keel__generation *g)
                 break;
             }
     }
-    return g->free_stack[--g->nfree];
+    ctx = g->free_stack[--g->nfree];
+    if (!worker) {
+        tl_ctx_gen = g;
+        tl_ctx_index = ctx;
+    }
+    return ctx;
 }
 
 static bool vslot_has_idle_context(const keel__vslot *v)
