@@ -1247,6 +1247,58 @@ static void *open_gate_later(void *arg)
     return NULL;
 }
 
+typedef struct infer_thread {
+    keel_request *req;
+    keel_err err;
+} infer_thread;
+
+static void *infer_in_thread(void *arg)
+{
+    infer_thread *t = arg;
+
+    t->err = keel_infer(t->req);
+    return NULL;
+}
+
+/* A thread that is not a worker (keel_infer's caller; a server's I/O thread) runs on the
+ * context it ran on last when that one is idle, not on whichever was returned last: two
+ * callers would otherwise swap contexts, and the backend's per-context state between cores,
+ * on most calls (docs/PERFORMANCE.md, session 9). Thread A holds one context at the gate
+ * while this thread runs on the other; A's context is then returned last. */
+static void test_caller_keeps_its_context(void **state)
+{
+    fixture *f = *state;
+    infer_thread a = {0};
+    keel_request *b;
+    pthread_t ta;
+    long ctx_a, ctx_b;
+
+    mock_write_model(f->repo, "m2", 2, 4, 0);
+    mock_write_version(f->repo, "m2", 1, 2.0);
+    assert_int_equal(keel_model_load(f->rt, "m2", NULL, 0), KEEL_OK);
+    a.req = make_req(f->rt, "m2", 1.0f);
+    b = make_req(f->rt, "m2", 0.0f); /* zeros pass the closed gate, like keel's warm-ups */
+    mock_gate_close();
+    assert_int_equal(pthread_create(&ta, NULL, infer_in_thread, &a), 0);
+    mock_wait_blocked(1);
+    ctx_a = mock_ctx_id_of_last_run();
+    assert_int_equal(keel_infer(b), KEEL_OK);
+    ctx_b = mock_ctx_id_of_last_run();
+    assert_true(ctx_a != ctx_b);
+    mock_gate_open();
+    pthread_join(ta, NULL);
+    assert_int_equal(a.err, KEEL_OK);
+    assert_true(output0(a.req) == 2.0f);
+    /* Both contexts idle now, A's returned last: this thread takes its own again. */
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(keel_infer(b), KEEL_OK);
+        assert_int_equal(mock_ctx_id_of_last_run(), ctx_b);
+    }
+    keel_request_destroy(a.req);
+    keel_request_destroy(b);
+    assert_int_equal(keel_model_unload(f->rt, "m2"), KEEL_OK);
+}
+
 /* keel_infer with a timeout returns at the deadline of a backend call that hangs. */
 static void test_sync_deadline_while_running(void **state)
 {
@@ -1444,6 +1496,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_borrowed_input_outlives_detached_request, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_submit_run_if_fast, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_caller_keeps_its_context, setup, teardown),
         cmocka_unit_test_setup_teardown(test_run_if_fast_bound_zero, setup, teardown),
         cmocka_unit_test_setup_teardown(test_version_change_keeps_queued_latest, setup, teardown),
     };
