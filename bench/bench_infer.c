@@ -29,6 +29,12 @@
  * call (all threads of the process) and context switches per call, since a handoff between
  * threads costs wall time that instruction counts do not show.
  *
+ * Each row also shows "xcore": the round trip of one cache line between CPU 0 and CPU 1 (two
+ * pinned threads), measured just before the row. This VM has a slow and a fast mode in which
+ * the rows whose threads share lines differ by 10 % and raw's do not (PERFORMANCE.md,
+ * session 9); whether the round trip tells the modes apart is what the column is for (only
+ * the slow mode has been seen with it so far: 577-604 ns).
+ *
  * --callgrind MODE runs a fixed number of calls of one mode after a warm-up, between
  * CALLGRIND_ZERO_STATS and CALLGRIND_DUMP_STATS_AT, so the dumps bench/callgrind.sh reads hold
  * those calls (from every thread) and no model loading or teardown (see run_callgrind).
@@ -328,6 +334,93 @@ static void *raw_thread_main(void *arg)
     }
     raw_caller_fini(&c);
     return NULL;
+}
+
+/* ---------------------------------------------------------------- cross-core round trip */
+
+/* How long one cache line takes to go from CPU 0 to CPU 1 and back: two threads pinned one
+ * per CPU hand a counter back and forth. Printed with each row (measured just before it) to
+ * test whether this trip is what changes between this VM's two modes (docs/PERFORMANCE.md,
+ * session 9), in which keel's 2-thread rows move and raw's do not. */
+#define PINGPONG_TRIPS 20000
+typedef struct pingpong {
+    _Alignas(64) _Atomic long turn;
+    _Atomic bool pinned_failed;
+} pingpong;
+
+static bool pin_to_cpu(int cpu)
+{
+    cpu_set_t set;
+
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return pthread_setaffinity_np(pthread_self(), sizeof(set), &set) == 0;
+}
+
+static void *pingpong_echo(void *arg)
+{
+    pingpong *pp = arg;
+
+    if (!pin_to_cpu(1))
+        atomic_store(&pp->pinned_failed, true);
+    for (long i = 0; i < PINGPONG_TRIPS; i++) {
+        while (atomic_load_explicit(&pp->turn, memory_order_acquire) != 2 * i + 1) {
+            if (atomic_load_explicit(&pp->pinned_failed, memory_order_relaxed))
+                return NULL;
+        }
+        atomic_store_explicit(&pp->turn, 2 * i + 2, memory_order_release);
+    }
+    return NULL;
+}
+
+/* Median round trip in ns over 5 runs of PINGPONG_TRIPS, or -1 if the threads could not be
+ * pinned to CPUs 0 and 1 (fewer than two CPUs). The calling thread is pinned to CPU 0 while
+ * it measures and unpinned after. */
+static double cross_core_ns(void)
+{
+    double v[5];
+    cpu_set_t all;
+    double result = -1;
+
+    if (pthread_getaffinity_np(pthread_self(), sizeof(all), &all) != 0)
+        return -1;
+    for (int r = 0; r < 5; r++) {
+        pingpong pp;
+        pthread_t t;
+        double t0;
+        bool ok = true;
+
+        atomic_init(&pp.turn, 0);
+        atomic_init(&pp.pinned_failed, !pin_to_cpu(0));
+        if (pthread_create(&t, NULL, pingpong_echo, &pp) != 0)
+            goto done;
+        t0 = now_s();
+        for (long i = 0; i < PINGPONG_TRIPS && ok; i++) {
+            atomic_store_explicit(&pp.turn, 2 * i + 1, memory_order_release);
+            while (atomic_load_explicit(&pp.turn, memory_order_acquire) != 2 * i + 2) {
+                if (atomic_load_explicit(&pp.pinned_failed, memory_order_relaxed)) {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        v[r] = (now_s() - t0) * 1e9 / PINGPONG_TRIPS;
+        atomic_store(&pp.pinned_failed, true); /* releases the echo if it is still waiting */
+        pthread_join(t, NULL);
+        if (!ok)
+            goto done;
+    }
+    for (int i = 1; i < 5; i++) /* insertion sort of five */
+        for (int j = i; j > 0 && v[j] < v[j - 1]; j--) {
+            double tmp = v[j];
+            v[j] = v[j - 1];
+            v[j - 1] = tmp;
+        }
+    result = v[2];
+
+done:
+    pthread_setaffinity_np(pthread_self(), sizeof(all), &all);
+    return result;
 }
 
 /* ---------------------------------------------------------------- keel */
@@ -799,6 +892,7 @@ static int measure_row(const options *o, BoosterHandle booster, keel_side *sides
                                               : o->depth;
     double kc[MAX_ROUNDS], rc[MAX_ROUNDS], ratio[MAX_ROUNDS];
     double kcpu[MAX_ROUNDS], rcpu[MAX_ROUNDS], kcsw[MAX_ROUNDS];
+    double xcore;
     summary sk, sr, sq, skcpu, srcpu, skcsw;
     char label[48], rawlabel[16];
     int result = -1;
@@ -810,6 +904,7 @@ static int measure_row(const options *o, BoosterHandle booster, keel_side *sides
             (reqs2[i] = make_request(&sides[2], x, batch)) == NULL)
             goto done;
     }
+    xcore = cross_core_ns();
     /* One untimed warm-up of each side. */
     if (!round_raw(booster, x, batch, spec->raw_threads, o->seconds / 10).ok)
         goto done;
@@ -847,10 +942,10 @@ static int measure_row(const options *o, BoosterHandle booster, keel_side *sides
         snprintf(label, sizeof(label), "2 rt w1/i1 d%d+%d", nreqs, nreqs);
     snprintf(rawlabel, sizeof(rawlabel), "raw %dT", spec->raw_threads);
     printf("| %5d | %-16s | %9.0f (%.0f..%.0f) | %10.0f | %-6s | %9.0f (%.0f..%.0f) | %10.0f "
-           "| %.3f (%.3f..%.3f) | %6.2f | %6.2f | %5.2f |\n",
+           "| %.3f (%.3f..%.3f) | %6.2f | %6.2f | %5.2f | %5.0f |\n",
            batch, label, sk.median, sk.min, sk.max, sk.median * batch, rawlabel, sr.median, sr.min,
            sr.max, sr.median * batch, sq.median, sq.min, sq.max, skcpu.median, srcpu.median,
-           skcsw.median);
+           skcsw.median, xcore);
     fflush(stdout);
     result = 0;
 
@@ -924,13 +1019,15 @@ static int run_table(const options *o, BoosterHandle booster, keel_side *sides, 
            o->rounds, o->seconds);
     printf("wN/iN = keel worker threads / model instances; dN = requests in flight; "
            "raw NT = raw XGBoost on N threads\n");
-    printf("cpu = CPU us per call over all threads; csw = context switches per keel call\n\n");
+    printf("cpu = CPU us per call over all threads; csw = context switches per keel call\n");
+    printf("xcore = ns for a cache line to go from CPU 0 to CPU 1 and back, measured before the "
+           "row (-1: not measured)\n\n");
     printf("| batch | keel mode        | keel calls/s (min..max)  | keel rows/s | raw    "
            "| raw calls/s (min..max)   |  raw rows/s | keel/raw (min..max) | keel cpu | raw "
-           "cpu | csw |\n");
+           "cpu | csw | xcore |\n");
     printf("|------:|------------------|-------------------------:|-----------:|--------"
            "|-------------------------:|-----------:|--------------------:|-------:|-------:|"
-           "----:|\n");
+           "----:|------:|\n");
     for (int b = 0; b < o->nbatches; b++) {
         for (size_t i = 0; i < sizeof(row_specs) / sizeof(row_specs[0]); i++) {
             if (o->two_threads && row_specs[i].raw_threads != 2)
