@@ -301,39 +301,45 @@ done:
     return rc;
 }
 
-typedef struct raw_thread {
-    BoosterHandle booster;
-    const float *x;
-    int batch;
+/* One thread of a timed round on several threads (round_threads): body calls its function
+ * in a loop until *stop, counting the calls, after counting itself into *ready. */
+typedef struct timed_thread {
+    void (*body)(struct timed_thread *t);
+    void *arg; /* the body's: a raw_args, or a keel_request */
     _Atomic bool *stop;
     _Atomic int *ready;
     _Atomic uint64_t calls;
     _Atomic bool failed;
     pthread_t tid;
     char pad[64]; /* keeps two threads' counters off one cache line */
-} raw_thread;
+} timed_thread;
 
-static void *raw_thread_main(void *arg)
+typedef struct raw_args {
+    BoosterHandle booster;
+    const float *x;
+    int batch;
+} raw_args;
+
+static void raw_thread_body(timed_thread *t)
 {
-    raw_thread *t = arg;
+    const raw_args *a = t->arg;
     raw_caller c;
 
-    if (raw_caller_init(&c) != 0 || raw_predict(t->booster, &c, t->x, t->batch) == NULL) {
+    if (raw_caller_init(&c) != 0 || raw_predict(a->booster, &c, a->x, a->batch) == NULL) {
         atomic_store(&t->failed, true);
         atomic_fetch_add(t->ready, 1);
         raw_caller_fini(&c);
-        return NULL;
+        return;
     }
     atomic_fetch_add(t->ready, 1);
     while (!atomic_load_explicit(t->stop, memory_order_relaxed)) {
-        if (raw_predict(t->booster, &c, t->x, t->batch) == NULL) {
+        if (raw_predict(a->booster, &c, a->x, a->batch) == NULL) {
             atomic_store(&t->failed, true);
             break;
         }
         atomic_fetch_add_explicit(&t->calls, 1, memory_order_relaxed);
     }
     raw_caller_fini(&c);
-    return NULL;
 }
 
 /* ---------------------------------------------------------------- cross-core round trip */
@@ -612,10 +618,19 @@ static sample window_close(window w0, uint64_t calls)
     return s;
 }
 
-static sample round_raw(BoosterHandle booster, const float *x, int batch, int nthreads,
-                        double seconds)
+static void *timed_thread_main(void *arg)
 {
-    raw_thread th[2];
+    timed_thread *t = arg;
+
+    t->body(t);
+    return NULL;
+}
+
+/* Runs body on n threads (at most 2), thread i with args[i]: once all count themselves ready,
+ * the calls of a window of `seconds`. Not ok if a thread failed or could not start. */
+static sample round_threads(int n, void (*body)(timed_thread *), void *const *args, double seconds)
+{
+    timed_thread th[2];
     _Atomic bool stop = false;
     _Atomic int ready = 0;
     uint64_t c0 = 0, c1 = 0;
@@ -624,43 +639,48 @@ static sample round_raw(BoosterHandle booster, const float *x, int batch, int nt
     int started = 0;
     bool failed = false;
 
-    for (int i = 0; i < nthreads; i++) {
+    for (int i = 0; i < n && i < 2; i++) {
         memset(&th[i], 0, sizeof(th[i]));
-        th[i].booster = booster;
-        th[i].x = x;
-        th[i].batch = batch;
+        th[i].body = body;
+        th[i].arg = args[i];
         th[i].stop = &stop;
         th[i].ready = &ready;
         atomic_init(&th[i].calls, 0);
         atomic_init(&th[i].failed, false);
-        if (pthread_create(&th[i].tid, NULL, raw_thread_main, &th[i]) != 0)
+        if (pthread_create(&th[i].tid, NULL, timed_thread_main, &th[i]) != 0)
             break;
         started++;
     }
-    if (started != nthreads) {
-        atomic_store(&stop, true);
-        for (int i = 0; i < started; i++)
-            pthread_join(th[i].tid, NULL);
-        return s;
+    if (started == n) {
+        while (atomic_load(&ready) < n)
+            sleep_s(0.001);
+        for (int i = 0; i < n; i++)
+            c0 += atomic_load(&th[i].calls);
+        w = window_open();
+        sleep_s(seconds);
+        for (int i = 0; i < n; i++)
+            c1 += atomic_load(&th[i].calls);
+        s = window_close(w, c1 - c0);
     }
-    while (atomic_load(&ready) < nthreads)
-        sleep_s(0.001);
-    for (int i = 0; i < nthreads; i++)
-        c0 += atomic_load(&th[i].calls);
-    w = window_open();
-    sleep_s(seconds);
-    for (int i = 0; i < nthreads; i++)
-        c1 += atomic_load(&th[i].calls);
-    s = window_close(w, c1 - c0);
     atomic_store(&stop, true);
-    for (int i = 0; i < nthreads; i++) {
+    for (int i = 0; i < started; i++) {
         pthread_join(th[i].tid, NULL);
         failed |= atomic_load(&th[i].failed);
     }
-    if (failed) {
-        fprintf(stderr, "bench: raw prediction failed: %s\n", XGBGetLastError());
+    if (failed || started != n)
         s.ok = false;
-    }
+    return s;
+}
+
+static sample round_raw(BoosterHandle booster, const float *x, int batch, int nthreads,
+                        double seconds)
+{
+    raw_args a = {booster, x, batch};
+    void *args[2] = {&a, &a};
+    sample s = round_threads(nthreads, raw_thread_body, args, seconds);
+
+    if (!s.ok)
+        fprintf(stderr, "bench: raw prediction failed: %s\n", XGBGetLastError());
     return s;
 }
 
@@ -690,73 +710,26 @@ static sample round_sync(keel_request *req, int batch, double seconds)
 /* MODE_SYNC2: two caller threads, each calling keel_infer() on its own request in a loop (the
  * run-to-completion path keel serve's I/O threads take: the caller runs the request when the
  * model has an idle context), against raw on 2 threads. */
-typedef struct sync_thread {
-    keel_request *req;
-    _Atomic bool *stop;
-    _Atomic int *ready;
-    _Atomic uint64_t calls;
-    _Atomic bool failed;
-    pthread_t tid;
-    char pad[64]; /* keeps two threads' counters off one cache line */
-} sync_thread;
-
-static void *sync_thread_main(void *arg)
+static void sync_thread_body(timed_thread *t)
 {
-    sync_thread *t = arg;
+    keel_request *req = t->arg;
 
     atomic_fetch_add(t->ready, 1);
     while (!atomic_load_explicit(t->stop, memory_order_relaxed)) {
-        if (keel_infer(t->req) != KEEL_OK) {
-            fprintf(stderr, "bench: keel_infer: %s\n", keel_request_error(t->req));
+        if (keel_infer(req) != KEEL_OK) {
+            fprintf(stderr, "bench: keel_infer: %s\n", keel_request_error(req));
             atomic_store(&t->failed, true);
             break;
         }
         atomic_fetch_add_explicit(&t->calls, 1, memory_order_relaxed);
     }
-    return NULL;
 }
 
 static sample round_sync2(keel_request **reqs, double seconds)
 {
-    sync_thread th[2];
-    _Atomic bool stop = false;
-    _Atomic int ready = 0;
-    uint64_t c0 = 0, c1 = 0;
-    sample s = {0};
-    window w;
-    int started = 0;
-    bool failed = false;
+    void *args[2] = {reqs[0], reqs[1]};
 
-    for (int i = 0; i < 2; i++) {
-        memset(&th[i], 0, sizeof(th[i]));
-        th[i].req = reqs[i];
-        th[i].stop = &stop;
-        th[i].ready = &ready;
-        atomic_init(&th[i].calls, 0);
-        atomic_init(&th[i].failed, false);
-        if (pthread_create(&th[i].tid, NULL, sync_thread_main, &th[i]) != 0)
-            break;
-        started++;
-    }
-    if (started == 2) {
-        while (atomic_load(&ready) < 2)
-            sleep_s(0.001);
-        for (int i = 0; i < 2; i++)
-            c0 += atomic_load(&th[i].calls);
-        w = window_open();
-        sleep_s(seconds);
-        for (int i = 0; i < 2; i++)
-            c1 += atomic_load(&th[i].calls);
-        s = window_close(w, c1 - c0);
-    }
-    atomic_store(&stop, true);
-    for (int i = 0; i < started; i++) {
-        pthread_join(th[i].tid, NULL);
-        failed |= atomic_load(&th[i].failed);
-    }
-    if (failed || started != 2)
-        s.ok = false;
-    return s;
+    return round_threads(2, sync_thread_body, args, seconds);
 }
 
 static sample round_async(keel_request **reqs, int depth, double seconds)
