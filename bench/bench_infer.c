@@ -33,7 +33,7 @@
  * pinned threads), measured just before the row. This VM has a slow and a fast mode in which
  * the rows whose threads share lines differ by 10 % and raw's do not (PERFORMANCE.md,
  * session 9); whether the round trip tells the modes apart is what the column is for (only
- * the slow mode has been seen with it so far: 577-604 ns).
+ * the slow mode has been seen with it so far: 577-800 ns).
  *
  * --callgrind MODE runs a fixed number of calls of one mode after a warm-up, between
  * CALLGRIND_ZERO_STATS and CALLGRIND_DUMP_STATS_AT, so the dumps bench/callgrind.sh reads hold
