@@ -1299,6 +1299,55 @@ static void test_caller_keeps_its_context(void **state)
     assert_int_equal(keel_model_unload(f->rt, "m2"), KEEL_OK);
 }
 
+/* A destroyed request is kept for reuse by its thread (request.c's DESIGN): the next one
+ * created there starts as a new request would, whatever the last one carried. */
+static void test_reused_request_starts_fresh(void **state)
+{
+    fixture *f = *state;
+    keel_request *a = make_req(f->rt, "m", 3.0f);
+    keel_request *b = NULL;
+    keel_request *c;
+    keel_request_timing t;
+    int64_t shape[2] = {1, 1};
+    float x = 1.0f;
+    uintptr_t was_a = (uintptr_t)a;
+
+    assert_int_equal(keel_request_set_id(a, "first"), KEEL_OK);
+    assert_int_equal(keel_request_set_parameter(a, "k", "v"), KEEL_OK);
+    assert_int_equal(keel_request_add_output(a, "y"), KEEL_OK);
+    assert_int_equal(keel_infer(a), KEEL_OK);
+    assert_true(output0(a) == 6.0f);
+    keel_request_set_timeout_us(a, 1); /* c below would (most likely) time out with it */
+    keel_request_destroy(a);
+    tu_assert_counters(f->rt, &idle_one_gen); /* a kept request is not a live one */
+
+    /* Another model's request: the same object when the cache is on. */
+    assert_int_equal(keel_request_create(f->rt, "nope", -1, &b), KEEL_OK);
+    if (keel__request_cache_cap() > 0)
+        assert_true((uintptr_t)b == was_a);
+    assert_string_equal(keel_request_id(b), "");
+    assert_null(keel_request_parameter(b, "k"));
+    assert_string_equal(keel_request_error(b), "");
+    assert_int_equal(keel_request_output_count(b), 0);
+    assert_int_equal(keel__request_input_count(b), 0);
+    keel_request_timing_get(b, &t);
+    assert_true(t.submit_ns == 0 && t.complete_ns == 0);
+    assert_int_equal(keel_request_add_input(b, "x", KEEL_TYPE_FP32, shape, 2, &x, sizeof(x)),
+                     KEEL_OK);
+    assert_int_equal(keel_infer(b), KEEL_ENOTFOUND);
+    assert_non_null(strstr(keel_request_error(b), "nope"));
+    keel_request_destroy(b);
+
+    /* Back to "m", no timeout: it runs, and answers from its own input. */
+    c = make_req(f->rt, "m", 5.0f);
+    assert_string_equal(keel_request_error(c), "");
+    assert_int_equal(keel_infer(c), KEEL_OK);
+    assert_true(output0(c) == 10.0f);
+    assert_int_equal(keel_request_output_count(c), 1);
+    keel_request_destroy(c);
+    tu_assert_counters(f->rt, &idle_one_gen);
+}
+
 /* keel_infer with a timeout returns at the deadline of a backend call that hangs. */
 static void test_sync_deadline_while_running(void **state)
 {
@@ -1497,6 +1546,7 @@ int main(void)
                                         teardown),
         cmocka_unit_test_setup_teardown(test_submit_run_if_fast, setup, teardown),
         cmocka_unit_test_setup_teardown(test_caller_keeps_its_context, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reused_request_starts_fresh, setup, teardown),
         cmocka_unit_test_setup_teardown(test_run_if_fast_bound_zero, setup, teardown),
         cmocka_unit_test_setup_teardown(test_version_change_keeps_queued_latest, setup, teardown),
     };
