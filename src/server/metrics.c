@@ -552,9 +552,7 @@ char *keel__srv_metrics_render(keel_srv *s, size_t *len)
            "backend still runs it; not reused until it returns.");
     sb_printf(&b, "keel_live_contexts_stuck %" PRId64 "\n", c.contexts_stuck);
 
-    pthread_mutex_lock(&s->mu);
-    v = (uint64_t)s->pending;
-    pthread_mutex_unlock(&s->mu);
+    v = (uint64_t)atomic_load(&s->pending);
     family(&b, "keel_http_inflight_requests", "gauge",
            "Requests (HTTP and gRPC) waiting for an inference or a model load/unload.");
     sb_printf(&b, "keel_http_inflight_requests %" PRIu64 "\n", v);

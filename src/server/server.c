@@ -724,12 +724,32 @@ static void after_turn(void *cls)
     keel_srv *s = cls;
     srv_conn *c;
 
+    srv_conn *waiting = NULL;
+    unsigned answered = 0;
+
     if (tl_gathered == NULL)
         return; /* nothing gathered: other loops run their own turns' batches */
     tl_ngathered = 0;
     keel_runtime_run_gathered(s->rt);
+    /* One s->mu round trip for the turn's completed connections (most of them, when the
+     * batches ran here), not one each. */
+    pthread_mutex_lock(&s->mu);
     while ((c = tl_gathered) != NULL) {
         tl_gathered = c->gnext;
+        if (c->done) {
+            c->gnext = NULL;
+            c->state = CONN_RESUMED;
+            answered++;
+        } else {
+            c->gnext = waiting;
+            waiting = c;
+        }
+    }
+    pthread_mutex_unlock(&s->mu);
+    while (answered-- > 0)
+        pending_done(s);
+    while ((c = waiting) != NULL) {
+        waiting = c->gnext;
         c->gnext = NULL;
         pthread_mutex_lock(&s->mu);
         if (c->done) {
@@ -1644,9 +1664,7 @@ static void *stuck_guard_main(void *arg)
     pthread_mutex_unlock(&g->mu);
     if (done)
         return NULL;
-    pthread_mutex_lock(&g->s->mu);
-    pending = g->s->pending;
-    pthread_mutex_unlock(&g->s->mu);
+    pending = atomic_load(&g->s->pending);
     keel__srv_log(KEEL_LOG_ERROR,
                   "stuck exit: model calls still running after the exit timeout; exiting "
                   "without waiting for them or freeing the runtime",
@@ -1727,10 +1745,8 @@ static void drain(keel_srv *s, int sfd, stuck_guard *guard, bool *guarded)
         }
     }
 
-    pthread_mutex_lock(&s->mu);
-    s->draining = true;
-    left = s->pending;
-    pthread_mutex_unlock(&s->mu);
+    atomic_store(&s->draining, true); /* before the count is read: serving.c's admit */
+    left = atomic_load(&s->pending);
     keel__srv_log(KEEL_LOG_INFO, "draining", "in_flight",
                   keel__srv_fmt(b1, sizeof(b1), "%" PRId64, left), NULL);
     keel__srv_jobq_stop(&s->ctlq);
@@ -1739,10 +1755,10 @@ static void drain(keel_srv *s, int sfd, stuck_guard *guard, bool *guarded)
     /* Let in-flight requests finish, up to the exit timeout. */
     deadline = now_ns() + (uint64_t)o->exit_timeout_secs * 1000000000u;
     pthread_mutex_lock(&s->mu);
-    while (s->pending > 0 && !hurry && now_ns() < deadline) {
+    while (atomic_load(&s->pending) > 0 && !hurry && now_ns() < deadline) {
         struct timespec dl = deadline_in_ms(100);
         pthread_cond_timedwait(&s->idle_cv, &s->mu, &dl);
-        if (s->pending > 0) {
+        if (atomic_load(&s->pending) > 0) {
             pthread_mutex_unlock(&s->mu);
             if (wait_signal(s, sfd, 0) != 0) {
                 keel__srv_log(KEEL_LOG_WARN, "second signal: cancelling requests in flight", NULL);
@@ -1751,7 +1767,7 @@ static void drain(keel_srv *s, int sfd, stuck_guard *guard, bool *guarded)
             pthread_mutex_lock(&s->mu);
         }
     }
-    left = s->pending;
+    left = atomic_load(&s->pending);
     pthread_mutex_unlock(&s->mu);
     /* From here the shutdown is bounded by --stuck-exit-secs (stuck_guard). */
     *guarded = stuck_guard_start(guard, s, s->opts->stuck_exit_secs);
@@ -1765,11 +1781,14 @@ static void drain(keel_srv *s, int sfd, stuck_guard *guard, bool *guarded)
         keel__srv_log(KEEL_LOG_WARN, "exit timeout: cancelling requests in flight", "in_flight",
                       keel__srv_fmt(b1, sizeof(b1), "%" PRId64, left), NULL);
         pthread_mutex_lock(&s->mu);
-        while (s->pending > 0) {
+        while (atomic_load(&s->pending) > 0) {
             struct timespec dl = deadline_in_ms(5000);
-            if (pthread_cond_timedwait(&s->idle_cv, &s->mu, &dl) == ETIMEDOUT && s->pending > 0)
+            if (pthread_cond_timedwait(&s->idle_cv, &s->mu, &dl) == ETIMEDOUT &&
+                atomic_load(&s->pending) > 0)
                 keel__srv_log(KEEL_LOG_WARN, "waiting for running requests to return", "in_flight",
-                              keel__srv_fmt(b1, sizeof(b1), "%" PRId64, s->pending), NULL);
+                              keel__srv_fmt(b1, sizeof(b1), "%" PRId64,
+                                            atomic_load(&s->pending)),
+                              NULL);
         }
     }
     pthread_mutex_unlock(&s->mu);

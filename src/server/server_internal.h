@@ -36,8 +36,8 @@
  * server_log.h, v2codec.h); this one holds only the structures they share.
  *
  * Locks (none is ever held while calling libkeel or libmicrohttpd, and they never nest):
- *   s->mu      connection states from SUBMITTED on, the parked list, s->pending, s->draining,
- *              the watcher's flags. Held for pointer and counter updates (and one poll(2)
+ *   s->mu      connection states from SUBMITTED on, the parked list, the watcher's flags,
+ *              and the drain's wait on idle_cv (s->pending and s->draining are atomics). Held for pointer and counter updates (and one poll(2)
  *              with a zero timeout in the watcher).
  *   q->mu      a job thread's queue and stop flag (s->ctlq, s->scrapeq).
  * Everything else in keel_srv is written before the threads start and read-only after, or
@@ -201,8 +201,10 @@ struct keel_srv {
     pthread_cond_t watch_cv; /* wakes the watcher: a conn was parked, cancel_all, stop */
     srv_conn *parked;        /* CONN_PARKED connections */
     size_t nparked;
-    int64_t pending; /* connections SUBMITTED, SUSPENDING or PARKED */
-    bool draining;   /* new infer/load/unload answered 503 */
+    /* Admission without s->mu (serving.c's keel__srv_admit/done): both sequentially
+     * consistent, so that an admit that missed draining is counted by the drain's wait. */
+    _Atomic int64_t pending; /* connections SUBMITTED, SUSPENDING or PARKED */
+    atomic_bool draining;    /* new infer/load/unload answered 503 */
     bool cancel_all; /* shutdown: the watcher cancels every parked infer */
     bool watch_stop;
     bool watch_idle; /* the watcher waits for a first parked connection (no timeout) */

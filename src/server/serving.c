@@ -28,34 +28,34 @@ void keel__srv_outcome_set(srv_outcome *o, keel_err err, const char *fmt, ...)
     va_end(ap);
 }
 
+/* Admission takes no lock (three lock round trips per request did, issue 12). The count
+ * goes up before draining is read, and the drain (server.c) sets draining before it reads
+ * the count, all sequentially consistent: an admit either sees draining (and takes itself
+ * back) or is counted by the drain's read. The drain waits for the count under s->mu on
+ * idle_cv; the decrement that reaches 0 while draining broadcasts under s->mu, so the drain,
+ * which reads the count under s->mu before it waits, cannot miss it. */
 bool keel__srv_admit(keel_srv *s)
 {
-    bool ok;
-
-    pthread_mutex_lock(&s->mu);
-    ok = !s->draining;
-    if (ok)
-        s->pending++;
-    pthread_mutex_unlock(&s->mu);
-    return ok;
+    atomic_fetch_add(&s->pending, 1);
+    if (atomic_load(&s->draining)) {
+        keel__srv_done(s);
+        return false;
+    }
+    return true;
 }
 
 void keel__srv_done(keel_srv *s)
 {
-    pthread_mutex_lock(&s->mu);
-    if (--s->pending == 0)
+    if (atomic_fetch_sub(&s->pending, 1) == 1 && atomic_load(&s->draining)) {
+        pthread_mutex_lock(&s->mu);
         pthread_cond_broadcast(&s->idle_cv);
-    pthread_mutex_unlock(&s->mu);
+        pthread_mutex_unlock(&s->mu);
+    }
 }
 
 bool keel__srv_draining(keel_srv *s)
 {
-    bool d;
-
-    pthread_mutex_lock(&s->mu);
-    d = s->draining;
-    pthread_mutex_unlock(&s->mu);
-    return d;
+    return atomic_load(&s->draining);
 }
 
 void keel__srv_not_served(keel_srv *s, const char *model, int64_t version, srv_outcome *o)
