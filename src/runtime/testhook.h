@@ -31,6 +31,8 @@ keel_err keel__request_emit_run(keel_request *req, const keel_tensor_view *outs,
                                 bool detached);
 /* How many destroyed requests a thread keeps for reuse (request.c; 0 under ASan). */
 unsigned keel__request_cache_cap(void);
+/* How many destroyed requests the calling thread keeps now. */
+unsigned keel__request_cached(void);
 /* The execution-time estimate behind KEEL_SUBMIT_RUN_IF_FAST (sched.c). */
 int keel__est_class(int64_t batch);
 uint64_t keel__est_update(uint64_t est, uint64_t sample_ns);

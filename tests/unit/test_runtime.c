@@ -1299,6 +1299,13 @@ static void test_caller_keeps_its_context(void **state)
     assert_int_equal(keel_model_unload(f->rt, "m2"), KEEL_OK);
 }
 
+/* Destroys the request arg on a thread of its own; returns how many that thread then keeps. */
+static void *destroy_in_thread(void *arg)
+{
+    keel_request_destroy(arg);
+    return (void *)(uintptr_t)keel__request_cached();
+}
+
 /* A destroyed request is kept for reuse by its thread (request.c's DESIGN): the next one
  * created there starts as a new request would, whatever the last one carried. */
 static void test_reused_request_starts_fresh(void **state)
@@ -1311,6 +1318,9 @@ static void test_reused_request_starts_fresh(void **state)
     int64_t shape[2] = {1, 1};
     float x = 1.0f;
     uintptr_t was_a = (uintptr_t)a;
+    pthread_t t_destroy;
+    void *kept = NULL;
+    unsigned n0;
 
     assert_int_equal(keel_request_set_id(a, "first"), KEEL_OK);
     assert_int_equal(keel_request_set_parameter(a, "k", "v"), KEEL_OK);
@@ -1344,7 +1354,16 @@ static void test_reused_request_starts_fresh(void **state)
     assert_int_equal(keel_infer(c), KEEL_OK);
     assert_true(output0(c) == 10.0f);
     assert_int_equal(keel_request_output_count(c), 1);
+    n0 = keel__request_cached();
     keel_request_destroy(c);
+    tu_assert_counters(f->rt, &idle_one_gen);
+    assert_int_equal(keel__request_cached(), n0 < keel__request_cache_cap() ? n0 + 1 : n0);
+
+    /* A thread that never created a request keeps none of those it destroys. */
+    c = make_req(f->rt, "m", 2.0f);
+    assert_int_equal(pthread_create(&t_destroy, NULL, destroy_in_thread, c), 0);
+    assert_int_equal(pthread_join(t_destroy, &kept), 0);
+    assert_true((uintptr_t)kept == 0);
     tu_assert_counters(f->rt, &idle_one_gen);
 }
 
