@@ -232,11 +232,11 @@ def grpc_fast_vs_slow(mode, n_fast=FAST_REQUESTS):
     check(slow_med >= 3 * FAST_BOUND_S, "the slow calls took only %.3fs: too short to show "
           "whether they delay the fast ones" % slow_med)
     return (p90, slow_med, (after[0] - before[0], after[1] - before[1]), len(lat), slow_runs,
-            len(slow_times) + 1)
+            len(slow_times) + 1, lat[-1])
 
 
 def test_grpc_fast_model_not_delayed_by_slow_one():
-    p90, slow_med, heart, n_fast, slow_runs, n_slow = grpc_fast_vs_slow("auto")
+    p90, slow_med, heart, n_fast, slow_runs, n_slow, _ = grpc_fast_vs_slow("auto")
     check(p90 <= FAST_BOUND_S,
           "fast gRPC calls were delayed by the slow model: p90 %.3fs (bound %.3fs), slow calls "
           "take %.3fs" % (p90, FAST_BOUND_S, slow_med))
@@ -249,11 +249,14 @@ def test_grpc_fast_model_not_delayed_by_slow_one():
 def test_grpc_on_runs_slow_model_on_the_cq_thread():
     # The counter-check: under on the slow model runs on the CQ thread, which then serves
     # no other call; the same measurement sees the delay.
-    # (A few fast calls suffice: each waits for a slow run of seconds.)
-    p90, slow_med, heart, n_fast, slow_runs, n_slow = grpc_fast_vs_slow("on", n_fast=5)
+    # (A few fast calls suffice: each waits for a slow run of seconds.) The fast client calls
+    # without pause, so a call of it is waiting whenever a slow run holds the CQ thread: the
+    # slowest fast call shows the delay. Its p90 need not (seen once: 18 fast calls, most of
+    # them between the slow ones, p90 0.005 s).
+    p90, slow_med, heart, n_fast, slow_runs, n_slow, worst = grpc_fast_vs_slow("on", n_fast=5)
     check(slow_runs[0] > 0, "on: the slow model never ran on the CQ thread: %r" % (slow_runs,))
-    check(p90 > FAST_BOUND_S, "on: fast gRPC calls were not delayed (p90 %.3fs) although the "
-          "slow model ran on the CQ thread %d times" % (p90, slow_runs[0]))
+    check(worst > FAST_BOUND_S, "on: no fast gRPC call was delayed (slowest %.3fs) although "
+          "the slow model ran on the CQ thread %d times" % (worst, slow_runs[0]))
 
 
 def test_off_runs_nothing_inline():
