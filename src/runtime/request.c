@@ -103,6 +103,7 @@ static void req_cache_exit(void *arg)
         request_free(req);
     }
     c->n = 0;
+    c->creates = false; /* a request destroyed later in this thread's exit is freed */
 }
 
 static void req_cache_key_init(void)
