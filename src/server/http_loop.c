@@ -17,8 +17,8 @@
  * that one; the extra pass lets them join its batch rather than start the next one (one
  * epoll_wait per turn when nothing came). Four passes, not two: at 8 connections 1.08x the
  * requests/s of two (bench/ab_perf.sh, 41 rounds), at 64 1.01x, and eight no better than four
- * (docs/PERFORMANCE.md, session 10); zero or one lose 11-12 % at 8 connections. MHD's internal threads
- * have no hook at the end of a turn; with them every batched request went to an inference
+ * (docs/PERFORMANCE.md, session 10); zero or one lose 11-12 % at 8 connections. MHD's internal
+ * threads have no hook at the end of a turn; with them every batched request went to an inference
  * thread and back (docs/PERFORMANCE.md, issue 12: 7 futex calls and an eventfd write per
  * request, 0.36-0.45 of raw XGBoost at 64 connections). A slow model's batches, and any
  * batch whose model's contexts are busy, still go to the inference threads; fast models

@@ -1786,8 +1786,7 @@ static void drain(keel_srv *s, int sfd, stuck_guard *guard, bool *guarded)
             if (pthread_cond_timedwait(&s->idle_cv, &s->mu, &dl) == ETIMEDOUT &&
                 atomic_load(&s->pending) > 0)
                 keel__srv_log(KEEL_LOG_WARN, "waiting for running requests to return", "in_flight",
-                              keel__srv_fmt(b1, sizeof(b1), "%" PRId64,
-                                            atomic_load(&s->pending)),
+                              keel__srv_fmt(b1, sizeof(b1), "%" PRId64, atomic_load(&s->pending)),
                               NULL);
         }
     }

@@ -37,8 +37,9 @@
  *
  * Locks (none is ever held while calling libkeel or libmicrohttpd, and they never nest):
  *   s->mu      connection states from SUBMITTED on, the parked list, the watcher's flags,
- *              and the drain's wait on idle_cv (s->pending and s->draining are atomics). Held for pointer and counter updates (and one poll(2)
- *              with a zero timeout in the watcher).
+ *              and the drain's wait on idle_cv (s->pending and s->draining are atomics).
+ *              Held for pointer and counter updates (and one poll(2) with a zero timeout in
+ *              the watcher).
  *   q->mu      a job thread's queue and stop flag (s->ctlq, s->scrapeq).
  * Everything else in keel_srv is written before the threads start and read-only after, or
  * atomic.
@@ -205,7 +206,7 @@ struct keel_srv {
      * consistent, so that an admit that missed draining is counted by the drain's wait. */
     _Atomic int64_t pending; /* connections SUBMITTED, SUSPENDING or PARKED */
     atomic_bool draining;    /* new infer/load/unload answered 503 */
-    bool cancel_all; /* shutdown: the watcher cancels every parked infer */
+    bool cancel_all;         /* shutdown: the watcher cancels every parked infer */
     bool watch_stop;
     bool watch_idle; /* the watcher waits for a first parked connection (no timeout) */
     pthread_t watcher;

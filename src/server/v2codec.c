@@ -1576,8 +1576,7 @@ static int input_member(dec *d, void *ctx, size_t klen, const char *raw, size_t 
         const char *name;
         size_t n;
         keel_datatype dt;
-        if ((st = dup_key(d, &c->seen_datatype)) != 0 ||
-            (st = read_tmp_cstring(d, false, &n)) != 0)
+        if ((st = dup_key(d, &c->seen_datatype)) != 0 || (st = read_tmp_cstring(d, false, &n)) != 0)
             return st;
         name = d->tmp.p; /* valid until the next key or string is read */
         dt = keel_datatype_from_name(name);
