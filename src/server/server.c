@@ -723,7 +723,6 @@ static void after_turn(void *cls)
 {
     keel_srv *s = cls;
     srv_conn *c;
-
     srv_conn *waiting = NULL;
     unsigned answered = 0;
 
