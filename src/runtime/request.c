@@ -78,6 +78,21 @@ static bool req_cache_key_ok;
 
 static void outputs_free(keel__tensor *outputs, size_t kept);
 
+/* Makes *s a copy of v unless it already is one (kept: names of reused requests and recycled
+ * outputs); false, *s unchanged, when out of memory. */
+static bool restring(char **s, const char *v)
+{
+    char *n;
+
+    if (strcmp(*s, v) == 0)
+        return true;
+    if ((n = keel__strdup(v)) == NULL)
+        return false;
+    free(*s);
+    *s = n;
+    return true;
+}
+
 /* Frees a request with everything it holds (its inputs, names, parameters and id already
  * freed or never set). */
 static void request_free(keel_request *req)
@@ -119,15 +134,8 @@ static keel_request *req_cache_take(keel_runtime *rt, const char *model, int64_t
     keel_request kept;
 
     c->creates = true;
-    if (req == NULL)
+    if (req == NULL || !restring(&req->model, model))
         return NULL;
-    if (strcmp(req->model, model) != 0) {
-        char *m = keel__strdup(model);
-        if (m == NULL)
-            return NULL;
-        free(req->model);
-        req->model = m;
-    }
     c->head = req->qnext;
     c->n--;
     /* Everything before wait_mu back to zero, but for the allocations a request keeps. */
@@ -281,13 +289,8 @@ static keel_err tensor_refill(keel__tensor *t, const char *name, keel_datatype d
 {
     size_t dims = ndim ? ndim : 1;
 
-    if (strcmp(t->name, name) != 0) {
-        char *n = keel__strdup(name);
-        if (n == NULL)
-            return KEEL_ENOMEM;
-        free(t->name);
-        t->name = n;
-    }
+    if (!restring(&t->name, name))
+        return KEEL_ENOMEM;
     if (t->cap_dims < dims) {
         int64_t *p = keel__malloc(sizeof(int64_t) * dims);
         if (p == NULL)
