@@ -15,16 +15,13 @@
  * each pass gathers more, before it runs them: with few connections the clients' next
  * requests come one by one, the first wakes the loop, and the others arrive while it reads
  * that one; the extra pass lets them join its batch rather than start the next one (one
- * epoll_wait per turn when nothing came). Two passes, although four gave 1.08x the
- * requests/s at 8 connections (docs/PERFORMANCE.md, session 10): a pass runs MHD on the
- * turn's GATHERED connections too, and a client that hangs up then makes MHD close one and
- * call the completed callback while its request is still in flight (conn_free's "BUG"
- * abort: seen once, scenario_cancel_storm under TSan with four passes). More passes widen
- * that window; it must be closed (the callback keeping an in-flight GATHERED connection
- * until its completion) before the count goes up. MHD's internal threads have no hook at
- * the end of a turn; with them every batched request went to an inference thread and back
- * (docs/PERFORMANCE.md, issue 12: 7 futex calls and an eventfd write per request, 0.36-0.45
- * of raw XGBoost at 64 connections). A slow model's batches, and any batch whose model's
+ * epoll_wait per turn when nothing came). A pass runs MHD on the turn's GATHERED
+ * connections too: a client that hangs up then makes MHD complete one whose request is in
+ * flight, which server.c's ORPHANED state handles (before it, conn_free aborted: "BUG:
+ * connection completed while its request is in flight"). MHD's internal threads have no
+ * hook at the end of a turn; with them every batched request went to an inference thread
+ * and back (docs/PERFORMANCE.md, issue 12: 7 futex calls and an eventfd write per request,
+ * 0.36-0.45 of raw XGBoost at 64 connections). A slow model's batches, and any batch whose model's
  * contexts are busy, still go to the inference threads; fast models without batching still
  * run in the handler (KEEL_SUBMIT_RUN_IF_FAST).
  *

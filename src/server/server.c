@@ -26,6 +26,12 @@
  *     SUBMITTED --infer with KEEL_SUBMIT_GATHER, not done--> GATHERED (the loop thread's
  *        tl_gathered list); after_turn: done --> RESUMED (pending--; the handler answers
  *        in the next turn), else --> SUSPENDING as below
+ *     GATHERED --MHD request-completed callback--> ORPHANED: the client left while the
+ *        turn's extra passes ran MHD (http_loop.c) and MHD closed the connection; it frees
+ *        its MHD_Connection after the callback, so c->mhd is dropped. The request is
+ *        cancelled (counted as a client-gone cancel) and the connection stays in tl_gathered;
+ *        after_turn: done --> freed (observed, pending--), else --> ABANDONED
+ *     ABANDONED --completion--> freed by the completion (observed, pending--)
  *     SUBMITTED --completion already recorded--> RESUMED (never suspended; answered now)
  *     SUBMITTED --MHD_suspend_connection--> SUSPENDING --> PARKED (listed in s->parked)
  *        (a completion that lands while SUSPENDING is noticed right after the suspend,
@@ -35,10 +41,11 @@
  *     PARKED --watcher pins it, keel_request_cancel, completion, unpin--> RESUMED (the
  *        watcher resumes it: the pin keeps the request alive while it is being cancelled)
  *     RESUMED --MHD calls the handler again--> ANSWERED (response built from the outcome)
- *     any state but SUBMITTED/GATHERED/SUSPENDING/PARKED --MHD request-completed callback-->
- *        freed;
+ *     READING/RESUMED/ANSWERED --MHD request-completed callback--> freed;
  *        the keel_request is destroyed there, so exactly once and only after its
- *        callback ran (MHD cannot complete a connection that is not resumed).
+ *        callback ran (MHD cannot complete a connection that is suspended, and one that is
+ *        GATHERED becomes ORPHANED instead). MHD does not complete a SUBMITTED or
+ *        SUSPENDING connection: both exist only inside its handler call.
  *
  * Lock order: s->mu and a job queue's lock (s->ctlq.mu, s->scrapeq.mu) never nest, and
  * none is held while calling libkeel or MHD (keel_request_cancel may run the completion,
@@ -436,10 +443,12 @@ static void conn_free(srv_conn *c)
 {
     if (c == NULL)
         return;
-    /* MHD completes only connections it is running, and a submitted one is suspended
-     * until its completion ran; anything else would destroy an in-flight request. */
+    /* MHD completes only connections it is running, a submitted one is suspended until its
+     * completion ran, and an orphaned one is freed only once it ran; anything else would
+     * destroy an in-flight request. */
     if (c->state == CONN_SUBMITTED || c->state == CONN_GATHERED || c->state == CONN_SUSPENDING ||
-        c->state == CONN_PARKED) {
+        c->state == CONN_PARKED ||
+        ((c->state == CONN_ORPHANED || c->state == CONN_ABANDONED) && !c->done)) {
         keel__srv_log(KEEL_LOG_ERROR, "BUG: connection completed while its request is in flight",
                       NULL);
         abort();
@@ -497,7 +506,7 @@ static const char *route_name(srv_route r)
 static void peer_text(struct MHD_Connection *mc, char *out, size_t len)
 {
     const union MHD_ConnectionInfo *ci =
-        MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+        mc != NULL ? MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CLIENT_ADDRESS) : NULL;
     const struct sockaddr *sa = ci != NULL ? ci->client_addr : NULL;
     char a[INET6_ADDRSTRLEN];
 
@@ -517,7 +526,8 @@ static void peer_text(struct MHD_Connection *mc, char *out, size_t len)
 
 /* Feeds the request's one observation (histograms, response codes, access log): called
  * exactly once per srv_conn, from MHD's request-completed callback, after its response was
- * sent and (for an infer) after its keel completion ran. */
+ * sent and (for an infer) after its keel completion ran; for an orphaned connection (mc NULL:
+ * no peer address, status 0) when it is freed, after its completion. */
 static void observe(srv_conn *c, struct MHD_Connection *mc)
 {
     keel_srv *s = c->s;
@@ -559,17 +569,59 @@ static void observe(srv_conn *c, struct MHD_Connection *mc)
     keel__srv_observe(s, &ev);
 }
 
-/* MHD's request-completed callback: the one place an srv_conn is freed. */
+/* Decrements s->pending; called after the connection's resume (if any) was requested. */
+static void pending_done(keel_srv *s)
+{
+    keel__srv_done(s);
+}
+
+/*
+ * MHD completed a GATHERED connection (its client left during the turn's extra passes):
+ * MHD frees the MHD_Connection when the callback returns, but the request is in flight and
+ * after_turn still holds the connection in tl_gathered. Cancels the request; after_turn or
+ * the completion frees the connection (orphan_free).
+ */
+static void orphan(srv_conn *c)
+{
+    keel_srv *s = c->s;
+
+    pthread_mutex_lock(&s->mu);
+    c->state = CONN_ORPHANED;
+    c->mhd = NULL;
+    c->cancelled = true;
+    pthread_mutex_unlock(&s->mu);
+    /* KEEL_EINVAL: it completed already (done is set). */
+    if (keel_request_cancel(c->req) == KEEL_OK)
+        atomic_fetch_add_explicit(&c->s->canceled_hangup, 1, memory_order_relaxed);
+}
+
+/* Frees an orphaned connection whose completion ran: its observation, then the connection,
+ * then its admission (so pending == 0 still means no request of a connection is alive). */
+static void orphan_free(srv_conn *c)
+{
+    keel_srv *s = c->s;
+
+    observe(c, NULL);
+    conn_free(c);
+    pending_done(s);
+}
+
+/* MHD's request-completed callback: where an srv_conn is freed (an orphaned one: after its
+ * completion, see orphan). */
 static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
     srv_conn *c = *con_cls;
 
     (void)cls;
-    (void)mc;
     if (c == NULL)
         return;
     *con_cls = NULL;
+    if (c->state == CONN_GATHERED) {
+        /* Only this thread moves a GATHERED connection on: no lock needed to read it. */
+        orphan(c);
+        return;
+    }
     observe(c, mc);
     if (keel__srv_log_on(KEEL_LOG_DEBUG)) {
         char st[16], us[32];
@@ -581,12 +633,6 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
                       NULL);
     }
     conn_free(c);
-}
-
-/* Decrements s->pending; called after the connection's resume (if any) was requested. */
-static void pending_done(keel_srv *s)
-{
-    keel__srv_done(s);
 }
 
 static void parked_unlink_locked(keel_srv *s, srv_conn *c)
@@ -606,9 +652,9 @@ static void parked_unlink_locked(keel_srv *s, srv_conn *c)
 static void conn_complete(srv_conn *c, keel_err status)
 {
     keel_srv *s = c->s;
-    struct MHD_Connection *mc = c->mhd;
+    struct MHD_Connection *mc = NULL;
     srv_http_loop *loop = c->loop;
-    bool resume = false;
+    bool resume = false, abandoned = false;
 
     pthread_mutex_lock(&s->mu);
     c->status = status;
@@ -616,13 +662,18 @@ static void conn_complete(srv_conn *c, keel_err status)
     if (c->state == CONN_PARKED && !c->pinned) {
         parked_unlink_locked(s, c);
         c->state = CONN_RESUMED;
+        mc = c->mhd;
         resume = true;
+    } else if (c->state == CONN_ABANDONED) {
+        abandoned = true; /* after_turn has let go of it: nobody else holds it */
     }
     pthread_mutex_unlock(&s->mu);
     /* From here on c may be freed by an MHD thread as soon as it is resumed. */
     if (resume) {
         keel__http_resume(loop, mc);
         pending_done(s);
+    } else if (abandoned) {
+        orphan_free(c);
     }
 }
 
@@ -718,12 +769,14 @@ static unsigned gathered(void *cls)
  * suspend, no resume, no wake-up); the others are suspended like any submitted connection.
  * Until then MHD may call a GATHERED connection's handler again; it does nothing (on_request)
  * because only this function may move the connection on: it still holds it in its list.
+ * MHD may also complete one (the client left): it is ORPHANED then (see orphan), and freed
+ * here if its request completed, else by the completion.
  */
 static void after_turn(void *cls)
 {
     keel_srv *s = cls;
     srv_conn *c;
-    srv_conn *waiting = NULL;
+    srv_conn *waiting = NULL, *orphans = NULL;
     unsigned answered = 0;
 
     if (tl_gathered == NULL)
@@ -735,7 +788,15 @@ static void after_turn(void *cls)
     pthread_mutex_lock(&s->mu);
     while ((c = tl_gathered) != NULL) {
         tl_gathered = c->gnext;
-        if (c->done) {
+        if (c->state == CONN_ORPHANED) {
+            if (c->done) {
+                c->gnext = orphans;
+                orphans = c;
+            } else {
+                c->gnext = NULL;
+                c->state = CONN_ABANDONED; /* the completion frees it */
+            }
+        } else if (c->done) {
             c->gnext = NULL;
             c->state = CONN_RESUMED;
             answered++;
@@ -747,6 +808,10 @@ static void after_turn(void *cls)
     pthread_mutex_unlock(&s->mu);
     while (answered-- > 0)
         pending_done(s);
+    while ((c = orphans) != NULL) {
+        orphans = c->gnext;
+        orphan_free(c);
+    }
     while ((c = waiting) != NULL) {
         waiting = c->gnext;
         c->gnext = NULL;

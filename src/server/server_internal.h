@@ -99,6 +99,10 @@ typedef enum srv_conn_state {
     CONN_PARKED,      /* suspended and listed in s->parked, waiting for its completion */
     CONN_RESUMED,     /* completion recorded and resume requested; MHD will call again */
     CONN_ANSWERED,    /* a response is queued; only MHD's completed callback remains */
+    CONN_ORPHANED,    /* GATHERED, and MHD completed it (the client left): still in the loop
+                         thread's list, its request cancelled; c->mhd is gone */
+    CONN_ABANDONED,   /* ORPHANED, settled by after_turn before its completion ran: the
+                         completion frees it */
 } srv_conn_state;
 
 typedef struct keel_srv keel_srv;
@@ -151,7 +155,7 @@ struct srv_conn {
     bool cancelled;        /* keel_request_cancel was called (once per request) */
     bool cancel_shutdown;  /* ... because of the exit timeout, not a hang-up */
     srv_conn *prev, *next; /* s->parked list while CONN_PARKED */
-    srv_conn *gnext;       /* the loop thread's list while CONN_GATHERED (server.c) */
+    srv_conn *gnext;       /* the loop thread's list while GATHERED or ORPHANED (server.c) */
     int fd;                /* the client socket, read only while CONN_PARKED */
 
     /* Infer: the request (destroyed only in the completed callback) and its outcome. */
