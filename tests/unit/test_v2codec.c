@@ -483,6 +483,74 @@ static void test_bool_and_bytes(void **state)
     free(b);
 }
 
+/* A string's plain runs are scanned 16 bytes at a time (v2codec.c plain_run): an escape, a
+ * raw UTF-8 sequence or a control character at every position of strings of every length
+ * around that step must decode (or fail) exactly as byte by byte. */
+static void test_string_scan_positions(void **state)
+{
+    static const struct {
+        const char *json; /* as written in the JSON string */
+        const char *raw;  /* decoded bytes; NULL: the string is refused */
+    } special[] = {
+        {"\\n", "\n"}, {"\\\"", "\""}, {"\xC3\xA9", "\xC3\xA9"}, {"\x01", NULL}, {"\xC3", NULL}};
+    (void)state;
+    for (size_t sp = 0; sp < sizeof(special) / sizeof(special[0]); sp++) {
+        for (size_t len = 0; len <= 40; len++) {
+            for (size_t k = 0; k <= len; k++) {
+                char str[128], want[128], data[160];
+                size_t n = 0, wn = 0;
+                keel__v2_request r;
+                char *b;
+                int st;
+
+                for (size_t i = 0; i < k; i++)
+                    str[n++] = want[wn++] = (char)('a' + i % 26);
+                memcpy(str + n, special[sp].json, strlen(special[sp].json));
+                n += strlen(special[sp].json);
+                if (special[sp].raw != NULL) {
+                    memcpy(want + wn, special[sp].raw, strlen(special[sp].raw));
+                    wn += strlen(special[sp].raw);
+                }
+                for (size_t i = k; i < len; i++)
+                    str[n++] = want[wn++] = (char)('A' + i % 26);
+                str[n] = '\0';
+                /* As a BYTES element (near the body's end) and as the input's name. */
+                snprintf(data, sizeof(data), "[\"%s\"]", str);
+                for (int as_name = 0; as_name < 2; as_name++) {
+                    if (as_name) {
+                        b = malloc(256);
+                        assert_non_null(b);
+                        snprintf(b, 256,
+                                 "{\"inputs\":[{\"name\":\"%s\",\"shape\":[1],"
+                                 "\"datatype\":\"FP32\",\"data\":[1]}]}",
+                                 str);
+                    } else {
+                        b = one_input("BYTES", "[1]", data);
+                    }
+                    st = decode(b, &r);
+                    if (special[sp].raw == NULL) {
+                        if (st == 200)
+                            fail_msg("special %zu at %zu of %zu: accepted", sp, k, len);
+                        assert_non_null(strstr(errbuf, "in a string"));
+                    } else {
+                        if (st != 200)
+                            fail_msg("special %zu at %zu of %zu: %s", sp, k, len, errbuf);
+                        if (as_name) {
+                            assert_int_equal(strlen(r.inputs[0].name), wn);
+                            assert_memory_equal(r.inputs[0].name, want, wn);
+                        } else {
+                            assert_int_equal(r.inputs[0].bytes, 4 + wn);
+                            assert_memory_equal((const char *)r.inputs[0].data + 4, want, wn);
+                        }
+                        keel__v2_request_fini(&r);
+                    }
+                    free(b);
+                }
+            }
+        }
+    }
+}
+
 static void test_float_types(void **state)
 {
     static const char *texts[] = {"0.708333",
@@ -1556,6 +1624,7 @@ int main(void)
         cmocka_unit_test(test_header_length),
         cmocka_unit_test(test_integer_types),
         cmocka_unit_test(test_bool_and_bytes),
+        cmocka_unit_test(test_string_scan_positions),
         cmocka_unit_test(test_float_types),
         cmocka_unit_test(test_nested_and_order),
         cmocka_unit_test(test_binary_inputs),
