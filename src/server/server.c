@@ -21,6 +21,8 @@
  *   413 at once. State READING.
  *     READING --body chunks--> READING (buffered up to the route's limit, the rest
  *                                       discarded and the request answered 413)
+ *     READING --a piece that leaves a Content-Length body incomplete, the client gone
+ *        (client_left)--> MHD closes it (the handler returns MHD_NO), then freed as below
  *     READING --final call, synchronous endpoint or error--> ANSWERED
  *     READING --final call, infer/load/unload: pending++, submit ok--> SUBMITTED
  *     SUBMITTED --infer with KEEL_SUBMIT_GATHER, not done--> GATHERED (the loop thread's
@@ -592,7 +594,7 @@ static void orphan(srv_conn *c)
     pthread_mutex_unlock(&s->mu);
     /* KEEL_EINVAL: it completed already (done is set). */
     if (keel_request_cancel(c->req) == KEEL_OK)
-        atomic_fetch_add_explicit(&c->s->canceled_hangup, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&s->canceled_hangup, 1, memory_order_relaxed);
 }
 
 /* Frees an orphaned connection whose completion ran: its observation, then the connection,
@@ -1107,7 +1109,6 @@ static enum MHD_Result answer_resumed(srv_conn *c)
 
 /* ---------------------------------------------------------------- the access handler */
 
-/* Appends a body chunk, keeping at most c->body_limit bytes. */
 /*
  * Has the client closed its side while its body is incomplete? libmicrohttpd 0.9.75 in epoll
  * mode takes a short read for "nothing more to read" (connection.c, recv_param_adapter), so
@@ -1131,6 +1132,7 @@ static bool client_left(struct MHD_Connection *mc)
     return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
+/* Appends a body chunk, keeping at most c->body_limit bytes. */
 static void take_body(srv_conn *c, const char *data, size_t n)
 {
     if (c->too_large || n > c->body_limit - c->body_len) {
