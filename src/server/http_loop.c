@@ -15,19 +15,19 @@
  * each pass gathers more, before it runs them: with few connections the clients' next
  * requests come one by one, the first wakes the loop, and the others arrive while it reads
  * that one; the extra pass lets them join its batch rather than start the next one (one
- * epoll_wait per turn when nothing came), and none once every open connection of the
- * daemon has a request gathered in the turn (none of them can send another before its
- * answer: one useless pass saved, 1.011x at 8 connections over 41 rounds). Four: at 8
- * connections four passes served 1.08x (session 10) and 1.055x (session 11) the requests/s
- * of two, eight no more than four, one or none 11-12 % less (docs/PERFORMANCE.md). A pass
- * runs MHD on the turn's GATHERED connections too: a client that hangs up then makes MHD complete
- * one whose request is in flight, which server.c's ORPHANED state handles (before it, conn_free
- * aborted: "BUG: connection completed while its request is in flight"). MHD's internal threads have
- * no hook at the end of a turn; with them every batched request went to an inference thread and
- * back (docs/PERFORMANCE.md, issue 12: 7 futex calls and an eventfd write per request, 0.36-0.45 of
- * raw XGBoost at 64 connections). A slow model's batches, and any batch whose model's contexts are
- * busy, still go to the inference threads; fast models without batching still run in the handler
- * (KEEL_SUBMIT_RUN_IF_FAST).
+ * epoll_wait per turn when nothing came), and none once every open connection of the daemon has
+ * a request gathered in the turn (none of them can send another before its answer: one useless
+ * pass saved, 1.011x at 8 connections over 41 rounds). Four: at 8 connections four passes
+ * served 1.08x (session 10) and 1.055x (session 11) the requests/s of two, eight no more than
+ * four, one or none 11-12 % less (docs/PERFORMANCE.md). A pass runs MHD on the turn's GATHERED
+ * connections too: a client that hangs up then makes MHD complete one whose request is in
+ * flight, which server.c's ORPHANED state handles (before it, conn_free aborted: "BUG:
+ * connection completed while its request is in flight"). MHD's internal threads have no hook at
+ * the end of a turn; with them every batched request went to an inference thread and back
+ * (docs/PERFORMANCE.md, issue 12: 7 futex calls and an eventfd write per request, 0.36-0.45 of
+ * raw XGBoost at 64 connections). A slow model's batches, and any batch whose model's contexts
+ * are busy, still go to the inference threads; fast models without batching still run in the
+ * handler (KEEL_SUBMIT_RUN_IF_FAST).
  *
  * The listening socket is non-blocking and shared by every daemon (MHD_OPTION_LISTEN_SOCKET):
  * each loop polls it, the first accept wins, the others find nothing (EAGAIN). MHD's own pool

@@ -485,8 +485,8 @@ static void describe(const char *p, const char *end, char *buf, size_t len)
 }
 
 /* The first byte of [p, end) a string's plain run ends at: a quote, a backslash, a control
- * character or a non-ASCII byte (end if none). SSE2 looks at 16 bytes per step: a request's
- * keys and names are read with it (about 7 instructions per byte byte by byte; callgrind,
+ * character or a non-ASCII byte (end if none). SSE2 looks at 16 bytes per step (byte by byte
+ * it took about 7 instructions per byte of a request's keys and names; callgrind,
  * docs/PERFORMANCE.md session 11). */
 static inline const unsigned char *plain_run(const unsigned char *p, const unsigned char *end)
 {
