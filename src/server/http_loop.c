@@ -15,13 +15,14 @@
  * each pass gathers more, before it runs them: with few connections the clients' next
  * requests come one by one, the first wakes the loop, and the others arrive while it reads
  * that one; the extra pass lets them join its batch rather than start the next one (one
- * epoll_wait per turn when nothing came), and none once every open connection of the daemon has
- * a request gathered in the turn (none of them can send another before its answer: one useless
- * pass saved, 1.011x at 8 connections over 41 rounds). Four: at 8 connections four passes
- * served 1.08x (session 10) and 1.055x (session 11) the requests/s of two, eight no more than
- * four, one or none 11-12 % less (docs/PERFORMANCE.md). A pass runs MHD on the turn's GATHERED
- * connections too: a client that hangs up then makes MHD complete one whose request is in
- * flight, which server.c's ORPHANED state handles (before it, conn_free aborted: "BUG:
+ * epoll_wait per turn when nothing came). A pass also accepts new connections and reads
+ * their requests, so passes go on while they bring more even when every open connection has
+ * a request gathered (a rule that stopped them then, 1.011x at 8 keep-alive connections,
+ * was reverted: clients that open a connection per request lost their batches). Four: at 8
+ * connections four passes served 1.08x (session 10) and 1.055x (session 11) the requests/s of two,
+ * eight no more than four, one or none 11-12 % less (docs/PERFORMANCE.md). A pass runs MHD on the
+ * turn's GATHERED connections too: a client that hangs up then makes MHD complete one whose request
+ * is in flight, which server.c's ORPHANED state handles (before it, conn_free aborted: "BUG:
  * connection completed while its request is in flight"). MHD's internal threads have no hook at
  * the end of a turn; with them every batched request went to an inference thread and back
  * (docs/PERFORMANCE.md, issue 12: 7 futex calls and an eventfd write per request, 0.36-0.45 of
@@ -83,7 +84,6 @@ struct srv_http_loop {
     pthread_t thread;
     bool started;
     bool quiesced;
-    unsigned nconns; /* d's open connections (MHD's connection notifications: loop thread) */
 };
 typedef srv_http_loop http_loop;
 
@@ -141,8 +141,7 @@ static void *loop_main(void *arg)
         }
         /* Requests that arrived while this turn read the others join its batches: up to
          * EXTRA_PASSES non-blocking passes, while each brings more (see the DESIGN). */
-        for (unsigned pass = 0, n = h->gathered(h->cls);
-             n > 0 && n < l->nconns && pass < EXTRA_PASSES; pass++) {
+        for (unsigned pass = 0, n = h->gathered(h->cls); n > 0 && pass < EXTRA_PASSES; pass++) {
             unsigned before = n;
             (void)MHD_run_wait(l->d, 0);
             if ((n = h->gathered(h->cls)) == before)
@@ -223,23 +222,8 @@ static int listen_socket(const srv_http_opts *o, unsigned *port, char *err, size
     return fd;
 }
 
-/* MHD's connection notification: counts the loop's open connections (on its thread, or on
- * the main thread in MHD_stop_daemon once the loop has ended). */
-static void on_connection(void *cls, struct MHD_Connection *mc, void **socket_context,
-                          enum MHD_ConnectionNotificationCode toe)
-{
-    http_loop *l = cls;
-
-    (void)mc;
-    (void)socket_context;
-    if (toe == MHD_CONNECTION_NOTIFY_STARTED)
-        l->nconns++;
-    else if (toe == MHD_CONNECTION_NOTIFY_CLOSED && l->nconns > 0)
-        l->nconns--;
-}
-
 static struct MHD_Daemon *daemon_start(const srv_http_opts *o, const srv_http_cbs *cbs, int fd,
-                                       unsigned limit, http_loop *l)
+                                       unsigned limit)
 {
     unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG |
                      (o->addr->sa_family == AF_INET6 ? MHD_USE_IPv6 : 0);
@@ -253,7 +237,6 @@ static struct MHD_Daemon *daemon_start(const srv_http_opts *o, const srv_http_cb
         {MHD_OPTION_STRICT_FOR_CLIENT, o->strictness, NULL},
         /* The request target as received, and the srv_conn of each request. */
         {MHD_OPTION_URI_LOG_CALLBACK, (intptr_t)cbs->on_uri, cbs->cls},
-        {MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)on_connection, l},
         {MHD_OPTION_END, 0, NULL},
     };
 
@@ -290,8 +273,7 @@ srv_http *keel__http_start(const srv_http_opts *o, const srv_http_cbs *cbs, unsi
     for (unsigned i = 0; i < n; i++) {
         unsigned limit = o->max_connections / n + (i < o->max_connections % n ? 1 : 0);
         h->loops[i].h = h;
-        if ((h->loops[i].d = daemon_start(o, cbs, h->fd, limit > 0 ? limit : 1, &h->loops[i])) ==
-            NULL) {
+        if ((h->loops[i].d = daemon_start(o, cbs, h->fd, limit > 0 ? limit : 1)) == NULL) {
             snprintf(err, errlen, "cannot start the HTTP daemon %u of %u", i + 1, n);
             goto fail;
         }
