@@ -666,7 +666,14 @@ def test_sigterm_with_open_calls():
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        time.sleep(0.3)
+        # SIGTERM only once all of them are admitted (1 + 4 + 3 leases): a stream request
+        # that arrives after the drain began is refused, and under ThreadSanitizer a fixed
+        # 0.3 s was once too short for the third.
+        deadline = time.monotonic() + 60
+        while sum(kit.metric_values(kit.scrape(srv.port), "keel_live_leases")) < 8:
+            check(time.monotonic() < deadline, "the calls and stream requests were never all "
+                  "admitted")
+            time.sleep(0.01)
         srv.signal(signal.SIGTERM)
         check(len(blocker.result(timeout=120).raw_output_contents) == 1, "blocker answered")
         for f in queued:
