@@ -137,6 +137,7 @@ bool keel__retire_reserve_locked(keel_runtime *rt, keel__retire_list *l)
 void keel__vslot_park_locked(keel_runtime *rt, keel__vslot *v, keel__retire_list *l)
 {
     KEEL__ASSERT(v->current != NULL && l->n < l->cap); /* reserved by the caller */
+    keel__routing_changed_locked(rt);
     v->current->retired = true;
     l->gens[l->n++] = v->current;
     v->current = NULL;
@@ -202,7 +203,9 @@ bool keel__make_room_locked(keel_runtime *rt, keel__model_entry *self, uint64_t 
         keel__model_entry *victim = NULL;
         for (keel__model_entry *e = rt->models; e != NULL; e = e->next) {
             if (evictable(e, self) && keel__charge_locked(e) > 0 &&
-                (victim == NULL || e->last_used_ns < victim->last_used_ns))
+                (victim == NULL ||
+                 atomic_load_explicit(&e->last_used_ns, memory_order_relaxed) <
+                     atomic_load_explicit(&victim->last_used_ns, memory_order_relaxed)))
                 victim = e;
         }
         KEEL__ASSERT(victim != NULL); /* movable covered the excess */

@@ -243,6 +243,7 @@ static keel_err build(keel_runtime *rt, keel__model_entry *e, int64_t version,
         g->free_stack[g->nfree++] = g->nctx - 1 - i; /* context 0 is handed out first */
     }
     g->max_in_use = g->backend->concurrent_contexts ? g->nctx : 1;
+    atomic_store_explicit(&g->ctx_idle, g->nfree > 0, memory_order_relaxed); /* unpublished */
     if ((err = warmup(g, sub, sizeof(sub))) != KEEL_OK) {
         keel__errf(errbuf, errlen, "%s: %s", dir, sub);
         goto fail;

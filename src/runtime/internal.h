@@ -68,6 +68,12 @@
  *   requests; a request run alone holds it itself), drops each admission slot, releases each
  *   request's generation reference (all exactly once), updates statistics, then runs each
  *   callback once with no lock held.
+ *   Lanes (sched.c's DESIGN): a request a worker's callback submits may instead go
+ *   IDLE --lane submit (no lock; takes over the slot and reference of a request that ended on
+ *   that worker)--> LANE --the worker runs it--> IDLE (its slot and reference pass to the next
+ *   lane request, or are dropped under rt->mu when the lane closes), or
+ *   LANE --the lane gives way or cannot run (under rt->mu)--> QUEUED, or (complete) --> IDLE.
+ *   A cancel of a LANE request sets its flag; its worker answers it before or after its run.
  *
  * Generation state: loading (private to the loader) -> ready (published in a vslot) ->
  *   retired (swapped out or unloaded; never hands out a context again) -> freed (reaper).
@@ -194,6 +200,9 @@ struct keel__generation {
     int in_use;   /* rt->mu */
     bool retired; /* rt->mu */
     int nstuck;   /* rt->mu: contexts whose answered run is still in the backend */
+    /* nfree > 0 && in_use < max_in_use, written under rt->mu when that changes, read by
+     * workers' lanes without it (sched.c). */
+    _Atomic bool ctx_idle;
     /* Moving estimate of the backend's run time, ns, per batch size class; 0 = not measured
      * yet. Updated after every run, stored only when it moves (sched.c), read by submit;
      * atomics, no lock; on a line of its own. */
@@ -230,6 +239,9 @@ struct keel__vslot {
     keel_request *held;
     uint32_t nstuck;         /* rt->mu: runs with detached requests still in the backend */
     bool in_ready;           /* rt->mu */
+    /* nqueued > 0, written under rt->mu when that changes, read without the lock by workers
+     * running a lane of v (sched.c: a lane gives way to queued requests). */
+    _Atomic bool any_queued;
     bool removed;            /* rt->mu: unlinked; freed when inflight drops to 0 */
     keel__vslot *next;       /* entry's version list, ascending */
     keel__vslot *ready_next; /* rt's ready list */
@@ -248,7 +260,9 @@ struct keel__model_entry {
     uint64_t last_attempt_unix_ms;     /* rt->mu */
     uint64_t next_retry_ns;            /* rt->mu: monotonic; 0 = no retry scheduled */
     uint64_t next_retry_unix_ms;       /* rt->mu: the same on the wall clock */
-    uint64_t last_used_ns;             /* rt->mu: last submit (LRU for eviction) */
+    /* Last submit, the LRU clock of eviction: written under rt->mu by submit and without it
+     * by a worker's lane (sched.c), hence atomic (relaxed; stored only when it moved). */
+    _Atomic uint64_t last_used_ns;
     uint64_t charge_hint;              /* rt->mu: last measured charge, predicts the next */
     bool loading;                      /* rt->mu: a load runs; never evicted meanwhile */
     bool swapping;                     /* rt->mu: resource-preserving swap: vslots parked */
@@ -274,7 +288,14 @@ struct keel_runtime {
     keel__model_entry *models;            /* mu */
     keel__vslot *ready_head, *ready_tail; /* mu */
     keel_request *running;                /* mu: running requests (sched.c), by run_next */
-    bool shutting_down;                   /* mu: submits refused */
+    /* Lanes (sched.c's DESIGN) read these without mu: lane_epoch changes (under mu) with
+     * anything that changes where a request is routed or what serves it (a publish, a park,
+     * a removal, shutdown); any_ready is ready_head != NULL. On a line of their own: they
+     * are read on every lane request and written rarely. */
+    _Alignas(KEEL__CACHELINE) _Atomic uint64_t lane_epoch;
+    _Atomic bool any_ready;
+    _Atomic int idle_workers; /* worker threads waiting for work (written under mu) */
+    _Alignas(KEEL__CACHELINE) bool shutting_down; /* mu: submits refused */
     bool stopping;                        /* mu: workers and the timer exit when idle */
     int nworkers;
     pthread_t workers[KEEL__MAX_WORKERS];
@@ -323,6 +344,7 @@ typedef enum keel__req_state {
     KEEL__REQ_QUEUED,
     KEEL__REQ_RUNNING,
     KEEL__REQ_COMPLETING,
+    KEEL__REQ_LANE, /* admitted to a worker's lane (sched.c), not under rt->mu */
 } keel__req_state;
 
 typedef struct keel__tensor {
@@ -366,9 +388,11 @@ struct keel_request {
     uint64_t timeout_us;
     uint32_t priority; /* 0 = the model's default level */
 
-    /* In flight (state under rt->mu). */
+    /* In flight (state under rt->mu, except in a lane: sched.c's DESIGN, "Lanes"; the
+     * accesses that can meet a lane's are atomic builtins). */
     keel__req_state state;
     bool cancel_requested;
+    bool from_cb; /* submitted by a worker's completion callback (sched.c: lanes) */
     keel_infer_cb cb;
     void *user;
     keel__model_entry *entry;
@@ -420,5 +444,13 @@ void keel__rt_wait_end(keel_runtime *rt);
 #define keel__rt_wait_begin(rt) ((void)(rt))
 #define keel__rt_wait_end(rt) ((void)(rt))
 #endif
+
+/* Under rt->mu: whatever serves a model or routes its requests changed (a generation
+ * published, parked or retired, a version slot added or removed, shutdown): workers' lanes
+ * stop taking requests (sched.c's DESIGN, "Lanes"). */
+static inline void keel__routing_changed_locked(keel_runtime *rt)
+{
+    atomic_fetch_add_explicit(&rt->lane_epoch, 1, memory_order_release);
+}
 
 #endif

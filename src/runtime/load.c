@@ -86,6 +86,7 @@ keel__vslot *keel__vslot_remove_locked(keel_runtime *rt, keel__vslot *v, keel__g
 {
     keel__vslot **pp = &v->entry->versions;
 
+    keel__routing_changed_locked(rt);
     while (*pp != v)
         pp = &(*pp)->next;
     *pp = v->next;
@@ -333,6 +334,7 @@ static void publish_versions_locked(load_job *j)
     keel_runtime *rt = j->rt;
     keel__model_entry *e = j->e;
 
+    keel__routing_changed_locked(rt);
     for (size_t i = 0; i < j->nversions; i++) {
         keel__vslot *v, **pp = &e->versions;
         while (*pp != NULL && (*pp)->version < j->versions[i])

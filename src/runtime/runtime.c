@@ -240,6 +240,7 @@ void keel_runtime_destroy(keel_runtime *rt)
     /* Stage 1: refuse new work; answer everything still queued. */
     keel__rt_lock(rt);
     rt->shutting_down = true;
+    keel__routing_changed_locked(rt);
     for (keel__model_entry *e = rt->models; e != NULL; e = e->next) {
         for (keel__vslot *v = e->versions; v != NULL; v = v->next)
             keel__vslot_drain_locked(rt, v, &drained);
@@ -251,6 +252,7 @@ void keel_runtime_destroy(keel_runtime *rt)
     /* Stage 2: running requests finish; workers exit. */
     keel__rt_lock(rt);
     rt->stopping = true;
+    keel__routing_changed_locked(rt);
     pthread_cond_broadcast(&rt->work_cv);
     keel__rt_unlock(rt);
     for (int i = 0; i < rt->nworkers; i++)

@@ -139,6 +139,53 @@
  * wakes a worker when one frees). A worker that happens to be awake may take a gathered
  * vslot first: that is only a hand-off, never a lost request.
  *
+ * Lanes (issue 12, item 5): a program that keeps requests in flight by submitting the next
+ * one from each completion callback (bench_infer's async rows, a pipeline) would take rt->mu
+ * twice per request on two workers at once, and the lock's line and the vslot's and
+ * generation's lines then cross cores on every request. A worker thread therefore keeps
+ * such requests to itself, in its lane (thread-local; no other thread reads or writes it):
+ *   Open: end_group on a worker (follow != NULL) ending one request that was itself
+ *     submitted from a worker's callback (req->from_cb), of a vslot that may have lanes
+ *     (lane_eligible_locked: current generation, no dynamic_batching, no preprocessing, no
+ *     priority levels, no default queue timeout; not shutting down) keeps that request's
+ *     admission slot and generation reference instead of dropping them: the lane's "pool".
+ *     The lane is (v, g, rt->lane_epoch at that moment); a worker has at most one.
+ *   Submit (keel_infer_submit_ex, no lock): while the pool is not empty, a request submitted
+ *     on the lane's worker for the lane's model and version (no version: only if v is the
+ *     newest), with no timeout and no priority, whose size class g's estimate calls fast
+ *     (the rule of KEEL_SUBMIT_RUN_IF_FAST), while rt->lane_epoch is unchanged, takes one
+ *     slot and reference from the pool (state LANE) and is appended to the lane's FIFO. So
+ *     the admission bound holds exactly (a slot passes from one request to the next), and
+ *     a request submitted after a swap, unload or shutdown returned (each bumps lane_epoch
+ *     under rt->mu, keel__routing_changed_locked) never enters a lane of what it replaced.
+ *   Run (lane_run, after the worker's shared batches): one rt->mu acquisition takes an idle
+ *     context of g (lane_take_context_locked); then each lane request runs on it with no
+ *     lock: a cancel flag seen before the run answers it "cancelled while queued" without
+ *     running it, one seen after answers "cancelled while running"; its end puts its slot
+ *     and reference back in the pool, sets IDLE and calls its callback, which may submit
+ *     the next. One acquisition at the end returns the context and drops what the pool
+ *     still holds (lane_settle_locked); the lane closes when it holds nothing.
+ *   Giving way: the lane yields (returns its context, keeps its FIFO) after a request when
+ *     another vslot waits on the ready list (rt->any_ready) or v has queued requests
+ *     (v->any_queued); its worker serves the shared queue then, and end_group forms no
+ *     follow-on batch while the worker's lane has requests, so lane and queue alternate
+ *     and neither starves. If the lane cannot take a context (none idle, g retired by a
+ *     swap, v removed, shutdown), its requests leave it under rt->mu (lane_requeue_locked):
+ *     into v's queue like any admitted request (their references dropped: they run on
+ *     whatever generation is current then, never an older one), or answered (cancelled,
+ *     unloaded, shutting down).
+ *   Limits, by design: a lane request is never in rt->running, so it has no deadline (none
+ *     is admitted) and a cancel is answered when its worker reaches it: before its run, or
+ *     when its (fast) backend call returns. A lane request may start before requests
+ *     other threads queued earlier for the same model (the lane gives way after each of its
+ *     requests). Lane runs are counted as runs_inline (they run on the thread that
+ *     submitted them). The pool's slots stay counted (leases) until the worker settles them,
+ *     right after the callbacks that did not submit again return.
+ *   Lock order: unchanged; a lane takes rt->mu only as above, and reads without it only
+ *   rt->lane_epoch, rt->any_ready, v->any_queued, g->est_run_ns (atomics) and immutable
+ *   fields (v->version, v->entry->name, g->cfg); req->state and req->cancel_requested are
+ *   accessed with atomic builtins where a lane's access can meet another thread's.
+ *
  * Locks: rt->mu only (internal.h's order); per request, submit takes it once, and a batch of
  * n requests takes it once to complete and, unless a worker goes on with the same vslot,
  * once to form (docs/PERFORMANCE.md has the counts, bench/lockstat.sh measures them). Layer: calls
@@ -167,10 +214,50 @@ static _Thread_local int tl_worker_index;
 static _Thread_local const keel__generation *tl_ctx_gen;
 static _Thread_local int tl_ctx_index;
 
-/* Under rt->mu: takes an idle context of g: the calling worker's own (index i of its
- * runtime: context i mod nctx) if that one is idle, another thread's last one in g if that
- * one is idle, else the one returned last (DESIGN, "Dispatch"). */
-static int context_take_locked(keel__generation *g)
+/* A worker's lane (DESIGN, "Lanes"): its worker's alone, never read by another thread. */
+typedef struct lane {
+    keel__vslot *v;            /* NULL: closed */
+    keel__generation *g;       /* each slot in pool and each request in the FIFO holds a ref */
+    uint64_t epoch;            /* rt->lane_epoch when it opened */
+    bool newest;               /* v was its entry's newest serving version then */
+    uint32_t pool;             /* admission slots of ended lane requests, free to take */
+    keel_request *head, *tail; /* admitted, not yet run (qnext), in order */
+    uint32_t n;                /* requests in that FIFO */
+    int ctx;                   /* g's context while lane_run holds one, else -1 */
+} lane;
+
+static _Thread_local lane tl_lane = {.ctx = -1};
+/* A worker thread running completion callbacks: what they submit is marked from_cb. */
+static _Thread_local bool tl_in_cb;
+
+/* What settling a lane under rt->mu leaves to do after unlocking. */
+typedef struct lane_release {
+    keel__generation *g;
+    uint32_t refs;       /* references on g to release */
+    keel__vslot *free_v; /* a removed vslot whose last slot the lane held */
+} lane_release;
+
+static void lane_release_apply(lane_release *rel)
+{
+    for (uint32_t i = 0; i < rel->refs; i++)
+        keel__generation_release(rel->g);
+    free(rel->free_v);
+    *rel = (lane_release){0};
+}
+
+/* Under rt->mu: g->ctx_idle, the lanes' unlocked view of vslot_has_idle_context. */
+static void ctx_idle_update_locked(keel__generation *g)
+{
+    bool idle = g->nfree > 0 && g->in_use < g->max_in_use;
+
+    if (atomic_load_explicit(&g->ctx_idle, memory_order_relaxed) != idle)
+        atomic_store_explicit(&g->ctx_idle, idle, memory_order_relaxed);
+}
+
+/* Under rt->mu: takes an idle context of g (counted in use): the calling worker's own
+ * (index i of its runtime: context i mod nctx) if that one is idle, another thread's last
+ * one in g if that one is idle, else the one returned last (DESIGN, "Dispatch"). */
+static int context_take_locked(keel_runtime *rt, keel__generation *g)
 {
     bool worker = tl_worker_rt == g->rt;
     int want = worker ? tl_worker_index % g->nctx : tl_ctx_gen == g ? tl_ctx_index : -1;
@@ -189,6 +276,9 @@ static int context_take_locked(keel__generation *g)
         tl_ctx_gen = g;
         tl_ctx_index = ctx;
     }
+    g->in_use++;
+    ctx_idle_update_locked(g);
+    keel__counter_add_locked(rt, g->entry, KEEL__CNT(contexts_in_use), 1);
     return ctx;
 }
 
@@ -229,10 +319,12 @@ static void ready_push_locked(keel_runtime *rt, keel__vslot *v, bool wake)
         return;
     v->in_ready = true;
     v->ready_next = NULL;
-    if (rt->ready_tail != NULL)
+    if (rt->ready_tail != NULL) {
         rt->ready_tail->ready_next = v;
-    else
+    } else {
         rt->ready_head = v;
+        atomic_store_explicit(&rt->any_ready, true, memory_order_relaxed);
+    }
     rt->ready_tail = v;
     if (wake)
         pthread_cond_signal(&rt->work_cv);
@@ -250,8 +342,10 @@ static keel__vslot *ready_pop_locked(keel_runtime *rt)
     if (v == NULL)
         return NULL;
     rt->ready_head = v->ready_next;
-    if (rt->ready_head == NULL)
+    if (rt->ready_head == NULL) {
         rt->ready_tail = NULL;
+        atomic_store_explicit(&rt->any_ready, false, memory_order_relaxed);
+    }
     v->ready_next = NULL;
     v->in_ready = false;
     return v;
@@ -272,6 +366,8 @@ static void ready_remove_locked(keel_runtime *rt, keel__vslot *v)
     *pp = v->ready_next;
     if (rt->ready_tail == v)
         rt->ready_tail = prev;
+    if (rt->ready_head == NULL)
+        atomic_store_explicit(&rt->any_ready, false, memory_order_relaxed);
     v->ready_next = NULL;
     v->in_ready = false;
 }
@@ -297,7 +393,8 @@ static void queue_push_locked(keel_runtime *rt, keel__vslot *v, keel_request *re
         v->qhead[q] = req;
     v->qtail[q] = req;
     v->nqueued_q[q]++;
-    v->nqueued++;
+    if (v->nqueued++ == 0)
+        atomic_store_explicit(&v->any_queued, true, memory_order_relaxed);
     v->queued_rows += (uint64_t)req->rows;
     keel__counter_add_locked(rt, v->entry, KEEL__CNT(queued), 1);
 }
@@ -322,6 +419,7 @@ static void queue_unlink_locked(keel_runtime *rt, keel__vslot *v, keel_request *
     if (v->nqueued == 0) {
         v->delay_until_ns = 0; /* nothing left to wait for */
         v->flush = false;
+        atomic_store_explicit(&v->any_queued, false, memory_order_relaxed);
     }
     keel__counter_add_locked(rt, v->entry, KEEL__CNT(queued), -1);
 }
@@ -576,7 +674,7 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
         return KEEL_EINVAL;
     rt = req->rt;
     keel__rt_lock(rt);
-    if (req->state != KEEL__REQ_IDLE) {
+    if (__atomic_load_n(&req->state, __ATOMIC_ACQUIRE) != KEEL__REQ_IDLE) {
         keel__rt_unlock(rt);
         return KEEL_EBUSY; /* do not touch errmsg: the request belongs to the runtime */
     }
@@ -619,6 +717,7 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
     keel__counter_add_locked(rt, e, KEEL__CNT(leases), 1);
     req->state = KEEL__REQ_QUEUED;
     req->cancel_requested = false;
+    req->from_cb = tl_in_cb && tl_worker_rt == rt;
     req->ordered = false;
     req->cb = cb;
     req->user = user;
@@ -632,8 +731,8 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
     req->submit_ns = keel__now_ns();
     /* LRU for the memory budget (no second clock read), to 0.1 ms: stored only when
      * it moved, so that the entry's line is not written by every request. */
-    if (req->submit_ns - e->last_used_ns >= 100000u)
-        e->last_used_ns = req->submit_ns;
+    if (req->submit_ns - atomic_load_explicit(&e->last_used_ns, memory_order_relaxed) >= 100000u)
+        atomic_store_explicit(&e->last_used_ns, req->submit_ns, memory_order_relaxed);
     req->dispatch_ns = 0;
     req->input_end_ns = req->output_start_ns = req->complete_ns = req->preprocess_ns = 0;
     req->deadline_ns = deadline_of(req, qp);
@@ -677,6 +776,8 @@ fail:
     return err;
 }
 
+static bool lane_submit(keel_request *req, keel_infer_cb cb, void *user, keel_err *err);
+
 keel_err keel_infer_submit(keel_request *req, keel_infer_cb cb, void *user)
 {
     return keel_infer_submit_ex(req, 0, cb, user);
@@ -690,6 +791,10 @@ keel_err keel_infer_submit_ex(keel_request *req, unsigned flags, keel_infer_cb c
     if ((flags &
          ~(unsigned)(KEEL_SUBMIT_RUN_HERE | KEEL_SUBMIT_RUN_IF_FAST | KEEL_SUBMIT_GATHER)) != 0)
         return KEEL_EINVAL;
+    /* A worker's callback submitting while its lane holds a free slot (DESIGN, "Lanes"). */
+    if (tl_lane.pool > 0 && req != NULL && cb != NULL && tl_worker_rt == req->rt &&
+        lane_submit(req, cb, user, &err))
+        return err;
     err = submit(req, cb, user, flags, &run_here);
     if (err == KEEL_OK && run_here)
         run_and_complete(req, NULL); /* cb runs here; req may be gone afterwards */
@@ -779,7 +884,7 @@ static bool detach_locked(keel_runtime *rt, keel_request *req, keel_err status, 
  * is returned by the caller): drops the slot, moves the callback to done_cb, sets the
  * result. Returns the vslot to free after unlocking, or NULL. */
 static keel__vslot *finish_locked(keel_runtime *rt, keel_request *req, keel_err status,
-                                  uint64_t now)
+                                  uint64_t now, bool keep_slot)
 {
     keel__vslot *v = req->vslot;
 
@@ -789,8 +894,12 @@ static keel__vslot *finish_locked(keel_runtime *rt, keel_request *req, keel_err 
     }
     KEEL__ASSERT(v->inflight > 0);
     running_unlink_locked(rt, req);
-    v->inflight--;
-    keel__counter_add_locked(rt, req->entry, KEEL__CNT(leases), -1);
+    if (keep_slot) {
+        tl_lane.pool++; /* the worker's lane keeps the slot (DESIGN, "Lanes") */
+    } else {
+        v->inflight--;
+        keel__counter_add_locked(rt, req->entry, KEEL__CNT(leases), -1);
+    }
     req->done_cb = req->cb;
     req->done_user = req->user;
     req->cb = NULL;
@@ -799,18 +908,19 @@ static keel__vslot *finish_locked(keel_runtime *rt, keel_request *req, keel_err 
     req->vslot = NULL;
     req->status = status;
     req->complete_ns = now;
-    req->state = KEEL__REQ_IDLE;
+    __atomic_store_n(&req->state, KEEL__REQ_IDLE, __ATOMIC_RELEASE);
     return v->removed && v->inflight == 0 && v->nstuck == 0 ? v : NULL;
 }
 
 /* After finish_locked, no lock held: releases what req held, counts it, runs the callback.
  * e and g are what req had (req's own fields are cleared here). */
 static void finish_unlocked(keel_request *req, keel__model_entry *e, keel__generation *g,
-                            keel__vslot *free_vslot, uint64_t now)
+                            keel__vslot *free_vslot, uint64_t now, bool keep_ref)
 {
     keel_err status = req->status;
     keel_infer_cb cb = req->done_cb;
     void *user = req->done_user;
+    bool was_in_cb = tl_in_cb;
     keel__stat_shard *sh;
 
     req->gen = NULL;
@@ -818,8 +928,10 @@ static void finish_unlocked(keel_request *req, keel__model_entry *e, keel__gener
     req->ordered = false;
     req->done_cb = NULL;
     req->done_user = NULL;
-    /* Released after unlocking: the generation may be freed (by the reaper). */
-    keel__generation_release(g);
+    /* Released after unlocking: the generation may be freed (by the reaper). A lane keeps
+     * it for the next request (DESIGN, "Lanes"). */
+    if (!keep_ref)
+        keel__generation_release(g);
     if (free_vslot != NULL)
         free(free_vslot);
     if (status != KEEL_OK)
@@ -836,7 +948,9 @@ static void finish_unlocked(keel_request *req, keel__model_entry *e, keel__gener
     atomic_store_explicit(&sh->last_inference_unix_ms, keel__unix_ms(), memory_order_relaxed);
 
     KEEL__ASSERT(cb != NULL);
+    tl_in_cb = tl_worker_rt == req->rt;
     cb(req, status, user); /* req may be destroyed or resubmitted from here on */
+    tl_in_cb = was_in_cb;
 }
 
 /* Under rt->mu: gives context ctx back to g (it came from g); kick: make v ready for it (the
@@ -847,6 +961,7 @@ static void context_return_locked(keel_runtime *rt, keel__generation *g, int ctx
     KEEL__ASSERT(ctx >= 0 && ctx < g->nctx);
     g->free_stack[g->nfree++] = ctx; /* back to its own generation */
     g->in_use--;
+    ctx_idle_update_locked(g);
     keel__counter_add_locked(rt, g->entry, KEEL__CNT(contexts_in_use), -1);
     if (kick && !g->retired)
         keel__vslot_kick_locked(rt, v);
@@ -854,6 +969,80 @@ static void context_return_locked(keel_runtime *rt, keel__generation *g, int ctx
 
 static bool form_batch_locked(keel_runtime *rt, keel__vslot *v, uint64_t now, batch *b,
                               keel_request **expired, keel_request **expired_tail);
+
+/* ---- lanes (DESIGN, "Lanes"); the lane is always the calling worker's own */
+
+/* Under rt->mu: may a worker keep requests of v on generation g to itself? */
+static bool lane_eligible_locked(const keel_runtime *rt, const keel__vslot *v,
+                                 const keel__generation *g)
+{
+    const keel__model_config *cfg = g->cfg;
+
+    return !rt->shutting_down && !rt->stopping && !v->removed && v->current == g &&
+           !g->retired && cfg->preprocess == NULL && !cfg->batching &&
+           v->priority_levels == 0 && v->qpolicy[0].default_timeout_us == 0;
+}
+
+/* Under rt->mu: is v the vslot a request for its model's newest version goes to? */
+static bool vslot_is_newest_locked(const keel__vslot *v)
+{
+    const keel__vslot *newest = NULL;
+
+    for (const keel__vslot *w = v->entry->versions; w != NULL; w = w->next) {
+        if (w->current != NULL)
+            newest = w;
+    }
+    return newest == v;
+}
+
+/* Under rt->mu, on a worker ending a request of v that ran on g: may the worker's lane keep
+ * its slot and reference? Opens the lane on (v, g) if it is closed. */
+static bool lane_accepts_locked(keel_runtime *rt, keel__vslot *v, keel__generation *g)
+{
+    lane *l = &tl_lane;
+    uint64_t epoch = atomic_load_explicit(&rt->lane_epoch, memory_order_relaxed);
+
+    if (l->v != NULL)
+        return l->v == v && l->g == g && l->epoch == epoch;
+    if (!lane_eligible_locked(rt, v, g))
+        return false;
+    l->v = v;
+    l->g = g;
+    l->epoch = epoch;
+    l->newest = vslot_is_newest_locked(v);
+    return true;
+}
+
+/* Under rt->mu: drops the slots the lane's pool holds (their references into rel, released
+ * after unlocking), returns its context if return_ctx, and closes the lane once it holds
+ * nothing (a removed v whose last slot it held goes into rel, to free). */
+static void lane_settle_locked(keel_runtime *rt, lane_release *rel, bool return_ctx)
+{
+    lane *l = &tl_lane;
+    keel__vslot *v = l->v;
+
+    if (v == NULL)
+        return;
+    KEEL__ASSERT(rel->g == NULL || rel->g == l->g);
+    rel->g = l->g;
+    if (l->pool > 0) {
+        KEEL__ASSERT(v->inflight >= l->pool);
+        v->inflight -= l->pool;
+        keel__counter_add_locked(rt, v->entry, KEEL__CNT(leases), -(int64_t)l->pool);
+        rel->refs += l->pool;
+        l->pool = 0;
+    }
+    if (return_ctx && l->ctx >= 0) {
+        context_return_locked(rt, l->g, l->ctx, v, true);
+        l->ctx = -1;
+    }
+    if (l->head == NULL && l->ctx < 0) {
+        l->v = NULL;
+        l->g = NULL;
+        if (v->removed && v->inflight == 0 && v->nstuck == 0)
+            rel->free_v = v;
+    }
+}
 
 /*
  * Ends a group of requests that ran together (b->head: one request, or a batch linked by
@@ -876,10 +1065,20 @@ static void end_group(keel_runtime *rt, batch *b, batch *follow)
     keel_request *head = b->head, *done = NULL, *done_tail = NULL, *free_at = NULL;
     keel_request *marker = NULL, *markers = NULL, *expired = NULL, *expired_tail = NULL;
     uint64_t now = keel__now_ns();
+    lane_release rel = {0};
+    bool pool;
 
     while (head == NULL && b->ordered && (marker = keel__calloc(1, sizeof(*marker))) == NULL)
         nanosleep(&(struct timespec){0, 1000000}, NULL); /* the order must not be lost */
     keel__rt_lock(rt);
+    /* A worker's lane drops what its last callbacks did not take (before anything of this
+     * group is released, so that it cannot be the one to free v: this group still holds
+     * a slot or a stuck run of v if v is the lane's), then may keep this request's slot
+     * and reference (DESIGN, "Lanes"). */
+    if (follow != NULL)
+        lane_settle_locked(rt, &rel, false);
+    pool = follow != NULL && !b->ordered && !b->stuck && head != NULL && head->qnext == NULL &&
+           head->from_cb && lane_accepts_locked(rt, v, b->gen);
     if (b->stuck) {
         b->gen->nstuck--;
         v->nstuck--;
@@ -913,7 +1112,7 @@ static void end_group(keel_runtime *rt, batch *b, batch *follow)
             done = grp;
         }
         for (keel_request *req = grp; req != NULL && req->rt != NULL; req = req->qnext) {
-            keel__vslot *f = finish_locked(rt, req, req->status, now);
+            keel__vslot *f = finish_locked(rt, req, req->status, now, pool);
             if (f != NULL) {
                 free_vslot = f; /* the last request of a removed vslot */
                 free_at = req;
@@ -936,18 +1135,20 @@ static void end_group(keel_runtime *rt, batch *b, batch *follow)
     if (b->stuck && free_at == NULL && v->removed && v->inflight == 0 && v->nstuck == 0)
         free_vslot = v; /* the last stuck run of a removed vslot, after its requests */
     if (follow != NULL && free_vslot == NULL) {
-        if (rt->ready_head == NULL && !rt->stopping && !v->removed && !v->in_ready &&
-            vslot_can_dispatch(v) &&
+        if (rt->ready_head == NULL && tl_lane.head == NULL && !rt->stopping && !v->removed &&
+            !v->in_ready && vslot_can_dispatch(v) &&
             !form_batch_locked(rt, v, now, follow, &expired, &expired_tail))
             follow->n = 0;
         keel__vslot_kick_locked(rt, v); /* what is left for the other threads */
     }
     keel__rt_unlock(rt);
+    lane_release_apply(&rel);
     keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
     for (keel_request *req = done, *next; req != NULL; req = next) {
         next = req->qnext;
         req->qnext = NULL;
-        finish_unlocked(req, req->entry, req->gen, req == free_at ? free_vslot : NULL, now);
+        finish_unlocked(req, req->entry, req->gen, req == free_at ? free_vslot : NULL, now,
+                        pool);
     }
     for (uint32_t i = 0; i < b->ndetached; i++)
         keel__generation_release(b->gen);
@@ -1083,9 +1284,7 @@ static void lease_locked(keel_runtime *rt, keel__vslot *v, keel_request *req)
 
     keel__generation_acquire(g);
     req->gen = g;
-    req->ctx_index = context_take_locked(g);
-    g->in_use++;
-    keel__counter_add_locked(rt, v->entry, KEEL__CNT(contexts_in_use), 1);
+    req->ctx_index = context_take_locked(rt, g);
     req->generation_id = g->id;
     req->ran_version = g->version;
     req->state = KEEL__REQ_RUNNING;
@@ -1130,6 +1329,248 @@ static void run_and_complete(keel_request *req, batch *follow)
     }
     end_group(rt, &b, follow);
     keel__run_slot_fini(&s);
+}
+
+/* ---- a worker's lane, run (DESIGN, "Lanes") */
+
+/* On a worker whose lane's pool holds a slot (its callbacks run): takes req into the lane if
+ * it may go there; false (nothing done) if it goes through submit() instead. */
+static bool lane_submit(keel_request *req, keel_infer_cb cb, void *user, keel_err *err)
+{
+    lane *l = &tl_lane;
+    keel_runtime *rt = req->rt;
+    keel__vslot *v = l->v;
+    keel__generation *g = l->g;
+    keel__model_entry *e = v->entry;
+    uint64_t est, now;
+    int64_t rows;
+
+    if (__atomic_load_n(&req->state, __ATOMIC_ACQUIRE) != KEEL__REQ_IDLE ||
+        req->timeout_us != 0 || req->priority != 0 ||
+        (req->version == -1 ? !l->newest : req->version != v->version) ||
+        atomic_load_explicit(&rt->lane_epoch, memory_order_acquire) != l->epoch ||
+        strcmp(req->model, e->name) != 0)
+        return false;
+    rows = request_rows(req, g->cfg->max_batch_size);
+    est = atomic_load_explicit(&g->est_run_ns[keel__est_class(rows)], memory_order_relaxed);
+    if (!keel__est_is_fast(est, rt->inline_max_ns))
+        return false;
+    req->errmsg[0] = '\0';
+    if (keel__fault_hit(KEEL__FAULT_SUBMIT)) {
+        keel__request_set_error(req, "injected submit fault");
+        *err = KEEL_EUNAVAILABLE;
+        return true;
+    }
+    l->pool--; /* its slot and reference are req's now */
+    now = keel__now_ns();
+    /* The eviction LRU, to 10 ms: a lane may run for long without rt->mu. */
+    if (now - atomic_load_explicit(&e->last_used_ns, memory_order_relaxed) >= 10000000u)
+        atomic_store_explicit(&e->last_used_ns, now, memory_order_relaxed);
+    __atomic_store_n(&req->cancel_requested, false, __ATOMIC_RELAXED);
+    req->from_cb = true;
+    req->ordered = false;
+    req->cb = cb;
+    req->user = user;
+    req->entry = e;
+    req->vslot = v;
+    req->gen = g;
+    req->ctx_index = -1;
+    req->status = KEEL_OK;
+    req->generation_id = g->id;
+    req->ran_version = g->version;
+    req->submit_ns = now;
+    req->dispatch_ns = 0;
+    req->input_end_ns = req->output_start_ns = req->complete_ns = req->preprocess_ns = 0;
+    req->deadline_ns = 0;
+    req->timeout_action = KEEL__TIMEOUT_REJECT;
+    req->rows = rows;
+    req->qnext = NULL;
+    if (l->tail != NULL)
+        l->tail->qnext = req;
+    else
+        l->head = req;
+    l->tail = req;
+    l->n++;
+    __atomic_store_n(&req->state, KEEL__REQ_LANE, __ATOMIC_RELEASE);
+    *err = KEEL_OK;
+    return true;
+}
+
+/* Under rt->mu: takes an idle context of the lane's generation for lane_run; false if it
+ * cannot (none idle, g no longer current, v removed, shutting down). */
+static bool lane_take_context_locked(keel_runtime *rt)
+{
+    lane *l = &tl_lane;
+    keel__vslot *v = l->v;
+
+    if (rt->shutting_down || v->removed || v->current != l->g || !vslot_has_idle_context(v))
+        return false;
+    l->ctx = context_take_locked(rt, l->g);
+    atomic_store_explicit(&v->entry->last_used_ns, keel__now_ns(), memory_order_relaxed);
+    return true;
+}
+
+/* Under rt->mu: empties the lane's FIFO: each request drops its reference (into rel) and
+ * goes into v's queue like any admitted request, or, cancelled, unloaded or shutting down,
+ * is returned (linked by qnext, status and message set) to be completed after unlocking. */
+static keel_request *lane_requeue_locked(keel_runtime *rt, lane_release *rel)
+{
+    lane *l = &tl_lane;
+    keel__vslot *v = l->v;
+    keel_request *answer = NULL, *answer_tail = NULL, *req;
+    bool queued = false;
+
+    rel->g = l->g;
+    while ((req = l->head) != NULL) {
+        l->head = req->qnext;
+        req->qnext = NULL;
+        req->gen = NULL;
+        req->ctx_index = -1;
+        rel->refs++;
+        if (__atomic_load_n(&req->cancel_requested, __ATOMIC_ACQUIRE)) {
+            req->status = KEEL_ECANCELED;
+            keel__request_set_error(req, "request cancelled while queued");
+        } else if (rt->shutting_down) {
+            req->status = KEEL_ESHUTDOWN;
+            keel__request_set_error(req, "the runtime is shutting down");
+        } else if (v->removed) {
+            req->status = KEEL_EUNAVAILABLE;
+            keel__request_set_error(req, "the model version was unloaded");
+        } else {
+            uint32_t level = level_of(req, v); /* priority 0: the default level */
+            const keel__queue_policy *qp = &v->qpolicy[v->priority_levels > 0 ? level : 0];
+            req->deadline_ns = deadline_of(req, qp);
+            req->timeout_action = qp->timeout_action;
+            __atomic_store_n(&req->state, KEEL__REQ_QUEUED, __ATOMIC_RELAXED);
+            queue_push_locked(rt, v, req, level - 1);
+            timer_note_locked(rt, req->deadline_ns);
+            queued = true;
+            continue;
+        }
+        __atomic_store_n(&req->state, KEEL__REQ_COMPLETING, __ATOMIC_RELAXED);
+        list_append(&answer, &answer_tail, req);
+    }
+    l->tail = NULL;
+    l->n = 0;
+    if (queued) {
+        if (v->current == NULL && v->entry->evicted)
+            keel__want_load_locked(rt, v->entry); /* as pick_vslot_locked would */
+        keel__vslot_kick_locked(rt, v);
+    }
+    return answer;
+}
+
+/* Runs one lane request on the lane's context and ends it (no lock): its slot and reference
+ * go back to the pool, then its callback runs (and may submit the next). */
+static void lane_run_one(keel_request *req)
+{
+    lane *l = &tl_lane;
+    batch b = {.head = req, .tail = req, .n = 1, .gen = l->g, .vslot = l->v, .ctx = l->ctx};
+    keel__model_entry *e = req->entry;
+    keel__run_slot s = {0};
+    int64_t rows = 0;
+    keel_err err;
+    uint64_t now;
+
+    req->dispatch_ns = keel__now_ns();
+    atomic_fetch_add_explicit(&keel__stats_mine(e)->runs_inline, 1, memory_order_relaxed);
+    if (__atomic_load_n(&req->cancel_requested, __ATOMIC_ACQUIRE)) {
+        keel__request_set_error(req, "request cancelled while queued");
+        err = KEEL_ECANCELED;
+    } else {
+        req->ctx_index = l->ctx;
+        err = run_leased(req, &s, &b, &rows); /* never detached: not in rt->running */
+        atomic_store_explicit(&req->run_slot, NULL, memory_order_relaxed);
+        if (err == KEEL_OK)
+            atomic_fetch_add_explicit(&keel__stats_mine(e)->inference_count, (uint64_t)rows,
+                                      memory_order_relaxed);
+        if (err == KEEL_OK && __atomic_load_n(&req->cancel_requested, __ATOMIC_ACQUIRE)) {
+            err = KEEL_ECANCELED;
+            keel__request_set_error(req, "request cancelled while running");
+        }
+    }
+    now = keel__now_ns();
+    req->done_cb = req->cb;
+    req->done_user = req->user;
+    req->cb = NULL;
+    req->user = NULL;
+    req->ctx_index = -1;
+    req->vslot = NULL;
+    req->status = err;
+    req->complete_ns = now;
+    l->pool++;
+    __atomic_store_n(&req->state, KEEL__REQ_IDLE, __ATOMIC_RELEASE);
+    finish_unlocked(req, e, l->g, NULL, now, true);
+    keel__run_slot_fini(&s);
+}
+
+/* Completes the requests lane_requeue_locked answered (after unlocking). */
+static void lane_answer(keel_request *answer)
+{
+    while (answer != NULL) {
+        keel_request *next = answer->qnext;
+        answer->qnext = NULL;
+        complete(answer, answer->status, NULL);
+        answer = next;
+    }
+}
+
+/* A worker, after its shared batches: runs its lane until it is empty, gives way to the
+ * shared queue, or shares its requests with an idle worker; then returns its context and
+ * settles (DESIGN, "Lanes"). */
+static void lane_run(keel_runtime *rt)
+{
+    lane *l = &tl_lane;
+    lane_release rel = {0};
+    keel_request *answer = NULL;
+    bool share = false;
+
+    if (l->v == NULL)
+        return;
+    while (l->head != NULL) {
+        keel_request *req;
+
+        if (l->ctx < 0) {
+            bool ok;
+
+            keel__rt_lock(rt);
+            lane_settle_locked(rt, &rel, false);
+            if (!(ok = lane_take_context_locked(rt))) {
+                answer = lane_requeue_locked(rt, &rel);
+                lane_settle_locked(rt, &rel, false); /* closes the lane */
+            }
+            keel__rt_unlock(rt);
+            lane_release_apply(&rel);
+            if (!ok) {
+                lane_answer(answer);
+                return;
+            }
+        }
+        req = l->head;
+        l->head = req->qnext;
+        if (l->head == NULL)
+            l->tail = NULL;
+        l->n--;
+        req->qnext = NULL;
+        lane_run_one(req);
+        if (l->head == NULL)
+            break;
+        if (atomic_load_explicit(&rt->any_ready, memory_order_relaxed) ||
+            atomic_load_explicit(&l->v->any_queued, memory_order_relaxed))
+            break; /* give way: the worker serves the queue, then comes back */
+        if (l->n >= 2 && atomic_load_explicit(&rt->idle_workers, memory_order_relaxed) > 0 &&
+            atomic_load_explicit(&l->g->ctx_idle, memory_order_relaxed)) {
+            share = true; /* requests wait here while a worker and a context are idle */
+            break;
+        }
+    }
+    keel__rt_lock(rt);
+    if (share)
+        answer = lane_requeue_locked(rt, &rel);
+    lane_settle_locked(rt, &rel, true);
+    keel__rt_unlock(rt);
+    lane_release_apply(&rel);
+    lane_answer(answer);
 }
 
 /* ---- batches */
@@ -1230,9 +1671,7 @@ static bool form_batch_locked(keel_runtime *rt, keel__vslot *v, uint64_t now, ba
     b->ordered = cfg->preserve_ordering;
     b->seq = v->seq_next;
     if (cut > 1) {
-        b->ctx = context_take_locked(g);
-        g->in_use++;
-        keel__counter_add_locked(rt, v->entry, KEEL__CNT(contexts_in_use), 1);
+        b->ctx = context_take_locked(rt, g);
     }
     for (size_t i = 0; i < cut; i++) {
         req = queue_first(v);
@@ -1529,12 +1968,14 @@ void *keel__worker_main(void *arg)
         batch b;
         bool run;
 
-        while (!rt->stopping && rt->ready_head == NULL) {
+        while (!rt->stopping && rt->ready_head == NULL && tl_lane.head == NULL) {
             int rc;
+            atomic_fetch_add_explicit(&rt->idle_workers, 1, memory_order_relaxed);
             if (!worked) {
                 keel__rt_wait_begin(rt);
                 pthread_cond_wait(&rt->work_cv, &rt->mu);
                 keel__rt_wait_end(rt);
+                atomic_fetch_sub_explicit(&rt->idle_workers, 1, memory_order_relaxed);
                 continue;
             }
             /* After a second with nothing to do, the thread's allocator cache goes back
@@ -1546,6 +1987,7 @@ void *keel__worker_main(void *arg)
             keel__rt_wait_begin(rt);
             rc = pthread_cond_timedwait(&rt->work_cv, &rt->mu, &ts);
             keel__rt_wait_end(rt);
+            atomic_fetch_sub_explicit(&rt->idle_workers, 1, memory_order_relaxed);
             if (rc == ETIMEDOUT) {
                 worked = false;
                 keel__rt_unlock(rt);
@@ -1554,8 +1996,14 @@ void *keel__worker_main(void *arg)
             }
         }
         worked = true;
-        if ((v = ready_pop_locked(rt)) == NULL)
-            break; /* stopping and nothing left to dispatch */
+        if ((v = ready_pop_locked(rt)) == NULL) {
+            if (tl_lane.head == NULL)
+                break; /* stopping and nothing left to dispatch */
+            keel__rt_unlock(rt); /* the lane gave way to a queue that is served now */
+            lane_run(rt);
+            keel__rt_lock(rt);
+            continue;
+        }
         if (!vslot_can_dispatch(v))
             continue; /* its last queued request was cancelled meanwhile */
         run = form_batch_locked(rt, v, keel__now_ns(), &b, &expired, &expired_tail);
@@ -1573,9 +2021,11 @@ void *keel__worker_main(void *arg)
             b = next;
             run = b.n > 0;
         }
+        lane_run(rt); /* what the callbacks submitted meanwhile */
         keel__rt_lock(rt);
     }
     keel__rt_unlock(rt);
+    KEEL__ASSERT(tl_lane.v == NULL);
     return NULL;
 }
 
@@ -1640,7 +2090,12 @@ keel_err keel_request_cancel(keel_request *req)
         return KEEL_EINVAL;
     rt = req->rt;
     keel__rt_lock(rt);
-    switch (req->state) {
+    switch (__atomic_load_n(&req->state, __ATOMIC_ACQUIRE)) {
+    case KEEL__REQ_LANE:
+        /* Its worker answers it before or after its run (DESIGN, "Lanes"). */
+        __atomic_store_n(&req->cancel_requested, true, __ATOMIC_RELEASE);
+        keel__rt_unlock(rt);
+        return KEEL_OK;
     case KEEL__REQ_QUEUED:
         v = req->vslot;
         queue_unlink_locked(rt, v, req);
