@@ -237,8 +237,8 @@ struct keel__vslot {
      * next, and batches that ended early, unfinished (heads linked by held_next). */
     uint64_t seq_next, seq_done;
     keel_request *held;
-    uint32_t nstuck;         /* rt->mu: runs with detached requests still in the backend */
-    bool in_ready;           /* rt->mu */
+    uint32_t nstuck; /* rt->mu: runs with detached requests still in the backend */
+    bool in_ready;   /* rt->mu */
     /* nqueued > 0, written under rt->mu when that changes, read without the lock by workers
      * running a lane of v (sched.c: a lane gives way to queued requests). */
     _Atomic bool any_queued;
@@ -263,13 +263,13 @@ struct keel__model_entry {
     /* Last submit, the LRU clock of eviction: written under rt->mu by submit and without it
      * by a worker's lane (sched.c), hence atomic (relaxed; stored only when it moved). */
     _Atomic uint64_t last_used_ns;
-    uint64_t charge_hint;              /* rt->mu: last measured charge, predicts the next */
-    bool loading;                      /* rt->mu: a load runs; never evicted meanwhile */
-    bool swapping;                     /* rt->mu: resource-preserving swap: vslots parked */
-    bool evicted;                      /* rt->mu: unloaded by the budget; vslots parked */
-    bool want_load;                    /* rt->mu: evicted and a request waits: reload it */
-    bool pinned;                       /* rt->mu: from the last config read */
-    char *config_json;                 /* rt->mu */
+    uint64_t charge_hint; /* rt->mu: last measured charge, predicts the next */
+    bool loading;         /* rt->mu: a load runs; never evicted meanwhile */
+    bool swapping;        /* rt->mu: resource-preserving swap: vslots parked */
+    bool evicted;         /* rt->mu: unloaded by the budget; vslots parked */
+    bool want_load;       /* rt->mu: evicted and a request waits: reload it */
+    bool pinned;          /* rt->mu: from the last config read */
+    char *config_json;    /* rt->mu */
     keel__stats stats;
     keel__counters counters[KEEL__SHARDS];
     keel__model_entry *next;
@@ -296,7 +296,7 @@ struct keel_runtime {
     _Atomic bool any_ready;
     _Atomic int idle_workers; /* worker threads waiting for work (written under mu) */
     _Alignas(KEEL__CACHELINE) bool shutting_down; /* mu: submits refused */
-    bool stopping;                        /* mu: workers and the timer exit when idle */
+    bool stopping;                                /* mu: workers and the timer exit when idle */
     int nworkers;
     pthread_t workers[KEEL__MAX_WORKERS];
     _Atomic int worker_seq; /* hands each worker thread its index (sched.c) */

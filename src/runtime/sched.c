@@ -978,21 +978,21 @@ static bool lane_eligible_locked(const keel_runtime *rt, const keel__vslot *v,
 {
     const keel__model_config *cfg = g->cfg;
 
-    return !rt->shutting_down && !rt->stopping && !v->removed && v->current == g &&
-           !g->retired && cfg->preprocess == NULL && !cfg->batching &&
-           v->priority_levels == 0 && v->qpolicy[0].default_timeout_us == 0;
+    return !rt->shutting_down && !rt->stopping && !v->removed && v->current == g && !g->retired &&
+           cfg->preprocess == NULL && !cfg->batching && v->priority_levels == 0 &&
+           v->qpolicy[0].default_timeout_us == 0;
 }
 
-/* Under rt->mu: is v the vslot a request for its model's newest version goes to? */
-static bool vslot_is_newest_locked(const keel__vslot *v)
+/* Under rt->mu: the vslot a request for e's newest version goes to, or NULL. */
+static keel__vslot *newest_vslot_locked(const keel__model_entry *e)
 {
-    const keel__vslot *newest = NULL;
+    keel__vslot *newest = NULL;
 
-    for (const keel__vslot *w = v->entry->versions; w != NULL; w = w->next) {
+    for (keel__vslot *w = e->versions; w != NULL; w = w->next) {
         if (w->current != NULL)
             newest = w;
     }
-    return newest == v;
+    return newest;
 }
 
 /* Under rt->mu, on a worker ending a request of v that ran on g: may the worker's lane keep
@@ -1009,7 +1009,7 @@ static bool lane_accepts_locked(keel_runtime *rt, keel__vslot *v, keel__generati
     l->v = v;
     l->g = g;
     l->epoch = epoch;
-    l->newest = vslot_is_newest_locked(v);
+    l->newest = newest_vslot_locked(v->entry) == v;
     return true;
 }
 
@@ -1147,8 +1147,7 @@ static void end_group(keel_runtime *rt, batch *b, batch *follow)
     for (keel_request *req = done, *next; req != NULL; req = next) {
         next = req->qnext;
         req->qnext = NULL;
-        finish_unlocked(req, req->entry, req->gen, req == free_at ? free_vslot : NULL, now,
-                        pool);
+        finish_unlocked(req, req->entry, req->gen, req == free_at ? free_vslot : NULL, now, pool);
     }
     for (uint32_t i = 0; i < b->ndetached; i++)
         keel__generation_release(b->gen);
@@ -1345,9 +1344,8 @@ static bool lane_submit(keel_request *req, keel_infer_cb cb, void *user, keel_er
     uint64_t est, now;
     int64_t rows;
 
-    if (__atomic_load_n(&req->state, __ATOMIC_ACQUIRE) != KEEL__REQ_IDLE ||
-        req->timeout_us != 0 || req->priority != 0 ||
-        (req->version == -1 ? !l->newest : req->version != v->version) ||
+    if (__atomic_load_n(&req->state, __ATOMIC_ACQUIRE) != KEEL__REQ_IDLE || req->timeout_us != 0 ||
+        req->priority != 0 || (req->version == -1 ? !l->newest : req->version != v->version) ||
         atomic_load_explicit(&rt->lane_epoch, memory_order_acquire) != l->epoch ||
         strcmp(req->model, e->name) != 0)
         return false;
@@ -1411,12 +1409,15 @@ static bool lane_take_context_locked(keel_runtime *rt)
 }
 
 /* Under rt->mu: empties the lane's FIFO: each request drops its reference (into rel) and
- * goes into v's queue like any admitted request, or, cancelled, unloaded or shutting down,
- * is returned (linked by qnext, status and message set) to be completed after unlocking. */
+ * goes into v's queue like any admitted request (v removed: a request for the newest
+ * version into the newest one's, as keel__vslot_move_latest_locked moves queued ones), or,
+ * cancelled, unloaded or shutting down, is returned (linked by qnext, status and message
+ * set) to be completed after unlocking. */
 static keel_request *lane_requeue_locked(keel_runtime *rt, lane_release *rel)
 {
     lane *l = &tl_lane;
     keel__vslot *v = l->v;
+    keel__vslot *to = !v->removed ? v : newest_vslot_locked(v->entry);
     keel_request *answer = NULL, *answer_tail = NULL, *req;
     bool queued = false;
 
@@ -1433,16 +1434,21 @@ static keel_request *lane_requeue_locked(keel_runtime *rt, lane_release *rel)
         } else if (rt->shutting_down) {
             req->status = KEEL_ESHUTDOWN;
             keel__request_set_error(req, "the runtime is shutting down");
-        } else if (v->removed) {
+        } else if (v->removed && (req->version != -1 || to == NULL)) {
             req->status = KEEL_EUNAVAILABLE;
             keel__request_set_error(req, "the model version was unloaded");
         } else {
-            uint32_t level = level_of(req, v); /* priority 0: the default level */
-            const keel__queue_policy *qp = &v->qpolicy[v->priority_levels > 0 ? level : 0];
+            uint32_t level = level_of(req, to); /* priority 0: the default level */
+            const keel__queue_policy *qp = &to->qpolicy[to->priority_levels > 0 ? level : 0];
+            if (to != v) {
+                v->inflight--; /* its slot moves along; v is freed when the lane settles */
+                to->inflight++;
+                req->vslot = to;
+            }
             req->deadline_ns = deadline_of(req, qp);
             req->timeout_action = qp->timeout_action;
             __atomic_store_n(&req->state, KEEL__REQ_QUEUED, __ATOMIC_RELAXED);
-            queue_push_locked(rt, v, req, level - 1);
+            queue_push_locked(rt, to, req, level - 1);
             timer_note_locked(rt, req->deadline_ns);
             queued = true;
             continue;
@@ -1453,9 +1459,9 @@ static keel_request *lane_requeue_locked(keel_runtime *rt, lane_release *rel)
     l->tail = NULL;
     l->n = 0;
     if (queued) {
-        if (v->current == NULL && v->entry->evicted)
-            keel__want_load_locked(rt, v->entry); /* as pick_vslot_locked would */
-        keel__vslot_kick_locked(rt, v);
+        if (to->current == NULL && to->entry->evicted)
+            keel__want_load_locked(rt, to->entry); /* as pick_vslot_locked would */
+        keel__vslot_kick_locked(rt, to);
     }
     return answer;
 }
@@ -1998,7 +2004,7 @@ void *keel__worker_main(void *arg)
         worked = true;
         if ((v = ready_pop_locked(rt)) == NULL) {
             if (tl_lane.head == NULL)
-                break; /* stopping and nothing left to dispatch */
+                break;           /* stopping and nothing left to dispatch */
             keel__rt_unlock(rt); /* the lane gave way to a queue that is served now */
             lane_run(rt);
             keel__rt_lock(rt);
