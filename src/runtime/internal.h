@@ -287,14 +287,15 @@ struct keel_runtime {
     pthread_cond_t work_cv;
     keel__model_entry *models;            /* mu */
     keel__vslot *ready_head, *ready_tail; /* mu */
+    _Atomic bool any_ready;               /* see lane_epoch below */
+    _Atomic int idle_workers;
     keel_request *running;                /* mu: running requests (sched.c), by run_next */
     /* Lanes (sched.c's DESIGN) read these without mu: lane_epoch changes (under mu) with
      * anything that changes where a request is routed or what serves it (a publish, a park,
-     * a removal, shutdown); any_ready is ready_head != NULL. On a line of their own: they
-     * are read on every lane request and written rarely. */
+     * a removal, shutdown): on a line of its own, read on every lane request, written
+     * rarely. any_ready (ready_head != NULL) and idle_workers (workers waiting for work)
+     * are written under mu, beside the ready list, whose line their writers hold anyway. */
     _Alignas(KEEL__CACHELINE) _Atomic uint64_t lane_epoch;
-    _Atomic bool any_ready;
-    _Atomic int idle_workers; /* worker threads waiting for work (written under mu) */
     _Alignas(KEEL__CACHELINE) bool shutting_down; /* mu: submits refused */
     bool stopping;                                /* mu: workers and the timer exit when idle */
     int nworkers;

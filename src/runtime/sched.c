@@ -1479,11 +1479,11 @@ static void lane_run_one(keel_request *req)
     uint64_t now;
 
     req->dispatch_ns = keel__now_ns();
-    atomic_fetch_add_explicit(&keel__stats_mine(e)->runs_inline, 1, memory_order_relaxed);
     if (__atomic_load_n(&req->cancel_requested, __ATOMIC_ACQUIRE)) {
         keel__request_set_error(req, "request cancelled while queued");
         err = KEEL_ECANCELED;
     } else {
+        atomic_fetch_add_explicit(&keel__stats_mine(e)->runs_inline, 1, memory_order_relaxed);
         req->ctx_index = l->ctx;
         err = run_leased(req, &s, &b, &rows); /* never detached: not in rt->running */
         atomic_store_explicit(&req->run_slot, NULL, memory_order_relaxed);
