@@ -437,6 +437,11 @@ typedef struct keel_side {
     int workers; /* = the model's instance count */
 } keel_side;
 
+/* inline_max_us for keel_side_open (0: the runtime's default). The callgrind modes raise it:
+ * under valgrind a batch-1 call takes about 50 times as long, so the default bound would call
+ * the model slow and keel would take another path (no lanes) than it takes natively. */
+static uint32_t side_inline_max_us;
+
 static int keel_side_open(keel_side *k, const char *repo, int instances)
 {
     keel_runtime_opts opts;
@@ -450,6 +455,8 @@ static int keel_side_open(keel_side *k, const char *repo, int instances)
     opts.model_repository = repo;
     opts.control = KEEL_CONTROL_EXPLICIT;
     opts.worker_threads = instances;
+    if (side_inline_max_us != 0)
+        opts.inline_max_us = side_inline_max_us;
     opts.log_fn = log_to_stderr;
     opts.log_level = KEEL_LOG_WARN;
     if ((err = keel_runtime_create(&opts, &k->rt)) != KEEL_OK) {
@@ -1228,6 +1235,7 @@ int main(int argc, char **argv)
 
     if (o.callgrind_mode != NULL) {
         keel_side *k = &sides[o.cg_instances - 1];
+        side_inline_max_us = 10000000; /* 10 s: see side_inline_max_us */
         if (strcmp(o.callgrind_mode, "raw") != 0 && keel_side_open(k, o.repo, o.cg_instances) != 0)
             goto done;
         rc = run_callgrind(&o, booster, k, x) == 0 ? 0 : 1;
