@@ -289,7 +289,7 @@ struct keel_runtime {
     keel__vslot *ready_head, *ready_tail; /* mu */
     _Atomic bool any_ready;               /* see lane_epoch below */
     _Atomic int idle_workers;
-    keel_request *running;                /* mu: running requests (sched.c), by run_next */
+    keel_request *running; /* mu: running requests (sched.c), by run_next */
     /* Lanes (sched.c's DESIGN) read these without mu: lane_epoch changes (under mu) with
      * anything that changes where a request is routed or what serves it (a publish, a park,
      * a removal, shutdown): on a line of its own, read on every lane request, written
