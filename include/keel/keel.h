@@ -281,8 +281,9 @@ typedef struct keel_model_stats {
     uint64_t compute_ns;               /* total time in the backend's run */
     uint64_t last_inference_unix_ms;   /* wall clock of the last completion; 0 if none */
     /* Where requests ran: on the submitting thread (KEEL_SUBMIT_RUN_HERE, _RUN_IF_FAST,
-     * keel_infer) or handed to an inference thread. Requests that never ran (expired in the
-     * queue, cancelled while queued) count in neither. */
+     * keel_infer, and requests an inference thread's callback submitted and that thread
+     * kept: keel_infer_submit) or handed to an inference thread. Requests that never ran
+     * (expired in the queue, cancelled while queued) count in neither. */
     uint64_t runs_inline;
     uint64_t runs_handed_off;
 } keel_model_stats;
@@ -448,6 +449,13 @@ typedef void (*keel_infer_cb)(keel_request *req, keel_err status, void *user);
  * deadline passes first), KEEL_ENOTFOUND for an unknown model or version, KEEL_EBUSY if req is
  * already in flight, KEEL_ESHUTDOWN during runtime destroy. A request may be submitted again
  * after its callback has run; its previous outputs are discarded.
+ * Submitted from a completion callback (a pipeline that keeps requests in flight this way):
+ * a request for the model whose request just completed on that inference thread, with no
+ * timeout or priority of its own, for a fast model without dynamic batching, preprocessing,
+ * priority levels or a default queue timeout, is kept by that thread and run there after
+ * the callback returns, with no runtime lock and no hand-off (it may start before requests
+ * other threads queued earlier; the thread still serves those between its own). Its
+ * admission slot stays counted until the callbacks that submitted nothing return.
  */
 KEEL_EXTERN keel_err keel_infer_submit(keel_request *req, keel_infer_cb cb, void *user);
 
@@ -495,8 +503,10 @@ KEEL_EXTERN keel_err keel_infer(keel_request *req);
 
 /* Cancels an in-flight request. A queued request completes with KEEL_ECANCELED (its callback
  * may run on this thread before this returns); a running one completes with KEEL_ECANCELED
- * when the backend returns, its outputs discarded. KEEL_OK if the cancel was recorded,
- * KEEL_EINVAL if the request is not in flight. */
+ * when the backend returns, its outputs discarded. A request an inference thread kept from
+ * a callback (keel_infer_submit) completes KEEL_ECANCELED on that thread, without running if
+ * it has not started. KEEL_OK if the cancel was recorded, KEEL_EINVAL if the request is not
+ * in flight. */
 KEEL_EXTERN keel_err keel_request_cancel(keel_request *req);
 
 /* Result accessors: valid after completion until the request is destroyed or resubmitted. */
