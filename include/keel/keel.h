@@ -437,7 +437,9 @@ KEEL_EXTERN void keel_request_set_timeout_us(keel_request *req, uint64_t timeout
 KEEL_EXTERN void keel_request_set_priority(keel_request *req, uint32_t priority);
 
 /* Completion callback: status is KEEL_OK or the reason the request failed. Runs exactly once
- * per successful submit, with no keel lock held. It may destroy or resubmit req. */
+ * per successful submit, with no keel lock held. It may destroy or resubmit req, and submit
+ * others, but must not wait for another request to complete (keel_infer included): the
+ * inference thread running it may be the one, or hold the context, that request needs. */
 typedef void (*keel_infer_cb)(keel_request *req, keel_err status, void *user);
 
 /*
