@@ -654,6 +654,27 @@ static uint64_t deadline_of(const keel_request *req, const keel__queue_policy *q
     return req->submit_ns + t * 1000ULL;
 }
 
+/* The fields every admission sets (submit, lane_submit): the callback, the slot's vslot,
+ * the submit time, and the generation whose reference the request holds from now (NULL
+ * until it is leased). */
+static void request_admitted(keel_request *req, keel_infer_cb cb, void *user, keel__vslot *v,
+                             uint64_t now, keel__generation *g)
+{
+    req->ordered = false;
+    req->cb = cb;
+    req->user = user;
+    req->entry = v->entry;
+    req->vslot = v;
+    req->gen = g;
+    req->ctx_index = -1;
+    req->status = KEEL_OK;
+    req->generation_id = g != NULL ? g->id : 0;
+    req->ran_version = g != NULL ? g->version : -1;
+    req->submit_ns = now;
+    req->dispatch_ns = 0;
+    req->input_end_ns = req->output_start_ns = req->complete_ns = req->preprocess_ns = 0;
+}
+
 /*
  * Admits req (see the file's DESIGN). With may_run_here (keel_infer, KEEL_SUBMIT_RUN_HERE), a
  * request that would be first in an empty queue while its generation has an idle context is
@@ -719,24 +740,12 @@ static keel_err submit(keel_request *req, keel_infer_cb cb, void *user, unsigned
     keel__counter_add_locked(rt, e, KEEL__CNT(leases), 1);
     req->state = KEEL__REQ_QUEUED;
     req->cancel_requested = false;
+    request_admitted(req, cb, user, v, keel__now_ns(), NULL);
     req->from_cb = tl_in_cb && tl_worker_rt == rt;
-    req->ordered = false;
-    req->cb = cb;
-    req->user = user;
-    req->entry = e;
-    req->vslot = v;
-    req->gen = NULL;
-    req->ctx_index = -1;
-    req->status = KEEL_OK;
-    req->generation_id = 0;
-    req->ran_version = -1;
-    req->submit_ns = keel__now_ns();
     /* LRU for the memory budget (no second clock read), to 0.1 ms: stored only when
      * it moved, so that the entry's line is not written by every request. */
     if (req->submit_ns - atomic_load_explicit(&e->last_used_ns, memory_order_relaxed) >= 100000u)
         atomic_store_explicit(&e->last_used_ns, req->submit_ns, memory_order_relaxed);
-    req->dispatch_ns = 0;
-    req->input_end_ns = req->output_start_ns = req->complete_ns = req->preprocess_ns = 0;
     req->deadline_ns = deadline_of(req, qp);
     req->timeout_action = qp->timeout_action;
     req->rows = request_rows(req, v->current != NULL ? v->current->cfg->max_batch_size : 1);
@@ -1380,20 +1389,8 @@ static bool lane_submit(keel_request *req, keel_infer_cb cb, void *user, keel_er
     if (now - atomic_load_explicit(&e->last_used_ns, memory_order_relaxed) >= 10000000u)
         atomic_store_explicit(&e->last_used_ns, now, memory_order_relaxed);
     __atomic_store_n(&req->cancel_requested, false, __ATOMIC_RELAXED);
+    request_admitted(req, cb, user, v, now, g);
     req->from_cb = true;
-    req->ordered = false;
-    req->cb = cb;
-    req->user = user;
-    req->entry = e;
-    req->vslot = v;
-    req->gen = g;
-    req->ctx_index = -1;
-    req->status = KEEL_OK;
-    req->generation_id = g->id;
-    req->ran_version = g->version;
-    req->submit_ns = now;
-    req->dispatch_ns = 0;
-    req->input_end_ns = req->output_start_ns = req->complete_ns = req->preprocess_ns = 0;
     req->deadline_ns = 0;
     req->timeout_action = KEEL__TIMEOUT_REJECT;
     req->rows = rows;
