@@ -891,6 +891,22 @@ static bool detach_locked(keel_runtime *rt, keel_request *req, keel_err status, 
     return true;
 }
 
+/* The fields every end sets (finish_locked, lane_run_one): the callback moves to done_cb, the
+ * slot and context go, the result is set, and the request is IDLE (its owner's again once
+ * done_cb runs). */
+static void request_ended(keel_request *req, keel_err status, uint64_t now)
+{
+    req->done_cb = req->cb;
+    req->done_user = req->user;
+    req->cb = NULL;
+    req->user = NULL;
+    req->ctx_index = -1;
+    req->vslot = NULL;
+    req->status = status;
+    req->complete_ns = now;
+    __atomic_store_n(&req->state, KEEL__REQ_IDLE, __ATOMIC_RELEASE);
+}
+
 /* Under rt->mu: the part of ending req that needs the lock (its context, if it holds one,
  * is returned by the caller): drops the slot, moves the callback to done_cb, sets the
  * result. Returns the vslot to free after unlocking, or NULL. */
@@ -911,15 +927,7 @@ static keel__vslot *finish_locked(keel_runtime *rt, keel_request *req, keel_err 
         v->inflight--;
         keel__counter_add_locked(rt, req->entry, KEEL__CNT(leases), -1);
     }
-    req->done_cb = req->cb;
-    req->done_user = req->user;
-    req->cb = NULL;
-    req->user = NULL;
-    req->ctx_index = -1;
-    req->vslot = NULL;
-    req->status = status;
-    req->complete_ns = now;
-    __atomic_store_n(&req->state, KEEL__REQ_IDLE, __ATOMIC_RELEASE);
+    request_ended(req, status, now);
     return v->removed && v->inflight == 0 && v->nstuck == 0 ? v : NULL;
 }
 
@@ -1508,16 +1516,8 @@ static void lane_run_one(keel_request *req)
         }
     }
     now = keel__now_ns();
-    req->done_cb = req->cb;
-    req->done_user = req->user;
-    req->cb = NULL;
-    req->user = NULL;
-    req->ctx_index = -1;
-    req->vslot = NULL;
-    req->status = err;
-    req->complete_ns = now;
     l->pool++;
-    __atomic_store_n(&req->state, KEEL__REQ_IDLE, __ATOMIC_RELEASE);
+    request_ended(req, err, now);
     finish_unlocked(req, e, l->g, NULL, now, true);
     keel__run_slot_fini(&s);
 }
