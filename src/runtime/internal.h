@@ -51,7 +51,9 @@
  *   rt->mu protects: the model table, each entry's version list and status, each vslot's
  *   current pointer, queue, in-flight count and ready-list membership, each generation's
  *   free-context stack, in-use count and retired flag, and each request's state and cancel
- *   flag. Counters and statistics are atomics and need no lock.
+ *   flag (except while the request is in a worker's lane: its worker alone moves it, and a
+ *   cancel sets the flag atomically; sched.c's DESIGN, "Lanes"). Counters and statistics
+ *   are atomics and need no lock.
  *   Nothing is released, destroyed or called back while rt->mu is held: completions collect
  *   what to release under the lock and act after unlocking.
  *

@@ -190,7 +190,8 @@
  *
  * Locks: rt->mu only (internal.h's order); per request, submit takes it once, and a batch of
  * n requests takes it once to complete and, unless a worker goes on with the same vslot,
- * once to form (docs/PERFORMANCE.md has the counts, bench/lockstat.sh measures them). Layer: calls
+ * once to form; a lane request takes it not at all (its lane, twice per lane run).
+ * docs/PERFORMANCE.md has the counts, bench/lockstat.sh measures them. Layer: calls
  * registry.c, request.c, batch.c, preprocess.c (the run path), budget.c (want_load) and
  * generation.c only.
  */
