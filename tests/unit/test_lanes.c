@@ -301,8 +301,9 @@ static void cancel_cb(keel_request *req, keel_err status, void *user)
 {
     canceller *k = user;
     keel_request *next;
+    int phase = k->phase++;
 
-    switch (k->phase++) {
+    switch (phase) {
     case 0: /* submitted by the test thread: the next one comes from a worker's callback */
     case 1: /* ... and ends on a worker, whose lane keeps its slot: the next goes there */
         keel_request_destroy(req);
@@ -310,7 +311,7 @@ static void cancel_cb(keel_request *req, keel_err status, void *user)
             cancel_done(k, true);
             return;
         }
-        if (k->phase == 2) {
+        if (phase == 1) {
             k->runs_before = atomic_load(&mock.runs);
             k->submitting = true;
         }
@@ -319,10 +320,14 @@ static void cancel_cb(keel_request *req, keel_err status, void *user)
             cancel_done(k, true);
             return;
         }
-        /* In the lane, its callback has not run (the lane runs after this one returns). */
-        if (k->phase == 2 && keel_request_cancel(next) != KEEL_OK)
-            k->bad++;
-        k->submitting = false;
+        /* Phase 0: next is queued and may already run on the other worker, whose callback
+         * uses k: nothing more here. Phase 1: next is in this worker's lane, which runs it
+         * only after this callback returns. */
+        if (phase == 1) {
+            if (keel_request_cancel(next) != KEEL_OK)
+                k->bad++;
+            k->submitting = false;
+        }
         return;
     case 2: /* the cancelled one */
         k->cancelled_status = status;
