@@ -42,8 +42,10 @@
 #            batch size (the statistics' inference_count / execution_count over the run),
 #            p50/p99; and batch 64 to the ONNX digits example without and with batching.
 #            Each round also measures what bounds the batch-1 rows: GET /v2/health/live at
-#            the same connections (the HTTP exchange alone) and raw batch-64 calls (a
-#            batched row's backend cost)
+#            the same connections (the HTTP exchange alone), raw batch-64 and batch-8 calls
+#            (a batched row's backend cost at 64 and at 8 connections), and with wrk the
+#            batch-1 body POSTed to /v2/health/live (405, no model: the exchange of the same
+#            bytes) beside the same body to ref_b0
 # The report opens with issue 11's table: every row of it, from these sections.
 #
 # Usage: bench/suite.sh [SECTION...]   (default: all, in the order above)
@@ -374,10 +376,21 @@ PY
             # per-row cost; a batched request costs at least the one plus the other.
             rr=$(raw_rate 64) # assigned first: a failure inside $(...) in row's arguments
             row batching "$r" raw_b64 $rr # would not stop the script (set -e)
+            # At 8 connections a batch holds at most 8 rows: its backend cost per row is a
+            # raw batch-8 call's, not a batch-64 call's.
+            rr=$(raw_rate 8)
+            row batching "$r" raw_b8 $rr
             for c in 8 64; do
                 conns=$c
                 res=$(perf_run "$port" "$spid" /v2/health/live 1)
                 row batching "$r" "live_c$c" $res
+                # The exchange of the very bytes a batch-1 request sends: wrk POSTs the
+                # batch-1 body to /v2/health/live, which reads and drops it and answers 405
+                # with no model work; and, same generator and round, the same body to ref_b0
+                # (batching on): keel's own cost is the gap between the two beyond the rows.
+                row batching "$r" "post_c$c" $(wrk_run "$port" /v2/health/live "$out/body_b1.json")
+                row batching "$r" "wrkb0_c$c" $(wrk_run "$port" /v2/models/ref_b0/infer \
+                    "$out/body_b1.json")
                 for m in ref_i1 ref_b0 ref_bd; do
                     s0=$(stats_rows "$port" "$m")
                     res=$(perf_run "$port" "$spid" "$m" 1 --input-data "$out/rows_b1.txt")
