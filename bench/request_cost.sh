@@ -31,7 +31,7 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-build=build-bench
+build="build-bench"
 repo=$build/bench-models
 conns=${CONNS:-8}
 secs=${SECS:-3}
@@ -97,7 +97,7 @@ hz=$(getconf CLK_TCK)
 echo
 echo "== 2. server CPU per request, $conns connections, server CPU $scpu, generator CPU $gcpu"
 printf '%-34s %9s %14s %14s %10s %16s\n' load req/s "server busy" "server us/req" "gen busy" "batch, us/call"
-for r in $(seq "$rounds"); do
+for _ in $(seq "$rounds"); do
     for load in perf_live wrk_live wrk_post405 wrk_infer perf_infer; do
         s0=$(stats)
         c0=$(ticks)
