@@ -388,9 +388,10 @@ PY
                 # batch-1 body to /v2/health/live, which reads and drops it and answers 405
                 # with no model work; and, same generator and round, the same body to ref_b0
                 # (batching on): keel's own cost is the gap between the two beyond the rows.
-                row batching "$r" "post_c$c" $(wrk_run "$port" /v2/health/live "$out/body_b1.json")
-                row batching "$r" "wrkb0_c$c" $(wrk_run "$port" /v2/models/ref_b0/infer \
-                    "$out/body_b1.json")
+                res=$(wrk_run "$port" /v2/health/live "$out/body_b1.json")
+                row batching "$r" "post_c$c" $res
+                res=$(wrk_run "$port" /v2/models/ref_b0/infer "$out/body_b1.json")
+                row batching "$r" "wrkb0_c$c" $res
                 for m in ref_i1 ref_b0 ref_bd; do
                     s0=$(stats_rows "$port" "$m")
                     res=$(perf_run "$port" "$spid" "$m" 1 --input-data "$out/rows_b1.txt")
