@@ -193,6 +193,12 @@ def batching(h, rows):
     print()
 
 
+def batched_rows(conns, raw8, raw64):
+    """The raw calls whose per-row cost a batch at this many connections can reach, and their
+    batch size: batch 8 at 8 connections or fewer (when the run measured it), else 64."""
+    return (raw8, 8) if int(conns) <= 8 and raw8 else (raw64, 64)
+
+
 def bound_table(raw, raw64, live, raw8):
     """What bounds a batch-1 request's rate: its HTTP exchange (the same server's GET
     /v2/health/live at the same connections) plus a batched row's backend cost: a raw
@@ -205,7 +211,7 @@ def bound_table(raw, raw64, live, raw8):
           "batched rows/s | bound req/s | bound / raw b1 |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for conns in sorted({c for _, c in live}, key=int):
-        rows_of, per = (raw8, 8) if int(conns) <= 8 and raw8 else (raw64, 64)
+        rows_of, per = batched_rows(conns, raw8, raw64)
         rs = [rd for rd, c in live if c == conns and rd in raw and rd in rows_of]
         if not rs:
             continue
@@ -231,8 +237,7 @@ def post_bound_table(raw, raw8, raw64, post, wrkb0):
           " | bound / raw b1 | wrk ref_b0 req/s | wrk ref_b0 / raw b1 | wrk ref_b0 / bound |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for conns in sorted({c for _, c in post}, key=int):
-        rows_of = raw8 if int(conns) <= 8 else raw64
-        per = 8 if int(conns) <= 8 else 64
+        rows_of, per = batched_rows(conns, raw8, raw64)
         rs = [rd for rd, c in post
               if c == conns and rd in raw and rd in rows_of and (rd, conns) in wrkb0]
         if not rs:
