@@ -18,6 +18,10 @@
 #      very bytes, no model); wrk and keel perf with the batch-1 body to $MODEL (ref_b0:
 #      dynamic batching, max_queue_delay 0). For the inference loads also the model's own
 #      statistics over the run: average executed batch and compute_infer per backend call.
+#      And keel perf's two loads against bench/mhd_floor.c (built here with cc, a second
+#      server on $SERVER_CPU, idle while keel serve is measured and the other way round): the
+#      floor of the exchange, what libmicrohttpd and the kernel cost for the very requests
+#      and answers of perf_live and perf_infer when the server does none of keel's work.
 #      $ROUNDS rounds, each load once per round in the same order.
 #   3. System calls per request (perf stat on the server's syscalls:sys_enter_* tracepoints,
 #      2 s under keel perf) for the inference and the GET load.
@@ -26,8 +30,13 @@
 #
 # Usage: bench/request_cost.sh   Environment: CONNS (8), SECS (3), ROUNDS (2), MODEL (ref_b0),
 #   SERVER_CPU (0), GEN_CPU (1).
+# The floor's rows bound the goal: floor_infer's us/req plus the model's us per row (the batch,
+#   us/call column of perf_infer divided by its batch) is the least a batched request can cost
+#   a libmicrohttpd server here; against raw's us per call it gives the best served/raw ratio
+#   possible, and perf_infer's us/req minus that sum is keel's own work.
 # Needs: a Release build with KEEL_BUILD_BENCH=ON in build-bench and ref_b0
-#   (`bench/suite.sh batching` makes both), wrk, perf (linux-perf), cc, curl, /usr/bin/time.
+#   (`bench/suite.sh batching` makes both), wrk, perf (linux-perf), cc, libmicrohttpd-dev,
+#   curl, /usr/bin/time. The floor rows speak for ref_b0 only (mhd_floor answers its requests).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -50,8 +59,10 @@ done
 export KEEL_MODEL_CHECK=$PWD/$build/keel-model-check
 out=$(mktemp -d)
 spid=
+fpid=
 cleanup() {
     [[ -n "$spid" ]] && kill "$spid" 2>/dev/null
+    [[ -n "$fpid" ]] && kill "$fpid" 2>/dev/null
     rm -rf "$out"
 }
 trap cleanup EXIT
@@ -84,6 +95,18 @@ done
 [[ -n "$port" ]] || { echo "request_cost: keel serve did not start" >&2; cat "$out/port" >&2; exit 1; }
 url=http://127.0.0.1:$port
 
+cc -O2 -o "$out/mhd_floor" bench/mhd_floor.c -lmicrohttpd
+taskset -c "$scpu" "$out/mhd_floor" >"$out/fport" &
+fpid=$!
+fport=
+for _ in $(seq 100); do
+    fport=$(sed -n 's/^port=//p' "$out/fport")
+    [[ -n "$fport" ]] && curl -fs "127.0.0.1:$fport/v2/health/live" >/dev/null && break
+    fport=
+    sleep 0.05
+done
+[[ -n "$fport" ]] || { echo "request_cost: mhd_floor did not start" >&2; exit 1; }
+
 stats() { # -> "requests executions compute_infer_ns"
     curl -sf "$url/v2/models/$model/stats" | /usr/bin/python3 -c '
 import json, sys
@@ -91,22 +114,25 @@ s = json.load(sys.stdin)["model_stats"][0]
 print(s["inference_stats"]["success"]["count"], s["execution_count"],
       s["inference_stats"]["compute_infer"]["ns"])'
 }
-ticks() { awk '{ print $14 + $15 }' "/proc/$spid/stat"; }
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 
 echo
 echo "== 2. server CPU per request, $conns connections, server CPU $scpu, generator CPU $gcpu"
 printf '%-34s %9s %14s %14s %10s %16s\n' load req/s "server busy" "server us/req" "gen busy" "batch, us/call"
 for _ in $(seq "$rounds"); do
-    for load in perf_live wrk_live wrk_post405 wrk_infer perf_infer; do
+    for load in perf_live wrk_live wrk_post405 wrk_infer perf_infer floor_live floor_infer; do
+        pid=$spid
+        p=$port
+        [[ $load == floor_* ]] && pid=$fpid && p=$fport
         s0=$(stats)
-        c0=$(ticks)
+        c0=$(ticks "$pid")
         t0=$(date +%s.%N)
         case $load in
-        perf_* )
-            if [[ $load == perf_live ]]; then a=(--endpoint /v2/health/live); else
+        perf_* | floor_* )
+            if [[ $load == *_live ]]; then a=(--endpoint /v2/health/live); else
                 a=(-m "$model" -b 1 --input-data "$out/rows.txt"); fi
-            /usr/bin/time -f "%U %S" -o "$out/gen" taskset -c "$gcpu" "$keel" perf -u "127.0.0.1:$port" \
+            /usr/bin/time -f "%U %S" -o "$out/gen" taskset -c "$gcpu" "$keel" perf -u "127.0.0.1:$p" \
                 "${a[@]}" --concurrency-range "$conns" -d "$secs" --warmup 0 --no-progress \
                 -f "$out/perf.csv" >"$out/gen.log" 2>&1 ||
                 { echo "request_cost: keel perf failed" >&2; cat "$out/gen.log" >&2; exit 1; }
@@ -123,11 +149,11 @@ for _ in $(seq "$rounds"); do
             ;;
         esac
         t1=$(date +%s.%N)
-        c1=$(ticks)
+        c1=$(ticks "$pid")
         s1=$(stats)
         read -r gu gs <"$out/gen"
         extra=-
-        if [[ $load == *infer ]]; then
+        if [[ $load == *_infer && $load != floor_* ]]; then
             extra=$(awk -v a="$s0" -v b="$s1" 'BEGIN { split(a, x, " "); split(b, y, " ")
                 n = y[1] - x[1]; e = y[2] - x[2]
                 if (e > 0) printf "%.1f, %.1f", n / e, (y[3] - x[3]) / e / 1000; else print "-" }')
