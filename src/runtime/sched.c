@@ -933,9 +933,11 @@ static keel__vslot *finish_locked(keel_runtime *rt, keel_request *req, keel_err 
 }
 
 /* After finish_locked, no lock held: releases what req held, counts it, runs the callback.
- * e and g are what req had (req's own fields are cleared here). */
+ * e and g are what req had (req's own fields are cleared here). unix_ms: the wall clock at
+ * the end, read once for a batch by the caller (the statistics' last_inference). */
 static void finish_unlocked(keel_request *req, keel__model_entry *e, keel__generation *g,
-                            keel__vslot *free_vslot, uint64_t now, bool keep_ref)
+                            keel__vslot *free_vslot, uint64_t now, uint64_t unix_ms,
+                            bool keep_ref)
 {
     keel_err status = req->status;
     keel_infer_cb cb = req->done_cb;
@@ -965,7 +967,7 @@ static void finish_unlocked(keel_request *req, keel__model_entry *e, keel__gener
     atomic_fetch_add_explicit(&sh->queue_ns,
                               (req->dispatch_ns != 0 ? req->dispatch_ns : now) - req->submit_ns,
                               memory_order_relaxed);
-    atomic_store_explicit(&sh->last_inference_unix_ms, keel__unix_ms(), memory_order_relaxed);
+    atomic_store_explicit(&sh->last_inference_unix_ms, unix_ms, memory_order_relaxed);
 
     KEEL__ASSERT(cb != NULL);
     tl_in_cb = tl_worker_rt == req->rt;
@@ -1084,7 +1086,7 @@ static void end_group(keel_runtime *rt, batch *b, batch *follow)
     keel__vslot *v = b->vslot, *free_vslot = NULL;
     keel_request *head = b->head, *done = NULL, *done_tail = NULL, *free_at = NULL;
     keel_request *marker = NULL, *markers = NULL, *expired = NULL, *expired_tail = NULL;
-    uint64_t now = keel__now_ns();
+    uint64_t now = keel__now_ns(), unix_ms;
     lane_release rel = {0};
     bool pool;
 
@@ -1164,10 +1166,12 @@ static void end_group(keel_runtime *rt, batch *b, batch *follow)
     keel__rt_unlock(rt);
     lane_release_apply(&rel);
     keel__complete_list(expired, KEEL_ETIMEDOUT, NULL);
+    unix_ms = done != NULL ? keel__unix_ms() : 0;
     for (keel_request *req = done, *next; req != NULL; req = next) {
         next = req->qnext;
         req->qnext = NULL;
-        finish_unlocked(req, req->entry, req->gen, req == free_at ? free_vslot : NULL, now, pool);
+        finish_unlocked(req, req->entry, req->gen, req == free_at ? free_vslot : NULL, now,
+                        unix_ms, pool);
     }
     for (uint32_t i = 0; i < b->ndetached; i++)
         keel__generation_release(b->gen);
@@ -1519,7 +1523,7 @@ static void lane_run_one(keel_request *req)
     now = keel__now_ns();
     l->pool++;
     request_ended(req, err, now);
-    finish_unlocked(req, e, l->g, NULL, now, true);
+    finish_unlocked(req, e, l->g, NULL, now, keel__unix_ms(), true);
     keel__run_slot_fini(&s);
 }
 

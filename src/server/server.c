@@ -223,7 +223,8 @@ static enum MHD_Result send_reply(srv_conn *c, srv_reply *r, const char *extra_n
         MHD_destroy_response(resp);
         return MHD_NO;
     }
-    c->send_start_ns = now_ns();
+    if (c->stepped)
+        c->send_start_ns = now_ns();
     ret = MHD_queue_response(c->mhd, status, resp);
     MHD_destroy_response(resp);
     c->state = CONN_ANSWERED;
@@ -684,7 +685,8 @@ static void on_infer_done(keel_request *req, keel_err status, void *user)
     srv_conn *c = user;
 
     (void)req;
-    c->request_end_ns = now_ns(); /* published by the s->mu in conn_complete */
+    if (c->stepped)
+        c->request_end_ns = now_ns(); /* published by the s->mu in conn_complete */
     conn_complete(c, status);
 }
 
@@ -830,12 +832,10 @@ static void after_turn(void *cls)
 
 /* ---------------------------------------------------------------- infer */
 
-/* Parses the Inference-Header-Content-Length header: (size_t)-1 if absent, else its value;
- * false if it is not a decimal integer. */
-static bool header_length(struct MHD_Connection *mc, size_t *out)
+/* Parses v, the value of the Inference-Header-Content-Length header (NULL if absent):
+ * (size_t)-1 if absent, else its value; false if it is not a decimal integer. */
+static bool header_length(const char *v, size_t *out)
 {
-    const char *v =
-        MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Inference-Header-Content-Length");
     uint64_t n = 0;
 
     *out = (size_t)-1;
@@ -906,7 +906,8 @@ static enum MHD_Result infer_start(srv_conn *c)
 
     if (keel__srv_draining(s))
         return send_error(c, MHD_HTTP_SERVICE_UNAVAILABLE, "the server is shutting down");
-    if (!header_length(c->mhd, &hlen))
+    hlen = c->hlen;
+    if (!c->hlen_ok)
         return send_error(c, MHD_HTTP_BAD_REQUEST,
                           "Inference-Header-Content-Length: expected a non-negative integer");
     if (hlen != (size_t)-1 && hlen > c->body_len)
@@ -951,7 +952,8 @@ static enum MHD_Result infer_start(srv_conn *c)
      * recorded before park() and the answer goes out without a suspend or a thread hand-off.
      * The HTTP thread never waits for a context; under auto it never computes a slow model,
      * so its other connections wait at most about --inline-max-us. */
-    c->request_start_ns = now_ns();
+    if (c->stepped)
+        c->request_start_ns = now_ns();
     kerr =
         keel__srv_submit(s, c->req, c->model, c->version, s->io_submit_flags, on_infer_done, c, &o);
     if (kerr != KEEL_OK) {
@@ -1170,25 +1172,6 @@ static void take_body(srv_conn *c, const char *data, size_t n)
     c->body[c->body_len] = '\0';
 }
 
-typedef struct framing {
-    unsigned content_length; /* Content-Length headers seen */
-    unsigned transfer_encoding;
-} framing;
-
-static enum MHD_Result count_framing(void *cls, enum MHD_ValueKind kind, const char *key,
-                                     const char *value)
-{
-    framing *f = cls;
-
-    (void)kind;
-    (void)value;
-    if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0)
-        f->content_length++;
-    else if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0)
-        f->transfer_encoding++;
-    return MHD_YES;
-}
-
 /*
  * MHD's URI log callback: runs when the request line has been parsed, before MHD cuts the
  * query off and percent-decodes the path, and its result becomes the request's context
@@ -1208,6 +1191,7 @@ static void *on_uri(void *cls, const char *uri, struct MHD_Connection *mc)
     c->version = -1;
     c->state = CONN_READING;
     c->start_ns = now_ns();
+    c->stepped = keel__srv_trace_active(c->s->trace);
     if (uri != NULL) {
         c->raw_target_len = strlen(uri);
         c->target_status =
@@ -1221,8 +1205,7 @@ static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const 
 {
     char msg[256];
     unsigned rc;
-    const char *cl;
-    framing fr = {0, 0};
+    srv_headers h;
     bool is_get =
         strcmp(method, MHD_HTTP_METHOD_GET) == 0 || strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
     bool is_post = strcmp(method, MHD_HTTP_METHOD_POST) == 0;
@@ -1234,12 +1217,6 @@ static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const 
                 : strcmp(method, MHD_HTTP_METHOD_GET) == 0 ? "GET"
                 : is_get                                   ? "HEAD"
                                                            : "OTHER";
-    /* A malformed traceparent is ignored, never an error (W3C Trace Context). */
-    if (keel__srv_traceparent_parse(MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "traceparent"),
-                                    &c->trace)) {
-        c->traced = true;
-        keel__srv_span_id(c->span_id);
-    }
     c->counted = true;
     atomic_fetch_add(&s->http_open, 1);
 
@@ -1260,14 +1237,22 @@ static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const 
                                 : SMALL_BODY_LIMIT;
     }
 
+    /* Every header this request's handling reads, in one pass (server_guard.c). */
+    keel__srv_headers_scan(s, c, &h);
+    c->hlen_ok = header_length(h.header_length, &c->hlen);
+    /* A malformed traceparent is ignored, never an error (W3C Trace Context). */
+    if (keel__srv_traceparent_parse(h.traceparent, &c->trace)) {
+        c->traced = true;
+        keel__srv_span_id(c->span_id);
+    }
+
     /* RFC 9112 6.3: several Content-Length headers, or one with Transfer-Encoding, make the
      * body's framing ambiguous (the way requests are smuggled past proxies). libmicrohttpd
      * would pick one; refuse the request instead and close the connection. */
-    MHD_get_connection_values(mc, MHD_HEADER_KIND, count_framing, &fr);
-    if (fr.content_length > 1 || (fr.content_length > 0 && fr.transfer_encoding > 0)) {
+    if (h.content_length_n > 1 || (h.content_length_n > 0 && h.transfer_encoding_n > 0)) {
         srv_reply r = {0};
         keel__srv_reply_error(&r, MHD_HTTP_BAD_REQUEST,
-                              fr.content_length > 1
+                              h.content_length_n > 1
                                   ? "ambiguous framing: several Content-Length headers"
                                   : "ambiguous framing: Content-Length with Transfer-Encoding");
         return send_reply(c, &r, NULL, NULL, true);
@@ -1276,19 +1261,18 @@ static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const 
         /* Bad targets, too many headers, restricted groups without their key, impossible
          * model names: refused before any body is read (server_guard.c). */
         srv_reply r = {0};
-        if (keel__srv_guard(s, c, url, http_version, &r) != 0)
+        if (keel__srv_guard(s, c, &h, url, http_version, &r) != 0)
             return send_reply(c, &r, NULL, NULL, true);
     }
     {
         /* A binary-extension body: pad its buffer so that the binary section starts on a
          * 16-byte boundary (malloc's blocks are 16-aligned), where its tensors can be read
          * in place. A bad header is refused later, by infer_start. */
-        size_t hl;
-        if (c->route == ROUTE_INFER && header_length(mc, &hl) && hl != (size_t)-1)
-            c->body_pad = (16 - hl % 16) % 16;
+        if (c->route == ROUTE_INFER && c->hlen_ok && c->hlen != (size_t)-1)
+            c->body_pad = (16 - c->hlen % 16) % 16;
     }
-    cl = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-    if (cl != NULL) {
+    if (h.content_length != NULL) {
+        const char *cl = h.content_length;
         uint64_t limit = c->body_limit > 0 ? c->body_limit : s->opts->max_request_bytes;
         char *end;
         unsigned long long n;
@@ -1327,7 +1311,8 @@ static enum MHD_Result final_call(srv_conn *c)
 {
     srv_reply r = {0};
 
-    c->recv_end_ns = now_ns();
+    if (c->stepped)
+        c->recv_end_ns = now_ns();
     if (c->too_large) {
         /* A body without Content-Length that grew past the limit. */
         keel__srv_reply_error(&r, MHD_HTTP_CONTENT_TOO_LARGE,

@@ -20,6 +20,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "edge.h"
 #include "server_guard.h"
@@ -57,27 +58,49 @@ keel_api_group keel__srv_route_group(srv_route r)
     return KEEL_API_NONE;
 }
 
-typedef struct header_scan {
-    keel_restrict_check check;
-    unsigned count;
-} header_scan;
+/* key (key_size bytes) is the header name `name` (of len bytes), in any case. */
+static inline bool name_is(const char *key, size_t key_size, const char *name, size_t len)
+{
+    return key_size == len && strncasecmp(key, name, len) == 0;
+}
+
+#define NAME_IS(key, size, lit) name_is(key, size, lit, sizeof(lit) - 1)
 
 static enum MHD_Result scan_header(void *cls, enum MHD_ValueKind kind, const char *key,
                                    size_t key_size, const char *value, size_t value_size)
 {
-    header_scan *h = cls;
+    srv_headers *h = cls;
 
     (void)kind;
     h->count++;
     keel__restrict_check_header(&h->check, key, key_size, value, value_size);
+    /* The names keel reads, told apart by length first (no comparison for the others). */
+    if (NAME_IS(key, key_size, MHD_HTTP_HEADER_CONTENT_LENGTH)) {
+        if (h->content_length_n++ == 0)
+            h->content_length = value;
+    } else if (NAME_IS(key, key_size, MHD_HTTP_HEADER_TRANSFER_ENCODING)) {
+        h->transfer_encoding_n++;
+    } else if (NAME_IS(key, key_size, "traceparent")) {
+        if (h->traceparent == NULL)
+            h->traceparent = value;
+    } else if (NAME_IS(key, key_size, "Inference-Header-Content-Length")) {
+        if (h->header_length == NULL)
+            h->header_length = value;
+    }
     return MHD_YES;
 }
 
-unsigned keel__srv_guard(keel_srv *s, srv_conn *c, const char *url, const char *version,
-                         srv_reply *r)
+void keel__srv_headers_scan(keel_srv *s, srv_conn *c, srv_headers *h)
 {
-    keel_api_group group = keel__srv_route_group(c->route);
-    header_scan h;
+    memset(h, 0, sizeof(*h));
+    keel__restrict_check_begin(&h->check, &s->opts->restricted, keel__srv_route_group(c->route),
+                               NULL);
+    MHD_get_connection_values_n(c->mhd, MHD_HEADER_KIND, scan_header, h);
+}
+
+unsigned keel__srv_guard(keel_srv *s, srv_conn *c, const srv_headers *h, const char *url,
+                         const char *version, srv_reply *r)
+{
     char msg[320];
     unsigned st;
 
@@ -102,19 +125,16 @@ unsigned keel__srv_guard(keel_srv *s, srv_conn *c, const char *url, const char *
         return c->target_status;
     }
 
-    /* 2 and 3: one pass over the header fields. */
-    memset(&h, 0, sizeof(h));
-    keel__restrict_check_begin(&h.check, &s->opts->restricted, group, NULL);
-    MHD_get_connection_values_n(c->mhd, MHD_HEADER_KIND, scan_header, &h);
-    if (h.count > KEEL_SRV_MAX_HEADERS) {
+    /* 2 and 3: from the pass over the header fields. */
+    if (h->count > KEEL_SRV_MAX_HEADERS) {
         keel__srv_reply_error(r, MHD_HTTP_REQUEST_HEADER_FIELDS_TOO_LARGE,
-                              "too many header fields (%u; at most %d)", h.count,
+                              "too many header fields (%u; at most %d)", h->count,
                               KEEL_SRV_MAX_HEADERS);
         return MHD_HTTP_REQUEST_HEADER_FIELDS_TOO_LARGE;
     }
-    if (!keel__restrict_check_allowed(&h.check)) {
+    if (!keel__restrict_check_allowed(&h->check)) {
         keel__srv_reply_error(r, MHD_HTTP_FORBIDDEN, "%s",
-                              keel__restrict_message(h.check.rule, NULL, msg, sizeof(msg)));
+                              keel__restrict_message(h->check.rule, NULL, msg, sizeof(msg)));
         return MHD_HTTP_FORBIDDEN;
     }
 

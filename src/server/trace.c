@@ -282,6 +282,11 @@ static bool format_trace(uint64_t id, const srv_obs_event *ev, char *buf, size_t
     return true;
 }
 
+bool keel__srv_trace_active(srv_trace *t)
+{
+    return t != NULL && atomic_load_explicit(&t->any_on, memory_order_relaxed);
+}
+
 void keel__srv_trace_record(srv_trace *t, const srv_obs_event *ev)
 {
     trace_scope *sc;
@@ -291,7 +296,7 @@ void keel__srv_trace_record(srv_trace *t, const srv_obs_event *ev)
     uint64_t id;
 
     if (t == NULL || !atomic_load_explicit(&t->any_on, memory_order_relaxed) || ev->model == NULL ||
-        ev->timing.complete_ns == 0)
+        ev->timing.complete_ns == 0 || ev->recv_end_ns == 0)
         return;
     pthread_mutex_lock(&t->mu);
     sc = scope_find_locked(t, ev->model);

@@ -41,9 +41,14 @@ void keel__srv_trace_destroy(srv_trace *t);
 unsigned keel__srv_trace_setting(srv_trace *t, keel_runtime *rt, const char *model, bool post,
                                  const char *body, size_t len, char **json);
 
+/* Whether some scope traces now (one atomic load): a front end records a request's steps
+ * (HTTP_RECV_END, REQUEST_START, REQUEST_END, HTTP_SEND_START) only if it was on when the
+ * request arrived; a request without them is not traced. Accepts NULL (false). */
+bool keel__srv_trace_active(srv_trace *t);
+
 /* A finished inference: traced if its scope's level is TIMESTAMPS, the rate picks it and
- * the count allows it. ev->model must be set and ev->timing.complete_ns != 0; others are
- * ignored. Any thread. */
+ * the count allows it. ev->model must be set, ev->timing.complete_ns != 0 and the front end's
+ * steps recorded (ev->recv_end_ns != 0); others are ignored. Any thread. */
 void keel__srv_trace_record(srv_trace *t, const srv_obs_event *ev);
 
 #endif

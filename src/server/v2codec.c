@@ -63,6 +63,7 @@ typedef struct sbuf {
     size_t len;
     size_t cap;
     bool oom;
+    bool fixed; /* p is the owner's array (not malloc'd): a growth copies it to the heap */
 } sbuf;
 
 static bool sb_grow(sbuf *b, size_t extra)
@@ -82,10 +83,13 @@ static bool sb_grow(sbuf *b, size_t extra)
     ncap = b->cap != 0 ? b->cap : 256;
     while (ncap < need)
         ncap = ncap > SIZE_MAX / 2 ? need : ncap * 2;
-    if ((np = realloc(b->p, ncap)) == NULL) {
+    if ((np = b->fixed ? malloc(ncap) : realloc(b->p, ncap)) == NULL) {
         b->oom = true;
         return false;
     }
+    if (b->fixed && b->len > 0)
+        memcpy(np, b->p, b->len);
+    b->fixed = false;
     b->p = np;
     b->cap = ncap;
     return true;
@@ -260,6 +264,8 @@ static void put_json_string(sbuf *b, const char *s, size_t n)
 }
 
 /* ---------------------------------------------------------------- decoder state and errors */
+
+#define TMP_SMALL 256 /* bytes of the decoder's scratch on the stack */
 
 #define PATH_SEGS 8
 
@@ -2130,6 +2136,7 @@ int keel__v2_decode(const char *body, size_t body_len, size_t header_len, keel__
                     char *err, size_t errlen)
 {
     dec d = {0};
+    char tmp[TMP_SMALL]; /* d.tmp's first storage: keys and short strings need no malloc */
     int st;
 
     memset(out, 0, sizeof(*out));
@@ -2138,6 +2145,7 @@ int keel__v2_decode(const char *body, size_t body_len, size_t header_len, keel__
     d.err = err;
     d.errlen = errlen;
     d.r = out;
+    d.tmp = (sbuf){.p = tmp, .cap = sizeof(tmp), .fixed = true};
     if (body == NULL)
         body = "";
     d.base = body;
@@ -2157,7 +2165,8 @@ int keel__v2_decode(const char *body, size_t body_len, size_t header_len, keel__
         d.has_bin = true;
     }
     st = decode_top(&d);
-    free(d.tmp.p);
+    if (!d.tmp.fixed)
+        free(d.tmp.p);
     if (st != 0) {
         keel__v2_request_fini(out);
         return st;
