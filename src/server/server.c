@@ -273,6 +273,12 @@ static bool parse_version(const char *s, int64_t *out)
     return true;
 }
 
+/* s (n bytes) is the literal lit: a length check and an inlined compare, not a strcmp call
+ * (the router made about ten per request, issue 12). */
+#define IS_LIT(s, n, lit) ((n) == sizeof(lit) - 1 && memcmp((s), lit, sizeof(lit) - 1) == 0)
+#define SEG_IS(k, lit) IS_LIT(seg[k], seglen[k], lit)
+#define TAIL_IS(lit) IS_LIT(tail, taillen, lit)
+
 /*
  * Routes url into c (route, model, version). Returns 0, or an HTTP status (404 unknown path,
  * with msg left to the caller; 400 bad version, 500 no memory, with the reason in msg).
@@ -281,25 +287,27 @@ static unsigned route_segments(srv_conn *c, const char *url, char *msg, size_t m
 {
     char stackbuf[256];
     char *copy = NULL, *seg[8], *p;
+    size_t seglen[8];
     size_t nseg = 0;
     size_t i = 0, len;
     unsigned rc = MHD_HTTP_NOT_FOUND;
     const char *tail;
+    size_t taillen;
 
     c->version = -1;
     if (url[0] != '/')
         return MHD_HTTP_NOT_FOUND;
-    if (strcmp(url, "/metrics") == 0) {
+    len = strlen(url + 1);
+    if (IS_LIT(url + 1, len, "metrics")) {
         c->route = ROUTE_METRICS;
         return 0;
     }
-    if (strcmp(url, "/v2") == 0 || strcmp(url, "/v2/") == 0) {
+    if (IS_LIT(url + 1, len, "v2") || IS_LIT(url + 1, len, "v2/")) {
         c->route = ROUTE_SERVER_META;
         return 0;
     }
     /* The segments are cut in a copy: on the stack for the usual short path, else on the
      * heap (the URL is bounded only by --http-connection-memory). */
-    len = strlen(url + 1);
     if (len < sizeof(stackbuf)) {
         memcpy(stackbuf, url + 1, len + 1);
         p = stackbuf;
@@ -314,7 +322,8 @@ static unsigned route_segments(srv_conn *c, const char *url, char *msg, size_t m
         char *slash = strchr(p, '/');
         if (nseg == sizeof(seg) / sizeof(seg[0]))
             goto done;
-        seg[nseg++] = p;
+        seg[nseg] = p;
+        seglen[nseg++] = slash != NULL ? (size_t)(slash - p) : strlen(p);
         if (slash == NULL)
             break;
         *slash = '\0';
@@ -324,31 +333,31 @@ static unsigned route_segments(srv_conn *c, const char *url, char *msg, size_t m
         if (seg[i][0] == '\0')
             goto done;
     }
-    if (strcmp(seg[0], "v2") != 0 || nseg < 2)
+    if (!SEG_IS(0, "v2") || nseg < 2)
         goto done;
 
-    if (strcmp(seg[1], "health") == 0 && nseg == 3) {
-        if (strcmp(seg[2], "live") == 0)
+    if (SEG_IS(1, "health") && nseg == 3) {
+        if (SEG_IS(2, "live"))
             c->route = ROUTE_LIVE;
-        else if (strcmp(seg[2], "ready") == 0)
+        else if (SEG_IS(2, "ready"))
             c->route = ROUTE_READY;
         rc = c->route != ROUTE_UNKNOWN ? 0 : MHD_HTTP_NOT_FOUND;
         goto done;
     }
-    if (strcmp(seg[1], "trace") == 0) {
-        if (nseg == 3 && strcmp(seg[2], "setting") == 0) {
+    if (SEG_IS(1, "trace")) {
+        if (nseg == 3 && SEG_IS(2, "setting")) {
             c->route = ROUTE_TRACE_SETTING;
             rc = 0;
         }
         goto done;
     }
-    if (strcmp(seg[1], "repository") == 0) {
-        if (nseg == 3 && strcmp(seg[2], "index") == 0) {
+    if (SEG_IS(1, "repository")) {
+        if (nseg == 3 && SEG_IS(2, "index")) {
             c->route = ROUTE_REPO_INDEX;
             rc = 0;
-        } else if (nseg == 5 && strcmp(seg[2], "models") == 0 &&
-                   (strcmp(seg[4], "load") == 0 || strcmp(seg[4], "unload") == 0)) {
-            c->route = strcmp(seg[4], "load") == 0 ? ROUTE_REPO_LOAD : ROUTE_REPO_UNLOAD;
+        } else if (nseg == 5 && SEG_IS(2, "models") &&
+                   (SEG_IS(4, "load") || SEG_IS(4, "unload"))) {
+            c->route = SEG_IS(4, "load") ? ROUTE_REPO_LOAD : ROUTE_REPO_UNLOAD;
             if ((c->model = strdup(seg[3])) == NULL) {
                 snprintf(msg, msglen, "out of memory");
                 rc = MHD_HTTP_INTERNAL_SERVER_ERROR;
@@ -358,15 +367,15 @@ static unsigned route_segments(srv_conn *c, const char *url, char *msg, size_t m
         }
         goto done;
     }
-    if (strcmp(seg[1], "models") != 0 || nseg < 3)
+    if (!SEG_IS(1, "models") || nseg < 3)
         goto done;
-    if (nseg == 3 && strcmp(seg[2], "stats") == 0) {
+    if (nseg == 3 && SEG_IS(2, "stats")) {
         /* As in Triton, this shadows the metadata of a model named "stats". */
         c->route = ROUTE_ALL_STATS;
         rc = 0;
         goto done;
     }
-    if (nseg == 5 && strcmp(seg[3], "trace") == 0 && strcmp(seg[4], "setting") == 0) {
+    if (nseg == 5 && SEG_IS(3, "trace") && SEG_IS(4, "setting")) {
         c->route = ROUTE_TRACE_SETTING;
         if ((c->model = strdup(seg[2])) == NULL) {
             snprintf(msg, msglen, "out of memory");
@@ -378,7 +387,7 @@ static unsigned route_segments(srv_conn *c, const char *url, char *msg, size_t m
     }
     /* /v2/models/{m}[/versions/{v}][/ready|config|stats|infer] */
     i = 3;
-    if (nseg >= 5 && strcmp(seg[3], "versions") == 0) {
+    if (nseg >= 5 && SEG_IS(3, "versions")) {
         if (!parse_version(seg[4], &c->version)) {
             snprintf(msg, msglen, "invalid model version '%.64s': expected a non-negative integer",
                      seg[4]);
@@ -390,15 +399,16 @@ static unsigned route_segments(srv_conn *c, const char *url, char *msg, size_t m
     if (nseg > i + 1)
         goto done;
     tail = nseg == i + 1 ? seg[i] : "";
+    taillen = nseg == i + 1 ? seglen[i] : 0;
     if (tail[0] == '\0')
         c->route = ROUTE_MODEL_META;
-    else if (strcmp(tail, "ready") == 0)
+    else if (TAIL_IS("ready"))
         c->route = ROUTE_MODEL_READY;
-    else if (strcmp(tail, "config") == 0)
+    else if (TAIL_IS("config"))
         c->route = ROUTE_MODEL_CONFIG;
-    else if (strcmp(tail, "stats") == 0)
+    else if (TAIL_IS("stats"))
         c->route = ROUTE_MODEL_STATS;
-    else if (strcmp(tail, "infer") == 0)
+    else if (TAIL_IS("infer"))
         c->route = ROUTE_INFER;
     else
         goto done;
@@ -1206,17 +1216,15 @@ static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const 
     char msg[256];
     unsigned rc;
     srv_headers h;
-    bool is_get =
-        strcmp(method, MHD_HTTP_METHOD_GET) == 0 || strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
-    bool is_post = strcmp(method, MHD_HTTP_METHOD_POST) == 0;
+    size_t mlen = strlen(method);
+    bool is_post = IS_LIT(method, mlen, MHD_HTTP_METHOD_POST);
+    bool is_get_only = !is_post && IS_LIT(method, mlen, MHD_HTTP_METHOD_GET);
+    bool is_get = is_get_only || (!is_post && IS_LIT(method, mlen, MHD_HTTP_METHOD_HEAD));
 
     /* c came from on_uri; MHD's completed callback frees it. */
     c->begun = true;
     c->mhd = mc;
-    c->method = is_post                                    ? "POST"
-                : strcmp(method, MHD_HTTP_METHOD_GET) == 0 ? "GET"
-                : is_get                                   ? "HEAD"
-                                                           : "OTHER";
+    c->method = is_post ? "POST" : is_get_only ? "GET" : is_get ? "HEAD" : "OTHER";
     c->counted = true;
     atomic_fetch_add(&s->http_open, 1);
 
