@@ -936,8 +936,7 @@ static keel__vslot *finish_locked(keel_runtime *rt, keel_request *req, keel_err 
  * e and g are what req had (req's own fields are cleared here). unix_ms: the wall clock at
  * the end, read once for a batch by the caller (the statistics' last_inference). */
 static void finish_unlocked(keel_request *req, keel__model_entry *e, keel__generation *g,
-                            keel__vslot *free_vslot, uint64_t now, uint64_t unix_ms,
-                            bool keep_ref)
+                            keel__vslot *free_vslot, uint64_t now, uint64_t unix_ms, bool keep_ref)
 {
     keel_err status = req->status;
     keel_infer_cb cb = req->done_cb;
@@ -1170,8 +1169,8 @@ static void end_group(keel_runtime *rt, batch *b, batch *follow)
     for (keel_request *req = done, *next; req != NULL; req = next) {
         next = req->qnext;
         req->qnext = NULL;
-        finish_unlocked(req, req->entry, req->gen, req == free_at ? free_vslot : NULL, now,
-                        unix_ms, pool);
+        finish_unlocked(req, req->entry, req->gen, req == free_at ? free_vslot : NULL, now, unix_ms,
+                        pool);
     }
     for (uint32_t i = 0; i < b->ndetached; i++)
         keel__generation_release(b->gen);

@@ -355,8 +355,7 @@ static unsigned route_segments(srv_conn *c, const char *url, char *msg, size_t m
         if (nseg == 3 && SEG_IS(2, "index")) {
             c->route = ROUTE_REPO_INDEX;
             rc = 0;
-        } else if (nseg == 5 && SEG_IS(2, "models") &&
-                   (SEG_IS(4, "load") || SEG_IS(4, "unload"))) {
+        } else if (nseg == 5 && SEG_IS(2, "models") && (SEG_IS(4, "load") || SEG_IS(4, "unload"))) {
             c->route = SEG_IS(4, "load") ? ROUTE_REPO_LOAD : ROUTE_REPO_UNLOAD;
             if ((c->model = strdup(seg[3])) == NULL) {
                 snprintf(msg, msglen, "out of memory");
