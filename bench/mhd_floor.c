@@ -16,10 +16,11 @@
  * batch keel would run there is left out: its cost is counted separately, as the model's),
  * and the next turn's handler call queues the answer. The answer has the bytes keel sends for
  * a batch-1 request of ref_b0 (status, Content-Type, a 129-byte V2 body); MHD adds the Date
- * and Content-Length headers for both. A GET is answered at once (keel's
- * /v2/health/live; and ref_b0's metadata, which keel perf reads before it starts), in the final handler call as keel does (an answer in the first call makes MHD
- * close the connection). Each answer is a fresh MHD response over constant bytes (no copy), the
- * least a server that sends a per-request body through MHD can do.
+ * and Content-Length headers for both. A GET is answered at once (keel's /v2/health/live;
+ * and ref_b0's metadata, which keel perf reads before it starts), in the final handler call
+ * as keel does (an answer in the first call makes MHD close the connection). Each answer is a
+ * fresh MHD response over constant bytes (no copy), the least a server that sends a
+ * per-request body through MHD can do.
  * Left out, and so not in the floor: parsing the JSON, routing, the request object, the
  * scheduler, the model, encoding the answer, metrics and logs.
  *
@@ -84,8 +85,8 @@ static enum MHD_Result answer(struct MHD_Connection *c, unsigned status, const c
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
-                                  const char *method, const char *version,
-                                  const char *upload_data, size_t *upload_size, void **con_cls)
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_size, void **con_cls)
 {
     req *q = *con_cls;
 
@@ -149,14 +150,13 @@ int main(int argc, char **argv)
         perror("mhd_floor: socket");
         return 1;
     }
-    d = MHD_start_daemon(MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME, 0, NULL, NULL, on_request,
-                         NULL, MHD_OPTION_LISTEN_SOCKET, (MHD_socket)fd,
-                         MHD_OPTION_NOTIFY_COMPLETED, on_completed, NULL,
-                         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)60,
+    d = MHD_start_daemon(MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME, 0, NULL, NULL, on_request, NULL,
+                         MHD_OPTION_LISTEN_SOCKET, (MHD_socket)fd, MHD_OPTION_NOTIFY_COMPLETED,
+                         on_completed, NULL, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)60,
                          MHD_OPTION_CONNECTION_LIMIT, (unsigned)1024,
-                         MHD_OPTION_CONNECTION_MEMORY_LIMIT, mem,
-                         MHD_OPTION_SIGPIPE_HANDLED_BY_APP, 1, MHD_OPTION_STRICT_FOR_CLIENT, -1,
-                         MHD_OPTION_URI_LOG_CALLBACK, on_uri, NULL, MHD_OPTION_END);
+                         MHD_OPTION_CONNECTION_MEMORY_LIMIT, mem, MHD_OPTION_SIGPIPE_HANDLED_BY_APP,
+                         1, MHD_OPTION_STRICT_FOR_CLIENT, -1, MHD_OPTION_URI_LOG_CALLBACK, on_uri,
+                         NULL, MHD_OPTION_END);
     if (d == NULL) {
         fprintf(stderr, "mhd_floor: cannot start the daemon\n");
         return 1;
