@@ -4,8 +4,9 @@
  *
  * DESIGN
  * Glue between libmicrohttpd (MHD) and the library-free checks of restrict.c and edge.c. Runs
- * on MHD threads, in the first handler call of a request (keel__srv_guard) and whenever a
- * reply is queued (keel__srv_guard_redact). No state and no lock of its own: the rules
+ * on MHD threads, in the first handler call of a request (keel__srv_headers_scan, the one walk
+ * of the request's header fields, whose findings the handler and keel__srv_guard use) and
+ * whenever a reply is queued (keel__srv_guard_redact). No state and no lock of its own: the rules
  * (s->opts->restricted) and the redaction table (s->redact) are built before the daemon starts
  * and read-only afterwards.
  *
