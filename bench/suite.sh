@@ -45,13 +45,15 @@
 #            the same connections (the HTTP exchange alone), raw batch-64 and batch-8 calls
 #            (a batched row's backend cost at 64 and at 8 connections), and with wrk the
 #            batch-1 body POSTed to /v2/health/live (405, no model: the exchange of the same
-#            bytes) beside the same body to ref_b0
+#            bytes) beside the same body to ref_b0; and keel perf's ref_b0 requests against
+#            bench/mhd_floor.c (libmicrohttpd with keel's loop and none of keel's work, on the
+#            server's core: the floor of the exchange, so the rows' gap above it is keel's own)
 # The report opens with issue 11's table: every row of it, from these sections.
 #
 # Usage: bench/suite.sh [SECTION...]   (default: all, in the order above)
 # Environment: ROUNDS (5), SECS (3, seconds per measurement), CONNS (8), SOAK_SWAPS (2000),
 #   SOAK_INTERVAL (0.02), SERVER_CPU (0), GEN_CPU (1).
-# Needs: wrk, valgrind, nginx (nginx-light) for nginx, and for fastapi Debian's python3-fastapi python3-uvicorn
+# Needs: wrk, valgrind, cc and libmicrohttpd-dev (batching builds bench/mhd_floor.c), nginx (nginx-light) for nginx, and for fastapi Debian's python3-fastapi python3-uvicorn
 # python3-xgboost python3-numpy under /usr/bin/python3 (bench/setup.sh installs them).
 set -euo pipefail
 
@@ -360,6 +362,18 @@ with open(os.path.join(repo, "digits_rows.txt"), "w") as f:
         f.write(" ".join("%.1f" % ((i * 7 + j * 3) % 17) for j in range(64)) + "\n")
 PY
         start_keel
+        cc -O2 -o "$build/mhd_floor" bench/mhd_floor.c -lmicrohttpd
+        taskset -c "$scpu" "$build/mhd_floor" >"$out/floor.port" &
+        floor_pid=$!
+        pids+=("$floor_pid")
+        floor_port=
+        for _ in $(seq 100); do
+            floor_port=$(sed -n 's/^port=//p' "$out/floor.port")
+            [[ -n "$floor_port" ]] && break
+            sleep 0.05
+        done
+        [[ -n "$floor_port" ]] || { echo "suite: mhd_floor did not start" >&2; exit 1; }
+        warm_up "$floor_port" ref_b0 1
         saved_conns=$conns
         for m in ref_i1 ref_b0 ref_bd digits digits_b; do
             b=1
@@ -392,6 +406,9 @@ PY
                 row batching "$r" "post_c$c" $res
                 res=$(wrk_run "$port" /v2/models/ref_b0/infer "$out/body_b1.json")
                 row batching "$r" "wrkb0_c$c" $res
+                # The floor: keel perf's very ref_b0 requests to mhd_floor (none of keel's work).
+                res=$(perf_run "$floor_port" "$floor_pid" ref_b0 1 --input-data "$out/rows_b1.txt")
+                row batching "$r" "floor_c$c" $res
                 for m in ref_i1 ref_b0 ref_bd; do
                     s0=$(stats_rows "$port" "$m")
                     res=$(perf_run "$port" "$spid" "$m" 1 --input-data "$out/rows_b1.txt")
@@ -415,6 +432,7 @@ PY
             done
             conns=$saved_conns
         done
+        stop_pid "$floor_pid"
         stop_pid "$spid"
         ;;
     ratio)

@@ -143,6 +143,7 @@ def batching(h, rows):
     live = {}  # (round, connections) -> GET /v2/health/live row
     post = {}  # (round, connections) -> wrk: the batch-1 body POSTed to /v2/health/live (405)
     wrkb0 = {}  # (round, connections) -> wrk: the same body to ref_b0
+    floor = {}  # (round, connections) -> keel perf's ref_b0 requests to bench/mhd_floor.c
     acc = {}
     for r in rows:
         key, vals = r[2], [float(x) for x in r[3:]]
@@ -164,13 +165,28 @@ def batching(h, rows):
         if key.startswith("wrkb0_c"):
             wrkb0[(r[1], key[7:])] = vals
             continue
+        if key.startswith("floor_c"):
+            floor[(r[1], key[7:])] = vals
+            continue
         tail = key.rsplit("_", 1)[1]
         conns = tail[1:] if tail.startswith("c") else None
         acc.setdefault(key, []).append((raw.get(r[1]), vals, live.get((r[1], conns))))
     if live:
         bound_table(raw, raw64, live, raw8)
     if post and raw8:
-        post_bound_table(raw, raw8, raw64, post, wrkb0)
+        exchange_bound_table(
+            raw, raw8, raw64, post, wrkb0,
+            "A tighter bound (same rounds, wrk): the exchange of the batch-1 body itself and a "
+            "row at the largest batch the connections allow", "POST body, 405", "wrk ref_b0")
+    if floor and raw8:
+        served = {(rd, k[len("ref_b0_c"):]): v[1] for k, vs in acc.items()
+                  if k.startswith("ref_b0_c") for rd, v in zip(rounds_of(rows, k), vs)}
+        exchange_bound_table(
+            raw, raw8, raw64, floor, served,
+            "The floor (same rounds, keel perf): the same requests to bench/mhd_floor.c "
+            "(libmicrohttpd, keel's loop, none of keel's work) and a row at the largest batch "
+            "the connections allow; keel's own work is the gap between ref_b0 and this bound",
+            "floor", "keel ref_b0")
     names = {"ref_i1": "off (no dynamic_batching)", "ref_b0": "on, delay 0",
              "ref_b0bin": "on, delay 0, binary tensor extension",
              "ref_bd": "on, delay 100 us, preferred 32", "digits": "digits, off",
@@ -225,27 +241,33 @@ def bound_table(raw, raw64, live, raw8):
     print()
 
 
-def post_bound_table(raw, raw8, raw64, post, wrkb0):
-    """The tighter bound: the exchange of the very bytes a batch-1 request sends (wrk POSTs
-    its body to /v2/health/live: read, dropped, 405, no model) plus the backend cost of a row
-    in the largest batch the connections allow (a raw batch-8 call / 8 at 8 connections, a
-    raw batch-64 call / 64 at 64). Per round: bound = 1 / (1/post + 1/rows), over raw b1;
-    "ref_b0 / bound" is the same-generator (wrk) served rate over it: keel's own share."""
-    print("A tighter bound (same rounds, wrk): the exchange of the batch-1 body itself and a "
-          "row at the largest batch the connections allow\n")
-    print("| connections | raw b1 calls/s | POST body, 405 req/s | rows/s (raw b8 at 8, b64 at 64)"
-          " | bound / raw b1 | wrk ref_b0 req/s | wrk ref_b0 / raw b1 | wrk ref_b0 / bound |")
+def rounds_of(rows, key):
+    """The rounds of the rows with this key, in the order batching() collected them."""
+    return [r[1] for r in rows if r[2] == key]
+
+
+def exchange_bound_table(raw, raw8, raw64, exch, served, title, exch_name, served_name):
+    """A bound from an exchange measured without keel's infer work (wrk POSTing the batch-1
+    body to /v2/health/live: read, dropped, 405; or keel perf's requests to mhd_floor) plus
+    the backend cost of a row in the largest batch the connections allow (a raw batch-8 call
+    / 8 at 8 connections, a raw batch-64 call / 64 at 64). Per round: bound = 1 / (1/exchange
+    + 1/rows), over raw b1; "served / bound" is the same generator's ref_b0 rate over it:
+    keel's own share."""
+    print(title + "\n")
+    print("| connections | raw b1 calls/s | %s req/s | rows/s (raw b8 at 8, b64 at 64)"
+          " | bound / raw b1 | %s req/s | %s / raw b1 | %s / bound |"
+          % (exch_name, served_name, served_name, served_name))
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for conns in sorted({c for _, c in post}, key=int):
+    for conns in sorted({c for _, c in exch}, key=int):
         rows_of, per = batched_rows(conns, raw8, raw64)
-        rs = [rd for rd, c in post
-              if c == conns and rd in raw and rd in rows_of and (rd, conns) in wrkb0]
+        rs = [rd for rd, c in exch
+              if c == conns and rd in raw and rd in rows_of and (rd, conns) in served]
         if not rs:
             continue
-        pv = [post[(rd, conns)][0] for rd in rs]
+        pv = [exch[(rd, conns)][0] for rd in rs]
         rb = [raw[rd][0] for rd in rs]
         rr = [rows_of[rd][0] * per for rd in rs]
-        sv = [wrkb0[(rd, conns)][0] for rd in rs]
+        sv = [served[(rd, conns)][0] for rd in rs]
         bound = [1 / (1 / a + 1 / b) for a, b in zip(pv, rr)]
         print("| %s | %s | %s | %s | **%s** | %s | **%s** | %s |"
               % (conns, med(rb), med(pv), med(rr), med([a / b for a, b in zip(bound, rb)]),
