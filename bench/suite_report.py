@@ -144,6 +144,8 @@ def batching(h, rows):
     post = {}  # (round, connections) -> wrk: the batch-1 body POSTed to /v2/health/live (405)
     wrkb0 = {}  # (round, connections) -> wrk: the same body to ref_b0
     floor = {}  # (round, connections) -> keel perf's ref_b0 requests to bench/mhd_floor.c
+    served = {}  # (round, connections) -> keel perf's ref_b0 requests to keel
+    by_conns = {"live_c": live, "post_c": post, "wrkb0_c": wrkb0, "floor_c": floor}
     acc = {}
     for r in rows:
         key, vals = r[2], [float(x) for x in r[3:]]
@@ -156,18 +158,12 @@ def batching(h, rows):
         if key == "raw_b8":
             raw8[r[1]] = vals
             continue
-        if key.startswith("live_c"):
-            live[(r[1], key[6:])] = vals
+        prefix = key.rsplit("_", 1)[0] + "_c"
+        if prefix in by_conns and key[len(prefix):].isdigit():
+            by_conns[prefix][(r[1], key[len(prefix):])] = vals
             continue
-        if key.startswith("post_c"):
-            post[(r[1], key[6:])] = vals
-            continue
-        if key.startswith("wrkb0_c"):
-            wrkb0[(r[1], key[7:])] = vals
-            continue
-        if key.startswith("floor_c"):
-            floor[(r[1], key[7:])] = vals
-            continue
+        if key.startswith("ref_b0_c"):
+            served[(r[1], key[len("ref_b0_c"):])] = vals
         tail = key.rsplit("_", 1)[1]
         conns = tail[1:] if tail.startswith("c") else None
         acc.setdefault(key, []).append((raw.get(r[1]), vals, live.get((r[1], conns))))
@@ -179,8 +175,6 @@ def batching(h, rows):
             "A tighter bound (same rounds, wrk): the exchange of the batch-1 body itself and a "
             "row at the largest batch the connections allow", "POST body, 405", "wrk ref_b0")
     if floor and raw8:
-        served = {(rd, k[len("ref_b0_c"):]): v[1] for k, vs in acc.items()
-                  if k.startswith("ref_b0_c") for rd, v in zip(rounds_of(rows, k), vs)}
         exchange_bound_table(
             raw, raw8, raw64, floor, served,
             "The floor (same rounds, keel perf): the same requests to bench/mhd_floor.c "
@@ -239,11 +233,6 @@ def bound_table(raw, raw64, live, raw8):
               % (conns, med(rb), med(lv), med([a / b for a, b in zip(lv, rb)]), med(r64), per,
                  med(bound), med([a / b for a, b in zip(bound, rb)])))
     print()
-
-
-def rounds_of(rows, key):
-    """The rounds of the rows with this key, in the order batching() collected them."""
-    return [r[1] for r in rows if r[2] == key]
 
 
 def exchange_bound_table(raw, raw8, raw64, exch, served, title, exch_name, served_name):
