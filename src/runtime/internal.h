@@ -376,9 +376,12 @@ struct keel_request {
     keel_runtime *rt;
     char *model;
     int64_t version;
-    char *id;
+    char *id;      /* NULL: none; else id_keep */
+    char *id_keep; /* the id's buffer, id_cap bytes, kept across reuses (request.c) */
+    size_t id_cap;
     keel__tensor *inputs;
     size_t ninputs, cap_inputs;
+    size_t kept_inputs; /* inputs[0..kept_inputs) hold a name and shape (>= ninputs) */
     char **requested;
     size_t nrequested, cap_requested;
     keel__param *params;

@@ -28,8 +28,10 @@
  * the run slot of a detached request.
  *
  * Destroyed requests are kept for reuse, per thread: keel_request_destroy clears the request
- * (inputs, requested names, parameters and id freed; a borrowed input released then, as
- * before) but keeps its arrays, its recycled outputs and its model name, and puts it in the
+ * (its inputs' data freed, a borrowed input's released then, as before; requested names and
+ * parameters freed) but keeps its arrays, its inputs' names and shapes (inputs[ninputs..
+ * kept_inputs), refilled by the next add_input), its id's buffer (up to REQ_KEEP_ID bytes),
+ * its recycled outputs and its model name, and puts it in the
  * calling thread's cache (at most REQ_CACHE_MAX; beyond that it is freed); keel_request_create
  * on that thread takes one back and resets every other field to what a new request has; a
  * thread that never created a request (an inference thread destroying requests in their
@@ -62,6 +64,7 @@
 #define REQ_CACHE_MAX 64u /* a batch of an HTTP turn at 64 connections is about 50 requests */
 #endif
 #define REQ_CACHE_KEEP_BYTES 4096u
+#define REQ_KEEP_ID 256u /* an id buffer larger than this is not kept */
 
 /* This thread's destroyed requests, linked through qnext (the DESIGN above). */
 typedef struct req_cache {
@@ -97,7 +100,10 @@ static bool restring(char **s, const char *v)
  * freed or never set). */
 static void request_free(keel_request *req)
 {
+    for (size_t i = 0; i < req->kept_inputs; i++)
+        keel__tensor_fini(&req->inputs[i]); /* names and shapes only: data went at destroy */
     free(req->inputs);
+    free(req->id_keep);
     outputs_free(req->outputs, req->kept_outputs);
     free(req->requested);
     free(req->params);
@@ -142,8 +148,11 @@ static keel_request *req_cache_take(keel_runtime *rt, const char *model, int64_t
     kept = *req;
     memset(req, 0, offsetof(keel_request, wait_mu));
     req->model = kept.model;
+    req->id_keep = kept.id_keep;
+    req->id_cap = kept.id_cap;
     req->inputs = kept.inputs;
     req->cap_inputs = kept.cap_inputs;
+    req->kept_inputs = kept.kept_inputs;
     req->requested = kept.requested;
     req->cap_requested = kept.cap_requested;
     req->params = kept.params;
@@ -225,15 +234,23 @@ nomem:
     return KEEL_ENOMEM;
 }
 
-void keel__tensor_fini(keel__tensor *t)
+/* Frees (or releases, once, when borrowed) a tensor's data; name and shape stay. */
+static void tensor_drop_data(keel__tensor *t)
 {
-    free(t->name);
-    free(t->shape);
     if (t->release != NULL)
         t->release(t->release_arg); /* borrowed: handed back exactly once */
     else
         free(t->data);
     t->release = NULL;
+    t->data = NULL;
+    t->bytes = 0;
+}
+
+void keel__tensor_fini(keel__tensor *t)
+{
+    free(t->name);
+    free(t->shape);
+    tensor_drop_data(t);
 }
 
 #define tensor_fini keel__tensor_fini
@@ -245,6 +262,9 @@ typedef struct data_src {
     void (*release)(void *arg);
     void *release_arg;
 } data_src;
+
+static keel_err tensor_fill(keel__tensor *t, const int64_t *shape, size_t ndim, const void *data,
+                            const data_src *src, size_t bytes);
 
 /* Fills t with copies of name, shape and data (or takes src's data, owned or borrowed,
  * instead of copying it); on failure frees what it made, never src's data. */
@@ -265,9 +285,52 @@ static keel_err tensor_copy(keel__tensor *t, const char *name, keel_datatype dt,
         memset(t, 0, sizeof(*t));
         return KEEL_ENOMEM;
     }
+    t->cap_dims = ndim ? ndim : 1;
+    return tensor_fill(t, shape, ndim, data, src, bytes);
+}
+
+/* Refills t, a kept input (a name and shape from an earlier use of the request, no data),
+ * like tensor_copy, reusing its allocations where they fit. On failure t still holds valid
+ * allocations (a name and shape) and no data, so it stays a kept input. */
+static keel_err tensor_reuse(keel__tensor *t, const char *name, keel_datatype dt,
+                             const int64_t *shape, size_t ndim, const void *data,
+                             const data_src *src, size_t bytes)
+{
+    bool take = src != NULL && (src->owned != NULL || src->release != NULL);
+    size_t dims = ndim ? ndim : 1;
+    void *copy = NULL;
+
+    if (!take && (copy = keel__malloc(bytes)) == NULL)
+        return KEEL_ENOMEM;
+    if (!restring(&t->name, name)) {
+        free(copy);
+        return KEEL_ENOMEM;
+    }
+    if (t->cap_dims < dims) {
+        int64_t *p = keel__malloc(sizeof(int64_t) * dims);
+        if (p == NULL) {
+            free(copy);
+            return KEEL_ENOMEM;
+        }
+        free(t->shape);
+        t->shape = p;
+        t->cap_dims = dims;
+    }
+    t->datatype = dt;
+    t->ndim = ndim;
+    t->bytes = bytes;
+    t->data = copy;
+    return tensor_fill(t, shape, ndim, data, src, bytes);
+}
+
+/* The rest of tensor_copy and tensor_reuse: shape and data into t (allocated). */
+static keel_err tensor_fill(keel__tensor *t, const int64_t *shape, size_t ndim, const void *data,
+                            const data_src *src, size_t bytes)
+{
+    bool take = src != NULL && (src->owned != NULL || src->release != NULL);
+
     if (ndim > 0)
         memcpy(t->shape, shape, sizeof(int64_t) * ndim);
-    t->cap_dims = ndim ? ndim : 1;
     t->cap_bytes = take ? 0 : bytes;
     if (take && src->release != NULL) {
         t->data = (void *)data;
@@ -344,7 +407,7 @@ void keel_request_destroy(keel_request *req)
     keel__req_state st = __atomic_load_n(&req->state, __ATOMIC_ACQUIRE);
     KEEL__ASSERT(st == KEEL__REQ_IDLE); /* destroying an in-flight request */
     for (size_t i = 0; i < req->ninputs; i++)
-        tensor_fini(&req->inputs[i]);
+        tensor_drop_data(&req->inputs[i]); /* name and shape kept (kept_inputs) */
     req->ninputs = 0;
     for (size_t i = 0; i < req->nrequested; i++)
         free(req->requested[i]);
@@ -354,8 +417,12 @@ void keel_request_destroy(keel_request *req)
         free(req->params[i].value);
     }
     req->nparams = 0;
-    free(req->id);
-    req->id = NULL;
+    req->id = NULL; /* its buffer is kept, unless large */
+    if (req->id_cap > REQ_KEEP_ID) {
+        free(req->id_keep);
+        req->id_keep = NULL;
+        req->id_cap = 0;
+    }
     keel__counter_add(req->rt, NULL, KEEL__CNT(requests), -1);
     for (size_t i = 0; i < req->kept_outputs; i++)
         big = big || req->outputs[i].cap_bytes > REQ_CACHE_KEEP_BYTES;
@@ -401,14 +468,21 @@ static keel_err grow(void **arr, size_t *cap, size_t need, size_t elem)
 
 keel_err keel_request_set_id(keel_request *req, const char *id)
 {
-    char *copy;
+    size_t n;
 
     if (req == NULL || id == NULL)
         return KEEL_EINVAL;
-    if ((copy = keel__strdup(id)) == NULL)
-        return KEEL_ENOMEM;
-    free(req->id);
-    req->id = copy;
+    n = strlen(id) + 1;
+    if (n > req->id_cap) { /* the kept buffer is too small: a new one */
+        char *buf = keel__malloc(n);
+        if (buf == NULL)
+            return KEEL_ENOMEM;
+        free(req->id_keep);
+        req->id_keep = buf;
+        req->id_cap = n;
+    }
+    memmove(req->id_keep, id, n); /* id may be the request's own */
+    req->id = req->id_keep;
     return KEEL_OK;
 }
 
@@ -464,7 +538,7 @@ static keel_err add_input(keel_request *req, const char *name, keel_datatype dt,
                           const int64_t *shape, size_t ndim, const void *data, const data_src *src,
                           size_t bytes)
 {
-    keel__tensor t = {0};
+    keel__tensor t;
     size_t n = 0;
     size_t want;
     keel_err err;
@@ -514,12 +588,20 @@ static keel_err add_input(keel_request *req, const char *name, keel_datatype dt,
             return KEEL_EINVAL;
         }
     }
+    if (req->ninputs < req->kept_inputs) {
+        if ((err = tensor_reuse(&req->inputs[req->ninputs], name, dt, shape, ndim, data, src,
+                                bytes)) != KEEL_OK)
+            return err;
+        req->ninputs++;
+        return KEEL_OK;
+    }
     if ((err = grow((void **)&req->inputs, &req->cap_inputs, req->ninputs + 1,
                     sizeof(*req->inputs))) != KEEL_OK)
         return err;
     if ((err = tensor_copy(&t, name, dt, shape, ndim, data, src, bytes)) != KEEL_OK)
         return err;
     req->inputs[req->ninputs++] = t;
+    req->kept_inputs = req->ninputs;
     return KEEL_OK;
 }
 
@@ -838,11 +920,11 @@ void keel__run_slot_end(keel__run_slot *s, keel_request *req)
 void keel__run_slot_take(keel__run_slot *s, keel_request *req)
 {
     s->inputs = req->inputs;
-    s->ninputs = req->ninputs;
+    s->ninputs = req->kept_inputs; /* the kept ones past ninputs too: their names, shapes */
     s->views = req->views;
     s->cap_requested = req->cap_requested;
     req->inputs = NULL;
-    req->ninputs = req->cap_inputs = 0;
+    req->ninputs = req->cap_inputs = req->kept_inputs = 0;
     req->views = NULL;
     req->cap_views = 0;
     req->requested = NULL;

@@ -1316,6 +1316,8 @@ static void test_reused_request_starts_fresh(void **state)
     keel_request *c;
     keel_request_timing t;
     int64_t shape[2] = {1, 1};
+    int64_t shape3[3] = {1, 1, 1};
+    keel_tensor_view v;
     float x = 1.0f;
     uintptr_t was_a = (uintptr_t)a;
     pthread_t t_destroy;
@@ -1342,8 +1344,23 @@ static void test_reused_request_starts_fresh(void **state)
     assert_int_equal(keel__request_input_count(b), 0);
     keel_request_timing_get(b, &t);
     assert_true(t.submit_ns == 0 && t.complete_ns == 0);
+    /* a's input's name and shape are kept allocations, refilled here with a longer name and
+     * more dims. */
+    assert_int_equal(
+        keel_request_add_input(b, "a_longer_name_than_x", KEEL_TYPE_FP32, shape3, 3, &x, sizeof(x)),
+        KEEL_OK);
     assert_int_equal(keel_request_add_input(b, "x", KEEL_TYPE_FP32, shape, 2, &x, sizeof(x)),
                      KEEL_OK);
+    assert_int_equal(keel__request_input_count(b), 2);
+    assert_int_equal(keel__request_input(b, 0, &v), KEEL_OK);
+    assert_string_equal(v.name, "a_longer_name_than_x");
+    assert_int_equal(v.ndim, 3);
+    assert_true(v.shape[0] == 1 && v.shape[1] == 1 && v.shape[2] == 1);
+    assert_true(*(const float *)v.data == 1.0f);
+    /* So is the id's buffer: a longer id, then the request's own id set again. */
+    assert_int_equal(keel_request_set_id(b, "an-id-longer-than-first"), KEEL_OK);
+    assert_int_equal(keel_request_set_id(b, keel_request_id(b)), KEEL_OK);
+    assert_string_equal(keel_request_id(b), "an-id-longer-than-first");
     assert_int_equal(keel_infer(b), KEEL_ENOTFOUND);
     assert_non_null(strstr(keel_request_error(b), "nope"));
     keel_request_destroy(b);
@@ -1354,6 +1371,11 @@ static void test_reused_request_starts_fresh(void **state)
     assert_int_equal(keel_infer(c), KEEL_OK);
     assert_true(output0(c) == 10.0f);
     assert_int_equal(keel_request_output_count(c), 1);
+    assert_int_equal(keel__request_input_count(c), 1); /* b's second input is not c's */
+    assert_int_equal(keel__request_input(c, 0, &v), KEEL_OK);
+    assert_string_equal(v.name, "x");
+    assert_int_equal(v.ndim, 2);
+    assert_string_equal(keel_request_id(c), "");
     n0 = keel__request_cached();
     keel_request_destroy(c);
     tu_assert_counters(f->rt, &idle_one_gen);
