@@ -692,6 +692,42 @@ static int read_cstring(dec *d, bool nonempty, char **out)
     return 0;
 }
 
+/* Whether s lies in r's own string storage (else it is malloc'd, or NULL). */
+static bool in_strs(const keel__v2_request *r, const char *s)
+{
+    return (uintptr_t)s >= (uintptr_t)r->strs &&
+           (uintptr_t)s < (uintptr_t)(r->strs + KEEL__V2_STRS);
+}
+
+/* read_cstring for a string that lives only as long as the keel__v2_request (an input's name,
+ * the id): in its own storage when it fits, else malloc'd. Free with strs_free. */
+static int read_cstring_local(dec *d, bool nonempty, char **out)
+{
+    keel__v2_request *r = d->r;
+    size_t n;
+    int st;
+
+    if (r == NULL)
+        return read_cstring(d, nonempty, out);
+    *out = NULL;
+    if ((st = read_tmp_cstring(d, nonempty, &n)) != 0)
+        return st;
+    if (n < KEEL__V2_STRS - r->strs_len) {
+        *out = r->strs + r->strs_len;
+        r->strs_len += n + 1;
+    } else if ((*out = malloc(n + 1)) == NULL) {
+        return fail_nomem(d);
+    }
+    memcpy(*out, d->tmp.p, n + 1);
+    return 0;
+}
+
+static void strs_free(const keel__v2_request *r, char *s)
+{
+    if (!in_strs(r, s))
+        free(s);
+}
+
 static int read_literal(dec *d, const char *word)
 {
     size_t n = strlen(word);
@@ -1603,7 +1639,8 @@ static int input_member(dec *d, void *ctx, size_t klen, const char *raw, size_t 
 
     push_key(d, raw, rawlen);
     if (key_is(d, klen, "name")) {
-        if ((st = dup_key(d, &c->seen_name)) != 0 || (st = read_cstring(d, true, &t->name)) != 0)
+        if ((st = dup_key(d, &c->seen_name)) != 0 ||
+            (st = read_cstring_local(d, true, &t->name)) != 0)
             return st;
     } else if (key_is(d, klen, "shape")) {
         if ((st = dup_key(d, &c->seen_shape)) != 0 || (st = read_shape(d, t)) != 0)
@@ -1794,11 +1831,17 @@ static int read_inputs(dec *d)
         push_index(d, r->ninputs);
         if (r->ninputs == KEEL__V2_MAX_INPUTS)
             return fail(d, 400, "more than %d inputs", KEEL__V2_MAX_INPUTS);
-        if (r->ninputs == cap) {
-            size_t ncap = cap ? cap * 2 : 4;
-            keel__v2_tensor *n = realloc(r->inputs, ncap * sizeof(*n));
+        if (r->ninputs == 0) {
+            r->inputs = &r->one; /* the common case: no allocation */
+            cap = 1;
+        } else if (r->ninputs == cap) {
+            size_t ncap = cap * 2 < 4 ? 4 : cap * 2;
+            keel__v2_tensor *n = malloc(ncap * sizeof(*n));
             if (n == NULL)
                 return fail_nomem(d);
+            memcpy(n, r->inputs, r->ninputs * sizeof(*n));
+            if (r->inputs != &r->one)
+                free(r->inputs);
             r->inputs = n;
             cap = ncap;
         }
@@ -2045,9 +2088,10 @@ static int top_member(dec *d, void *ctx, size_t klen, const char *raw, size_t ra
 
     push_key(d, raw, rawlen);
     if (key_is(d, klen, "id")) {
-        if ((st = dup_key(d, &c->seen_id)) != 0 ||
-            (st = read_cstring(d, false, &d->r->info.id)) != 0)
+        char *id;
+        if ((st = dup_key(d, &c->seen_id)) != 0 || (st = read_cstring_local(d, false, &id)) != 0)
             return st;
+        d->r->info.id = id;
     } else if (key_is(d, klen, "parameters")) {
         params_ctx pc = {0};
         if ((st = dup_key(d, &c->seen_params)) != 0)
@@ -2106,7 +2150,6 @@ void keel_v2_request_info_fini(keel_v2_request_info *info)
 {
     if (info == NULL)
         return;
-    free(info->id);
     for (size_t i = 0; i < info->noutputs; i++)
         free(info->outputs[i].name);
     free(info->outputs);
@@ -2118,11 +2161,14 @@ void keel__v2_request_fini(keel__v2_request *r)
     if (r == NULL)
         return;
     for (size_t i = 0; i < r->ninputs; i++) {
-        free(r->inputs[i].name);
+        strs_free(r, r->inputs[i].name);
         if (r->inputs[i].owned)
             free((void *)r->inputs[i].data);
     }
-    free(r->inputs);
+    if (r->inputs != &r->one)
+        free(r->inputs);
+    strs_free(r, (char *)r->info.id);
+    r->info.id = NULL;
     for (size_t i = 0; i < r->nparams; i++) {
         free(r->params[i].key);
         free(r->params[i].value);
@@ -2248,8 +2294,10 @@ int keel_v2_decode_infer_lent(keel_request *req, const char *body, size_t body_l
         if ((e = keel_request_add_output(req, r.info.outputs[i].name)) != KEEL_OK)
             goto fail;
     }
-    *info = r.info;
-    memset(&r.info, 0, sizeof(r.info));
+    *info = r.info; /* its outputs move to the caller; its id stays the request's */
+    info->id = r.info.id != NULL ? keel_request_id(req) : NULL;
+    memset(&r.info.outputs, 0, sizeof(r.info.outputs));
+    r.info.noutputs = 0;
     keel__v2_request_fini(&r);
     return 200;
 

@@ -35,7 +35,7 @@ typedef struct keel_v2_output_req {
 } keel_v2_output_req;
 
 typedef struct keel_v2_request_info {
-    char *id;                    /* "id", or NULL */
+    const char *id; /* "id", or NULL: the request's (keel_request_id), valid while it is */
     keel_v2_output_req *outputs; /* requested outputs in request order (may be 0) */
     size_t noutputs;
     bool binary_data_output; /* request parameters.binary_data_output */
@@ -50,7 +50,8 @@ void keel_v2_request_info_fini(keel_v2_request_info *info);
  * Decodes an infer request body into req (adds inputs, requested outputs, id, parameters and
  * timeout). header_len is the Inference-Header-Content-Length value, or (size_t)-1 when the
  * header is absent (then the whole body is JSON). On success returns 200 and fills *info (the
- * caller finis it). On failure returns the HTTP status to answer (400 bad request, 500 out of
+ * caller finis it; info->id is req's own id, valid while req is and its id is not set
+ * again). On failure returns the HTTP status to answer (400 bad request, 500 out of
  * memory; the body size limit, 413, is the server's to enforce) with a NUL-terminated message
  * in err (a JSON path such as "inputs[0].shape[1]: ..." when a field is at fault), and *info
  * is left empty. The whole body is validated before req is touched, so after a 400 caused by

@@ -41,18 +41,27 @@ typedef struct keel__v2_param {
     char *value; /* strings as given; numbers as their JSON text; booleans "true"/"false" */
 } keel__v2_param;
 
+/* Bytes of a keel__v2_request's own string storage (strs). */
+#define KEEL__V2_STRS 192
+
 typedef struct keel__v2_request {
-    keel__v2_tensor *inputs; /* in request order */
+    keel__v2_tensor *inputs; /* in request order: &one while there is one, else malloc'd */
     size_t ninputs;
+    keel__v2_tensor one;
+    /* The inputs' names and info.id when they fit, else malloc'd (keel__v2_request_fini
+     * tells them apart): a request with one input and a short id allocates only its data. */
+    char strs[KEEL__V2_STRS];
+    size_t strs_len;
     keel__v2_param *params; /* request parameters other than timeout and binary_data_output */
     size_t nparams;
     bool has_timeout;
-    keel_v2_request_info info; /* id, requested outputs, binary_data_output, timeout_us */
+    keel_v2_request_info info; /* id (see strs), requested outputs, binary_data_output, ... */
 } keel__v2_request;
 
 /*
  * Decodes a body (see keel_v2_decode_infer for header_len). Returns 200 and fills *out (free
- * with keel__v2_request_fini; borrowed slices of body stay valid only as long as body), or
+ * with keel__v2_request_fini; borrowed slices of body stay valid only as long as body; *out
+ * points into itself, so it must not be copied), or
  * 400/500 with the message in err (a JSON path, then the reason) and *out empty.
  */
 int keel__v2_decode(const char *body, size_t body_len, size_t header_len, keel__v2_request *out,

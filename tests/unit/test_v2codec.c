@@ -255,6 +255,54 @@ static const bad_case bad_cases[] = {
 };
 
 /* 65 levels of arrays under an unknown key, and in a data array. */
+/* Names and the id live in the decoded request's own storage while they fit
+ * (KEEL__V2_STRS bytes) and are allocated past it; one input needs no array allocation, more
+ * do. Every name must come back intact either way (and ASan finds a wrong free). */
+static void test_names_past_own_storage(void **state)
+{
+    char body[4096];
+    char id[301];
+    char names[6][81];
+    size_t len;
+    keel__v2_request r;
+
+    (void)state;
+    memset(id, 'i', sizeof(id) - 1);
+    id[sizeof(id) - 1] = '\0';
+    for (int i = 0; i < 6; i++) {
+        memset(names[i], 'a' + i, sizeof(names[i]) - 1);
+        names[i][sizeof(names[i]) - 1] = '\0';
+    }
+    len = (size_t)snprintf(body, sizeof(body), "{\"inputs\":[");
+    for (int i = 0; i < 6; i++)
+        len += (size_t)snprintf(body + len, sizeof(body) - len,
+                                "%s{\"name\":\"%s\",\"shape\":[1],\"datatype\":\"INT32\","
+                                "\"data\":[%d]}",
+                                i ? "," : "", names[i], i);
+    len += (size_t)snprintf(body + len, sizeof(body) - len, "],\"id\":\"%s\"}", id);
+    assert_true(len < sizeof(body));
+    decode_ok(body, &r);
+    assert_int_equal(r.ninputs, 6);
+    for (int i = 0; i < 6; i++) {
+        int32_t v;
+        assert_string_equal(r.inputs[i].name, names[i]);
+        memcpy(&v, r.inputs[i].data, sizeof(v));
+        assert_int_equal(v, i);
+    }
+    assert_string_equal(r.info.id, id);
+    keel__v2_request_fini(&r);
+
+    /* One input, a short name and id: all of it in the request's own storage. */
+    decode_ok("{\"id\":\"q\",\"inputs\":[{\"name\":\"x\",\"shape\":[1],"
+              "\"datatype\":\"INT32\",\"data\":[7]}]}",
+              &r);
+    assert_true(r.inputs == &r.one);
+    assert_string_equal(r.inputs[0].name, "x");
+    assert_string_equal(r.info.id, "q");
+    assert_true(r.info.id >= r.strs && r.info.id < r.strs + sizeof(r.strs));
+    keel__v2_request_fini(&r);
+}
+
 static void test_too_deep(void **state)
 {
     keel__v2_request r;
@@ -1621,6 +1669,7 @@ int main(void)
         cmocka_unit_test(test_malformed),
         cmocka_unit_test(test_malformed_unterminated_and_short_err),
         cmocka_unit_test(test_too_deep),
+        cmocka_unit_test(test_names_past_own_storage),
         cmocka_unit_test(test_header_length),
         cmocka_unit_test(test_integer_types),
         cmocka_unit_test(test_bool_and_bytes),
