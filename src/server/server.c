@@ -15,7 +15,8 @@
  * or suspends it like any other (its batch went to an inference thread).
  *
  * Per-connection state machine (srv_conn, one per HTTP request; a keep-alive connection
- * gets a fresh one for each request):
+ * gets a fresh, zeroed one for each request, from the loop thread's cache of freed ones:
+ * conn_alloc, conn_release):
  *
  *   first handler call (headers in): route, method check, Content-Length over the limit ->
  *   413 at once. State READING.
@@ -279,6 +280,19 @@ static bool parse_version(const char *s, int64_t *out)
 #define SEG_IS(k, lit) IS_LIT(seg[k], seglen[k], lit)
 #define TAIL_IS(lit) IS_LIT(tail, taillen, lit)
 
+/* c->model = a copy of the name's n bytes: in c when short, else allocated. */
+static bool conn_set_model(srv_conn *c, const char *name, size_t n)
+{
+    if (n < sizeof(c->model_small)) {
+        c->model = c->model_small;
+    } else if ((c->model = malloc(n + 1)) == NULL) {
+        return false;
+    }
+    memcpy(c->model, name, n);
+    c->model[n] = '\0';
+    return true;
+}
+
 /*
  * Routes url into c (route, model, version). Returns 0, or an HTTP status (404 unknown path,
  * with msg left to the caller; 400 bad version, 500 no memory, with the reason in msg).
@@ -357,7 +371,7 @@ static unsigned route_segments(srv_conn *c, const char *url, char *msg, size_t m
             rc = 0;
         } else if (nseg == 5 && SEG_IS(2, "models") && (SEG_IS(4, "load") || SEG_IS(4, "unload"))) {
             c->route = SEG_IS(4, "load") ? ROUTE_REPO_LOAD : ROUTE_REPO_UNLOAD;
-            if ((c->model = strdup(seg[3])) == NULL) {
+            if (!conn_set_model(c, seg[3], seglen[3])) {
                 snprintf(msg, msglen, "out of memory");
                 rc = MHD_HTTP_INTERNAL_SERVER_ERROR;
             } else {
@@ -376,7 +390,7 @@ static unsigned route_segments(srv_conn *c, const char *url, char *msg, size_t m
     }
     if (nseg == 5 && SEG_IS(3, "trace") && SEG_IS(4, "setting")) {
         c->route = ROUTE_TRACE_SETTING;
-        if ((c->model = strdup(seg[2])) == NULL) {
+        if (!conn_set_model(c, seg[2], seglen[2])) {
             snprintf(msg, msglen, "out of memory");
             rc = MHD_HTTP_INTERNAL_SERVER_ERROR;
         } else {
@@ -411,7 +425,7 @@ static unsigned route_segments(srv_conn *c, const char *url, char *msg, size_t m
         c->route = ROUTE_INFER;
     else
         goto done;
-    if ((c->model = strdup(seg[2])) == NULL) {
+    if (!conn_set_model(c, seg[2], seglen[2])) {
         c->route = ROUTE_UNKNOWN;
         snprintf(msg, msglen, "out of memory");
         rc = MHD_HTTP_INTERNAL_SERVER_ERROR;
@@ -451,6 +465,86 @@ static char *body_base(const srv_conn *c)
     return c->body != NULL ? c->body - c->body_pad : NULL;
 }
 
+/*
+ * Freed srv_conns are kept for reuse by the thread that makes them (a loop thread: on_uri),
+ * as request.c keeps requests: a batched batch-1 request's connection state is ~1 KiB that
+ * calloc zeroed and free returned for every HTTP request. At most CONN_CACHE_MAX per thread;
+ * a thread that never made one (a completion freeing an abandoned connection) keeps none.
+ * Owner: the thread's cache; release path: the thread's exit (a pthread key's destructor).
+ * AddressSanitizer builds keep none, so that a use after conn_free stays a use after free.
+ */
+#if defined(__SANITIZE_ADDRESS__)
+#define CONN_CACHE_MAX 0u
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CONN_CACHE_MAX 0u
+#endif
+#endif
+#ifndef CONN_CACHE_MAX
+#define CONN_CACHE_MAX 64u
+#endif
+
+static _Thread_local struct conn_cache {
+    srv_conn *head; /* linked through next */
+    unsigned n;
+    bool makes; /* this thread has made a connection */
+    bool keyed; /* conn_cache_exit is registered for this thread */
+} tl_conns;
+static pthread_key_t conn_cache_key;
+static pthread_once_t conn_cache_once = PTHREAD_ONCE_INIT;
+static bool conn_cache_key_ok;
+
+static void conn_cache_exit(void *arg)
+{
+    struct conn_cache *cc = arg;
+    srv_conn *c;
+
+    while ((c = cc->head) != NULL) {
+        cc->head = c->next;
+        free(c);
+    }
+    cc->n = 0;
+    cc->makes = false; /* a connection freed later in this thread's exit is freed */
+}
+
+static void conn_cache_key_init(void)
+{
+    conn_cache_key_ok = pthread_key_create(&conn_cache_key, conn_cache_exit) == 0;
+}
+
+/* A zeroed srv_conn, from this thread's cache when it has one. */
+static srv_conn *conn_alloc(void)
+{
+    srv_conn *c = tl_conns.head;
+
+    tl_conns.makes = true;
+    if (c == NULL)
+        return calloc(1, sizeof(*c));
+    tl_conns.head = c->next;
+    tl_conns.n--;
+    memset(c, 0, sizeof(*c));
+    return c;
+}
+
+/* Gives a finished srv_conn (everything it owned freed) to this thread's cache, or frees it. */
+static void conn_release(srv_conn *c)
+{
+    if (tl_conns.n >= CONN_CACHE_MAX || !tl_conns.makes)
+        goto out;
+    if (!tl_conns.keyed) {
+        pthread_once(&conn_cache_once, conn_cache_key_init);
+        if (!conn_cache_key_ok || pthread_setspecific(conn_cache_key, &tl_conns) != 0)
+            goto out;
+        tl_conns.keyed = true;
+    }
+    c->next = tl_conns.head;
+    tl_conns.head = c;
+    tl_conns.n++;
+    return;
+out:
+    free(c);
+}
+
 static void conn_free(srv_conn *c)
 {
     if (c == NULL)
@@ -471,10 +565,11 @@ static void conn_free(srv_conn *c)
     if (c->have_info)
         keel_v2_request_info_fini(&c->info);
     free(body_base(c));
-    free(c->model);
+    if (c->model != c->model_small)
+        free(c->model);
     free(c->ctl_msg);
     free(c->ctl_body);
-    free(c);
+    conn_release(c);
 }
 
 static const char *route_name(srv_route r)
@@ -1189,7 +1284,7 @@ static void take_body(srv_conn *c, const char *data, size_t n)
  */
 static void *on_uri(void *cls, const char *uri, struct MHD_Connection *mc)
 {
-    srv_conn *c = calloc(1, sizeof(*c));
+    srv_conn *c = conn_alloc();
 
     (void)mc;
     if (c == NULL)

@@ -123,7 +123,8 @@ struct srv_conn {
     char route_msg[256];
     bool method_ok;       /* the method is one the route accepts */
     const char *allow;    /* the route's Allow header (static) */
-    char *model;          /* owned; NULL for routes without a model */
+    char *model;          /* model_small or owned; NULL for routes without a model */
+    char model_small[64]; /* the model's name when it fits */
     int64_t version;      /* -1 = none in the URL */
     uint64_t start_ns;    /* first handler call, CLOCK_MONOTONIC */
     unsigned http_status; /* what was queued, for the access log */

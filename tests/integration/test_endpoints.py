@@ -123,6 +123,10 @@ def test_unknown_model_and_version_404():
         ("/v2/models/heart/versions/7/ready", "7"),
         ("/v2/models/heart/versions/7/config", "7"),
         ("/v2/models/heart/versions/7/stats", "7"),
+        # Names up to 63 bytes are kept in the connection's state, longer ones allocated:
+        # both named whole in the answer.
+        ("/v2/models/%s/ready" % ("n" * 63), "'%s'" % ("n" * 63)),
+        ("/v2/models/%s/ready" % ("n" * 64), "'%s'" % ("n" * 64)),
     ]
     for path, word in cases:
         r = kit.get(port(), path)
