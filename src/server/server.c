@@ -434,7 +434,8 @@ static unsigned route_segments(srv_conn *c, const char *url, char *msg, size_t m
     rc = 0;
 
 done:
-    free(copy);
+    if (copy != NULL) /* free(NULL) is ~40 instructions of jemalloc's: see conn_free */
+        free(copy);
     if (rc != 0)
         c->route = ROUTE_UNKNOWN;
     return rc;
@@ -564,11 +565,16 @@ static void conn_free(srv_conn *c)
     keel_request_destroy(c->req);
     if (c->have_info)
         keel_v2_request_info_fini(&c->info);
-    free(body_base(c));
-    if (c->model != c->model_small)
+    /* Each is usually NULL here, and jemalloc's free(NULL) still costs ~40 instructions
+     * (callgrind): ten such calls were 1 % of a batched request. */
+    if (c->body != NULL)
+        free(body_base(c));
+    if (c->model != c->model_small && c->model != NULL)
         free(c->model);
-    free(c->ctl_msg);
-    free(c->ctl_body);
+    if (c->ctl_msg != NULL)
+        free(c->ctl_msg);
+    if (c->ctl_body != NULL)
+        free(c->ctl_body);
     conn_release(c);
 }
 
