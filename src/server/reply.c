@@ -62,6 +62,7 @@ void keel__srv_reply_error(srv_reply *r, unsigned status, const char *fmt, ...)
     free(r->body);
     r->status = status;
     r->body = keel_v2_error_json(msg);
+    r->pooled = false;
     r->len = r->body != NULL ? strlen(r->body) : 0;
     r->ctype = JSON_TYPE;
 }
@@ -83,6 +84,7 @@ void keel__srv_reply_json(srv_reply *r, unsigned status, void *root)
     free(r->body);
     r->status = status;
     r->body = text;
+    r->pooled = false;
     r->len = strlen(text);
     r->ctype = JSON_TYPE;
 }
@@ -92,6 +94,7 @@ void keel__srv_reply_empty(srv_reply *r, unsigned status)
     free(r->body);
     r->status = status;
     r->body = NULL;
+    r->pooled = false;
     r->len = 0;
     r->ctype = NULL;
 }

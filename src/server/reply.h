@@ -22,6 +22,7 @@ typedef struct srv_reply {
     size_t len;
     const char *ctype; /* static; NULL = none */
     const char *allow; /* static; NULL = none */
+    bool pooled;       /* body is a server.c loop buffer (LOOP_BUF bytes; free() works too) */
 } srv_reply;
 
 /* Sets r to {"error": msg} with the given status. Never fails: on ENOMEM the body is NULL

@@ -137,6 +137,8 @@ static const char ALLOW_GET_POST[] = "GET, HEAD, POST";
 static const char ALLOW_POST[] = "POST";
 static const char JSON_TYPE[] = "application/json";
 
+static void loop_buf_give(void *b);
+
 /* ---------------------------------------------------------------- small helpers */
 
 static uint64_t now_ns(void)
@@ -201,6 +203,9 @@ static enum MHD_Result send_reply(srv_conn *c, srv_reply *r, const char *extra_n
                                                MHD_RESPMEM_PERSISTENT);
         r->ctype = JSON_TYPE;
         c->bytes_out = sizeof(nomem) - 1;
+    } else if (r->pooled) { /* MHD gives it back when it is done with it */
+        resp = MHD_create_response_from_buffer_with_free_callback(r->len, r->body, loop_buf_give);
+        c->bytes_out = r->len;
     } else {
         resp = MHD_create_response_from_buffer(r->len, r->body, MHD_RESPMEM_MUST_FREE);
         c->bytes_out = r->len;
@@ -471,8 +476,13 @@ static char *body_base(const srv_conn *c)
  * as request.c keeps requests: a batched batch-1 request's connection state is ~1 KiB that
  * calloc zeroed and free returned for every HTTP request. At most CONN_CACHE_MAX per thread;
  * a thread that never made one (a completion freeing an abandoned connection) keeps none.
- * Owner: the thread's cache; release path: the thread's exit (a pthread key's destructor).
- * AddressSanitizer builds keep none, so that a use after conn_free stays a use after free.
+ * The same cache keeps up to LOOP_BUFS_MAX buffers of LOOP_BUF bytes, for the bodies and
+ * answers of small requests (loop_buf_take, loop_buf_give): plain malloc'd blocks, so any
+ * path may free() one instead (a body lent to its request, grown, or an answer destroyed on
+ * another thread); only one known to be LOOP_BUF bytes (c->body_pooled, srv_reply's pooled)
+ * is given back. Owner: the thread's cache; release path: the thread's exit (a pthread
+ * key's destructor). AddressSanitizer builds keep none, so that a use after conn_free (or
+ * after a buffer went back) stays a use after free.
  */
 #if defined(__SANITIZE_ADDRESS__)
 #define CONN_CACHE_MAX 0u
@@ -484,12 +494,16 @@ static char *body_base(const srv_conn *c)
 #ifndef CONN_CACHE_MAX
 #define CONN_CACHE_MAX 64u
 #endif
+#define LOOP_BUF 1024u
+#define LOOP_BUFS_MAX (2u * CONN_CACHE_MAX) /* a body and an answer per connection */
 
 static _Thread_local struct conn_cache {
     srv_conn *head; /* linked through next */
     unsigned n;
     bool makes; /* this thread has made a connection */
     bool keyed; /* conn_cache_exit is registered for this thread */
+    char *bufs[LOOP_BUFS_MAX + 1];
+    unsigned nbufs;
 } tl_conns;
 static pthread_key_t conn_cache_key;
 static pthread_once_t conn_cache_once = PTHREAD_ONCE_INIT;
@@ -505,6 +519,8 @@ static void conn_cache_exit(void *arg)
         free(c);
     }
     cc->n = 0;
+    while (cc->nbufs > 0)
+        free(cc->bufs[--cc->nbufs]);
     cc->makes = false; /* a connection freed later in this thread's exit is freed */
 }
 
@@ -527,23 +543,65 @@ static srv_conn *conn_alloc(void)
     return c;
 }
 
-/* Gives a finished srv_conn (everything it owned freed) to this thread's cache, or frees it. */
-static void conn_release(srv_conn *c)
+/* Whether this thread may keep what it frees: it makes connections and its cache is
+ * released at its exit. */
+static bool conn_cache_keeps(void)
 {
-    if (tl_conns.n >= CONN_CACHE_MAX || !tl_conns.makes)
-        goto out;
+    if (!tl_conns.makes)
+        return false;
     if (!tl_conns.keyed) {
         pthread_once(&conn_cache_once, conn_cache_key_init);
         if (!conn_cache_key_ok || pthread_setspecific(conn_cache_key, &tl_conns) != 0)
-            goto out;
+            return false;
         tl_conns.keyed = true;
+    }
+    return true;
+}
+
+/* Gives a finished srv_conn (everything it owned freed) to this thread's cache, or frees it. */
+static void conn_release(srv_conn *c)
+{
+    if (tl_conns.n >= CONN_CACHE_MAX || !conn_cache_keeps()) {
+        free(c);
+        return;
     }
     c->next = tl_conns.head;
     tl_conns.head = c;
     tl_conns.n++;
-    return;
-out:
-    free(c);
+}
+
+/* A malloc'd block of LOOP_BUF bytes, from this thread's cache when it has one; NULL when
+ * out of memory. */
+static char *loop_buf_take(void)
+{
+    if (tl_conns.nbufs > 0)
+        return tl_conns.bufs[--tl_conns.nbufs];
+    return malloc(LOOP_BUF);
+}
+
+/* Gives back a block of loop_buf_take (also MHD's free callback of a pooled answer). */
+static void loop_buf_give(void *b)
+{
+    if (b == NULL)
+        return;
+    if (tl_conns.nbufs >= LOOP_BUFS_MAX || !conn_cache_keeps()) {
+        free(b);
+        return;
+    }
+    tl_conns.bufs[tl_conns.nbufs++] = b;
+}
+
+/* Frees c's body buffer, or gives it back when it is a pooled one. */
+static void body_drop(srv_conn *c)
+{
+    if (c->body == NULL)
+        return;
+    if (c->body_pooled)
+        loop_buf_give(body_base(c));
+    else
+        free(body_base(c));
+    c->body = NULL;
+    c->body_pooled = false;
 }
 
 static void conn_free(srv_conn *c)
@@ -567,8 +625,7 @@ static void conn_free(srv_conn *c)
         keel_v2_request_info_fini(&c->info);
     /* Each is usually NULL here, and jemalloc's free(NULL) still costs ~40 instructions
      * (callgrind): ten such calls were 1 % of a batched request. */
-    if (c->body != NULL)
-        free(body_base(c));
+    body_drop(c);
     if (c->model != c->model_small && c->model != NULL)
         free(c->model);
     if (c->ctl_msg != NULL)
@@ -1035,6 +1092,7 @@ static enum MHD_Result infer_start(srv_conn *c)
         keel_v2_body_lender lender = {body_retain, body_release, lent};
         const char *body = c->body;
         c->body = NULL;
+        c->body_pooled = false; /* the holder free()s it */
         st = keel_v2_decode_infer_lent(c->req, body, c->body_len, hlen, &lender, &c->info, err,
                                        sizeof(err));
         body_release(lent);
@@ -1042,8 +1100,7 @@ static enum MHD_Result infer_start(srv_conn *c)
         st = keel_v2_decode_infer(c->req, c->body != NULL ? c->body : "", c->body_len, hlen,
                                   &c->info, err, sizeof(err));
         /* The request holds copies of the tensors; the body is not needed any more. */
-        free(body_base(c));
-        c->body = NULL;
+        body_drop(c);
     }
     if (st != MHD_HTTP_OK)
         return send_error(c, st >= 400 && st < 600 ? (unsigned)st : MHD_HTTP_BAD_REQUEST, "%s",
@@ -1092,6 +1149,7 @@ static enum MHD_Result infer_answer(srv_conn *c)
 {
     keel_v2_response resp = {0};
     srv_reply r = {0};
+    char *pb;
     char err[ERRMSG_LEN];
     char hl[32];
     int st;
@@ -1102,15 +1160,18 @@ static enum MHD_Result infer_answer(srv_conn *c)
         return send_error(c, keel__srv_http_status(o.err), "%s", o.msg);
     }
     err[0] = '\0';
-    st = keel_v2_encode_infer(c->req, c->model, &c->info, &resp, err, sizeof(err));
-    if (st != 0) {
-        free(resp.body);
+    pb = loop_buf_take(); /* the answer is written there while it fits */
+    st = keel_v2_encode_infer_into(c->req, c->model, &c->info, pb, pb != NULL ? LOOP_BUF : 0, &resp,
+                                   err, sizeof(err));
+    if (resp.body != pb)
+        loop_buf_give(pb); /* not used: it grew past it, or failed */
+    if (st != 0)
         return send_error(c, st >= 400 && st < 600 ? (unsigned)st : 500, "%s",
                           err[0] != '\0' ? err : "encoding the response failed");
-    }
     r.status = MHD_HTTP_OK;
     r.body = resp.body;
     r.len = resp.body_len;
+    r.pooled = resp.body == pb;
     if (resp.has_binary) {
         r.ctype = "application/octet-stream";
         snprintf(hl, sizeof(hl), "%zu", resp.json_len);
@@ -1250,8 +1311,7 @@ static void take_body(srv_conn *c, const char *data, size_t n)
     if (c->too_large || n > c->body_limit - c->body_len) {
         if (c->body_limit > 0 && !c->too_large) {
             c->too_large = true;
-            free(body_base(c)); /* nothing of it will be used */
-            c->body = NULL;
+            body_drop(c); /* nothing of it will be used */
             c->body_cap = 0;
         }
         c->discarded += n;
@@ -1268,14 +1328,14 @@ static void take_body(srv_conn *c, const char *data, size_t n)
         if ((nb = realloc(body_base(c), c->body_pad + ncap + 1)) == NULL) {
             /* Treated as too large: the answer is 413 either way, and no memory is held. */
             c->too_large = true;
-            free(body_base(c));
-            c->body = NULL;
+            body_drop(c);
             c->body_cap = 0;
             c->discarded += n;
             return;
         }
         c->body = nb + c->body_pad;
         c->body_cap = ncap;
+        c->body_pooled = false; /* no longer LOOP_BUF bytes */
     }
     memcpy(c->body + c->body_len, data, n);
     c->body_len += n;
@@ -1396,11 +1456,20 @@ static enum MHD_Result first_call(keel_srv *s, struct MHD_Connection *mc, const 
          * are there (larger bodies grow as they arrive, to exactly their length): a client
          * that announces a large body and sends nothing holds 64 KiB, not the limit. */
         if (errno == 0 && end != cl && n > 0 && c->body_limit > 0 && rc == 0) {
+            size_t cap = n < BODY_PRESIZE_MAX ? n : BODY_PRESIZE_MAX;
+            char *base;
             c->body_expect = (size_t)n;
-            char *base = malloc(c->body_pad + (n < BODY_PRESIZE_MAX ? n : BODY_PRESIZE_MAX) + 1);
+            if (c->body_pad + cap + 1 <= LOOP_BUF) { /* small: a pooled buffer */
+                if ((base = loop_buf_take()) != NULL) {
+                    c->body_pooled = true;
+                    cap = LOOP_BUF - c->body_pad - 1;
+                }
+            } else {
+                base = malloc(c->body_pad + cap + 1);
+            }
             if (base != NULL) {
                 c->body = base + c->body_pad;
-                c->body_cap = n < BODY_PRESIZE_MAX ? n : BODY_PRESIZE_MAX;
+                c->body_cap = cap;
                 c->body[0] = '\0';
             }
         }

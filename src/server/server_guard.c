@@ -167,5 +167,6 @@ void keel__srv_guard_redact(keel_srv *s, const srv_conn *c, srv_reply *r)
     }
     free(r->body);
     r->body = text;
+    r->pooled = false;
     r->len = len;
 }

@@ -150,6 +150,7 @@ struct srv_conn {
      * 16-byte boundary, so that its tensors can be read in place (server.c's infer_start). */
     char *body;
     size_t body_pad;
+    bool body_pooled; /* its allocation is a LOOP_BUF block (server.c: loop_buf_take) */
     size_t body_len, body_cap;
     size_t body_limit;  /* bytes kept for this route (0: the body is discarded) */
     size_t body_expect; /* Content-Length (within the limit), 0 if unknown or none */

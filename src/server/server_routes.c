@@ -337,6 +337,7 @@ static void model_config(keel_srv *s, const srv_conn *c, srv_reply *r)
     free(r->body);
     r->status = 200;
     r->body = text; /* malloc'd by libkeel, freed by MHD with free() */
+    r->pooled = false;
     r->len = strlen(text);
     r->ctype = "application/json";
 }

@@ -2467,9 +2467,11 @@ static void put_bytes_elems(sbuf *b, const keel_tensor_view *v, size_t count)
  * with more allocates them). */
 #define ENCODE_SMALL 8
 
-int keel__v2_encode(const char *model_name, int64_t version, const char *id,
-                    const keel_tensor_view *outs, const bool *binary, size_t n,
-                    keel_v2_response *out, char *err, size_t errlen)
+/* keel__v2_encode, writing into buf (cap bytes, the caller's; NULL: none) while the body
+ * fits there: out->body is then buf, else malloc'd. */
+static int encode_into(const char *model_name, int64_t version, const char *id,
+                       const keel_tensor_view *outs, const bool *binary, size_t n, char *buf,
+                       size_t cap, keel_v2_response *out, char *err, size_t errlen)
 {
     sbuf b = {0};
     bool bin_small[ENCODE_SMALL];
@@ -2481,6 +2483,8 @@ int keel__v2_encode(const char *model_name, int64_t version, const char *id,
     memset(out, 0, sizeof(*out));
     if (errlen > 0)
         err[0] = '\0';
+    if (buf != NULL && cap > 0)
+        b = (sbuf){.p = buf, .cap = cap, .fixed = true};
     if (n > ENCODE_SMALL && (bin = calloc(n, sizeof(*bin))) == NULL)
         goto nomem;
     /* Check every tensor before writing anything. */
@@ -2582,15 +2586,30 @@ int keel__v2_encode(const char *model_name, int64_t version, const char *id,
 nomem:
     snprintf(err, errlen, "out of memory while encoding the response");
 bad:
-    free(b.p);
+    if (!b.fixed)
+        free(b.p);
     if (bin != bin_small)
         free(bin);
     return 500;
 }
 
+int keel__v2_encode(const char *model_name, int64_t version, const char *id,
+                    const keel_tensor_view *outs, const bool *binary, size_t n,
+                    keel_v2_response *out, char *err, size_t errlen)
+{
+    return encode_into(model_name, version, id, outs, binary, n, NULL, 0, out, err, errlen);
+}
+
 int keel_v2_encode_infer(const keel_request *req, const char *model_name,
                          const keel_v2_request_info *info, keel_v2_response *out, char *err,
                          size_t errlen)
+{
+    return keel_v2_encode_infer_into(req, model_name, info, NULL, 0, out, err, errlen);
+}
+
+int keel_v2_encode_infer_into(const keel_request *req, const char *model_name,
+                              const keel_v2_request_info *info, char *buf, size_t cap,
+                              keel_v2_response *out, char *err, size_t errlen)
 {
     keel_tensor_view views_small[ENCODE_SMALL];
     bool binary_small[ENCODE_SMALL];
@@ -2635,8 +2654,8 @@ int keel_v2_encode_infer(const keel_request *req, const char *model_name,
         id = info->id;
     else if (keel_request_id(req)[0] != '\0')
         id = keel_request_id(req);
-    st = keel__v2_encode(model_name, keel_request_model_version(req), id, views, binary, n, out,
-                         err, errlen);
+    st = encode_into(model_name, keel_request_model_version(req), id, views, binary, n, buf, cap,
+                     out, err, errlen);
 out:
     if (views != views_small)
         free(views);

@@ -109,6 +109,11 @@ typedef struct keel_v2_response {
 int keel_v2_encode_infer(const keel_request *req, const char *model_name,
                          const keel_v2_request_info *info, keel_v2_response *out, char *err,
                          size_t errlen);
+/* keel_v2_encode_infer into the caller's buf (cap bytes) while the body fits: out->body is
+ * then buf (the caller's, never freed here), else malloc'd as above. */
+int keel_v2_encode_infer_into(const keel_request *req, const char *model_name,
+                              const keel_v2_request_info *info, char *buf, size_t cap,
+                              keel_v2_response *out, char *err, size_t errlen);
 
 /* {"error": "<msg>"} with msg JSON-escaped (bytes that are not UTF-8 become U+FFFD);
  * malloc'd, NUL-terminated. NULL on ENOMEM. */
