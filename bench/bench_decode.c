@@ -24,6 +24,9 @@
  *                 the encoder must match), for comparison;
  *   batch 64      encode of one output of 64 values (a batch-64 response), µs per response;
  *   FP64          keel__v2_encode of N FP64 values (snprintf-based), ns per number.
+ * and last, ns per request, the decode of the body keel perf sends for a batch-1 request of the
+ * reference model (20 features) and the encode of its one-float answer: the JSON work a V2
+ * server cannot skip for such a request (docs/PERFORMANCE.md, "Session 15").
  * Times are CPU time of the measuring thread (CLOCK_THREAD_CPUTIME_ID), so time spent
  * descheduled does not count; a busy SMT sibling still slows it down, so note the load.
  * Every decoder's floats are checked against strtof and the program exits non-zero on a
@@ -264,6 +267,52 @@ static double run_snprintf_loop(const body *b)
     return (double)o;
 }
 
+/* A batch-1 request of the reference model as keel perf sends it (bench/suite.sh batching),
+ * and its answer: the JSON work any V2 server does for one such request, beside the HTTP
+ * exchange and the model (bench/request_cost.sh's floor rows). */
+static const char req_body[] =
+    "{\"id\":\"perf-12345\",\"inputs\":[{\"name\":\"features\",\"datatype\":\"FP32\","
+    "\"shape\":[1,20],\"data\":[0.410417,0.886228,0.840026,0.31886,0.078332,0.525752,0.305996,"
+    "0.86711,0.511273,0.964273,0.533143,0.539895,0.015487,0.294914,0.623744,0.26292,0.894503,"
+    "0.915524,0.204085,0.05956]}]}";
+enum { REQ_REPEAT = 100000 };
+
+static double run_request_decode(const body *b)
+{
+    char err[256];
+    double s = 0;
+
+    (void)b;
+    for (int i = 0; i < REQ_REPEAT; i++) {
+        keel__v2_request r;
+        if (keel__v2_decode(req_body, sizeof(req_body) - 1, (size_t)-1, &r, err, sizeof(err)) !=
+            200)
+            die(err);
+        s += (double)r.inputs[0].count;
+        keel__v2_request_fini(&r);
+    }
+    return s;
+}
+
+static double run_request_encode(const body *b)
+{
+    static float y = 0.7309147f;
+    static const int64_t shape[2] = {1, 1};
+    const keel_tensor_view v = {"probability", KEEL_TYPE_FP32, shape, 2, &y, sizeof(y)};
+    char err[256];
+    double s = 0;
+
+    (void)b;
+    for (int i = 0; i < REQ_REPEAT; i++) {
+        keel_v2_response resp;
+        if (keel__v2_encode("ref_b0", 1, "perf-12345", &v, NULL, 1, &resp, err, sizeof(err)) != 0)
+            die(err);
+        s += (double)resp.body_len;
+        free(resp.body);
+    }
+    return s;
+}
+
 typedef double (*op_fn)(const body *b);
 
 /* Runs op rounds times; prints median and min ns per unit. */
@@ -362,6 +411,11 @@ int main(int argc, char **argv)
         free(b.text);
         free(b.want);
     }
+    printf("| **batch-1 request** of the reference model (%zu bytes) | | | |\n",
+           sizeof(req_body) - 1);
+    measure("keel decode, batch-1 request", run_request_decode, NULL, rounds, REQ_REPEAT,
+            "ns/request");
+    measure("keel encode, its answer", run_request_encode, NULL, rounds, REQ_REPEAT, "ns/request");
     free(scratch);
     free(ref_buf);
     return 0;
