@@ -22,6 +22,10 @@
 #      server on $SERVER_CPU, idle while keel serve is measured and the other way round): the
 #      floor of the exchange, what libmicrohttpd and the kernel cost for the very requests
 #      and answers of perf_live and perf_infer when the server does none of keel's work.
+#      And keel perf's ref_b0 requests against mhd_model (bench/mhd_floor.c built with
+#      FLOOR_MODEL in build-bench, a third server on $SERVER_CPU): the floor plus the work no
+#      V2 server skips for them (keel's JSON decode and encode, one XGBoost call per HTTP turn
+#      over the turn's rows), without keel's runtime (row model_infer).
 #      $ROUNDS rounds, each load once per round in the same order.
 #   3. System calls per request (perf stat on the server's syscalls:sys_enter_* tracepoints,
 #      2 s under keel perf) for the inference and the GET load.
@@ -33,7 +37,9 @@
 # The floor's rows bound the goal: floor_infer's us/req plus the model's us per row (the batch,
 #   us/call column of perf_infer divided by its batch) is the least a batched request can cost
 #   a libmicrohttpd server here; against raw's us per call it gives the best served/raw ratio
-#   possible, and perf_infer's us/req minus that sum is keel's own work.
+#   possible, and perf_infer's us/req minus that sum is keel's own work. model_infer's req/s
+#   over raw's batch-1 calls/s is the served/raw a server doing only the necessary work
+#   reaches (its us/req includes its model calls).
 # Needs: a Release build with KEEL_BUILD_BENCH=ON in build-bench and ref_b0
 #   (`bench/suite.sh batching` makes both), wrk, perf (linux-perf), cc, libmicrohttpd-dev,
 #   curl, /usr/bin/time. The floor rows speak for ref_b0 only (mhd_floor answers its requests).
@@ -60,9 +66,11 @@ export KEEL_MODEL_CHECK=$PWD/$build/keel-model-check
 out=$(mktemp -d)
 spid=
 fpid=
+mpid=
 cleanup() {
     [[ -n "$spid" ]] && kill "$spid" 2>/dev/null
     [[ -n "$fpid" ]] && kill "$fpid" 2>/dev/null
+    [[ -n "$mpid" ]] && kill "$mpid" 2>/dev/null
     rm -rf "$out"
 }
 trap cleanup EXIT
@@ -106,9 +114,20 @@ for _ in $(seq 100); do
     sleep 0.05
 done
 [[ -n "$fport" ]] || { echo "request_cost: mhd_floor did not start" >&2; exit 1; }
+[[ -x $build/mhd_model ]] || { echo "request_cost: $build/mhd_model not built" >&2; exit 1; }
+taskset -c "$scpu" "$build/mhd_model" "$repo/$model/1/model.json" >"$out/mport" &
+mpid=$!
+mport=
+for _ in $(seq 100); do
+    mport=$(sed -n 's/^port=//p' "$out/mport")
+    [[ -n "$mport" ]] && curl -fs "127.0.0.1:$mport/v2/health/live" >/dev/null && break
+    mport=
+    sleep 0.05
+done
+[[ -n "$mport" ]] || { echo "request_cost: mhd_model did not start" >&2; exit 1; }
 
-stats() { # -> "requests executions compute_infer_ns"
-    curl -sf "$url/v2/models/$model/stats" | /usr/bin/python3 -c '
+stats() { # port -> "requests executions compute_infer_ns" (keel's, or mhd_model's)
+    curl -sf "127.0.0.1:$1/v2/models/$model/stats" | /usr/bin/python3 -c '
 import json, sys
 s = json.load(sys.stdin)["model_stats"][0]
 print(s["inference_stats"]["success"]["count"], s["execution_count"],
@@ -121,15 +140,18 @@ echo
 echo "== 2. server CPU per request, $conns connections, server CPU $scpu, generator CPU $gcpu"
 printf '%-34s %9s %14s %14s %10s %16s\n' load req/s "server busy" "server us/req" "gen busy" "batch, us/call"
 for _ in $(seq "$rounds"); do
-    for load in perf_live wrk_live wrk_post405 wrk_infer perf_infer floor_live floor_infer; do
+    for load in perf_live wrk_live wrk_post405 wrk_infer perf_infer floor_live floor_infer \
+        model_infer; do
         pid=$spid
         p=$port
         [[ $load == floor_* ]] && pid=$fpid && p=$fport
-        s0=$(stats)
+        [[ $load == model_* ]] && pid=$mpid && p=$mport
+        s0=$(stats "$port")
+        [[ $load == model_* ]] && s0=$(stats "$mport")
         c0=$(ticks "$pid")
         t0=$(date +%s.%N)
         case $load in
-        perf_* | floor_* )
+        perf_* | floor_* | model_* )
             if [[ $load == *_live ]]; then a=(--endpoint /v2/health/live); else
                 a=(-m "$model" -b 1 --input-data "$out/rows.txt"); fi
             /usr/bin/time -f "%U %S" -o "$out/gen" taskset -c "$gcpu" "$keel" perf -u "127.0.0.1:$p" \
@@ -150,10 +172,11 @@ for _ in $(seq "$rounds"); do
         esac
         t1=$(date +%s.%N)
         c1=$(ticks "$pid")
-        s1=$(stats)
+        s1=$(stats "$port")
+        [[ $load == model_* ]] && s1=$(stats "$mport")
         read -r gu gs <"$out/gen"
         extra=-
-        if [[ $load == *_infer && $load != floor_* ]]; then
+        if [[ $load == perf_infer || $load == wrk_infer || $load == model_infer ]]; then
             extra=$(awk -v a="$s0" -v b="$s1" 'BEGIN { split(a, x, " "); split(b, y, " ")
                 n = y[1] - x[1]; e = y[2] - x[2]
                 if (e > 0) printf "%.1f, %.1f", n / e, (y[3] - x[3]) / e / 1000; else print "-" }')

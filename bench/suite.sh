@@ -48,6 +48,9 @@
 #            bytes) beside the same body to ref_b0; and keel perf's ref_b0 requests against
 #            bench/mhd_floor.c (libmicrohttpd with keel's loop and none of keel's work, on the
 #            server's core: the floor of the exchange, so the rows' gap above it is keel's own)
+#            and against mhd_model (the same program with keel's JSON decode and encode and
+#            one XGBoost call per HTTP turn: only the work no V2 server skips, none of keel's
+#            runtime; its served/raw is what that work allows here)
 # The report opens with issue 11's table: every row of it, from these sections.
 #
 # Usage: bench/suite.sh [SECTION...]   (default: all, in the order above)
@@ -73,7 +76,7 @@ mkdir -p "$out"
 results="$out/results.tsv"
 
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEEL_BUILD_BENCH=ON >/dev/null
-ninja -C "$build" bench_infer bench_decode keel_cli >/dev/null
+ninja -C "$build" bench_infer bench_decode keel_cli mhd_model >/dev/null
 [[ -f "$repo/ref_i1/1/model.json" ]] || OUT="$repo" sh bench/train-reference.sh "$repo" >/dev/null
 keel="$build/keel"
 
@@ -374,6 +377,18 @@ PY
         done
         [[ -n "$floor_port" ]] || { echo "suite: mhd_floor did not start" >&2; exit 1; }
         warm_up "$floor_port" ref_b0 1
+        [[ -x "$build/mhd_model" ]] || { echo "suite: $build/mhd_model not built" >&2; exit 1; }
+        taskset -c "$scpu" "$build/mhd_model" "$repo/ref_b0/1/model.json" >"$out/model.port" &
+        model_pid=$!
+        pids+=("$model_pid")
+        model_port=
+        for _ in $(seq 100); do
+            model_port=$(sed -n 's/^port=//p' "$out/model.port")
+            [[ -n "$model_port" ]] && break
+            sleep 0.05
+        done
+        [[ -n "$model_port" ]] || { echo "suite: mhd_model did not start" >&2; exit 1; }
+        warm_up "$model_port" ref_b0 1
         saved_conns=$conns
         for m in ref_i1 ref_b0 ref_bd digits digits_b; do
             b=1
@@ -409,6 +424,12 @@ PY
                 # The floor: keel perf's very ref_b0 requests to mhd_floor (none of keel's work).
                 res=$(perf_run "$floor_port" "$floor_pid" ref_b0 1 --input-data "$out/rows_b1.txt")
                 row batching "$r" "floor_c$c" $res
+                # Only the necessary work: the same requests to mhd_model (keel's codec, one
+                # XGBoost call per turn, none of keel's runtime).
+                s0=$(stats_rows "$model_port" ref_b0)
+                res=$(perf_run "$model_port" "$model_pid" ref_b0 1 --input-data "$out/rows_b1.txt")
+                s1=$(stats_rows "$model_port" ref_b0)
+                row batching "$r" "model_c$c" $res $(avg_batch "$s0" "$s1")
                 for m in ref_i1 ref_b0 ref_bd; do
                     s0=$(stats_rows "$port" "$m")
                     res=$(perf_run "$port" "$spid" "$m" 1 --input-data "$out/rows_b1.txt")
@@ -433,6 +454,7 @@ PY
             conns=$saved_conns
         done
         stop_pid "$floor_pid"
+        stop_pid "$model_pid"
         stop_pid "$spid"
         ;;
     ratio)

@@ -144,8 +144,10 @@ def batching(h, rows):
     post = {}  # (round, connections) -> wrk: the batch-1 body POSTed to /v2/health/live (405)
     wrkb0 = {}  # (round, connections) -> wrk: the same body to ref_b0
     floor = {}  # (round, connections) -> keel perf's ref_b0 requests to bench/mhd_floor.c
+    necessary = {}  # (round, connections) -> the same requests to mhd_model
     served = {}  # (round, connections) -> keel perf's ref_b0 requests to keel
-    by_conns = {"live_c": live, "post_c": post, "wrkb0_c": wrkb0, "floor_c": floor}
+    by_conns = {"live_c": live, "post_c": post, "wrkb0_c": wrkb0, "floor_c": floor,
+                "model_c": necessary}
     acc = {}
     for r in rows:
         key, vals = r[2], [float(x) for x in r[3:]]
@@ -181,6 +183,8 @@ def batching(h, rows):
             "(libmicrohttpd, keel's loop, none of keel's work) and a row at the largest batch "
             "the connections allow; keel's own work is the gap between ref_b0 and this bound",
             "floor", "keel ref_b0")
+    if necessary:
+        necessary_table(raw, necessary, served)
     names = {"ref_i1": "off (no dynamic_batching)", "ref_b0": "on, delay 0",
              "ref_b0bin": "on, delay 0, binary tensor extension",
              "ref_bd": "on, delay 100 us, preferred 32", "digits": "digits, off",
@@ -262,6 +266,30 @@ def exchange_bound_table(raw, raw8, raw64, exch, served, title, exch_name, serve
               % (conns, med(rb), med(pv), med(rr), med([a / b for a, b in zip(bound, rb)]),
                  med(sv), med([a / b for a, b in zip(sv, rb)]),
                  med([a / b for a, b in zip(sv, bound)])))
+    print()
+
+
+def necessary_table(raw, necessary, served):
+    """mhd_model (bench/mhd_floor.c with keel's JSON codec and one XGBoost call per HTTP turn:
+    the work no V2 server skips for these requests, none of keel's runtime) over raw b1, per
+    round; and keel's ref_b0 over it: what keel's runtime costs beyond that work."""
+    print("Only the necessary work (same rounds, keel perf): the same requests to mhd_model "
+          "(libmicrohttpd and keel's loop, keel's JSON decode and encode, one XGBoost call per "
+          "HTTP turn over its rows; none of keel's runtime)\n")
+    print("| connections | raw b1 calls/s | mhd_model req/s | mhd_model / raw b1 | its avg batch "
+          "| keel ref_b0 req/s | keel ref_b0 / raw b1 | keel ref_b0 / mhd_model |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for conns in sorted({c for _, c in necessary}, key=int):
+        rs = [rd for rd, c in necessary if c == conns and rd in raw and (rd, conns) in served]
+        if not rs:
+            continue
+        nv = [necessary[(rd, conns)][0] for rd in rs]
+        rb = [raw[rd][0] for rd in rs]
+        sv = [served[(rd, conns)][0] for rd in rs]
+        print("| %s | %s | %s | **%s** | %s | %s | **%s** | %s |"
+              % (conns, med(rb), med(nv), med([a / b for a, b in zip(nv, rb)]),
+                 med([necessary[(rd, conns)][6] for rd in rs]), med(sv),
+                 med([a / b for a, b in zip(sv, rb)]), med([a / b for a, b in zip(sv, nv)])))
     print()
 
 
