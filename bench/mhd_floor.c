@@ -63,7 +63,7 @@ static const char predict_config[] =
     "\"strict_shape\":false,\"missing\":NaN,\"cache_id\":0}";
 #endif
 
-#define EXTRA_PASSES 4 /* as http_loop.c */
+#define EXTRA_PASSES 4 /* as http_loop.c; MHD_FLOOR_PASSES=N in the environment: N instead */
 #define MAX_GATHERED 4096
 
 #ifndef FLOOR_MODEL
@@ -286,6 +286,8 @@ int main(int argc, char **argv)
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int on = 1;
     struct MHD_Daemon *d;
+    const char *pe = getenv("MHD_FLOOR_PASSES");
+    unsigned passes = pe != NULL ? (unsigned)strtoul(pe, NULL, 10) : EXTRA_PASSES;
 
 #ifdef FLOOR_MODEL
     if (argc < 2 || XGBoosterCreate(NULL, 0, &booster) != 0 ||
@@ -318,7 +320,7 @@ int main(int argc, char **argv)
     fflush(stdout);
     for (;;) {
         (void)MHD_run_wait(d, -1);
-        for (unsigned pass = 0, n = nturn; n > 0 && pass < EXTRA_PASSES; pass++) {
+        for (unsigned pass = 0, n = nturn; n > 0 && pass < passes; pass++) {
             (void)MHD_run_wait(d, 0);
             if (nturn == n)
                 break;
