@@ -67,10 +67,12 @@ out=$(mktemp -d)
 spid=
 fpid=
 mpid=
+helper_pid=
 cleanup() {
     [[ -n "$spid" ]] && kill "$spid" 2>/dev/null
     [[ -n "$fpid" ]] && kill "$fpid" 2>/dev/null
     [[ -n "$mpid" ]] && kill "$mpid" 2>/dev/null
+    [[ -n "$helper_pid" ]] && kill "$helper_pid" 2>/dev/null
     rm -rf "$out"
 }
 trap cleanup EXIT
@@ -103,28 +105,28 @@ done
 [[ -n "$port" ]] || { echo "request_cost: keel serve did not start" >&2; cat "$out/port" >&2; exit 1; }
 url=http://127.0.0.1:$port
 
+# Starts a bench/mhd_floor.c program on the server's core and waits until it answers: sets
+# helper_pid (the caller records it for cleanup at once) and helper_port.
+start_helper() { # program [args...]
+    [[ -x "$1" ]] || { echo "request_cost: $1 not built" >&2; exit 1; }
+    taskset -c "$scpu" "$@" >"$out/helper.port" &
+    helper_pid=$!
+    helper_port=
+    for _ in $(seq 100); do
+        helper_port=$(sed -n 's/^port=//p' "$out/helper.port")
+        [[ -n "$helper_port" ]] && curl -fs "127.0.0.1:$helper_port/v2/health/live" >/dev/null &&
+            return
+        helper_port=
+        sleep 0.05
+    done
+    echo "request_cost: $1 did not start" >&2
+    exit 1
+}
 cc -O2 -o "$out/mhd_floor" bench/mhd_floor.c -lmicrohttpd
-taskset -c "$scpu" "$out/mhd_floor" >"$out/fport" &
-fpid=$!
-fport=
-for _ in $(seq 100); do
-    fport=$(sed -n 's/^port=//p' "$out/fport")
-    [[ -n "$fport" ]] && curl -fs "127.0.0.1:$fport/v2/health/live" >/dev/null && break
-    fport=
-    sleep 0.05
-done
-[[ -n "$fport" ]] || { echo "request_cost: mhd_floor did not start" >&2; exit 1; }
-[[ -x $build/mhd_model ]] || { echo "request_cost: $build/mhd_model not built" >&2; exit 1; }
-taskset -c "$scpu" "$build/mhd_model" "$repo/$model/1/model.json" >"$out/mport" &
-mpid=$!
-mport=
-for _ in $(seq 100); do
-    mport=$(sed -n 's/^port=//p' "$out/mport")
-    [[ -n "$mport" ]] && curl -fs "127.0.0.1:$mport/v2/health/live" >/dev/null && break
-    mport=
-    sleep 0.05
-done
-[[ -n "$mport" ]] || { echo "request_cost: mhd_model did not start" >&2; exit 1; }
+start_helper "$out/mhd_floor"
+fpid=$helper_pid fport=$helper_port
+start_helper "$build/mhd_model" "$repo/$model/1/model.json"
+mpid=$helper_pid mport=$helper_port
 
 stats() { # port -> "requests executions compute_infer_ns" (keel's, or mhd_model's)
     curl -sf "127.0.0.1:$1/v2/models/$model/stats" | /usr/bin/python3 -c '

@@ -178,6 +178,25 @@ perf_run() { # port server-pid path-or-model batch [extra...]
     }' "$out/perf.csv"
 }
 
+# Starts a helper server (bench/mhd_floor.c's programs) on the server's core, waits for the
+# "port=N" it prints, warms it up with ref_b0: sets helper_pid and helper_port.
+start_helper() { # name program [args...]
+    local name=$1
+    shift
+    [[ -x "$1" ]] || { echo "suite: $1 not built" >&2; exit 1; }
+    taskset -c "$scpu" "$@" >"$out/$name.port" &
+    helper_pid=$!
+    pids+=("$helper_pid")
+    helper_port=
+    for _ in $(seq 100); do
+        helper_port=$(sed -n 's/^port=//p' "$out/$name.port")
+        [[ -n "$helper_port" ]] && break
+        sleep 0.05
+    done
+    [[ -n "$helper_port" ]] || { echo "suite: $1 did not start" >&2; exit 1; }
+    warm_up "$helper_port" ref_b0 1
+}
+
 warm_up() { # port model batch [extra...]: 1 s of load, unmeasured
     local port=$1 what=$2 batch=$3
     shift 3
@@ -366,29 +385,10 @@ with open(os.path.join(repo, "digits_rows.txt"), "w") as f:
 PY
         start_keel
         cc -O2 -o "$build/mhd_floor" bench/mhd_floor.c -lmicrohttpd
-        taskset -c "$scpu" "$build/mhd_floor" >"$out/floor.port" &
-        floor_pid=$!
-        pids+=("$floor_pid")
-        floor_port=
-        for _ in $(seq 100); do
-            floor_port=$(sed -n 's/^port=//p' "$out/floor.port")
-            [[ -n "$floor_port" ]] && break
-            sleep 0.05
-        done
-        [[ -n "$floor_port" ]] || { echo "suite: mhd_floor did not start" >&2; exit 1; }
-        warm_up "$floor_port" ref_b0 1
-        [[ -x "$build/mhd_model" ]] || { echo "suite: $build/mhd_model not built" >&2; exit 1; }
-        taskset -c "$scpu" "$build/mhd_model" "$repo/ref_b0/1/model.json" >"$out/model.port" &
-        model_pid=$!
-        pids+=("$model_pid")
-        model_port=
-        for _ in $(seq 100); do
-            model_port=$(sed -n 's/^port=//p' "$out/model.port")
-            [[ -n "$model_port" ]] && break
-            sleep 0.05
-        done
-        [[ -n "$model_port" ]] || { echo "suite: mhd_model did not start" >&2; exit 1; }
-        warm_up "$model_port" ref_b0 1
+        start_helper floor "$build/mhd_floor"
+        floor_pid=$helper_pid floor_port=$helper_port
+        start_helper model "$build/mhd_model" "$repo/ref_b0/1/model.json"
+        model_pid=$helper_pid model_port=$helper_port
         saved_conns=$conns
         for m in ref_i1 ref_b0 ref_bd digits digits_b; do
             b=1

@@ -289,6 +289,24 @@ static keel_err tensor_copy(keel__tensor *t, const char *name, keel_datatype dt,
     return tensor_fill(t, shape, ndim, data, src, bytes);
 }
 
+/* Makes t's name a copy of name and its shape room for dims dimensions, reusing its
+ * allocations where they fit (a kept input or output); false, t still valid, when out of
+ * memory. */
+static bool tensor_rename(keel__tensor *t, const char *name, size_t dims)
+{
+    if (!restring(&t->name, name))
+        return false;
+    if (t->cap_dims < dims) {
+        int64_t *p = keel__malloc(sizeof(int64_t) * dims);
+        if (p == NULL)
+            return false;
+        free(t->shape);
+        t->shape = p;
+        t->cap_dims = dims;
+    }
+    return true;
+}
+
 /* Refills t, a kept input (a name and shape from an earlier use of the request, no data),
  * like tensor_copy, reusing its allocations where they fit. On failure t still holds valid
  * allocations (a name and shape) and no data, so it stays a kept input. */
@@ -302,19 +320,9 @@ static keel_err tensor_reuse(keel__tensor *t, const char *name, keel_datatype dt
 
     if (!take && (copy = keel__malloc(bytes)) == NULL)
         return KEEL_ENOMEM;
-    if (!restring(&t->name, name)) {
+    if (!tensor_rename(t, name, dims)) {
         free(copy);
         return KEEL_ENOMEM;
-    }
-    if (t->cap_dims < dims) {
-        int64_t *p = keel__malloc(sizeof(int64_t) * dims);
-        if (p == NULL) {
-            free(copy);
-            return KEEL_ENOMEM;
-        }
-        free(t->shape);
-        t->shape = p;
-        t->cap_dims = dims;
     }
     t->datatype = dt;
     t->ndim = ndim;
@@ -352,16 +360,8 @@ static keel_err tensor_refill(keel__tensor *t, const char *name, keel_datatype d
 {
     size_t dims = ndim ? ndim : 1;
 
-    if (!restring(&t->name, name))
+    if (!tensor_rename(t, name, dims))
         return KEEL_ENOMEM;
-    if (t->cap_dims < dims) {
-        int64_t *p = keel__malloc(sizeof(int64_t) * dims);
-        if (p == NULL)
-            return KEEL_ENOMEM;
-        free(t->shape);
-        t->shape = p;
-        t->cap_dims = dims;
-    }
     if (bytes > t->cap_bytes || t->cap_bytes / 2 > bytes + 32768) {
         void *p = keel__malloc(bytes);
         if (p == NULL && bytes > 0)
