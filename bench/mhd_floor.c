@@ -56,6 +56,7 @@
 
 #define NFEAT 20
 #define BODY_MAX 1024
+static const char NOT_A_ROW[] = "{\"error\":\"not a ref_b0 row\"}";
 static BoosterHandle booster;
 static DMatrixHandle proxy;
 static const char predict_config[] =
@@ -240,7 +241,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         if (nrows == MAX_GATHERED)
             return MHD_NO;
         if (!take_row(q, nrows))
-            return answer(c, MHD_HTTP_BAD_REQUEST, "{\"error\":\"not a ref_b0 row\"}", 29);
+            return answer(c, MHD_HTTP_BAD_REQUEST, NOT_A_ROW, sizeof(NOT_A_ROW) - 1);
         q->row = nrows++;
     }
 #else
